@@ -1,0 +1,592 @@
+//! The Noise XX handshake as a sans-IO state machine (SPEC.md, "Handshake").
+//!
+//! ```text
+//! initiator                                         responder
+//!   preamble || len || msg1 (-> e)              ->
+//!                                               <-  len || msg2 (<- e, ee, s, es; payload_R)
+//!   [check responder's VatId; stop here if refused]
+//!   len || msg3 (-> s, se; payload_I)           ->
+//!                                                   [check initiator's VatId]
+//! ```
+//!
+//! Feed received bytes with [`Handshake::feed`], send what
+//! [`Handshake::pending_output`] holds, and once [`Handshake::is_finished`]
+//! turn it into a [`Session`] with [`Handshake::into_session`]. Nothing the
+//! peer sent after its last handshake message is lost: it moves into the
+//! session, and so does any handshake output not yet sent.
+
+use std::fmt;
+use std::sync::Arc;
+
+use zeroize::Zeroizing;
+
+use super::frame::{self, FrameBounds};
+use super::preamble::{self, Suite};
+use super::transport::{Session, SessionConfig};
+use super::{
+    payload, DH_LEN, HANDSHAKE_HASH_LEN, LENGTH_PREFIX_LEN, MAX_HANDSHAKE_PAYLOAD_LEN,
+    MAX_MESSAGE_LEN, TAG_LEN,
+};
+use crate::error::Error;
+use crate::identity::Identity;
+use crate::policy::{PeerContext, PeerPolicy};
+use crate::vat_id::VatId;
+
+/// Which side of the handshake this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The side that connected and sends the preamble and message 1.
+    Initiator,
+    /// The side that accepted and sends message 2.
+    Responder,
+}
+
+/// Handshake settings shared by many connections.
+#[derive(Debug, Clone)]
+pub struct HandshakeConfig {
+    /// For an initiator: the first suite is the one it proposes. For a
+    /// responder: the suites it accepts (anything else is refused by closing).
+    pub suites: Vec<Suite>,
+    /// Settings of the session the handshake turns into.
+    pub session: SessionConfig,
+}
+
+impl Default for HandshakeConfig {
+    /// Initiators propose [`Suite::preferred`] for this machine; responders accept every suite.
+    fn default() -> Self {
+        let first = Suite::preferred();
+        let mut suites = vec![first];
+        suites.extend(Suite::ALL.iter().filter(|s| **s != first));
+        HandshakeConfig {
+            suites,
+            session: SessionConfig::default(),
+        }
+    }
+}
+
+impl HandshakeConfig {
+    /// A config that proposes (or, for responders, accepts) only `suite`.
+    pub fn with_suite(suite: Suite) -> Self {
+        HandshakeConfig {
+            suites: vec![suite],
+            ..Default::default()
+        }
+    }
+}
+
+/// Message 1: the initiator's ephemeral key, with an empty payload.
+const MSG1_LEN: usize = DH_LEN;
+/// Message 2: e, encrypted s (32 + 16), encrypted payload (payload + 16).
+const MSG2_MIN: usize = DH_LEN + DH_LEN + TAG_LEN + TAG_LEN;
+/// Message 3: encrypted s, encrypted payload.
+const MSG3_MIN: usize = DH_LEN + TAG_LEN + TAG_LEN;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    InitiatorAwaitMsg2,
+    ResponderAwaitPreamble,
+    ResponderAwaitMsg1,
+    ResponderAwaitMsg3,
+    Done,
+}
+
+/// An in-progress Noise XX handshake, initiator or responder.
+pub struct Handshake {
+    role: Role,
+    state: State,
+    config: HandshakeConfig,
+    policy: Arc<dyn PeerPolicy>,
+    ctx: PeerContext,
+    local_payload: Arc<[u8]>,
+    static_secret: Zeroizing<[u8; 32]>,
+    fixed_ephemeral: Option<Zeroizing<[u8; 32]>>,
+    noise: Option<snow::HandshakeState>,
+    suite: Option<Suite>,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    output_pos: usize,
+    peer: Option<VatId>,
+    handshake_hash: [u8; HANDSHAKE_HASH_LEN],
+    error: Option<Error>,
+}
+
+impl fmt::Debug for Handshake {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Handshake")
+            .field("role", &self.role)
+            .field("state", &self.state)
+            .field("suite", &self.suite)
+            .field("peer", &self.peer)
+            .field("error", &self.error)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The most surplus input (bytes after the last handshake message) kept for
+/// the session: one maximal transport frame.
+const MAX_SURPLUS: usize = LENGTH_PREFIX_LEN + MAX_MESSAGE_LEN;
+
+impl Handshake {
+    /// Starts a handshake as the initiator. The preamble and message 1 are
+    /// ready in [`pending_output`](Self::pending_output) at once.
+    ///
+    /// `policy` decides, after message 2, whether the responder's proven
+    /// VatId is acceptable; if not, the handshake fails with
+    /// [`Error::PeerRefused`] and message 3 (which would reveal this side's
+    /// identity) is never produced.
+    ///
+    /// # Errors
+    /// [`Error::Config`] if `config.suites` is empty.
+    pub fn initiator(
+        identity: &Identity,
+        policy: Arc<dyn PeerPolicy>,
+        ctx: PeerContext,
+        config: HandshakeConfig,
+    ) -> Result<Self, Error> {
+        Self::initiator_inner(identity, policy, ctx, config, None)
+    }
+
+    /// Starts a handshake as the responder. It sends nothing until the
+    /// initiator's preamble and message 1 have arrived.
+    ///
+    /// # Errors
+    /// [`Error::Config`] if `config.suites` is empty.
+    pub fn responder(
+        identity: &Identity,
+        policy: Arc<dyn PeerPolicy>,
+        ctx: PeerContext,
+        config: HandshakeConfig,
+    ) -> Result<Self, Error> {
+        Self::responder_inner(identity, policy, ctx, config, None)
+    }
+
+    /// Like [`initiator`](Self::initiator) with a fixed ephemeral key, for
+    /// test vectors and fuzzing. Never use it in production: a fixed
+    /// ephemeral key destroys forward secrecy.
+    ///
+    /// # Errors
+    /// As [`initiator`](Self::initiator).
+    #[cfg(any(test, feature = "testing"))]
+    pub fn initiator_with_fixed_ephemeral(
+        identity: &Identity,
+        policy: Arc<dyn PeerPolicy>,
+        ctx: PeerContext,
+        config: HandshakeConfig,
+        ephemeral: [u8; 32],
+    ) -> Result<Self, Error> {
+        Self::initiator_inner(
+            identity,
+            policy,
+            ctx,
+            config,
+            Some(Zeroizing::new(ephemeral)),
+        )
+    }
+
+    /// Like [`responder`](Self::responder) with a fixed ephemeral key, for
+    /// test vectors and fuzzing only.
+    ///
+    /// # Errors
+    /// As [`responder`](Self::responder).
+    #[cfg(any(test, feature = "testing"))]
+    pub fn responder_with_fixed_ephemeral(
+        identity: &Identity,
+        policy: Arc<dyn PeerPolicy>,
+        ctx: PeerContext,
+        config: HandshakeConfig,
+        ephemeral: [u8; 32],
+    ) -> Result<Self, Error> {
+        Self::responder_inner(
+            identity,
+            policy,
+            ctx,
+            config,
+            Some(Zeroizing::new(ephemeral)),
+        )
+    }
+
+    fn new(
+        role: Role,
+        state: State,
+        identity: &Identity,
+        policy: Arc<dyn PeerPolicy>,
+        ctx: PeerContext,
+        config: HandshakeConfig,
+        fixed_ephemeral: Option<Zeroizing<[u8; 32]>>,
+    ) -> Result<Self, Error> {
+        if config.suites.is_empty() {
+            return Err(Error::Config("no Noise suite configured".into()));
+        }
+        Ok(Handshake {
+            role,
+            state,
+            config,
+            policy,
+            ctx,
+            local_payload: identity.handshake_payload().clone(),
+            static_secret: Zeroizing::new(*identity.noise_static_secret()),
+            fixed_ephemeral,
+            noise: None,
+            suite: None,
+            input: Vec::new(),
+            output: Vec::new(),
+            output_pos: 0,
+            peer: None,
+            handshake_hash: [0; HANDSHAKE_HASH_LEN],
+            error: None,
+        })
+    }
+
+    fn initiator_inner(
+        identity: &Identity,
+        policy: Arc<dyn PeerPolicy>,
+        ctx: PeerContext,
+        config: HandshakeConfig,
+        fixed_ephemeral: Option<Zeroizing<[u8; 32]>>,
+    ) -> Result<Self, Error> {
+        let mut hs = Self::new(
+            Role::Initiator,
+            State::InitiatorAwaitMsg2,
+            identity,
+            policy,
+            ctx,
+            config,
+            fixed_ephemeral,
+        )?;
+        let suite = hs.config.suites[0];
+        let pre = preamble::encode(suite);
+        let mut noise = hs.build_noise(suite, &pre)?;
+        let mut msg1 = [0u8; MSG1_LEN + TAG_LEN]; // snow wants room for a tag it does not write here
+        let n = noise
+            .write_message(&[], &mut msg1)
+            .map_err(|e| Error::from_snow(e, "handshake message 1"))?;
+        debug_assert_eq!(n, MSG1_LEN);
+        hs.output.extend_from_slice(&pre);
+        frame::put_len(&mut hs.output, n);
+        hs.output.extend_from_slice(&msg1[..n]);
+        hs.noise = Some(noise);
+        hs.suite = Some(suite);
+        Ok(hs)
+    }
+
+    fn responder_inner(
+        identity: &Identity,
+        policy: Arc<dyn PeerPolicy>,
+        ctx: PeerContext,
+        config: HandshakeConfig,
+        fixed_ephemeral: Option<Zeroizing<[u8; 32]>>,
+    ) -> Result<Self, Error> {
+        Self::new(
+            Role::Responder,
+            State::ResponderAwaitPreamble,
+            identity,
+            policy,
+            ctx,
+            config,
+            fixed_ephemeral,
+        )
+    }
+
+    fn build_noise(&self, suite: Suite, prologue: &[u8]) -> Result<snow::HandshakeState, Error> {
+        let params = suite.params();
+        let mut b = snow::Builder::new(params)
+            .prologue(prologue)
+            .and_then(|b| b.local_private_key(self.static_secret.as_ref()))
+            .map_err(|e| Error::Config(format!("building the Noise state: {e}")))?;
+        if let Some(e) = &self.fixed_ephemeral {
+            b = b.fixed_ephemeral_key_for_testing_only(e.as_ref());
+        }
+        match self.role {
+            Role::Initiator => b.build_initiator(),
+            Role::Responder => b.build_responder(),
+        }
+        .map_err(|e| Error::Config(format!("building the Noise state: {e}")))
+    }
+
+    /// Replaces the payload this side sends (tests of forged identity claims).
+    #[cfg(any(test, feature = "testing"))]
+    #[doc(hidden)]
+    pub fn replace_payload_for_tests(&mut self, payload: Arc<[u8]>) {
+        self.local_payload = payload;
+    }
+
+    /// This side's role.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// The suite in use, once known (at once for an initiator; after the
+    /// preamble for a responder).
+    pub fn suite(&self) -> Option<Suite> {
+        self.suite
+    }
+
+    /// True once the handshake has completed successfully.
+    pub fn is_finished(&self) -> bool {
+        self.state == State::Done && self.error.is_none()
+    }
+
+    /// True while the handshake needs more bytes from the peer.
+    pub fn wants_read(&self) -> bool {
+        self.state != State::Done && self.error.is_none()
+    }
+
+    /// The error that ended this handshake, if any.
+    pub fn error(&self) -> Option<&Error> {
+        self.error.as_ref()
+    }
+
+    /// The peer's authenticated VatId, once proven and accepted.
+    pub fn peer_vat_id(&self) -> Option<VatId> {
+        if self.is_finished() {
+            self.peer
+        } else {
+            None
+        }
+    }
+
+    /// Bytes to send to the peer now.
+    pub fn pending_output(&self) -> &[u8] {
+        &self.output[self.output_pos..]
+    }
+
+    /// Marks `n` bytes of [`pending_output`](Self::pending_output) as sent.
+    pub fn consume_output(&mut self, n: usize) {
+        self.output_pos = (self.output_pos + n).min(self.output.len());
+        if self.output_pos == self.output.len() {
+            self.output.clear();
+            self.output_pos = 0;
+        }
+    }
+
+    /// Feeds bytes received from the peer and advances the handshake as far
+    /// as they allow.
+    ///
+    /// Returns how many bytes were taken: all of them, except when the
+    /// handshake has finished and more than one maximal transport frame
+    /// follows it in `input` (feed the rest to the session).
+    ///
+    /// # Errors
+    /// Any failure of the peer's messages: [`Error::Protocol`] for bytes that
+    /// break the wire format, [`Error::Decrypt`] for a message that fails
+    /// authentication, [`Error::BadIdentityProof`] for a bad identity
+    /// signature, [`Error::PeerRefused`] when the policy refuses the peer.
+    /// Errors are sticky: later calls return the same error.
+    pub fn feed(&mut self, input: &[u8]) -> Result<usize, Error> {
+        if let Some(e) = &self.error {
+            return Err(e.clone());
+        }
+        let mut taken = 0;
+        while taken < input.len() {
+            let room = match self.state {
+                State::Done => MAX_SURPLUS.saturating_sub(self.input.len()),
+                _ => self.bytes_wanted(),
+            };
+            if room == 0 {
+                break;
+            }
+            let n = room.min(input.len() - taken);
+            self.input.extend_from_slice(&input[taken..taken + n]);
+            taken += n;
+            if let Err(e) = self.advance() {
+                self.error = Some(e.clone());
+                self.input.clear();
+                return Err(e);
+            }
+        }
+        Ok(taken)
+    }
+
+    /// How many more bytes the current step can use before it must be processed.
+    fn bytes_wanted(&self) -> usize {
+        match self.state {
+            State::ResponderAwaitPreamble => {
+                // Take the fixed part first, then exactly the announced name.
+                let fixed = preamble::MAGIC.len() + 2;
+                if self.input.len() < fixed {
+                    fixed - self.input.len()
+                } else {
+                    (fixed + self.input[fixed - 1] as usize)
+                        .saturating_sub(self.input.len())
+                        .max(1)
+                }
+            }
+            State::Done => 0,
+            _ => match frame::peek_len(&self.input) {
+                None => LENGTH_PREFIX_LEN - self.input.len(),
+                Some(len) => (LENGTH_PREFIX_LEN + len)
+                    .saturating_sub(self.input.len())
+                    .max(1),
+            },
+        }
+    }
+
+    fn advance(&mut self) -> Result<(), Error> {
+        loop {
+            let before = self.state;
+            match self.state {
+                State::ResponderAwaitPreamble => self.on_preamble()?,
+                State::ResponderAwaitMsg1 => self.on_msg1()?,
+                State::ResponderAwaitMsg3 => self.on_msg3()?,
+                State::InitiatorAwaitMsg2 => self.on_msg2()?,
+                State::Done => return Ok(()),
+            }
+            if self.state == before {
+                return Ok(());
+            }
+        }
+    }
+
+    fn on_preamble(&mut self) -> Result<(), Error> {
+        let Some(parsed) = preamble::parse(&self.input, &self.config.suites)? else {
+            return Ok(());
+        };
+        let noise = self.build_noise(parsed.suite, &self.input[..parsed.len])?;
+        self.input.drain(..parsed.len);
+        self.noise = Some(noise);
+        self.suite = Some(parsed.suite);
+        self.state = State::ResponderAwaitMsg1;
+        Ok(())
+    }
+
+    /// Splits the next complete frame off the input, if there is one.
+    fn take_frame(&mut self, bounds: FrameBounds) -> Result<Option<Vec<u8>>, Error> {
+        let Some((body, used)) = frame::split_frame(&self.input, bounds)? else {
+            return Ok(None);
+        };
+        let body = body.to_vec();
+        self.input.drain(..used);
+        Ok(Some(body))
+    }
+
+    fn on_msg1(&mut self) -> Result<(), Error> {
+        let Some(msg1) = self.take_frame(FrameBounds {
+            min: MSG1_LEN,
+            max: MSG1_LEN,
+            what: "handshake message 1",
+        })?
+        else {
+            return Ok(());
+        };
+        let noise = self.noise.as_mut().expect("built after the preamble");
+        let mut empty = [0u8; 0];
+        noise
+            .read_message(&msg1, &mut empty)
+            .map_err(|e| Error::from_snow(e, "handshake message 1"))?;
+        let mut msg2 = vec![0u8; MSG2_MIN + self.local_payload.len()];
+        let n = noise
+            .write_message(&self.local_payload, &mut msg2)
+            .map_err(|e| Error::from_snow(e, "handshake message 2"))?;
+        frame::put_len(&mut self.output, n);
+        self.output.extend_from_slice(&msg2[..n]);
+        self.state = State::ResponderAwaitMsg3;
+        Ok(())
+    }
+
+    fn on_msg2(&mut self) -> Result<(), Error> {
+        let Some(msg2) = self.take_frame(FrameBounds {
+            min: MSG2_MIN,
+            max: MSG2_MIN + MAX_HANDSHAKE_PAYLOAD_LEN,
+            what: "handshake message 2",
+        })?
+        else {
+            return Ok(());
+        };
+        self.read_payload_and_authenticate(&msg2, "handshake message 2")?;
+        // Only now, with the responder accepted, reveal who we are.
+        let noise = self.noise.as_mut().expect("initiator state");
+        let mut msg3 = vec![0u8; MSG3_MIN + self.local_payload.len()];
+        let n = noise
+            .write_message(&self.local_payload, &mut msg3)
+            .map_err(|e| Error::from_snow(e, "handshake message 3"))?;
+        frame::put_len(&mut self.output, n);
+        self.output.extend_from_slice(&msg3[..n]);
+        self.finish();
+        Ok(())
+    }
+
+    fn on_msg3(&mut self) -> Result<(), Error> {
+        let Some(msg3) = self.take_frame(FrameBounds {
+            min: MSG3_MIN,
+            max: MSG3_MIN + MAX_HANDSHAKE_PAYLOAD_LEN,
+            what: "handshake message 3",
+        })?
+        else {
+            return Ok(());
+        };
+        self.read_payload_and_authenticate(&msg3, "handshake message 3")?;
+        self.finish();
+        Ok(())
+    }
+
+    /// Decrypts a message carrying the peer's payload, and checks everything
+    /// about the peer's identity in one place: the payload decodes, its
+    /// signature binds the claimed VatId to the Noise static key that the
+    /// handshake just authenticated, and the policy accepts that VatId.
+    fn read_payload_and_authenticate(
+        &mut self,
+        msg: &[u8],
+        during: &'static str,
+    ) -> Result<(), Error> {
+        let noise = self.noise.as_mut().expect("noise state");
+        let mut buf = vec![0u8; msg.len()];
+        let n = noise
+            .read_message(msg, &mut buf)
+            .map_err(|e| Error::from_snow(e, during))?;
+        let (vat_id, signature) = payload::decode(&buf[..n])?;
+        let rs: [u8; 32] = noise
+            .get_remote_static()
+            .and_then(|s| s.try_into().ok())
+            .ok_or(Error::BadIdentityProof("no Noise static key was received"))?;
+        payload::verify_binding(&vat_id, &signature, &rs)?;
+        self.policy
+            .check(&vat_id, &self.ctx)
+            .map_err(|r| Error::PeerRefused {
+                vat_id,
+                reason: r.0,
+            })?;
+        self.peer = Some(vat_id);
+        Ok(())
+    }
+
+    fn finish(&mut self) {
+        let noise = self.noise.as_ref().expect("noise state");
+        self.handshake_hash
+            .copy_from_slice(&noise.get_handshake_hash()[..HANDSHAKE_HASH_LEN]);
+        self.state = State::Done;
+    }
+
+    /// Turns the finished handshake into a transport [`Session`]. Peer bytes
+    /// received after the last handshake message, and handshake output not
+    /// yet sent, move into the session.
+    ///
+    /// # Errors
+    /// The handshake's error if it failed, or [`Error::Config`] if it has not
+    /// finished yet.
+    pub fn into_session(self) -> Result<Session, Error> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        if self.state != State::Done {
+            return Err(Error::Config("the handshake has not finished".into()));
+        }
+        let noise = self
+            .noise
+            .expect("noise state")
+            .into_transport_mode()
+            .map_err(|e| Error::from_snow(e, "the switch to transport mode"))?;
+        let pending = self.output[self.output_pos..].to_vec();
+        Ok(Session::new(
+            noise,
+            super::transport::Established {
+                role: self.role,
+                suite: self.suite.expect("suite known"),
+                peer: self.peer.expect("peer known"),
+                handshake_hash: self.handshake_hash,
+            },
+            self.config.session,
+            pending,
+            self.input,
+        ))
+    }
+}

@@ -1,0 +1,43 @@
+//! The sans-IO core: the wire protocol of SPEC.md as state machines that take
+//! bytes and return bytes.
+//!
+//! Nothing in this module touches a socket, a clock or a thread. The tokio
+//! adapters ([`crate::stream`]) and the fuzz targets drive the same code.
+//!
+//! * [`frame`]: the 16-bit big-endian length prefix shared by every message.
+//! * [`preamble`]: the initiator's cleartext preamble and suite negotiation.
+//! * [`payload`]: the Cap'n Proto handshake payload and the identity binding.
+//! * [`handshake`]: the Noise XX initiator and responder ([`Handshake`]).
+//! * [`transport`]: the established session ([`Session`]): DATA, CLOSE and
+//!   REKEY frames.
+//!
+//! A [`Handshake`] turns into a [`Session`] by consuming itself
+//! ([`Handshake::into_session`]); a session never goes back.
+
+pub mod frame;
+pub mod handshake;
+pub mod payload;
+pub mod preamble;
+pub mod transport;
+
+pub use handshake::{Handshake, HandshakeConfig, Role};
+pub use preamble::Suite;
+pub use transport::{ReadOutcome, Session, SessionConfig};
+
+/// Length of the big-endian length prefix before every message.
+pub const LENGTH_PREFIX_LEN: usize = 2;
+/// The largest Noise message (and so the largest frame body): 65535 bytes.
+pub const MAX_MESSAGE_LEN: usize = 65535;
+/// Length of an AEAD authentication tag.
+pub const TAG_LEN: usize = 16;
+/// Length of an X25519 public key.
+pub const DH_LEN: usize = 32;
+/// The largest handshake payload (a Cap'n Proto message) either side accepts.
+pub const MAX_HANDSHAKE_PAYLOAD_LEN: usize = 4096;
+/// The largest application payload of one DATA frame: 65535 - 16 (tag) - 1 (type).
+pub const MAX_DATA_PER_FRAME: usize = MAX_MESSAGE_LEN - TAG_LEN - 1;
+/// Length of the handshake hash exposed for channel binding.
+pub const HANDSHAKE_HASH_LEN: usize = 32;
+
+#[cfg(test)]
+mod tests;

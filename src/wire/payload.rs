@@ -1,0 +1,146 @@
+//! The handshake payload (SPEC.md, "Handshake payload" and "Identity binding").
+//!
+//! Messages 2 and 3 of the XX handshake each carry, encrypted, one
+//! Cap'n Proto message whose root is `HandshakePayload` (schema/noise.capnp):
+//! the sender's VatId and an Ed25519 signature over
+//! `"capnp-noise/v1 static-key:" || sender's X25519 static public key`.
+//! Noise proves the sender holds that static key; the signature proves the
+//! VatId's owner vouches for it. Together they authenticate the VatId.
+
+use capnp::message::{Builder, ReaderOptions};
+use capnp::serialize;
+
+use super::MAX_HANDSHAKE_PAYLOAD_LEN;
+use crate::error::{Error, ProtocolError};
+use crate::schema::noise_capnp::handshake_payload;
+use crate::vat_id::VatId;
+
+/// The domain-separation prefix of the signed message.
+pub const BINDING_CONTEXT: &[u8] = b"capnp-noise/v1 static-key:";
+
+/// Reading limits for peer payloads: 4096 bytes are at most 512 words.
+pub const READER_OPTIONS: ReaderOptions = ReaderOptions {
+    traversal_limit_in_words: Some(MAX_HANDSHAKE_PAYLOAD_LEN / 8),
+    nesting_limit: 8,
+};
+
+/// The message an identity signs to vouch for a Noise static key.
+pub fn binding_message(static_public: &[u8; 32]) -> [u8; BINDING_CONTEXT.len() + 32] {
+    let mut m = [0u8; BINDING_CONTEXT.len() + 32];
+    m[..BINDING_CONTEXT.len()].copy_from_slice(BINDING_CONTEXT);
+    m[BINDING_CONTEXT.len()..].copy_from_slice(static_public);
+    m
+}
+
+/// Encodes a payload (standard Cap'n Proto stream framing, unpacked).
+pub fn encode(vat_id: &VatId, signature: &[u8; 64]) -> Vec<u8> {
+    let mut msg = Builder::new_default();
+    {
+        let mut root = msg.init_root::<handshake_payload::Builder>();
+        root.reborrow().init_vat_id().set_ed25519(vat_id.as_bytes());
+        root.set_static_key_signature(signature);
+    }
+    serialize::write_message_to_words(&msg)
+}
+
+/// Decodes a peer's payload into its claimed VatId and signature.
+///
+/// Unknown fields (later extensions) are ignored; missing or wrongly sized
+/// fields are errors.
+///
+/// # Errors
+/// [`ProtocolError::BadPayload`] naming the problem: too long, not a Cap'n
+/// Proto message, trailing bytes, a missing field, a wrong key or signature
+/// length, or a key that is not an Ed25519 point.
+pub fn decode(bytes: &[u8]) -> Result<(VatId, [u8; 64]), Error> {
+    let bad = |why: String| Error::Protocol(ProtocolError::BadPayload(why));
+    if bytes.len() > MAX_HANDSHAKE_PAYLOAD_LEN {
+        return Err(bad(format!(
+            "{} bytes exceed the {MAX_HANDSHAKE_PAYLOAD_LEN}-byte limit",
+            bytes.len()
+        )));
+    }
+    let mut slice = bytes;
+    let reader = serialize::read_message_from_flat_slice(&mut slice, READER_OPTIONS)
+        .map_err(|e| bad(format!("not a Cap'n Proto message: {e}")))?;
+    if !slice.is_empty() {
+        return Err(bad("trailing bytes after the message".into()));
+    }
+    let root: handshake_payload::Reader = reader
+        .get_root()
+        .map_err(|e| bad(format!("bad root: {e}")))?;
+    if !root.has_vat_id() {
+        return Err(bad("vatId is missing".into()));
+    }
+    let key = root
+        .get_vat_id()
+        .and_then(|v| v.get_ed25519())
+        .map_err(|e| bad(format!("bad vatId: {e}")))?;
+    let key: &[u8; 32] = key
+        .try_into()
+        .map_err(|_| bad(format!("vatId.ed25519 has {} bytes, not 32", key.len())))?;
+    let vat_id = VatId::from_bytes(key).map_err(|e| bad(e.to_string()))?;
+    let sig = root
+        .get_static_key_signature()
+        .map_err(|e| bad(format!("bad staticKeySignature: {e}")))?;
+    let sig: [u8; 64] = sig.try_into().map_err(|_| {
+        bad(format!(
+            "staticKeySignature has {} bytes, not 64",
+            sig.len()
+        ))
+    })?;
+    Ok((vat_id, sig))
+}
+
+/// Checks that `vat_id` signed `static_public` with `signature`.
+///
+/// # Errors
+/// [`Error::BadIdentityProof`] if it did not.
+pub fn verify_binding(
+    vat_id: &VatId,
+    signature: &[u8; 64],
+    static_public: &[u8; 32],
+) -> Result<(), Error> {
+    vat_id
+        .verify(&binding_message(static_public), signature)
+        .map_err(|_| {
+            Error::BadIdentityProof("its signature does not bind its VatId to its Noise static key")
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Identity;
+
+    #[test]
+    fn decode_rejects_wrong_sizes_and_garbage() {
+        let id = Identity::from_seed(&[5; 32]);
+        let good = encode(&id.vat_id(), &[1; 64]);
+        assert!(decode(&good).is_ok());
+        assert!(decode(&[]).is_err());
+        assert!(decode(&good[..good.len() - 8]).is_err());
+        let mut trailing = good.clone();
+        trailing.extend_from_slice(&[0; 8]);
+        assert!(decode(&trailing)
+            .unwrap_err()
+            .to_string()
+            .contains("trailing"));
+        assert!(decode(&vec![0u8; MAX_HANDSHAKE_PAYLOAD_LEN + 1]).is_err());
+
+        let mut msg = Builder::new_default();
+        msg.init_root::<handshake_payload::Builder>()
+            .init_vat_id()
+            .set_ed25519(&[1; 31]);
+        let short_key = serialize::write_message_to_words(&msg);
+        assert!(decode(&short_key)
+            .unwrap_err()
+            .to_string()
+            .contains("31 bytes"));
+
+        let mut msg = Builder::new_default();
+        msg.init_root::<handshake_payload::Builder>();
+        let empty = serialize::write_message_to_words(&msg);
+        assert!(decode(&empty).unwrap_err().to_string().contains("missing"));
+    }
+}

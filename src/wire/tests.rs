@@ -1,0 +1,436 @@
+//! Protocol tests over the deterministic in-memory pair.
+
+use std::sync::Arc;
+
+use proptest::prelude::*;
+
+use crate::policy::{AnyVat, PeerContext, Pinned};
+use crate::testing::{self, deterministic_handshakes, drive, session_pair, transfer};
+use crate::wire::{Handshake, HandshakeConfig, ReadOutcome, Session, SessionConfig, Suite};
+use crate::{Error, Identity, ProtocolError};
+
+fn cfg() -> HandshakeConfig {
+    HandshakeConfig::default()
+}
+
+#[test]
+fn handshake_authenticates_both_sides_every_suite() {
+    for suite in Suite::ALL {
+        let (i, r) = session_pair(suite, cfg()).unwrap();
+        assert_eq!(i.peer_vat_id(), testing::responder_identity().vat_id());
+        assert_eq!(r.peer_vat_id(), testing::initiator_identity().vat_id());
+        assert_eq!(i.handshake_hash(), r.handshake_hash());
+        assert_eq!(i.suite(), suite);
+        assert_eq!(r.suite(), suite);
+    }
+}
+
+#[test]
+fn data_both_ways_then_close_is_clean() {
+    let (mut i, mut r) = session_pair(Suite::ChaChaPolyBlake2s, cfg()).unwrap();
+    assert_eq!(i.write(b"hello").unwrap(), 5);
+    i.flush().unwrap();
+    let (got, closed) = transfer(&mut i, &mut r, usize::MAX).unwrap();
+    assert_eq!((got.as_slice(), closed), (&b"hello"[..], false));
+    r.write(b"world").unwrap();
+    r.close().unwrap();
+    let (got, closed) = transfer(&mut r, &mut i, 3).unwrap();
+    assert_eq!((got.as_slice(), closed), (&b"world"[..], true));
+    // Half-close: the initiator can still send after the responder closed.
+    i.write(b"more").unwrap();
+    i.close().unwrap();
+    let (got, closed) = transfer(&mut i, &mut r, 1).unwrap();
+    assert_eq!((got.as_slice(), closed), (&b"more"[..], true));
+    assert!(matches!(r.write(b"x"), Err(Error::SendAfterClose)));
+}
+
+#[test]
+fn truncation_is_not_a_clean_end() {
+    let (mut i, mut r) = session_pair(Suite::ChaChaPolyBlake2s, cfg()).unwrap();
+    i.write(b"abc").unwrap();
+    i.flush().unwrap();
+    let wire = i.pending_output().to_vec();
+    // Cut between frames.
+    r.feed(&wire);
+    r.feed_eof();
+    let mut buf = [0u8; 64];
+    assert_eq!(r.read(&mut buf).unwrap(), ReadOutcome::Data(3));
+    let err = r.read(&mut buf).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::UnexpectedEof {
+                during: "between frames"
+            }
+        ),
+        "{err}"
+    );
+    // Cut mid-frame.
+    let (mut i, mut r) = session_pair(Suite::ChaChaPolyBlake2s, cfg()).unwrap();
+    i.write(b"abc").unwrap();
+    i.close().unwrap();
+    let wire = i.pending_output().to_vec();
+    r.feed(&wire[..wire.len() - 1]);
+    r.feed_eof();
+    assert_eq!(r.read(&mut buf).unwrap(), ReadOutcome::Data(3));
+    let err = r.read(&mut buf).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::UnexpectedEof {
+                during: "in the middle of a frame"
+            }
+        ),
+        "{err}"
+    );
+    // And errors stick.
+    assert!(matches!(r.read(&mut buf), Err(Error::UnexpectedEof { .. })));
+}
+
+#[test]
+fn rekeys_keep_working_across_thousands_of_frames() {
+    for suite in Suite::ALL {
+        let mut c = cfg();
+        c.session = SessionConfig { rekey_interval: 7 };
+        let (mut i, mut r) = session_pair(suite, c).unwrap();
+        let mut sent = Vec::new();
+        for n in 0..3000u32 {
+            let msg = n.to_le_bytes();
+            i.write(&msg).unwrap();
+            i.flush().unwrap();
+            sent.extend_from_slice(&msg);
+            if n % 500 == 0 {
+                i.rekey().unwrap();
+            }
+        }
+        i.close().unwrap();
+        let (got, closed) = transfer(&mut i, &mut r, 10_000).unwrap();
+        assert!(closed);
+        assert_eq!(got, sent);
+    }
+}
+
+#[test]
+fn wrong_pinned_responder_never_gets_message_3() {
+    let other = Identity::generate().vat_id();
+    let (mut i, mut r) = deterministic_handshakes(
+        Suite::ChaChaPolyBlake2s,
+        cfg(),
+        Arc::new(Pinned(other)),
+        Arc::new(AnyVat),
+    )
+    .unwrap();
+    let err = drive(&mut i, &mut r, usize::MAX).unwrap_err();
+    match &err {
+        Error::PeerRefused { vat_id, reason } => {
+            assert_eq!(*vat_id, testing::responder_identity().vat_id());
+            assert!(reason.contains(&other.to_string()));
+        }
+        e => panic!("unexpected {e}"),
+    }
+    // Message 3 was never produced: nothing is pending, and the responder
+    // never learned who the initiator is.
+    assert!(i.pending_output().is_empty());
+    assert!(r.peer_vat_id().is_none());
+    assert!(r.wants_read());
+}
+
+#[test]
+fn responder_refusing_initiator_fails_distinctly() {
+    let other = Identity::generate().vat_id();
+    let (mut i, mut r) = deterministic_handshakes(
+        Suite::ChaChaPolyBlake2s,
+        cfg(),
+        Arc::new(AnyVat),
+        Arc::new(Pinned(other)),
+    )
+    .unwrap();
+    let err = drive(&mut i, &mut r, usize::MAX).unwrap_err();
+    assert!(matches!(err, Error::PeerRefused { .. }), "{err}");
+    assert!(r.into_session().is_err());
+}
+
+#[test]
+fn responder_refuses_suite_it_does_not_accept_without_answering() {
+    let idi = Identity::generate();
+    let idr = Identity::generate();
+    let i = Handshake::initiator(
+        &idi,
+        Arc::new(AnyVat),
+        PeerContext::default(),
+        HandshakeConfig::with_suite(Suite::AesGcmSha256),
+    )
+    .unwrap();
+    let mut r = Handshake::responder(
+        &idr,
+        Arc::new(AnyVat),
+        PeerContext::default(),
+        HandshakeConfig::with_suite(Suite::ChaChaPolyBlake2s),
+    )
+    .unwrap();
+    let out = i.pending_output().to_vec();
+    let err = r.feed(&out).unwrap_err();
+    assert!(
+        matches!(err, Error::Protocol(ProtocolError::UnsupportedSuite(_))),
+        "{err}"
+    );
+    assert!(r.pending_output().is_empty());
+}
+
+/// Replaces the responder's payload with one that claims another VatId but
+/// cannot carry that VatId's signature over the real static key.
+#[test]
+fn identity_claim_without_valid_signature_fails() {
+    use crate::wire::payload;
+    // A payload claiming `victim`, signed by `mallory` over mallory's static key.
+    let victim = Identity::generate();
+    let mallory = Identity::generate();
+    let sig = mallory.sign(&payload::binding_message(mallory.noise_static_public()));
+    let forged = payload::encode(&victim.vat_id(), &sig);
+    let mut i = Handshake::initiator(
+        &Identity::generate(),
+        Arc::new(AnyVat),
+        PeerContext::default(),
+        cfg(),
+    )
+    .unwrap();
+    let mut r =
+        Handshake::responder(&mallory, Arc::new(AnyVat), PeerContext::default(), cfg()).unwrap();
+    r.replace_payload_for_tests(forged.into());
+    let err = drive(&mut i, &mut r, usize::MAX).unwrap_err();
+    assert!(matches!(err, Error::BadIdentityProof(_)), "{err}");
+    assert!(
+        i.pending_output().is_empty(),
+        "no message 3 after a bad proof"
+    );
+}
+
+fn full_handshake_wire(suite: Suite) -> (Vec<u8>, Vec<u8>) {
+    // Returns (initiator->responder bytes, responder->initiator bytes).
+    let (mut i, mut r) =
+        deterministic_handshakes(suite, cfg(), Arc::new(AnyVat), Arc::new(AnyVat)).unwrap();
+    let a = i.pending_output().to_vec();
+    i.consume_output(a.len());
+    r.feed(&a).unwrap();
+    let b = r.pending_output().to_vec();
+    r.consume_output(b.len());
+    i.feed(&b).unwrap();
+    let c = i.pending_output().to_vec();
+    ([a, c].concat(), b)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Any chunking of the byte streams gives the same plaintext.
+    #[test]
+    fn any_chunking_same_plaintext(
+        msgs in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..3000), 1..12),
+        hs_chunk in 1usize..200,
+        chunk in 1usize..5000,
+        aes in any::<bool>(),
+    ) {
+        let suite = if aes { Suite::AesGcmSha256 } else { Suite::ChaChaPolyBlake2s };
+        let (mut i, mut r) = deterministic_handshakes(suite, cfg(), Arc::new(AnyVat), Arc::new(AnyVat)).unwrap();
+        drive(&mut i, &mut r, hs_chunk).unwrap();
+        let (mut i, mut r) = (i.into_session().unwrap(), r.into_session().unwrap());
+        let mut sent = Vec::new();
+        for m in &msgs {
+            let mut off = 0;
+            while off < m.len() {
+                off += i.write(&m[off..]).unwrap();
+                if off < m.len() {
+                    let (got, _) = transfer(&mut i, &mut r, chunk).unwrap();
+                    sent.extend_from_slice(&got);
+                }
+            }
+            i.flush().unwrap();
+        }
+        i.close().unwrap();
+        let (got, closed) = transfer(&mut i, &mut r, chunk).unwrap();
+        sent.extend_from_slice(&got);
+        prop_assert!(closed);
+        prop_assert_eq!(sent, msgs.concat());
+    }
+
+    /// Any single byte flipped anywhere in the handshake makes it fail.
+    #[test]
+    fn flipped_handshake_byte_fails(pos in any::<prop::sample::Index>(), bit in 0u8..8, to_responder in any::<bool>()) {
+        let (fwd, back) = full_handshake_wire(Suite::ChaChaPolyBlake2s);
+        let (mut i, mut r) = deterministic_handshakes(Suite::ChaChaPolyBlake2s, cfg(), Arc::new(AnyVat), Arc::new(AnyVat)).unwrap();
+        let mut fwd = fwd;
+        let mut back = back;
+        if to_responder {
+            let p = pos.index(fwd.len());
+            fwd[p] ^= 1 << bit;
+        } else {
+            let p = pos.index(back.len());
+            back[p] ^= 1 << bit;
+        }
+        // Initiator output is deterministic, so replay the tampered streams.
+        let first = i.pending_output().len();
+        i.consume_output(first);
+        let r_res = r.feed(&fwd[..first]);
+        let i_res = i.feed(&back);
+        let r_res2 = r_res.and_then(|_| r.feed(&fwd[first..]));
+        // The side that received tampered bytes never completes: it fails,
+        // or (when a length prefix grew) waits for bytes that never come.
+        if to_responder {
+            prop_assert!(!r.is_finished());
+            prop_assert!(r_res2.is_err() || r.wants_read());
+        } else {
+            prop_assert!(!i.is_finished());
+            prop_assert!(i_res.is_err() || i.wants_read());
+            prop_assert!(i.pending_output().is_empty(), "no message 3 after a tampered message 2");
+        }
+    }
+
+    /// Any damage to the transport byte stream (flip, drop, duplicate, swap
+    /// of bytes or frames) makes the receiver fail, and no plaintext from
+    /// the damaged point on is delivered.
+    #[test]
+    fn damaged_transport_fails_and_delivers_nothing_after(
+        kind in 0u8..5,
+        pos in any::<prop::sample::Index>(),
+        bit in 0u8..8,
+        nframes in 2usize..8,
+    ) {
+        let (mut i, mut r) = session_pair(Suite::ChaChaPolyBlake2s, cfg()).unwrap();
+        let mut frames: Vec<Vec<u8>> = Vec::new();
+        for n in 0..nframes {
+            i.write(&[n as u8; 100]).unwrap();
+            i.flush().unwrap();
+            frames.push(i.pending_output().to_vec());
+            let l = frames.last().unwrap().len();
+            i.consume_output(l);
+        }
+        i.close().unwrap();
+        frames.push(i.pending_output().to_vec());
+        let clean: Vec<u8> = frames.concat();
+        let f = pos.index(frames.len());
+        // The first frame index whose bytes are damaged.
+        let mut wire;
+        let first_bad;
+        match kind {
+            0 => { // flip a bit in frame f
+                let mut fr = frames.clone();
+                let p = pos.index(fr[f].len());
+                fr[f][p] ^= 1 << bit;
+                first_bad = f; wire = fr.concat();
+            }
+            1 => { // drop frame f
+                let mut fr = frames.clone(); fr.remove(f); first_bad = f; wire = fr.concat();
+            }
+            2 => { // duplicate frame f
+                let mut fr = frames.clone(); fr.insert(f, frames[f].clone()); first_bad = f + 1; wire = fr.concat();
+            }
+            3 => { // swap frame f with the next
+                let g = (f + 1) % frames.len();
+                let mut fr = frames.clone(); fr.swap(f, g); first_bad = f.min(g); wire = fr.concat();
+            }
+            _ => { // truncate anywhere
+                let p = pos.index(clean.len());
+                wire = clean[..p].to_vec();
+                first_bad = frames.iter().scan(0, |acc, fr| { *acc += fr.len(); Some(*acc) }).position(|end| end > p).unwrap_or(frames.len());
+            }
+        }
+        if wire == clean { wire.clear(); }
+        let expected: Vec<u8> = (0..first_bad.min(nframes)).flat_map(|n| vec![n as u8; 100]).collect();
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 500];
+        let mut off = 0;
+        let outcome = loop {
+            match r.read(&mut buf) {
+                Ok(ReadOutcome::Data(n)) => got.extend_from_slice(&buf[..n]),
+                Ok(ReadOutcome::Closed) => break Ok(()),
+                Ok(ReadOutcome::NeedInput) => {
+                    if off == wire.len() { r.feed_eof(); continue; }
+                    off += r.feed(&wire[off..]);
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        prop_assert!(outcome.is_err(), "damage kind {} ended cleanly", kind);
+        prop_assert!(got.len() <= expected.len());
+        prop_assert_eq!(&got[..], &expected[..got.len()]);
+    }
+}
+
+#[test]
+fn zero_and_short_transport_lengths_are_refused() {
+    let (_, mut r) = session_pair(Suite::ChaChaPolyBlake2s, cfg()).unwrap();
+    r.feed(&[0, 0]);
+    let err = r.read(&mut [0u8; 10]).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Protocol(ProtocolError::FrameTooShort { len: 0, .. })
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn unknown_frame_type_and_control_body_are_refused() {
+    // Build frames with a raw Noise transport so that they authenticate.
+    for (ty, body, want) in [
+        (7u8, &b""[..], "unknown transport frame type 0x07"),
+        (1, &b"x"[..], "CLOSE frame must have an empty body"),
+    ] {
+        let (mut i, mut r) = session_pair(Suite::ChaChaPolyBlake2s, cfg()).unwrap();
+        let mut plain = body.to_vec();
+        plain.push(ty);
+        let wire = i.seal_raw_for_tests(&plain);
+        r.feed(&wire);
+        let err = r.read(&mut [0u8; 100]).unwrap_err();
+        assert!(err.to_string().contains(want), "{err}");
+    }
+}
+
+#[test]
+fn surplus_after_handshake_reaches_the_session() {
+    // The initiator sends message 3 and a data frame in one write; the
+    // responder must deliver the data.
+    let (mut i, mut r) = deterministic_handshakes(
+        Suite::ChaChaPolyBlake2s,
+        cfg(),
+        Arc::new(AnyVat),
+        Arc::new(AnyVat),
+    )
+    .unwrap();
+    let a = i.pending_output().to_vec();
+    i.consume_output(a.len());
+    r.feed(&a).unwrap();
+    let b = r.pending_output().to_vec();
+    r.consume_output(b.len());
+    i.feed(&b).unwrap();
+    let mut i: Session = i.into_session().unwrap();
+    i.write(b"early").unwrap();
+    i.flush().unwrap();
+    let all = i.pending_output().to_vec(); // msg3 + data frame
+    assert_eq!(r.feed(&all).unwrap(), all.len());
+    let mut r = r.into_session().unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(r.read(&mut buf).unwrap(), ReadOutcome::Data(5));
+    assert_eq!(&buf[..5], b"early");
+}
+
+#[test]
+fn large_writes_are_split_into_max_frames() {
+    let (mut i, mut r) = session_pair(Suite::AesGcmSha256, cfg()).unwrap();
+    let data: Vec<u8> = (0..300_000u32).map(|x| (x * 7) as u8).collect();
+    let mut got = Vec::new();
+    let mut off = 0;
+    while off < data.len() {
+        off += i.write(&data[off..]).unwrap();
+        // pending output never holds more than one data frame plus control frames
+        assert!(i.pending_output().len() <= super::transport::MAX_WIRE_FRAME + 64);
+        let (g, _) = transfer(&mut i, &mut r, 8192).unwrap();
+        got.extend(g);
+    }
+    i.close().unwrap();
+    let (g, closed) = transfer(&mut i, &mut r, 8192).unwrap();
+    got.extend(g);
+    assert!(closed);
+    assert_eq!(got, data);
+}
