@@ -289,7 +289,7 @@ impl Handshake {
 
     fn build_noise(&self, suite: Suite, prologue: &[u8]) -> Result<snow::HandshakeState, Error> {
         let params = suite.params();
-        let mut b = snow::Builder::new(params)
+        let mut b = snow::Builder::with_resolver(params, super::resolver::resolver())
             .prologue(prologue)
             .and_then(|b| b.local_private_key(self.static_secret.as_ref()))
             .map_err(|e| Error::Config(format!("building the Noise state: {e}")))?;

@@ -18,6 +18,7 @@ pub mod frame;
 pub mod handshake;
 pub mod payload;
 pub mod preamble;
+mod resolver;
 pub mod transport;
 
 pub use handshake::{Handshake, HandshakeConfig, Role};
