@@ -30,9 +30,9 @@ line per event, `WORD key=value ...`, for the test to parse:
 Scripts (after the handshake):
   * --echo: echo every DATA frame back as one DATA frame; after every
     --rekey-every echoed frames send REKEY; on CLOSE answer CLOSE and expect EOF.
-  * --send SIZES [--coalesce]: for each size send one DATA frame of random bytes, read until
-    the same bytes came back, and send REKEY after every --rekey-every messages;
-    then send CLOSE, read the peer's CLOSE and expect EOF. With --coalesce the
+  * --send SCRIPT [--coalesce]: SCRIPT is comma-separated: a number N sends one
+    DATA frame of N random bytes and reads until the same bytes came back; R
+    sends REKEY. Then send CLOSE, read the peer's CLOSE and expect EOF. With --coalesce the
     initiator's message 3 goes out in one write with its first transport frame.
 """
 
@@ -202,7 +202,21 @@ class Peer:
             signed_key = x25519_public(os.urandom(32))
         elif args.forge and args.forge.startswith("claim-vatid:"):
             claimed = bytes.fromhex(args.forge.split(":", 1)[1])
-        self.payload = build_payload(schema, claimed, self.signing.sign(BINDING_CONTEXT + signed_key))
+        signature = self.signing.sign(BINDING_CONTEXT + signed_key)
+        if args.future_payload:
+            import capnp
+
+            future = capnp.load(os.path.join(os.path.dirname(os.path.abspath(__file__)), "future_noise.capnp"))
+            msg = future.HandshakePayload.new_message()
+            msg.init("vatId").ed25519 = claimed
+            msg.staticKeySignature = signature
+            msg.maxFrameSize = 65535
+            msg.init("features", 2)
+            msg.features[0] = "x-compression"
+            msg.features[1] = "x-introductions"
+            self.payload = msg.to_bytes()
+        else:
+            self.payload = build_payload(schema, claimed, signature)
         self.stats = dict(sent_bytes=0, recv_bytes=0, frames_sent=0, frames_recv=0, rekeys_sent=0, rekeys_recv=0)
 
     def noise(self, suite, prologue, initiator):
@@ -327,8 +341,11 @@ class Peer:
                 return self.finish(wire)
 
     def run_send(self, wire, conn):
-        sizes = [int(s) for s in self.args.send.split(",") if s]
-        for i, size in enumerate(sizes, 1):
+        for i, token in enumerate(t for t in self.args.send.split(",") if t):
+            if token == "R":
+                self.send(wire, conn, REKEY)
+                continue
+            size = int(token)
             if size > MAX_DATA:
                 raise SystemExit(f"message size {size} exceeds {MAX_DATA}")
             msg = os.urandom(size)
@@ -341,8 +358,6 @@ class Peer:
                 got += body
             if bytes(got) != msg:
                 raise PeerError("echo-mismatch", f"message {i} of {size} bytes came back different")
-            if self.args.rekey_every and i % self.args.rekey_every == 0:
-                self.send(wire, conn, REKEY)
         self.send(wire, conn, CLOSE)
         wire.sock.shutdown(socket.SHUT_WR)
         while True:
@@ -383,8 +398,13 @@ def main():
     ap.add_argument("--seed", help="this peer's Ed25519 seed, 64 hex digits")
     ap.add_argument("--expect", default="any", help="the peer's VatId (raw Ed25519 key, hex) or 'any'")
     ap.add_argument("--schema", default=os.path.join(os.path.dirname(__file__), "..", "..", "schema", "noise.capnp"))
-    ap.add_argument("--send", help="comma-separated DATA message sizes (otherwise: echo)")
-    ap.add_argument("--rekey-every", type=int, default=0)
+    ap.add_argument("--send", help="comma-separated DATA sizes and R for REKEY (otherwise: echo)")
+    ap.add_argument("--rekey-every", type=int, default=0, help="echo: send REKEY after every N echoed frames")
+    ap.add_argument(
+        "--future-payload",
+        action="store_true",
+        help="send a HandshakePayload with fields a later protocol version might add (future_noise.capnp)",
+    )
     ap.add_argument(
         "--coalesce", action="store_true", help="initiator: send message 3 and the first transport frame in one write"
     )
