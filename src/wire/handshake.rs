@@ -397,6 +397,30 @@ impl Handshake {
         Ok(taken)
     }
 
+    /// Tells the handshake that the peer's byte stream ended (or was reset).
+    /// Returns the error that describes it, which also sticks. After a
+    /// finished handshake this is not an error of the handshake: it returns
+    /// `None` and the session reports it instead.
+    pub fn feed_eof(&mut self) -> Option<Error> {
+        if let Some(e) = &self.error {
+            return Some(e.clone());
+        }
+        let during = match self.state {
+            State::Done => return None,
+            State::InitiatorAwaitMsg2 => {
+                "before handshake message 2 (the responder may not accept this suite or protocol version, or is not a capnp-noise responder)"
+            }
+            State::ResponderAwaitPreamble => "before the preamble was complete",
+            State::ResponderAwaitMsg1 => "before handshake message 1 was complete",
+            State::ResponderAwaitMsg3 => {
+                "before handshake message 3 (the initiator may have refused this responder's identity)"
+            }
+        };
+        let e = Error::UnexpectedEof { during };
+        self.error = Some(e.clone());
+        Some(e)
+    }
+
     /// How many more bytes the current step can use before it must be processed.
     fn bytes_wanted(&self) -> usize {
         match self.state {

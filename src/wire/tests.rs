@@ -434,3 +434,33 @@ fn large_writes_are_split_into_max_frames() {
     assert!(closed);
     assert_eq!(got, data);
 }
+
+#[test]
+fn eof_during_handshake_names_the_step() {
+    let (mut i, mut r) = deterministic_handshakes(
+        Suite::ChaChaPolyBlake2s,
+        cfg(),
+        Arc::new(AnyVat),
+        Arc::new(AnyVat),
+    )
+    .unwrap();
+    let e = i.feed_eof().unwrap();
+    assert!(e.to_string().contains("before handshake message 2"), "{e}");
+    assert!(
+        matches!(i.feed(&[1]), Err(Error::UnexpectedEof { .. })),
+        "sticky"
+    );
+    r.feed(&crate::wire::preamble::encode(Suite::ChaChaPolyBlake2s)[..5])
+        .unwrap();
+    let e = r.feed_eof().unwrap();
+    assert!(e.to_string().contains("preamble"), "{e}");
+    let (mut i, mut r) = deterministic_handshakes(
+        Suite::ChaChaPolyBlake2s,
+        cfg(),
+        Arc::new(AnyVat),
+        Arc::new(AnyVat),
+    )
+    .unwrap();
+    drive(&mut i, &mut r, usize::MAX).unwrap();
+    assert!(i.feed_eof().is_none() && r.feed_eof().is_none());
+}
