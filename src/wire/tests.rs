@@ -464,3 +464,14 @@ fn eof_during_handshake_names_the_step() {
     drive(&mut i, &mut r, usize::MAX).unwrap();
     assert!(i.feed_eof().is_none() && r.feed_eof().is_none());
 }
+
+#[test]
+fn feed_takes_a_whole_large_frame_at_once() {
+    let (mut i, mut r) = session_pair(Suite::ChaChaPolyBlake2s, cfg()).unwrap();
+    i.write(&[7u8; 20_000]).unwrap();
+    i.flush().unwrap();
+    let wire = i.pending_output().to_vec();
+    assert_eq!(r.feed(&wire), wire.len());
+    let mut buf = vec![0u8; 30_000];
+    assert_eq!(r.read(&mut buf).unwrap(), ReadOutcome::Data(20_000));
+}

@@ -408,11 +408,18 @@ impl Session {
     /// taken: the session buffers at most one maximal frame beyond what
     /// [`read`](Self::read) has consumed, so call `read` and feed the rest.
     pub fn feed(&mut self, input: &[u8]) -> usize {
-        let space = self.recv_buffer();
-        let n = space.len().min(input.len());
-        space[..n].copy_from_slice(&input[..n]);
-        self.commit_recv(n);
-        n
+        let mut taken = 0;
+        while taken < input.len() {
+            let space = self.recv_buffer();
+            let n = space.len().min(input.len() - taken);
+            if n == 0 {
+                break;
+            }
+            space[..n].copy_from_slice(&input[taken..taken + n]);
+            self.commit_recv(n);
+            taken += n;
+        }
+        taken
     }
 
     /// Spare room at the end of the receive buffer, to read peer bytes into
