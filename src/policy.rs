@@ -203,7 +203,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 fn shell_quote(s: &str) -> String {
     if !s.is_empty()
         && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_-./:@,+=[]%".contains(c))
+            .all(|c| c.is_ascii_alphanumeric() || "_-./:@,+=".contains(c))
     {
         s.to_string()
     } else {
@@ -257,6 +257,8 @@ struct AllowState {
     last_stat: Option<Instant>,
     /// Set while the file cannot be read: why. Every peer is then refused.
     unreadable: Option<String>,
+    /// Set while the file's content is malformed (the previous list is in force).
+    rejected: Option<Error>,
 }
 
 /// What was last read from a list file.
@@ -287,6 +289,7 @@ impl AllowList {
                 seen: None,
                 last_stat: None,
                 unreadable: None,
+                rejected: None,
             }),
         }
     }
@@ -336,7 +339,12 @@ impl AllowList {
     /// refused until it can), or naming `file:line` of a malformed line (the
     /// previous list stays in force).
     pub fn reload(&self) -> Result<bool> {
-        self.update(&mut lock(&self.state))
+        let mut st = lock(&self.state);
+        let changed = self.update(&mut st)?;
+        match &st.rejected {
+            Some(e) => Err(e.clone()),
+            None => Ok(changed),
+        }
     }
 
     /// Re-reads the file if it changed; see [`reload`](Self::reload).
@@ -360,7 +368,8 @@ impl AllowList {
                     return Ok(false);
                 }
                 st.unreadable = None;
-                let vats = parsed?;
+                let vats = parsed.inspect_err(|e| st.rejected = Some(e.clone()))?;
+                st.rejected = None;
                 let changed = vats != st.vats;
                 st.vats = vats;
                 Ok(changed)
@@ -703,5 +712,33 @@ mod tests {
         assert!(only_b.check(&b, &ctx).is_ok());
         assert_eq!(only_b.check(&a, &ctx).unwrap_err().0, "not b");
         assert!(AnyVat.check(&a, &ctx).is_ok());
+    }
+
+    #[test]
+    fn allow_list_sees_a_change_that_keeps_mtime_and_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("allow");
+        let (a, b) = (Identity::generate().vat_id(), Identity::generate().vat_id());
+        let write = |vat: VatId, mtime: SystemTime| {
+            fs::write(&path, format!("{vat}\n")).unwrap();
+            let f = fs::File::options().write(true).open(&path).unwrap();
+            f.set_modified(mtime).unwrap();
+        };
+        let ctx = PeerContext::responder(None);
+        let now = SystemTime::now();
+        write(a, now);
+        let list = AllowList::load(&path).unwrap();
+        write(b, now);
+        assert!(list.check(&b, &ctx).is_ok());
+        assert!(list.check(&a, &ctx).is_err());
+    }
+
+    #[test]
+    fn shell_quoting() {
+        assert_eq!(shell_quote("a/b-c_d.e:1"), "a/b-c_d.e:1");
+        assert_eq!(shell_quote("[::1]:80"), "'[::1]:80'");
+        assert_eq!(shell_quote("my file"), "'my file'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(shell_quote(""), "''");
     }
 }
