@@ -301,7 +301,10 @@ pub(crate) fn io_error(path: &Path, what: &str, e: &io::Error) -> Error {
 /// is larger than `max`.
 pub(crate) fn read_limited(path: &Path, max: u64, what: &str) -> Result<Zeroizing<Vec<u8>>> {
     let file = File::open(path).map_err(|e| io_error(path, what, &e))?;
-    let mut bytes = Zeroizing::new(Vec::new());
+    // Room for the whole file up front, so the buffer is not reallocated
+    // (which would leave unzeroized copies of a key behind).
+    let expected = file.metadata().map_or(0, |m| m.len()).min(max) as usize;
+    let mut bytes = Zeroizing::new(Vec::with_capacity(expected + 1));
     file.take(max + 1)
         .read_to_end(&mut bytes)
         .map_err(|e| io_error(path, what, &e))?;
@@ -419,6 +422,14 @@ mod tests {
                 "{text:?}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn crlf_line_endings_load() {
+        let id = Identity::generate();
+        let crlf = id.to_pkcs8_pem().replace('\n', "\r\n");
+        let back = Identity::from_pem_or_openssh(&crlf, "k").unwrap();
+        assert_eq!(back.vat_id(), id.vat_id());
     }
 
     #[test]

@@ -188,8 +188,10 @@ fn list_lines(text: &str, fields: usize) -> impl Iterator<Item = ListLine<'_>> {
     })
 }
 
+/// The text of a list file, without the byte-order mark some editors add.
 fn list_text<'a>(bytes: &'a [u8], path: &Path, what: &str) -> Result<&'a str> {
     std::str::from_utf8(bytes)
+        .map(|t| t.strip_prefix('\u{feff}').unwrap_or(t))
         .map_err(|e| Error::Key(format!("{what} {} is not UTF-8 text: {e}", path.display())))
 }
 
@@ -731,6 +733,18 @@ mod tests {
         write(b, now);
         assert!(list.check(&b, &ctx).is_ok());
         assert!(list.check(&a, &ctx).is_err());
+    }
+
+    #[test]
+    fn list_files_from_windows_editors_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("allow");
+        let vat = Identity::generate().vat_id();
+        fs::write(&path, format!("\u{feff}# list\r\n{vat} me\r\n")).unwrap();
+        assert_eq!(AllowList::load(&path).unwrap().vat_ids(), [vat]);
+        let known = Tofu::new(&path);
+        fs::write(&path, format!("\u{feff}h:1 {vat}\r\n")).unwrap();
+        assert_eq!(known.records().unwrap()[0].vat_id, vat);
     }
 
     #[test]

@@ -288,14 +288,26 @@ impl fmt::Display for Host {
 }
 
 impl Address {
-    /// An address from a host and a port.
+    /// An address from a host and a port. A [`Host::Domain`] is checked and
+    /// lower-cased as [`Host::parse`] does, so every `Address` is canonical.
     ///
     /// # Errors
-    /// [`Error::Key`] if `port` is 0.
+    /// [`Error::Key`] if `port` is 0 or the domain is not a valid host name.
     pub fn new(host: Host, port: u16) -> Result<Self> {
         if port == 0 {
             return Err(Error::Key("port 0 cannot be dialed".into()));
         }
+        let host = match host {
+            Host::Domain(d) => match Host::parse(&d)? {
+                Host::Domain(d) => Host::Domain(d),
+                _ => {
+                    return Err(Error::Key(format!(
+                        "{d:?} is an IP address, not a domain name"
+                    )))
+                }
+            },
+            ip => ip,
+        };
         Ok(Address { host, port })
     }
 
@@ -767,6 +779,20 @@ mod tests {
         let uri = sr.to_string();
         assert!(uri.len() <= MAX_URI_LEN, "{}", uri.len());
         assert_eq!(uri.parse::<SturdyRef>().unwrap(), sr);
+    }
+
+    #[test]
+    fn addresses_are_canonical() {
+        let a = Address::new(Host::Domain("Files.Example".into()), 80).unwrap();
+        assert_eq!(a.to_string(), "files.example:80");
+        assert!(Address::new(Host::Domain("a b".into()), 80).is_err());
+        assert!(Address::new(Host::Domain("[::1]".into()), 80).is_err());
+        assert!(Address::new(Host::Domain("1.2.3.4".into()), 80).is_err());
+        assert!(Address::new(Host::Ipv4([1, 2, 3, 4].into()), 0).is_err());
+        let v6: Address = "[0:0::1]:9".parse().unwrap();
+        assert_eq!(v6.to_string(), "[::1]:9");
+        assert_eq!(v6.host(), &Host::Ipv6(std::net::Ipv6Addr::LOCALHOST));
+        assert_eq!(v6.port(), 9);
     }
 
     #[test]
