@@ -4,7 +4,9 @@
 
 pub mod error;
 pub mod identity;
+pub mod keyfile;
 pub mod policy;
+pub mod sturdy;
 pub mod vat_id;
 pub mod wire;
 
@@ -20,5 +22,5 @@ pub mod schema {
 
 pub use error::{Error, ProtocolError, Result};
 pub use identity::Identity;
-pub use policy::{AnyVat, PeerContext, PeerPolicy, Pinned, Refusal};
+pub use policy::{AllowList, AnyVat, PeerContext, PeerPolicy, Pinned, Refusal, Tofu};
 pub use vat_id::VatId;

@@ -72,14 +72,7 @@ pub fn decode(bytes: &[u8]) -> Result<(VatId, [u8; 64]), Error> {
     if !root.has_vat_id() {
         return Err(bad("vatId is missing".into()));
     }
-    let key = root
-        .get_vat_id()
-        .and_then(|v| v.get_ed25519())
-        .map_err(|e| bad(format!("bad vatId: {e}")))?;
-    let key: &[u8; 32] = key
-        .try_into()
-        .map_err(|_| bad(format!("vatId.ed25519 has {} bytes, not 32", key.len())))?;
-    let vat_id = VatId::from_bytes(key).map_err(|e| bad(e.to_string()))?;
+    let vat_id = VatId::read_capnp(root.get_vat_id()).map_err(bad)?;
     let sig = root
         .get_static_key_signature()
         .map_err(|e| bad(format!("bad staticKeySignature: {e}")))?;
