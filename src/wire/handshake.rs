@@ -594,14 +594,17 @@ impl Handshake {
         if self.state != State::Done {
             return Err(Error::Config("the handshake has not finished".into()));
         }
-        let noise = self
-            .noise
-            .expect("noise state")
-            .into_transport_mode()
-            .map_err(|e| Error::from_snow(e, "the switch to transport mode"))?;
+        let mut noise = self.noise.expect("noise state");
+        // Split() (Noise §5.2): the initiator sends with the first key.
+        let (k1, k2) = noise.dangerously_get_raw_split();
+        let (k1, k2) = (Zeroizing::new(k1), Zeroizing::new(k2));
+        let keys = match self.role {
+            Role::Initiator => (k1, k2),
+            Role::Responder => (k2, k1),
+        };
         let pending = self.output[self.output_pos..].to_vec();
         Ok(Session::new(
-            noise,
+            keys,
             super::transport::Established {
                 role: self.role,
                 suite: self.suite.expect("suite known"),
