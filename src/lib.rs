@@ -7,6 +7,7 @@ pub mod identity;
 pub mod keyfile;
 pub mod policy;
 pub mod sturdy;
+pub mod tunnel;
 pub mod vat_id;
 pub mod wire;
 
