@@ -124,12 +124,11 @@ impl Service {
     ) {
         let started = Instant::now();
         let _ = accepted.set_nodelay(true);
-        let aborted = || async { cut.cancelled().await; Err(SetupFailure::Aborted) };
         let setup = match self.mode {
             Mode::Client => {
                 let noise = tokio::select! {
                     r = self.dial_server() => r,
-                    r = aborted() => r,
+                    r = aborted(&cut) => r,
                 };
                 match noise {
                     Ok(noise) => Ok((accepted, noise)),
@@ -150,7 +149,7 @@ impl Service {
                 };
                 tokio::select! {
                     r = pair => r,
-                    r = aborted() => r,
+                    r = aborted(&cut) => r,
                 }
             }
         };
@@ -159,7 +158,8 @@ impl Service {
             Err(failure) => return self.log_setup_failure(addr, failure),
         };
         let peer = noise.peer_vat_id().fingerprint();
-        info!(service = %self.config.name, %peer, %addr, "connected");
+        let suite = noise.suite().noise_name();
+        info!(service = %self.config.name, %peer, %addr, suite, "connected");
         let done = forward::forward(&mut plain, &mut noise, cut.cancelled()).await;
         if !matches!(done.end, End::Closed) {
             // Tell the plain side this was not a clean end; the noise side
@@ -239,33 +239,38 @@ impl Service {
                 "dropped: no handshake slot free within {t:?} (max_handshakes = {})",
                 self.config.limits.max_handshakes
             ),
-            SetupFailure::Unreachable { what, addr: to, error } => warn!(
+            SetupFailure::Unreachable {
+                what,
+                addr: to,
+                error,
+            } => warn!(
                 %service, %addr, error = %error,
                 "closing the connection: cannot reach {what} at {to}"
             ),
-            SetupFailure::Refused { vat_id, reason } => {
-                let who = match self.mode {
-                    Mode::Client => "the server",
-                    Mode::Server => "a client",
-                };
-                warn!(
+            SetupFailure::Refused { vat_id, reason } => match self.mode {
+                Mode::Client => warn!(
+                    %service, peer = %vat_id.fingerprint(), %addr,
+                    server = %self.config.connect, %reason, "refused the server"
+                ),
+                Mode::Server => warn!(
                     %service, peer = %vat_id.fingerprint(), %addr, %reason,
-                    "refused {who}"
-                );
-            }
-            SetupFailure::Handshake(e) => {
-                let with = match self.mode {
-                    Mode::Client => format!("with the server at {}", self.config.connect),
-                    Mode::Server => "with a client".into(),
-                };
-                // A server sees port scanners and refused clients here:
-                // not worth a warning. A client's user wants to know.
-                match self.mode {
-                    Mode::Client => warn!(%service, %addr, error = %e, "handshake {with} failed"),
-                    Mode::Server => info!(%service, %addr, error = %e, "handshake {with} failed"),
+                    "refused a client"
+                ),
+            },
+            // A server sees port scanners and refused clients here: not
+            // worth a warning. A client's user wants to know.
+            SetupFailure::Handshake(e) => match self.mode {
+                Mode::Client => warn!(
+                    %service, %addr, server = %self.config.connect, error = %e,
+                    "handshake with the server failed"
+                ),
+                Mode::Server => {
+                    info!(%service, %addr, error = %e, "handshake with a client failed")
                 }
+            },
+            SetupFailure::Aborted => {
+                info!(%service, %addr, "aborted at shutdown before forwarding")
             }
-            SetupFailure::Aborted => info!(%service, %addr, "aborted at shutdown before forwarding"),
         }
     }
 
@@ -289,6 +294,12 @@ impl Service {
             "connection ended"
         );
     }
+}
+
+/// Completes, with [`SetupFailure::Aborted`], when `cut` is cancelled.
+async fn aborted<T>(cut: &CancellationToken) -> Result<T, SetupFailure> {
+    cut.cancelled().await;
+    Err(SetupFailure::Aborted)
 }
 
 impl From<Error> for SetupFailure {
