@@ -616,6 +616,23 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_example_in_the_module_docs_is_valid() {
+        let docs: String = include_str!("mod.rs")
+            .lines()
+            .filter_map(|l| l.strip_prefix("//!"))
+            .map(|l| format!("{}\n", l.strip_prefix(' ').unwrap_or(l)))
+            .collect();
+        let start = docs.find("```toml\n").expect("a TOML example") + 8;
+        let len = docs[start..].find("```").unwrap();
+        let vat = Identity::from_seed(&[5; 32]).vat_id().to_string();
+        let example = docs[start..start + len].replace("vat1...", &vat);
+        let config = check_text(&example).unwrap();
+        let names: Vec<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["calendar", "postgres"]);
+        assert_eq!(config.services[0].limits.max_connections, 50);
+    }
+
     const HEAD: &str =
         "identity = \"k\"\n[service.s]\nlisten = \"127.0.0.1:1\"\nconnect = \"127.0.0.1:2\"\n";
 

@@ -93,6 +93,32 @@
 //! stops accepting (the listening sockets are closed), lets open
 //! connections finish for up to the grace period, then aborts those left;
 //! [`ShutdownHandle::abort`] (a second signal) aborts them at once.
+//!
+//! # Embedding
+//!
+//! The CLI is a thin layer over this module:
+//!
+//! ```no_run
+//! use std::path::Path;
+//! use capnp_noise::tunnel::{Tunnel, TunnelConfig};
+//!
+//! # async fn demo() -> capnp_noise::Result<()> {
+//! let config = TunnelConfig::load(Path::new("tunnel.toml"))?; // or TunnelSpec::check
+//! let tunnel = Tunnel::new(config)?; // loads the key and the allow-lists
+//! println!("my VatId: {}", tunnel.vat_id());
+//! let bound = tunnel.bind().await?; // opens every listening socket
+//! for l in bound.listening() {
+//!     println!("{} listens on {}", l.name, l.addr);
+//! }
+//! let stop = bound.shutdown_handle();
+//! tokio::spawn(async move {
+//!     let _ = tokio::signal::ctrl_c().await;
+//!     stop.shutdown();
+//! });
+//! let stopped = bound.run().await;
+//! println!("{} connection(s) aborted at shutdown", stopped.aborted);
+//! # Ok(()) }
+//! ```
 
 pub mod config;
 pub mod forward;
@@ -359,5 +385,64 @@ impl BoundTunnel {
         }
         info!(open, aborted, "stopped");
         Stopped { open, aborted }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::PeerContext;
+
+    #[test]
+    fn a_server_allows_the_listed_and_the_inline_vats_and_nobody_else() {
+        let (listed, inline, stranger) = (
+            Identity::from_seed(&[1; 32]).vat_id(),
+            Identity::from_seed(&[2; 32]).vat_id(),
+            Identity::from_seed(&[3; 32]).vat_id(),
+        );
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), format!("{listed}\n")).unwrap();
+        let both = policy(&Trust::AllowedClients {
+            file: Some(file.path().to_path_buf()),
+            vat_ids: vec![inline],
+        })
+        .unwrap();
+        let ctx = PeerContext::responder(None);
+        assert!(both.check(&listed, &ctx).is_ok());
+        assert!(both.check(&inline, &ctx).is_ok());
+        let refusal = both.check(&stranger, &ctx).unwrap_err().to_string();
+        assert!(refusal.contains(&stranger.to_string()), "{refusal}");
+        assert!(
+            refusal.contains(&file.path().display().to_string()),
+            "{refusal}"
+        );
+
+        let inline_only = policy(&Trust::AllowedClients {
+            file: None,
+            vat_ids: vec![inline],
+        })
+        .unwrap();
+        assert!(inline_only.check(&inline, &ctx).is_ok());
+        assert!(inline_only.check(&listed, &ctx).is_err());
+    }
+
+    #[test]
+    fn a_missing_allow_list_is_reported_when_the_tunnel_is_built() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("k.key");
+        Identity::generate().save(&key, false).unwrap();
+        let text = format!(
+            "identity = {key:?}\n[service.s]\nmode = \"server\"\nlisten = \"127.0.0.1:0\"\n\
+             connect = \"127.0.0.1:1\"\nallow = \"missing.allow\"\n"
+        );
+        let conf = dir.path().join("t.toml");
+        let config = TunnelSpec::from_toml(&text, &conf)
+            .and_then(|s| s.check(config::Origin::File(&conf)))
+            .unwrap();
+        let e = Tunnel::new(config).unwrap_err().to_string();
+        assert!(
+            e.contains("service s:") && e.contains("missing.allow does not exist"),
+            "{e}"
+        );
     }
 }
