@@ -5,6 +5,8 @@
 pub mod error;
 pub mod identity;
 pub mod policy;
+pub mod rpc;
+pub mod stream;
 pub mod vat_id;
 pub mod wire;
 
@@ -16,6 +18,8 @@ pub mod testing;
 pub mod schema {
     #[rustfmt::skip]
     pub mod noise_capnp;
+    #[rustfmt::skip]
+    pub mod demo_capnp;
 }
 
 pub use error::{Error, ProtocolError, Result};

@@ -434,3 +434,70 @@ fn large_writes_are_split_into_max_frames() {
     assert!(closed);
     assert_eq!(got, data);
 }
+
+#[test]
+fn initiator_eof_before_any_responder_frame_hints_at_refusal() {
+    let mut buf = [0u8; 64];
+    // The responder never sends a frame: the initiator's error says it may
+    // have been refused.
+    let (mut i, _r) = session_pair(Suite::ChaChaPolyBlake2s, cfg()).unwrap();
+    i.feed_eof();
+    let err = i.read(&mut buf).unwrap_err();
+    assert!(
+        matches!(err, Error::UnexpectedEof { during } if during == crate::wire::transport::EOF_BEFORE_RESPONDER_SPOKE),
+        "{err}"
+    );
+    assert!(err.to_string().contains("may have refused"), "{err}");
+    // Once the responder has sent a frame, a cut is an ordinary truncation.
+    let (mut i, mut r) = session_pair(Suite::ChaChaPolyBlake2s, cfg()).unwrap();
+    r.write(b"hi").unwrap();
+    r.flush().unwrap();
+    let (got, _) = transfer(&mut r, &mut i, usize::MAX).unwrap();
+    assert_eq!(got, b"hi");
+    i.feed_eof();
+    let err = i.read(&mut buf).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::UnexpectedEof {
+                during: "between frames"
+            }
+        ),
+        "{err}"
+    );
+    // A responder never gets the hint: an initiator cannot refuse after message 3.
+    let (_i, mut r) = session_pair(Suite::ChaChaPolyBlake2s, cfg()).unwrap();
+    r.feed_eof();
+    let err = r.read(&mut buf).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::UnexpectedEof {
+                during: "between frames"
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn buffer_capacity_is_bounded_by_one_frame_per_buffer() {
+    let (mut i, mut r) = session_pair(Suite::ChaChaPolyBlake2s, cfg()).unwrap();
+    let fresh = i.buffer_capacity();
+    assert!(fresh < 1024, "a fresh session holds {fresh} bytes");
+    let big = vec![7u8; 1 << 20];
+    let mut sent = 0;
+    let mut got = Vec::new();
+    while sent < big.len() {
+        sent += i.write(&big[sent..]).unwrap();
+        let (chunk, _) = transfer(&mut i, &mut r, 1000).unwrap();
+        got.extend_from_slice(&chunk);
+    }
+    i.flush().unwrap();
+    got.extend_from_slice(&transfer(&mut i, &mut r, 1000).unwrap().0);
+    assert_eq!(got.len(), big.len());
+    // Four buffers of at most one maximal frame each (plus control frames).
+    let max = 4 * (crate::wire::transport::MAX_WIRE_FRAME + 64);
+    assert!(i.buffer_capacity() <= max, "{}", i.buffer_capacity());
+    assert!(r.buffer_capacity() <= max, "{}", r.buffer_capacity());
+}

@@ -44,6 +44,12 @@ pub const MAX_WIRE_FRAME: usize = LENGTH_PREFIX_LEN + MAX_MESSAGE_LEN;
 /// Default: a sender rekeys after this many frames under one key.
 pub const DEFAULT_REKEY_INTERVAL: u64 = 1 << 16;
 
+/// `during` of the [`Error::UnexpectedEof`] an initiator reports when the
+/// stream ends before the responder sent a single transport frame: the way a
+/// responder whose policy refused the initiator's VatId ends the connection.
+pub const EOF_BEFORE_RESPONDER_SPOKE: &str =
+    "right after the handshake, before the responder sent anything (the responder may have refused this vat's identity)";
+
 const CONTROL_WIRE_LEN: usize = LENGTH_PREFIX_LEN + MIN_TRANSPORT_FRAME;
 const TRANSPORT_BOUNDS: FrameBounds = FrameBounds {
     min: MIN_TRANSPORT_FRAME,
@@ -128,6 +134,7 @@ pub struct Session {
     rx_plain: Vec<u8>,
     rx_plain_pos: usize,
     rx_plain_end: usize,
+    frames_received: bool,
     peer_closed: bool,
     // Sending.
     tx_plain: Vec<u8>,
@@ -172,6 +179,7 @@ impl Session {
             rx_plain: Vec::new(),
             rx_plain_pos: 0,
             rx_plain_end: 0,
+            frames_received: false,
             peer_closed: false,
             tx_plain: Vec::new(),
             tx_wire: Buf {
@@ -442,6 +450,16 @@ impl Session {
         self.rx.end - self.rx.start
     }
 
+    /// Bytes of buffer memory the session holds now (allocated capacity of
+    /// its receive, plaintext and send buffers), for memory accounting. The
+    /// Noise cipher states (a few hundred bytes) are not counted.
+    pub fn buffer_capacity(&self) -> usize {
+        self.rx.buf.capacity()
+            + self.rx_plain.capacity()
+            + self.tx_plain.capacity()
+            + self.tx_wire.bytes.capacity()
+    }
+
     /// Decrypts received frames and copies plaintext into `out`.
     ///
     /// When `out` can hold a whole frame, the frame is decrypted straight
@@ -477,10 +495,14 @@ impl Session {
             let (body, used) = match split {
                 Err(e) => return Err(self.fail(e)),
                 Ok(None) if self.eof => {
-                    let during = if self.rx.start == self.rx.end {
-                        "between frames"
-                    } else {
+                    let during = if self.rx.start != self.rx.end {
                         "in the middle of a frame"
+                    } else if self.info.role == Role::Initiator && !self.frames_received {
+                        // After XX message 3 only the responder can still
+                        // refuse, and it refuses by closing without a word.
+                        EOF_BEFORE_RESPONDER_SPOKE
+                    } else {
+                        "between frames"
                     };
                     return Err(self.fail(Error::UnexpectedEof { during }));
                 }
@@ -507,6 +529,7 @@ impl Session {
                 Err(e) => return Err(self.fail(Error::from_snow(e, "a transport frame"))),
             };
             self.rx.consume(used);
+            self.frames_received = true;
             let plain = if direct {
                 &out[..n]
             } else {
