@@ -359,7 +359,7 @@ where
                 Error::PeerRefused { vat_id, reason } => {
                     warn!(peer = %vat_id.fingerprint(), addr = %dialed, %reason, "refused server");
                 }
-                e => info!(addr = %dialed, error = %e, "handshake failed"),
+                e => info!(addr = %dialed, error = %e, "handshake with server failed"),
             }
             return Err(e);
         }
@@ -369,7 +369,7 @@ where
     let bootstrap: capnp::capability::Client = rpc_system.bootstrap(Side::Server);
     let disconnector = rpc_system.get_disconnector();
     let task = tokio::task::spawn_local(run(rpc_system, shared));
-    info!(peer = %peer.vat_id.fingerprint(), addr = %dialed, "connected");
+    info!(peer = %peer.vat_id.fingerprint(), addr = %dialed, "connected to server");
     Ok((
         C::new(bootstrap.hook),
         Connection {
