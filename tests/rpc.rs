@@ -491,3 +491,44 @@ async fn misbehaving_clients_do_not_disturb_the_others() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn connection_and_handshake_limits_hold_and_release() {
+    local(async {
+        let mut options = ServerOptions::default();
+        options.max_connections = 2;
+        options.max_handshakes = 1;
+        options.handshake_timeout = Duration::from_millis(400);
+        let server = start(Arc::new(AnyVat), options).await;
+        let quick = || {
+            let mut o = ClientOptions::default();
+            o.timeout = Duration::from_millis(250);
+            o
+        };
+        // A silent peer holds the only handshake slot: the next client waits.
+        let silent = TcpStream::connect(server.addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let waited = client_of(&server, &Identity::generate(), quick()).await;
+        assert!(matches!(waited, Err(Error::HandshakeTimeout(_))));
+        // Once the silent peer's handshake timed out, clients get through.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        drop(silent);
+        let a = Identity::generate();
+        let (office_a, conn_a) = client_of(&server, &a, quick()).await.unwrap();
+        assert_eq!(whoami(&office_a).await.unwrap(), a.vat_id().to_string());
+        let b = Identity::generate();
+        let (office_b, conn_b) = client_of(&server, &b, quick()).await.unwrap();
+        assert_eq!(whoami(&office_b).await.unwrap(), b.vat_id().to_string());
+        // Two connections are the limit: a third is not served...
+        let c = Identity::generate();
+        let refused = client_of(&server, &c, quick()).await;
+        assert!(matches!(refused, Err(Error::HandshakeTimeout(_))));
+        // ...until one ends.
+        conn_a.disconnect().await.unwrap();
+        let (office_c, conn_c) = client_of(&server, &c, quick()).await.unwrap();
+        assert_eq!(whoami(&office_c).await.unwrap(), c.vat_id().to_string());
+        conn_b.disconnect().await.unwrap();
+        conn_c.disconnect().await.unwrap();
+    })
+    .await;
+}

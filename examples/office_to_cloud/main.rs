@@ -147,11 +147,14 @@ async fn demo() -> Result<(), Box<dyn std::error::Error>> {
     )
     .await;
     match refused {
-        Err(e) => println!("  office: refused: {e}"),
+        Err(e) => println!("  office: refused the impostor before revealing who it is:\n    {e}"),
         Ok(_) => return Err("the impostor was accepted".into()),
     }
     let learned = fake.await?;
-    println!("  impostor {}: {learned}", impostor.vat_id().fingerprint());
+    println!(
+        "  impostor {}:\n    {learned}",
+        impostor.vat_id().fingerprint()
+    );
     Ok(())
 }
 
