@@ -140,9 +140,6 @@ pub enum ProtocolError {
     /// Bytes arrived after the peer's authenticated close.
     #[error("data arrived after the peer's authenticated close")]
     DataAfterClose,
-    /// The responder sent bytes before the initiator's first message was complete.
-    #[error("the responder sent data before the handshake allowed it")]
-    UnexpectedData,
 }
 
 impl Error {

@@ -4,9 +4,11 @@
 
 pub mod error;
 pub mod identity;
+pub mod keyfile;
 pub mod policy;
 pub mod rpc;
 pub mod stream;
+pub mod sturdy;
 pub mod vat_id;
 pub mod wire;
 
@@ -24,5 +26,5 @@ pub mod schema {
 
 pub use error::{Error, ProtocolError, Result};
 pub use identity::Identity;
-pub use policy::{AnyVat, PeerContext, PeerPolicy, Pinned, Refusal};
+pub use policy::{AllowList, AnyVat, PeerContext, PeerPolicy, Pinned, Refusal, Tofu};
 pub use vat_id::VatId;

@@ -1,7 +1,9 @@
-//! The `capnp-noise` command-line tool (subcommands arrive with the identity
-//! layer and the tunnel).
+//! The `capnp-noise` command-line tool: see `capnp-noise --help`, and the
+//! `cli` module for the subcommands and exit codes.
 #![forbid(unsafe_code)]
 
-fn main() {
-    println!("capnp-noise {}", env!("CARGO_PKG_VERSION"));
+mod cli;
+
+fn main() -> std::process::ExitCode {
+    cli::main()
 }

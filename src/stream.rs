@@ -295,9 +295,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MidHandshake<S> {
             ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf))?;
             let got = buf.filled();
             if got.is_empty() {
-                return Poll::Ready(Err(Error::UnexpectedEof {
+                // The handshake names the step and the likely cause.
+                let e = self.hs.feed_eof().unwrap_or(Error::UnexpectedEof {
                     during: "during the handshake",
-                }));
+                });
+                return Poll::Ready(Err(e));
             }
             // The handshake takes everything: after its last message it keeps
             // up to one maximal frame for the session, more than one chunk.
@@ -347,23 +349,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MidHandshake<S> {
 ///
 /// # Memory
 /// Per connection, besides the inner stream and the Noise cipher states (a
-/// few hundred bytes), the session holds four buffers, each bounded by one
-/// maximal frame (65537 bytes) and never growing beyond it
-/// ([`Session::buffer_capacity`] reports the total):
+/// few hundred bytes), the session holds four buffers, each allocated on
+/// demand and bounded by one maximal frame (65537 bytes);
+/// [`Session::buffer_capacity`] reports the total:
 ///
 /// | buffer | allocated | size |
 /// |---|---|---|
-/// | ciphertext received | on the first read | 4 KiB, growing to 64 KiB for a large frame |
-/// | plaintext received | on the first read smaller than a frame | 64 KiB |
-/// | plaintext to send | on the first write | 64 KiB |
-/// | ciphertext to send | on the first frame sealed | one frame (up to 64 KiB) and a control frame |
+/// | ciphertext received | on the first read | 4 KiB, growing to one frame while a large frame arrives |
+/// | plaintext received | only when a read's buffer is smaller than the frame | up to one frame |
+/// | frame being built | on the first write | grows with the data, up to one frame |
+/// | sealed frames to send | on the first flush | one frame and two control frames |
 ///
-/// Buffers keep their capacity once grown. Measured (`tests/stream.rs`,
-/// `memory_held_idle_and_busy`): a fresh connection holds about 0.2 KiB;
-/// after a few small messages, as an idle RPC connection, 64 to 68 KiB per
+/// Buffers keep their capacity once grown;
+/// [`shrink_buffers`](Self::shrink_buffers) releases the empty ones.
+/// Measured (`tests/stream.rs`, `memory_held_idle_and_busy`): a fresh
+/// connection holds about 0.2 KiB; after a few small messages, as an idle
+/// RPC connection, 0.3 KiB on the sending side and 4 KiB on the receiving
 /// side; after streaming 1 MiB one way, 128 KiB on each side (the sender's
 /// two send buffers, the receiver's two receive buffers). A connection busy
-/// in both directions holds at most four frames' worth: about 256 KiB.
+/// in both directions holds at most four frames' worth, about 256 KiB; after
+/// `shrink_buffers`, nothing.
 pub struct NoiseStream<S> {
     io: S,
     session: Session,
@@ -403,6 +408,12 @@ impl<S> NoiseStream<S> {
     /// The sans-IO session (read-only: state, errors, buffer sizes).
     pub fn session(&self) -> &Session {
         &self.session
+    }
+
+    /// Releases the memory of empty buffers (see the table above); call it
+    /// when the connection goes idle. They are allocated again when needed.
+    pub fn shrink_buffers(&mut self) {
+        self.session.shrink_buffers();
     }
 
     /// The inner stream.

@@ -95,6 +95,23 @@ impl VatId {
         s
     }
 
+    /// Reads a `VatId` struct of `schema/noise.capnp`.
+    ///
+    /// # Errors
+    /// A description of the problem (a wrong key length, an invalid key, a
+    /// malformed message) for the caller to wrap in its own error.
+    pub(crate) fn read_capnp(
+        reader: capnp::Result<crate::schema::noise_capnp::vat_id::Reader<'_>>,
+    ) -> Result<Self, String> {
+        let key = reader
+            .and_then(|v| v.get_ed25519())
+            .map_err(|e| format!("bad vatId: {e}"))?;
+        let key: &[u8; 32] = key
+            .try_into()
+            .map_err(|_| format!("vatId.ed25519 has {} bytes, not 32", key.len()))?;
+        VatId::from_bytes(key).map_err(|e| e.to_string())
+    }
+
     fn check(key: &[u8; 32]) -> [u8; 2] {
         let digest = Sha256::new()
             .chain_update(CHECK_DOMAIN)
@@ -173,7 +190,7 @@ impl FromStr for VatId {
 }
 
 /// Keeps error messages short when someone pastes a whole file.
-fn shorten(s: &str) -> String {
+pub(crate) fn shorten(s: &str) -> String {
     if s.chars().count() > 80 {
         let mut t: String = s.chars().take(77).collect();
         t.push_str("...");

@@ -529,16 +529,30 @@ async fn memory_held_idle_and_busy() {
     let (got, ()) = tokio::join!(reader, writer);
     assert!(got == big);
     let busy = (c.session().buffer_capacity(), s.session().buffer_capacity());
+    c.shrink_buffers();
+    s.shrink_buffers();
+    let shrunk = (c.session().buffer_capacity(), s.session().buffer_capacity());
     eprintln!(
-        "buffer bytes (initiator, responder): fresh {fresh:?}, idle {idle:?}, after 1 MiB {busy:?}"
+        "buffer bytes (initiator, responder): fresh {fresh:?}, idle {idle:?}, \
+         after 1 MiB {busy:?}, shrunk {shrunk:?}"
     );
     assert!(fresh.0 < 1024 && fresh.1 < 1024, "{fresh:?}");
-    // Idle after small messages: the 4 KiB receive buffer and the send
-    // buffers of one frame.
-    assert!(idle.1 <= 4096 + 2 * MAX_WIRE_FRAME, "{idle:?}");
-    // Busy: never more than four buffers of one frame each.
-    assert!(busy.0 <= 4 * (MAX_WIRE_FRAME + 64), "{busy:?}");
-    assert!(busy.1 <= 4 * (MAX_WIRE_FRAME + 64), "{busy:?}");
+    // Idle after small messages: the 4 KiB receive buffer and small send buffers.
+    assert!(idle.0 <= 8192 && idle.1 <= 8192, "{idle:?}");
+    // Busy one way: two buffers of one frame each on either side (plus the
+    // sender's small receive buffer).
+    let frame = MAX_WIRE_FRAME + 64;
+    assert!(
+        busy.0 <= 2 * frame + 4096 && busy.1 <= 2 * frame,
+        "{busy:?}"
+    );
+    assert_eq!(shrunk, (0, 0));
+    // Shrunk buffers grow again on demand.
+    c.write_all(b"again").await.unwrap();
+    c.flush().await.unwrap();
+    let mut five = [0; 5];
+    s.read_exact(&mut five).await.unwrap();
+    assert_eq!(&five, b"again");
 }
 
 #[tokio::test]

@@ -289,7 +289,7 @@ impl Handshake {
 
     fn build_noise(&self, suite: Suite, prologue: &[u8]) -> Result<snow::HandshakeState, Error> {
         let params = suite.params();
-        let mut b = snow::Builder::new(params)
+        let mut b = snow::Builder::with_resolver(params, super::resolver::resolver())
             .prologue(prologue)
             .and_then(|b| b.local_private_key(self.static_secret.as_ref()))
             .map_err(|e| Error::Config(format!("building the Noise state: {e}")))?;
@@ -395,6 +395,30 @@ impl Handshake {
             }
         }
         Ok(taken)
+    }
+
+    /// Tells the handshake that the peer's byte stream ended (or was reset).
+    /// Returns the error that describes it, which also sticks. After a
+    /// finished handshake this is not an error of the handshake: it returns
+    /// `None` and the session reports it instead.
+    pub fn feed_eof(&mut self) -> Option<Error> {
+        if let Some(e) = &self.error {
+            return Some(e.clone());
+        }
+        let during = match self.state {
+            State::Done => return None,
+            State::InitiatorAwaitMsg2 => {
+                "before handshake message 2 (the responder may not accept this suite or protocol version, or is not a capnp-noise responder)"
+            }
+            State::ResponderAwaitPreamble => "before the preamble was complete",
+            State::ResponderAwaitMsg1 => "before handshake message 1 was complete",
+            State::ResponderAwaitMsg3 => {
+                "before handshake message 3 (the initiator may have refused this responder's identity)"
+            }
+        };
+        let e = Error::UnexpectedEof { during };
+        self.error = Some(e.clone());
+        Some(e)
     }
 
     /// How many more bytes the current step can use before it must be processed.
@@ -570,14 +594,17 @@ impl Handshake {
         if self.state != State::Done {
             return Err(Error::Config("the handshake has not finished".into()));
         }
-        let noise = self
-            .noise
-            .expect("noise state")
-            .into_transport_mode()
-            .map_err(|e| Error::from_snow(e, "the switch to transport mode"))?;
+        let mut noise = self.noise.expect("noise state");
+        // Split() (Noise §5.2): the initiator sends with the first key.
+        let (k1, k2) = noise.dangerously_get_raw_split();
+        let (k1, k2) = (Zeroizing::new(k1), Zeroizing::new(k2));
+        let keys = match self.role {
+            Role::Initiator => (k1, k2),
+            Role::Responder => (k2, k1),
+        };
         let pending = self.output[self.output_pos..].to_vec();
         Ok(Session::new(
-            noise,
+            keys,
             super::transport::Established {
                 role: self.role,
                 suite: self.suite.expect("suite known"),

@@ -14,10 +14,12 @@
 //! A [`Handshake`] turns into a [`Session`] by consuming itself
 //! ([`Handshake::into_session`]); a session never goes back.
 
+mod cipherstate;
 pub mod frame;
 pub mod handshake;
 pub mod payload;
 pub mod preamble;
+mod resolver;
 pub mod transport;
 
 pub use handshake::{Handshake, HandshakeConfig, Role};

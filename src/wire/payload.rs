@@ -7,8 +7,12 @@
 //! Noise proves the sender holds that static key; the signature proves the
 //! VatId's owner vouches for it. Together they authenticate the VatId.
 
+use std::collections::HashSet;
+use std::sync::{Mutex, OnceLock};
+
 use capnp::message::{Builder, ReaderOptions};
 use capnp::serialize;
+use sha2::{Digest, Sha256};
 
 use super::MAX_HANDSHAKE_PAYLOAD_LEN;
 use crate::error::{Error, ProtocolError};
@@ -72,14 +76,7 @@ pub fn decode(bytes: &[u8]) -> Result<(VatId, [u8; 64]), Error> {
     if !root.has_vat_id() {
         return Err(bad("vatId is missing".into()));
     }
-    let key = root
-        .get_vat_id()
-        .and_then(|v| v.get_ed25519())
-        .map_err(|e| bad(format!("bad vatId: {e}")))?;
-    let key: &[u8; 32] = key
-        .try_into()
-        .map_err(|_| bad(format!("vatId.ed25519 has {} bytes, not 32", key.len())))?;
-    let vat_id = VatId::from_bytes(key).map_err(|e| bad(e.to_string()))?;
+    let vat_id = VatId::read_capnp(root.get_vat_id()).map_err(bad)?;
     let sig = root
         .get_static_key_signature()
         .map_err(|e| bad(format!("bad staticKeySignature: {e}")))?;
@@ -94,6 +91,12 @@ pub fn decode(bytes: &[u8]) -> Result<(VatId, [u8; 64]), Error> {
 
 /// Checks that `vat_id` signed `static_public` with `signature`.
 ///
+/// Successful verifications are remembered (a bounded set of digests of the
+/// exact `(vat_id, static key, signature)` triples), because a peer that
+/// reconnects presents the same triple every time: its signature is made
+/// once per static key. Ed25519 verification is deterministic, so the cache
+/// changes no outcome; it only saves the work. Failures are never cached.
+///
 /// # Errors
 /// [`Error::BadIdentityProof`] if it did not.
 pub fn verify_binding(
@@ -101,17 +104,55 @@ pub fn verify_binding(
     signature: &[u8; 64],
     static_public: &[u8; 32],
 ) -> Result<(), Error> {
+    let digest: [u8; 32] = Sha256::new()
+        .chain_update(vat_id.as_bytes())
+        .chain_update(static_public)
+        .chain_update(signature)
+        .finalize()
+        .into();
+    let cache = VERIFIED.get_or_init(|| Mutex::new(HashSet::new()));
+    if cache.lock().map(|c| c.contains(&digest)).unwrap_or(false) {
+        return Ok(());
+    }
     vat_id
         .verify(&binding_message(static_public), signature)
         .map_err(|_| {
             Error::BadIdentityProof("its signature does not bind its VatId to its Noise static key")
-        })
+        })?;
+    if let Ok(mut c) = cache.lock() {
+        if c.len() >= VERIFIED_CACHE_ENTRIES {
+            c.clear();
+        }
+        c.insert(digest);
+    }
+    Ok(())
 }
+
+/// How many verified bindings are remembered (32 bytes each).
+const VERIFIED_CACHE_ENTRIES: usize = 4096;
+static VERIFIED: OnceLock<Mutex<HashSet<[u8; 32]>>> = OnceLock::new();
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::Identity;
+
+    #[test]
+    fn cached_verification_still_refuses_what_differs() {
+        let id = Identity::generate();
+        let sig = id.sign(&binding_message(id.noise_static_public()));
+        for _ in 0..2 {
+            verify_binding(&id.vat_id(), &sig, id.noise_static_public()).unwrap();
+        }
+        let mut other_static = *id.noise_static_public();
+        other_static[0] ^= 1;
+        assert!(verify_binding(&id.vat_id(), &sig, &other_static).is_err());
+        let mut bad_sig = sig;
+        bad_sig[10] ^= 1;
+        assert!(verify_binding(&id.vat_id(), &bad_sig, id.noise_static_public()).is_err());
+        let other = Identity::generate().vat_id();
+        assert!(verify_binding(&other, &sig, id.noise_static_public()).is_err());
+    }
 
     #[test]
     fn decode_rejects_wrong_sizes_and_garbage() {

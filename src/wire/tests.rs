@@ -479,8 +479,59 @@ fn buffer_capacity_is_bounded_by_one_frame_per_buffer() {
     i.flush().unwrap();
     got.extend_from_slice(&transfer(&mut i, &mut r, 1000).unwrap().0);
     assert_eq!(got.len(), big.len());
-    // Four buffers of at most one maximal frame each (plus control frames).
-    let max = 4 * (crate::wire::transport::MAX_WIRE_FRAME + 64);
-    assert!(i.buffer_capacity() <= max, "{}", i.buffer_capacity());
-    assert!(r.buffer_capacity() <= max, "{}", r.buffer_capacity());
+    // The sender holds its two send buffers, the receiver its two receive
+    // buffers: one maximal frame each (plus control frames), never the
+    // double that plain `Vec` growth would reach.
+    let two_frames = 2 * (crate::wire::transport::MAX_WIRE_FRAME + 64);
+    assert!(
+        i.buffer_capacity() <= two_frames + 4096,
+        "{}",
+        i.buffer_capacity()
+    );
+    assert!(
+        r.buffer_capacity() <= two_frames + 4096,
+        "{}",
+        r.buffer_capacity()
+    );
+}
+
+#[test]
+fn eof_during_handshake_names_the_step() {
+    let (mut i, mut r) = deterministic_handshakes(
+        Suite::ChaChaPolyBlake2s,
+        cfg(),
+        Arc::new(AnyVat),
+        Arc::new(AnyVat),
+    )
+    .unwrap();
+    let e = i.feed_eof().unwrap();
+    assert!(e.to_string().contains("before handshake message 2"), "{e}");
+    assert!(
+        matches!(i.feed(&[1]), Err(Error::UnexpectedEof { .. })),
+        "sticky"
+    );
+    r.feed(&crate::wire::preamble::encode(Suite::ChaChaPolyBlake2s)[..5])
+        .unwrap();
+    let e = r.feed_eof().unwrap();
+    assert!(e.to_string().contains("preamble"), "{e}");
+    let (mut i, mut r) = deterministic_handshakes(
+        Suite::ChaChaPolyBlake2s,
+        cfg(),
+        Arc::new(AnyVat),
+        Arc::new(AnyVat),
+    )
+    .unwrap();
+    drive(&mut i, &mut r, usize::MAX).unwrap();
+    assert!(i.feed_eof().is_none() && r.feed_eof().is_none());
+}
+
+#[test]
+fn feed_takes_a_whole_large_frame_at_once() {
+    let (mut i, mut r) = session_pair(Suite::ChaChaPolyBlake2s, cfg()).unwrap();
+    i.write(&[7u8; 20_000]).unwrap();
+    i.flush().unwrap();
+    let wire = i.pending_output().to_vec();
+    assert_eq!(r.feed(&wire), wire.len());
+    let mut buf = vec![0u8; 30_000];
+    assert_eq!(r.read(&mut buf).unwrap(), ReadOutcome::Data(20_000));
 }

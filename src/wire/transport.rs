@@ -23,6 +23,10 @@
 
 use std::fmt;
 
+use zeroize::Zeroizing;
+
+use super::cipherstate::CipherState;
+
 use super::frame::{self, FrameBounds};
 use super::handshake::Role;
 use super::preamble::Suite;
@@ -93,14 +97,14 @@ pub enum ReadOutcome {
     NeedInput,
 }
 
-/// A byte buffer with a read cursor, used for wire bytes in both directions.
+/// Sealed frames waiting to be written out: `bytes[start..]`.
 #[derive(Default)]
-struct Buf {
+struct Outgoing {
     bytes: Vec<u8>,
     start: usize,
 }
 
-impl Buf {
+impl Outgoing {
     fn data(&self) -> &[u8] {
         &self.bytes[self.start..]
     }
@@ -114,18 +118,19 @@ impl Buf {
             self.start = 0;
         }
     }
-    /// Moves unread bytes to the front so the tail has room.
-    fn compact(&mut self) {
-        if self.start > 0 {
-            self.bytes.drain(..self.start);
-            self.start = 0;
-        }
-    }
 }
 
 /// An established, encrypted session: the sans-IO transport.
+///
+/// Memory: the frame being built (up to 64 KiB), the sealed frames not yet
+/// written (one frame plus control frames), the receive buffer (4 KiB,
+/// growing to the frame being received, at most 64 KiB) and, only when the
+/// reader's buffers are smaller than a frame, one decrypted frame. Each
+/// buffer grows on demand; [`shrink_buffers`](Self::shrink_buffers)
+/// releases the idle ones.
 pub struct Session {
-    noise: snow::TransportState,
+    tx_cipher: CipherState,
+    rx_cipher: CipherState,
     info: Established,
     config: SessionConfig,
     // Receiving.
@@ -136,9 +141,10 @@ pub struct Session {
     rx_plain_end: usize,
     frames_received: bool,
     peer_closed: bool,
-    // Sending.
-    tx_plain: Vec<u8>,
-    tx_wire: Buf,
+    // Sending: `open` is the frame being built (a 2-byte length slot, then
+    // plaintext); it is sealed in place and swapped into `sealed`.
+    open: Vec<u8>,
+    sealed: Outgoing,
     frames_this_key: u64,
     local_closed: bool,
     error: Option<Error>,
@@ -159,7 +165,7 @@ impl fmt::Debug for Session {
 
 impl Session {
     pub(crate) fn new(
-        noise: snow::TransportState,
+        (send_key, recv_key): (Zeroizing<[u8; 32]>, Zeroizing<[u8; 32]>),
         info: Established,
         mut config: SessionConfig,
         pending_output: Vec<u8>,
@@ -167,7 +173,8 @@ impl Session {
     ) -> Self {
         config.rekey_interval = config.rekey_interval.max(1);
         Session {
-            noise,
+            tx_cipher: CipherState::new(info.suite, &send_key),
+            rx_cipher: CipherState::new(info.suite, &recv_key),
             info,
             config,
             rx: RxBuf {
@@ -181,8 +188,8 @@ impl Session {
             rx_plain_end: 0,
             frames_received: false,
             peer_closed: false,
-            tx_plain: Vec::new(),
-            tx_wire: Buf {
+            open: Vec::new(),
+            sealed: Outgoing {
                 bytes: pending_output,
                 start: 0,
             },
@@ -228,6 +235,35 @@ impl Session {
         self.local_closed
     }
 
+    /// Bytes of memory the session's buffers hold (their capacities).
+    pub fn buffer_capacity(&self) -> usize {
+        self.rx.buf.capacity()
+            + self.rx_plain.capacity()
+            + self.open.capacity()
+            + self.sealed.bytes.capacity()
+    }
+
+    /// Releases the memory of buffers that hold nothing: call it when the
+    /// connection goes idle. Buffers grow again on demand.
+    pub fn shrink_buffers(&mut self) {
+        if self.rx.start == self.rx.end {
+            self.rx.buf = Vec::new();
+            self.rx.start = 0;
+            self.rx.end = 0;
+        }
+        if self.rx_plain_pos == self.rx_plain_end {
+            self.rx_plain = Vec::new();
+            self.rx_plain_pos = 0;
+            self.rx_plain_end = 0;
+        }
+        if self.open.is_empty() {
+            self.open = Vec::new();
+        }
+        if self.sealed.is_empty() {
+            self.sealed = Outgoing::default();
+        }
+    }
+
     fn check(&self) -> Result<(), Error> {
         match &self.error {
             Some(e) => Err(e.clone()),
@@ -245,29 +281,28 @@ impl Session {
 
     /// Ciphertext waiting to be written to the peer.
     pub fn pending_output(&self) -> &[u8] {
-        self.tx_wire.data()
+        self.sealed.data()
     }
 
     /// Marks `n` bytes of [`pending_output`](Self::pending_output) as written.
     pub fn consume_output(&mut self, n: usize) {
-        self.tx_wire.consume(n);
+        self.sealed.consume(n);
     }
 
     /// True when sealed frames are waiting in [`pending_output`](Self::pending_output).
     pub fn wants_write(&self) -> bool {
-        !self.tx_wire.is_empty()
+        !self.sealed.is_empty()
     }
 
     /// Plaintext bytes accepted by [`write`](Self::write) but not sealed yet.
     pub fn buffered_plaintext(&self) -> usize {
-        self.tx_plain.len()
+        self.open.len().saturating_sub(LENGTH_PREFIX_LEN)
     }
 
     /// Accepts application bytes for sending, like a `BufWriter`: they are
     /// buffered until a frame is full, [`flush`](Self::flush) or
-    /// [`close`](Self::close). Full frames are sealed into
-    /// [`pending_output`](Self::pending_output) while it holds less than one
-    /// frame.
+    /// [`close`](Self::close). A full frame is sealed into
+    /// [`pending_output`](Self::pending_output) when that is empty.
     ///
     /// Returns how many bytes were accepted; 0 (for a non-empty `data`) means
     /// the caller must first write out `pending_output`.
@@ -282,21 +317,21 @@ impl Session {
         }
         let mut taken = 0;
         while taken < data.len() {
-            if self.tx_plain.len() == MAX_DATA_PER_FRAME {
-                if !self.tx_wire.is_empty() {
+            if self.buffered_plaintext() == MAX_DATA_PER_FRAME {
+                if !self.sealed.is_empty() {
                     break;
                 }
                 self.seal_data()?;
             }
-            let n = (MAX_DATA_PER_FRAME - self.tx_plain.len()).min(data.len() - taken);
-            if self.tx_plain.capacity() < MAX_DATA_PER_FRAME + 1 {
-                self.tx_plain
-                    .reserve_exact(MAX_DATA_PER_FRAME + 1 - self.tx_plain.len());
+            if self.open.is_empty() {
+                self.open.extend_from_slice(&[0, 0]);
             }
-            self.tx_plain.extend_from_slice(&data[taken..taken + n]);
+            let n = (MAX_DATA_PER_FRAME - self.buffered_plaintext()).min(data.len() - taken);
+            self.reserve_open(n);
+            self.open.extend_from_slice(&data[taken..taken + n]);
             taken += n;
         }
-        if self.tx_plain.len() == MAX_DATA_PER_FRAME && self.tx_wire.is_empty() {
+        if self.buffered_plaintext() == MAX_DATA_PER_FRAME && self.sealed.is_empty() {
             self.seal_data()?;
         }
         Ok(taken)
@@ -309,7 +344,7 @@ impl Session {
     /// The session's sticky error; [`Error::NonceExhausted`].
     pub fn flush(&mut self) -> Result<(), Error> {
         self.check()?;
-        if !self.tx_plain.is_empty() {
+        if !self.open.is_empty() {
             self.seal_data()?;
         }
         Ok(())
@@ -349,22 +384,45 @@ impl Session {
     #[cfg(any(test, feature = "testing"))]
     #[doc(hidden)]
     pub fn seal_raw_for_tests(&mut self, plaintext: &[u8]) -> Vec<u8> {
-        let saved = std::mem::replace(&mut self.tx_plain, plaintext.to_vec());
-        let before = self.tx_wire.data().len();
-        self.seal_tx_plain().expect("seal");
-        self.tx_plain = saved;
-        let out = self.tx_wire.data()[before..].to_vec();
-        self.tx_wire
-            .bytes
-            .truncate(self.tx_wire.bytes.len() - out.len());
-        out
+        let mut frame = vec![0u8; LENGTH_PREFIX_LEN];
+        frame.extend_from_slice(plaintext);
+        self.seal_frame(&mut frame).expect("seal");
+        frame
     }
 
+    /// Makes room for `n` more bytes in the open frame, growing it like a
+    /// `Vec` does (doubling) but never beyond one sealed frame and two
+    /// control frames: plain doubling would take a full frame (65537 bytes
+    /// with its tag) to 128 KiB, in this buffer and in the output buffer it
+    /// is swapped with.
+    fn reserve_open(&mut self, n: usize) {
+        const MAX_OPEN: usize = MAX_WIRE_FRAME + 2 * CONTROL_WIRE_LEN;
+        let need = self.open.len() + n + 1 + TAG_LEN; // the type byte and the tag
+        if need > self.open.capacity() {
+            let want = need.max(2 * self.open.capacity()).min(MAX_OPEN);
+            self.open.reserve_exact(want - self.open.len());
+        }
+    }
+
+    /// Seals the open frame (with a DATA type byte) and queues it.
     fn seal_data(&mut self) -> Result<(), Error> {
-        self.tx_plain.push(FRAME_DATA);
-        let r = self.seal_tx_plain();
-        self.tx_plain.clear();
-        r?;
+        if self.open.is_empty() {
+            self.open.extend_from_slice(&[0, 0]);
+        }
+        self.open.push(FRAME_DATA);
+        let mut open = std::mem::take(&mut self.open);
+        let sealed = self.seal_frame(&mut open);
+        if sealed.is_ok() && self.sealed.is_empty() {
+            // The common case: the frame becomes the output buffer, and the
+            // old (empty) output buffer is reused for the next frame.
+            std::mem::swap(&mut open, &mut self.sealed.bytes);
+            self.sealed.start = 0;
+        } else if sealed.is_ok() {
+            self.sealed.bytes.extend_from_slice(&open);
+        }
+        open.clear();
+        self.open = open;
+        sealed?;
         if self.frames_this_key >= self.config.rekey_interval {
             self.seal_rekey()?;
         }
@@ -373,40 +431,46 @@ impl Session {
 
     fn seal_rekey(&mut self) -> Result<(), Error> {
         self.seal_control(FRAME_REKEY)?;
-        self.noise.rekey_outgoing();
+        self.tx_cipher.rekey();
         self.frames_this_key = 0;
         Ok(())
     }
 
+    /// Seals a control frame (empty body) straight onto the output.
     fn seal_control(&mut self, ty: u8) -> Result<(), Error> {
-        let saved = std::mem::take(&mut self.tx_plain);
-        self.tx_plain.push(ty);
-        let r = self.seal_tx_plain();
-        self.tx_plain = saved;
-        r
+        let mut frame = [0u8; CONTROL_WIRE_LEN];
+        frame[..LENGTH_PREFIX_LEN].copy_from_slice(&(MIN_TRANSPORT_FRAME as u16).to_be_bytes());
+        frame[LENGTH_PREFIX_LEN] = ty;
+        match self
+            .tx_cipher
+            .seal_in_place(&mut frame[LENGTH_PREFIX_LEN..LENGTH_PREFIX_LEN + 1])
+        {
+            Ok(tag) => {
+                frame[LENGTH_PREFIX_LEN + 1..].copy_from_slice(&tag);
+                self.frames_this_key += 1;
+                self.sealed.bytes.extend_from_slice(&frame);
+                Ok(())
+            }
+            Err(e) => Err(self.fail(e)),
+        }
     }
 
-    /// Encrypts `tx_plain` (type byte included) as one frame onto the wire buffer.
-    fn seal_tx_plain(&mut self) -> Result<(), Error> {
-        let len = self.tx_plain.len() + TAG_LEN;
-        self.tx_wire.compact();
-        let wire = &mut self.tx_wire.bytes;
-        if wire.capacity() - wire.len() < LENGTH_PREFIX_LEN + len {
-            wire.reserve(LENGTH_PREFIX_LEN + len + 2 * CONTROL_WIRE_LEN);
-        }
-        frame::put_len(wire, len);
-        let at = wire.len();
-        wire.resize(at + len, 0);
-        match self.noise.write_message(&self.tx_plain, &mut wire[at..]) {
-            Ok(n) => {
-                debug_assert_eq!(n, len);
+    /// Seals `frame` in place: a 2-byte length slot, then the plaintext
+    /// (type byte last); the tag is appended and the length written.
+    fn seal_frame(&mut self, frame: &mut Vec<u8>) -> Result<(), Error> {
+        match self
+            .tx_cipher
+            .seal_in_place(&mut frame[LENGTH_PREFIX_LEN..])
+        {
+            Ok(tag) => {
+                frame.extend_from_slice(&tag);
+                let len = u16::try_from(frame.len() - LENGTH_PREFIX_LEN)
+                    .expect("frames are built to at most 65535 bytes");
+                frame[..LENGTH_PREFIX_LEN].copy_from_slice(&len.to_be_bytes());
                 self.frames_this_key += 1;
                 Ok(())
             }
-            Err(e) => {
-                wire.truncate(at - LENGTH_PREFIX_LEN);
-                Err(self.fail(Error::from_snow(e, "sealing a frame")))
-            }
+            Err(e) => Err(self.fail(e)),
         }
     }
 
@@ -416,11 +480,18 @@ impl Session {
     /// taken: the session buffers at most one maximal frame beyond what
     /// [`read`](Self::read) has consumed, so call `read` and feed the rest.
     pub fn feed(&mut self, input: &[u8]) -> usize {
-        let space = self.recv_buffer();
-        let n = space.len().min(input.len());
-        space[..n].copy_from_slice(&input[..n]);
-        self.commit_recv(n);
-        n
+        let mut taken = 0;
+        while taken < input.len() {
+            let space = self.recv_buffer();
+            let n = space.len().min(input.len() - taken);
+            if n == 0 {
+                break;
+            }
+            space[..n].copy_from_slice(&input[taken..taken + n]);
+            self.commit_recv(n);
+            taken += n;
+        }
+        taken
     }
 
     /// Spare room at the end of the receive buffer, to read peer bytes into
@@ -448,16 +519,6 @@ impl Session {
     /// Ciphertext bytes received but not yet decrypted.
     pub fn buffered_ciphertext(&self) -> usize {
         self.rx.end - self.rx.start
-    }
-
-    /// Bytes of buffer memory the session holds now (allocated capacity of
-    /// its receive, plaintext and send buffers), for memory accounting. The
-    /// Noise cipher states (a few hundred bytes) are not counted.
-    pub fn buffer_capacity(&self) -> usize {
-        self.rx.buf.capacity()
-            + self.rx_plain.capacity()
-            + self.tx_plain.capacity()
-            + self.tx_wire.bytes.capacity()
     }
 
     /// Decrypts received frames and copies plaintext into `out`.
@@ -509,24 +570,19 @@ impl Session {
                 Ok(None) => return Ok(ReadOutcome::NeedInput),
                 Ok(Some(found)) => found,
             };
-            let direct = out.len() >= body.len();
+            let plain_len = body.len() - TAG_LEN;
+            let direct = out.len() >= plain_len;
             let decrypted = if direct {
-                self.noise.read_message(body, out)
+                self.rx_cipher.open_into(body, out)
             } else {
-                if self.rx_plain.len() < MAX_MESSAGE_LEN {
-                    // Full size, so the cipher never needs a temporary buffer.
-                    self.rx_plain.resize(MAX_MESSAGE_LEN, 0);
+                if self.rx_plain.len() < plain_len {
+                    self.rx_plain.resize(plain_len, 0);
                 }
-                self.noise.read_message(body, &mut self.rx_plain)
+                self.rx_cipher.open_into(body, &mut self.rx_plain)
             };
             let n = match decrypted {
-                Ok(n) if n >= 1 => n,
-                Ok(_) => {
-                    return Err(self.fail(Error::Decrypt {
-                        during: "a transport frame",
-                    }))
-                }
-                Err(e) => return Err(self.fail(Error::from_snow(e, "a transport frame"))),
+                Ok(n) => n,
+                Err(e) => return Err(self.fail(e)),
             };
             self.rx.consume(used);
             self.frames_received = true;
@@ -551,7 +607,7 @@ impl Session {
                     return Err(self.fail(ProtocolError::NonEmptyControlFrame(name).into()));
                 }
                 FRAME_CLOSE => self.peer_closed = true,
-                FRAME_REKEY => self.noise.rekey_incoming(),
+                FRAME_REKEY => self.rx_cipher.rekey(),
                 other => return Err(self.fail(ProtocolError::UnknownFrameType(other).into())),
             }
         }

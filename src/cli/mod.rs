@@ -1,0 +1,116 @@
+//! The command line: one module per subcommand.
+//!
+//! Each subcommand is a variant of [`Command`] holding its module's clap
+//! `Args` (or sub-`Command`), and a `run` function in that module. Adding a
+//! subcommand means adding a module, one variant, and one match arm.
+//!
+//! Output conventions: results (a VatId, ...) go to stdout, one per line, so
+//! scripts can capture them; messages for people and errors go to stderr.
+//! Log output (`tracing`) goes to stderr, filtered by `RUST_LOG`
+//! (default `warn`).
+//!
+//! Exit codes: see [`EXIT_FAILURE`] and [`EXIT_USAGE`]; 0 is success.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod id;
+mod keygen;
+mod known_vats;
+
+/// Exit code for a command that could not do its job (a bad key file, a
+/// refused peer, an I/O error, ...). The reason is printed on stderr.
+pub(crate) const EXIT_FAILURE: u8 = 1;
+/// Exit code for a command line clap cannot parse (an unknown subcommand or
+/// option, a missing argument). clap prints the usage on stderr.
+pub(crate) const EXIT_USAGE: u8 = 2;
+
+/// What a subcommand returns: any error, printed on stderr by [`main`].
+pub(crate) type CmdResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+const AFTER_HELP: &str = "\
+Exit status:
+  0  success
+  1  the command failed (the reason is printed on stderr)
+  2  the command line is invalid (usage error)
+
+Log messages go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) to see more.";
+
+/// capnp-noise: Cap'n Proto RPC over Noise, with Ed25519 vat identities.
+#[derive(Debug, Parser)]
+#[command(name = "capnp-noise", version, after_help = AFTER_HELP)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The subcommands, one module each.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Generate a new identity (an Ed25519 key) and print its VatId.
+    Keygen(keygen::Args),
+    /// Print the VatId of a key file (PKCS#8 PEM or OpenSSH).
+    Id(id::Args),
+    /// Manage a known-vats file (trust on first use).
+    #[command(subcommand)]
+    KnownVats(known_vats::Command),
+}
+
+impl Command {
+    fn run(self) -> CmdResult {
+        match self {
+            Command::Keygen(args) => keygen::run(args),
+            Command::Id(args) => id::run(args),
+            Command::KnownVats(cmd) => known_vats::run(cmd),
+        }
+    }
+}
+
+/// Parses the command line, runs the subcommand, and maps the outcome to
+/// an exit code.
+pub(crate) fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Usage errors go to stderr; --help and --version to stdout.
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    init_logging();
+    match cli.command.run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("capnp-noise: error: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .without_time()
+        .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}
