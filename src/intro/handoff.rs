@@ -122,7 +122,9 @@ impl<T> PendingRedeem<T> {
         self.deadline
     }
 
-    /// The outcome, if it is known yet (without blocking).
+    /// The outcome, if it is known yet (without blocking). The outcome is
+    /// handed out once: after it was taken, this returns
+    /// `Some(Err(IntroductionError::Unknown))`.
     pub fn try_take(&mut self) -> Option<Result<T>> {
         match self.rx.try_recv() {
             Ok(outcome) => outcome,
