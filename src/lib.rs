@@ -4,6 +4,7 @@
 
 pub mod error;
 pub mod identity;
+pub mod intro;
 pub mod keyfile;
 pub mod policy;
 pub mod sturdy;
@@ -18,9 +19,11 @@ pub mod testing;
 pub mod schema {
     #[rustfmt::skip]
     pub mod noise_capnp;
+    #[rustfmt::skip]
+    pub mod network_capnp;
 }
 
-pub use error::{Error, ProtocolError, Result};
+pub use error::{Error, IntroductionError, ProtocolError, Result};
 pub use identity::Identity;
 pub use policy::{AllowList, AnyVat, PeerContext, PeerPolicy, Pinned, Refusal, Tofu};
 pub use vat_id::VatId;
