@@ -380,7 +380,7 @@ fn unknown_frame_type_and_control_body_are_refused() {
         let (mut i, mut r) = session_pair(Suite::ChaChaPolyBlake2s, cfg()).unwrap();
         let mut plain = body.to_vec();
         plain.push(ty);
-        let wire = i.seal_raw_for_tests(&plain);
+        let wire = i.seal_raw_for_tests(&plain).unwrap();
         r.feed(&wire);
         let err = r.read(&mut [0u8; 100]).unwrap_err();
         assert!(err.to_string().contains(want), "{err}");

@@ -336,20 +336,36 @@ impl Session {
         self.seal_rekey()
     }
 
-    /// Seals an arbitrary plaintext (type byte included) as one frame and
-    /// returns the frame's wire bytes (tests of malformed frames).
+    /// Seals an arbitrary plaintext (type byte included, so it may be empty,
+    /// name an unknown type or give a control frame a body) as one frame
+    /// under the current sending key and nonce, and returns the frame's wire
+    /// bytes without queueing them. Tests of malformed frames and the
+    /// `transport` fuzz target use it to get past the AEAD.
+    ///
+    /// # Errors
+    /// [`Error::Config`] if the plaintext does not fit one frame (more than
+    /// 65519 bytes), leaving the session untouched; the session's sticky
+    /// error; [`Error::NonceExhausted`].
     #[cfg(any(test, feature = "testing"))]
     #[doc(hidden)]
-    pub fn seal_raw_for_tests(&mut self, plaintext: &[u8]) -> Vec<u8> {
+    pub fn seal_raw_for_tests(&mut self, plaintext: &[u8]) -> Result<Vec<u8>, Error> {
+        self.check()?;
+        if plaintext.len() + TAG_LEN > MAX_MESSAGE_LEN {
+            return Err(Error::Config(format!(
+                "a plaintext of {} bytes does not fit one frame",
+                plaintext.len()
+            )));
+        }
         let saved = std::mem::replace(&mut self.tx_plain, plaintext.to_vec());
         let before = self.tx_wire.data().len();
-        self.seal_tx_plain().expect("seal");
+        let sealed = self.seal_tx_plain();
         self.tx_plain = saved;
+        sealed?;
         let out = self.tx_wire.data()[before..].to_vec();
         self.tx_wire
             .bytes
             .truncate(self.tx_wire.bytes.len() - out.len());
-        out
+        Ok(out)
     }
 
     fn seal_data(&mut self) -> Result<(), Error> {
