@@ -6,10 +6,10 @@
 use std::sync::Arc;
 
 use super::support::{end_of_stream, feed_and_read, initiator_identity, responder_identity};
-use super::support::{suite, End, Plan};
+use super::support::{new_initiator, new_responder, suite, End, Plan};
 use super::Seed;
-use crate::policy::{AnyVat, PeerContext};
-use crate::testing::{self, INITIATOR_EPHEMERAL, RESPONDER_EPHEMERAL};
+use crate::policy::AnyVat;
+use crate::testing;
 use crate::wire::{preamble, Handshake, HandshakeConfig, Session, SessionConfig, Suite};
 use crate::wire::{DH_LEN, LENGTH_PREFIX_LEN, TAG_LEN};
 use crate::VatId;
@@ -142,30 +142,6 @@ fn responder_config(chachapoly_only: bool) -> HandshakeConfig {
     }
 }
 
-/// The deterministic responder (accepting only ChaChaPoly if asked).
-fn new_responder(chachapoly_only: bool) -> Handshake {
-    Handshake::responder_with_fixed_ephemeral(
-        responder_identity(),
-        Arc::new(AnyVat),
-        PeerContext::responder(None),
-        responder_config(chachapoly_only),
-        RESPONDER_EPHEMERAL,
-    )
-    .expect("responder config")
-}
-
-/// The deterministic initiator proposing `suite`.
-fn new_initiator(suite: Suite) -> Handshake {
-    Handshake::initiator_with_fixed_ephemeral(
-        initiator_identity(),
-        Arc::new(AnyVat),
-        PeerContext::initiator(None, None),
-        HandshakeConfig::with_suite(suite),
-        INITIATOR_EPHEMERAL,
-    )
-    .expect("initiator config")
-}
-
 /// `responder`: the deterministic responder fed arbitrary bytes from the
 /// first one on.
 ///
@@ -178,7 +154,7 @@ pub fn responder(data: &[u8]) {
     let Some((plan, stream)) = Plan::parse(data) else {
         return;
     };
-    let make = || new_responder(plan.flag);
+    let make = || new_responder(responder_config(plan.flag));
     let msg2_len = LENGTH_PREFIX_LEN
         + DH_LEN
         + (DH_LEN + TAG_LEN)
@@ -206,7 +182,7 @@ pub fn initiator(data: &[u8]) {
         return;
     };
     let suite = suite(plan.flag);
-    let make = || new_initiator(suite);
+    let make = || new_initiator(HandshakeConfig::with_suite(suite));
     let first_len = preamble::encode(suite).len() + LENGTH_PREFIX_LEN + DH_LEN;
     let msg3_len = LENGTH_PREFIX_LEN
         + (DH_LEN + TAG_LEN)
@@ -335,11 +311,21 @@ mod tests {
                 Plan::header(1, 7, true, false, 0),
             ] {
                 let (plan, _) = Plan::parse(&header).unwrap();
-                let r = run(new_responder(false), &t.to_responder, plan, &|_, _| {});
+                let r = run(
+                    new_responder(responder_config(false)),
+                    &t.to_responder,
+                    plan,
+                    &|_, _| {},
+                );
                 assert_eq!(r.outcome, Outcome::Finished(initiator_identity().vat_id()));
                 assert_eq!(r.plaintext, b"hello from the initiatorafter a rekey");
                 assert_eq!(r.end, Some(End::Closed));
-                let i = run(new_initiator(suite), &t.to_initiator, plan, &|_, _| {});
+                let i = run(
+                    new_initiator(HandshakeConfig::with_suite(suite)),
+                    &t.to_initiator,
+                    plan,
+                    &|_, _| {},
+                );
                 assert_eq!(i.outcome, Outcome::Finished(responder_identity().vat_id()));
                 assert_eq!(i.plaintext, b"hello from the responder");
                 assert_eq!(i.end, Some(End::Closed));

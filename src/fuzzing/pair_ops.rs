@@ -5,9 +5,8 @@
 
 use arbitrary::{Arbitrary, Unstructured};
 
-use super::support::{end_of_stream, feed_and_read, suite, End};
+use super::support::{end_of_stream, feed_and_read, session_pair, suite, End};
 use super::Seed;
-use crate::testing::session_pair;
 use crate::wire::transport::{MAX_WIRE_FRAME, MIN_TRANSPORT_FRAME};
 use crate::wire::{HandshakeConfig, Session, SessionConfig};
 use crate::wire::{LENGTH_PREFIX_LEN, MAX_DATA_PER_FRAME};
@@ -199,7 +198,7 @@ pub fn pair_ops(data: &[u8]) {
             rekey_interval: input.rekey_interval.into(),
         };
     }
-    let (i, r) = session_pair(suite, config).expect("session pair");
+    let (i, r) = session_pair(config);
     let mut sessions = [i, r];
     let mut dirs = [Direction::default(), Direction::default()];
     for op in &input.ops {

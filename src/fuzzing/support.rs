@@ -1,10 +1,12 @@
 //! What the targets share: how an input chooses its chunking, and a
 //! receiving loop that checks the session's reading contract.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
+use crate::policy::{AnyVat, PeerContext};
+use crate::testing::{INITIATOR_EPHEMERAL, RESPONDER_EPHEMERAL};
 use crate::wire::transport::MAX_WIRE_FRAME;
-use crate::wire::{ReadOutcome, Session, Suite};
+use crate::wire::{Handshake, HandshakeConfig, ReadOutcome, Session, Suite};
 use crate::{testing, Error, Identity};
 
 /// Chunk sizes a [`Plan`] picks from: all at once, byte by byte, awkward
@@ -210,4 +212,38 @@ pub(super) fn suite(aes: bool) -> Suite {
     } else {
         Suite::ChaChaPolyBlake2s
     }
+}
+
+/// The deterministic responder of [`testing`], accepting any vat.
+pub(super) fn new_responder(config: HandshakeConfig) -> Handshake {
+    Handshake::responder_with_fixed_ephemeral(
+        responder_identity(),
+        Arc::new(AnyVat),
+        PeerContext::responder(None),
+        config,
+        RESPONDER_EPHEMERAL,
+    )
+    .expect("responder config")
+}
+
+/// The deterministic initiator of [`testing`], accepting any vat.
+pub(super) fn new_initiator(config: HandshakeConfig) -> Handshake {
+    Handshake::initiator_with_fixed_ephemeral(
+        initiator_identity(),
+        Arc::new(AnyVat),
+        PeerContext::initiator(None, None),
+        config,
+        INITIATOR_EPHEMERAL,
+    )
+    .expect("initiator config")
+}
+
+/// Like [`testing::session_pair`], but with identities built once per
+/// process rather than per call (a third of a pair's cost).
+pub(super) fn session_pair(config: HandshakeConfig) -> (Session, Session) {
+    let mut i = new_initiator(config.clone());
+    let mut r = new_responder(config);
+    testing::drive(&mut i, &mut r, usize::MAX).expect("deterministic handshake");
+    let i = i.into_session().expect("initiator session");
+    (i, r.into_session().expect("responder session"))
 }

@@ -4,9 +4,8 @@
 //! mixes in raw damage (flips, cuts, replays, junk), the way rustls fuzzes
 //! past its MACs.
 
-use super::support::{end_of_stream, feed_and_read, suite, End, Plan};
+use super::support::{end_of_stream, feed_and_read, session_pair, suite, End, Plan};
 use super::Seed;
-use crate::testing::session_pair;
 use crate::wire::transport::{FRAME_CLOSE, FRAME_DATA, FRAME_REKEY, MIN_TRANSPORT_FRAME};
 use crate::wire::{HandshakeConfig, LENGTH_PREFIX_LEN, MAX_MESSAGE_LEN, TAG_LEN};
 
@@ -207,8 +206,7 @@ pub fn transport(data: &[u8]) {
         return;
     };
     let suite = suite(plan.flag);
-    let (mut tx, mut rx) =
-        session_pair(suite, HandshakeConfig::with_suite(suite)).expect("session pair");
+    let (mut tx, mut rx) = session_pair(HandshakeConfig::with_suite(suite));
     let (mut clean, mut wire, mut frames) = (Vec::new(), Vec::new(), Vec::<Sealed>::new());
     let mut epoch = 0;
     for op in TransportOp::decode_all(rest) {
