@@ -380,7 +380,7 @@ fn unknown_frame_type_and_control_body_are_refused() {
         let (mut i, mut r) = session_pair(Suite::ChaChaPolyBlake2s, cfg()).unwrap();
         let mut plain = body.to_vec();
         plain.push(ty);
-        let wire = i.seal_raw_for_tests(&plain);
+        let wire = i.seal_raw_for_tests(&plain).unwrap();
         r.feed(&wire);
         let err = r.read(&mut [0u8; 100]).unwrap_err();
         assert!(err.to_string().contains(want), "{err}");
@@ -534,4 +534,27 @@ fn feed_takes_a_whole_large_frame_at_once() {
     assert_eq!(r.feed(&wire), wire.len());
     let mut buf = vec![0u8; 30_000];
     assert_eq!(r.read(&mut buf).unwrap(), ReadOutcome::Data(20_000));
+}
+
+#[test]
+fn seal_raw_refuses_oversize_plaintext_and_keeps_the_session() {
+    // Found while building the `transport` fuzz target: an oversize
+    // plaintext used to panic in put_len. Now it is refused up front, and
+    // the session goes on with its nonce untouched.
+    let (mut i, mut r) = session_pair(Suite::ChaChaPolyBlake2s, cfg()).unwrap();
+    let max = crate::wire::MAX_MESSAGE_LEN - crate::wire::TAG_LEN;
+    assert!(matches!(
+        i.seal_raw_for_tests(&vec![0; max + 1]),
+        Err(Error::Config(_))
+    ));
+    let mut plain = vec![7u8; max - 1];
+    plain.push(0); // DATA
+    let wire = i.seal_raw_for_tests(&plain).unwrap();
+    assert_eq!(wire.len(), 2 + crate::wire::MAX_MESSAGE_LEN);
+    let mut off = 0;
+    while off < wire.len() {
+        off += r.feed(&wire[off..]); // the receive buffer grows to the announced frame
+    }
+    let mut buf = vec![0u8; 70_000];
+    assert_eq!(r.read(&mut buf).unwrap(), ReadOutcome::Data(max - 1));
 }

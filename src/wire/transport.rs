@@ -379,15 +379,30 @@ impl Session {
         self.seal_rekey()
     }
 
-    /// Seals an arbitrary plaintext (type byte included) as one frame and
-    /// returns the frame's wire bytes (tests of malformed frames).
+    /// Seals an arbitrary plaintext (type byte included, so it may be empty,
+    /// name an unknown type or give a control frame a body) as one frame
+    /// under the current sending key and nonce, and returns the frame's wire
+    /// bytes without queueing them. Tests of malformed frames and the
+    /// `transport` fuzz target use it to get past the AEAD.
+    ///
+    /// # Errors
+    /// [`Error::Config`] if the plaintext does not fit one frame (more than
+    /// 65519 bytes), leaving the session untouched; the session's sticky
+    /// error; [`Error::NonceExhausted`].
     #[cfg(any(test, feature = "testing"))]
     #[doc(hidden)]
-    pub fn seal_raw_for_tests(&mut self, plaintext: &[u8]) -> Vec<u8> {
+    pub fn seal_raw_for_tests(&mut self, plaintext: &[u8]) -> Result<Vec<u8>, Error> {
+        self.check()?;
+        if plaintext.len() + TAG_LEN > MAX_MESSAGE_LEN {
+            return Err(Error::Config(format!(
+                "a plaintext of {} bytes does not fit one frame",
+                plaintext.len()
+            )));
+        }
         let mut frame = vec![0u8; LENGTH_PREFIX_LEN];
         frame.extend_from_slice(plaintext);
-        self.seal_frame(&mut frame).expect("seal");
-        frame
+        self.seal_frame(&mut frame)?;
+        Ok(frame)
     }
 
     /// Makes room for `n` more bytes in the open frame, growing it like a
