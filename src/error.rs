@@ -94,6 +94,11 @@ pub enum Error {
     #[error("I/O error: {0}")]
     Io(#[source] Arc<io::Error>),
 
+    /// A Cap'n Proto call made on the caller's behalf by this crate (such as
+    /// restoring a sturdy ref) failed at the remote vat or on the way.
+    #[error("remote call failed: {0}")]
+    Rpc(String),
+
     /// An introduction (three-party handoff, `crate::intro`) was refused or failed.
     #[error("introduction refused: {0}")]
     Introduction(#[from] IntroductionError),
@@ -219,6 +224,7 @@ impl Error {
             Error::SendAfterClose => io::ErrorKind::BrokenPipe,
             Error::Config(_) | Error::Key(_) => io::ErrorKind::InvalidInput,
             Error::Io(e) => e.kind(),
+            Error::Rpc(_) => io::ErrorKind::Other,
             Error::Protocol(_) | Error::Decrypt { .. } | Error::NonceExhausted => {
                 io::ErrorKind::InvalidData
             }

@@ -489,3 +489,111 @@ impl futures::AsyncWrite for Shared {
         Pin::new(&mut *self.0.borrow_mut()).poll_shutdown(cx)
     }
 }
+
+// ----- sturdy refs -----
+
+/// Serves sturdy refs: a `Restorer` capability (schema/noise.capnp) over a
+/// shared [`sturdy::Restorer`](crate::sturdy::Restorer) of capabilities.
+///
+/// Make it (part of) the bootstrap capability of [`serve`]; add and revoke
+/// objects through the shared map while the server runs. A wrong and a
+/// revoked object id fail alike, with an error that names neither.
+///
+/// ```
+/// use std::{cell::RefCell, rc::Rc};
+/// use capnp_noise::rpc::restorer_client;
+/// use capnp_noise::sturdy::Restorer;
+/// let objects = Rc::new(RefCell::new(Restorer::<capnp::capability::Client>::new()));
+/// let bootstrap = restorer_client(objects.clone());
+/// # drop(bootstrap);
+/// ```
+pub fn restorer_client(
+    objects: Rc<RefCell<crate::sturdy::Restorer<capnp::capability::Client>>>,
+) -> restorer::Client {
+    capnp_rpc::new_client(RestorerServer { objects })
+}
+
+use crate::schema::noise_capnp::restorer;
+
+struct RestorerServer {
+    objects: Rc<RefCell<crate::sturdy::Restorer<capnp::capability::Client>>>,
+}
+
+impl restorer::Server for RestorerServer {
+    async fn restore(
+        self: capnp::capability::Rc<Self>,
+        params: restorer::RestoreParams,
+        mut results: restorer::RestoreResults,
+    ) -> std::result::Result<(), capnp::Error> {
+        let id = params.get()?.get_object_id()?;
+        let cap = self
+            .objects
+            .borrow()
+            .restore(id)
+            .map_err(|e| capnp::Error::failed(e.to_string()))?
+            .clone();
+        results.get().init_cap().set_as_capability(cap.hook);
+        Ok(())
+    }
+}
+
+/// Connects to the vat a sturdy ref names and restores its object.
+///
+/// The addresses of the ref are tried in order; a connection counts only if
+/// the peer proves the ref's VatId (it is pinned), wherever it was reached.
+/// The vat's bootstrap capability must be a `Restorer` (see
+/// [`restorer_client`]). Returns the restored capability and the
+/// connection that carries it.
+///
+/// # Errors
+/// The last address's error if none led to the named vat
+/// ([`Error::PeerRefused`] when another vat answered there, I/O errors,
+/// timeouts); [`Error::Rpc`] if the vat refused the object id (wrong or
+/// revoked: the message is the same for both).
+pub async fn connect_sturdy<C: FromClientHook>(
+    sturdy_ref: &crate::sturdy::SturdyRef,
+    identity: &Identity,
+    options: ClientOptions,
+) -> Result<(C, Connection)> {
+    let policy: Arc<dyn PeerPolicy> = Arc::new(crate::policy::Pinned(*sturdy_ref.vat_id()));
+    let mut last = None;
+    for address in sturdy_ref.addresses() {
+        let (restorer, connection): (restorer::Client, Connection) = match connect(
+            address.to_string(),
+            identity,
+            policy.clone(),
+            options.clone(),
+        )
+        .await
+        {
+            Ok(connected) => connected,
+            Err(e) => {
+                info!(addr = %address, error = %e, "sturdy ref address failed; trying the next");
+                last = Some(e);
+                continue;
+            }
+        };
+        let mut request = restorer.restore_request();
+        request
+            .get()
+            .set_object_id(sturdy_ref.object_id().as_bytes());
+        let restored = async {
+            let response = request.send().promise.await?;
+            response.get()?.get_cap().get_as_capability::<C>()
+        }
+        .await;
+        return match restored {
+            Ok(cap) => Ok((cap, connection)),
+            Err(e) => {
+                // The connection is useless without the object.
+                let _ = connection.disconnect().await;
+                Err(Error::Rpc(format!(
+                    "{} could not restore the object: {}",
+                    sturdy_ref.vat_id().fingerprint(),
+                    e.extra
+                )))
+            }
+        };
+    }
+    Err(last.unwrap_or_else(|| Error::Config("the sturdy ref has no address".into())))
+}
