@@ -15,6 +15,9 @@
 //!   trust policy does not accept its VatId.
 //! * [`Error::UnexpectedEof`]: the byte stream ended without the peer's
 //!   authenticated close: truncation, never a clean end.
+//! * [`Error::Introduction`]: an introduction (three-party handoff) was
+//!   malformed, forged, expired, replayed, presented by the wrong vat,
+//!   revoked, or never requested; see [`IntroductionError`].
 //!
 //! Errors never contain secret material: not keys, not plaintext.
 
@@ -90,6 +93,61 @@ pub enum Error {
     /// An I/O error of the underlying transport (adapters only).
     #[error("I/O error: {0}")]
     Io(#[source] Arc<io::Error>),
+
+    /// A Cap'n Proto call made on the caller's behalf by this crate (such as
+    /// restoring a sturdy ref) failed at the remote vat or on the way.
+    #[error("remote call failed: {0}")]
+    Rpc(String),
+
+    /// An introduction (three-party handoff, `crate::intro`) was refused or failed.
+    #[error("introduction refused: {0}")]
+    Introduction(#[from] IntroductionError),
+}
+
+/// Why an introduction (`crate::intro`) was refused or failed.
+///
+/// The variants a provider reports to a redeeming vat say what is wrong with
+/// the *request*; none reveals who the introduction was really for.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum IntroductionError {
+    /// The bytes are not a well-formed introduction (a missing field, a wrong
+    /// key, nonce or signature length, a bad address, too many forwards, too long).
+    #[error("malformed introduction: {0}")]
+    Malformed(String),
+    /// A signature (the introducer's, or a forwarding link's) does not verify:
+    /// the introduction was altered or forged.
+    #[error("{0} does not verify: the introduction was altered or forged")]
+    BadSignature(&'static str),
+    /// The introduction, or the provider's entry for it, has expired.
+    #[error("the introduction has expired")]
+    Expired,
+    /// The authenticated vat presenting the introduction is not the vat it
+    /// was made for (or, for a provider, the introducer named another recipient).
+    #[error("the introduction was not made for this vat")]
+    WrongRecipient,
+    /// The introduction names another vat as the provider.
+    #[error("the introduction is for another provider vat")]
+    WrongProvider,
+    /// The introduction was already redeemed (or is being redeemed right now),
+    /// or the introducer reused a nonce: one use only.
+    #[error("the introduction was already used")]
+    Replayed,
+    /// The introducer withdrew the handoff, or the provider revoked the capability.
+    #[error("the introduced capability was revoked")]
+    Revoked,
+    /// The introducer's request to set the capability aside did not reach the
+    /// provider before the deadline: it was never sent, it expired, or the
+    /// provider restarted and lost it.
+    #[error("the introducer's request did not reach the provider in time (never sent, expired, or lost when the provider restarted)")]
+    Timeout,
+    /// The provider no longer knows the pending handoff (its table was dropped:
+    /// the provider is shutting down or restarted).
+    #[error("the provider no longer knows this handoff (it shut down or restarted)")]
+    Unknown,
+    /// A configured bound was reached (entries, waiters, lifetime, forwards).
+    #[error("limit reached: {0}")]
+    Limit(String),
 }
 
 /// The ways a peer's bytes can violate the wire protocol (SPEC.md).
@@ -166,9 +224,17 @@ impl Error {
             Error::SendAfterClose => io::ErrorKind::BrokenPipe,
             Error::Config(_) | Error::Key(_) => io::ErrorKind::InvalidInput,
             Error::Io(e) => e.kind(),
+            Error::Rpc(_) => io::ErrorKind::Other,
             Error::Protocol(_) | Error::Decrypt { .. } | Error::NonceExhausted => {
                 io::ErrorKind::InvalidData
             }
+            Error::Introduction(e) => match e {
+                IntroductionError::Malformed(_) => io::ErrorKind::InvalidData,
+                IntroductionError::Timeout => io::ErrorKind::TimedOut,
+                IntroductionError::Unknown => io::ErrorKind::NotFound,
+                IntroductionError::Limit(_) => io::ErrorKind::ResourceBusy,
+                _ => io::ErrorKind::PermissionDenied,
+            },
         }
     }
 }

@@ -418,12 +418,12 @@ impl SturdyRef {
             .reborrow()
             .init_vat_id()
             .set_ed25519(self.vat_id.as_bytes());
-        let mut list = builder
-            .reborrow()
-            .init_addresses(self.addresses.len() as u32);
-        for (i, a) in self.addresses.iter().enumerate() {
-            list.set(i as u32, a.to_string());
-        }
+        write_addresses(
+            builder
+                .reborrow()
+                .init_addresses(self.addresses.len() as u32),
+            &self.addresses,
+        );
         builder.set_object_id(self.object_id.as_bytes());
     }
 
@@ -437,31 +437,45 @@ impl SturdyRef {
             return Err(bad("vatId is missing".into()));
         }
         let vat_id = VatId::read_capnp(reader.get_vat_id()).map_err(bad)?;
-        let list = reader
-            .get_addresses()
-            .map_err(|e| bad(format!("bad addresses: {e}")))?;
-        if list.len() as usize > MAX_ADDRESSES {
-            return Err(bad(format!(
-                "{} addresses; the most is {MAX_ADDRESSES}",
-                list.len()
-            )));
-        }
-        let addresses = list
-            .iter()
-            .map(|t| {
-                let t = t.map_err(|e| bad(format!("bad address: {e}")))?;
-                let s = t
-                    .to_str()
-                    .map_err(|_| bad("an address is not UTF-8".into()))?;
-                s.parse::<Address>().map_err(|e| bad(e.to_string()))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let addresses = read_addresses(reader.get_addresses()).map_err(bad)?;
         let oid = reader
             .get_object_id()
             .map_err(|e| bad(format!("bad objectId: {e}")))?;
         let object_id = ObjectId::from_bytes(oid).map_err(|e| bad(e.to_string()))?;
         SturdyRef::new(vat_id, addresses, object_id)
     }
+}
+
+/// Fills a `List(Text)` of `host:port` addresses (already sized to `addresses`).
+pub(crate) fn write_addresses(mut list: capnp::text_list::Builder<'_>, addresses: &[Address]) {
+    for (i, a) in addresses.iter().enumerate() {
+        list.set(i as u32, a.to_string());
+    }
+}
+
+/// Reads a `List(Text)` of `host:port` addresses, at most [`MAX_ADDRESSES`].
+///
+/// # Errors
+/// A description of the problem for the caller to wrap in its own error.
+pub(crate) fn read_addresses(
+    list: capnp::Result<capnp::text_list::Reader<'_>>,
+) -> std::result::Result<Vec<Address>, String> {
+    let list = list.map_err(|e| format!("bad addresses: {e}"))?;
+    if list.len() as usize > MAX_ADDRESSES {
+        return Err(format!(
+            "{} addresses; the most is {MAX_ADDRESSES}",
+            list.len()
+        ));
+    }
+    list.iter()
+        .map(|t| {
+            let t = t.map_err(|e| format!("bad address: {e}"))?;
+            let s = t
+                .to_str()
+                .map_err(|_| "an address is not UTF-8".to_string())?;
+            s.parse::<Address>().map_err(|e| e.to_string())
+        })
+        .collect()
 }
 
 impl fmt::Display for SturdyRef {

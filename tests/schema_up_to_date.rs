@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
-const SCHEMAS: &[&str] = &["noise.capnp"];
+const SCHEMAS: &[&str] = &["noise.capnp", "network.capnp", "demo.capnp"];
 
 fn capnp_available() -> bool {
     std::process::Command::new("capnp")

@@ -94,7 +94,7 @@ fn generate(suite: Suite) -> Value {
             "DATA" => {
                 // Empty DATA frames are legal; seal one explicitly.
                 if body.is_empty() {
-                    let w = s.seal_raw_for_tests(&[0]);
+                    let w = s.seal_raw_for_tests(&[0]).unwrap();
                     messages.push(json!({"from": if *from_i {"initiator"} else {"responder"}, "kind": "DATA", "body": "", "wire": hex::encode(w)}));
                     continue;
                 }

@@ -380,7 +380,7 @@ fn unknown_frame_type_and_control_body_are_refused() {
         let (mut i, mut r) = session_pair(Suite::ChaChaPolyBlake2s, cfg()).unwrap();
         let mut plain = body.to_vec();
         plain.push(ty);
-        let wire = i.seal_raw_for_tests(&plain);
+        let wire = i.seal_raw_for_tests(&plain).unwrap();
         r.feed(&wire);
         let err = r.read(&mut [0u8; 100]).unwrap_err();
         assert!(err.to_string().contains(want), "{err}");
@@ -436,6 +436,66 @@ fn large_writes_are_split_into_max_frames() {
 }
 
 #[test]
+fn initiator_eof_before_any_responder_frame_hints_at_refusal() {
+    let mut buf = [0u8; 64];
+    let mut eof_during = |s: &mut Session| {
+        s.feed_eof();
+        match s.read(&mut buf) {
+            Err(Error::UnexpectedEof { during }) => during,
+            other => panic!("expected UnexpectedEof, got {other:?}"),
+        }
+    };
+    // The responder never sends a frame: the initiator's error says it may
+    // have been refused.
+    let (mut i, _r) = session_pair(Suite::ChaChaPolyBlake2s, cfg()).unwrap();
+    let during = eof_during(&mut i);
+    assert_eq!(during, crate::wire::transport::EOF_BEFORE_RESPONDER_SPOKE);
+    assert!(during.contains("may have refused"));
+    // Once the responder has sent a frame, a cut is an ordinary truncation.
+    let (mut i, mut r) = session_pair(Suite::ChaChaPolyBlake2s, cfg()).unwrap();
+    r.write(b"hi").unwrap();
+    r.flush().unwrap();
+    let (got, _) = transfer(&mut r, &mut i, usize::MAX).unwrap();
+    assert_eq!(got, b"hi");
+    assert_eq!(eof_during(&mut i), "between frames");
+    // A responder never gets the hint: an initiator cannot refuse after message 3.
+    let (_i, mut r) = session_pair(Suite::ChaChaPolyBlake2s, cfg()).unwrap();
+    assert_eq!(eof_during(&mut r), "between frames");
+}
+
+#[test]
+fn buffer_capacity_is_bounded_by_one_frame_per_buffer() {
+    let (mut i, mut r) = session_pair(Suite::ChaChaPolyBlake2s, cfg()).unwrap();
+    let fresh = i.buffer_capacity();
+    assert!(fresh < 1024, "a fresh session holds {fresh} bytes");
+    let big = vec![7u8; 1 << 20];
+    let mut sent = 0;
+    let mut got = Vec::new();
+    while sent < big.len() {
+        sent += i.write(&big[sent..]).unwrap();
+        let (chunk, _) = transfer(&mut i, &mut r, 1000).unwrap();
+        got.extend_from_slice(&chunk);
+    }
+    i.flush().unwrap();
+    got.extend_from_slice(&transfer(&mut i, &mut r, 1000).unwrap().0);
+    assert_eq!(got.len(), big.len());
+    // The sender holds its two send buffers, the receiver its two receive
+    // buffers: one maximal frame each (plus control frames), never the
+    // double that plain `Vec` growth would reach.
+    let two_frames = 2 * (crate::wire::transport::MAX_WIRE_FRAME + 64);
+    assert!(
+        i.buffer_capacity() <= two_frames + 4096,
+        "{}",
+        i.buffer_capacity()
+    );
+    assert!(
+        r.buffer_capacity() <= two_frames + 4096,
+        "{}",
+        r.buffer_capacity()
+    );
+}
+
+#[test]
 fn eof_during_handshake_names_the_step() {
     let (mut i, mut r) = deterministic_handshakes(
         Suite::ChaChaPolyBlake2s,
@@ -474,4 +534,27 @@ fn feed_takes_a_whole_large_frame_at_once() {
     assert_eq!(r.feed(&wire), wire.len());
     let mut buf = vec![0u8; 30_000];
     assert_eq!(r.read(&mut buf).unwrap(), ReadOutcome::Data(20_000));
+}
+
+#[test]
+fn seal_raw_refuses_oversize_plaintext_and_keeps_the_session() {
+    // Found while building the `transport` fuzz target: an oversize
+    // plaintext used to panic in put_len. Now it is refused up front, and
+    // the session goes on with its nonce untouched.
+    let (mut i, mut r) = session_pair(Suite::ChaChaPolyBlake2s, cfg()).unwrap();
+    let max = crate::wire::MAX_MESSAGE_LEN - crate::wire::TAG_LEN;
+    assert!(matches!(
+        i.seal_raw_for_tests(&vec![0; max + 1]),
+        Err(Error::Config(_))
+    ));
+    let mut plain = vec![7u8; max - 1];
+    plain.push(0); // DATA
+    let wire = i.seal_raw_for_tests(&plain).unwrap();
+    assert_eq!(wire.len(), 2 + crate::wire::MAX_MESSAGE_LEN);
+    let mut off = 0;
+    while off < wire.len() {
+        off += r.feed(&wire[off..]); // the receive buffer grows to the announced frame
+    }
+    let mut buf = vec![0u8; 70_000];
+    assert_eq!(r.read(&mut buf).unwrap(), ReadOutcome::Data(max - 1));
 }

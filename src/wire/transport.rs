@@ -48,6 +48,12 @@ pub const MAX_WIRE_FRAME: usize = LENGTH_PREFIX_LEN + MAX_MESSAGE_LEN;
 /// Default: a sender rekeys after this many frames under one key.
 pub const DEFAULT_REKEY_INTERVAL: u64 = 1 << 16;
 
+/// `during` of the [`Error::UnexpectedEof`] an initiator reports when the
+/// stream ends before the responder sent a single transport frame: the way a
+/// responder whose policy refused the initiator's VatId ends the connection.
+pub const EOF_BEFORE_RESPONDER_SPOKE: &str =
+    "right after the handshake, before the responder sent anything (the responder may have refused this vat's identity)";
+
 const CONTROL_WIRE_LEN: usize = LENGTH_PREFIX_LEN + MIN_TRANSPORT_FRAME;
 const TRANSPORT_BOUNDS: FrameBounds = FrameBounds {
     min: MIN_TRANSPORT_FRAME,
@@ -133,6 +139,7 @@ pub struct Session {
     rx_plain: Vec<u8>,
     rx_plain_pos: usize,
     rx_plain_end: usize,
+    frames_received: bool,
     peer_closed: bool,
     // Sending: `open` is the frame being built (a 2-byte length slot, then
     // plaintext); it is sealed in place and swapped into `sealed`.
@@ -179,6 +186,7 @@ impl Session {
             rx_plain: Vec::new(),
             rx_plain_pos: 0,
             rx_plain_end: 0,
+            frames_received: false,
             peer_closed: false,
             open: Vec::new(),
             sealed: Outgoing {
@@ -319,6 +327,7 @@ impl Session {
                 self.open.extend_from_slice(&[0, 0]);
             }
             let n = (MAX_DATA_PER_FRAME - self.buffered_plaintext()).min(data.len() - taken);
+            self.reserve_open(n);
             self.open.extend_from_slice(&data[taken..taken + n]);
             taken += n;
         }
@@ -370,15 +379,44 @@ impl Session {
         self.seal_rekey()
     }
 
-    /// Seals an arbitrary plaintext (type byte included) as one frame and
-    /// returns the frame's wire bytes (tests of malformed frames).
+    /// Seals an arbitrary plaintext (type byte included, so it may be empty,
+    /// name an unknown type or give a control frame a body) as one frame
+    /// under the current sending key and nonce, and returns the frame's wire
+    /// bytes without queueing them. Tests of malformed frames and the
+    /// `transport` fuzz target use it to get past the AEAD.
+    ///
+    /// # Errors
+    /// [`Error::Config`] if the plaintext does not fit one frame (more than
+    /// 65519 bytes), leaving the session untouched; the session's sticky
+    /// error; [`Error::NonceExhausted`].
     #[cfg(any(test, feature = "testing"))]
     #[doc(hidden)]
-    pub fn seal_raw_for_tests(&mut self, plaintext: &[u8]) -> Vec<u8> {
+    pub fn seal_raw_for_tests(&mut self, plaintext: &[u8]) -> Result<Vec<u8>, Error> {
+        self.check()?;
+        if plaintext.len() + TAG_LEN > MAX_MESSAGE_LEN {
+            return Err(Error::Config(format!(
+                "a plaintext of {} bytes does not fit one frame",
+                plaintext.len()
+            )));
+        }
         let mut frame = vec![0u8; LENGTH_PREFIX_LEN];
         frame.extend_from_slice(plaintext);
-        self.seal_frame(&mut frame).expect("seal");
-        frame
+        self.seal_frame(&mut frame)?;
+        Ok(frame)
+    }
+
+    /// Makes room for `n` more bytes in the open frame, growing it like a
+    /// `Vec` does (doubling) but never beyond one sealed frame and two
+    /// control frames: plain doubling would take a full frame (65537 bytes
+    /// with its tag) to 128 KiB, in this buffer and in the output buffer it
+    /// is swapped with.
+    fn reserve_open(&mut self, n: usize) {
+        const MAX_OPEN: usize = MAX_WIRE_FRAME + 2 * CONTROL_WIRE_LEN;
+        let need = self.open.len() + n + 1 + TAG_LEN; // the type byte and the tag
+        if need > self.open.capacity() {
+            let want = need.max(2 * self.open.capacity()).min(MAX_OPEN);
+            self.open.reserve_exact(want - self.open.len());
+        }
     }
 
     /// Seals the open frame (with a DATA type byte) and queues it.
@@ -533,10 +571,14 @@ impl Session {
             let (body, used) = match split {
                 Err(e) => return Err(self.fail(e)),
                 Ok(None) if self.eof => {
-                    let during = if self.rx.start == self.rx.end {
-                        "between frames"
-                    } else {
+                    let during = if self.rx.start != self.rx.end {
                         "in the middle of a frame"
+                    } else if self.info.role == Role::Initiator && !self.frames_received {
+                        // After XX message 3 only the responder can still
+                        // refuse, and it refuses by closing without a word.
+                        EOF_BEFORE_RESPONDER_SPOKE
+                    } else {
+                        "between frames"
                     };
                     return Err(self.fail(Error::UnexpectedEof { during }));
                 }
@@ -558,6 +600,7 @@ impl Session {
                 Err(e) => return Err(self.fail(e)),
             };
             self.rx.consume(used);
+            self.frames_received = true;
             let plain = if direct {
                 &out[..n]
             } else {

@@ -1,0 +1,87 @@
+//! The bodies of the fuzz targets, shared by the cargo-fuzz workspace in
+//! `fuzz/` and by `tests/fuzz_corpus.rs`, which replays every committed
+//! corpus file on stable Rust so that findings stay fixed.
+//!
+//! Compiled only with the `testing` feature (and in this crate's own
+//! tests): the targets drive the deterministic keys of [`crate::testing`],
+//! which is how fuzz input gets past authentication.
+//!
+//! Every target is a [`Check`]: it takes arbitrary bytes, never fails on
+//! them, and panics when an invariant of the code under test breaks.
+//!
+//! Adding a target:
+//! 1. write `pub fn NAME(data: &[u8])` in a module here and add it to
+//!    [`TARGETS`] (and its seed inputs to [`seeds`]);
+//! 2. copy any file of `fuzz/fuzz_targets/` to `NAME.rs`, changing the name,
+//!    and add its `[[bin]]` to `fuzz/Cargo.toml`;
+//! 3. `CAPNP_NOISE_REGEN_CORPUS=1 cargo test --test fuzz_corpus` writes the
+//!    seeds to `fuzz/corpus/NAME/`.
+//!
+//! `cargo test --test fuzz_corpus` fails while these disagree.
+
+mod handshake;
+mod pair_ops;
+mod parsers;
+mod support;
+mod transport;
+
+pub use handshake::{initiator, responder};
+pub use pair_ops::{pair_ops, PairInput, PairOp, Side};
+pub use parsers::{frame, payload, preamble, vat_id};
+pub use support::Plan;
+pub use transport::{transport, TransportOp};
+
+/// A fuzz target's body: panics when an invariant breaks.
+pub type Check = fn(&[u8]);
+
+/// Every target, by the name of its `fuzz/fuzz_targets/` file and corpus directory.
+pub const TARGETS: &[(&str, Check)] = &[
+    ("frame", frame),
+    ("preamble", preamble),
+    ("payload", payload),
+    ("vat_id", vat_id),
+    ("responder", responder),
+    ("initiator", initiator),
+    ("transport", transport),
+    ("pair_ops", pair_ops),
+];
+
+/// The target called `name`.
+pub fn check_for(name: &str) -> Option<Check> {
+    TARGETS.iter().find(|(n, _)| *n == name).map(|(_, c)| *c)
+}
+
+/// A seed input, generated from real protocol bytes.
+#[derive(Debug, Clone)]
+pub struct Seed {
+    /// The target it is for.
+    pub target: &'static str,
+    /// Its file name in `fuzz/corpus/<target>/`, without the `seed-` prefix.
+    pub name: String,
+    /// The input.
+    pub bytes: Vec<u8>,
+}
+
+impl Seed {
+    fn new(target: &'static str, name: impl Into<String>, bytes: Vec<u8>) -> Seed {
+        Seed {
+            target,
+            name: name.into(),
+            bytes,
+        }
+    }
+
+    /// The seed's file name: `seed-<name>`.
+    pub fn file_name(&self) -> String {
+        format!("seed-{}", self.name)
+    }
+}
+
+/// The seed corpus of every target.
+pub fn seeds() -> Vec<Seed> {
+    let mut v = parsers::seeds();
+    v.extend(handshake::seeds());
+    v.extend(transport::seeds());
+    v.extend(pair_ops::seeds());
+    v
+}

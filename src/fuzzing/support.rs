@@ -1,0 +1,249 @@
+//! What the targets share: how an input chooses its chunking, and a
+//! receiving loop that checks the session's reading contract.
+
+use std::sync::{Arc, OnceLock};
+
+use crate::policy::{AnyVat, PeerContext};
+use crate::testing::{INITIATOR_EPHEMERAL, RESPONDER_EPHEMERAL};
+use crate::wire::transport::MAX_WIRE_FRAME;
+use crate::wire::{Handshake, HandshakeConfig, ReadOutcome, Session, Suite};
+use crate::{testing, Error, Identity};
+
+/// Chunk sizes a [`Plan`] picks from: all at once, byte by byte, awkward
+/// small sizes, and sizes around typical frame lengths.
+const CHUNKS: [usize; 8] = [usize::MAX, 1, 2, 3, 7, 33, 500, 4096];
+/// Read-buffer sizes: one byte, one minimal frame, a typical read, and more
+/// than any frame (so frames decrypt straight into the caller's buffer).
+const OUT_LENS: [usize; 4] = [1, 17, 1000, 70_000];
+
+/// How a target feeds a byte stream, decoded from the input's first two bytes.
+///
+/// Byte 0: bits 0-2 pick the chunk size, bits 3-7 seed pseudo-random chunk
+/// sizes (0: every chunk has the picked size). Byte 1: bit 0 ends the stream
+/// with EOF, bit 1 is the target's own flag, bits 2-3 pick the read-buffer size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    /// The chunk size, or the bound of the pseudo-random sizes.
+    pub chunk: usize,
+    /// Seed of pseudo-random chunk sizes; 0 for fixed chunks.
+    pub jitter: u8,
+    /// Whether the stream ends with EOF after the last byte.
+    pub eof: bool,
+    /// A target-specific choice (the suite, or which suites are accepted).
+    pub flag: bool,
+    /// The size of the buffer plaintext is read into.
+    pub out_len: usize,
+}
+
+impl Plan {
+    /// Splits `data` into its plan and the rest; `None` if it is too short.
+    pub fn parse(data: &[u8]) -> Option<(Plan, &[u8])> {
+        let [h0, h1, rest @ ..] = data else {
+            return None;
+        };
+        let plan = Plan {
+            chunk: CHUNKS[usize::from(h0 & 7)],
+            jitter: h0 >> 3,
+            eof: h1 & 1 != 0,
+            flag: h1 & 2 != 0,
+            out_len: OUT_LENS[usize::from((h1 >> 2) & 3)],
+        };
+        Some((plan, rest))
+    }
+
+    /// The header bytes that [`parse`](Self::parse) reads back as these
+    /// choices (indices into the chunk and read-buffer tables).
+    pub fn header(chunk_index: u8, jitter: u8, eof: bool, flag: bool, out_index: u8) -> [u8; 2] {
+        [
+            (chunk_index & 7) | (jitter << 3),
+            u8::from(eof) | u8::from(flag) << 1 | (out_index & 3) << 2,
+        ]
+    }
+
+    /// The same plan, feeding everything in one piece.
+    pub fn whole(self) -> Plan {
+        Plan {
+            chunk: usize::MAX,
+            jitter: 0,
+            ..self
+        }
+    }
+
+    /// Cuts `data` into the plan's pieces.
+    pub fn pieces<'a>(&self, data: &'a [u8]) -> Vec<&'a [u8]> {
+        let mut pieces = Vec::new();
+        let mut rest = data;
+        let mut x = u32::from(self.jitter).wrapping_mul(0x9E37_79B9) | 1;
+        while !rest.is_empty() {
+            let n = if self.jitter == 0 {
+                self.chunk
+            } else {
+                // xorshift32: sizes in 1..=2*chunk (bounded for the "whole" size).
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                1 + (x as usize) % (self.chunk.min(8192) * 2)
+            };
+            let (piece, tail) = rest.split_at(n.min(rest.len()));
+            pieces.push(piece);
+            rest = tail;
+        }
+        pieces
+    }
+}
+
+/// Where a receiving session stands after the bytes it was given.
+#[derive(Debug, Clone)]
+pub(super) enum End {
+    /// It read everything and waits for more.
+    NeedInput,
+    /// It read the peer's authenticated CLOSE and nothing after it.
+    Closed,
+    /// It failed (errors are sticky, so this is final).
+    Failed(Error),
+}
+
+impl PartialEq for End {
+    fn eq(&self, other: &End) -> bool {
+        match (self, other) {
+            (End::NeedInput, End::NeedInput) | (End::Closed, End::Closed) => true,
+            (End::Failed(a), End::Failed(b)) => a.to_string() == b.to_string(),
+            _ => false,
+        }
+    }
+}
+
+impl End {
+    /// The error's text, if it failed.
+    pub(super) fn error_text(&self) -> Option<String> {
+        match self {
+            End::Failed(e) => Some(e.to_string()),
+            _ => None,
+        }
+    }
+}
+
+/// Feeds `pieces` into `rx`, reading after every feed with a buffer of
+/// `out.len()` bytes and appending the plaintext to `got`.
+///
+/// Checks the reading contract on the way: `feed` never takes more than it
+/// is given, a session that takes no bytes makes progress by reading,
+/// buffered ciphertext stays within one maximal frame, and errors are sticky.
+pub(super) fn feed_and_read<'a>(
+    rx: &mut Session,
+    pieces: impl IntoIterator<Item = &'a [u8]>,
+    out: &mut [u8],
+    got: &mut Vec<u8>,
+) -> End {
+    let mut end = drain(rx, out, got);
+    for piece in pieces {
+        let mut rest = piece;
+        while !rest.is_empty() {
+            if matches!(end, End::Failed(_)) {
+                return end;
+            }
+            let n = rx.feed(rest);
+            assert!(n <= rest.len(), "feed took more than it was given");
+            rest = &rest[n..];
+            let buffered = rx.buffered_ciphertext();
+            end = drain(rx, out, got);
+            assert!(
+                n > 0 || matches!(end, End::Failed(_)) || rx.buffered_ciphertext() < buffered,
+                "the session takes no bytes and reads none: stalled"
+            );
+        }
+    }
+    end
+}
+
+/// Tells `rx` that the stream ended, and reads what that produces.
+pub(super) fn end_of_stream(rx: &mut Session, out: &mut [u8], got: &mut Vec<u8>) -> End {
+    rx.feed_eof();
+    drain(rx, out, got)
+}
+
+/// Reads until the session needs input, closes or fails.
+fn drain(rx: &mut Session, out: &mut [u8], got: &mut Vec<u8>) -> End {
+    assert!(!out.is_empty());
+    loop {
+        match rx.read(out) {
+            Ok(ReadOutcome::Data(n)) => {
+                assert!(
+                    n >= 1 && n <= out.len(),
+                    "Data({n}) for a {} byte buffer",
+                    out.len()
+                );
+                got.extend_from_slice(&out[..n]);
+            }
+            Ok(ReadOutcome::Closed) => {
+                assert!(rx.peer_closed());
+                return End::Closed;
+            }
+            Ok(ReadOutcome::NeedInput) => {
+                assert!(rx.buffered_ciphertext() <= MAX_WIRE_FRAME);
+                return End::NeedInput;
+            }
+            Err(e) => {
+                let again = rx.read(out).expect_err("session errors are sticky");
+                assert_eq!(again.to_string(), e.to_string(), "sticky error changed");
+                assert!(rx.error().is_some());
+                return End::Failed(e);
+            }
+        }
+    }
+}
+
+/// The deterministic initiator identity of [`testing`], built once.
+pub(super) fn initiator_identity() -> &'static Identity {
+    static ID: OnceLock<Identity> = OnceLock::new();
+    ID.get_or_init(testing::initiator_identity)
+}
+
+/// The deterministic responder identity of [`testing`], built once.
+pub(super) fn responder_identity() -> &'static Identity {
+    static ID: OnceLock<Identity> = OnceLock::new();
+    ID.get_or_init(testing::responder_identity)
+}
+
+/// The suite a target's flag picks: AES-GCM if set, else ChaChaPoly.
+pub(super) fn suite(aes: bool) -> Suite {
+    if aes {
+        Suite::AesGcmSha256
+    } else {
+        Suite::ChaChaPolyBlake2s
+    }
+}
+
+/// The deterministic responder of [`testing`], accepting any vat.
+pub(super) fn new_responder(config: HandshakeConfig) -> Handshake {
+    Handshake::responder_with_fixed_ephemeral(
+        responder_identity(),
+        Arc::new(AnyVat),
+        PeerContext::responder(None),
+        config,
+        RESPONDER_EPHEMERAL,
+    )
+    .expect("responder config")
+}
+
+/// The deterministic initiator of [`testing`], accepting any vat.
+pub(super) fn new_initiator(config: HandshakeConfig) -> Handshake {
+    Handshake::initiator_with_fixed_ephemeral(
+        initiator_identity(),
+        Arc::new(AnyVat),
+        PeerContext::initiator(None, None),
+        config,
+        INITIATOR_EPHEMERAL,
+    )
+    .expect("initiator config")
+}
+
+/// Like [`testing::session_pair`], but with identities built once per
+/// process rather than per call (a third of a pair's cost).
+pub(super) fn session_pair(config: HandshakeConfig) -> (Session, Session) {
+    let mut i = new_initiator(config.clone());
+    let mut r = new_responder(config);
+    testing::drive(&mut i, &mut r, usize::MAX).expect("deterministic handshake");
+    let i = i.into_session().expect("initiator session");
+    (i, r.into_session().expect("responder session"))
+}

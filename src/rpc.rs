@@ -1,0 +1,599 @@
+//! Cap'n Proto RPC over capnp-noise: [`serve`] and [`connect`].
+//!
+//! The glue is capnp-rpc's own two-party network
+//! ([`capnp_rpc::twoparty::VatNetwork`]) running over a [`NoiseStream`]
+//! instead of a plain socket, one `RpcSystem` per connection, driven on the
+//! current [`tokio::task::LocalSet`] (capnp-rpc's types are `!Send`), as in
+//! capnp-rpc's examples. What capnp-noise adds is *who*: each connection's
+//! bootstrap capability is built from the peer's authenticated [`VatId`].
+//!
+//! # Knowing who calls
+//!
+//! [`serve`] calls a bootstrap factory once per authenticated connection,
+//! with a [`PeerInfo`]. Capture the VatId in the server object, and every
+//! method then knows which vat is calling, with no "login" call and nothing
+//! the caller could forge. The factory can also decide what to expose: a
+//! different capability per caller, or a restricted one.
+//!
+//! ```no_run
+//! use capnp_noise::rpc::{self, PeerInfo, ServerOptions};
+//! use capnp_noise::schema::demo_capnp::office;
+//! use capnp_noise::{AnyVat, Identity, VatId};
+//! use std::sync::Arc;
+//!
+//! struct Office {
+//!     caller: VatId, // authenticated by the handshake
+//! }
+//!
+//! impl office::Server for Office {
+//!     async fn whoami(
+//!         self: capnp::capability::Rc<Self>,
+//!         _: office::WhoamiParams,
+//!         mut results: office::WhoamiResults,
+//!     ) -> Result<(), capnp::Error> {
+//!         results.get().set_vat_id(self.caller.to_string());
+//!         Ok(())
+//!     }
+//! }
+//!
+//! # async fn demo() -> std::io::Result<()> {
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:4000").await?;
+//! let server = Identity::generate();
+//! tokio::task::LocalSet::new()
+//!     .run_until(rpc::serve(
+//!         listener,
+//!         server,
+//!         Arc::new(AnyVat), // or Pinned, an allow list, any closure
+//!         ServerOptions::default(),
+//!         |peer: &PeerInfo| -> office::Client {
+//!             capnp_rpc::new_client(Office { caller: peer.vat_id })
+//!         },
+//!     ))
+//!     .await;
+//! # Ok(()) }
+//! ```
+//!
+//! And the client, which requires the server's VatId:
+//!
+//! ```no_run
+//! use capnp_noise::rpc::{self, ClientOptions};
+//! use capnp_noise::schema::demo_capnp::office;
+//! use capnp_noise::{Identity, Pinned, VatId};
+//! use std::sync::Arc;
+//!
+//! # async fn demo(server: VatId) -> capnp_noise::Result<()> {
+//! let me = Identity::generate();
+//! // Inside a LocalSet: the RpcSystem is spawned on it.
+//! let (office, connection): (office::Client, _) =
+//!     rpc::connect("127.0.0.1:4000", &me, Arc::new(Pinned(server)), ClientOptions::default())
+//!         .await?;
+//! let reply = office.whoami_request().send().promise.await.unwrap();
+//! assert_eq!(reply.get().unwrap().get_vat_id().unwrap().to_str().unwrap(), me.vat_id().to_string());
+//! connection.disconnect().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # Limits
+//!
+//! * Handshakes in progress are limited ([`ServerOptions::max_handshakes`])
+//!   and each must finish within [`ServerOptions::handshake_timeout`], so
+//!   unauthenticated peers cannot hold much; connections are limited too
+//!   ([`ServerOptions::max_connections`]): at the limit the server stops
+//!   accepting until one ends (new clients wait in the kernel's backlog).
+//! * Incoming messages are bounded by [`capnp::message::ReaderOptions`]
+//!   (default traversal limit 8 Mi words = 64 MiB per message); set
+//!   `reader_options` on both ends to the largest message you expect.
+//! * An authenticated peer that stops sending holds its connection until it
+//!   disconnects: there is no idle timeout at this layer.
+
+use std::cell::RefCell;
+use std::fmt;
+use std::future::poll_fn;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use capnp::capability::FromClientHook;
+use capnp::message::ReaderOptions;
+use capnp_rpc::rpc_twoparty_capnp::Side;
+use capnp_rpc::{twoparty, Disconnector, RpcSystem};
+use tokio::io::{AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::error::{Error, Result};
+use crate::identity::Identity;
+use crate::policy::PeerPolicy;
+use crate::stream::{self, NoiseStream, StreamConfig, DEFAULT_HANDSHAKE_TIMEOUT};
+use crate::vat_id::VatId;
+use crate::wire::{HandshakeConfig, Suite, HANDSHAKE_HASH_LEN};
+
+/// How long the end of a connection may take to send its authenticated
+/// CLOSE to a peer that does not read.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Who is on the other end of an RPC connection.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct PeerInfo {
+    /// The peer's VatId, proven in the handshake and accepted by the policy.
+    pub vat_id: VatId,
+    /// The peer's socket address (informative only: not authenticated).
+    pub remote_addr: SocketAddr,
+    /// The connection's handshake hash, for channel binding.
+    pub handshake_hash: [u8; HANDSHAKE_HASH_LEN],
+    /// The cipher suite in use.
+    pub suite: Suite,
+}
+
+impl PeerInfo {
+    fn of(stream: &NoiseStream<TcpStream>, remote_addr: SocketAddr) -> Self {
+        PeerInfo {
+            vat_id: stream.peer_vat_id(),
+            remote_addr,
+            handshake_hash: *stream.handshake_hash(),
+            suite: stream.suite(),
+        }
+    }
+}
+
+/// Settings of [`serve`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ServerOptions {
+    /// Suites accepted and session settings.
+    pub handshake: HandshakeConfig,
+    /// The longest a handshake may take, and the longest a new connection
+    /// waits for a handshake slot. Default [`DEFAULT_HANDSHAKE_TIMEOUT`].
+    pub handshake_timeout: Duration,
+    /// Handshakes run at once (each costs a few Diffie-Hellman operations
+    /// and a signature check). Default 64.
+    pub max_handshakes: usize,
+    /// Connections open at once, handshaking or established. Default 1024.
+    pub max_connections: usize,
+    /// Limits on incoming messages (traversal limit, nesting).
+    pub reader_options: ReaderOptions,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            handshake: HandshakeConfig::default(),
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_handshakes: 64,
+            max_connections: 1024,
+            reader_options: ReaderOptions::new(),
+        }
+    }
+}
+
+/// Settings of [`connect`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ClientOptions {
+    /// The suite proposed (the first one) and session settings.
+    pub handshake: HandshakeConfig,
+    /// The longest the TCP connect may take, and then again the handshake.
+    /// Default [`DEFAULT_HANDSHAKE_TIMEOUT`].
+    pub timeout: Duration,
+    /// Limits on incoming messages (traversal limit, nesting).
+    pub reader_options: ReaderOptions,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            handshake: HandshakeConfig::default(),
+            timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            reader_options: ReaderOptions::new(),
+        }
+    }
+}
+
+/// Accepts connections on `listener` forever, serving each authenticated
+/// peer its own bootstrap capability.
+///
+/// For every connection: wait for a handshake slot, run the handshake as
+/// `identity` with `policy` deciding who may connect, then call
+/// `bootstrap(&peer)` and run an `RpcSystem` with that capability on the
+/// current `LocalSet` until the peer disconnects; then send the
+/// authenticated CLOSE. Each connection is its own task: a peer that
+/// stalls, sends garbage, fails its handshake or disconnects mid-call
+/// affects only its own connection. Logs (`tracing`, target
+/// `capnp_noise::rpc`): `info` who connected (VatId fingerprint and
+/// address) and disconnected, `warn` who was refused and why, `info`
+/// failed handshakes.
+///
+/// Runs until the returned future is dropped; connections already
+/// established keep running on the `LocalSet` until they end.
+///
+/// # Panics
+/// If not run inside a [`tokio::task::LocalSet`] (as capnp-rpc requires).
+pub async fn serve<F, C>(
+    listener: TcpListener,
+    identity: Identity,
+    policy: Arc<dyn PeerPolicy>,
+    options: ServerOptions,
+    bootstrap: F,
+) where
+    F: Fn(&PeerInfo) -> C + 'static,
+    C: FromClientHook,
+{
+    let connections = Arc::new(Semaphore::new(options.max_connections.max(1)));
+    let server = Rc::new(Server {
+        identity,
+        policy,
+        handshakes: Arc::new(Semaphore::new(options.max_handshakes.max(1))),
+        options,
+        bootstrap,
+    });
+    loop {
+        if connections.available_permits() == 0 {
+            warn!("connection limit reached: new connections wait until one ends");
+        }
+        let Ok(permit) = connections.clone().acquire_owned().await else {
+            return; // never closed
+        };
+        let (tcp, addr) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of file descriptors and the like: back off, don't spin.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let server = server.clone();
+        tokio::task::spawn_local(async move {
+            server.serve_connection(tcp, addr).await;
+            drop(permit);
+        });
+    }
+}
+
+struct Server<F> {
+    identity: Identity,
+    policy: Arc<dyn PeerPolicy>,
+    handshakes: Arc<Semaphore>,
+    options: ServerOptions,
+    bootstrap: F,
+}
+
+impl<F, C> Server<F>
+where
+    F: Fn(&PeerInfo) -> C,
+    C: FromClientHook,
+{
+    async fn serve_connection(&self, tcp: TcpStream, addr: SocketAddr) {
+        let timeout = self.options.handshake_timeout;
+        let slot = tokio::time::timeout(timeout, self.handshakes.acquire()).await;
+        let Ok(Ok(slot)) = slot else {
+            warn!(%addr, "dropped: no handshake slot free within {timeout:?}");
+            return;
+        };
+        let _ = tcp.set_nodelay(true);
+        let config = StreamConfig::default()
+            .with_handshake(self.options.handshake.clone())
+            .with_handshake_timeout(Some(timeout))
+            .with_remote_addr(addr);
+        let stream = match stream::accept(tcp, &self.identity, self.policy.clone(), config).await {
+            Ok(stream) => stream,
+            Err(Error::PeerRefused { vat_id, reason }) => {
+                warn!(peer = %vat_id.fingerprint(), %addr, %reason, "refused");
+                return;
+            }
+            Err(e) => {
+                info!(%addr, error = %e, "handshake failed");
+                return;
+            }
+        };
+        drop(slot);
+        let peer = PeerInfo::of(&stream, addr);
+        let fingerprint = peer.vat_id.fingerprint();
+        info!(peer = %fingerprint, %addr, suite = peer.suite.noise_name(), "connected");
+        let bootstrap = capnp::capability::Client::new((self.bootstrap)(&peer).into_client_hook());
+        let (rpc_system, shared) = rpc_system(
+            stream,
+            Side::Server,
+            Some(bootstrap),
+            self.options.reader_options,
+        );
+        match run(rpc_system, shared).await {
+            Ok(()) => info!(peer = %fingerprint, %addr, "disconnected"),
+            Err(e) => info!(peer = %fingerprint, %addr, error = %e, "connection failed"),
+        }
+    }
+}
+
+/// Connects to a server at `addr`, authenticates it with `policy` (usually
+/// [`Pinned`](crate::Pinned) to the server's VatId), and returns its
+/// bootstrap capability with the connection's [`Connection`] handle.
+///
+/// The `RpcSystem` runs on the current `LocalSet` until
+/// [`Connection::disconnect`] or until the server goes away. `connect`
+/// returns when the handshake is done. A server whose policy refuses this
+/// vat can only hang up after the handshake (Noise XX authenticates the
+/// initiator last), so that refusal surfaces at the first call, as an error
+/// saying the server "may have refused this vat's identity".
+///
+/// # Errors
+/// [`Error::PeerRefused`] if `policy` refuses the server (this vat's
+/// identity was not revealed to it); [`Error::HandshakeTimeout`] if the TCP connect or the
+/// handshake takes longer than [`ClientOptions::timeout`]; [`Error::Io`];
+/// protocol errors of the handshake.
+///
+/// # Panics
+/// If not run inside a [`tokio::task::LocalSet`] (as capnp-rpc requires).
+pub async fn connect<A, C>(
+    addr: A,
+    identity: &Identity,
+    policy: Arc<dyn PeerPolicy>,
+    options: ClientOptions,
+) -> Result<(C, Connection)>
+where
+    A: ToSocketAddrs + fmt::Display,
+    C: FromClientHook,
+{
+    let dialed = addr.to_string();
+    let timeout = options.timeout;
+    let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| Error::HandshakeTimeout(timeout))??;
+    tcp.set_nodelay(true)?;
+    let remote_addr = tcp.peer_addr()?;
+    let config = StreamConfig::default()
+        .with_handshake(options.handshake)
+        .with_handshake_timeout(Some(timeout))
+        .with_dialed(dialed.clone())
+        .with_remote_addr(remote_addr);
+    let stream = match stream::connect(tcp, identity, policy, config).await {
+        Ok(stream) => stream,
+        Err(e) => {
+            match &e {
+                Error::PeerRefused { vat_id, reason } => {
+                    warn!(peer = %vat_id.fingerprint(), addr = %dialed, %reason, "refused server");
+                }
+                e => info!(addr = %dialed, error = %e, "handshake with server failed"),
+            }
+            return Err(e);
+        }
+    };
+    let peer = PeerInfo::of(&stream, remote_addr);
+    let (mut rpc_system, shared) = rpc_system(stream, Side::Client, None, options.reader_options);
+    let bootstrap: capnp::capability::Client = rpc_system.bootstrap(Side::Server);
+    let disconnector = rpc_system.get_disconnector();
+    let task = tokio::task::spawn_local(run(rpc_system, shared));
+    info!(peer = %peer.vat_id.fingerprint(), addr = %dialed, "connected to server");
+    Ok((
+        C::new(bootstrap.hook),
+        Connection {
+            peer,
+            disconnector,
+            task,
+        },
+    ))
+}
+
+/// A client connection made by [`connect`].
+///
+/// Dropping it leaves the connection running until the server goes away or
+/// every capability from it is dropped; [`disconnect`](Self::disconnect)
+/// ends it cleanly.
+#[must_use = "dropping the handle does not disconnect; call disconnect()"]
+pub struct Connection {
+    peer: PeerInfo,
+    disconnector: Disconnector<Side>,
+    task: JoinHandle<Result<(), capnp::Error>>,
+}
+
+impl fmt::Debug for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection")
+            .field("peer", &self.peer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Connection {
+    /// The server: its authenticated VatId, address, handshake hash, suite.
+    pub fn peer(&self) -> &PeerInfo {
+        &self.peer
+    }
+
+    /// Ends the connection: calls in flight fail, the authenticated CLOSE is
+    /// sent, and the `RpcSystem` task finishes.
+    ///
+    /// # Errors
+    /// The connection's error, if it had failed before.
+    pub async fn disconnect(self) -> Result<()> {
+        self.disconnector.await.map_err(capnp_error)?;
+        match self.task.await {
+            Ok(result) => result.map_err(capnp_error),
+            Err(e) => Err(Error::Io(Arc::new(io::Error::other(e)))),
+        }
+    }
+}
+
+fn capnp_error(e: capnp::Error) -> Error {
+    Error::Io(Arc::new(io::Error::other(format!("Cap'n Proto RPC: {e}"))))
+}
+
+/// Builds the `RpcSystem` of one connection over `stream`.
+fn rpc_system(
+    stream: NoiseStream<TcpStream>,
+    side: Side,
+    bootstrap: Option<capnp::capability::Client>,
+    reader_options: ReaderOptions,
+) -> (RpcSystem<Side>, Shared) {
+    let shared = Shared(Rc::new(RefCell::new(stream)));
+    let network = twoparty::VatNetwork::new(shared.clone(), shared.clone(), side, reader_options);
+    (RpcSystem::new(Box::new(network), bootstrap), shared)
+}
+
+/// Runs the `RpcSystem` to its end, then sends the authenticated CLOSE:
+/// capnp-rpc never closes its output stream, and without CLOSE the peer
+/// could not tell a clean end from a cut connection.
+async fn run(rpc_system: RpcSystem<Side>, stream: Shared) -> Result<(), capnp::Error> {
+    let result = rpc_system.await;
+    let close = poll_fn(|cx| Pin::new(&mut *stream.0.borrow_mut()).poll_shutdown(cx));
+    match tokio::time::timeout(CLOSE_TIMEOUT, close).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => debug!(error = %e, "no authenticated close sent"),
+        Err(_) => debug!("the peer did not take the authenticated close in time"),
+    }
+    result
+}
+
+/// The stream, shared by the two-party network's reader and writer (both
+/// polled from the connection's one task) and by [`run`], which closes it.
+#[derive(Clone)]
+struct Shared(Rc<RefCell<NoiseStream<TcpStream>>>);
+
+impl futures::AsyncRead for Shared {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        let mut buf = ReadBuf::new(buf);
+        let mut stream = self.0.borrow_mut();
+        std::task::ready!(tokio::io::AsyncRead::poll_read(
+            Pin::new(&mut *stream),
+            cx,
+            &mut buf
+        ))?;
+        Poll::Ready(Ok(buf.filled().len()))
+    }
+}
+
+impl futures::AsyncWrite for Shared {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.0.borrow_mut()).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.0.borrow_mut()).poll_flush(cx)
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.0.borrow_mut()).poll_shutdown(cx)
+    }
+}
+
+// ----- sturdy refs -----
+
+/// Serves sturdy refs: a `Restorer` capability (schema/noise.capnp) over a
+/// shared [`sturdy::Restorer`](crate::sturdy::Restorer) of capabilities.
+///
+/// Make it (part of) the bootstrap capability of [`serve`]; add and revoke
+/// objects through the shared map while the server runs. A wrong and a
+/// revoked object id fail alike, with an error that names neither.
+///
+/// ```
+/// use std::{cell::RefCell, rc::Rc};
+/// use capnp_noise::rpc::restorer_client;
+/// use capnp_noise::sturdy::Restorer;
+/// let objects = Rc::new(RefCell::new(Restorer::<capnp::capability::Client>::new()));
+/// let bootstrap = restorer_client(objects.clone());
+/// # drop(bootstrap);
+/// ```
+pub fn restorer_client(
+    objects: Rc<RefCell<crate::sturdy::Restorer<capnp::capability::Client>>>,
+) -> restorer::Client {
+    capnp_rpc::new_client(RestorerServer { objects })
+}
+
+use crate::schema::noise_capnp::restorer;
+
+struct RestorerServer {
+    objects: Rc<RefCell<crate::sturdy::Restorer<capnp::capability::Client>>>,
+}
+
+impl restorer::Server for RestorerServer {
+    async fn restore(
+        self: capnp::capability::Rc<Self>,
+        params: restorer::RestoreParams,
+        mut results: restorer::RestoreResults,
+    ) -> std::result::Result<(), capnp::Error> {
+        let id = params.get()?.get_object_id()?;
+        let cap = self
+            .objects
+            .borrow()
+            .restore(id)
+            .map_err(|e| capnp::Error::failed(e.to_string()))?
+            .clone();
+        results.get().init_cap().set_as_capability(cap.hook);
+        Ok(())
+    }
+}
+
+/// Connects to the vat a sturdy ref names and restores its object.
+///
+/// The addresses of the ref are tried in order; a connection counts only if
+/// the peer proves the ref's VatId (it is pinned), wherever it was reached.
+/// The vat's bootstrap capability must be a `Restorer` (see
+/// [`restorer_client`]). Returns the restored capability and the
+/// connection that carries it.
+///
+/// # Errors
+/// The last address's error if none led to the named vat
+/// ([`Error::PeerRefused`] when another vat answered there, I/O errors,
+/// timeouts); [`Error::Rpc`] if the vat refused the object id (wrong or
+/// revoked: the message is the same for both).
+pub async fn connect_sturdy<C: FromClientHook>(
+    sturdy_ref: &crate::sturdy::SturdyRef,
+    identity: &Identity,
+    options: ClientOptions,
+) -> Result<(C, Connection)> {
+    let policy: Arc<dyn PeerPolicy> = Arc::new(crate::policy::Pinned(*sturdy_ref.vat_id()));
+    let mut last = None;
+    for address in sturdy_ref.addresses() {
+        let (restorer, connection): (restorer::Client, Connection) = match connect(
+            address.to_string(),
+            identity,
+            policy.clone(),
+            options.clone(),
+        )
+        .await
+        {
+            Ok(connected) => connected,
+            Err(e) => {
+                info!(addr = %address, error = %e, "sturdy ref address failed; trying the next");
+                last = Some(e);
+                continue;
+            }
+        };
+        let mut request = restorer.restore_request();
+        request
+            .get()
+            .set_object_id(sturdy_ref.object_id().as_bytes());
+        let restored = async {
+            let response = request.send().promise.await?;
+            response.get()?.get_cap().get_as_capability::<C>()
+        }
+        .await;
+        return match restored {
+            Ok(cap) => Ok((cap, connection)),
+            Err(e) => {
+                // The connection is useless without the object.
+                let _ = connection.disconnect().await;
+                Err(Error::Rpc(format!(
+                    "{} could not restore the object: {}",
+                    sturdy_ref.vat_id().fingerprint(),
+                    e.extra
+                )))
+            }
+        };
+    }
+    Err(last.unwrap_or_else(|| Error::Config("the sturdy ref has no address".into())))
+}

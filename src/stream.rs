@@ -1,0 +1,537 @@
+//! [`NoiseStream`]: the encrypted, authenticated byte stream on tokio.
+//!
+//! A thin poll adapter over the sans-IO core: [`connect`] and [`accept`]
+//! return a [`Handshaking`] future that drives a [`Handshake`] over any
+//! `tokio::io::AsyncRead + AsyncWrite` (a `TcpStream`, a `UnixStream`, a
+//! `tokio::io::duplex` pipe...) and resolves to a [`NoiseStream`], which
+//! implements tokio's `AsyncRead` and `AsyncWrite` over the established
+//! [`Session`]. All protocol logic lives in [`crate::wire`]; this module only
+//! moves bytes between the session's buffers and the inner stream.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use capnp_noise::stream::{self, StreamConfig};
+//! use capnp_noise::{Identity, Pinned, VatId};
+//! use tokio::io::{AsyncReadExt, AsyncWriteExt};
+//!
+//! # async fn demo(server: VatId) -> Result<(), Box<dyn std::error::Error>> {
+//! let me = Identity::generate();
+//! let tcp = tokio::net::TcpStream::connect("127.0.0.1:4000").await?;
+//! let config = StreamConfig::default().with_dialed("127.0.0.1:4000");
+//! // Fails with Error::PeerRefused, before revealing `me`, unless the server is `server`.
+//! let mut s = stream::connect(tcp, &me, Arc::new(Pinned(server)), config).await?;
+//! assert_eq!(s.peer_vat_id(), server);
+//! s.write_all(b"hello").await?;
+//! s.flush().await?; // writes are buffered until a frame is full or this flush
+//! s.shutdown().await?; // the authenticated CLOSE: the peer's read returns end-of-stream
+//! let mut answer = Vec::new();
+//! s.read_to_end(&mut answer).await?; // half-close: reading still works
+//! # Ok(()) }
+//! ```
+//!
+//! # Handing the stream to capnp-rpc
+//!
+//! capnp-rpc takes `futures::io` streams; `tokio_util::compat` converts
+//! (this is what [`crate::rpc`] does, which also sends the authenticated
+//! CLOSE when the `RpcSystem` ends, something capnp-rpc never asks for):
+//!
+//! ```no_run
+//! use capnp_rpc::{rpc_twoparty_capnp::Side, twoparty, RpcSystem};
+//! use tokio_util::compat::TokioAsyncReadCompatExt;
+//! # async fn demo(stream: capnp_noise::stream::NoiseStream<tokio::net::TcpStream>) {
+//! let (reader, writer) = futures::AsyncReadExt::split(stream.compat());
+//! let network = twoparty::VatNetwork::new(reader, writer, Side::Client, Default::default());
+//! let mut rpc_system = RpcSystem::new(Box::new(network), None);
+//! let bootstrap: capnp::capability::Client = rpc_system.bootstrap(Side::Server);
+//! tokio::task::spawn_local(rpc_system);
+//! # }
+//! ```
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
+
+use crate::error::{Error, Result};
+use crate::identity::Identity;
+use crate::policy::{PeerContext, PeerPolicy};
+use crate::vat_id::VatId;
+use crate::wire::{
+    Handshake, HandshakeConfig, ReadOutcome, Role, Session, Suite, HANDSHAKE_HASH_LEN,
+};
+
+/// The default limit on how long a handshake may take: 10 seconds.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How many bytes the handshake reads from the inner stream at a time. Well
+/// below one maximal transport frame, so whatever the peer sent after its
+/// last handshake message always fits in the session.
+const HANDSHAKE_READ_CHUNK: usize = 4096;
+
+/// Settings of one [`connect`] or [`accept`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct StreamConfig {
+    /// Suites and session settings.
+    pub handshake: HandshakeConfig,
+    /// The longest the handshake may take, or `None` for no limit (only for
+    /// trusted peers: a peer that stalls would hold the connection forever).
+    /// Default [`DEFAULT_HANDSHAKE_TIMEOUT`]. Needs a tokio runtime with
+    /// the time driver enabled.
+    pub handshake_timeout: Option<Duration>,
+    /// The address the initiator dialed, as the user wrote it; passed to the
+    /// [`PeerPolicy`] in [`PeerContext::dialed`].
+    pub dialed: Option<String>,
+    /// The peer's socket address, if known; passed to the policy in
+    /// [`PeerContext::remote_addr`].
+    pub remote_addr: Option<SocketAddr>,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        StreamConfig {
+            handshake: HandshakeConfig::default(),
+            handshake_timeout: Some(DEFAULT_HANDSHAKE_TIMEOUT),
+            dialed: None,
+            remote_addr: None,
+        }
+    }
+}
+
+impl StreamConfig {
+    /// Sets [`handshake`](Self::handshake).
+    pub fn with_handshake(mut self, handshake: HandshakeConfig) -> Self {
+        self.handshake = handshake;
+        self
+    }
+
+    /// Sets [`handshake_timeout`](Self::handshake_timeout).
+    pub fn with_handshake_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.handshake_timeout = timeout;
+        self
+    }
+
+    /// Sets [`dialed`](Self::dialed).
+    pub fn with_dialed(mut self, dialed: impl Into<String>) -> Self {
+        self.dialed = Some(dialed.into());
+        self
+    }
+
+    /// Sets [`remote_addr`](Self::remote_addr).
+    pub fn with_remote_addr(mut self, addr: SocketAddr) -> Self {
+        self.remote_addr = Some(addr);
+        self
+    }
+}
+
+/// Starts the handshake as the initiator over `io`.
+///
+/// The returned future sends the preamble and message 1, checks the
+/// responder's proven VatId against `policy` and, only if it is accepted,
+/// sends message 3 (which reveals `identity`). It resolves once message 3 is
+/// written and flushed.
+///
+/// # Errors
+/// The future fails with [`Error::PeerRefused`] when `policy` refuses the
+/// responder, [`Error::HandshakeTimeout`], [`Error::UnexpectedEof`] when the
+/// responder hangs up (it does so silently when it does not accept the
+/// proposed suite), [`Error::Io`], or any protocol error of
+/// [`Handshake::feed`]. A responder that refuses *this* side's VatId can only
+/// hang up after the handshake: see [`NoiseStream`]'s reading.
+pub fn connect<S>(
+    io: S,
+    identity: &Identity,
+    policy: Arc<dyn PeerPolicy>,
+    config: StreamConfig,
+) -> Handshaking<S> {
+    let ctx = PeerContext::initiator(config.dialed, config.remote_addr);
+    let hs = Handshake::initiator(identity, policy, ctx, config.handshake);
+    Handshaking::new(io, hs, config.handshake_timeout)
+}
+
+/// Starts the handshake as the responder over `io`.
+///
+/// The returned future waits for the initiator's preamble and message 1,
+/// answers with message 2, and checks the initiator's proven VatId (message
+/// 3) against `policy`.
+///
+/// # Errors
+/// The future fails with [`Error::PeerRefused`] when `policy` refuses the
+/// initiator (drop the stream: the initiator then sees the connection end
+/// without an authenticated close), [`Error::HandshakeTimeout`],
+/// [`Error::UnexpectedEof`] when the initiator hangs up (as it does when it
+/// refuses this side's VatId: it never reveals its own),
+/// [`Error::Protocol`] for anything but a capnp-noise initiator,
+/// [`Error::Io`].
+pub fn accept<S>(
+    io: S,
+    identity: &Identity,
+    policy: Arc<dyn PeerPolicy>,
+    config: StreamConfig,
+) -> Handshaking<S> {
+    let ctx = PeerContext::responder(config.remote_addr);
+    let hs = Handshake::responder(identity, policy, ctx, config.handshake);
+    Handshaking::new(io, hs, config.handshake_timeout)
+}
+
+/// A handshake in progress: a future that resolves to the [`NoiseStream`]
+/// (see [`connect`] and [`accept`]).
+///
+/// The timeout starts when the future is first polled. Dropping the future
+/// abandons the handshake and drops the inner stream.
+#[must_use = "a handshake does nothing unless awaited"]
+pub struct Handshaking<S> {
+    mid: Option<MidHandshake<S>>,
+    error: Option<Error>,
+    timeout: Option<Duration>,
+    deadline: Option<Pin<Box<Sleep>>>,
+}
+
+struct MidHandshake<S> {
+    io: S,
+    hs: Handshake,
+    unflushed: bool,
+}
+
+impl<S> Handshaking<S> {
+    fn new(io: S, hs: Result<Handshake>, timeout: Option<Duration>) -> Self {
+        let (mid, error) = match hs {
+            Ok(hs) => (
+                Some(MidHandshake {
+                    io,
+                    hs,
+                    unflushed: false,
+                }),
+                None,
+            ),
+            Err(e) => (None, Some(e)),
+        };
+        Handshaking {
+            mid,
+            error,
+            timeout,
+            deadline: None,
+        }
+    }
+
+    /// The inner stream, while the handshake is in progress.
+    pub fn get_ref(&self) -> Option<&S> {
+        self.mid.as_ref().map(|m| &m.io)
+    }
+}
+
+impl<S> fmt::Debug for Handshaking<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Handshaking")
+            .field("handshake", &self.mid.as_ref().map(|m| &m.hs))
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Future for Handshaking<S> {
+    type Output = Result<NoiseStream<S>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        if let Some(e) = this.error.take() {
+            return Poll::Ready(Err(e));
+        }
+        if let Some(t) = this.timeout {
+            let deadline = this
+                .deadline
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(t)));
+            if deadline.as_mut().poll(cx).is_ready() && this.mid.is_some() {
+                this.mid = None;
+                return Poll::Ready(Err(Error::HandshakeTimeout(t)));
+            }
+        }
+        let Some(mid) = this.mid.as_mut() else {
+            return Poll::Ready(Err(Error::Config(
+                "a handshake future was polled after it completed".into(),
+            )));
+        };
+        let result = ready!(mid.poll_handshake(cx));
+        let mid = this.mid.take().expect("checked above");
+        Poll::Ready(result.and_then(|()| {
+            Ok(NoiseStream {
+                session: mid.hs.into_session()?,
+                io: mid.io,
+                io_shut_down: false,
+            })
+        }))
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> MidHandshake<S> {
+    /// Sends what the handshake has to say, then waits for the peer, until
+    /// the handshake has finished and its last message is flushed.
+    fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        loop {
+            while !self.hs.pending_output().is_empty() {
+                let n = ready!(Pin::new(&mut self.io).poll_write(cx, self.hs.pending_output()))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero).into()));
+                }
+                self.hs.consume_output(n);
+                self.unflushed = true;
+            }
+            if self.unflushed {
+                ready!(Pin::new(&mut self.io).poll_flush(cx))?;
+                self.unflushed = false;
+            }
+            if self.hs.is_finished() {
+                return Poll::Ready(Ok(()));
+            }
+            let mut chunk = [0u8; HANDSHAKE_READ_CHUNK];
+            let mut buf = ReadBuf::new(&mut chunk);
+            ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf))?;
+            let got = buf.filled();
+            if got.is_empty() {
+                // The handshake names the step and the likely cause.
+                let e = self.hs.feed_eof().unwrap_or(Error::UnexpectedEof {
+                    during: "during the handshake",
+                });
+                return Poll::Ready(Err(e));
+            }
+            // The handshake takes everything: after its last message it keeps
+            // up to one maximal frame for the session, more than one chunk.
+            let taken = self.hs.feed(got)?;
+            if taken != got.len() {
+                return Poll::Ready(Err(Error::Config(
+                    "the handshake left received bytes unconsumed".into(),
+                )));
+            }
+        }
+    }
+}
+
+/// An established capnp-noise connection over the inner stream `S`.
+///
+/// Obtained from [`connect`] or [`accept`]; the peer's VatId is
+/// authenticated and was accepted by the local policy.
+///
+/// # Writing
+/// Writes behave like a `BufWriter`: small writes are gathered into frames of
+/// up to 65518 plaintext bytes, and a frame goes on the wire when it is full,
+/// on [`flush`](tokio::io::AsyncWriteExt::flush) or on
+/// [`shutdown`](tokio::io::AsyncWriteExt::shutdown). **Flush after each
+/// message** whose answer you wait for. `poll_flush` seals everything
+/// buffered, writes all of it to the inner stream and then flushes the inner
+/// stream; it returns `Ready` only when all of that is done. `poll_write`
+/// returns `Pending` only when it could accept no byte at all (the inner
+/// stream is not taking the previous frame): backpressure, never an
+/// unbounded queue.
+///
+/// `poll_shutdown` seals what is buffered and an authenticated CLOSE, writes
+/// them out, and shuts down the inner stream's writing side. Reading keeps
+/// working afterwards (half-close), and so does writing after the peer's
+/// CLOSE.
+///
+/// # Reading
+/// Ciphertext is read straight into the session's receive buffer and
+/// decrypted straight into the caller's buffer when it can hold a whole
+/// frame (otherwise through one 64 KiB plaintext buffer). A read returns
+/// end-of-stream (`Ok(())` with nothing filled) **only after the peer's
+/// authenticated CLOSE**. If the inner stream ends before it, the read fails
+/// with an [`io::Error`] of kind [`io::ErrorKind::UnexpectedEof`] wrapping
+/// [`Error::UnexpectedEof`] ("connection closed by the peer without an
+/// authenticated close..."): a cut or truncated connection is never mistaken
+/// for a clean end. A peer that fails authentication or breaks the protocol
+/// gives [`io::ErrorKind::InvalidData`]. Session errors are sticky.
+///
+/// # Memory
+/// Per connection, besides the inner stream and the Noise cipher states (a
+/// few hundred bytes), the session holds four buffers, each allocated on
+/// demand and bounded by one maximal frame (65537 bytes);
+/// [`Session::buffer_capacity`] reports the total:
+///
+/// | buffer | allocated | size |
+/// |---|---|---|
+/// | ciphertext received | on the first read | 4 KiB, growing to one frame while a large frame arrives |
+/// | plaintext received | only when a read's buffer is smaller than the frame | up to one frame |
+/// | frame being built | on the first write | grows with the data, up to one frame |
+/// | sealed frames to send | on the first flush | one frame and two control frames |
+///
+/// Buffers keep their capacity once grown;
+/// [`shrink_buffers`](Self::shrink_buffers) releases the empty ones.
+/// Measured (`tests/stream.rs`, `memory_held_idle_and_busy`): a fresh
+/// connection holds about 0.2 KiB; after a few small messages, as an idle
+/// RPC connection, 0.3 KiB on the sending side and 4 KiB on the receiving
+/// side; after streaming 1 MiB one way, 128 KiB on each side (the sender's
+/// two send buffers, the receiver's two receive buffers). A connection busy
+/// in both directions holds at most four frames' worth, about 256 KiB; after
+/// `shrink_buffers`, nothing.
+pub struct NoiseStream<S> {
+    io: S,
+    session: Session,
+    io_shut_down: bool,
+}
+
+impl<S> fmt::Debug for NoiseStream<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NoiseStream")
+            .field("session", &self.session)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> NoiseStream<S> {
+    /// The peer's authenticated VatId.
+    pub fn peer_vat_id(&self) -> VatId {
+        self.session.peer_vat_id()
+    }
+
+    /// The Noise handshake hash, identical on both ends and unique to this
+    /// connection (for channel binding).
+    pub fn handshake_hash(&self) -> &[u8; HANDSHAKE_HASH_LEN] {
+        self.session.handshake_hash()
+    }
+
+    /// The cipher suite in use.
+    pub fn suite(&self) -> Suite {
+        self.session.suite()
+    }
+
+    /// Whether this side initiated the connection.
+    pub fn role(&self) -> Role {
+        self.session.role()
+    }
+
+    /// The sans-IO session (read-only: state, errors, buffer sizes).
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
+    /// Releases the memory of empty buffers (see the table above); call it
+    /// when the connection goes idle. They are allocated again when needed.
+    pub fn shrink_buffers(&mut self) {
+        self.session.shrink_buffers();
+    }
+
+    /// The inner stream.
+    pub fn get_ref(&self) -> &S {
+        &self.io
+    }
+
+    /// The inner stream, mutably. Reading or writing it directly corrupts
+    /// the session; use it for socket options.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.io
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> NoiseStream<S> {
+    /// Reads from the inner stream into the session's receive buffer.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let space = self.session.recv_buffer();
+        if space.is_empty() {
+            // The session only reports NeedInput without a whole frame
+            // buffered, and then it always has room.
+            return Poll::Ready(Err(io::Error::other(
+                "capnp-noise: receive buffer full without a complete frame",
+            )));
+        }
+        let mut buf = ReadBuf::new(space);
+        ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf))?;
+        match buf.filled().len() {
+            0 => self.session.feed_eof(),
+            n => self.session.commit_recv(n),
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Writes every sealed frame to the inner stream.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.session.wants_write() {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, self.session.pending_output()))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.session.consume_output(n);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for NoiseStream<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            match this.session.read(buf.initialize_unfilled()) {
+                Ok(ReadOutcome::Data(n)) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(ReadOutcome::Closed) => return Poll::Ready(Ok(())),
+                Ok(ReadOutcome::NeedInput) if buf.remaining() == 0 => return Poll::Ready(Ok(())),
+                Ok(ReadOutcome::NeedInput) => ready!(this.poll_fill(cx))?,
+                Err(e) => return Poll::Ready(Err(e.into())),
+            }
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for NoiseStream<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let mut pos = 0;
+        loop {
+            match this.session.write(&buf[pos..]) {
+                Ok(n) => pos += n,
+                // Sticky: the next call reports it.
+                Err(_) if pos > 0 => return Poll::Ready(Ok(pos)),
+                Err(e) => return Poll::Ready(Err(e.into())),
+            }
+            // Put sealed frames on the wire while the inner stream takes
+            // them; stop (keeping what was accepted) when it does not.
+            match this.poll_drain(cx) {
+                Poll::Ready(Ok(())) if pos == buf.len() => return Poll::Ready(Ok(pos)),
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(_)) | Poll::Pending if pos > 0 => return Poll::Ready(Ok(pos)),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        // Drain before sealing more, so at most one frame waits at a time.
+        ready!(this.poll_drain(cx))?;
+        if this.session.buffered_plaintext() > 0 {
+            this.session.flush()?;
+            ready!(this.poll_drain(cx))?;
+        }
+        Pin::new(&mut this.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.session.local_closed() {
+            ready!(this.poll_drain(cx))?;
+            this.session.close()?;
+        }
+        ready!(this.poll_drain(cx))?;
+        if !this.io_shut_down {
+            ready!(Pin::new(&mut this.io).poll_shutdown(cx))?;
+            this.io_shut_down = true;
+        }
+        Poll::Ready(Ok(()))
+    }
+}

@@ -1,0 +1,191 @@
+//! Replays every committed fuzz corpus file (`fuzz/corpus/<target>/*`)
+//! through the same checks the cargo-fuzz targets run, on stable Rust, so
+//! that every finding stays fixed. Also keeps the seed corpus, the target
+//! list and the `fuzz/` workspace in agreement.
+//!
+//! `CAPNP_NOISE_REGEN_CORPUS=1 cargo test --test fuzz_corpus` rewrites the
+//! generated seeds (`seed-*` files) after a protocol change.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::panic::{self, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+
+use capnp_noise::fuzzing::{self, PairInput, Plan, TransportOp};
+
+fn fuzz_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz")
+}
+
+/// `(target name, directory)` for every directory under `fuzz/corpus/`.
+fn corpus_dirs() -> Vec<(String, PathBuf)> {
+    let mut dirs: Vec<_> = fs::read_dir(fuzz_dir().join("corpus"))
+        .expect("fuzz/corpus exists")
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.is_dir())
+        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), p))
+        .collect();
+    dirs.sort();
+    dirs
+}
+
+fn files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<_> = fs::read_dir(dir)
+        .expect("corpus dir")
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.is_file())
+        .collect();
+    v.sort();
+    v
+}
+
+fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "non-string panic".into())
+}
+
+#[test]
+fn every_corpus_file_passes_its_target() {
+    let mut failures = Vec::new();
+    let mut replayed = 0;
+    for (name, dir) in corpus_dirs() {
+        let check = fuzzing::check_for(&name).unwrap_or_else(|| {
+            panic!("fuzz/corpus/{name}/ has no target in capnp_noise::fuzzing::TARGETS")
+        });
+        for file in files(&dir) {
+            let data = fs::read(&file).expect("read corpus file");
+            replayed += 1;
+            if let Err(p) = panic::catch_unwind(AssertUnwindSafe(|| check(&data))) {
+                failures.push(format!("{}: {}", file.display(), panic_text(p)));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "corpus files failing:\n{}",
+        failures.join("\n")
+    );
+    assert!(replayed >= fuzzing::TARGETS.len());
+}
+
+#[test]
+fn targets_corpora_and_fuzz_workspace_agree() {
+    let manifest = fs::read_to_string(fuzz_dir().join("Cargo.toml")).expect("fuzz/Cargo.toml");
+    let dirs: BTreeSet<String> = corpus_dirs().into_iter().map(|(n, _)| n).collect();
+    let mut target_files = BTreeSet::new();
+    for entry in fs::read_dir(fuzz_dir().join("fuzz_targets")).expect("fuzz/fuzz_targets") {
+        let path = entry.expect("dir entry").path();
+        let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+        let src = fs::read_to_string(&path).expect("target source");
+        assert!(
+            src.contains(&format!("capnp_noise::fuzzing::{name}(")),
+            "{} must call capnp_noise::fuzzing::{name}",
+            path.display()
+        );
+        target_files.insert(name);
+    }
+    let targets: BTreeSet<String> = fuzzing::TARGETS
+        .iter()
+        .map(|(n, _)| n.to_string())
+        .collect();
+    assert_eq!(
+        targets, target_files,
+        "fuzz/fuzz_targets/ and fuzzing::TARGETS differ"
+    );
+    assert_eq!(targets, dirs, "fuzz/corpus/ and fuzzing::TARGETS differ");
+    for name in &targets {
+        assert!(
+            manifest.contains(&format!(
+                "name = \"{name}\"\npath = \"fuzz_targets/{name}.rs\""
+            )),
+            "fuzz/Cargo.toml lacks the [[bin]] of {name}"
+        );
+    }
+}
+
+#[test]
+fn seed_corpus_is_up_to_date() {
+    let regen = std::env::var_os("CAPNP_NOISE_REGEN_CORPUS").is_some();
+    let corpus = fuzz_dir().join("corpus");
+    let seeds = fuzzing::seeds();
+    let mut stale = Vec::new();
+    for seed in &seeds {
+        assert!(
+            fuzzing::check_for(seed.target).is_some(),
+            "seed for unknown {}",
+            seed.target
+        );
+        let path = corpus.join(seed.target).join(seed.file_name());
+        if regen {
+            fs::create_dir_all(path.parent().unwrap()).expect("corpus dir");
+            fs::write(&path, &seed.bytes).expect("write seed");
+        } else if fs::read(&path).ok().as_ref() != Some(&seed.bytes) {
+            stale.push(path.display().to_string());
+        }
+    }
+    // No seed file that the generator no longer makes.
+    let made: BTreeSet<PathBuf> = seeds
+        .iter()
+        .map(|s| corpus.join(s.target).join(s.file_name()))
+        .collect();
+    for (_, dir) in corpus_dirs() {
+        for file in files(&dir) {
+            let is_seed = file
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("seed-");
+            if is_seed && !made.contains(&file) {
+                if regen {
+                    fs::remove_file(&file).expect("remove old seed");
+                } else {
+                    stale.push(format!("{} (no longer generated)", file.display()));
+                }
+            }
+        }
+    }
+    assert!(
+        stale.is_empty(),
+        "stale seeds; run CAPNP_NOISE_REGEN_CORPUS=1 cargo test --test fuzz_corpus:\n{}",
+        stale.join("\n")
+    );
+}
+
+#[test]
+fn corpora_stay_small() {
+    for (name, dir) in corpus_dirs() {
+        let files = files(&dir);
+        let bytes: u64 = files.iter().map(|f| f.metadata().unwrap().len()).sum();
+        assert!(
+            files.len() <= 200,
+            "fuzz/corpus/{name} has {} files: cargo fuzz cmin",
+            files.len()
+        );
+        assert!(
+            bytes <= 1 << 20,
+            "fuzz/corpus/{name} has {bytes} bytes: cargo fuzz cmin"
+        );
+    }
+}
+
+#[test]
+fn structured_inputs_encode_as_they_decode() {
+    // The seed encoders must write what the targets read, or the seeds
+    // would exercise something other than what they are named for.
+    for seed in fuzzing::seeds() {
+        match seed.target {
+            "pair_ops" => {
+                let input = PairInput::from_fuzz_input(&seed.bytes).expect("decodes");
+                assert_eq!(input.to_fuzz_input(), seed.bytes, "{}", seed.name);
+                assert!(!input.ops.is_empty());
+            }
+            "transport" => {
+                let (_, ops) = Plan::parse(&seed.bytes).expect("header");
+                assert_eq!(TransportOp::encode_all(&TransportOp::decode_all(ops)), ops);
+            }
+            _ => {}
+        }
+    }
+}
