@@ -6,6 +6,7 @@ pub mod error;
 pub mod identity;
 pub mod intro;
 pub mod keyfile;
+pub mod network;
 pub mod policy;
 pub mod rpc;
 pub mod stream;
