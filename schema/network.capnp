@@ -14,7 +14,7 @@
 #
 # This file defines them for the capnp-noise network under exactly those names,
 # so that a future level-3 capnp-rpc can use them as they are. Until then they
-# travel as ordinary values in application-level RPC calls (docs/introductions.md).
+# travel as ordinary values in calls of the `Vat` interface below (SPEC.md section 12).
 #
 # The design follows rpc.capnp's `PublicKeyExample` (vats are identified by
 # public keys, and every connection is authenticated as a VatId):

@@ -17,8 +17,9 @@
 //!
 //! The three messages are the network types that Cap'n Proto's `rpc.capnp`
 //! asks each vat network to define for level-3 handoff; `schema/network.capnp`
-//! defines them for capnp-noise under the same names, and
-//! `docs/introductions.md` specifies the protocol and its security argument.
+//! defines them for capnp-noise under the same names. SPEC.md section 12
+//! specifies the protocol and its security argument; [`crate::network`]
+//! runs it over capnp-rpc.
 //!
 //! This module is the sans-IO part: it never touches a socket or the clock
 //! (time is passed in as `now`).
