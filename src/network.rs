@@ -357,8 +357,8 @@ impl NetworkBuilder {
 ///
 /// A cheap handle (clones share the vat). Single-threaded, like capnp-rpc:
 /// use it inside one [`tokio::task::LocalSet`]. Call [`Network::shutdown`]
-/// to close it; dropping every handle stops accepting new connections only
-/// once the listener task notices.
+/// to close it; dropping every handle stops listening but leaves
+/// established connections to their peers (as [`crate::rpc::Connection`] does).
 #[derive(Clone)]
 pub struct Network {
     inner: Rc<Inner>,
@@ -370,6 +370,16 @@ impl fmt::Debug for Network {
             .field("vat_id", &self.inner.vat_id)
             .field("local_addr", &self.inner.local)
             .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Inner {
+    /// The last handle is gone: stop listening. Established connections run
+    /// on until their peers close them (see [`Network::shutdown`]).
+    fn drop(&mut self) {
+        if let Some(task) = self.listener.get_mut().take() {
+            task.abort();
+        }
     }
 }
 
@@ -856,8 +866,19 @@ async fn accept_loop(weak: Weak<Inner>, listener: TcpListener) {
             if conn.info.vat_id < inner.vat_id {
                 // Initiated by the lower VatId: the pair's connection at once.
                 inner.install(&conn);
+                return;
             }
-            // Otherwise the peer asks with Vat.hello (Inner::decide).
+            // Otherwise the peer asks with Vat.hello (Inner::decide); one
+            // that does not ask in time does not keep the connection.
+            let limit = 2 * inner.options.connect_timeout;
+            drop(inner);
+            tokio::time::sleep(limit).await;
+            if let Some(inner) = weak.upgrade() {
+                if conn.status.get() == Status::Candidate {
+                    debug!(peer = %conn.info.vat_id.fingerprint(), "no hello in time");
+                    inner.close(&conn);
+                }
+            }
         });
     }
 }
