@@ -374,8 +374,8 @@ where
     A: ToSocketAddrs + fmt::Display,
     C: FromClientHook,
 {
+    let dialed = addr.to_string();
     let (stream, peer) = dial(addr, identity, policy, options.handshake, options.timeout).await?;
-    let dialed = peer.remote_addr;
     let (mut rpc_system, shared) = rpc_system(stream, Side::Client, None, options.reader_options);
     let bootstrap: capnp::capability::Client = rpc_system.bootstrap(Side::Server);
     let disconnector = rpc_system.get_disconnector();
