@@ -148,6 +148,13 @@ pub enum IntroductionError {
     /// A configured bound was reached (entries, waiters, lifetime, forwards).
     #[error("limit reached: {0}")]
     Limit(String),
+    /// The provider was asked to set aside a capability that it does not
+    /// host itself (one it imports from another vat, or its network service):
+    /// it would become a relay, so it refuses.
+    #[error(
+        "the capability is not hosted by the provider vat itself, so it cannot be introduced there"
+    )]
+    NotHosted,
 }
 
 /// The ways a peer's bytes can violate the wire protocol (SPEC.md).

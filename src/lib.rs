@@ -97,6 +97,7 @@ pub mod error;
 pub mod identity;
 pub mod intro;
 pub mod keyfile;
+pub mod network;
 pub mod policy;
 pub mod rpc;
 pub mod stream;
