@@ -802,6 +802,12 @@ impl RxBuf {
 /// Spare large buffers, kept per thread and bounded, so that buffers
 /// released when a stream goes quiet are reused by the next frame instead of
 /// being allocated again.
+///
+/// Spares are not zeroed (that would cost a 64 KiB memset per reuse): their
+/// old bytes, which may be another session's, are only ever overwritten, or
+/// handed to this session's inner stream as room to read into (as any
+/// reused read buffer is). The inner stream is the application's own
+/// transport, in the same process; keys never live in these buffers.
 mod spare {
     use std::cell::RefCell;
 
