@@ -11,13 +11,13 @@
 use std::fmt;
 use std::sync::Arc;
 
-use curve25519_dalek::MontgomeryPoint;
 use ed25519_dalek::{Signer, SigningKey};
 use rand::RngCore;
 use zeroize::Zeroizing;
 
 use crate::vat_id::VatId;
 use crate::wire::payload;
+use crate::wire::resolver::StaticKeyPair;
 
 /// A vat's secret identity.
 ///
@@ -35,8 +35,9 @@ use crate::wire::payload;
 pub struct Identity {
     signing: SigningKey,
     vat_id: VatId,
-    static_secret: Zeroizing<[u8; 32]>,
-    static_public: [u8; 32],
+    /// The Noise static key pair, parsed once for every handshake (zeroized
+    /// on drop).
+    static_key: Arc<StaticKeyPair>,
     payload: Arc<[u8]>,
 }
 
@@ -72,16 +73,15 @@ impl Identity {
     fn with_static_secret(signing: SigningKey, static_secret: Zeroizing<[u8; 32]>) -> Self {
         let vat_id = VatId::from_bytes(signing.verifying_key().as_bytes())
             .expect("an Ed25519 key derived from a seed is never weak");
-        let static_public = MontgomeryPoint::mul_base_clamped(*static_secret).to_bytes();
+        let static_key = Arc::new(StaticKeyPair::new(&static_secret));
         let signature = signing
-            .sign(&payload::binding_message(&static_public))
+            .sign(&payload::binding_message(static_key.public()))
             .to_bytes();
         let payload = payload::encode(&vat_id, &signature).into();
         Identity {
             signing,
             vat_id,
-            static_secret,
-            static_public,
+            static_key,
             payload,
         }
     }
@@ -103,11 +103,16 @@ impl Identity {
 
     /// The X25519 public key this identity uses as its Noise static key.
     pub fn noise_static_public(&self) -> &[u8; 32] {
-        &self.static_public
+        self.static_key.public()
     }
 
-    pub(crate) fn noise_static_secret(&self) -> &[u8; 32] {
-        &self.static_secret
+    #[cfg(test)]
+    fn noise_static_secret(&self) -> &[u8; 32] {
+        self.static_key.secret()
+    }
+
+    pub(crate) fn noise_static_key(&self) -> &Arc<StaticKeyPair> {
+        &self.static_key
     }
 
     /// The encoded handshake payload (VatId and signature over the static key).

@@ -49,6 +49,12 @@ const CHECK_DOMAIN: &[u8] = b"capnp-noise vat-id check";
 pub struct VatId([u8; 32]);
 
 impl VatId {
+    /// A VatId from bytes that already passed [`from_bytes`](Self::from_bytes)
+    /// (the handshake's cache of verified identity bindings).
+    pub(crate) fn from_verified_bytes(bytes: [u8; 32]) -> Self {
+        VatId(bytes)
+    }
+
     /// Builds a VatId from a 32-byte Ed25519 public key.
     ///
     /// # Errors

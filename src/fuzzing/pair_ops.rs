@@ -7,7 +7,7 @@ use arbitrary::{Arbitrary, Unstructured};
 
 use super::support::{end_of_stream, feed_and_read, session_pair, suite, End};
 use super::Seed;
-use crate::wire::transport::{MAX_WIRE_FRAME, MIN_TRANSPORT_FRAME};
+use crate::wire::transport::{MAX_WIRE_FRAME, MIN_TRANSPORT_FRAME, SHORT_FRAME};
 use crate::wire::{HandshakeConfig, Session, SessionConfig};
 use crate::wire::{LENGTH_PREFIX_LEN, MAX_DATA_PER_FRAME};
 use crate::Error;
@@ -235,7 +235,13 @@ pub fn pair_ops(data: &[u8]) {
                                 "a write sealed while output waited"
                             );
                         } else {
-                            let most = MAX_WIRE_FRAME + LENGTH_PREFIX_LEN + MIN_TRANSPORT_FRAME;
+                            // A full frame, a short one sealed just before
+                            // it (SHORT_FRAME), and a REKEY after each.
+                            let most = MAX_WIRE_FRAME
+                                + LENGTH_PREFIX_LEN
+                                + SHORT_FRAME
+                                + MIN_TRANSPORT_FRAME
+                                + 2 * (LENGTH_PREFIX_LEN + MIN_TRANSPORT_FRAME);
                             assert!(s.pending_output().len() <= most);
                         }
                     }

@@ -78,6 +78,45 @@ impl CipherState {
         Ok(out)
     }
 
+    /// Encrypts `plaintext || [last]` into `out`, which must be exactly
+    /// `plaintext.len() + 1 + 16` bytes long (ciphertext, then the tag),
+    /// reading `plaintext` where it lies: no copy before encryption.
+    pub(crate) fn seal_out_of_place(
+        &mut self,
+        plaintext: &[u8],
+        last: u8,
+        out: &mut [u8],
+    ) -> Result<(), Error> {
+        if out.len() != plaintext.len() + 1 + TAG_LEN {
+            return Err(Error::Config(
+                "seal_out_of_place: wrong output length".into(),
+            ));
+        }
+        let nonce = self.next_nonce()?;
+        let (ct, last_and_tag) = out.split_at_mut(plaintext.len());
+        self.key
+            .seal_out_of_place_scatter(nonce, Aad::empty(), plaintext, ct, &[last], last_and_tag)
+            .map_err(|_| Error::Config("the AEAD refused to seal".into()))
+    }
+
+    /// Decrypts `in_out` (ciphertext then tag) in place and returns the
+    /// plaintext length; the plaintext is `in_out[..len]`.
+    pub(crate) fn open_in_place(&mut self, in_out: &mut [u8]) -> Result<usize, Error> {
+        let decrypt = Error::Decrypt {
+            during: "a transport frame",
+        };
+        let len = in_out.len().checked_sub(TAG_LEN).ok_or(decrypt.clone())?;
+        if self.n == u64::MAX {
+            return Err(Error::NonceExhausted);
+        }
+        // The nonce advances only when the frame authenticates.
+        self.key
+            .open_in_place(self.nonce(self.n), Aad::empty(), in_out)
+            .map_err(|_| decrypt)?;
+        self.n += 1;
+        Ok(len)
+    }
+
     /// Decrypts `ciphertext` (tag included) into `out`, which must hold
     /// `ciphertext.len() - 16` bytes. Returns the plaintext length.
     pub(crate) fn open_into(&mut self, ciphertext: &[u8], out: &mut [u8]) -> Result<usize, Error> {
@@ -171,6 +210,34 @@ mod tests {
             "a replay fails: the nonce moved on"
         );
         assert!(rx.open_into(&frame[..10], &mut out).is_err());
+    }
+
+    /// The out-of-place seal and the in-place open agree with the in-place
+    /// seal byte for byte, and leave the input alone.
+    #[test]
+    fn out_of_place_seal_and_in_place_open_match_in_place_seal() {
+        for suite in Suite::ALL {
+            let mut a = CipherState::new(suite, &[3; 32]);
+            let mut b = CipherState::new(suite, &[3; 32]);
+            let mut rx = CipherState::new(suite, &[3; 32]);
+            for len in [0usize, 1, 15, 16, 17, 1000, 65518] {
+                let plain: Vec<u8> = (0..len).map(|i| (i * 31) as u8).collect();
+                let mut in_place = plain.clone();
+                in_place.push(0x02);
+                let tag = a.seal_in_place(&mut in_place).unwrap();
+                in_place.extend_from_slice(&tag);
+                let mut out = vec![0u8; len + 1 + TAG_LEN];
+                b.seal_out_of_place(&plain, 0x02, &mut out).unwrap();
+                assert_eq!(out, in_place, "{suite} {len}");
+                assert_eq!(rx.open_in_place(&mut out).unwrap(), len + 1);
+                assert_eq!(&out[..len], &plain[..]);
+                assert_eq!(out[len], 0x02);
+            }
+            let mut wrong = vec![0u8; 5];
+            assert!(b.seal_out_of_place(b"abc", 0, &mut wrong).is_err());
+            let mut short = [0u8; 15];
+            assert!(rx.open_in_place(&mut short).is_err());
+        }
     }
 
     #[test]

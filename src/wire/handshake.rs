@@ -98,7 +98,7 @@ pub struct Handshake {
     policy: Arc<dyn PeerPolicy>,
     ctx: PeerContext,
     local_payload: Arc<[u8]>,
-    static_secret: Zeroizing<[u8; 32]>,
+    static_key: Arc<super::resolver::StaticKeyPair>,
     fixed_ephemeral: Option<Zeroizing<[u8; 32]>>,
     noise: Option<snow::HandshakeState>,
     suite: Option<Suite>,
@@ -224,7 +224,7 @@ impl Handshake {
             policy,
             ctx,
             local_payload: identity.handshake_payload().clone(),
-            static_secret: Zeroizing::new(*identity.noise_static_secret()),
+            static_key: identity.noise_static_key().clone(),
             fixed_ephemeral,
             noise: None,
             suite: None,
@@ -289,9 +289,10 @@ impl Handshake {
 
     fn build_noise(&self, suite: Suite, prologue: &[u8]) -> Result<snow::HandshakeState, Error> {
         let params = suite.params();
-        let mut b = snow::Builder::with_resolver(params, super::resolver::resolver())
+        let resolver = super::resolver::resolver_knowing(Some(self.static_key.clone()));
+        let mut b = snow::Builder::with_resolver(params, resolver)
             .prologue(prologue)
-            .and_then(|b| b.local_private_key(self.static_secret.as_ref()))
+            .and_then(|b| b.local_private_key(self.static_key.secret()))
             .map_err(|e| Error::Config(format!("building the Noise state: {e}")))?;
         if let Some(e) = &self.fixed_ephemeral {
             b = b.fixed_ephemeral_key_for_testing_only(e.as_ref());
@@ -557,12 +558,11 @@ impl Handshake {
         let n = noise
             .read_message(msg, &mut buf)
             .map_err(|e| Error::from_snow(e, during))?;
-        let (vat_id, signature) = payload::decode(&buf[..n])?;
         let rs: [u8; 32] = noise
             .get_remote_static()
             .and_then(|s| s.try_into().ok())
             .ok_or(Error::BadIdentityProof("no Noise static key was received"))?;
-        payload::verify_binding(&vat_id, &signature, &rs)?;
+        let vat_id = payload::authenticate(&buf[..n], &rs)?;
         self.policy
             .check(&vat_id, &self.ctx)
             .map_err(|r| Error::PeerRefused {

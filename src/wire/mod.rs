@@ -19,7 +19,7 @@ pub mod frame;
 pub mod handshake;
 pub mod payload;
 pub mod preamble;
-mod resolver;
+pub(crate) mod resolver;
 pub mod transport;
 
 pub use handshake::{Handshake, HandshakeConfig, Role};

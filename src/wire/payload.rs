@@ -57,7 +57,21 @@ pub fn encode(vat_id: &VatId, signature: &[u8; 64]) -> Vec<u8> {
 /// Proto message, trailing bytes, a missing field, a wrong key or signature
 /// length, or a key that is not an Ed25519 point.
 pub fn decode(bytes: &[u8]) -> Result<(VatId, [u8; 64]), Error> {
-    let bad = |why: String| Error::Protocol(ProtocolError::BadPayload(why));
+    let (key, sig) = decode_unvalidated(bytes)?;
+    Ok((vat_id_of(&key)?, sig))
+}
+
+fn bad(why: String) -> Error {
+    Error::Protocol(ProtocolError::BadPayload(why))
+}
+
+fn vat_id_of(key: &[u8; 32]) -> Result<VatId, Error> {
+    VatId::from_bytes(key).map_err(|e| bad(e.to_string()))
+}
+
+/// [`decode`], except that the key is not yet checked to be a valid
+/// Ed25519 point.
+fn decode_unvalidated(bytes: &[u8]) -> Result<([u8; 32], [u8; 64]), Error> {
     if bytes.len() > MAX_HANDSHAKE_PAYLOAD_LEN {
         return Err(bad(format!(
             "{} bytes exceed the {MAX_HANDSHAKE_PAYLOAD_LEN}-byte limit",
@@ -76,7 +90,13 @@ pub fn decode(bytes: &[u8]) -> Result<(VatId, [u8; 64]), Error> {
     if !root.has_vat_id() {
         return Err(bad("vatId is missing".into()));
     }
-    let vat_id = VatId::read_capnp(root.get_vat_id()).map_err(bad)?;
+    let key = root
+        .get_vat_id()
+        .and_then(|v| v.get_ed25519())
+        .map_err(|e| bad(format!("bad vatId: {e}")))?;
+    let key: [u8; 32] = key
+        .try_into()
+        .map_err(|_| bad(format!("vatId.ed25519 has {} bytes, not 32", key.len())))?;
     let sig = root
         .get_static_key_signature()
         .map_err(|e| bad(format!("bad staticKeySignature: {e}")))?;
@@ -86,7 +106,7 @@ pub fn decode(bytes: &[u8]) -> Result<(VatId, [u8; 64]), Error> {
             sig.len()
         ))
     })?;
-    Ok((vat_id, sig))
+    Ok((key, sig))
 }
 
 /// Checks that `vat_id` signed `static_public` with `signature`.
@@ -104,21 +124,57 @@ pub fn verify_binding(
     signature: &[u8; 64],
     static_public: &[u8; 32],
 ) -> Result<(), Error> {
-    let digest: [u8; 32] = Sha256::new()
-        .chain_update(vat_id.as_bytes())
+    let digest = binding_digest(vat_id.as_bytes(), static_public, signature);
+    if is_verified(&digest) {
+        return Ok(());
+    }
+    verify_and_remember(vat_id, signature, static_public, digest)
+}
+
+/// Decodes a peer's payload and authenticates its VatId against the Noise
+/// static key the handshake proved: [`decode`] then [`verify_binding`],
+/// except that a binding verified before skips the Ed25519 point checks
+/// too (the key passed them when it was verified).
+///
+/// # Errors
+/// As [`decode`] and [`verify_binding`].
+pub(crate) fn authenticate(bytes: &[u8], static_public: &[u8; 32]) -> Result<VatId, Error> {
+    let (key, signature) = decode_unvalidated(bytes)?;
+    let digest = binding_digest(&key, static_public, &signature);
+    if is_verified(&digest) {
+        return Ok(VatId::from_verified_bytes(key));
+    }
+    let vat_id = vat_id_of(&key)?;
+    verify_and_remember(&vat_id, &signature, static_public, digest)?;
+    Ok(vat_id)
+}
+
+fn binding_digest(key: &[u8; 32], static_public: &[u8; 32], signature: &[u8; 64]) -> [u8; 32] {
+    Sha256::new()
+        .chain_update(key)
         .chain_update(static_public)
         .chain_update(signature)
         .finalize()
-        .into();
+        .into()
+}
+
+fn is_verified(digest: &[u8; 32]) -> bool {
     let cache = VERIFIED.get_or_init(|| Mutex::new(HashSet::new()));
-    if cache.lock().map(|c| c.contains(&digest)).unwrap_or(false) {
-        return Ok(());
-    }
+    cache.lock().map(|c| c.contains(digest)).unwrap_or(false)
+}
+
+fn verify_and_remember(
+    vat_id: &VatId,
+    signature: &[u8; 64],
+    static_public: &[u8; 32],
+    digest: [u8; 32],
+) -> Result<(), Error> {
     vat_id
         .verify(&binding_message(static_public), signature)
         .map_err(|_| {
             Error::BadIdentityProof("its signature does not bind its VatId to its Noise static key")
         })?;
+    let cache = VERIFIED.get_or_init(|| Mutex::new(HashSet::new()));
     if let Ok(mut c) = cache.lock() {
         if c.len() >= VERIFIED_CACHE_ENTRIES {
             c.clear();
@@ -152,6 +208,46 @@ mod tests {
         assert!(verify_binding(&id.vat_id(), &bad_sig, id.noise_static_public()).is_err());
         let other = Identity::generate().vat_id();
         assert!(verify_binding(&other, &sig, id.noise_static_public()).is_err());
+    }
+
+    /// `authenticate` agrees with `decode` + `verify_binding`, cached or not.
+    #[test]
+    fn authenticate_matches_decode_then_verify() {
+        let id = Identity::generate();
+        let good = id.handshake_payload();
+        for _ in 0..2 {
+            assert_eq!(
+                authenticate(good, id.noise_static_public()).unwrap(),
+                id.vat_id()
+            );
+        }
+        let mut other_static = *id.noise_static_public();
+        other_static[0] ^= 1;
+        assert!(matches!(
+            authenticate(good, &other_static),
+            Err(Error::BadIdentityProof(_))
+        ));
+        // A key that is no VatId (here the small-order neutral point) fails
+        // as in `decode`.
+        let mut neutral = [0u8; 32];
+        neutral[0] = 1;
+        let weak = encode_raw(&neutral, &[1; 64]);
+        let e = authenticate(&weak, id.noise_static_public()).unwrap_err();
+        assert!(
+            matches!(e, Error::Protocol(ProtocolError::BadPayload(_))),
+            "{e}"
+        );
+        assert_eq!(e.to_string(), decode(&weak).unwrap_err().to_string());
+    }
+
+    fn encode_raw(key: &[u8; 32], sig: &[u8; 64]) -> Vec<u8> {
+        let mut msg = Builder::new_default();
+        {
+            let mut root = msg.init_root::<handshake_payload::Builder>();
+            root.reborrow().init_vat_id().set_ed25519(key);
+            root.set_static_key_signature(sig);
+        }
+        serialize::write_message_to_words(&msg)
     }
 
     #[test]

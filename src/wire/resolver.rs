@@ -15,23 +15,66 @@
 use aws_lc_rs::{aead, agreement, digest};
 use snow::params::{CipherChoice, DHChoice, HashChoice};
 use snow::resolvers::{BoxedCryptoResolver, CryptoResolver, DefaultResolver, FallbackResolver};
+use std::sync::Arc;
+
 use snow::types::{Cipher, Dh, Hash, Random};
+use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
 const TAG_LEN: usize = 16;
 
 /// The resolver capnp-noise uses: aws-lc-rs first, snow's default resolver
-/// for what aws-lc-rs lacks.
-pub(crate) fn resolver() -> BoxedCryptoResolver {
+/// for what aws-lc-rs lacks. It is told this side's static key pair: when snow sets that
+/// private key, the key parsed once for the identity is used, instead of
+/// parsing it again (which in aws-lc computes the public key: an X25519
+/// base-point multiplication per handshake).
+pub(crate) fn resolver_knowing(static_key: Option<Arc<StaticKeyPair>>) -> BoxedCryptoResolver {
     Box::new(FallbackResolver::new(
-        Box::new(AwsLcResolver),
+        Box::new(AwsLcResolver { static_key }),
         Box::new(DefaultResolver),
     ))
 }
 
+/// An identity's X25519 static key pair, parsed once when the identity is
+/// created and shared by all its handshakes.
+pub(crate) struct StaticKeyPair {
+    secret: Zeroizing<[u8; 32]>,
+    public: [u8; 32],
+    key: agreement::PrivateKey,
+}
+
+impl StaticKeyPair {
+    /// Parses `secret` (any 32 bytes: X25519 clamps) and computes its public key.
+    pub(crate) fn new(secret: &[u8; 32]) -> Self {
+        let key = agreement::PrivateKey::from_private_key(&agreement::X25519, secret)
+            .expect("any 32 bytes are an X25519 private key");
+        let mut public = [0u8; 32];
+        public.copy_from_slice(
+            key.compute_public_key()
+                .expect("X25519 public key computation does not fail")
+                .as_ref(),
+        );
+        StaticKeyPair {
+            secret: Zeroizing::new(*secret),
+            public,
+            key,
+        }
+    }
+
+    pub(crate) fn secret(&self) -> &[u8; 32] {
+        &self.secret
+    }
+
+    pub(crate) fn public(&self) -> &[u8; 32] {
+        &self.public
+    }
+}
+
 /// aws-lc-rs implementations of Noise primitives.
-#[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct AwsLcResolver;
+#[derive(Default, Clone)]
+pub(crate) struct AwsLcResolver {
+    static_key: Option<Arc<StaticKeyPair>>,
+}
 
 impl CryptoResolver for AwsLcResolver {
     fn resolve_rng(&self) -> Option<Box<dyn Random>> {
@@ -40,7 +83,10 @@ impl CryptoResolver for AwsLcResolver {
 
     fn resolve_dh(&self, choice: &DHChoice) -> Option<Box<dyn Dh>> {
         match choice {
-            DHChoice::Curve25519 => Some(Box::new(X25519::default())),
+            DHChoice::Curve25519 => Some(Box::new(X25519 {
+                known: self.static_key.clone(),
+                ..X25519::default()
+            })),
             _ => None,
         }
     }
@@ -63,12 +109,28 @@ impl CryptoResolver for AwsLcResolver {
 }
 
 /// X25519 with aws-lc-rs. The private key is kept as bytes (zeroized on
-/// drop) for `privkey()`, and parsed once per `set`.
+/// drop) for `privkey()`, and parsed once per `set` unless it is the
+/// identity's static key, parsed already.
 #[derive(Default)]
 struct X25519 {
     secret: Zeroizing<[u8; 32]>,
     public: [u8; 32],
-    key: Option<agreement::PrivateKey>,
+    key: Option<ParsedKey>,
+    known: Option<Arc<StaticKeyPair>>,
+}
+
+enum ParsedKey {
+    Own(agreement::PrivateKey),
+    Static(Arc<StaticKeyPair>),
+}
+
+impl ParsedKey {
+    fn get(&self) -> &agreement::PrivateKey {
+        match self {
+            ParsedKey::Own(k) => k,
+            ParsedKey::Static(pair) => &pair.key,
+        }
+    }
 }
 
 impl Dh for X25519 {
@@ -87,13 +149,20 @@ impl Dh for X25519 {
     fn set(&mut self, privkey: &[u8]) {
         self.secret.copy_from_slice(&privkey[..32]);
         // X25519 accepts any 32 bytes as a private key (it clamps).
+        if let Some(pair) = &self.known {
+            if bool::from(pair.secret[..].ct_eq(&self.secret[..])) {
+                self.public = pair.public;
+                self.key = Some(ParsedKey::Static(pair.clone()));
+                return;
+            }
+        }
         let key = agreement::PrivateKey::from_private_key(&agreement::X25519, &self.secret[..])
             .expect("any 32 bytes are an X25519 private key");
         let public = key
             .compute_public_key()
             .expect("X25519 public key computation does not fail");
         self.public.copy_from_slice(public.as_ref());
-        self.key = Some(key);
+        self.key = Some(ParsedKey::Own(key));
     }
 
     fn generate(&mut self, rng: &mut dyn Random) -> Result<(), snow::Error> {
@@ -112,7 +181,7 @@ impl Dh for X25519 {
     }
 
     fn dh(&self, pubkey: &[u8], out: &mut [u8]) -> Result<(), snow::Error> {
-        let key = self.key.as_ref().ok_or(snow::Error::Dh)?;
+        let key = self.key.as_ref().ok_or(snow::Error::Dh)?.get();
         // snow passes its whole key buffer (MAXDHLEN bytes): the key is the first 32.
         let pubkey = pubkey.get(..32).ok_or(snow::Error::Dh)?;
         let peer = agreement::UnparsedPublicKey::new(&agreement::X25519, pubkey);
@@ -253,10 +322,40 @@ impl Hash for Sha256 {
 mod tests {
     use super::*;
 
+    /// The identity's parsed static key is used for its own private key
+    /// only, and agrees with snow's reference X25519.
+    #[test]
+    fn known_static_key_skips_only_its_own_public_key() {
+        let reference = DefaultResolver;
+        let mut r = reference.resolve_dh(&DHChoice::Curve25519).unwrap();
+        r.set(&[7; 32]);
+        let mut public = [0u8; 32];
+        public.copy_from_slice(r.pubkey());
+        let pair = Arc::new(StaticKeyPair::new(&[7; 32]));
+        assert_eq!(pair.public(), &public);
+        let ours = AwsLcResolver {
+            static_key: Some(pair),
+        };
+        let mut a = ours.resolve_dh(&DHChoice::Curve25519).unwrap();
+        a.set(&[7; 32]);
+        assert_eq!(a.pubkey(), &public[..]);
+        let mut peer = reference.resolve_dh(&DHChoice::Curve25519).unwrap();
+        peer.set(&[9; 32]);
+        let (mut s1, mut s2) = ([0u8; 32], [0u8; 32]);
+        a.dh(peer.pubkey(), &mut s1).unwrap();
+        r.dh(peer.pubkey(), &mut s2).unwrap();
+        assert_eq!(s1, s2);
+        let mut other = ours.resolve_dh(&DHChoice::Curve25519).unwrap();
+        other.set(&[8; 32]);
+        let mut r8 = reference.resolve_dh(&DHChoice::Curve25519).unwrap();
+        r8.set(&[8; 32]);
+        assert_eq!(other.pubkey(), r8.pubkey());
+    }
+
     /// Our primitives agree with snow's default (pure Rust) ones.
     #[test]
     fn agrees_with_snow_default_resolver() {
-        let ours = AwsLcResolver;
+        let ours = AwsLcResolver::default();
         let reference = DefaultResolver;
         let mut a = ours.resolve_dh(&DHChoice::Curve25519).unwrap();
         let mut b = reference.resolve_dh(&DHChoice::Curve25519).unwrap();

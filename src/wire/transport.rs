@@ -97,37 +97,61 @@ pub enum ReadOutcome {
     NeedInput,
 }
 
-/// Sealed frames waiting to be written out: `bytes[start..]`.
+/// Sealed frames waiting to be written out: `buf[start..end]`. `buf.len()`
+/// is how much of it has been initialised, so that a frame sealed straight
+/// into it never pays for zero-filling.
 #[derive(Default)]
 struct Outgoing {
-    bytes: Vec<u8>,
+    buf: Vec<u8>,
     start: usize,
+    end: usize,
 }
 
 impl Outgoing {
     fn data(&self) -> &[u8] {
-        &self.bytes[self.start..]
+        &self.buf[self.start..self.end]
     }
     fn is_empty(&self) -> bool {
-        self.start == self.bytes.len()
+        self.start == self.end
     }
     fn consume(&mut self, n: usize) {
-        self.start = (self.start + n).min(self.bytes.len());
-        if self.start == self.bytes.len() {
-            self.bytes.clear();
+        self.start = (self.start + n).min(self.end);
+        if self.start == self.end {
             self.start = 0;
+            self.end = 0;
         }
+    }
+    /// `n` bytes of room after the sealed frames, to seal into; then `commit`.
+    fn space(&mut self, n: usize) -> &mut [u8] {
+        let want = self.end + n;
+        if self.buf.capacity() < want {
+            spare::grow(&mut self.buf, want, self.end);
+        }
+        if self.buf.len() < want {
+            self.buf.resize(want, 0);
+        }
+        &mut self.buf[self.end..want]
+    }
+    fn commit(&mut self, n: usize) {
+        self.end += n;
+    }
+    fn append(&mut self, bytes: &[u8]) {
+        self.space(bytes.len()).copy_from_slice(bytes);
+        self.commit(bytes.len());
     }
 }
 
 /// An established, encrypted session: the sans-IO transport.
 ///
-/// Memory: the frame being built (up to 64 KiB), the sealed frames not yet
-/// written (one frame plus control frames), the receive buffer (4 KiB,
-/// growing to the frame being received, at most 64 KiB) and, only when the
-/// reader's buffers are smaller than a frame, one decrypted frame. Each
-/// buffer grows on demand; [`shrink_buffers`](Self::shrink_buffers)
-/// releases the idle ones.
+/// Memory: the frame being built from small writes (up to 64 KiB), the
+/// sealed frames not yet written (one frame plus a short frame and control
+/// frames), and the receive buffer (4 KiB, growing to the frame being
+/// received, at most 64 KiB), in which frames too large for the reader's
+/// buffer are decrypted in place. Each buffer grows on demand;
+/// [`shrink_large_buffers`](Self::shrink_large_buffers) releases the large
+/// idle ones (into a small per-thread pool that the next growth takes from,
+/// so a busy stream does not allocate per frame) and
+/// [`shrink_buffers`](Self::shrink_buffers) all idle ones.
 pub struct Session {
     tx_cipher: CipherState,
     rx_cipher: CipherState,
@@ -136,13 +160,12 @@ pub struct Session {
     // Receiving.
     rx: RxBuf,
     eof: bool,
-    rx_plain: Vec<u8>,
-    rx_plain_pos: usize,
-    rx_plain_end: usize,
     frames_received: bool,
     peer_closed: bool,
-    // Sending: `open` is the frame being built (a 2-byte length slot, then
-    // plaintext); it is sealed in place and swapped into `sealed`.
+    // Sending: `open` is the frame being built from small writes (a 2-byte
+    // length slot, then plaintext); it is sealed in place and swapped into
+    // (or, when short, copied onto) `sealed`. A write of a whole frame's
+    // worth is sealed from the caller's buffer straight into `sealed`.
     open: Vec<u8>,
     sealed: Outgoing,
     frames_this_key: u64,
@@ -180,17 +203,15 @@ impl Session {
             rx: RxBuf {
                 end: surplus_input.len(),
                 buf: surplus_input,
-                start: 0,
+                ..RxBuf::default()
             },
             eof: false,
-            rx_plain: Vec::new(),
-            rx_plain_pos: 0,
-            rx_plain_end: 0,
             frames_received: false,
             peer_closed: false,
             open: Vec::new(),
             sealed: Outgoing {
-                bytes: pending_output,
+                end: pending_output.len(),
+                buf: pending_output,
                 start: 0,
             },
             frames_this_key: 0,
@@ -237,29 +258,42 @@ impl Session {
 
     /// Bytes of memory the session's buffers hold (their capacities).
     pub fn buffer_capacity(&self) -> usize {
-        self.rx.buf.capacity()
-            + self.rx_plain.capacity()
-            + self.open.capacity()
-            + self.sealed.bytes.capacity()
+        self.rx.buf.capacity() + self.open.capacity() + self.sealed.buf.capacity()
     }
 
     /// Releases the memory of buffers that hold nothing: call it when the
     /// connection goes idle. Buffers grow again on demand.
     pub fn shrink_buffers(&mut self) {
-        if self.rx.start == self.rx.end {
-            self.rx.buf = Vec::new();
-            self.rx.start = 0;
-            self.rx.end = 0;
+        self.release_idle(0);
+    }
+
+    /// Releases the empty buffers that grew beyond 4 KiB (to receive or
+    /// send a large frame), keeping the small ones: cheap enough to call
+    /// whenever the connection goes quiet, which [`NoiseStream`] does when
+    /// a read finds nothing to read and after a flush that wrote everything.
+    ///
+    /// Released buffers go to a small pool of spares kept by the current
+    /// thread (a few frames' worth at most), and growing buffers take from it
+    /// first: a stream that goes quiet between frames, as a fast reader does,
+    /// keeps reusing the same memory instead of allocating per frame, while
+    /// a thousand idle connections hold only their small buffers.
+    ///
+    /// [`NoiseStream`]: crate::stream::NoiseStream
+    pub fn shrink_large_buffers(&mut self) {
+        self.release_idle(spare::KEEP);
+    }
+
+    /// Releases each empty buffer whose capacity exceeds `keep`.
+    fn release_idle(&mut self, keep: usize) {
+        if self.rx.is_empty() && self.rx.buf.capacity() > keep {
+            spare::give(std::mem::take(&mut self.rx.buf));
+            self.rx = RxBuf::default();
         }
-        if self.rx_plain_pos == self.rx_plain_end {
-            self.rx_plain = Vec::new();
-            self.rx_plain_pos = 0;
-            self.rx_plain_end = 0;
+        if self.open.is_empty() && self.open.capacity() > keep {
+            spare::give(std::mem::take(&mut self.open));
         }
-        if self.open.is_empty() {
-            self.open = Vec::new();
-        }
-        if self.sealed.is_empty() {
+        if self.sealed.is_empty() && self.sealed.buf.capacity() > keep {
+            spare::give(std::mem::take(&mut self.sealed.buf));
             self.sealed = Outgoing::default();
         }
     }
@@ -273,7 +307,7 @@ impl Session {
 
     fn fail(&mut self, e: Error) -> Error {
         self.error = Some(e.clone());
-        self.rx_plain_pos = self.rx_plain_end;
+        self.rx.plain_pos = self.rx.plain_end;
         e
     }
 
@@ -317,18 +351,33 @@ impl Session {
         }
         let mut taken = 0;
         while taken < data.len() {
-            if self.buffered_plaintext() == MAX_DATA_PER_FRAME {
+            let rest = &data[taken..];
+            let buffered = self.buffered_plaintext();
+            if rest.len() >= MAX_DATA_PER_FRAME && buffered <= SHORT_FRAME && self.sealed.is_empty()
+            {
+                // A whole frame's worth: seal it from `data` where it lies.
+                // A few bytes already buffered go first, as a short frame.
+                // (While output waits, bytes are buffered as usual.)
+                if !self.open.is_empty() {
+                    self.seal_data()?;
+                }
+                self.seal_direct(&rest[..MAX_DATA_PER_FRAME])?;
+                taken += MAX_DATA_PER_FRAME;
+                continue;
+            }
+            if buffered == MAX_DATA_PER_FRAME {
                 if !self.sealed.is_empty() {
                     break;
                 }
                 self.seal_data()?;
             }
             if self.open.is_empty() {
+                self.reserve_open(LENGTH_PREFIX_LEN);
                 self.open.extend_from_slice(&[0, 0]);
             }
-            let n = (MAX_DATA_PER_FRAME - self.buffered_plaintext()).min(data.len() - taken);
+            let n = (MAX_DATA_PER_FRAME - self.buffered_plaintext()).min(rest.len());
             self.reserve_open(n);
-            self.open.extend_from_slice(&data[taken..taken + n]);
+            self.open.extend_from_slice(&rest[..n]);
             taken += n;
         }
         if self.buffered_plaintext() == MAX_DATA_PER_FRAME && self.sealed.is_empty() {
@@ -409,35 +458,62 @@ impl Session {
     /// `Vec` does (doubling) but never beyond one sealed frame and two
     /// control frames: plain doubling would take a full frame (65537 bytes
     /// with its tag) to 128 KiB, in this buffer and in the output buffer it
-    /// is swapped with.
+    /// is swapped with. Large buffers come from the thread's spares first.
     fn reserve_open(&mut self, n: usize) {
         const MAX_OPEN: usize = MAX_WIRE_FRAME + 2 * CONTROL_WIRE_LEN;
         let need = self.open.len() + n + 1 + TAG_LEN; // the type byte and the tag
         if need > self.open.capacity() {
-            let want = need.max(2 * self.open.capacity()).min(MAX_OPEN);
-            self.open.reserve_exact(want - self.open.len());
+            let want = need.max(2 * self.open.capacity()).clamp(256, MAX_OPEN);
+            let len = self.open.len();
+            spare::grow(&mut self.open, want, len);
+            self.open.truncate(len); // a spare may come longer
         }
     }
 
     /// Seals the open frame (with a DATA type byte) and queues it.
     fn seal_data(&mut self) -> Result<(), Error> {
         if self.open.is_empty() {
+            self.reserve_open(LENGTH_PREFIX_LEN);
             self.open.extend_from_slice(&[0, 0]);
         }
         self.open.push(FRAME_DATA);
         let mut open = std::mem::take(&mut self.open);
         let sealed = self.seal_frame(&mut open);
-        if sealed.is_ok() && self.sealed.is_empty() {
-            // The common case: the frame becomes the output buffer, and the
-            // old (empty) output buffer is reused for the next frame.
-            std::mem::swap(&mut open, &mut self.sealed.bytes);
+        if sealed.is_ok() && self.sealed.is_empty() && open.len() > SHORT_FRAME {
+            // A long frame becomes the output buffer, and the old (empty)
+            // output buffer is reused for the next frame: no copy.
+            self.sealed.end = open.len();
             self.sealed.start = 0;
+            std::mem::swap(&mut open, &mut self.sealed.buf);
         } else if sealed.is_ok() {
-            self.sealed.bytes.extend_from_slice(&open);
+            self.sealed.append(&open);
         }
         open.clear();
         self.open = open;
         sealed?;
+        self.after_frame()
+    }
+
+    /// Seals `plain` (a whole frame's worth of application bytes, read where
+    /// it lies) as a DATA frame straight onto the output.
+    fn seal_direct(&mut self, plain: &[u8]) -> Result<(), Error> {
+        let body = plain.len() + 1 + TAG_LEN;
+        let len = u16::try_from(body).expect("at most one frame's worth");
+        let out = self.sealed.space(LENGTH_PREFIX_LEN + body);
+        out[..LENGTH_PREFIX_LEN].copy_from_slice(&len.to_be_bytes());
+        match self
+            .tx_cipher
+            .seal_out_of_place(plain, FRAME_DATA, &mut out[LENGTH_PREFIX_LEN..])
+        {
+            Ok(()) => self.sealed.commit(LENGTH_PREFIX_LEN + body),
+            Err(e) => return Err(self.fail(e)),
+        }
+        self.frames_this_key += 1;
+        self.after_frame()
+    }
+
+    /// Rekeys when the interval is reached, right after a data frame.
+    fn after_frame(&mut self) -> Result<(), Error> {
         if self.frames_this_key >= self.config.rekey_interval {
             self.seal_rekey()?;
         }
@@ -463,7 +539,7 @@ impl Session {
             Ok(tag) => {
                 frame[LENGTH_PREFIX_LEN + 1..].copy_from_slice(&tag);
                 self.frames_this_key += 1;
-                self.sealed.bytes.extend_from_slice(&frame);
+                self.sealed.append(&frame);
                 Ok(())
             }
             Err(e) => Err(self.fail(e)),
@@ -514,7 +590,8 @@ impl Session {
     /// whole maximal frame is already buffered (call [`read`](Self::read)).
     ///
     /// The buffer starts at 4 KiB and grows to the size of the frame being
-    /// received, at most one maximal frame (65537 bytes).
+    /// received, at most one maximal frame (65537 bytes), plus the unread
+    /// part of a frame decrypted in place if `read` has not taken it all.
     pub fn recv_buffer(&mut self) -> &mut [u8] {
         self.rx.make_room()
     }
@@ -551,27 +628,23 @@ impl Session {
     pub fn read(&mut self, out: &mut [u8]) -> Result<ReadOutcome, Error> {
         loop {
             self.check()?;
-            if self.rx_plain_pos < self.rx_plain_end {
-                let n = out.len().min(self.rx_plain_end - self.rx_plain_pos);
-                out[..n].copy_from_slice(&self.rx_plain[self.rx_plain_pos..self.rx_plain_pos + n]);
-                self.rx_plain_pos += n;
+            if let Some(n) = self.rx.take_plain(out) {
                 return Ok(ReadOutcome::Data(n));
             }
             if out.is_empty() {
                 return Ok(ReadOutcome::NeedInput);
             }
             if self.peer_closed {
-                if self.rx.start != self.rx.end {
+                if !self.rx.is_empty() {
                     return Err(self.fail(ProtocolError::DataAfterClose.into()));
                 }
                 return Ok(ReadOutcome::Closed);
             }
-            let split =
-                frame::split_frame(&self.rx.buf[self.rx.start..self.rx.end], TRANSPORT_BOUNDS);
-            let (body, used) = match split {
+            let split = frame::split_frame(self.rx.ciphertext(), TRANSPORT_BOUNDS);
+            let (body_len, used) = match split {
                 Err(e) => return Err(self.fail(e)),
                 Ok(None) if self.eof => {
-                    let during = if self.rx.start != self.rx.end {
+                    let during = if !self.rx.is_empty() {
                         "in the middle of a frame"
                     } else if self.info.role == Role::Initiator && !self.frames_received {
                         // After XX message 3 only the responder can still
@@ -583,87 +656,221 @@ impl Session {
                     return Err(self.fail(Error::UnexpectedEof { during }));
                 }
                 Ok(None) => return Ok(ReadOutcome::NeedInput),
-                Ok(Some(found)) => found,
+                Ok(Some((body, used))) => (body.len(), used),
             };
-            let plain_len = body.len() - TAG_LEN;
-            let direct = out.len() >= plain_len;
+            let body_start = self.rx.start + LENGTH_PREFIX_LEN;
+            let body = body_start..body_start + body_len;
+            // Straight into `out` when the frame fits; otherwise in place.
+            let direct = out.len() >= body_len - TAG_LEN;
             let decrypted = if direct {
-                self.rx_cipher.open_into(body, out)
+                self.rx_cipher.open_into(&self.rx.buf[body.clone()], out)
             } else {
-                if self.rx_plain.len() < plain_len {
-                    self.rx_plain.resize(plain_len, 0);
-                }
-                self.rx_cipher.open_into(body, &mut self.rx_plain)
+                self.rx_cipher.open_in_place(&mut self.rx.buf[body.clone()])
             };
             let n = match decrypted {
                 Ok(n) => n,
                 Err(e) => return Err(self.fail(e)),
             };
-            self.rx.consume(used);
             self.frames_received = true;
-            let plain = if direct {
-                &out[..n]
+            let ty = if direct {
+                out[n - 1]
             } else {
-                &self.rx_plain[..n]
+                self.rx.buf[body.start + n - 1]
             };
-            let (ty, body_len) = (plain[n - 1], n - 1);
+            let body_len = n - 1;
+            self.rx.start += used;
             match ty {
                 FRAME_DATA if direct => {
+                    self.rx.settle();
                     if body_len > 0 {
                         return Ok(ReadOutcome::Data(body_len));
                     }
                 }
                 FRAME_DATA => {
-                    self.rx_plain_pos = 0;
-                    self.rx_plain_end = body_len;
+                    self.rx.plain_pos = body.start;
+                    self.rx.plain_end = body.start + body_len;
+                    self.rx.settle();
                 }
                 FRAME_CLOSE | FRAME_REKEY if body_len != 0 => {
                     let name = if ty == FRAME_CLOSE { "CLOSE" } else { "REKEY" };
                     return Err(self.fail(ProtocolError::NonEmptyControlFrame(name).into()));
                 }
-                FRAME_CLOSE => self.peer_closed = true,
-                FRAME_REKEY => self.rx_cipher.rekey(),
+                FRAME_CLOSE => {
+                    self.rx.settle();
+                    self.peer_closed = true;
+                }
+                FRAME_REKEY => {
+                    self.rx.settle();
+                    self.rx_cipher.rekey();
+                }
                 other => return Err(self.fail(ProtocolError::UnknownFrameType(other).into())),
             }
         }
     }
 }
 
-/// The receive buffer: wire bytes between `start` and `end` of `buf`.
+/// The receive buffer: wire bytes between `start` and `end` of `buf`, and
+/// before them, between `plain_pos` and `plain_end`, the unread plaintext
+/// of a frame decrypted in place. `buf.len()` is how much has been
+/// initialised (the buffer is never zero-filled twice).
 #[derive(Default)]
 struct RxBuf {
     buf: Vec<u8>,
     start: usize,
     end: usize,
+    plain_pos: usize,
+    plain_end: usize,
 }
 
 /// The receive buffer's size while no large frame is in flight.
 const RX_BASE: usize = 4096;
 
+/// A few buffered bytes (at most this many) are sealed as a short frame of
+/// their own rather than topped up by copying from a write that brings a
+/// whole frame's worth, which is then sealed without a copy. So after a
+/// write, [`Session::pending_output`] holds at most one full DATA frame, one
+/// such short one, and control frames.
+pub const SHORT_FRAME: usize = 1024;
+
 impl RxBuf {
-    fn consume(&mut self, n: usize) {
-        self.start += n;
-        if self.start == self.end {
-            self.start = 0;
-            self.end = 0;
+    /// Nothing buffered: no ciphertext, no unread plaintext.
+    fn is_empty(&self) -> bool {
+        self.start == self.end && self.plain_pos == self.plain_end
+    }
+
+    fn ciphertext(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    /// Copies unread plaintext into `out`, if there is any.
+    fn take_plain(&mut self, out: &mut [u8]) -> Option<usize> {
+        if self.plain_pos == self.plain_end {
+            return None;
+        }
+        let n = out.len().min(self.plain_end - self.plain_pos);
+        out[..n].copy_from_slice(&self.buf[self.plain_pos..self.plain_pos + n]);
+        self.plain_pos += n;
+        self.settle();
+        Some(n)
+    }
+
+    /// Starts again at the front once everything has been used.
+    fn settle(&mut self) {
+        if self.is_empty() {
+            *self = RxBuf {
+                buf: std::mem::take(&mut self.buf),
+                ..RxBuf::default()
+            };
         }
     }
 
     fn make_room(&mut self) -> &mut [u8] {
-        let have = self.end - self.start;
-        let need = match frame::peek_len(&self.buf[self.start..self.end]) {
+        let live = if self.plain_pos < self.plain_end {
+            self.plain_pos
+        } else {
+            self.start
+        };
+        let frame = match frame::peek_len(&self.buf[self.start..self.end]) {
             Some(len) => LENGTH_PREFIX_LEN + len,
             None => 0,
         }
         .max(RX_BASE);
+        // Unread plaintext stays where it is, ahead of the next frame.
+        let need = self.start - live + frame;
         if self.buf.len() < need {
-            self.buf.resize(need.min(MAX_WIRE_FRAME), 0);
+            let want = need.min(MAX_WIRE_FRAME + MAX_MESSAGE_LEN);
+            if self.buf.capacity() < want {
+                spare::grow(&mut self.buf, want, self.end);
+            }
+            if self.buf.len() < want {
+                self.buf.resize(want, 0);
+            }
         }
-        if self.end == self.buf.len() && self.start > 0 || self.start + need > self.buf.len() {
-            self.buf.copy_within(self.start..self.end, 0);
-            self.start = 0;
-            self.end = have;
+        if self.end == self.buf.len() && live > 0 || live + need > self.buf.len() {
+            self.buf.copy_within(live..self.end, 0);
+            self.start -= live;
+            self.end -= live;
+            if self.plain_pos < self.plain_end {
+                self.plain_pos -= live;
+                self.plain_end -= live;
+            }
         }
         &mut self.buf[self.end..]
+    }
+}
+
+/// Spare large buffers, kept per thread and bounded, so that buffers
+/// released when a stream goes quiet are reused by the next frame instead of
+/// being allocated again.
+///
+/// Spares are not zeroed (that would cost a 64 KiB memset per reuse): their
+/// old bytes, which may be another session's, are only ever overwritten, or
+/// handed to this session's inner stream as room to read into (as any
+/// reused read buffer is). The inner stream is the application's own
+/// transport, in the same process; keys never live in these buffers.
+mod spare {
+    use std::cell::RefCell;
+
+    /// Buffers of at most this capacity are small: kept by idle sessions,
+    /// never pooled.
+    pub(super) const KEEP: usize = 4096;
+    /// The capacity of a large buffer: one maximal frame, a short frame
+    /// and control frames.
+    pub(super) const LARGE: usize = super::MAX_WIRE_FRAME + 2048;
+    /// How many spares a thread keeps: enough for a busy stream's three
+    /// large buffers and one more.
+    const SPARES: usize = 4;
+
+    thread_local! {
+        static SPARE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// Keeps `buf` as a spare if it is large and the pool has room.
+    pub(super) fn give(buf: Vec<u8>) {
+        if buf.capacity() <= KEEP {
+            return;
+        }
+        let _ = SPARE.try_with(|s| {
+            if let Ok(mut s) = s.try_borrow_mut() {
+                if s.len() < SPARES {
+                    s.push(buf);
+                }
+            }
+        });
+    }
+
+    /// Grows `buf` to a capacity of at least `want`, keeping its first
+    /// `keep` bytes: from a spare when one is large enough, otherwise by
+    /// allocating exactly `want`. Its length becomes at least `keep` and may
+    /// be more (a spare keeps its initialised length); callers that use the
+    /// length as their fill level truncate.
+    pub(super) fn grow(buf: &mut Vec<u8>, want: usize, keep: usize) {
+        // Large buffers come in one size, so that any of them serves any
+        // role (receiving, building, sending) and spares always fit.
+        let want = if want > KEEP { want.max(LARGE) } else { want };
+        let spare = SPARE
+            .try_with(|s| {
+                let mut s = s.try_borrow_mut().ok()?;
+                let i = s.iter().position(|b| b.capacity() >= want)?;
+                Some(s.swap_remove(i))
+            })
+            .ok()
+            .flatten();
+        match spare {
+            Some(mut new) => {
+                // The spare's initialised bytes stay (never read before
+                // being overwritten); only the kept prefix is copied.
+                if new.len() < keep {
+                    new.resize(keep, 0);
+                }
+                new[..keep].copy_from_slice(&buf[..keep]);
+                let old = std::mem::replace(buf, new);
+                give(old);
+            }
+            None => {
+                let len = buf.len();
+                buf.reserve_exact(want - len.min(want));
+            }
+        }
     }
 }

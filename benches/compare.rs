@@ -1,0 +1,1212 @@
+//! capnp-noise side by side with what users would pick instead: plain tokio
+//! TCP, tokio-rustls (TLS 1.3) and capnp-rpc over plain TCP. Identical
+//! workloads in one process run, interleaved across rounds (round 1 runs
+//! every contender once, then round 2...), medians and same-round ratios.
+//!
+//! ```text
+//! cargo bench --bench compare
+//! CAPNP_NOISE_BENCH_ROUNDS=3 CAPNP_NOISE_BENCH_ONLY=bulk,handshake cargo bench --bench compare
+//! ```
+//!
+//! Settings (environment variables, defaults in brackets):
+//!
+//! | variable | meaning |
+//! |---|---|
+//! | `CAPNP_NOISE_BENCH_ROUNDS` [5] | rounds; each runs every contender once |
+//! | `CAPNP_NOISE_BENCH_ONLY` [all] | comma-separated: `bulk`, `handshake`, `rpc`, `memory` |
+//! | `CAPNP_NOISE_BENCH_BULK_MIB` [512] | bytes per bulk transfer, in MiB |
+//! | `CAPNP_NOISE_BENCH_HANDSHAKES` [1000] | handshakes per measurement |
+//! | `CAPNP_NOISE_BENCH_RPC_SEQ` [20000] | sequential calls per measurement |
+//! | `CAPNP_NOISE_BENCH_RPC_PIPELINED` [100000] | calls per measurement, 64 in flight |
+//! | `CAPNP_NOISE_BENCH_RPC_LARGE` [10000] | 64 KiB calls per measurement, 64 in flight |
+//! | `CAPNP_NOISE_BENCH_CONNECTIONS` [1000] | idle connections in the memory section |
+//! | `CAPNP_NOISE_BENCH_CONTENDERS` [all] | comma-separated name filters, e.g. `noise,plain` |
+//!
+//! Every measurement runs the client and the server on two threads, each
+//! with its own current-thread tokio runtime (plus a `LocalSet` for RPC),
+//! over loopback TCP (127.0.0.1, port 0) with `TCP_NODELAY` on both ends.
+//!
+//! Contenders:
+//! * TLS: rustls 0.23 with its default aws-lc-rs provider, TLS 1.3 only, key
+//!   exchange X25519 only (rustls prefers X25519MLKEM768 by default; forced
+//!   off so both sides do the same Diffie-Hellman), Ed25519 certificates
+//!   from a test CA, no resumption (no tickets, no session cache). The
+//!   default suite list negotiates TLS13_AES_256_GCM_SHA384; the ChaCha
+//!   contender allows only TLS13_CHACHA20_POLY1305_SHA256.
+//! * capnp-noise: Noise XX, both suites, VatIds verified by both sides.
+
+#[path = "../examples/office_to_cloud/office.rs"]
+#[allow(dead_code)]
+mod office;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::future::{poll_fn, Future};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::task::Poll;
+use std::thread;
+use std::time::Instant;
+
+use capnp_noise::rpc::{self, ClientOptions, ServerOptions};
+use capnp_noise::schema::demo_capnp::office as office_capnp;
+use capnp_noise::stream::{self, StreamConfig};
+use capnp_noise::wire::{HandshakeConfig, Suite};
+use capnp_noise::{Identity, Pinned};
+use capnp_rpc::rpc_twoparty_capnp::Side;
+use capnp_rpc::{twoparty, RpcSystem};
+use futures::stream::{FuturesUnordered, StreamExt};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::compat::TokioAsyncReadCompatExt;
+
+// ---------------------------------------------------------------------------
+// A counting allocator, switched on only in the memory and allocation
+// sections so that it costs the timed sections nothing but one load.
+
+struct Counting;
+
+static COUNTING: AtomicBool = AtomicBool::new(false);
+static LIVE_BYTES: AtomicI64 = AtomicI64::new(0);
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: every call is forwarded unchanged to the system allocator; the
+// counters are only statistics.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if COUNTING.load(Ordering::Relaxed) {
+            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+            LIVE_BYTES.fetch_add(layout.size() as i64, Ordering::Relaxed);
+        }
+        System.alloc(layout)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if COUNTING.load(Ordering::Relaxed) {
+            LIVE_BYTES.fetch_sub(layout.size() as i64, Ordering::Relaxed);
+        }
+        System.dealloc(ptr, layout)
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if COUNTING.load(Ordering::Relaxed) {
+            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+            LIVE_BYTES.fetch_add(layout.size() as i64, Ordering::Relaxed);
+        }
+        System.alloc_zeroed(layout)
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if COUNTING.load(Ordering::Relaxed) {
+            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+            LIVE_BYTES.fetch_add(new_size as i64 - layout.size() as i64, Ordering::Relaxed);
+        }
+        System.realloc(ptr, layout, new_size)
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+// ---------------------------------------------------------------------------
+// Settings and machine.
+
+struct Settings {
+    rounds: usize,
+    only: Vec<String>,
+    bulk_bytes: u64,
+    handshakes: usize,
+    rpc_seq: usize,
+    rpc_pipelined: usize,
+    rpc_large: usize,
+    connections: usize,
+    contenders: Vec<String>,
+}
+
+fn env_or(name: &str, default: usize) -> usize {
+    match std::env::var(name) {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
+        Err(_) => default,
+    }
+}
+
+impl Settings {
+    fn from_env() -> Self {
+        Settings {
+            rounds: env_or("CAPNP_NOISE_BENCH_ROUNDS", 5).max(1),
+            only: std::env::var("CAPNP_NOISE_BENCH_ONLY")
+                .map(|v| v.split(',').map(|s| s.trim().to_string()).collect())
+                .unwrap_or_default(),
+            bulk_bytes: (env_or("CAPNP_NOISE_BENCH_BULK_MIB", 512).max(1) as u64) << 20,
+            handshakes: env_or("CAPNP_NOISE_BENCH_HANDSHAKES", 1000).max(1),
+            rpc_seq: env_or("CAPNP_NOISE_BENCH_RPC_SEQ", 20_000).max(1),
+            rpc_pipelined: env_or("CAPNP_NOISE_BENCH_RPC_PIPELINED", 100_000).max(1),
+            rpc_large: env_or("CAPNP_NOISE_BENCH_RPC_LARGE", 10_000).max(1),
+            connections: env_or("CAPNP_NOISE_BENCH_CONNECTIONS", 1000).max(1),
+            contenders: std::env::var("CAPNP_NOISE_BENCH_CONTENDERS")
+                .map(|v| v.split(',').map(|s| s.trim().to_lowercase()).collect())
+                .unwrap_or_default(),
+        }
+    }
+
+    fn wants(&self, section: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|s| s == section)
+    }
+
+    /// The contenders whose names contain one of the filter's words.
+    fn keep<'a, const N: usize>(&self, all: [&'a Contender; N]) -> Vec<&'a Contender> {
+        all.into_iter()
+            .filter(|c| {
+                let name = c.name.to_lowercase();
+                self.contenders.is_empty() || self.contenders.iter().any(|f| name.contains(f))
+            })
+            .collect()
+    }
+}
+
+fn print_machine() {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_else(|| "unknown".into());
+    let flags: Vec<&str> = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("flags"))
+        .map(|l| l.split_whitespace().collect())
+        .unwrap_or_default();
+    let has = |f: &str| if flags.contains(&f) { "yes" } else { "no" };
+    let cores = thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    println!("machine: {model}, {cores} cores, Linux {}", kernel.trim());
+    println!(
+        "cpu flags: aes={} pclmulqdq={} vaes={} vpclmulqdq={} avx2={} avx512f={}",
+        has("aes"),
+        has("pclmulqdq"),
+        has("vaes"),
+        has("vpclmulqdq"),
+        has("avx2"),
+        has("avx512f")
+    );
+    println!(
+        "capnp-noise {} (preferred suite here: {}), rustls 0.23 + tokio-rustls 0.26 (aws-lc-rs), capnp-rpc 0.27",
+        env!("CARGO_PKG_VERSION"),
+        Suite::preferred()
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Contenders.
+
+#[derive(Clone)]
+struct Tls {
+    server: Arc<rustls::ServerConfig>,
+    client: Arc<rustls::ClientConfig>,
+}
+
+/// (server, client) vats, one pair per connection.
+type FreshVats = Arc<Mutex<Vec<(Identity, Identity)>>>;
+
+#[derive(Clone)]
+#[allow(clippy::large_enum_variant)] // a handful of values, made once
+enum Transport {
+    Tcp,
+    Tls(Tls),
+    Noise {
+        suite: Suite,
+        server: Identity,
+        client: Identity,
+        /// For "cold" handshakes: a fresh (server, client) pair of vats per
+        /// connection, so no verified binding is ever cached.
+        /// Refilled before each measurement, outside the clock.
+        fresh: Option<FreshVats>,
+    },
+}
+
+#[derive(Clone)]
+struct Contender {
+    name: String,
+    transport: Transport,
+}
+
+fn tcp() -> Contender {
+    Contender {
+        name: "plain TCP".into(),
+        transport: Transport::Tcp,
+    }
+}
+
+fn noise(suite: Suite) -> Contender {
+    let short = match suite {
+        Suite::AesGcmSha256 => "AESGCM",
+        _ => "ChaChaPoly",
+    };
+    Contender {
+        name: format!("capnp-noise {short}"),
+        transport: Transport::Noise {
+            suite,
+            server: Identity::generate(),
+            client: Identity::generate(),
+            fresh: None,
+        },
+    }
+}
+
+/// Certificates for the TLS contenders: one Ed25519 CA, an Ed25519 server
+/// certificate for "localhost" and an Ed25519 client certificate.
+struct Pki {
+    ca: CertificateDer<'static>,
+    server: (CertificateDer<'static>, Vec<u8>),
+    client: (CertificateDer<'static>, Vec<u8>),
+}
+
+fn pki() -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, PKCS_ED25519};
+    let ca_key = KeyPair::generate_for(&PKCS_ED25519).unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf = |name: &str| {
+        let key = KeyPair::generate_for(&PKCS_ED25519).unwrap();
+        let cert = CertificateParams::new(vec![name.to_string()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        (cert.der().clone(), key.serialize_der())
+    };
+    Pki {
+        ca: ca.der().clone(),
+        server: leaf("localhost"),
+        client: leaf("client"),
+    }
+}
+
+fn tls(pki: &Pki, chacha_only: bool, mutual: bool) -> Contender {
+    use rustls::crypto::aws_lc_rs as provider;
+    let mut p = provider::default_provider();
+    p.kx_groups = vec![provider::kx_group::X25519];
+    if chacha_only {
+        p.cipher_suites = vec![provider::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256];
+    }
+    let p = Arc::new(p);
+    let key = |der: &Vec<u8>| PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(der.clone()));
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca.clone()).unwrap();
+    let roots = Arc::new(roots);
+
+    let server = rustls::ServerConfig::builder_with_provider(p.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap();
+    let server = if mutual {
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), p.clone())
+                .build()
+                .unwrap();
+        server.with_client_cert_verifier(verifier)
+    } else {
+        server.with_no_client_auth()
+    };
+    let mut server = server
+        .with_single_cert(vec![pki.server.0.clone()], key(&pki.server.1))
+        .unwrap();
+    server.send_tls13_tickets = 0;
+    server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+
+    let client = rustls::ClientConfig::builder_with_provider(p)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots);
+    let mut client = if mutual {
+        client
+            .with_client_auth_cert(vec![pki.client.0.clone()], key(&pki.client.1))
+            .unwrap()
+    } else {
+        client.with_no_client_auth()
+    };
+    client.resumption = rustls::client::Resumption::disabled();
+
+    let suite = if chacha_only {
+        "CHACHA20"
+    } else {
+        "AES-256-GCM"
+    };
+    let auth = if mutual { ", mutual" } else { "" };
+    Contender {
+        name: format!("tokio-rustls {suite}{auth}"),
+        transport: Transport::Tls(Tls {
+            server: Arc::new(server),
+            client: Arc::new(client),
+        }),
+    }
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Unpin> Io for T {}
+type BoxIo = Box<dyn Io>;
+
+fn noise_config(suite: Suite) -> StreamConfig {
+    StreamConfig::default().with_handshake(HandshakeConfig::with_suite(suite))
+}
+
+impl Contender {
+    /// For capnp-noise: the suite, this side's vat and a policy pinned to
+    /// the other side's, for the `i`-th connection.
+    fn noise_side(&self, i: usize, server_side: bool) -> Option<(Suite, Identity, Arc<Pinned>)> {
+        let Transport::Noise {
+            suite,
+            server,
+            client,
+            fresh,
+        } = &self.transport
+        else {
+            return None;
+        };
+        let (server, client) = match fresh {
+            Some(pairs) => pairs.lock().unwrap()[i].clone(),
+            None => (server.clone(), client.clone()),
+        };
+        let (me, peer) = if server_side {
+            (server, client)
+        } else {
+            (client, server)
+        };
+        Some((*suite, me, Arc::new(Pinned(peer.vat_id()))))
+    }
+
+    /// The `i`-th connection's server side, handshake done.
+    async fn server_io(&self, tcp: TcpStream, i: usize) -> BoxIo {
+        tcp.set_nodelay(true).unwrap();
+        if let Some((suite, me, policy)) = self.noise_side(i, true) {
+            let config = noise_config(suite);
+            return Box::new(stream::accept(tcp, &me, policy, config).await.unwrap());
+        }
+        match &self.transport {
+            Transport::Tls(t) => Box::new(
+                tokio_rustls::TlsAcceptor::from(t.server.clone())
+                    .accept(tcp)
+                    .await
+                    .unwrap(),
+            ),
+            _ => Box::new(tcp),
+        }
+    }
+
+    /// The `i`-th connection's client side, handshake done.
+    async fn client_io(&self, addr: SocketAddr, i: usize) -> BoxIo {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.set_nodelay(true).unwrap();
+        if let Some((suite, me, policy)) = self.noise_side(i, false) {
+            let config = noise_config(suite);
+            return Box::new(stream::connect(tcp, &me, policy, config).await.unwrap());
+        }
+        match &self.transport {
+            Transport::Tls(t) => Box::new(
+                tokio_rustls::TlsConnector::from(t.client.clone())
+                    .connect(ServerName::try_from("localhost").unwrap(), tcp)
+                    .await
+                    .unwrap(),
+            ),
+            _ => Box::new(tcp),
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Runs `server` on its own thread and runtime with a fresh loopback
+/// listener, and `client` on this thread with another runtime.
+fn client_server<S, SF, C, CF, T>(server: S, client: C) -> T
+where
+    S: FnOnce(TcpListener) -> SF + Send + 'static,
+    SF: Future<Output = ()>,
+    C: FnOnce(SocketAddr, Cpu) -> CF,
+    CF: Future<Output = T>,
+{
+    let (tx, rx) = mpsc::channel();
+    let handle = thread::spawn(move || {
+        let rt = runtime();
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&rt, async move {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send((listener.local_addr().unwrap(), this_thread()))
+                .unwrap();
+            server(listener).await;
+        });
+    });
+    let (addr, server_thread) = rx.recv().unwrap();
+    let cpu = Cpu([this_thread(), server_thread]);
+    let rt = runtime();
+    let local = tokio::task::LocalSet::new();
+    let out = local.block_on(&rt, client(addr, cpu));
+    handle.join().expect("server thread");
+    out
+}
+
+/// `/proc/<pid>/task/<tid>` of the calling thread.
+fn this_thread() -> std::path::PathBuf {
+    // The link reads "<pid>/task/<tid>", relative to /proc.
+    std::path::Path::new("/proc")
+        .join(std::fs::read_link("/proc/thread-self").expect("/proc/thread-self"))
+}
+
+/// The CPU time of the client and server threads, from the kernel's
+/// scheduler (`se.sum_exec_runtime` in `/proc/<pid>/task/<tid>/sched`): a
+/// cost that other load on the machine disturbs much less than wall-clock
+/// time.
+struct Cpu([std::path::PathBuf; 2]);
+
+impl Cpu {
+    fn seconds(&self) -> f64 {
+        self.0
+            .iter()
+            .map(|task| {
+                // "se.sum_exec_runtime : 1234.567890" (milliseconds).
+                let sched = std::fs::read_to_string(task.join("sched")).unwrap_or_default();
+                sched
+                    .lines()
+                    .find(|l| l.starts_with("se.sum_exec_runtime"))
+                    .and_then(|l| l.split(':').nth(1))
+                    .and_then(|ms| ms.trim().parse::<f64>().ok())
+                    .unwrap_or(0.0)
+            })
+            .sum::<f64>()
+            / 1e3
+    }
+}
+
+/// Wall-clock and CPU seconds of one measurement.
+#[derive(Clone, Copy)]
+struct Took {
+    secs: f64,
+    cpu: f64,
+}
+
+/// A stopwatch for both.
+struct Clock<'a> {
+    cpu: &'a Cpu,
+    start: Instant,
+    cpu_start: f64,
+}
+
+impl<'a> Clock<'a> {
+    fn start(cpu: &'a Cpu) -> Self {
+        Clock {
+            cpu,
+            cpu_start: cpu.seconds(),
+            start: Instant::now(),
+        }
+    }
+    fn stop(self) -> Took {
+        Took {
+            secs: self.start.elapsed().as_secs_f64(),
+            cpu: self.cpu.seconds() - self.cpu_start,
+        }
+    }
+}
+
+async fn ping(io: &mut BoxIo) {
+    io.write_all(b"?").await.unwrap();
+    io.flush().await.unwrap();
+    let mut b = [0u8; 1];
+    io.read_exact(&mut b).await.unwrap();
+}
+
+async fn pong(io: &mut BoxIo) {
+    let mut b = [0u8; 1];
+    io.read_exact(&mut b).await.unwrap();
+    io.write_all(&b).await.unwrap();
+    io.flush().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// Measurements. Each returns (seconds, work units).
+
+const WRITE_SIZE: usize = 64 * 1024;
+
+/// One connection, established before the clock starts; the client writes
+/// `bytes` in 64 KiB writes, the server reads them with a 64 KiB buffer and
+/// answers one byte at the end.
+fn bulk(c: &Contender, bytes: u64) -> Took {
+    let sc = c.clone();
+    client_server(
+        move |listener| async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut io = sc.server_io(tcp, 0).await;
+            pong(&mut io).await;
+            let mut buf = vec![0u8; WRITE_SIZE];
+            let mut got = 0u64;
+            while got < bytes {
+                let n = io.read(&mut buf).await.unwrap();
+                assert!(n > 0, "early end of stream");
+                got += n as u64;
+            }
+            io.write_all(b"!").await.unwrap();
+            io.flush().await.unwrap();
+            let _ = io.read(&mut buf).await; // until the client is done
+        },
+        |addr, cpu| async move {
+            let mut io = c.client_io(addr, 0).await;
+            ping(&mut io).await;
+            let data = vec![0x5au8; WRITE_SIZE];
+            let clock = Clock::start(&cpu);
+            let mut sent = 0u64;
+            while sent < bytes {
+                let n = (bytes - sent).min(WRITE_SIZE as u64) as usize;
+                io.write_all(&data[..n]).await.unwrap();
+                sent += n as u64;
+            }
+            io.flush().await.unwrap();
+            let mut ack = [0u8; 1];
+            io.read_exact(&mut ack).await.unwrap();
+            let t = clock.stop();
+            io.shutdown().await.unwrap();
+            t
+        },
+    )
+}
+
+/// `n` connections one after the other: TCP connect, handshake, and a
+/// one-byte ping-pong (so both sides have finished), then close.
+fn handshakes(c: &Contender, n: usize) -> Took {
+    let sc = c.clone();
+    client_server(
+        move |listener| async move {
+            for i in 0..n {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let mut io = sc.server_io(tcp, i).await;
+                pong(&mut io).await;
+            }
+        },
+        |addr, cpu| async move {
+            let clock = Clock::start(&cpu);
+            for i in 0..n {
+                let mut io = c.client_io(addr, i).await;
+                ping(&mut io).await;
+            }
+            clock.stop()
+        },
+    )
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Rpc {
+    Sequential,
+    Pipelined,
+    Large,
+}
+
+const IN_FLIGHT: usize = 64;
+const LARGE: usize = 64 * 1024;
+
+/// The twoparty network over a plain or TLS stream, buffered as capnp-rpc
+/// recommends (`BufReader`/`BufWriter`, as in its examples).
+fn twoparty_system<S: AsyncRead + AsyncWrite + Unpin + 'static>(
+    io: S,
+    side: Side,
+    bootstrap: Option<capnp::capability::Client>,
+) -> RpcSystem<Side> {
+    let (r, w) = futures::AsyncReadExt::split(io.compat());
+    let network = twoparty::VatNetwork::new(
+        futures::io::BufReader::new(r),
+        futures::io::BufWriter::new(w),
+        side,
+        Default::default(),
+    );
+    RpcSystem::new(Box::new(network), bootstrap)
+}
+
+fn office_client() -> office_capnp::Client {
+    capnp_rpc::new_client(office::Office {
+        caller: Identity::from_seed(&[9; 32]).vat_id(),
+    })
+}
+
+async fn call(office: &office_capnp::Client, data: &[u8]) {
+    let mut req = office.echo_request();
+    req.get().set_data(data);
+    let reply = req.send().promise.await.unwrap();
+    assert_eq!(reply.get().unwrap().get_data().unwrap().len(), data.len());
+}
+
+async fn calls(office: &office_capnp::Client, workload: Rpc, n: usize) {
+    let data = vec![0xa5u8; if workload == Rpc::Large { LARGE } else { 16 }];
+    if workload == Rpc::Sequential {
+        for _ in 0..n {
+            call(office, &data).await;
+        }
+        return;
+    }
+    let mut in_flight = FuturesUnordered::new();
+    let mut started = 0;
+    while started < n || !in_flight.is_empty() {
+        while started < n && in_flight.len() < IN_FLIGHT {
+            in_flight.push(call(office, &data));
+            started += 1;
+        }
+        in_flight.next().await;
+    }
+}
+
+/// One connection; `n` echo calls timed after a warm-up.
+fn rpc_calls(c: &Contender, workload: Rpc, n: usize) -> Took {
+    let sc = c.clone();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    client_server(
+        move |listener| async move {
+            match &sc.transport {
+                Transport::Noise {
+                    suite,
+                    server,
+                    client,
+                    ..
+                } => {
+                    let mut options = ServerOptions::default();
+                    options.handshake = HandshakeConfig::with_suite(*suite);
+                    let serve = rpc::serve(
+                        listener,
+                        server.clone(),
+                        Arc::new(Pinned(client.vat_id())),
+                        options,
+                        |_: &rpc::PeerInfo| office_client(),
+                    );
+                    tokio::select! {
+                        _ = serve => {}
+                        _ = stop_rx => {}
+                    }
+                }
+                _ => {
+                    let (tcp, _) = listener.accept().await.unwrap();
+                    tcp.set_nodelay(true).unwrap();
+                    let system = match &sc.transport {
+                        Transport::Tls(t) => {
+                            let tls = tokio_rustls::TlsAcceptor::from(t.server.clone())
+                                .accept(tcp)
+                                .await
+                                .unwrap();
+                            twoparty_system(tls, Side::Server, Some(office_client().client))
+                        }
+                        _ => twoparty_system(tcp, Side::Server, Some(office_client().client)),
+                    };
+                    let _ = system.await;
+                    drop(stop_rx);
+                }
+            }
+        },
+        |addr, cpu| async move {
+            let (office, disconnect): (office_capnp::Client, Pin<Box<dyn Future<Output = ()>>>) =
+                match &c.transport {
+                    Transport::Noise {
+                        suite,
+                        server,
+                        client,
+                        ..
+                    } => {
+                        let mut options = ClientOptions::default();
+                        options.handshake = HandshakeConfig::with_suite(*suite);
+                        let (office, conn) =
+                            rpc::connect(addr, client, Arc::new(Pinned(server.vat_id())), options)
+                                .await
+                                .unwrap();
+                        (
+                            office,
+                            Box::pin(async move {
+                                conn.disconnect().await.unwrap();
+                            }),
+                        )
+                    }
+                    t => {
+                        let tcp = TcpStream::connect(addr).await.unwrap();
+                        tcp.set_nodelay(true).unwrap();
+                        let mut system = match t {
+                            Transport::Tls(t) => {
+                                let tls = tokio_rustls::TlsConnector::from(t.client.clone())
+                                    .connect(ServerName::try_from("localhost").unwrap(), tcp)
+                                    .await
+                                    .unwrap();
+                                twoparty_system(tls, Side::Client, None)
+                            }
+                            _ => twoparty_system(tcp, Side::Client, None),
+                        };
+                        let office: office_capnp::Client = system.bootstrap(Side::Server);
+                        let disconnector = system.get_disconnector();
+                        let task = tokio::task::spawn_local(system);
+                        (
+                            office,
+                            Box::pin(async move {
+                                disconnector.await.unwrap();
+                                let _ = task.await;
+                            }),
+                        )
+                    }
+                };
+            calls(&office, workload, (n / 20).clamp(10, 1000)).await; // warm-up
+            let clock = Clock::start(&cpu);
+            calls(&office, workload, n).await;
+            let t = clock.stop();
+            drop(office);
+            disconnect.await;
+            let _ = stop_tx.send(());
+            t
+        },
+    )
+}
+
+// ---------------------------------------------------------------------------
+// Memory held by idle connections, and allocations in steady state.
+
+/// Sends `data` from `a` to `b`, reading it concurrently.
+async fn one_way(a: &mut BoxIo, b: &mut BoxIo, data: &[u8], sink: &mut [u8]) {
+    let w = async {
+        a.write_all(data).await.unwrap();
+        a.flush().await.unwrap();
+    };
+    let r = async {
+        let mut got = 0;
+        while got < data.len() {
+            got += b.read(sink).await.unwrap();
+        }
+    };
+    tokio::join!(w, r);
+}
+
+/// Memory per idle connection end: `connections` pairs are set up in one
+/// thread, each exchanges one small message and then (if `burst`) 256 KiB
+/// each way, then every end polls a read that finds nothing (as an idle RPC
+/// connection does). Returns (Rust heap bytes, all malloc'd bytes) per
+/// connection end: the second also counts what C code (aws-lc) allocates.
+fn idle_memory(c: &Contender, connections: usize, burst: bool) -> (f64, f64) {
+    const BURST: usize = 256 * 1024;
+    let rt = runtime();
+    rt.block_on(async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut ends: Vec<BoxIo> = Vec::with_capacity(2 * connections);
+        COUNTING.store(true, Ordering::SeqCst);
+        let malloc_before = malloc_in_use();
+        let before = LIVE_BYTES.load(Ordering::SeqCst);
+        let bytes = vec![7u8; if burst { BURST } else { 0 }];
+        let mut sink = vec![0u8; 64 * 1024];
+        for i in 0..connections {
+            let (server, client) = tokio::join!(
+                async {
+                    let (tcp, _) = listener.accept().await.unwrap();
+                    c.server_io(tcp, i).await
+                },
+                c.client_io(addr, i)
+            );
+            let (mut s, mut cl) = (server, client);
+            // A request and an answer, then a burst each way.
+            let (_, _) = tokio::join!(ping(&mut cl), pong(&mut s));
+            if burst {
+                one_way(&mut cl, &mut s, &bytes, &mut sink).await;
+                one_way(&mut s, &mut cl, &bytes, &mut sink).await;
+            }
+            // Idle: a read is pending on both ends.
+            for io in [&mut s, &mut cl] {
+                let mut b = [0u8; 1];
+                poll_fn(|cx| {
+                    let mut buf = ReadBuf::new(&mut b);
+                    match Pin::new(&mut **io).poll_read(cx, &mut buf) {
+                        Poll::Pending => Poll::Ready(()),
+                        Poll::Ready(r) => panic!("unexpected read result {r:?}"),
+                    }
+                })
+                .await;
+            }
+            ends.push(s);
+            ends.push(cl);
+        }
+        drop(bytes);
+        drop(sink);
+        let held = LIVE_BYTES.load(Ordering::SeqCst) - before;
+        let malloc = malloc_in_use() - malloc_before;
+        COUNTING.store(false, Ordering::SeqCst);
+        drop(ends);
+        let per_end = (2 * connections) as f64;
+        (held as f64 / per_end, malloc as f64 / per_end)
+    })
+}
+
+/// Bytes in use in the C allocator (glibc `mallinfo2`: all arenas plus
+/// mmapped blocks), which serves both Rust's heap and C code such as
+/// aws-lc (the AEAD key contexts of TLS and capnp-noise alike live there).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn malloc_in_use() -> i64 {
+    #[repr(C)]
+    struct MallInfo2 {
+        arena: usize,
+        ordblks: usize,
+        smblks: usize,
+        hblks: usize,
+        hblkhd: usize,
+        usmblks: usize,
+        fsmblks: usize,
+        uordblks: usize,
+        fordblks: usize,
+        keepcost: usize,
+    }
+    extern "C" {
+        fn mallinfo2() -> MallInfo2;
+    }
+    // SAFETY: mallinfo2 takes no arguments and returns a plain struct
+    // (glibc 2.33 and later).
+    let m = unsafe { mallinfo2() };
+    (m.uordblks + m.hblkhd) as i64
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn malloc_in_use() -> i64 {
+    0
+}
+
+/// Writes `n` times 64 KiB, the last byte of the last write a '.', then flushes.
+async fn pass(io: &mut BoxIo, data: &mut [u8], n: u64) {
+    for i in 0..n {
+        data[WRITE_SIZE - 1] = if i + 1 == n { b'.' } else { b'x' };
+        io.write_all(data).await.unwrap();
+    }
+    io.flush().await.unwrap();
+}
+
+/// Heap allocations per 64 KiB write during a bulk transfer (both ends,
+/// after warm-up).
+fn allocations_per_write(c: &Contender, bytes: u64) -> f64 {
+    let sc = c.clone();
+    let (writes, allocs) = client_server(
+        move |listener| async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut io = sc.server_io(tcp, 0).await;
+            let mut buf = vec![0u8; WRITE_SIZE];
+            pong(&mut io).await;
+            loop {
+                match io.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) if buf[n - 1] == b'.' => {
+                        io.write_all(b"!").await.unwrap();
+                        io.flush().await.unwrap();
+                    }
+                    Ok(_) => {}
+                }
+            }
+        },
+        |addr, _| async move {
+            let mut io = c.client_io(addr, 0).await;
+            ping(&mut io).await;
+            let mut data = vec![0x5au8; WRITE_SIZE];
+            let mut ack = [0u8; 1];
+            pass(&mut io, &mut data, 64).await; // warm-up
+            io.read_exact(&mut ack).await.unwrap();
+            let n = bytes / WRITE_SIZE as u64;
+            COUNTING.store(true, Ordering::SeqCst);
+            let before = ALLOCATIONS.load(Ordering::SeqCst);
+            pass(&mut io, &mut data, n).await;
+            io.read_exact(&mut ack).await.unwrap();
+            let allocs = ALLOCATIONS.load(Ordering::SeqCst) - before;
+            COUNTING.store(false, Ordering::SeqCst);
+            io.shutdown().await.unwrap();
+            (n, allocs)
+        },
+    );
+    allocs as f64 / writes as f64
+}
+
+// ---------------------------------------------------------------------------
+// Reporting.
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Rates per round for each contender (work / seconds), in contender order.
+struct Table {
+    title: String,
+    unit: &'static str,
+    /// What one unit of CPU cost is, e.g. "ns/byte".
+    cpu_unit: (&'static str, f64),
+    names: Vec<String>,
+    rates: Vec<Vec<f64>>,
+    /// CPU seconds (both threads) per unit of work, per round.
+    cpu: Vec<Vec<f64>>,
+}
+
+impl Table {
+    fn new(
+        title: impl Into<String>,
+        unit: &'static str,
+        cpu_unit: (&'static str, f64),
+        contenders: &[&Contender],
+    ) -> Self {
+        Table {
+            title: title.into(),
+            unit,
+            cpu_unit,
+            names: contenders.iter().map(|c| c.name.clone()).collect(),
+            rates: vec![Vec::new(); contenders.len()],
+            cpu: vec![Vec::new(); contenders.len()],
+        }
+    }
+
+    /// Records contender `i`'s measurement of `work` units.
+    fn add(&mut self, i: usize, work: f64, took: Took) {
+        self.rates[i].push(work / took.secs);
+        self.cpu[i].push(took.cpu / work);
+    }
+
+    /// Prints medians, spread, and for each `(a, b)` in `ratios` the median
+    /// over rounds of rate(a) / rate(b) measured in the same round.
+    /// Prints medians and spread, then for each `(a, b)` in `ratios` the
+    /// median over rounds of rate(a) / rate(b) measured in the same round,
+    /// and the same for CPU efficiency (cpu(b) / cpu(a): above 1 means `a`
+    /// needs less CPU per unit of work).
+    fn print(&self, ratios: &[(&Contender, &Contender)]) {
+        let (cpu_unit, cpu_scale) = self.cpu_unit;
+        println!("\n## {}", self.title);
+        println!(
+            "| contender | median {} | min | max | CPU {cpu_unit} (both threads) | rounds |",
+            self.unit
+        );
+        println!("|---|---:|---:|---:|---:|---:|");
+        for ((name, rates), cpu) in self.names.iter().zip(&self.rates).zip(&self.cpu) {
+            let mut r = rates.clone();
+            let min = r.iter().cloned().fold(f64::INFINITY, f64::min);
+            let max = r.iter().cloned().fold(0.0, f64::max);
+            println!(
+                "| {name} | {} | {} | {} | {:.3} | {} |",
+                fmt_rate(median(&mut r)),
+                fmt_rate(min),
+                fmt_rate(max),
+                median(&mut cpu.clone()) * cpu_scale,
+                rates.len()
+            );
+        }
+        for (a, b) in ratios {
+            let find = |c: &Contender| self.names.iter().position(|n| *n == c.name);
+            let (Some(a), Some(b)) = (find(a), find(b)) else {
+                continue;
+            };
+            let paired = |v: &[Vec<f64>], x: usize, y: usize| -> (f64, f64, f64) {
+                let mut r: Vec<f64> = v[x].iter().zip(&v[y]).map(|(p, q)| p / q).collect();
+                let lo = r.iter().cloned().fold(f64::INFINITY, f64::min);
+                let hi = r.iter().cloned().fold(0.0, f64::max);
+                (median(&mut r), lo, hi)
+            };
+            let (m, lo, hi) = paired(&self.rates, a, b);
+            let (cm, clo, chi) = paired(&self.cpu, b, a);
+            println!(
+                "ratio {} / {}: {m:.2} x (same-round {lo:.2}..{hi:.2}); CPU efficiency {cm:.2} x ({clo:.2}..{chi:.2})",
+                self.names[a], self.names[b],
+            );
+        }
+    }
+}
+
+fn fmt_rate(x: f64) -> String {
+    if x >= 1e9 {
+        format!("{:.2} G", x / 1e9)
+    } else if x >= 1e6 {
+        format!("{:.2} M", x / 1e6)
+    } else if x >= 1e4 {
+        format!("{:.1} k", x / 1e3)
+    } else {
+        format!("{x:.0}")
+    }
+}
+
+fn main() {
+    // This harness has no tests: `cargo test --benches` runs it with
+    // test-harness arguments, and then it does nothing.
+    if std::env::args().any(|a| a == "--list" || a == "--test") {
+        return;
+    }
+    let s = Settings::from_env();
+    print_machine();
+    println!(
+        "rounds: {}; interleaved: each round runs every contender once, in order",
+        s.rounds
+    );
+    let pki = pki();
+    let tls_aes = tls(&pki, false, false);
+    let tls_chacha = tls(&pki, true, false);
+    let tls_mutual = tls(&pki, false, true);
+    let noise_aes = noise(Suite::AesGcmSha256);
+    let noise_chacha = noise(Suite::ChaChaPolyBlake2s);
+    let plain = tcp();
+
+    if s.wants("bulk") {
+        let contenders = s.keep([&plain, &tls_aes, &tls_chacha, &noise_aes, &noise_chacha]);
+        let mut t = Table::new(
+            format!(
+                "Bulk throughput, loopback TCP, {} MiB per transfer in 64 KiB writes",
+                s.bulk_bytes >> 20
+            ),
+            "bytes/s",
+            ("ns/byte", 1e9),
+            &contenders,
+        );
+        for round in 0..s.rounds {
+            for (i, c) in contenders.iter().enumerate() {
+                let took = bulk(c, s.bulk_bytes);
+                t.add(i, s.bulk_bytes as f64, took);
+            }
+            eprintln!("bulk: round {} done", round + 1);
+        }
+        t.print(&[
+            (&noise_aes, &tls_aes),
+            (&noise_chacha, &tls_chacha),
+            (&tls_aes, &plain),
+            (&tls_chacha, &plain),
+            (&noise_aes, &plain),
+            (&noise_chacha, &plain),
+        ]);
+    }
+
+    if s.wants("handshake") {
+        let mut noise_cold = noise(Suite::AesGcmSha256);
+        noise_cold.name = "capnp-noise AESGCM, new vats every connection".into();
+        let fresh = Arc::new(Mutex::new(Vec::new()));
+        if let Transport::Noise { fresh: f, .. } = &mut noise_cold.transport {
+            *f = Some(fresh.clone());
+        }
+        let contenders = s.keep([
+            &tls_aes,
+            &tls_mutual,
+            &noise_aes,
+            &noise_chacha,
+            &noise_cold,
+        ]);
+        let mut t = Table::new(
+            format!(
+                "Full handshakes over loopback TCP, one connection at a time, {} per measurement",
+                s.handshakes
+            ),
+            "handshakes/s",
+            ("us/handshake", 1e6),
+            &contenders,
+        );
+        for round in 0..s.rounds {
+            // Fresh vats for the cold contender, made before the clock starts.
+            *fresh.lock().unwrap() = (0..s.handshakes)
+                .map(|_| (Identity::generate(), Identity::generate()))
+                .collect();
+            for (i, c) in contenders.iter().enumerate() {
+                let took = handshakes(c, s.handshakes);
+                t.add(i, s.handshakes as f64, took);
+            }
+            eprintln!("handshake: round {} done", round + 1);
+        }
+        t.print(&[
+            (&noise_aes, &tls_aes),
+            (&noise_chacha, &tls_aes),
+            (&noise_cold, &tls_aes),
+            (&noise_aes, &tls_mutual),
+            (&noise_cold, &tls_mutual),
+        ]);
+    }
+
+    if s.wants("rpc") {
+        let contenders = s.keep([&plain, &tls_aes, &noise_aes, &noise_chacha]);
+        let workloads = [
+            (
+                Rpc::Sequential,
+                s.rpc_seq,
+                "sequential calls (16-byte echo)",
+                "calls/s",
+            ),
+            (
+                Rpc::Pipelined,
+                s.rpc_pipelined,
+                "64 calls in flight (16-byte echo)",
+                "calls/s",
+            ),
+            (
+                Rpc::Large,
+                s.rpc_large,
+                "64 KiB echo, 64 calls in flight (payload bytes/s each way)",
+                "bytes/s",
+            ),
+        ];
+        let mut tables: Vec<Table> = workloads
+            .iter()
+            .map(|(w, n, what, unit)| {
+                let cpu_unit = if *w == Rpc::Large {
+                    ("ns/byte", 1e9)
+                } else {
+                    ("us/call", 1e6)
+                };
+                Table::new(
+                    format!("Cap'n Proto RPC, {what}, {n} calls per measurement"),
+                    unit,
+                    cpu_unit,
+                    &contenders,
+                )
+            })
+            .collect();
+        for round in 0..s.rounds {
+            for ((w, n, _, _), table) in workloads.iter().zip(&mut tables) {
+                for (i, c) in contenders.iter().enumerate() {
+                    let took = rpc_calls(c, *w, *n);
+                    let per_call = if *w == Rpc::Large { LARGE as f64 } else { 1.0 };
+                    table.add(i, *n as f64 * per_call, took);
+                }
+            }
+            eprintln!("rpc: round {} done", round + 1);
+        }
+        for t in &tables {
+            t.print(&[
+                (&noise_aes, &plain),
+                (&noise_chacha, &plain),
+                (&tls_aes, &plain),
+            ]);
+        }
+    }
+
+    if s.wants("memory") {
+        let n = s.connections;
+        println!(
+            "\n## Memory per idle connection end ({n} connections; a read pending on every end)"
+        );
+        println!("| contender | after | Rust heap per end | more than plain TCP | all malloc'd (C too) per end | more than plain TCP |");
+        println!("|---|---|---:|---:|---:|---:|");
+        for (burst, after) in [
+            (false, "one small message each way"),
+            (true, "that, then 256 KiB each way"),
+        ] {
+            let (base, base_c) = idle_memory(&plain, n, burst);
+            println!(
+                "| {} | {after} | {base:.0} B | - | {base_c:.0} B | - |",
+                plain.name,
+            );
+            for c in s.keep([&tls_aes, &noise_aes, &noise_chacha]) {
+                let (m, all) = idle_memory(c, n, burst);
+                println!(
+                    "| {} | {after} | {m:.0} B | {:.1} KiB | {all:.0} B | {:.1} KiB |",
+                    c.name,
+                    (m - base) / 1024.0,
+                    (all - base_c) / 1024.0
+                );
+            }
+        }
+        let bytes = s.bulk_bytes.min(256 << 20);
+        println!(
+            "\n## Heap allocations per 64 KiB write in a bulk transfer (both ends, after warm-up, {} MiB)",
+            bytes >> 20
+        );
+        for c in s.keep([&plain, &tls_aes, &noise_aes, &noise_chacha]) {
+            println!("{}: {:.3}", c.name, allocations_per_write(c, bytes));
+        }
+    }
+}
