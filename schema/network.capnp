@@ -14,7 +14,7 @@
 #
 # This file defines them for the capnp-noise network under exactly those names,
 # so that a future level-3 capnp-rpc can use them as they are. Until then they
-# travel as ordinary values in application-level RPC calls (docs/introductions.md).
+# travel as ordinary values in calls of the `Vat` interface below (SPEC.md section 12).
 #
 # The design follows rpc.capnp's `PublicKeyExample` (vats are identified by
 # public keys, and every connection is authenticated as a VatId):
@@ -38,7 +38,7 @@
 # was introduced to whom and until when; it also roots the forwarding chain.
 #
 # Field numbers are part of the wire format: never renumber, only append.
-# SPEC.md ("Introductions") is normative.
+# SPEC.md (section 12, "Networks of vats and introductions") is normative.
 
 @0xbbc6c0c1c98933ea;
 
@@ -146,4 +146,58 @@ struct ThirdPartyCompletion {
   # can check the introducer's signature and the forwarding chain itself.
 
   contact @0 :ThirdPartyToContact;
+}
+
+# ---------------------------------------------------------------------------
+# The network's own RPC service (level 1).
+#
+# capnp-rpc today is level 1: it cannot carry ThirdPartyToContact in a
+# CapDescriptor. Until it can, each connection between two vats of a
+# capnp-noise network (src/network.rs) has a `Vat` as its bootstrap
+# capability on both sides, and the handoff messages of rpc.capnp travel as
+# ordinary calls on it: `provide` is rpc.capnp's Provide, `accept` its Accept,
+# `withdraw` a Finish on the Provide. SPEC.md section 12 is normative.
+
+enum HandoffError {
+  # Why `provide` or `accept` was refused (IntroductionError in the Rust API).
+  none @0;             # no error: the call succeeded
+  malformed @1;        # the message is not a well-formed handoff message
+  badSignature @2;     # the introducer's or a forwarding link's signature does not verify
+  expired @3;          # the introduction or the request has expired
+  wrongRecipient @4;   # the caller is not the introduction's holder, or the request names another recipient
+  wrongProvider @5;    # the introduction names another provider
+  replayed @6;         # already used (or being redeemed), or the nonce was reused
+  revoked @7;          # withdrawn by the introducer or revoked by the provider
+  timeout @8;          # the introducer's request did not arrive in time
+  unknown @9;          # the provider no longer knows the handoff (it is shutting down)
+  limit @10;           # a bound of the provider was reached
+  notHosted @11;       # the capability is not hosted by the provider itself
+}
+
+interface Vat {
+  # The bootstrap capability of every connection between two networked vats,
+  # bound on each side to the peer's authenticated VatId. It is never handed
+  # to anyone else: a provider refuses to hand off a `Vat`.
+
+  hello @0 () -> ();
+  # Asked by the initiator of a connection when its VatId is the higher of the
+  # two (bytewise): returns once the responder has made this connection the
+  # pair's one connection; fails if the responder keeps the connection it
+  # initiated itself (crossed dials, SPEC 12.3). Answered at once on a
+  # connection that is already the pair's one connection.
+
+  bootstrap @1 () -> (cap :Capability);
+  # The application's bootstrap capability for this peer.
+
+  provide @2 (await :ThirdPartyToAwait, cap :Capability) -> (error :HandoffError, reason :Text, addresses :List(Text));
+  # The introducer (the caller) asks the provider (the callee) to set `cap`
+  # aside for `await.recipient`. `cap` must be hosted by the provider itself.
+  # On success, `addresses` are where the provider can be reached.
+
+  accept @3 (completion :ThirdPartyCompletion) -> (cap :Capability, error :HandoffError, reason :Text);
+  # The holder of an introduction (the caller) redeems it. Waits, bounded,
+  # for the introducer's `provide` if it has not arrived yet.
+
+  withdraw @4 (nonce :Data) -> ();
+  # The introducer (the caller) withdraws its handoff under `nonce`.
 }

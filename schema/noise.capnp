@@ -43,3 +43,11 @@ struct SturdyRef {
   objectId @2 :Data;
   # The secret object id (at least 16 bytes). Knowing it is authority.
 }
+
+interface Restorer {
+  # What a vat that hosts sturdy refs offers as its bootstrap capability
+  # (or as part of it): turn an object id into the live capability.
+
+  restore @0 (objectId :Data) -> (cap :Capability);
+  # Fails, with the same error for both, if the id is unknown or revoked.
+}

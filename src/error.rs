@@ -94,6 +94,11 @@ pub enum Error {
     #[error("I/O error: {0}")]
     Io(#[source] Arc<io::Error>),
 
+    /// A Cap'n Proto call made on the caller's behalf by this crate (such as
+    /// restoring a sturdy ref) failed at the remote vat or on the way.
+    #[error("remote call failed: {0}")]
+    Rpc(String),
+
     /// An introduction (three-party handoff, `crate::intro`) was refused or failed.
     #[error("introduction refused: {0}")]
     Introduction(#[from] IntroductionError),
@@ -143,6 +148,13 @@ pub enum IntroductionError {
     /// A configured bound was reached (entries, waiters, lifetime, forwards).
     #[error("limit reached: {0}")]
     Limit(String),
+    /// The provider was asked to set aside a capability that it does not
+    /// host itself (one it imports from another vat, or its network service):
+    /// it would become a relay, so it refuses.
+    #[error(
+        "the capability is not hosted by the provider vat itself, so it cannot be introduced there"
+    )]
+    NotHosted,
 }
 
 /// The ways a peer's bytes can violate the wire protocol (SPEC.md).
@@ -219,6 +231,7 @@ impl Error {
             Error::SendAfterClose => io::ErrorKind::BrokenPipe,
             Error::Config(_) | Error::Key(_) => io::ErrorKind::InvalidInput,
             Error::Io(e) => e.kind(),
+            Error::Rpc(_) => io::ErrorKind::Other,
             Error::Protocol(_) | Error::Decrypt { .. } | Error::NonceExhausted => {
                 io::ErrorKind::InvalidData
             }

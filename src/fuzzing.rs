@@ -20,12 +20,14 @@
 //! `cargo test --test fuzz_corpus` fails while these disagree.
 
 mod handshake;
+mod intro;
 mod pair_ops;
 mod parsers;
 mod support;
 mod transport;
 
 pub use handshake::{initiator, responder};
+pub use intro::introduction;
 pub use pair_ops::{pair_ops, PairInput, PairOp, Side};
 pub use parsers::{frame, payload, preamble, vat_id};
 pub use support::Plan;
@@ -44,6 +46,7 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("initiator", initiator),
     ("transport", transport),
     ("pair_ops", pair_ops),
+    ("introduction", introduction),
 ];
 
 /// The target called `name`.
@@ -83,5 +86,6 @@ pub fn seeds() -> Vec<Seed> {
     v.extend(handshake::seeds());
     v.extend(transport::seeds());
     v.extend(pair_ops::seeds());
+    v.extend(intro::seeds());
     v
 }

@@ -17,8 +17,9 @@
 //!
 //! The three messages are the network types that Cap'n Proto's `rpc.capnp`
 //! asks each vat network to define for level-3 handoff; `schema/network.capnp`
-//! defines them for capnp-noise under the same names, and
-//! `docs/introductions.md` specifies the protocol and its security argument.
+//! defines them for capnp-noise under the same names. SPEC.md section 12
+//! specifies the protocol and its security argument; [`crate::network`]
+//! runs it over capnp-rpc.
 //!
 //! This module is the sans-IO part: it never touches a socket or the clock
 //! (time is passed in as `now`).
@@ -304,6 +305,20 @@ fn canonical_bytes(reader: introduction::Reader<'_>) -> capnp::Result<Vec<u8>> {
     }
 }
 
+/// Hands `f` the `Introduction` struct of `canonical` (one segment, root
+/// pointer first, as [`canonical_bytes`] makes it).
+fn with_canonical<R>(
+    canonical: &[u8],
+    f: impl FnOnce(capnp::Result<introduction::Reader<'_>>) -> R,
+) -> R {
+    let mut words = Word::allocate_zeroed_vec(canonical.len().div_ceil(8));
+    Word::words_to_bytes_mut(&mut words)[..canonical.len()].copy_from_slice(canonical);
+    let segments = [Word::words_to_bytes(&words)];
+    let segments = SegmentArray::new(&segments);
+    let message = capnp::message::Reader::new(segments, READER_OPTIONS);
+    f(message.get_root::<introduction::Reader>())
+}
+
 /// `INTRODUCTION_CONTEXT || canonical`: the bytes the introducer signs.
 fn signing_message(canonical: &[u8]) -> Vec<u8> {
     [INTRODUCTION_CONTEXT, canonical].concat()
@@ -559,13 +574,7 @@ impl Introduction {
     /// # Errors
     /// Only if the builder cannot allocate (capnp's error).
     pub fn write_to(&self, mut builder: third_party_to_contact::Builder<'_>) -> capnp::Result<()> {
-        let mut words = Word::allocate_zeroed_vec(self.canonical.len().div_ceil(8));
-        Word::words_to_bytes_mut(&mut words)[..self.canonical.len()]
-            .copy_from_slice(&self.canonical);
-        let segments = [Word::words_to_bytes(&words)];
-        let segments = SegmentArray::new(&segments);
-        let signed = capnp::message::Reader::new(segments, ReaderOptions::new());
-        builder.set_introduction(signed.get_root::<introduction::Reader>()?)?;
+        with_canonical(&self.canonical, |signed| builder.set_introduction(signed?))?;
         builder.set_signature(&self.signature);
         let mut list = builder.init_forwards(self.forwards.len() as u32);
         for (i, f) in self.forwards.iter().enumerate() {
@@ -589,16 +598,28 @@ impl Introduction {
         if !reader.has_introduction() {
             return Err(malformed("introduction is missing"));
         }
-        let intro = reader
+        let received = reader
             .get_introduction()
             .map_err(|e| malformed(format!("bad introduction: {e}")))?;
-        let provider = read_vat(intro.has_provider(), intro.get_provider(), "provider")?;
-        let provider_addresses = read_addresses(intro.get_provider_addresses())
-            .map_err(|e| malformed(format!("providerAddresses: {e}")))?;
-        let introducer = read_vat(intro.has_introducer(), intro.get_introducer(), "introducer")?;
-        let recipient = read_vat(intro.has_recipient(), intro.get_recipient(), "recipient")?;
-        let nonce = read_nonce(intro.has_nonce(), intro.get_nonce())?;
-        let expires_at = read_expiry(intro.get_expires_at())?;
+        let canonical = canonical_bytes(received)
+            .map_err(|e| malformed(format!("cannot canonicalize the introduction: {e}")))?;
+        // The fields are read from the canonical copy, which is what the
+        // signature covers and what is passed on: a struct whose canonical
+        // form reads differently (or not at all) is refused here, not later
+        // by the provider.
+        let (provider, provider_addresses, introducer, recipient, nonce, expires_at) =
+            with_canonical(&canonical, |intro| {
+                let intro = intro.map_err(|e| malformed(format!("bad introduction: {e}")))?;
+                Ok::<_, Error>((
+                    read_vat(intro.has_provider(), intro.get_provider(), "provider")?,
+                    read_addresses(intro.get_provider_addresses())
+                        .map_err(|e| malformed(format!("providerAddresses: {e}")))?,
+                    read_vat(intro.has_introducer(), intro.get_introducer(), "introducer")?,
+                    read_vat(intro.has_recipient(), intro.get_recipient(), "recipient")?,
+                    read_nonce(intro.has_nonce(), intro.get_nonce())?,
+                    read_expiry(intro.get_expires_at())?,
+                ))
+            })?;
         let signature = read_signature(reader.get_signature(), "signature")?;
         let links = reader
             .get_forwards()
@@ -618,8 +639,6 @@ impl Introduction {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let canonical = canonical_bytes(intro)
-            .map_err(|e| malformed(format!("cannot canonicalize the introduction: {e}")))?;
         Ok(Introduction {
             provider,
             provider_addresses,

@@ -86,7 +86,7 @@
 //! * An authenticated peer that stops sending holds its connection until it
 //!   disconnects: there is no idle timeout at this layer.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::future::poll_fn;
 use std::io;
@@ -103,7 +103,7 @@ use capnp_rpc::rpc_twoparty_capnp::Side;
 use capnp_rpc::{twoparty, Disconnector, RpcSystem};
 use tokio::io::{AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
@@ -133,7 +133,7 @@ pub struct PeerInfo {
 }
 
 impl PeerInfo {
-    fn of(stream: &NoiseStream<TcpStream>, remote_addr: SocketAddr) -> Self {
+    pub(crate) fn of(stream: &NoiseStream<TcpStream>, remote_addr: SocketAddr) -> Self {
         PeerInfo {
             vat_id: stream.peer_vat_id(),
             remote_addr,
@@ -227,27 +227,19 @@ pub async fn serve<F, C>(
 {
     let connections = Arc::new(Semaphore::new(options.max_connections.max(1)));
     let server = Rc::new(Server {
-        identity,
-        policy,
-        handshakes: Arc::new(Semaphore::new(options.max_handshakes.max(1))),
-        options,
+        acceptor: Acceptor {
+            identity,
+            policy,
+            handshakes: Arc::new(Semaphore::new(options.max_handshakes.max(1))),
+            handshake: options.handshake,
+            timeout: options.handshake_timeout,
+        },
+        reader_options: options.reader_options,
         bootstrap,
     });
     loop {
-        if connections.available_permits() == 0 {
-            warn!("connection limit reached: new connections wait until one ends");
-        }
-        let Ok(permit) = connections.clone().acquire_owned().await else {
+        let Some((permit, tcp, addr)) = accept_within(&connections, &listener).await else {
             return; // never closed
-        };
-        let (tcp, addr) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                // Out of file descriptors and the like: back off, don't spin.
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
         };
         let server = server.clone();
         tokio::task::spawn_local(async move {
@@ -257,12 +249,79 @@ pub async fn serve<F, C>(
     }
 }
 
+/// Waits for a connection slot of `connections`, then accepts one
+/// connection (retrying after errors such as running out of file
+/// descriptors, without spinning). `None` only if the semaphore is closed.
+pub(crate) async fn accept_within(
+    connections: &Arc<Semaphore>,
+    listener: &TcpListener,
+) -> Option<(OwnedSemaphorePermit, TcpStream, SocketAddr)> {
+    if connections.available_permits() == 0 {
+        warn!("connection limit reached: new connections wait until one ends");
+    }
+    let permit = connections.clone().acquire_owned().await.ok()?;
+    loop {
+        match listener.accept().await {
+            Ok((tcp, addr)) => return Some((permit, tcp, addr)),
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
 struct Server<F> {
-    identity: Identity,
-    policy: Arc<dyn PeerPolicy>,
-    handshakes: Arc<Semaphore>,
-    options: ServerOptions,
+    acceptor: Acceptor,
+    reader_options: ReaderOptions,
     bootstrap: F,
+}
+
+/// The responder's side of a connection before RPC starts: a bounded number
+/// of handshakes at once, each within a time limit. Shared by [`serve`] and
+/// the multi-vat network (`crate::network`).
+pub(crate) struct Acceptor {
+    pub(crate) identity: Identity,
+    pub(crate) policy: Arc<dyn PeerPolicy>,
+    pub(crate) handshakes: Arc<Semaphore>,
+    pub(crate) handshake: HandshakeConfig,
+    pub(crate) timeout: Duration,
+}
+
+impl Acceptor {
+    /// Waits for a handshake slot, then runs the responder's handshake on
+    /// `tcp`. Logs and returns `None` when it fails or the peer is refused.
+    pub(crate) async fn handshake(
+        &self,
+        tcp: TcpStream,
+        addr: SocketAddr,
+    ) -> Option<(NoiseStream<TcpStream>, PeerInfo)> {
+        let timeout = self.timeout;
+        let slot = tokio::time::timeout(timeout, self.handshakes.acquire()).await;
+        let Ok(Ok(_slot)) = slot else {
+            warn!(%addr, "dropped: no handshake slot free within {timeout:?}");
+            return None;
+        };
+        let _ = tcp.set_nodelay(true);
+        let config = StreamConfig::default()
+            .with_handshake(self.handshake.clone())
+            .with_handshake_timeout(Some(timeout))
+            .with_remote_addr(addr);
+        match stream::accept(tcp, &self.identity, self.policy.clone(), config).await {
+            Ok(stream) => {
+                let peer = PeerInfo::of(&stream, addr);
+                Some((stream, peer))
+            }
+            Err(Error::PeerRefused { vat_id, reason }) => {
+                warn!(peer = %vat_id.fingerprint(), %addr, %reason, "refused");
+                None
+            }
+            Err(e) => {
+                info!(%addr, error = %e, "handshake failed");
+                None
+            }
+        }
+    }
 }
 
 impl<F, C> Server<F>
@@ -271,39 +330,14 @@ where
     C: FromClientHook,
 {
     async fn serve_connection(&self, tcp: TcpStream, addr: SocketAddr) {
-        let timeout = self.options.handshake_timeout;
-        let slot = tokio::time::timeout(timeout, self.handshakes.acquire()).await;
-        let Ok(Ok(slot)) = slot else {
-            warn!(%addr, "dropped: no handshake slot free within {timeout:?}");
+        let Some((stream, peer)) = self.acceptor.handshake(tcp, addr).await else {
             return;
         };
-        let _ = tcp.set_nodelay(true);
-        let config = StreamConfig::default()
-            .with_handshake(self.options.handshake.clone())
-            .with_handshake_timeout(Some(timeout))
-            .with_remote_addr(addr);
-        let stream = match stream::accept(tcp, &self.identity, self.policy.clone(), config).await {
-            Ok(stream) => stream,
-            Err(Error::PeerRefused { vat_id, reason }) => {
-                warn!(peer = %vat_id.fingerprint(), %addr, %reason, "refused");
-                return;
-            }
-            Err(e) => {
-                info!(%addr, error = %e, "handshake failed");
-                return;
-            }
-        };
-        drop(slot);
-        let peer = PeerInfo::of(&stream, addr);
         let fingerprint = peer.vat_id.fingerprint();
         info!(peer = %fingerprint, %addr, suite = peer.suite.noise_name(), "connected");
         let bootstrap = capnp::capability::Client::new((self.bootstrap)(&peer).into_client_hook());
-        let (rpc_system, shared) = rpc_system(
-            stream,
-            Side::Server,
-            Some(bootstrap),
-            self.options.reader_options,
-        );
+        let (rpc_system, shared) =
+            rpc_system(stream, Side::Server, Some(bootstrap), self.reader_options);
         match run(rpc_system, shared).await {
             Ok(()) => info!(peer = %fingerprint, %addr, "disconnected"),
             Err(e) => info!(peer = %fingerprint, %addr, error = %e, "connection failed"),
@@ -341,30 +375,7 @@ where
     C: FromClientHook,
 {
     let dialed = addr.to_string();
-    let timeout = options.timeout;
-    let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
-        .await
-        .map_err(|_| Error::HandshakeTimeout(timeout))??;
-    tcp.set_nodelay(true)?;
-    let remote_addr = tcp.peer_addr()?;
-    let config = StreamConfig::default()
-        .with_handshake(options.handshake)
-        .with_handshake_timeout(Some(timeout))
-        .with_dialed(dialed.clone())
-        .with_remote_addr(remote_addr);
-    let stream = match stream::connect(tcp, identity, policy, config).await {
-        Ok(stream) => stream,
-        Err(e) => {
-            match &e {
-                Error::PeerRefused { vat_id, reason } => {
-                    warn!(peer = %vat_id.fingerprint(), addr = %dialed, %reason, "refused server");
-                }
-                e => info!(addr = %dialed, error = %e, "handshake with server failed"),
-            }
-            return Err(e);
-        }
-    };
-    let peer = PeerInfo::of(&stream, remote_addr);
+    let (stream, peer) = dial(addr, identity, policy, options.handshake, options.timeout).await?;
     let (mut rpc_system, shared) = rpc_system(stream, Side::Client, None, options.reader_options);
     let bootstrap: capnp::capability::Client = rpc_system.bootstrap(Side::Server);
     let disconnector = rpc_system.get_disconnector();
@@ -378,6 +389,47 @@ where
             task,
         },
     ))
+}
+
+/// The initiator's side of a connection before RPC starts: TCP connect and
+/// handshake, each within `timeout`, the responder checked by `policy`.
+/// Shared by [`connect`] and the multi-vat network (`crate::network`).
+pub(crate) async fn dial<A>(
+    addr: A,
+    identity: &Identity,
+    policy: Arc<dyn PeerPolicy>,
+    handshake: HandshakeConfig,
+    timeout: Duration,
+) -> Result<(NoiseStream<TcpStream>, PeerInfo)>
+where
+    A: ToSocketAddrs + fmt::Display,
+{
+    let dialed = addr.to_string();
+    let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| Error::HandshakeTimeout(timeout))??;
+    tcp.set_nodelay(true)?;
+    let remote_addr = tcp.peer_addr()?;
+    let config = StreamConfig::default()
+        .with_handshake(handshake)
+        .with_handshake_timeout(Some(timeout))
+        .with_dialed(dialed.clone())
+        .with_remote_addr(remote_addr);
+    match stream::connect(tcp, identity, policy, config).await {
+        Ok(stream) => {
+            let peer = PeerInfo::of(&stream, remote_addr);
+            Ok((stream, peer))
+        }
+        Err(e) => {
+            match &e {
+                Error::PeerRefused { vat_id, reason } => {
+                    warn!(peer = %vat_id.fingerprint(), addr = %dialed, %reason, "refused server");
+                }
+                e => info!(addr = %dialed, error = %e, "handshake with server failed"),
+            }
+            Err(e)
+        }
+    }
 }
 
 /// A client connection made by [`connect`].
@@ -425,13 +477,16 @@ fn capnp_error(e: capnp::Error) -> Error {
 }
 
 /// Builds the `RpcSystem` of one connection over `stream`.
-fn rpc_system(
+pub(crate) fn rpc_system(
     stream: NoiseStream<TcpStream>,
     side: Side,
     bootstrap: Option<capnp::capability::Client>,
     reader_options: ReaderOptions,
 ) -> (RpcSystem<Side>, Shared) {
-    let shared = Shared(Rc::new(RefCell::new(stream)));
+    let shared = Shared {
+        stream: Rc::new(RefCell::new(stream)),
+        activity: Rc::new(Cell::new(0)),
+    };
     let network = twoparty::VatNetwork::new(shared.clone(), shared.clone(), side, reader_options);
     (RpcSystem::new(Box::new(network), bootstrap), shared)
 }
@@ -439,9 +494,9 @@ fn rpc_system(
 /// Runs the `RpcSystem` to its end, then sends the authenticated CLOSE:
 /// capnp-rpc never closes its output stream, and without CLOSE the peer
 /// could not tell a clean end from a cut connection.
-async fn run(rpc_system: RpcSystem<Side>, stream: Shared) -> Result<(), capnp::Error> {
+pub(crate) async fn run(rpc_system: RpcSystem<Side>, stream: Shared) -> Result<(), capnp::Error> {
     let result = rpc_system.await;
-    let close = poll_fn(|cx| Pin::new(&mut *stream.0.borrow_mut()).poll_shutdown(cx));
+    let close = poll_fn(|cx| Pin::new(&mut *stream.stream.borrow_mut()).poll_shutdown(cx));
     match tokio::time::timeout(CLOSE_TIMEOUT, close).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => debug!(error = %e, "no authenticated close sent"),
@@ -452,8 +507,26 @@ async fn run(rpc_system: RpcSystem<Side>, stream: Shared) -> Result<(), capnp::E
 
 /// The stream, shared by the two-party network's reader and writer (both
 /// polled from the connection's one task) and by [`run`], which closes it.
+///
+/// `activity` counts the bytes moved in either direction: the network
+/// (`crate::network`) closes a connection whose count stops changing.
 #[derive(Clone)]
-struct Shared(Rc<RefCell<NoiseStream<TcpStream>>>);
+pub(crate) struct Shared {
+    stream: Rc<RefCell<NoiseStream<TcpStream>>>,
+    activity: Rc<Cell<u64>>,
+}
+
+impl Shared {
+    /// The counter of bytes read and written, shared with every clone.
+    pub(crate) fn activity(&self) -> Rc<Cell<u64>> {
+        self.activity.clone()
+    }
+
+    fn moved(&self, n: usize) {
+        self.activity
+            .set(self.activity.get().wrapping_add(n as u64));
+    }
+}
 
 impl futures::AsyncRead for Shared {
     fn poll_read(
@@ -462,12 +535,13 @@ impl futures::AsyncRead for Shared {
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
         let mut buf = ReadBuf::new(buf);
-        let mut stream = self.0.borrow_mut();
+        let mut stream = self.stream.borrow_mut();
         std::task::ready!(tokio::io::AsyncRead::poll_read(
             Pin::new(&mut *stream),
             cx,
             &mut buf
         ))?;
+        self.moved(buf.filled().len());
         Poll::Ready(Ok(buf.filled().len()))
     }
 }
@@ -478,14 +552,124 @@ impl futures::AsyncWrite for Shared {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.0.borrow_mut()).poll_write(cx, buf)
+        let n = std::task::ready!(Pin::new(&mut *self.stream.borrow_mut()).poll_write(cx, buf))?;
+        self.moved(n);
+        Poll::Ready(Ok(n))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.0.borrow_mut()).poll_flush(cx)
+        Pin::new(&mut *self.stream.borrow_mut()).poll_flush(cx)
     }
 
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.0.borrow_mut()).poll_shutdown(cx)
+        Pin::new(&mut *self.stream.borrow_mut()).poll_shutdown(cx)
     }
+}
+
+// ----- sturdy refs -----
+
+/// Serves sturdy refs: a `Restorer` capability (schema/noise.capnp) over a
+/// shared [`sturdy::Restorer`](crate::sturdy::Restorer) of capabilities.
+///
+/// Make it (part of) the bootstrap capability of [`serve`]; add and revoke
+/// objects through the shared map while the server runs. A wrong and a
+/// revoked object id fail alike, with an error that names neither.
+///
+/// ```
+/// use std::{cell::RefCell, rc::Rc};
+/// use capnp_noise::rpc::restorer_client;
+/// use capnp_noise::sturdy::Restorer;
+/// let objects = Rc::new(RefCell::new(Restorer::<capnp::capability::Client>::new()));
+/// let bootstrap = restorer_client(objects.clone());
+/// # drop(bootstrap);
+/// ```
+pub fn restorer_client(
+    objects: Rc<RefCell<crate::sturdy::Restorer<capnp::capability::Client>>>,
+) -> restorer::Client {
+    capnp_rpc::new_client(RestorerServer { objects })
+}
+
+use crate::schema::noise_capnp::restorer;
+
+struct RestorerServer {
+    objects: Rc<RefCell<crate::sturdy::Restorer<capnp::capability::Client>>>,
+}
+
+impl restorer::Server for RestorerServer {
+    async fn restore(
+        self: capnp::capability::Rc<Self>,
+        params: restorer::RestoreParams,
+        mut results: restorer::RestoreResults,
+    ) -> std::result::Result<(), capnp::Error> {
+        let id = params.get()?.get_object_id()?;
+        let cap = self
+            .objects
+            .borrow()
+            .restore(id)
+            .map_err(|e| capnp::Error::failed(e.to_string()))?
+            .clone();
+        results.get().init_cap().set_as_capability(cap.hook);
+        Ok(())
+    }
+}
+
+/// Connects to the vat a sturdy ref names and restores its object.
+///
+/// The addresses of the ref are tried in order; a connection counts only if
+/// the peer proves the ref's VatId (it is pinned), wherever it was reached.
+/// The vat's bootstrap capability must be a `Restorer` (see
+/// [`restorer_client`]). Returns the restored capability and the
+/// connection that carries it.
+///
+/// # Errors
+/// The last address's error if none led to the named vat
+/// ([`Error::PeerRefused`] when another vat answered there, I/O errors,
+/// timeouts); [`Error::Rpc`] if the vat refused the object id (wrong or
+/// revoked: the message is the same for both).
+pub async fn connect_sturdy<C: FromClientHook>(
+    sturdy_ref: &crate::sturdy::SturdyRef,
+    identity: &Identity,
+    options: ClientOptions,
+) -> Result<(C, Connection)> {
+    let policy: Arc<dyn PeerPolicy> = Arc::new(crate::policy::Pinned(*sturdy_ref.vat_id()));
+    let mut last = None;
+    for address in sturdy_ref.addresses() {
+        let (restorer, connection): (restorer::Client, Connection) = match connect(
+            address.to_string(),
+            identity,
+            policy.clone(),
+            options.clone(),
+        )
+        .await
+        {
+            Ok(connected) => connected,
+            Err(e) => {
+                info!(addr = %address, error = %e, "sturdy ref address failed; trying the next");
+                last = Some(e);
+                continue;
+            }
+        };
+        let mut request = restorer.restore_request();
+        request
+            .get()
+            .set_object_id(sturdy_ref.object_id().as_bytes());
+        let restored = async {
+            let response = request.send().promise.await?;
+            response.get()?.get_cap().get_as_capability::<C>()
+        }
+        .await;
+        return match restored {
+            Ok(cap) => Ok((cap, connection)),
+            Err(e) => {
+                // The connection is useless without the object.
+                let _ = connection.disconnect().await;
+                Err(Error::Rpc(format!(
+                    "{} could not restore the object: {}",
+                    sturdy_ref.vat_id().fingerprint(),
+                    e.extra
+                )))
+            }
+        };
+    }
+    Err(last.unwrap_or_else(|| Error::Config("the sturdy ref has no address".into())))
 }

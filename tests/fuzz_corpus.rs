@@ -189,3 +189,15 @@ fn structured_inputs_encode_as_they_decode() {
         }
     }
 }
+
+/// `Introduction::decode` accepted an empty struct list as `providerAddresses`
+/// whose canonical form does not read as `List(Text)`; see the unit test of
+/// the same name in `src/intro/tests.rs`.
+#[test]
+fn regression_canonical_empty_struct_list() {
+    let path = fuzz_dir().join("corpus/introduction/regression-canonical-empty-struct-list");
+    let data = fs::read(path).expect("regression input");
+    fuzzing::introduction(&data);
+    assert!(capnp_noise::intro::Introduction::decode_completion(&data).is_err());
+    assert!(capnp_noise::intro::Introduction::decode(&data).is_err());
+}

@@ -18,6 +18,7 @@ use clap::{Parser, Subcommand};
 mod id;
 mod keygen;
 mod known_vats;
+mod tunnel;
 
 /// Exit code for a command that could not do its job (a bad key file, a
 /// refused peer, an I/O error, ...). The reason is printed on stderr.
@@ -25,6 +26,35 @@ pub(crate) const EXIT_FAILURE: u8 = 1;
 /// Exit code for a command line clap cannot parse (an unknown subcommand or
 /// option, a missing argument). clap prints the usage on stderr.
 pub(crate) const EXIT_USAGE: u8 = 2;
+/// Exit code for a tunnel that could not listen on an address.
+pub(crate) const EXIT_BIND: u8 = 3;
+
+/// An error that exits with a code other than [`EXIT_FAILURE`].
+#[derive(Debug)]
+pub(crate) struct Failure {
+    code: u8,
+    error: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl Failure {
+    pub(crate) fn new(
+        code: u8,
+        error: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Failure {
+            code,
+            error: error.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl std::error::Error for Failure {}
 
 /// What a subcommand returns: any error, printed on stderr by [`main`].
 pub(crate) type CmdResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
@@ -33,7 +63,8 @@ const AFTER_HELP: &str = "\
 Exit status:
   0  success
   1  the command failed (the reason is printed on stderr)
-  2  the command line is invalid (usage error)
+  2  the command line is invalid (usage error), or the tunnel's configuration
+  3  the tunnel could not listen on an address
 
 Log messages go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) to see more.";
 
@@ -55,6 +86,9 @@ enum Command {
     /// Manage a known-vats file (trust on first use).
     #[command(subcommand)]
     KnownVats(known_vats::Command),
+    /// Run a key-pinned TCP tunnel (an stunnel replacement): `tunnel client`,
+    /// `tunnel server`, or `tunnel --config FILE`.
+    Tunnel(Box<tunnel::Args>),
 }
 
 impl Command {
@@ -63,6 +97,16 @@ impl Command {
             Command::Keygen(args) => keygen::run(args),
             Command::Id(args) => id::run(args),
             Command::KnownVats(cmd) => known_vats::run(cmd),
+            Command::Tunnel(args) => tunnel::run(*args),
+        }
+    }
+
+    /// The log level when RUST_LOG is not set: a long-running tunnel logs
+    /// its connections.
+    fn default_log_level(&self) -> &'static str {
+        match self {
+            Command::Tunnel(_) => "info",
+            _ => "warn",
         }
     }
 }
@@ -82,19 +126,21 @@ pub(crate) fn main() -> ExitCode {
             };
         }
     };
-    init_logging();
+    init_logging(cli.command.default_log_level());
     match cli.command.run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("capnp-noise: error: {e}");
-            ExitCode::from(EXIT_FAILURE)
+            let code = e.downcast_ref::<Failure>().map_or(EXIT_FAILURE, |f| f.code);
+            ExitCode::from(code)
         }
     }
 }
 
-fn init_logging() {
+fn init_logging(default_level: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -633,3 +633,39 @@ proptest! {
         let _ = ThirdPartyToAwait::decode(&bytes);
     }
 }
+
+/// Found by the `introduction` fuzz target: `providerAddresses` sent as an
+/// empty list of structs with a pointer section reads as an empty
+/// `List(Text)`, but its canonical form (what is signed and passed on) is a
+/// list of data-only structs, which does not. Decoding used to accept it and
+/// re-encoding then gave bytes that no vat could decode; the fields are now
+/// read from the canonical copy, so it is refused at once.
+#[test]
+fn regression_canonical_empty_struct_list() {
+    let mut message = Builder::new_default();
+    {
+        let mut raw = message.init_root::<FutureIntroduction>().0;
+        raw.reborrow().get_pointer_field(1).init_struct_list(
+            0,
+            StructSize {
+                data: 0,
+                pointers: 1,
+            },
+        );
+        fill_known_fields(raw.into());
+    }
+    let reader = message
+        .get_root_as_reader::<introduction::Reader>()
+        .unwrap();
+    assert!(reader.get_provider_addresses().unwrap().is_empty());
+    let mut contact = Builder::new_default();
+    {
+        let mut c = contact.init_root::<third_party_to_contact::Builder>();
+        c.set_introduction(reader).unwrap();
+        c.set_signature(&[0; 64]);
+    }
+    let bytes = serialize::write_message_to_words(&contact);
+    assert!(err(Introduction::decode(&bytes))
+        .to_string()
+        .contains("providerAddresses"));
+}

@@ -1,0 +1,757 @@
+//! The tunnel's settings: as written ([`TunnelSpec`], from a TOML file or
+//! the command line) and as checked ([`TunnelConfig`]).
+//!
+//! Both sources fill the same [`TunnelSpec`], and one function,
+//! [`TunnelSpec::check`], turns it into a [`TunnelConfig`] or explains what
+//! is wrong, naming the offending setting the way the user wrote it: a
+//! TOML key (`tunnel.toml: service.db.peer: ...`) or a command-line option
+//! (`--peer: ...`). See the [module docs](super) for the file format.
+
+use std::collections::BTreeMap;
+use std::net::Ipv6Addr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::keyfile::read_limited;
+use crate::vat_id::VatId;
+
+/// Default [`Limits::max_connections`]: 1024 per service.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Default [`Limits::max_handshakes`]: 64 per service.
+pub const DEFAULT_MAX_HANDSHAKES: usize = 64;
+/// Default [`Limits::handshake_timeout`]: 10 seconds.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default [`Limits::connect_timeout`]: 10 seconds.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default [`TunnelConfig::shutdown_grace`]: 30 seconds.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// The largest accepted connection or handshake limit.
+const MAX_COUNT: usize = 1_000_000;
+/// The longest accepted timeout: one day.
+const MAX_SECONDS: f64 = 86_400.0;
+/// The largest configuration file read.
+const MAX_CONFIG_FILE_LEN: u64 = 1024 * 1024;
+
+/// The tunnel's settings as written, before [`check`](Self::check).
+///
+/// Deserializes from the TOML file format (unknown keys are errors); the
+/// command line fills the same fields. Durations are in seconds (integer or
+/// fractional). The limits given here are the defaults of every service.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(from = "RawTunnel")]
+#[non_exhaustive]
+pub struct TunnelSpec {
+    /// The key file of this tunnel's identity (both sides need one).
+    pub identity: Option<PathBuf>,
+    /// Seconds open connections get to finish after SIGINT/SIGTERM.
+    pub shutdown_grace: Option<f64>,
+    /// Default limits of the services.
+    pub limits: LimitsSpec,
+    /// The services by name (`[service.NAME]` tables).
+    pub services: BTreeMap<String, ServiceSpec>,
+}
+
+/// Connection limits as written; each `None` takes the default.
+#[derive(Debug, Clone, Copy, Default)]
+#[non_exhaustive]
+pub struct LimitsSpec {
+    /// Connections open at once, per service.
+    pub max_connections: Option<usize>,
+    /// Handshakes in progress at once, per service.
+    pub max_handshakes: Option<usize>,
+    /// Seconds a handshake may take.
+    pub handshake_timeout: Option<f64>,
+    /// Seconds a TCP connect may take.
+    pub connect_timeout: Option<f64>,
+}
+
+/// Which end of the tunnel a service is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Accepts plain TCP locally and connects over capnp-noise.
+    Client,
+    /// Accepts capnp-noise and connects over plain TCP.
+    Server,
+}
+
+/// One service as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(from = "RawService")]
+#[non_exhaustive]
+pub struct ServiceSpec {
+    /// `client` or `server`.
+    pub mode: Mode,
+    /// The address to listen on, `HOST:PORT` (port 0: any free port).
+    pub listen: String,
+    /// The address to connect to, `HOST:PORT`.
+    pub connect: String,
+    /// Client: the server's VatId.
+    pub peer: Option<String>,
+    /// Client: a known-vats file (trust on first use) instead of `peer`.
+    pub known_vats: Option<PathBuf>,
+    /// Server: an allow-list file, reloaded when it changes.
+    pub allow: Option<PathBuf>,
+    /// Server: VatIds allowed in addition to (or instead of) `allow`.
+    pub allow_vat: Vec<String>,
+    /// Limits of this service (overriding the file's defaults).
+    pub limits: LimitsSpec,
+}
+
+// The file format. serde's `flatten` does not combine with
+// `deny_unknown_fields`, so the limit keys are spelled out at both levels
+// and moved into `LimitsSpec` here.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTunnel {
+    identity: Option<PathBuf>,
+    shutdown_grace: Option<f64>,
+    max_connections: Option<usize>,
+    max_handshakes: Option<usize>,
+    handshake_timeout: Option<f64>,
+    connect_timeout: Option<f64>,
+    #[serde(default)]
+    service: BTreeMap<String, ServiceSpec>,
+}
+
+impl From<RawTunnel> for TunnelSpec {
+    fn from(r: RawTunnel) -> Self {
+        TunnelSpec {
+            identity: r.identity,
+            shutdown_grace: r.shutdown_grace,
+            limits: LimitsSpec {
+                max_connections: r.max_connections,
+                max_handshakes: r.max_handshakes,
+                handshake_timeout: r.handshake_timeout,
+                connect_timeout: r.connect_timeout,
+            },
+            services: r.service,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    mode: Mode,
+    listen: String,
+    connect: String,
+    peer: Option<String>,
+    known_vats: Option<PathBuf>,
+    allow: Option<PathBuf>,
+    #[serde(default)]
+    allow_vat: Vec<String>,
+    max_connections: Option<usize>,
+    max_handshakes: Option<usize>,
+    handshake_timeout: Option<f64>,
+    connect_timeout: Option<f64>,
+}
+
+impl From<RawService> for ServiceSpec {
+    fn from(r: RawService) -> Self {
+        ServiceSpec {
+            mode: r.mode,
+            listen: r.listen,
+            connect: r.connect,
+            peer: r.peer,
+            known_vats: r.known_vats,
+            allow: r.allow,
+            allow_vat: r.allow_vat,
+            limits: LimitsSpec {
+                max_connections: r.max_connections,
+                max_handshakes: r.max_handshakes,
+                handshake_timeout: r.handshake_timeout,
+                connect_timeout: r.connect_timeout,
+            },
+        }
+    }
+}
+
+impl ServiceSpec {
+    /// A service of the given mode with nothing else set.
+    pub fn new(mode: Mode, listen: impl Into<String>, connect: impl Into<String>) -> Self {
+        ServiceSpec {
+            mode,
+            listen: listen.into(),
+            connect: connect.into(),
+            peer: None,
+            known_vats: None,
+            allow: None,
+            allow_vat: Vec::new(),
+            limits: LimitsSpec::default(),
+        }
+    }
+}
+
+/// Where a [`TunnelSpec`] came from, to name settings in errors the way the
+/// user wrote them.
+#[derive(Debug, Clone, Copy)]
+pub enum Origin<'a> {
+    /// A TOML file; relative paths in it are relative to its directory.
+    File(&'a Path),
+    /// The command line; relative paths are relative to the working directory.
+    CommandLine,
+}
+
+impl Origin<'_> {
+    /// The name of `key` (of service `service`, if any), as the user wrote it.
+    fn name(&self, service: Option<&str>, key: &str) -> String {
+        match (self, service) {
+            (Origin::File(p), Some(s)) => format!("{}: service.{s}.{key}", p.display()),
+            (Origin::File(p), None) => format!("{}: {key}", p.display()),
+            (Origin::CommandLine, _) => format!("--{}", key.replace('_', "-")),
+        }
+    }
+
+    fn resolve(&self, path: &Path) -> PathBuf {
+        match self {
+            Origin::File(file) if path.is_relative() => file
+                .parent()
+                .map_or_else(|| path.to_path_buf(), |dir| dir.join(path)),
+            _ => path.to_path_buf(),
+        }
+    }
+}
+
+/// The checked settings of a tunnel process.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct TunnelConfig {
+    /// The key file of the tunnel's identity.
+    pub identity: PathBuf,
+    /// How long open connections may take to finish after a shutdown signal.
+    pub shutdown_grace: Duration,
+    /// The services, sorted by name.
+    pub services: Vec<ServiceConfig>,
+}
+
+/// One checked service.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ServiceConfig {
+    /// Its name (letters, digits, `-`, `_`, `.`), used in logs.
+    pub name: String,
+    /// The address to listen on (`HOST:PORT`).
+    pub listen: String,
+    /// The address to connect to (`HOST:PORT`).
+    pub connect: String,
+    /// Which end of the tunnel, and whom it trusts.
+    pub trust: Trust,
+    /// Its limits.
+    pub limits: Limits,
+}
+
+impl ServiceConfig {
+    /// Whether this service is a client or a server.
+    pub fn mode(&self) -> Mode {
+        match self.trust {
+            Trust::PinnedServer(_) | Trust::KnownVats(_) => Mode::Client,
+            Trust::AllowedClients { .. } => Mode::Server,
+        }
+    }
+}
+
+/// Whom a service accepts on the capnp-noise side.
+#[derive(Debug, Clone)]
+pub enum Trust {
+    /// Client mode: only the server with this VatId.
+    PinnedServer(VatId),
+    /// Client mode: trust on first use, recorded in this known-vats file.
+    KnownVats(PathBuf),
+    /// Server mode: clients in the allow-list file and/or the given VatIds.
+    AllowedClients {
+        /// The allow-list file, reloaded when it changes.
+        file: Option<PathBuf>,
+        /// VatIds allowed whatever the file says.
+        vat_ids: Vec<VatId>,
+    },
+}
+
+/// A service's limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Limits {
+    /// Connections open at once (handshaking or forwarding). When reached,
+    /// new connections wait in the listen backlog.
+    pub max_connections: usize,
+    /// Handshakes in progress at once: the most an unauthenticated peer
+    /// (or a flood of them) can hold. A new connection waits at most
+    /// `handshake_timeout` for a slot.
+    pub max_handshakes: usize,
+    /// How long a handshake may take.
+    pub handshake_timeout: Duration,
+    /// How long a TCP connect (to the server, or to the target) may take.
+    pub connect_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+        }
+    }
+}
+
+impl TunnelSpec {
+    /// Parses the TOML text of a configuration file; `path` names it in
+    /// errors.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the file, the line and the problem (a
+    /// syntax error, an unknown key, a value of the wrong type).
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self> {
+        toml::from_str(text)
+            .map_err(|e| Error::Config(format!("{}: {}", path.display(), e.to_string().trim_end())))
+    }
+
+    /// Reads and parses a configuration file.
+    ///
+    /// # Errors
+    /// [`Error::Key`] if it cannot be read; see [`from_toml`](Self::from_toml).
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes = read_limited(path, MAX_CONFIG_FILE_LEN, "configuration file")?;
+        let text = std::str::from_utf8(&bytes)
+            .map_err(|_| Error::Config(format!("{}: is not UTF-8 text", path.display())))?;
+        Self::from_toml(text, path)
+    }
+
+    /// Checks every setting and fills in the defaults.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for the first problem, naming the setting as
+    /// `origin` wrote it: a missing identity or service, an invalid service
+    /// name or address, a malformed VatId, settings of the wrong mode or
+    /// missing trust settings, a limit out of range.
+    pub fn check(&self, origin: Origin<'_>) -> Result<TunnelConfig> {
+        let identity = self.identity.as_deref().ok_or_else(|| {
+            Error::Config(format!(
+                "{} is required: the key file of this tunnel's identity (create one with `capnp-noise keygen`)",
+                origin.name(None, "identity")
+            ))
+        })?;
+        if self.services.is_empty() {
+            return Err(Error::Config(match origin {
+                Origin::File(p) => format!(
+                    "{}: no service is configured; add a [service.NAME] table",
+                    p.display()
+                ),
+                Origin::CommandLine => "no service is configured".into(),
+            }));
+        }
+        let defaults = self.limits.check(origin, None, Limits::default())?;
+        let services = self
+            .services
+            .iter()
+            .map(|(name, spec)| spec.check(name, origin, defaults))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(TunnelConfig {
+            identity: origin.resolve(identity),
+            shutdown_grace: seconds(
+                self.shutdown_grace,
+                DEFAULT_SHUTDOWN_GRACE,
+                &origin.name(None, "shutdown_grace"),
+            )?,
+            services,
+        })
+    }
+}
+
+impl TunnelConfig {
+    /// Reads, parses and checks a configuration file.
+    ///
+    /// # Errors
+    /// See [`TunnelSpec::load`] and [`TunnelSpec::check`].
+    pub fn load(path: &Path) -> Result<Self> {
+        TunnelSpec::load(path)?.check(Origin::File(path))
+    }
+}
+
+impl LimitsSpec {
+    fn check(&self, origin: Origin<'_>, service: Option<&str>, base: Limits) -> Result<Limits> {
+        let name = |key| origin.name(service, key);
+        Ok(Limits {
+            max_connections: count(
+                self.max_connections,
+                base.max_connections,
+                &name("max_connections"),
+            )?,
+            max_handshakes: count(
+                self.max_handshakes,
+                base.max_handshakes,
+                &name("max_handshakes"),
+            )?,
+            handshake_timeout: seconds(
+                self.handshake_timeout,
+                base.handshake_timeout,
+                &name("handshake_timeout"),
+            )?,
+            connect_timeout: seconds(
+                self.connect_timeout,
+                base.connect_timeout,
+                &name("connect_timeout"),
+            )?,
+        })
+    }
+}
+
+impl ServiceSpec {
+    fn check(&self, name: &str, origin: Origin<'_>, defaults: Limits) -> Result<ServiceConfig> {
+        let key = |k: &str| origin.name(Some(name), k);
+        let bad = |k: &str, why: String| Error::Config(format!("{}: {why}", key(k)));
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(Error::Config(format!(
+                "{}: invalid service name {name:?}: use letters, digits, '-', '_' and '.'",
+                match origin {
+                    Origin::File(p) => p.display().to_string(),
+                    Origin::CommandLine => "--name".into(),
+                }
+            )));
+        }
+        check_address(&self.listen, true).map_err(|why| bad("listen", why))?;
+        check_address(&self.connect, false).map_err(|why| bad("connect", why))?;
+        let parse_vat = |k: &str, text: &str| {
+            text.trim()
+                .parse::<VatId>()
+                .map_err(|e| bad(k, format!("{text:?} is not a VatId: {e}")))
+        };
+        let wrong_mode = |k: &str, other: &str| {
+            Error::Config(format!(
+                "{} only applies to a {other} service, and this one is a {}",
+                key(k),
+                match self.mode {
+                    Mode::Client => "client",
+                    Mode::Server => "server",
+                }
+            ))
+        };
+        let trust = match self.mode {
+            Mode::Client => {
+                if self.allow.is_some() {
+                    return Err(wrong_mode("allow", "server"));
+                }
+                if !self.allow_vat.is_empty() {
+                    return Err(wrong_mode("allow_vat", "server"));
+                }
+                match (&self.peer, &self.known_vats) {
+                    (Some(peer), None) => Trust::PinnedServer(parse_vat("peer", peer)?),
+                    (None, Some(file)) => Trust::KnownVats(origin.resolve(file)),
+                    (Some(_), Some(_)) => {
+                        return Err(Error::Config(format!(
+                            "{} and {} exclude each other: pin the server's VatId, or trust it on first use",
+                            key("peer"),
+                            key("known_vats")
+                        )))
+                    }
+                    (None, None) => {
+                        return Err(Error::Config(format!(
+                            "a client service needs {} (the server's VatId) or {} (a trust-on-first-use file)",
+                            key("peer"),
+                            key("known_vats")
+                        )))
+                    }
+                }
+            }
+            Mode::Server => {
+                if self.peer.is_some() {
+                    return Err(wrong_mode("peer", "client"));
+                }
+                if self.known_vats.is_some() {
+                    return Err(wrong_mode("known_vats", "client"));
+                }
+                if self.allow.is_none() && self.allow_vat.is_empty() {
+                    return Err(Error::Config(format!(
+                        "a server service needs {} (an allow-list file) and/or {} (allowed VatIds)",
+                        key("allow"),
+                        key("allow_vat")
+                    )));
+                }
+                Trust::AllowedClients {
+                    file: self.allow.as_deref().map(|f| origin.resolve(f)),
+                    vat_ids: self
+                        .allow_vat
+                        .iter()
+                        .map(|v| parse_vat("allow_vat", v))
+                        .collect::<Result<_>>()?,
+                }
+            }
+        };
+        Ok(ServiceConfig {
+            name: name.to_string(),
+            listen: self.listen.clone(),
+            connect: self.connect.clone(),
+            trust,
+            limits: self.limits.check(origin, Some(name), defaults)?,
+        })
+    }
+}
+
+/// Checks the form `HOST:PORT` (IPv6 in brackets); resolving the host is
+/// left to binding or connecting.
+fn check_address(addr: &str, port_zero_ok: bool) -> std::result::Result<(), String> {
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return Err(format!("{addr:?} is not HOST:PORT"));
+    };
+    if host.is_empty() {
+        return Err(format!("{addr:?} has no host (write e.g. 127.0.0.1{addr})"));
+    }
+    if let Some(inner) = host.strip_prefix('[') {
+        let ok = inner
+            .strip_suffix(']')
+            .is_some_and(|ip| ip.parse::<Ipv6Addr>().is_ok());
+        if !ok {
+            return Err(format!(
+                "{addr:?}: {host:?} is not a bracketed IPv6 address"
+            ));
+        }
+    } else if host.contains(':') {
+        return Err(format!(
+            "{addr:?}: write an IPv6 address in brackets, e.g. [::1]:{port}"
+        ));
+    } else if host.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("{addr:?}: the host contains spaces"));
+    }
+    match port.parse::<u16>() {
+        Ok(0) if !port_zero_ok => Err(format!("{addr:?}: port 0 cannot be connected to")),
+        Ok(_) => Ok(()),
+        Err(_) => Err(format!("{addr:?}: {port:?} is not a port number (0-65535)")),
+    }
+}
+
+fn count(value: Option<usize>, default: usize, name: &str) -> Result<usize> {
+    match value {
+        None => Ok(default),
+        Some(n) if (1..=MAX_COUNT).contains(&n) => Ok(n),
+        Some(n) => Err(Error::Config(format!(
+            "{name}: {n} is out of range (1 to {MAX_COUNT})"
+        ))),
+    }
+}
+
+fn seconds(value: Option<f64>, default: Duration, name: &str) -> Result<Duration> {
+    match value {
+        None => Ok(default),
+        Some(s) if s > 0.0 && s <= MAX_SECONDS => Ok(Duration::from_secs_f64(s)),
+        Some(s) => Err(Error::Config(format!(
+            "{name}: {s} is out of range (a number of seconds above 0, at most {MAX_SECONDS})"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Identity;
+
+    fn file() -> &'static Path {
+        Path::new("/etc/tunnel.toml")
+    }
+
+    fn check_text(text: &str) -> Result<TunnelConfig> {
+        TunnelSpec::from_toml(text, file())?.check(Origin::File(file()))
+    }
+
+    fn err(text: &str) -> String {
+        check_text(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_file_with_two_services() {
+        let server_vat = Identity::from_seed(&[1; 32]).vat_id();
+        let friend = Identity::from_seed(&[2; 32]).vat_id();
+        let config = check_text(&format!(
+            r#"
+            identity = "keys/tunnel.key"
+            shutdown_grace = 2.5
+            max_connections = 10
+
+            [service.web]
+            mode = "server"
+            listen = "[::]:8443"
+            connect = "127.0.0.1:8080"
+            allow = "web.allow"
+            allow_vat = ["{friend}"]
+            max_connections = 3
+            handshake_timeout = 1
+
+            [service.db]
+            mode = "client"
+            listen = "127.0.0.1:0"
+            connect = "db.example.com:5433"
+            peer = "{server_vat}"
+            "#
+        ))
+        .unwrap();
+        assert_eq!(config.identity, Path::new("/etc/keys/tunnel.key"));
+        assert_eq!(config.shutdown_grace, Duration::from_millis(2500));
+        let [db, web] = &config.services[..] else {
+            panic!("expected two services, got {:?}", config.services);
+        };
+        assert_eq!((db.name.as_str(), db.mode()), ("db", Mode::Client));
+        assert!(matches!(db.trust, Trust::PinnedServer(v) if v == server_vat));
+        assert_eq!(db.limits.max_connections, 10, "file default applies");
+        assert_eq!(db.limits.handshake_timeout, DEFAULT_HANDSHAKE_TIMEOUT);
+        assert_eq!(web.mode(), Mode::Server);
+        assert_eq!(web.listen, "[::]:8443");
+        assert_eq!(web.limits.max_connections, 3, "service overrides");
+        assert_eq!(web.limits.handshake_timeout, Duration::from_secs(1));
+        assert_eq!(web.limits.max_handshakes, DEFAULT_MAX_HANDSHAKES);
+        match &web.trust {
+            Trust::AllowedClients { file, vat_ids } => {
+                assert_eq!(file.as_deref(), Some(Path::new("/etc/web.allow")));
+                assert_eq!(vat_ids, &[friend]);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_example_in_the_module_docs_is_valid() {
+        let docs: String = include_str!("mod.rs")
+            .lines()
+            .filter_map(|l| l.strip_prefix("//!"))
+            .map(|l| format!("{}\n", l.strip_prefix(' ').unwrap_or(l)))
+            .collect();
+        let start = docs.find("```toml\n").expect("a TOML example") + 8;
+        let len = docs[start..].find("```").unwrap();
+        let vat = Identity::from_seed(&[5; 32]).vat_id().to_string();
+        let example = docs[start..start + len].replace("vat1...", &vat);
+        let config = check_text(&example).unwrap();
+        let names: Vec<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["calendar", "postgres"]);
+        assert_eq!(config.services[0].limits.max_connections, 50);
+    }
+
+    const HEAD: &str =
+        "identity = \"k\"\n[service.s]\nlisten = \"127.0.0.1:1\"\nconnect = \"127.0.0.1:2\"\n";
+
+    #[test]
+    fn unknown_keys_are_errors_with_their_line() {
+        let e = err(&format!("{HEAD}mode = \"client\"\npeeer = \"x\"\n"));
+        assert!(e.contains("/etc/tunnel.toml"), "{e}");
+        assert!(e.contains("unknown field `peeer`"), "{e}");
+        assert!(e.contains("line 6"), "{e}");
+        let e = err("identiti = \"k\"\n");
+        assert!(e.contains("unknown field `identiti`"), "{e}");
+        let e = err(&format!("{HEAD}mode = \"proxy\"\n"));
+        assert!(e.contains("unknown variant `proxy`"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_vat_id_names_the_setting() {
+        let e = err(&format!("{HEAD}mode = \"client\"\npeer = \"vat1nope\"\n"));
+        assert!(
+            e.contains("/etc/tunnel.toml: service.s.peer: \"vat1nope\" is not a VatId"),
+            "{e}"
+        );
+        let e = err(&format!("{HEAD}mode = \"server\"\nallow_vat = [\"abc\"]\n"));
+        assert!(e.contains("service.s.allow_vat:"), "{e}");
+        let mut spec = TunnelSpec {
+            identity: Some("k".into()),
+            ..TunnelSpec::default()
+        };
+        let mut svc = ServiceSpec::new(Mode::Client, "127.0.0.1:0", "h:1");
+        svc.peer = Some("vat1nope".into());
+        spec.services.insert("client".into(), svc);
+        let e = spec.check(Origin::CommandLine).unwrap_err().to_string();
+        assert!(
+            e.starts_with("configuration error: --peer: \"vat1nope\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn trust_settings_must_fit_the_mode() {
+        let vat = Identity::from_seed(&[3; 32]).vat_id();
+        let e = err(&format!("{HEAD}mode = \"client\"\n"));
+        assert!(e.contains("needs /etc/tunnel.toml: service.s.peer"), "{e}");
+        let e = err(&format!(
+            "{HEAD}mode = \"client\"\npeer = \"{vat}\"\nknown_vats = \"kv\"\n"
+        ));
+        assert!(e.contains("exclude each other"), "{e}");
+        let e = err(&format!(
+            "{HEAD}mode = \"client\"\npeer = \"{vat}\"\nallow = \"a\"\n"
+        ));
+        assert!(
+            e.contains("service.s.allow only applies to a server service"),
+            "{e}"
+        );
+        let e = err(&format!("{HEAD}mode = \"server\"\n"));
+        assert!(
+            e.contains("needs") && e.contains("service.s.allow_vat"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{HEAD}mode = \"server\"\nallow = \"a\"\npeer = \"{vat}\"\n"
+        ));
+        assert!(
+            e.contains("service.s.peer only applies to a client service"),
+            "{e}"
+        );
+        let c = check_text(&format!("{HEAD}mode = \"client\"\nknown_vats = \"/kv\"\n")).unwrap();
+        assert!(matches!(&c.services[0].trust, Trust::KnownVats(p) if p == Path::new("/kv")));
+    }
+
+    #[test]
+    fn addresses_names_and_limits_are_checked() {
+        for (addr, why) in [
+            ("8080", "is not HOST:PORT"),
+            (":8080", "has no host"),
+            ("::1:8080", "in brackets"),
+            ("[::1]]:80", "bracketed IPv6"),
+            ("host:http", "not a port number"),
+            ("host:70000", "not a port number"),
+        ] {
+            let text = format!(
+                "identity = \"k\"\n[service.s]\nmode = \"server\"\nallow = \"a\"\nlisten = \"{addr}\"\nconnect = \"h:1\"\n"
+            );
+            let e = err(&text);
+            assert!(
+                e.contains("service.s.listen") && e.contains(why),
+                "{addr}: {e}"
+            );
+        }
+        let e = err("identity = \"k\"\n[service.s]\nmode = \"server\"\nallow = \"a\"\nlisten = \"h:1\"\nconnect = \"h:0\"\n");
+        assert!(
+            e.contains("service.s.connect") && e.contains("port 0"),
+            "{e}"
+        );
+        let e = err("identity = \"k\"\n[service.\"a b\"]\nmode = \"server\"\nallow = \"a\"\nlisten = \"h:1\"\nconnect = \"h:2\"\n");
+        assert!(e.contains("invalid service name \"a b\""), "{e}");
+        let e = err(&format!(
+            "max_handshakes = 0\n{HEAD}mode = \"server\"\nallow = \"a\"\n"
+        ));
+        assert!(
+            e.contains("/etc/tunnel.toml: max_handshakes: 0 is out of range"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{HEAD}mode = \"server\"\nallow = \"a\"\nhandshake_timeout = -1\n"
+        ));
+        assert!(
+            e.contains("service.s.handshake_timeout: -1 is out of range"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "shutdown_grace = 1e300\n{HEAD}mode = \"server\"\nallow = \"a\"\n"
+        ));
+        assert!(e.contains("shutdown_grace"), "{e}");
+        let e = err("identity = \"k\"\n");
+        assert!(e.contains("no service is configured"), "{e}");
+        let e = err(
+            "[service.s]\nmode = \"server\"\nallow = \"a\"\nlisten = \"h:1\"\nconnect = \"h:2\"\n",
+        );
+        assert!(e.contains("identity is required"), "{e}");
+    }
+}

@@ -1,0 +1,423 @@
+//! Copying bytes between two streams, both directions at once.
+//!
+//! [`forward`] is `tokio::io::copy_bidirectional_with_sizes` with the
+//! bookkeeping a tunnel needs around it:
+//!
+//! * **Half-close.** When one stream's read ends, the other stream's
+//!   writing side is shut down (for a [`NoiseStream`] that sends the
+//!   authenticated CLOSE; for TCP a FIN), and the other direction keeps
+//!   going until its read ends too.
+//! * **Backpressure.** Each direction owns one buffer of [`BUFFER_SIZE`]
+//!   bytes and reads again only when the buffer has been written: a slow
+//!   reader on one end slows the writer on the other end, and nothing
+//!   queues up in between.
+//! * **Flushing.** A direction flushes its writer whenever its reader has
+//!   nothing more right now (the read would block), so buffered writers
+//!   such as [`NoiseStream`] seal a frame as soon as a burst of input
+//!   ends: interactive traffic is not delayed, and bulk traffic still fills
+//!   whole frames.
+//! * **Accounting.** Bytes are counted per direction, and when a stream
+//!   fails, which stream and which operation failed is recorded, so the
+//!   end of every connection can be logged and explained.
+//!
+//! The function is generic over `AsyncRead + AsyncWrite`: the tests drive
+//! it over `tokio::io::duplex` pipes.
+//!
+//! [`NoiseStream`]: crate::stream::NoiseStream
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// The buffer size of each direction: one maximal capnp-noise frame, so a
+/// single read can fill a whole frame.
+pub const BUFFER_SIZE: usize = 64 * 1024;
+
+/// One of the two streams given to [`forward`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    /// The first stream (`a`).
+    A,
+    /// The second stream (`b`).
+    B,
+}
+
+/// An operation on a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// Reading from it.
+    Read,
+    /// Writing to it (including flushing).
+    Write,
+    /// Shutting down its writing side after the other stream's read ended.
+    Shutdown,
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Op::Read => "reading",
+            Op::Write => "writing",
+            Op::Shutdown => "closing",
+        })
+    }
+}
+
+/// How a forwarding ended.
+#[derive(Debug)]
+pub enum End {
+    /// Both directions ended: each stream's read reached its end and the
+    /// other stream's writing side was shut down.
+    Closed,
+    /// An operation on one stream failed; the other direction was abandoned.
+    Failed {
+        /// The stream that failed.
+        stream: Stream,
+        /// What was being done to it.
+        op: Op,
+        /// The error.
+        error: io::Error,
+    },
+    /// The `cancel` future of [`forward`] completed first.
+    Cancelled,
+}
+
+/// What [`forward`] did.
+#[derive(Debug)]
+pub struct Forwarded {
+    /// Bytes read from `a` and written to `b`.
+    pub a_to_b: u64,
+    /// Bytes read from `b` and written to `a`.
+    pub b_to_a: u64,
+    /// How it ended.
+    pub end: End,
+}
+
+/// Copies `a` to `b` and `b` to `a` concurrently until both directions have
+/// ended, one stream fails, or `cancel` completes (see the [module
+/// docs](self) for half-close, backpressure and flushing).
+///
+/// Never fails itself: the outcome, with the bytes moved so far, is in the
+/// returned [`Forwarded`]. The streams are borrowed, so the caller can
+/// still act on them afterwards (for example reset a TCP connection whose
+/// other end failed, rather than close it cleanly).
+pub async fn forward<A, B, C>(a: &mut A, b: &mut B, cancel: C) -> Forwarded
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    C: Future<Output = ()>,
+{
+    let mut ta = Tracked::new(a);
+    let mut tb = Tracked::new(b);
+    let result = tokio::select! {
+        r = tokio::io::copy_bidirectional_with_sizes(&mut ta, &mut tb, BUFFER_SIZE, BUFFER_SIZE) => Some(r),
+        () = cancel => None,
+    };
+    let end = match result {
+        None => End::Cancelled,
+        Some(Ok(_)) => End::Closed,
+        Some(Err(error)) => {
+            // Blame the stream that saw the error; if both did (one error
+            // can cause another), the one whose error this is.
+            let (stream, op) = match (ta.failure, tb.failure) {
+                (Some((op, _)), None) => (Stream::A, op),
+                (None, Some((op, _))) => (Stream::B, op),
+                (Some((op_a, kind_a)), Some((op_b, _))) => {
+                    if kind_a == error.kind() {
+                        (Stream::A, op_a)
+                    } else {
+                        (Stream::B, op_b)
+                    }
+                }
+                // copy_bidirectional's own errors (a writer accepting zero
+                // bytes) come from writing.
+                (None, None) => (Stream::B, Op::Write),
+            };
+            End::Failed { stream, op, error }
+        }
+    };
+    Forwarded {
+        a_to_b: tb.written,
+        b_to_a: ta.written,
+        end,
+    }
+}
+
+/// A stream that counts the bytes written to it and remembers its first
+/// failure.
+struct Tracked<'a, S: ?Sized> {
+    inner: &'a mut S,
+    written: u64,
+    failure: Option<(Op, io::ErrorKind)>,
+}
+
+impl<'a, S: ?Sized> Tracked<'a, S> {
+    fn new(inner: &'a mut S) -> Self {
+        Tracked {
+            inner,
+            written: 0,
+            failure: None,
+        }
+    }
+
+    fn note<T>(&mut self, op: Op, poll: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if let Poll::Ready(Err(e)) = &poll {
+            self.failure.get_or_insert((op, e.kind()));
+        }
+        poll
+    }
+}
+
+impl<S: AsyncRead + Unpin + ?Sized> AsyncRead for Tracked<'_, S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut *this.inner).poll_read(cx, buf);
+        this.note(Op::Read, poll)
+    }
+}
+
+impl<S: AsyncWrite + Unpin + ?Sized> AsyncWrite for Tracked<'_, S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut *this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = poll {
+            this.written += n as u64;
+        }
+        this.note(Op::Write, poll)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut *this.inner).poll_flush(cx);
+        this.note(Op::Write, poll)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut *this.inner).poll_shutdown(cx);
+        this.note(Op::Shutdown, poll)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt, BufWriter, DuplexStream};
+
+    /// Two pipes with `forward` running between their inner ends; returns
+    /// the outer ends and the forwarding task.
+    fn pipes<A, B>(
+        wrap_a: impl FnOnce(DuplexStream) -> A,
+        wrap_b: impl FnOnce(DuplexStream) -> B,
+    ) -> (
+        DuplexStream,
+        DuplexStream,
+        tokio::task::JoinHandle<Forwarded>,
+        tokio::sync::oneshot::Sender<()>,
+    )
+    where
+        A: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        B: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (outer_a, inner_a) = duplex(16 * 1024);
+        let (outer_b, inner_b) = duplex(16 * 1024);
+        let (cancel_tx, cancel_rx) = tokio::sync::oneshot::channel::<()>();
+        let (mut a, mut b) = (wrap_a(inner_a), wrap_b(inner_b));
+        let task = tokio::spawn(async move {
+            forward(&mut a, &mut b, async {
+                // Dropping the sender without sending does not cancel.
+                if cancel_rx.await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            })
+            .await
+        });
+        (outer_a, outer_b, task, cancel_tx)
+    }
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 9) as u8)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn copies_both_ways_at_once_and_counts() {
+        let (a, b, task, _cancel) = pipes(|s| s, |s| s);
+        let up = pattern(3 << 20, 1);
+        let down = pattern(2 << 20, 7);
+        /// Sends `data` and closes, while reading everything that comes back.
+        async fn talk(s: DuplexStream, data: &[u8]) -> Vec<u8> {
+            let (mut rd, mut wr) = tokio::io::split(s);
+            let send = async {
+                wr.write_all(data).await.unwrap();
+                wr.shutdown().await.unwrap();
+            };
+            let mut got = Vec::new();
+            let (_, r) = tokio::join!(send, rd.read_to_end(&mut got));
+            r.unwrap();
+            got
+        }
+        let (got_down, got_up) = tokio::join!(talk(a, &up), talk(b, &down));
+        assert!(got_up == up, "a to b corrupted");
+        assert!(got_down == down, "b to a corrupted");
+        let done = task.await.unwrap();
+        assert!(matches!(done.end, End::Closed), "{:?}", done.end);
+        assert_eq!(done.a_to_b, up.len() as u64);
+        assert_eq!(done.b_to_a, down.len() as u64);
+    }
+
+    #[tokio::test]
+    async fn half_close_propagates_and_the_other_direction_continues() {
+        let (mut a, mut b, task, _cancel) = pipes(|s| s, |s| s);
+        a.write_all(b"request").await.unwrap();
+        a.shutdown().await.unwrap();
+        // b sees the request and then the end of it...
+        let mut req = Vec::new();
+        b.read_to_end(&mut req).await.unwrap();
+        assert_eq!(req, b"request");
+        // ...and can still answer, at length, after that.
+        let reply = pattern(1 << 20, 3);
+        let answer = async {
+            b.write_all(&reply).await.unwrap();
+            b.flush().await.unwrap();
+            tokio::task::yield_now().await;
+            assert!(
+                !task.is_finished(),
+                "forwarding ended with one direction open"
+            );
+            b.shutdown().await.unwrap();
+        };
+        let mut got = Vec::new();
+        let (_, r) = tokio::join!(answer, a.read_to_end(&mut got));
+        r.unwrap();
+        assert!(got == reply);
+        let done = task.await.unwrap();
+        assert!(matches!(done.end, End::Closed));
+        assert_eq!((done.a_to_b, done.b_to_a), (7, reply.len() as u64));
+    }
+
+    #[tokio::test]
+    async fn a_buffered_writer_is_flushed_when_input_pauses() {
+        // b is wrapped in a writer that sends nothing until flushed (as a
+        // NoiseStream): a small message must still get through at once.
+        let (mut a, mut b, task, _cancel) = pipes(|s| s, |s| BufWriter::with_capacity(1 << 20, s));
+        for round in 0..3u8 {
+            a.write_all(&[round; 5]).await.unwrap();
+            let mut got = [0u8; 5];
+            tokio::time::timeout(Duration::from_secs(10), b.read_exact(&mut got))
+                .await
+                .expect("a paused input was not flushed through")
+                .unwrap();
+            assert_eq!(got, [round; 5]);
+        }
+        drop((a, b));
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_reader_that_stops_stops_the_writer() {
+        // Nobody reads b: what a can write is bounded by the two pipes and
+        // one forwarding buffer, whatever it tries to send.
+        let (mut a, b, task, cancel) = pipes(|s| s, |s| s);
+        let data = pattern(16 << 20, 5);
+        let mut sent = 0usize;
+        let res = tokio::time::timeout(Duration::from_millis(300), async {
+            for chunk in data.chunks(4096) {
+                a.write_all(chunk).await.unwrap();
+                sent += chunk.len();
+            }
+        })
+        .await;
+        assert!(res.is_err(), "16 MiB went into a stream nobody reads");
+        assert!(
+            sent <= 2 * 16 * 1024 + BUFFER_SIZE + 4096,
+            "{sent} bytes buffered"
+        );
+        cancel.send(()).unwrap();
+        let done = task.await.unwrap();
+        assert!(matches!(done.end, End::Cancelled));
+        assert!(done.a_to_b <= 16 * 1024);
+        drop(b);
+    }
+
+    /// A stream that fails at the first read with ConnectionReset.
+    struct Resets;
+
+    impl AsyncRead for Resets {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
+        }
+    }
+
+    impl AsyncWrite for Resets {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failure_names_the_stream_and_the_operation() {
+        let (a, _b, task, _cancel) = pipes(|s| s, |_| Resets);
+        let done = task.await.unwrap();
+        match done.end {
+            End::Failed { stream, op, error } => {
+                assert_eq!((stream, op), (Stream::B, Op::Read));
+                assert_eq!(error.kind(), io::ErrorKind::ConnectionReset);
+            }
+            other => panic!("expected a failure, got {other:?}"),
+        }
+        drop(a);
+
+        let (_a, b, task, _cancel) = pipes(|_| Resets, |s| s);
+        let done = task.await.unwrap();
+        assert!(matches!(
+            done.end,
+            End::Failed {
+                stream: Stream::A,
+                op: Op::Read,
+                ..
+            }
+        ));
+        drop(b);
+    }
+
+    #[tokio::test]
+    async fn cancel_ends_it_with_the_counts_so_far() {
+        let (mut a, mut b, task, cancel) = pipes(|s| s, |s| s);
+        a.write_all(b"hello").await.unwrap();
+        let mut got = [0u8; 5];
+        b.read_exact(&mut got).await.unwrap();
+        cancel.send(()).unwrap();
+        let done = task.await.unwrap();
+        assert!(matches!(done.end, End::Cancelled));
+        assert_eq!((done.a_to_b, done.b_to_a), (5, 0));
+    }
+}

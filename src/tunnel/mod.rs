@@ -1,0 +1,453 @@
+//! `capnp-noise tunnel`: a key-pinned replacement for stunnel in front of
+//! any TCP service.
+//!
+//! A tunnel process runs one or more named **services**. Each is one end of
+//! a tunnel:
+//!
+//! * a **client** service listens for plain TCP (usually on 127.0.0.1) and
+//!   carries each connection over its own capnp-noise connection to a
+//!   server service, which must prove the pinned VatId (`peer`) or the one
+//!   recorded for its address on first use (`known_vats`). A refused server
+//!   never learns the client's VatId (it is only sent in handshake message
+//!   3, after the check).
+//! * a **server** service listens for capnp-noise, accepts only the vats of
+//!   its allow-list file (`allow`, reloaded when it changes) and/or of
+//!   `allow_vat`, and forwards each connection to the plain TCP `connect`
+//!   address, only after the peer has authenticated.
+//!
+//! Applications keep speaking plain TCP (Cap'n Proto two-party RPC, or
+//! anything else) to the client service's address; the server service
+//! forwards to their unchanged server. A native capnp-noise RPC server
+//! ([`crate::rpc::serve`]) speaks the same protocol as a server service, so
+//! a client service can reach it directly.
+//!
+//! # Configuration file
+//!
+//! TOML, in the spirit of `stunnel.conf`: global settings, then one table
+//! per service. Unknown keys are errors. Relative paths are relative to the
+//! file's directory; durations are in seconds. The limits given at the top
+//! are the defaults of every service, and each service may override them.
+//!
+//! ```toml
+//! identity = "tunnel.key"      # required: `capnp-noise keygen tunnel.key`
+//! shutdown_grace = 30          # seconds open connections get after SIGTERM
+//! max_connections = 1024       # per service, handshaking or forwarding
+//! max_handshakes = 64          # per service, handshakes at once
+//! handshake_timeout = 10       # seconds
+//! connect_timeout = 10         # seconds, for each outgoing TCP connect
+//!
+//! [service.postgres]           # expose a local service to allowed vats
+//! mode = "server"
+//! listen = "0.0.0.0:5433"
+//! connect = "127.0.0.1:5432"
+//! allow = "postgres.allow"     # one VatId per line, reloaded on change
+//! allow_vat = ["vat1..."]      # and/or inline (either one is enough)
+//!
+//! [service.calendar]           # reach a remote service through a local port
+//! mode = "client"
+//! listen = "127.0.0.1:4000"
+//! connect = "calendar.example.com:4443"
+//! peer = "vat1..."             # or: known_vats = "known_vats" (trust on first use)
+//! max_connections = 50
+//! ```
+//!
+//! The command line (`capnp-noise tunnel client|server ...`) describes one
+//! service with the same settings as options; both end up in one
+//! [`TunnelConfig`] (see [`config`]).
+//!
+//! # Connections
+//!
+//! Every connection is its own task and ends on its own:
+//!
+//! * **Limits.** At most `max_connections` connections per service are
+//!   open (further ones wait in the listen backlog), and at most
+//!   `max_handshakes` are handshaking, each for at most
+//!   `handshake_timeout`: unauthenticated peers can hold no more than that.
+//!   Outgoing TCP connects take at most `connect_timeout`.
+//! * **Forwarding** ([`forward`]) copies both directions at once through
+//!   one 64 KiB buffer each (backpressure, no unbounded queue), flushes
+//!   whenever input pauses, and propagates half-close: when one side's
+//!   read ends, the other side's write is shut down (over capnp-noise, an
+//!   authenticated CLOSE) while the other direction continues.
+//! * **Memory** is bounded per connection: the two forwarding buffers
+//!   (128 KiB) and the capnp-noise session's buffers (at most about
+//!   256 KiB, see [`NoiseStream`](crate::stream::NoiseStream)), so
+//!   `max_connections` bounds a service's memory (about 400 MiB at the
+//!   default 1024 connections, all busy; idle ones hold far less).
+//! * **Failures are not disguised as clean ends.** When one side fails
+//!   (a TCP reset, a capnp-noise stream cut without its authenticated
+//!   CLOSE), the plain TCP side is reset rather than closed, and the
+//!   capnp-noise side is dropped without CLOSE, so the remote tunnel resets
+//!   its plain side in turn. The same happens when the server or the target
+//!   cannot be reached, or the server is refused.
+//!
+//! # Logs
+//!
+//! `tracing`, at `info` for connections and `warn` for refusals and
+//! unreachable addresses; every line names the service. Each connection
+//! ends with one line: `connection ended service=NAME peer=FINGERPRINT
+//! addr=ADDR to_peer=BYTES from_peer=BYTES duration=SECONDS end=...`,
+//! where `to_peer`/`from_peer` count plaintext bytes sent to and received
+//! from the remote tunnel end, and `end` is `closed` (both directions
+//! ended cleanly), `aborted` (cut at shutdown) or an error naming the side
+//! and the operation that failed.
+//!
+//! # Shutdown
+//!
+//! [`ShutdownHandle::shutdown`] (the CLI calls it on SIGINT or SIGTERM)
+//! stops accepting (the listening sockets are closed), lets open
+//! connections finish for up to the grace period, then aborts those left;
+//! [`ShutdownHandle::abort`] (a second signal) aborts them at once.
+//!
+//! # Embedding
+//!
+//! The CLI is a thin layer over this module:
+//!
+//! ```no_run
+//! use std::path::Path;
+//! use capnp_noise::tunnel::{Tunnel, TunnelConfig};
+//!
+//! # async fn demo() -> capnp_noise::Result<()> {
+//! let config = TunnelConfig::load(Path::new("tunnel.toml"))?; // or TunnelSpec::check
+//! let tunnel = Tunnel::new(config)?; // loads the key and the allow-lists
+//! println!("my VatId: {}", tunnel.vat_id());
+//! let bound = tunnel.bind().await?; // opens every listening socket
+//! for l in bound.listening() {
+//!     println!("{} listens on {}", l.name, l.addr);
+//! }
+//! let stop = bound.shutdown_handle();
+//! tokio::spawn(async move {
+//!     let _ = tokio::signal::ctrl_c().await;
+//!     stop.shutdown();
+//! });
+//! let stopped = bound.run().await;
+//! println!("{} connection(s) aborted at shutdown", stopped.aborted);
+//! # Ok(()) }
+//! ```
+
+pub mod config;
+pub mod forward;
+mod service;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+pub use config::{Limits, Mode, ServiceConfig, Trust, TunnelConfig, TunnelSpec};
+
+use crate::error::{Error, Result};
+use crate::identity::Identity;
+use crate::policy::{AllowList, PeerPolicy, Pinned, Tofu};
+use crate::vat_id::VatId;
+use service::Service;
+
+/// How long aborted connections get to log their end.
+const ABORT_WAIT: Duration = Duration::from_secs(5);
+
+/// A tunnel whose identity and trust files are loaded, ready to
+/// [`bind`](Self::bind).
+pub struct Tunnel {
+    identity: Arc<Identity>,
+    shutdown_grace: Duration,
+    services: Vec<(ServiceConfig, Arc<dyn PeerPolicy>)>,
+}
+
+impl Tunnel {
+    /// Loads the identity key and the allow-list files of `config`.
+    ///
+    /// # Errors
+    /// [`Error::Key`] naming the file when the key or an allow-list file is
+    /// missing, unreadable or malformed.
+    pub fn new(config: TunnelConfig) -> Result<Self> {
+        let identity = Arc::new(Identity::load(&config.identity)?);
+        let services = config
+            .services
+            .into_iter()
+            .map(|svc| {
+                let policy = policy(&svc.trust)
+                    .map_err(|e| Error::Config(format!("service {}: {e}", svc.name)))?;
+                Ok((svc, policy))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tunnel {
+            identity,
+            shutdown_grace: config.shutdown_grace,
+            services,
+        })
+    }
+
+    /// This tunnel's VatId: what the other ends pin or allow.
+    pub fn vat_id(&self) -> VatId {
+        self.identity.vat_id()
+    }
+
+    /// Opens every service's listening socket.
+    ///
+    /// # Errors
+    /// [`Error::Io`] naming the service and the address when one cannot be
+    /// bound (in use, not a local address, a privileged port, a host name
+    /// that does not resolve); no socket stays open then.
+    pub async fn bind(self) -> Result<BoundTunnel> {
+        let mut listeners = Vec::with_capacity(self.services.len());
+        for (svc, _) in &self.services {
+            let listener = TcpListener::bind(&svc.listen)
+                .await
+                .map_err(|e| bind_error(svc, &e))?;
+            let addr = listener.local_addr().map_err(|e| bind_error(svc, &e))?;
+            listeners.push((listener, addr));
+        }
+        Ok(BoundTunnel {
+            tunnel: self,
+            listeners,
+            shutdown: ShutdownHandle::default(),
+        })
+    }
+}
+
+impl std::fmt::Debug for Tunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tunnel")
+            .field("vat_id", &self.vat_id())
+            .field("shutdown_grace", &self.shutdown_grace)
+            .field(
+                "services",
+                &self.services.iter().map(|(s, _)| s).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+fn policy(trust: &Trust) -> Result<Arc<dyn PeerPolicy>> {
+    Ok(match trust {
+        Trust::PinnedServer(vat) => Arc::new(Pinned(*vat)),
+        Trust::KnownVats(file) => Arc::new(Tofu::new(file)),
+        Trust::AllowedClients { file, vat_ids } => {
+            let fixed = AllowList::from_vat_ids(vat_ids.iter().copied());
+            match file {
+                None => Arc::new(fixed),
+                Some(path) => {
+                    let listed = AllowList::load(path)?;
+                    Arc::new(move |vat: &VatId, ctx: &crate::PeerContext| {
+                        fixed.check(vat, ctx).or_else(|_| listed.check(vat, ctx))
+                    })
+                }
+            }
+        }
+    })
+}
+
+fn bind_error(svc: &ServiceConfig, e: &std::io::Error) -> Error {
+    let hint = match e.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            " (another process is listening there: stop it or choose another port)"
+        }
+        std::io::ErrorKind::AddrNotAvailable => " (not an address of this machine)",
+        std::io::ErrorKind::PermissionDenied => " (ports below 1024 need privileges)",
+        _ => "",
+    };
+    Error::Io(Arc::new(std::io::Error::new(
+        e.kind(),
+        format!(
+            "service {}: cannot listen on {}: {e}{hint}",
+            svc.name, svc.listen
+        ),
+    )))
+}
+
+/// A service's listening socket, for startup messages.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Listening {
+    /// The service's name.
+    pub name: String,
+    /// Client or server.
+    pub mode: Mode,
+    /// The bound address (with the actual port when the configuration said 0).
+    pub addr: SocketAddr,
+    /// Where it connects to.
+    pub connect: String,
+}
+
+/// A tunnel with its sockets bound, ready to [`run`](Self::run).
+#[derive(Debug)]
+pub struct BoundTunnel {
+    tunnel: Tunnel,
+    listeners: Vec<(TcpListener, SocketAddr)>,
+    shutdown: ShutdownHandle,
+}
+
+/// Stops a running tunnel. Cloneable; any clone works.
+#[derive(Debug, Clone, Default)]
+pub struct ShutdownHandle {
+    graceful: CancellationToken,
+    abort: CancellationToken,
+}
+
+impl ShutdownHandle {
+    /// Stops accepting connections and lets open ones finish within the
+    /// grace period.
+    pub fn shutdown(&self) {
+        self.graceful.cancel();
+    }
+
+    /// Stops accepting connections and aborts open ones now.
+    pub fn abort(&self) {
+        self.graceful.cancel();
+        self.abort.cancel();
+    }
+}
+
+/// How a tunnel stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stopped {
+    /// Connections open when the shutdown began.
+    pub open: usize,
+    /// Of those, the ones aborted because they outlasted the grace period
+    /// (or the shutdown was an abort).
+    pub aborted: usize,
+}
+
+impl BoundTunnel {
+    /// This tunnel's VatId.
+    pub fn vat_id(&self) -> VatId {
+        self.tunnel.vat_id()
+    }
+
+    /// The services and their bound addresses, in configuration order.
+    pub fn listening(&self) -> Vec<Listening> {
+        self.tunnel
+            .services
+            .iter()
+            .zip(&self.listeners)
+            .map(|((svc, _), (_, addr))| Listening {
+                name: svc.name.clone(),
+                mode: svc.mode(),
+                addr: *addr,
+                connect: svc.connect.clone(),
+            })
+            .collect()
+    }
+
+    /// A handle that stops [`run`](Self::run).
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        self.shutdown.clone()
+    }
+
+    /// Serves every service until the [`ShutdownHandle`] says stop, then
+    /// shuts down as described in the [module docs](self).
+    pub async fn run(self) -> Stopped {
+        let BoundTunnel {
+            tunnel,
+            listeners,
+            shutdown,
+        } = self;
+        let connections = TaskTracker::new();
+        let stop_accepting = CancellationToken::new();
+        let cut = CancellationToken::new();
+        let mut accept_loops = Vec::with_capacity(listeners.len());
+        for ((config, policy), (listener, addr)) in tunnel.services.into_iter().zip(listeners) {
+            info!(service = %config.name, %addr, "listening");
+            let service = Arc::new(Service::new(config, tunnel.identity.clone(), policy));
+            accept_loops.push(tokio::spawn(service.accept_loop(
+                listener,
+                connections.clone(),
+                stop_accepting.clone(),
+                cut.clone(),
+            )));
+        }
+
+        shutdown.graceful.cancelled().await;
+        stop_accepting.cancel();
+        for accept_loop in accept_loops {
+            // Returns once its listener is closed.
+            let _ = accept_loop.await;
+        }
+        connections.close();
+        let open = connections.len();
+        let grace = tunnel.shutdown_grace;
+        if open > 0 && !shutdown.abort.is_cancelled() {
+            info!("shutting down: no longer accepting; waiting up to {grace:?} for {open} open connection(s)");
+        } else {
+            info!("shutting down: no longer accepting");
+        }
+        let finished = tokio::select! {
+            () = connections.wait() => true,
+            () = tokio::time::sleep(grace) => false,
+            () = shutdown.abort.cancelled() => false,
+        };
+        let mut aborted = 0;
+        if !finished {
+            aborted = connections.len();
+            warn!("aborting {aborted} connection(s) still open");
+            cut.cancel();
+            let _ = tokio::time::timeout(ABORT_WAIT, connections.wait()).await;
+        }
+        info!(open, aborted, "stopped");
+        Stopped { open, aborted }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::PeerContext;
+
+    #[test]
+    fn a_server_allows_the_listed_and_the_inline_vats_and_nobody_else() {
+        let (listed, inline, stranger) = (
+            Identity::from_seed(&[1; 32]).vat_id(),
+            Identity::from_seed(&[2; 32]).vat_id(),
+            Identity::from_seed(&[3; 32]).vat_id(),
+        );
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), format!("{listed}\n")).unwrap();
+        let both = policy(&Trust::AllowedClients {
+            file: Some(file.path().to_path_buf()),
+            vat_ids: vec![inline],
+        })
+        .unwrap();
+        let ctx = PeerContext::responder(None);
+        assert!(both.check(&listed, &ctx).is_ok());
+        assert!(both.check(&inline, &ctx).is_ok());
+        let refusal = both.check(&stranger, &ctx).unwrap_err().to_string();
+        assert!(refusal.contains(&stranger.to_string()), "{refusal}");
+        assert!(
+            refusal.contains(&file.path().display().to_string()),
+            "{refusal}"
+        );
+
+        let inline_only = policy(&Trust::AllowedClients {
+            file: None,
+            vat_ids: vec![inline],
+        })
+        .unwrap();
+        assert!(inline_only.check(&inline, &ctx).is_ok());
+        assert!(inline_only.check(&listed, &ctx).is_err());
+    }
+
+    #[test]
+    fn a_missing_allow_list_is_reported_when_the_tunnel_is_built() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("k.key");
+        Identity::generate().save(&key, false).unwrap();
+        let text = format!(
+            "identity = {key:?}\n[service.s]\nmode = \"server\"\nlisten = \"127.0.0.1:0\"\n\
+             connect = \"127.0.0.1:1\"\nallow = \"missing.allow\"\n"
+        );
+        let conf = dir.path().join("t.toml");
+        let config = TunnelSpec::from_toml(&text, &conf)
+            .and_then(|s| s.check(config::Origin::File(&conf)))
+            .unwrap();
+        let e = Tunnel::new(config).unwrap_err().to_string();
+        assert!(
+            e.contains("service s:") && e.contains("missing.allow does not exist"),
+            "{e}"
+        );
+    }
+}

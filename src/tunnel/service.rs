@@ -1,0 +1,339 @@
+//! One service: its accept loop, and each connection from accept to the
+//! log line that ends it.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use super::config::{Mode, ServiceConfig};
+use super::forward::{self, End, Forwarded};
+use crate::error::Error;
+use crate::identity::Identity;
+use crate::policy::PeerPolicy;
+use crate::stream::{self, NoiseStream, StreamConfig};
+use crate::vat_id::VatId;
+
+/// How long the accept loop pauses after an accept error (out of file
+/// descriptors and the like), so it does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+pub(super) struct Service {
+    config: ServiceConfig,
+    mode: Mode,
+    identity: Arc<Identity>,
+    policy: Arc<dyn PeerPolicy>,
+    connections: Arc<Semaphore>,
+    handshakes: Semaphore,
+}
+
+/// Why a connection never got to forwarding. Logged, then the accepted
+/// TCP connection is reset.
+enum SetupFailure {
+    NoHandshakeSlot(Duration),
+    Unreachable {
+        what: &'static str,
+        addr: String,
+        error: io::Error,
+    },
+    Handshake(Error),
+    Refused {
+        vat_id: VatId,
+        reason: String,
+    },
+    Aborted,
+}
+
+impl Service {
+    pub(super) fn new(
+        config: ServiceConfig,
+        identity: Arc<Identity>,
+        policy: Arc<dyn PeerPolicy>,
+    ) -> Self {
+        Service {
+            mode: config.mode(),
+            connections: Arc::new(Semaphore::new(config.limits.max_connections)),
+            handshakes: Semaphore::new(config.limits.max_handshakes),
+            config,
+            identity,
+            policy,
+        }
+    }
+
+    /// Accepts connections until `stop`, spawning each on `tasks`; `cut`
+    /// aborts them. Closes the listener when it returns.
+    pub(super) async fn accept_loop(
+        self: Arc<Self>,
+        listener: TcpListener,
+        tasks: TaskTracker,
+        stop: CancellationToken,
+        cut: CancellationToken,
+    ) {
+        let name = &self.config.name;
+        let mut at_limit = false;
+        loop {
+            if self.connections.available_permits() == 0 {
+                if !at_limit {
+                    warn!(
+                        service = %name,
+                        limit = self.config.limits.max_connections,
+                        "connection limit reached: new connections wait until one ends"
+                    );
+                }
+                at_limit = true;
+            } else {
+                at_limit = false;
+            }
+            let permit = tokio::select! {
+                p = self.connections.clone().acquire_owned() => p,
+                () = stop.cancelled() => return,
+            };
+            let Ok(permit) = permit else { return };
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                () = stop.cancelled() => return,
+            };
+            match accepted {
+                Ok((tcp, addr)) => {
+                    tasks.spawn(self.clone().connection(tcp, addr, permit, cut.clone()));
+                }
+                Err(e) => {
+                    warn!(service = %name, error = %e, "accept failed");
+                    tokio::select! {
+                        () = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                        () = stop.cancelled() => return,
+                    }
+                }
+            }
+        }
+    }
+
+    async fn connection(
+        self: Arc<Self>,
+        accepted: TcpStream,
+        addr: SocketAddr,
+        _permit: OwnedSemaphorePermit,
+        cut: CancellationToken,
+    ) {
+        let started = Instant::now();
+        let _ = accepted.set_nodelay(true);
+        let setup = match self.mode {
+            Mode::Client => {
+                let noise = tokio::select! {
+                    r = self.dial_server() => r,
+                    r = aborted(&cut) => r,
+                };
+                match noise {
+                    Ok(noise) => Ok((accepted, noise)),
+                    Err(failure) => {
+                        // Not a clean end for the client: reset.
+                        let _ = accepted.set_zero_linger();
+                        Err(failure)
+                    }
+                }
+            }
+            Mode::Server => {
+                // The target is dialed only for an authenticated client. If
+                // it cannot be reached, the client's stream is dropped
+                // without CLOSE: its tunnel resets its own client.
+                let pair = async {
+                    let noise = self.handshake_client(accepted, addr).await?;
+                    Ok((self.dial("the target").await?, noise))
+                };
+                tokio::select! {
+                    r = pair => r,
+                    r = aborted(&cut) => r,
+                }
+            }
+        };
+        let (mut plain, mut noise) = match setup {
+            Ok(pair) => pair,
+            Err(failure) => return self.log_setup_failure(addr, failure),
+        };
+        let peer = noise.peer_vat_id().fingerprint();
+        let suite = noise.suite().noise_name();
+        info!(service = %self.config.name, %peer, %addr, suite, "connected");
+        let done = forward::forward(&mut plain, &mut noise, cut.cancelled()).await;
+        if !matches!(done.end, End::Closed) {
+            // Tell the plain side this was not a clean end; the noise side
+            // is dropped without CLOSE, which tells the remote tunnel.
+            let _ = plain.set_zero_linger();
+        }
+        self.log_end(&peer, addr, &done, started.elapsed());
+    }
+
+    /// Client mode: connects to the server and authenticates it.
+    async fn dial_server(&self) -> Result<NoiseStream<TcpStream>, SetupFailure> {
+        let timeout = self.config.limits.handshake_timeout;
+        let _slot = self.handshake_slot().await?;
+        let tcp = self.dial("the server").await?;
+        let mut config = StreamConfig::default()
+            .with_dialed(self.config.connect.clone())
+            .with_handshake_timeout(Some(timeout));
+        if let Ok(remote) = tcp.peer_addr() {
+            config = config.with_remote_addr(remote);
+        }
+        stream::connect(tcp, &self.identity, self.policy.clone(), config)
+            .await
+            .map_err(SetupFailure::from)
+    }
+
+    /// Server mode: authenticates the client.
+    async fn handshake_client(
+        &self,
+        tcp: TcpStream,
+        addr: SocketAddr,
+    ) -> Result<NoiseStream<TcpStream>, SetupFailure> {
+        let timeout = self.config.limits.handshake_timeout;
+        let _slot = self.handshake_slot().await?;
+        let config = StreamConfig::default()
+            .with_handshake_timeout(Some(timeout))
+            .with_remote_addr(addr);
+        stream::accept(tcp, &self.identity, self.policy.clone(), config)
+            .await
+            .map_err(SetupFailure::from)
+    }
+
+    async fn handshake_slot(&self) -> Result<tokio::sync::SemaphorePermit<'_>, SetupFailure> {
+        let timeout = self.config.limits.handshake_timeout;
+        match tokio::time::timeout(timeout, self.handshakes.acquire()).await {
+            Ok(Ok(slot)) => Ok(slot),
+            _ => Err(SetupFailure::NoHandshakeSlot(timeout)),
+        }
+    }
+
+    /// Opens the plain TCP connection to `connect`.
+    async fn dial(&self, what: &'static str) -> Result<TcpStream, SetupFailure> {
+        let addr = &self.config.connect;
+        let timeout = self.config.limits.connect_timeout;
+        let unreachable = |error| SetupFailure::Unreachable {
+            what,
+            addr: addr.clone(),
+            error,
+        };
+        let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| {
+                unreachable(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no answer within {timeout:?}"),
+                ))
+            })?
+            .map_err(unreachable)?;
+        let _ = tcp.set_nodelay(true);
+        Ok(tcp)
+    }
+
+    fn log_setup_failure(&self, addr: SocketAddr, failure: SetupFailure) {
+        let service = &self.config.name;
+        match failure {
+            SetupFailure::NoHandshakeSlot(t) => warn!(
+                %service, %addr,
+                "dropped: no handshake slot free within {t:?} (max_handshakes = {})",
+                self.config.limits.max_handshakes
+            ),
+            SetupFailure::Unreachable {
+                what,
+                addr: to,
+                error,
+            } => warn!(
+                %service, %addr, error = %error,
+                "closing the connection: cannot reach {what} at {to}"
+            ),
+            SetupFailure::Refused { vat_id, reason } => match self.mode {
+                Mode::Client => warn!(
+                    %service, peer = %vat_id.fingerprint(), %addr,
+                    server = %self.config.connect, %reason, "refused the server"
+                ),
+                Mode::Server => warn!(
+                    %service, peer = %vat_id.fingerprint(), %addr, %reason,
+                    "refused a client"
+                ),
+            },
+            // A server sees port scanners and refused clients here: not
+            // worth a warning. A client's user wants to know.
+            SetupFailure::Handshake(e) => match self.mode {
+                Mode::Client => warn!(
+                    %service, %addr, server = %self.config.connect, error = %e,
+                    "handshake with the server failed"
+                ),
+                Mode::Server => {
+                    info!(%service, %addr, error = %e, "handshake with a client failed")
+                }
+            },
+            SetupFailure::Aborted => {
+                info!(%service, %addr, "aborted at shutdown before forwarding")
+            }
+        }
+    }
+
+    fn log_end(&self, peer: &str, addr: SocketAddr, done: &Forwarded, elapsed: Duration) {
+        // forward() was given (plain, noise): a = plain, b = noise.
+        let end = EndText {
+            end: &done.end,
+            plain: match self.mode {
+                Mode::Client => "the client",
+                Mode::Server => "the target",
+            },
+        };
+        info!(
+            service = %self.config.name,
+            %peer,
+            %addr,
+            to_peer = done.a_to_b,
+            from_peer = done.b_to_a,
+            duration = format_args!("{:.3}", elapsed.as_secs_f64()),
+            end = %end,
+            "connection ended"
+        );
+    }
+}
+
+/// Completes, with [`SetupFailure::Aborted`], when `cut` is cancelled.
+async fn aborted<T>(cut: &CancellationToken) -> Result<T, SetupFailure> {
+    cut.cancelled().await;
+    Err(SetupFailure::Aborted)
+}
+
+impl From<Error> for SetupFailure {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::PeerRefused { vat_id, reason } => SetupFailure::Refused { vat_id, reason },
+            other => SetupFailure::Handshake(other),
+        }
+    }
+}
+
+/// How a forwarding ended, in words: `closed`, `aborted`, or
+/// `"error writing to the target: ..."`.
+struct EndText<'a> {
+    end: &'a End,
+    plain: &'static str,
+}
+
+impl fmt::Display for EndText<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.end {
+            End::Closed => f.write_str("closed"),
+            End::Cancelled => f.write_str("aborted"),
+            End::Failed { stream, op, error } => {
+                let side = match stream {
+                    forward::Stream::A => self.plain,
+                    forward::Stream::B => "the peer",
+                };
+                let prep = match op {
+                    forward::Op::Read => "from",
+                    forward::Op::Write | forward::Op::Shutdown => "to",
+                };
+                write!(f, "\"error {op} {prep} {side}: {error}\"")
+            }
+        }
+    }
+}
