@@ -1027,9 +1027,10 @@ fn fmt_rate(x: f64) -> String {
 }
 
 fn main() {
-    // This harness has no tests: `cargo test --benches` runs it with
-    // test-harness arguments, and then it does nothing.
-    if std::env::args().any(|a| a == "--list" || a == "--test") {
+    // `cargo bench` passes `--bench`; `cargo test --all-targets` runs this
+    // binary too, without it, and then there is nothing to test.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("compare: skipped (run it with `cargo bench --bench compare`)");
         return;
     }
     let s = Settings::from_env();

@@ -12,7 +12,8 @@
 //! | 0x02 | REKEY | empty: the sender's next frame uses the next key |
 //!
 //! Sending: [`Session::write`] buffers application bytes (coalescing small
-//! writes, like a `BufWriter`) and seals full frames; [`Session::flush`]
+//! writes, like a `BufWriter`) and seals full frames (a whole frame's worth
+//! of a large write without copying it first); [`Session::flush`]
 //! seals what is buffered; [`Session::close`] seals a CLOSE frame. The
 //! ciphertext to put on the wire is [`Session::pending_output`].
 //!
@@ -337,6 +338,11 @@ impl Session {
     /// buffered until a frame is full, [`flush`](Self::flush) or
     /// [`close`](Self::close). A full frame is sealed into
     /// [`pending_output`](Self::pending_output) when that is empty.
+    ///
+    /// A whole frame's worth (65518 bytes) arriving while nothing waits in
+    /// `pending_output` is encrypted straight from `data` into it, without
+    /// being copied first; up to [`SHORT_FRAME`] bytes buffered before it
+    /// are sealed just ahead of it as a short frame of their own.
     ///
     /// Returns how many bytes were accepted; 0 (for a non-empty `data`) means
     /// the caller must first write out `pending_output`.
