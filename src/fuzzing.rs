@@ -19,6 +19,7 @@
 //!
 //! `cargo test --test fuzz_corpus` fails while these disagree.
 
+mod files;
 mod handshake;
 mod intro;
 mod pair_ops;
@@ -26,6 +27,7 @@ mod parsers;
 mod support;
 mod transport;
 
+pub use files::{allow_list, key_file, known_vats, sturdy_capnp, sturdy_uri};
 pub use handshake::{initiator, responder};
 pub use intro::introduction;
 pub use pair_ops::{pair_ops, PairInput, PairOp, Side};
@@ -47,6 +49,11 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("transport", transport),
     ("pair_ops", pair_ops),
     ("introduction", introduction),
+    ("key_file", key_file),
+    ("allow_list", allow_list),
+    ("known_vats", known_vats),
+    ("sturdy_uri", sturdy_uri),
+    ("sturdy_capnp", sturdy_capnp),
 ];
 
 /// The target called `name`.
@@ -87,5 +94,6 @@ pub fn seeds() -> Vec<Seed> {
     v.extend(transport::seeds());
     v.extend(pair_ops::seeds());
     v.extend(intro::seeds());
+    v.extend(files::seeds());
     v
 }
