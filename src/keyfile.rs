@@ -132,12 +132,14 @@ impl Identity {
                 ));
             }
             "PUBLIC KEY" => return Err(key_error(path, "holds a public key, not a private key")),
-            other => {
+            other if is_plain_label(other) => {
                 return Err(key_error(
                     path,
                     &format!("holds a PEM {other:?} block, not a private key"),
                 ))
             }
+            // Not echoed: a damaged header can run into the key material.
+            _ => return Err(key_error(path, "has a malformed PEM header line")),
         };
         Ok(Identity::from_signing_key(signing))
     }
@@ -218,6 +220,15 @@ fn first_pem_block(text: &str) -> Option<(&str, &str)> {
         None => &text[start..],
     };
     Some((label, block))
+}
+
+/// Whether a PEM label is short and made of the characters real labels
+/// use (RFC 7468: "PRIVATE KEY", "X509 CRL"...), so an error may show it.
+fn is_plain_label(label: &str) -> bool {
+    label.len() <= 40
+        && label
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b' ')
 }
 
 fn from_pkcs8(pem: &str, path: &Path) -> Result<SigningKey> {
@@ -422,6 +433,23 @@ mod tests {
                 "{text:?}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn a_damaged_pem_header_is_not_echoed() {
+        // Found by the key_file fuzz target: the "label" ran to the next
+        // "-----", through the key, and came back whole in the error.
+        let pem = Identity::generate().to_pkcs8_pem();
+        let secret_line = pem.lines().nth(1).unwrap();
+        let damaged = pem.replacen("KEY-----", "KEY---", 1);
+        let err = Identity::from_pem_or_openssh(&damaged, "k.pem")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("malformed PEM header"), "{err}");
+        assert!(!err.contains(secret_line), "{err}");
+        let long = format!("-----BEGIN {}-----\n", "A".repeat(5000));
+        let err = Identity::from_pem_or_openssh(&long, "k.pem").unwrap_err();
+        assert!(err.to_string().len() < 200, "{err}");
     }
 
     #[test]

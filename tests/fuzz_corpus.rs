@@ -201,3 +201,17 @@ fn regression_canonical_empty_struct_list() {
     assert!(capnp_noise::intro::Introduction::decode_completion(&data).is_err());
     assert!(capnp_noise::intro::Introduction::decode(&data).is_err());
 }
+
+/// Runs one committed regression input through its target.
+fn replay(target: &str, file: &str) {
+    let data =
+        fs::read(fuzz_dir().join("corpus").join(target).join(file)).expect("regression input");
+    fuzzing::check_for(target).expect("target")(&data);
+}
+
+/// key_file: a damaged PEM header ran into the key material, and the whole
+/// "label" (up to 64 KiB, key included) came back in the error.
+#[test]
+fn regression_pem_label_echoes_key() {
+    replay("key_file", "regression-pem-label-echoes-key");
+}
