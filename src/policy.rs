@@ -62,7 +62,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::keyfile::{io_error, read_limited, write_atomic};
-use crate::vat_id::VatId;
+use crate::vat_id::{shorten, VatId};
 
 /// Why a policy refused a peer. The text reaches logs and the local error,
 /// never the peer.
@@ -571,7 +571,7 @@ impl Tofu {
                     return Err(Error::Key(format!(
                         "{}: expected \"ADDRESS VATID\", found only {:?}",
                         at(),
-                        l.fields[0]
+                        shorten(l.fields[0])
                     )));
                 };
                 let vat_id = vat
@@ -745,6 +745,14 @@ mod tests {
         let known = Tofu::new(&path);
         fs::write(&path, format!("\u{feff}h:1 {vat}\r\n")).unwrap();
         assert_eq!(known.records().unwrap()[0].vat_id, vat);
+    }
+
+    #[test]
+    fn a_known_vats_error_does_not_repeat_a_long_line() {
+        // Found by the known_vats fuzz target: the lone field came back whole.
+        let text = format!("{}\n", "x".repeat(100_000));
+        let err = Tofu::parse(&text, Path::new("kv")).unwrap_err().to_string();
+        assert!(err.starts_with("kv:1: ") && err.len() < 200, "{err:.300}");
     }
 
     #[test]

@@ -215,3 +215,9 @@ fn replay(target: &str, file: &str) {
 fn regression_pem_label_echoes_key() {
     replay("key_file", "regression-pem-label-echoes-key");
 }
+
+/// known_vats: a line with a single long field came back whole in the error.
+#[test]
+fn regression_long_field_echoed() {
+    replay("known_vats", "regression-long-field-echoed");
+}
