@@ -25,6 +25,8 @@
 //!   `AsyncRead + AsyncWrite` and give a [`stream::NoiseStream`]: tokio
 //!   `AsyncRead`/`AsyncWrite` with `BufWriter` semantics, end of stream only
 //!   after the peer's authenticated close.
+//! * [`admission`]: how many unauthenticated peers a responder spends
+//!   Diffie-Hellman work on at once, in total and per source address.
 //! * [`rpc`]: capnp-rpc glue in the style of capnp-rpc's own examples.
 //!   [`rpc::serve`] builds each connection's bootstrap capability from the
 //!   peer's VatId; [`rpc::connect`] requires the server's VatId.
@@ -93,6 +95,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod admission;
 pub mod error;
 pub mod identity;
 pub mod intro;

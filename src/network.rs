@@ -136,8 +136,12 @@ pub struct NetworkOptions {
     /// The longest an incoming handshake may take. Default
     /// [`DEFAULT_HANDSHAKE_TIMEOUT`].
     pub handshake_timeout: Duration,
-    /// Incoming handshakes run at once. Default 64.
+    /// Incoming handshakes past message 1 at once (see
+    /// [`crate::admission`]). Default 64.
     pub max_handshakes: usize,
+    /// Of those, at most this many from one source address (IPv4 address,
+    /// IPv6 /64); more are closed at once. Default 16.
+    pub max_handshakes_per_source: usize,
     /// Connections open at once, in both directions. At the limit incoming
     /// connections wait and dials fail. Default 1024.
     pub max_connections: usize,
@@ -170,7 +174,8 @@ impl Default for NetworkOptions {
             handshake: HandshakeConfig::default(),
             connect_timeout: Duration::from_secs(10),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
-            max_handshakes: 64,
+            max_handshakes: crate::admission::DEFAULT_MAX_HANDSHAKES,
+            max_handshakes_per_source: crate::admission::DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
             max_connections: 1024,
             idle_timeout: None,
             reader_options: ReaderOptions::new(),
@@ -315,7 +320,10 @@ impl NetworkBuilder {
             acceptor: Acceptor {
                 identity: self.identity.clone(),
                 policy: self.policy,
-                handshakes: Arc::new(Semaphore::new(options.max_handshakes.max(1))),
+                slots: crate::admission::HandshakeSlots::new(
+                    options.max_handshakes,
+                    options.max_handshakes_per_source,
+                ),
                 handshake: options.handshake.clone(),
                 timeout: options.handshake_timeout,
             },

@@ -75,9 +75,13 @@
 //!
 //! # Limits
 //!
-//! * Handshakes in progress are limited ([`ServerOptions::max_handshakes`])
-//!   and each must finish within [`ServerOptions::handshake_timeout`], so
-//!   unauthenticated peers cannot hold much; connections are limited too
+//! * A connection costs no public-key work until its preamble and a
+//!   well-formed message 1 arrived; then it needs a handshake slot
+//!   ([`ServerOptions::max_handshakes`] in total,
+//!   [`ServerOptions::max_handshakes_per_source`] per source address: see
+//!   [`crate::admission`]), and every handshake must finish within
+//!   [`ServerOptions::handshake_timeout`], so unauthenticated peers cannot
+//!   hold much; connections are limited too
 //!   ([`ServerOptions::max_connections`]): at the limit the server stops
 //!   accepting until one ends (new clients wait in the kernel's backlog).
 //! * Incoming messages are bounded by [`capnp::message::ReaderOptions`]
@@ -107,6 +111,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+use crate::admission::{HandshakeSlots, DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_SOURCE};
 use crate::error::{Error, Result};
 use crate::identity::Identity;
 use crate::policy::PeerPolicy;
@@ -152,9 +157,14 @@ pub struct ServerOptions {
     /// The longest a handshake may take, and the longest a new connection
     /// waits for a handshake slot. Default [`DEFAULT_HANDSHAKE_TIMEOUT`].
     pub handshake_timeout: Duration,
-    /// Handshakes run at once (each costs a few Diffie-Hellman operations
-    /// and a signature check). Default 64.
+    /// Handshakes past message 1 at once (each costs four X25519
+    /// operations and a signature check). Default
+    /// [`DEFAULT_MAX_HANDSHAKES`](crate::admission::DEFAULT_MAX_HANDSHAKES), 64.
     pub max_handshakes: usize,
+    /// Of those, at most this many from one source address (IPv4 address,
+    /// IPv6 /64); more are closed at once. Default
+    /// [`DEFAULT_MAX_HANDSHAKES_PER_SOURCE`](crate::admission::DEFAULT_MAX_HANDSHAKES_PER_SOURCE), 16.
+    pub max_handshakes_per_source: usize,
     /// Connections open at once, handshaking or established. Default 1024.
     pub max_connections: usize,
     /// Limits on incoming messages (traversal limit, nesting).
@@ -166,7 +176,8 @@ impl Default for ServerOptions {
         ServerOptions {
             handshake: HandshakeConfig::default(),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
-            max_handshakes: 64,
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            max_handshakes_per_source: DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
             max_connections: 1024,
             reader_options: ReaderOptions::new(),
         }
@@ -199,8 +210,8 @@ impl Default for ClientOptions {
 /// Accepts connections on `listener` forever, serving each authenticated
 /// peer its own bootstrap capability.
 ///
-/// For every connection: wait for a handshake slot, run the handshake as
-/// `identity` with `policy` deciding who may connect, then call
+/// For every connection: run the handshake as `identity` (taking a
+/// handshake slot once message 1 is in) with `policy` deciding who may connect, then call
 /// `bootstrap(&peer)` and run an `RpcSystem` with that capability on the
 /// current `LocalSet` until the peer disconnects; then send the
 /// authenticated CLOSE. Each connection is its own task: a peer that
@@ -230,7 +241,7 @@ pub async fn serve<F, C>(
         acceptor: Acceptor {
             identity,
             policy,
-            handshakes: Arc::new(Semaphore::new(options.max_handshakes.max(1))),
+            slots: HandshakeSlots::new(options.max_handshakes, options.max_handshakes_per_source),
             handshake: options.handshake,
             timeout: options.handshake_timeout,
         },
@@ -283,30 +294,26 @@ struct Server<F> {
 pub(crate) struct Acceptor {
     pub(crate) identity: Identity,
     pub(crate) policy: Arc<dyn PeerPolicy>,
-    pub(crate) handshakes: Arc<Semaphore>,
+    pub(crate) slots: HandshakeSlots,
     pub(crate) handshake: HandshakeConfig,
     pub(crate) timeout: Duration,
 }
 
 impl Acceptor {
-    /// Waits for a handshake slot, then runs the responder's handshake on
-    /// `tcp`. Logs and returns `None` when it fails or the peer is refused.
+    /// Runs the responder's handshake on `tcp`, within the timeout and the
+    /// handshake slots. Logs and returns `None` when it fails, the peer is
+    /// refused or no slot is free in time.
     pub(crate) async fn handshake(
         &self,
         tcp: TcpStream,
         addr: SocketAddr,
     ) -> Option<(NoiseStream<TcpStream>, PeerInfo)> {
-        let timeout = self.timeout;
-        let slot = tokio::time::timeout(timeout, self.handshakes.acquire()).await;
-        let Ok(Ok(_slot)) = slot else {
-            warn!(%addr, "dropped: no handshake slot free within {timeout:?}");
-            return None;
-        };
         let _ = tcp.set_nodelay(true);
         let config = StreamConfig::default()
             .with_handshake(self.handshake.clone())
-            .with_handshake_timeout(Some(timeout))
-            .with_remote_addr(addr);
+            .with_handshake_timeout(Some(self.timeout))
+            .with_remote_addr(addr)
+            .with_handshake_slots(self.slots.clone());
         match stream::accept(tcp, &self.identity, self.policy.clone(), config).await {
             Ok(stream) => {
                 let peer = PeerInfo::of(&stream, addr);

@@ -59,6 +59,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
+use crate::admission::{HandshakeSlots, SlotPermit};
 use crate::error::{Error, Result};
 use crate::identity::Identity;
 use crate::policy::{PeerContext, PeerPolicy};
@@ -89,6 +90,16 @@ pub struct StreamConfig {
     /// The address the initiator dialed, as the user wrote it; passed to the
     /// [`PeerPolicy`] in [`PeerContext::dialed`].
     pub dialed: Option<String>,
+    /// For [`accept`]: the listener's limits on handshakes in progress. With
+    /// them, the responder reads the preamble and message 1 at no
+    /// public-key cost, then takes a slot (from
+    /// [`remote_addr`](Self::remote_addr)'s share) before computing message
+    /// 2, and holds it until the handshake ends. The
+    /// [`handshake_timeout`](Self::handshake_timeout) bounds the time until
+    /// admission (reading message 1 and waiting for a slot) and then, from
+    /// admission on, the rest of the handshake: a slot serves a stalled peer
+    /// for at most one timeout. `None` (the default): no limit.
+    pub handshake_slots: Option<HandshakeSlots>,
     /// The peer's socket address, if known; passed to the policy in
     /// [`PeerContext::remote_addr`].
     pub remote_addr: Option<SocketAddr>,
@@ -101,6 +112,7 @@ impl Default for StreamConfig {
             handshake_timeout: Some(DEFAULT_HANDSHAKE_TIMEOUT),
             dialed: None,
             remote_addr: None,
+            handshake_slots: None,
         }
     }
 }
@@ -129,6 +141,12 @@ impl StreamConfig {
         self.remote_addr = Some(addr);
         self
     }
+
+    /// Sets [`handshake_slots`](Self::handshake_slots).
+    pub fn with_handshake_slots(mut self, slots: HandshakeSlots) -> Self {
+        self.handshake_slots = Some(slots);
+        self
+    }
 }
 
 /// Starts the handshake as the initiator over `io`.
@@ -153,7 +171,7 @@ pub fn connect<S>(
 ) -> Handshaking<S> {
     let ctx = PeerContext::initiator(config.dialed, config.remote_addr);
     let hs = Handshake::initiator(identity, policy, ctx, config.handshake);
-    Handshaking::new(io, hs, config.handshake_timeout)
+    Handshaking::new(io, hs, config.handshake_timeout, None)
 }
 
 /// Starts the handshake as the responder over `io`.
@@ -177,8 +195,19 @@ pub fn accept<S>(
     config: StreamConfig,
 ) -> Handshaking<S> {
     let ctx = PeerContext::responder(config.remote_addr);
-    let hs = Handshake::responder(identity, policy, ctx, config.handshake);
-    Handshaking::new(io, hs, config.handshake_timeout)
+    let admission = config.handshake_slots.map(|slots| Admission {
+        slots,
+        source: config.remote_addr.map(|a| a.ip()),
+        waiting: None,
+        permit: None,
+    });
+    let hs = Handshake::responder(identity, policy, ctx, config.handshake).map(|mut hs| {
+        if admission.is_some() {
+            hs.require_admission();
+        }
+        hs
+    });
+    Handshaking::new(io, hs, config.handshake_timeout, admission)
 }
 
 /// A handshake in progress: a future that resolves to the [`NoiseStream`]
@@ -198,16 +227,53 @@ struct MidHandshake<S> {
     io: S,
     hs: Handshake,
     unflushed: bool,
+    admission: Option<Admission>,
+    just_admitted: bool,
+    /// Bytes read after message 1 while awaiting admission.
+    held: Vec<u8>,
+}
+
+type SlotFuture = Pin<Box<dyn Future<Output = SlotPermit> + Send>>;
+
+/// A responder's admission: the slot it waits for, then holds until the
+/// handshake ends.
+struct Admission {
+    slots: HandshakeSlots,
+    source: Option<std::net::IpAddr>,
+    waiting: Option<SlotFuture>,
+    permit: Option<SlotPermit>,
+}
+
+impl Admission {
+    fn poll_slot(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let waiting = self.waiting.get_or_insert_with(|| {
+            let slots = self.slots.clone();
+            let source = self.source;
+            Box::pin(async move { slots.acquire(source).await })
+        });
+        let permit = ready!(waiting.as_mut().poll(cx));
+        self.waiting = None;
+        self.permit = Some(permit);
+        Poll::Ready(())
+    }
 }
 
 impl<S> Handshaking<S> {
-    fn new(io: S, hs: Result<Handshake>, timeout: Option<Duration>) -> Self {
+    fn new(
+        io: S,
+        hs: Result<Handshake>,
+        timeout: Option<Duration>,
+        admission: Option<Admission>,
+    ) -> Self {
         let (mid, error) = match hs {
             Ok(hs) => (
                 Some(MidHandshake {
                     io,
                     hs,
                     unflushed: false,
+                    admission,
+                    just_admitted: false,
+                    held: Vec::new(),
                 }),
                 None,
             ),
@@ -258,7 +324,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Future for Handshaking<S> {
                 "a handshake future was polled after it completed".into(),
             )));
         };
-        let result = ready!(mid.poll_handshake(cx));
+        let poll = mid.poll_handshake(cx);
+        if std::mem::take(&mut mid.just_admitted) {
+            // Admitted: the rest of the handshake gets a whole timeout, so
+            // a slot serves one stalled peer for that long, not a chain of
+            // peers admitted moments before their deadlines.
+            if let (Some(t), Some(deadline)) = (this.timeout, this.deadline.as_mut()) {
+                deadline.as_mut().reset(tokio::time::Instant::now() + t);
+                let _ = deadline.as_mut().poll(cx); // registers the new deadline
+            }
+        }
+        let result = ready!(poll);
         let mid = this.mid.take().expect("checked above");
         Poll::Ready(result.and_then(|()| {
             Ok(NoiseStream {
@@ -290,6 +366,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MidHandshake<S> {
             if self.hs.is_finished() {
                 return Poll::Ready(Ok(()));
             }
+            if self.hs.awaits_admission() {
+                if let Some(admission) = self.admission.as_mut() {
+                    ready!(admission.poll_slot(cx));
+                }
+                self.hs.admit()?;
+                self.just_admitted = self.admission.is_some();
+                let held = std::mem::take(&mut self.held);
+                self.feed_all(&held)?;
+                continue;
+            }
             let mut chunk = [0u8; HANDSHAKE_READ_CHUNK];
             let mut buf = ReadBuf::new(&mut chunk);
             ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf))?;
@@ -301,14 +387,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MidHandshake<S> {
                 });
                 return Poll::Ready(Err(e));
             }
-            // The handshake takes everything: after its last message it keeps
-            // up to one maximal frame for the session, more than one chunk.
-            let taken = self.hs.feed(got)?;
-            if taken != got.len() {
-                return Poll::Ready(Err(Error::Config(
-                    "the handshake left received bytes unconsumed".into(),
-                )));
-            }
+            self.feed_all(got)?;
+        }
+    }
+
+    /// Feeds `bytes` to the handshake. It takes everything (after its last
+    /// message it keeps up to one maximal frame for the session, more than
+    /// one chunk) except what follows message 1 while it awaits admission:
+    /// that is held (at most one chunk) and fed after admission.
+    fn feed_all(&mut self, bytes: &[u8]) -> Result<()> {
+        let taken = self.hs.feed(bytes)?;
+        if taken == bytes.len() {
+            Ok(())
+        } else if self.hs.awaits_admission() && self.held.is_empty() {
+            self.held = bytes[taken..].to_vec();
+            Ok(())
+        } else {
+            Err(Error::Config(
+                "the handshake left received bytes unconsumed".into(),
+            ))
         }
     }
 }

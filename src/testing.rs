@@ -10,6 +10,29 @@ use crate::policy::{AnyVat, PeerContext, PeerPolicy};
 use crate::wire::{Handshake, HandshakeConfig, Session, Suite};
 use crate::{Error, Identity};
 
+/// How many X25519 scalar multiplications (ephemeral key generation and
+/// Diffie-Hellman, by capnp-noise's resolver) handshakes have run on the
+/// calling thread since it started. A responder's completed handshake costs
+/// 4 (3 to answer message 1, 1 for message 3); an initiator's 4 as well.
+pub fn x25519_operations_on_this_thread() -> u64 {
+    crate::wire::resolver::x25519_operations_on_this_thread()
+}
+
+/// What a real initiator with a fresh identity sends first: the preamble of
+/// the preferred suite and message 1. Tests send it and then stall, to hold
+/// a responder's handshake slot.
+pub fn initiator_first_flight() -> Vec<u8> {
+    Handshake::initiator(
+        &Identity::generate(),
+        Arc::new(AnyVat),
+        PeerContext::initiator(None, None),
+        HandshakeConfig::default(),
+    )
+    .expect("the default config has suites")
+    .pending_output()
+    .to_vec()
+}
+
 /// The initiator's identity in test vectors: Ed25519 seed 0x01.., X25519 static 0x11...
 pub fn initiator_identity() -> Identity {
     Identity::from_seed_and_static_key(&[0x01; 32], &[0x11; 32])

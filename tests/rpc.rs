@@ -505,14 +505,31 @@ async fn connection_and_handshake_limits_hold_and_release() {
             o.timeout = Duration::from_millis(250);
             o
         };
-        // A silent peer holds the only handshake slot: the next client waits.
+        // A silent peer costs the server nothing and holds no handshake
+        // slot: a client gets through beside it.
         let silent = TcpStream::connect(server.addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let beside = Identity::generate();
+        let (office_s, conn_s) = client_of(&server, &beside, quick()).await.unwrap();
+        assert_eq!(
+            whoami(&office_s).await.unwrap(),
+            beside.vat_id().to_string()
+        );
+        conn_s.disconnect().await.unwrap();
+        drop(silent);
+        // A peer that sent a well-formed message 1 and stalls holds the only
+        // handshake slot: the next client waits.
+        let mut stalled = TcpStream::connect(server.addr).await.unwrap();
+        stalled
+            .write_all(&capnp_noise::testing::initiator_first_flight())
+            .await
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
         let waited = client_of(&server, &Identity::generate(), quick()).await;
         assert!(matches!(waited, Err(Error::HandshakeTimeout(_))));
-        // Once the silent peer's handshake timed out, clients get through.
+        // Once the stalled handshake timed out, clients get through.
         tokio::time::sleep(Duration::from_millis(500)).await;
-        drop(silent);
+        drop(stalled);
         let a = Identity::generate();
         let (office_a, conn_a) = client_of(&server, &a, quick()).await.unwrap();
         assert_eq!(whoami(&office_a).await.unwrap(), a.vat_id().to_string());

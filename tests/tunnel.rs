@@ -607,9 +607,22 @@ async fn unauthenticated_peers_hold_no_more_than_the_handshake_slots() {
         &["--max-handshakes", "1", "--handshake-timeout", "2"],
         &[],
     );
-    // A peer that connects and says nothing holds the only slot for the
-    // handshake timeout (2 s)...
+    // A peer that connects and says nothing costs nothing and holds no
+    // slot: a real client gets through beside it.
     let _silent = TcpStream::connect(pair.server.addr("server"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut beside = TcpStream::connect(pair.local()).await.unwrap();
+    assert_eq!(round_trip(&mut beside, b"beside").await, b"beside");
+    drop(beside);
+    // A peer that sends a well-formed message 1 and stalls holds the only
+    // slot for the handshake timeout (2 s)...
+    let mut stalled = TcpStream::connect(pair.server.addr("server"))
+        .await
+        .unwrap();
+    stalled
+        .write_all(&capnp_noise::testing::initiator_first_flight())
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -619,7 +632,7 @@ async fn unauthenticated_peers_hold_no_more_than_the_handshake_slots() {
     let mut got = [0u8; 1];
     let early = tokio::time::timeout(Duration::from_millis(800), s.read_exact(&mut got)).await;
     assert!(early.is_err(), "a second handshake ran beside the first");
-    // ...until the silent one times out and frees it.
+    // ...until the stalled one times out and frees it.
     bounded("echo", s.read_exact(&mut got)).await.unwrap();
     assert_eq!(&got, b"x");
     pair.server

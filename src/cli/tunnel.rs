@@ -113,6 +113,9 @@ struct Common {
     /// Handshakes in progress at once [default: 64].
     #[arg(long, value_name = "N")]
     max_handshakes: Option<usize>,
+    /// Of those, handshakes from one source address [default: 16].
+    #[arg(long, value_name = "N")]
+    max_handshakes_per_source: Option<usize>,
     /// Seconds a handshake may take [default: 10].
     #[arg(long, value_name = "SECS")]
     handshake_timeout: Option<f64>,
@@ -149,6 +152,7 @@ impl Side {
         spec.limits = LimitsSpec::default();
         spec.limits.max_connections = common.max_connections;
         spec.limits.max_handshakes = common.max_handshakes;
+        spec.limits.max_handshakes_per_source = common.max_handshakes_per_source;
         spec.limits.handshake_timeout = common.handshake_timeout;
         spec.limits.connect_timeout = common.connect_timeout;
         let name = common.name.unwrap_or_else(|| {

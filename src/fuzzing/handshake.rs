@@ -47,7 +47,18 @@ fn run(mut hs: Handshake, stream: &[u8], plan: Plan, check: &dyn Fn(&Handshake, 
     check(&hs, &output);
     let mut fed = 0;
     for piece in plan.pieces(stream) {
-        let result = hs.feed(piece);
+        let mut result = hs.feed(piece);
+        if let Ok(taken) = result {
+            if hs.awaits_admission() {
+                // A responder that requires admission stops after message 1
+                // and has sent nothing; admitted, it takes the rest.
+                assert!(hs.pending_output().is_empty() && output.is_empty());
+                result = hs
+                    .admit()
+                    .and_then(|()| hs.feed(&piece[taken..]))
+                    .map(|n| taken + n);
+            }
+        }
         take_output(&mut hs, &mut output);
         check(&hs, &output);
         match result {
@@ -149,7 +160,8 @@ fn responder_config(chachapoly_only: bool) -> HandshakeConfig {
 /// "from the initiator". Checks that the responder sends nothing but one
 /// well-sized message 2, that it can only ever authenticate the one
 /// initiator whose keys exist, and that the result (output, error,
-/// plaintext, end) is the same whatever the chunking.
+/// plaintext, end) is the same whatever the chunking, and the same for a
+/// responder that [requires admission](Handshake::require_admission).
 pub fn responder(data: &[u8]) {
     let Some((plan, stream)) = Plan::parse(data) else {
         return;
@@ -169,6 +181,16 @@ pub fn responder(data: &[u8]) {
         assert!(!hs.is_finished() || out.len() == msg2_len);
     };
     compare_chunkings(make, stream, plan, &check, initiator_identity().vat_id());
+    let admitted = || {
+        let mut hs = make();
+        hs.require_admission();
+        hs
+    };
+    assert_eq!(
+        run(admitted(), stream, plan, &check),
+        run(make(), stream, plan, &check),
+        "admission changed the result"
+    );
 }
 
 /// `initiator`: the deterministic initiator fed arbitrary responder bytes.

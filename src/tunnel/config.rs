@@ -22,6 +22,9 @@ use crate::vat_id::VatId;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// Default [`Limits::max_handshakes`]: 64 per service.
 pub const DEFAULT_MAX_HANDSHAKES: usize = 64;
+/// Default [`Limits::max_handshakes_per_source`]: 16 per service and source address.
+pub const DEFAULT_MAX_HANDSHAKES_PER_SOURCE: usize =
+    crate::admission::DEFAULT_MAX_HANDSHAKES_PER_SOURCE;
 /// Default [`Limits::handshake_timeout`]: 10 seconds.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default [`Limits::connect_timeout`]: 10 seconds.
@@ -63,6 +66,8 @@ pub struct LimitsSpec {
     pub max_connections: Option<usize>,
     /// Handshakes in progress at once, per service.
     pub max_handshakes: Option<usize>,
+    /// Of those, at most this many from one source address.
+    pub max_handshakes_per_source: Option<usize>,
     /// Seconds a handshake may take.
     pub handshake_timeout: Option<f64>,
     /// Seconds a TCP connect may take.
@@ -113,6 +118,7 @@ struct RawTunnel {
     shutdown_grace: Option<f64>,
     max_connections: Option<usize>,
     max_handshakes: Option<usize>,
+    max_handshakes_per_source: Option<usize>,
     handshake_timeout: Option<f64>,
     connect_timeout: Option<f64>,
     #[serde(default)]
@@ -127,6 +133,7 @@ impl From<RawTunnel> for TunnelSpec {
             limits: LimitsSpec {
                 max_connections: r.max_connections,
                 max_handshakes: r.max_handshakes,
+                max_handshakes_per_source: r.max_handshakes_per_source,
                 handshake_timeout: r.handshake_timeout,
                 connect_timeout: r.connect_timeout,
             },
@@ -148,6 +155,7 @@ struct RawService {
     allow_vat: Vec<String>,
     max_connections: Option<usize>,
     max_handshakes: Option<usize>,
+    max_handshakes_per_source: Option<usize>,
     handshake_timeout: Option<f64>,
     connect_timeout: Option<f64>,
 }
@@ -165,6 +173,7 @@ impl From<RawService> for ServiceSpec {
             limits: LimitsSpec {
                 max_connections: r.max_connections,
                 max_handshakes: r.max_handshakes,
+                max_handshakes_per_source: r.max_handshakes_per_source,
                 handshake_timeout: r.handshake_timeout,
                 connect_timeout: r.connect_timeout,
             },
@@ -279,10 +288,14 @@ pub struct Limits {
     /// Connections open at once (handshaking or forwarding). When reached,
     /// new connections wait in the listen backlog.
     pub max_connections: usize,
-    /// Handshakes in progress at once: the most an unauthenticated peer
-    /// (or a flood of them) can hold. A new connection waits at most
-    /// `handshake_timeout` for a slot.
+    /// Handshakes past message 1 at once: the most Diffie-Hellman work
+    /// unauthenticated peers (or a flood of them) can cause at a time (see
+    /// [`crate::admission`]). A connection waits for a slot within its
+    /// `handshake_timeout`.
     pub max_handshakes: usize,
+    /// Of those, at most this many from one source address (IPv4 address,
+    /// IPv6 /64); more are closed at once.
+    pub max_handshakes_per_source: usize,
     /// How long a handshake may take.
     pub handshake_timeout: Duration,
     /// How long a TCP connect (to the server, or to the target) may take.
@@ -294,6 +307,7 @@ impl Default for Limits {
         Limits {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            max_handshakes_per_source: DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
         }
@@ -387,6 +401,11 @@ impl LimitsSpec {
                 self.max_handshakes,
                 base.max_handshakes,
                 &name("max_handshakes"),
+            )?,
+            max_handshakes_per_source: count(
+                self.max_handshakes_per_source,
+                base.max_handshakes_per_source,
+                &name("max_handshakes_per_source"),
             )?,
             handshake_timeout: seconds(
                 self.handshake_timeout,

@@ -33,6 +33,7 @@
 //! shutdown_grace = 30          # seconds open connections get after SIGTERM
 //! max_connections = 1024       # per service, handshaking or forwarding
 //! max_handshakes = 64          # per service, handshakes at once
+//! max_handshakes_per_source = 16  # of those, from one address
 //! handshake_timeout = 10       # seconds
 //! connect_timeout = 10         # seconds, for each outgoing TCP connect
 //!
@@ -61,8 +62,10 @@
 //!
 //! * **Limits.** At most `max_connections` connections per service are
 //!   open (further ones wait in the listen backlog), and at most
-//!   `max_handshakes` are handshaking, each for at most
-//!   `handshake_timeout`: unauthenticated peers can hold no more than that.
+//!   `max_handshakes` are handshaking past message 1 (at most
+//!   `max_handshakes_per_source` from one address), each for at most
+//!   `handshake_timeout`: unauthenticated peers can hold no more than that,
+//!   and cause no Diffie-Hellman work beyond it ([`crate::admission`]).
 //!   Outgoing TCP connects take at most `connect_timeout`.
 //! * **Forwarding** ([`forward`]) copies both directions at once through
 //!   one 64 KiB buffer each (backpressure, no unbounded queue), flushes

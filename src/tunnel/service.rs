@@ -15,6 +15,7 @@ use tracing::{info, warn};
 
 use super::config::{Mode, ServiceConfig};
 use super::forward::{self, End, Forwarded};
+use crate::admission::HandshakeSlots;
 use crate::error::Error;
 use crate::identity::Identity;
 use crate::policy::PeerPolicy;
@@ -31,7 +32,10 @@ pub(super) struct Service {
     identity: Arc<Identity>,
     policy: Arc<dyn PeerPolicy>,
     connections: Arc<Semaphore>,
+    /// Client mode: outgoing handshakes at once.
     handshakes: Semaphore,
+    /// Server mode: admission of incoming handshakes past message 1.
+    slots: HandshakeSlots,
 }
 
 /// Why a connection never got to forwarding. Logged, then the accepted
@@ -61,6 +65,10 @@ impl Service {
             mode: config.mode(),
             connections: Arc::new(Semaphore::new(config.limits.max_connections)),
             handshakes: Semaphore::new(config.limits.max_handshakes),
+            slots: HandshakeSlots::new(
+                config.limits.max_handshakes,
+                config.limits.max_handshakes_per_source,
+            ),
             config,
             identity,
             policy,
@@ -192,10 +200,10 @@ impl Service {
         addr: SocketAddr,
     ) -> Result<NoiseStream<TcpStream>, SetupFailure> {
         let timeout = self.config.limits.handshake_timeout;
-        let _slot = self.handshake_slot().await?;
         let config = StreamConfig::default()
             .with_handshake_timeout(Some(timeout))
-            .with_remote_addr(addr);
+            .with_remote_addr(addr)
+            .with_handshake_slots(self.slots.clone());
         stream::accept(tcp, &self.identity, self.policy.clone(), config)
             .await
             .map_err(SetupFailure::from)

@@ -86,6 +86,7 @@ enum State {
     InitiatorAwaitMsg2,
     ResponderAwaitPreamble,
     ResponderAwaitMsg1,
+    ResponderAwaitAdmission,
     ResponderAwaitMsg3,
     Done,
 }
@@ -102,6 +103,13 @@ pub struct Handshake {
     fixed_ephemeral: Option<Zeroizing<[u8; 32]>>,
     noise: Option<snow::HandshakeState>,
     suite: Option<Suite>,
+    /// The responder's received preamble (the prologue), kept until message 1
+    /// is in: the Noise state is built only then.
+    prologue: Vec<u8>,
+    /// The initiator's message 1 (its ephemeral key), kept while it waits
+    /// for admission.
+    msg1: Option<[u8; MSG1_LEN]>,
+    require_admission: bool,
     input: Vec<u8>,
     output: Vec<u8>,
     output_pos: usize,
@@ -228,6 +236,9 @@ impl Handshake {
             fixed_ephemeral,
             noise: None,
             suite: None,
+            prologue: Vec::new(),
+            msg1: None,
+            require_admission: false,
             input: Vec::new(),
             output: Vec::new(),
             output_pos: 0,
@@ -311,6 +322,46 @@ impl Handshake {
         self.local_payload = payload;
     }
 
+    /// Makes a responder stop after a well-formed message 1 until
+    /// [`admit`](Self::admit) is called, so that a server can bound the
+    /// Diffie-Hellman work it spends on unauthenticated peers
+    /// ([`crate::admission`]). Until then the responder has done no
+    /// public-key work for this peer, and it has built no Noise state. No
+    /// effect on an initiator, or once message 1 has been processed.
+    pub fn require_admission(&mut self) {
+        self.require_admission = self.role == Role::Responder;
+    }
+
+    /// True while a responder holds a well-formed message 1 and waits for
+    /// [`admit`](Self::admit) (see [`require_admission`](Self::require_admission)).
+    pub fn awaits_admission(&self) -> bool {
+        self.state == State::ResponderAwaitAdmission && self.error.is_none()
+    }
+
+    /// Lets a responder waiting for admission answer message 1: it computes
+    /// message 2 (three X25519 operations), ready in
+    /// [`pending_output`](Self::pending_output).
+    ///
+    /// # Errors
+    /// [`Error::Config`] if the handshake is not waiting for admission; the
+    /// handshake's sticky error if it failed.
+    pub fn admit(&mut self) -> Result<(), Error> {
+        if let Some(e) = &self.error {
+            return Err(e.clone());
+        }
+        if self.state != State::ResponderAwaitAdmission {
+            return Err(Error::Config(
+                "admit() called on a handshake that is not waiting for admission".into(),
+            ));
+        }
+        let result = self.respond_to_msg1().and_then(|()| self.advance());
+        if let Err(e) = &result {
+            self.error = Some(e.clone());
+            self.input.clear();
+        }
+        result
+    }
+
     /// This side's role.
     pub fn role(&self) -> Role {
         self.role
@@ -365,7 +416,10 @@ impl Handshake {
     ///
     /// Returns how many bytes were taken: all of them, except when the
     /// handshake has finished and more than one maximal transport frame
-    /// follows it in `input` (feed the rest to the session).
+    /// follows it in `input` (feed the rest to the session), and when a
+    /// responder that [requires admission](Self::require_admission) has
+    /// just taken message 1 (feed the rest after [`admit`](Self::admit):
+    /// the outcome is the same as without admission).
     ///
     /// # Errors
     /// Any failure of the peer's messages: [`Error::Protocol`] for bytes that
@@ -413,6 +467,7 @@ impl Handshake {
             }
             State::ResponderAwaitPreamble => "before the preamble was complete",
             State::ResponderAwaitMsg1 => "before handshake message 1 was complete",
+            State::ResponderAwaitAdmission => "while its message 1 waited for admission",
             State::ResponderAwaitMsg3 => {
                 "before handshake message 3 (the initiator may have refused this responder's identity)"
             }
@@ -436,7 +491,7 @@ impl Handshake {
                         .max(1)
                 }
             }
-            State::Done => 0,
+            State::Done | State::ResponderAwaitAdmission => 0,
             _ => match frame::peek_len(&self.input) {
                 None => LENGTH_PREFIX_LEN - self.input.len(),
                 Some(len) => (LENGTH_PREFIX_LEN + len)
@@ -454,7 +509,7 @@ impl Handshake {
                 State::ResponderAwaitMsg1 => self.on_msg1()?,
                 State::ResponderAwaitMsg3 => self.on_msg3()?,
                 State::InitiatorAwaitMsg2 => self.on_msg2()?,
-                State::Done => return Ok(()),
+                State::Done | State::ResponderAwaitAdmission => return Ok(()),
             }
             if self.state == before {
                 return Ok(());
@@ -466,9 +521,9 @@ impl Handshake {
         let Some(parsed) = preamble::parse(&self.input, &self.config.suites)? else {
             return Ok(());
         };
-        let noise = self.build_noise(parsed.suite, &self.input[..parsed.len])?;
-        self.input.drain(..parsed.len);
-        self.noise = Some(noise);
+        // The Noise state is built when message 1 is in: a peer that sends
+        // only a preamble costs no key material.
+        self.prologue = self.input.drain(..parsed.len).collect();
         self.suite = Some(parsed.suite);
         self.state = State::ResponderAwaitMsg1;
         Ok(())
@@ -493,7 +548,22 @@ impl Handshake {
         else {
             return Ok(());
         };
-        let noise = self.noise.as_mut().expect("built after the preamble");
+        let mut e = [0u8; MSG1_LEN];
+        e.copy_from_slice(&msg1);
+        self.msg1 = Some(e);
+        if self.require_admission {
+            self.state = State::ResponderAwaitAdmission;
+            return Ok(());
+        }
+        self.respond_to_msg1()
+    }
+
+    /// Builds the responder's Noise state, reads message 1 and writes message 2.
+    fn respond_to_msg1(&mut self) -> Result<(), Error> {
+        let suite = self.suite.expect("known after the preamble");
+        let msg1 = self.msg1.take().expect("message 1 received");
+        let prologue = std::mem::take(&mut self.prologue);
+        let mut noise = self.build_noise(suite, &prologue)?;
         let mut empty = [0u8; 0];
         noise
             .read_message(&msg1, &mut empty)
@@ -504,6 +574,7 @@ impl Handshake {
             .map_err(|e| Error::from_snow(e, "handshake message 2"))?;
         frame::put_len(&mut self.output, n);
         self.output.extend_from_slice(&msg2[..n]);
+        self.noise = Some(noise);
         self.state = State::ResponderAwaitMsg3;
         Ok(())
     }

@@ -70,6 +70,26 @@ impl StaticKeyPair {
     }
 }
 
+#[cfg(any(test, feature = "testing"))]
+thread_local! {
+    static X25519_OPS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Counts one X25519 scalar multiplication on this thread (tests only).
+#[inline]
+fn count_x25519() {
+    #[cfg(any(test, feature = "testing"))]
+    X25519_OPS.with(|n| n.set(n.get() + 1));
+}
+
+/// How many X25519 scalar multiplications (key generation and
+/// Diffie-Hellman) handshakes have run on this thread: how tests show that
+/// admission bounds a flood's cost.
+#[cfg(any(test, feature = "testing"))]
+pub(crate) fn x25519_operations_on_this_thread() -> u64 {
+    X25519_OPS.with(|n| n.get())
+}
+
 /// aws-lc-rs implementations of Noise primitives.
 #[derive(Default, Clone)]
 pub(crate) struct AwsLcResolver {
@@ -158,6 +178,7 @@ impl Dh for X25519 {
         }
         let key = agreement::PrivateKey::from_private_key(&agreement::X25519, &self.secret[..])
             .expect("any 32 bytes are an X25519 private key");
+        count_x25519();
         let public = key
             .compute_public_key()
             .expect("X25519 public key computation does not fail");
@@ -185,6 +206,7 @@ impl Dh for X25519 {
         // snow passes its whole key buffer (MAXDHLEN bytes): the key is the first 32.
         let pubkey = pubkey.get(..32).ok_or(snow::Error::Dh)?;
         let peer = agreement::UnparsedPublicKey::new(&agreement::X25519, pubkey);
+        count_x25519();
         // aws-lc rejects low-order peer keys (an all-zero shared secret).
         agreement::agree(key, peer, snow::Error::Dh, |shared| {
             out[..shared.len()].copy_from_slice(shared);

@@ -558,3 +558,108 @@ fn seal_raw_refuses_oversize_plaintext_and_keeps_the_session() {
     let mut buf = vec![0u8; 70_000];
     assert_eq!(r.read(&mut buf).unwrap(), ReadOutcome::Data(max - 1));
 }
+
+/// A responder that requires admission: the initiator's first flight
+/// (preamble and message 1) costs it no X25519 operation and no output until
+/// it is admitted; then exactly three to answer and one for message 3.
+#[test]
+fn admission_defers_all_public_key_work_until_admit() {
+    let (mut i, mut r) = deterministic_handshakes(
+        Suite::AesGcmSha256,
+        cfg(),
+        Arc::new(AnyVat),
+        Arc::new(AnyVat),
+    )
+    .unwrap();
+    r.require_admission();
+    let flight1 = i.pending_output().to_vec();
+    i.consume_output(flight1.len());
+    let before = testing::x25519_operations_on_this_thread();
+    // Byte by byte: nothing happens before the last byte of message 1.
+    for b in &flight1 {
+        assert!(!r.awaits_admission());
+        assert_eq!(r.feed(std::slice::from_ref(b)).unwrap(), 1);
+    }
+    assert!(r.awaits_admission());
+    assert!(r.pending_output().is_empty());
+    assert_eq!(testing::x25519_operations_on_this_thread(), before);
+    r.admit().unwrap();
+    assert!(!r.awaits_admission());
+    assert_eq!(testing::x25519_operations_on_this_thread(), before + 3);
+    let msg2 = r.pending_output().to_vec();
+    r.consume_output(msg2.len());
+    assert_eq!(i.feed(&msg2).unwrap(), msg2.len());
+    let msg3 = i.pending_output().to_vec();
+    i.consume_output(msg3.len());
+    let at_msg3 = testing::x25519_operations_on_this_thread();
+    r.feed(&msg3).unwrap();
+    assert_eq!(testing::x25519_operations_on_this_thread(), at_msg3 + 1);
+    assert!(r.is_finished() && i.is_finished());
+    assert_eq!(
+        r.peer_vat_id(),
+        Some(testing::initiator_identity().vat_id())
+    );
+    // The admitted handshake produces working sessions.
+    let (mut si, mut sr) = (i.into_session().unwrap(), r.into_session().unwrap());
+    si.write(b"admitted").unwrap();
+    si.flush().unwrap();
+    let (got, _) = transfer(&mut si, &mut sr, usize::MAX).unwrap();
+    assert_eq!(got, b"admitted");
+}
+
+/// Bytes after message 1 wait for admission: the outcome is the same as
+/// without admission (here: the junk fails as message 3).
+#[test]
+fn bytes_after_message_1_wait_for_admission_with_the_same_outcome() {
+    let pair = || {
+        deterministic_handshakes(
+            Suite::ChaChaPolyBlake2s,
+            cfg(),
+            Arc::new(AnyVat),
+            Arc::new(AnyVat),
+        )
+        .unwrap()
+    };
+    let (i, mut plain) = pair();
+    let flight = i.pending_output().to_vec();
+    let mut wire = flight.clone();
+    wire.extend_from_slice(&[0, 64]);
+    wire.extend_from_slice(&[7u8; 64]);
+    let without = plain.feed(&wire).unwrap_err();
+
+    let (_, mut admitted) = pair();
+    admitted.require_admission();
+    let before = testing::x25519_operations_on_this_thread();
+    assert_eq!(admitted.feed(&wire).unwrap(), flight.len());
+    assert!(admitted.awaits_admission());
+    assert_eq!(
+        admitted.feed(&wire[flight.len()..]).unwrap(),
+        0,
+        "nothing more before admit"
+    );
+    assert_eq!(testing::x25519_operations_on_this_thread(), before);
+    admitted.admit().unwrap();
+    let with = admitted.feed(&wire[flight.len()..]).unwrap_err();
+    assert_eq!(with.to_string(), without.to_string());
+    assert!(matches!(with, Error::Decrypt { .. }), "{with}");
+}
+
+#[test]
+fn admit_outside_admission_is_a_config_error_and_preamble_alone_costs_nothing() {
+    let (i, mut r) = deterministic_handshakes(
+        Suite::ChaChaPolyBlake2s,
+        cfg(),
+        Arc::new(AnyVat),
+        Arc::new(AnyVat),
+    )
+    .unwrap();
+    assert!(matches!(r.admit(), Err(Error::Config(_))));
+    // Without admission: a peer that stops after the preamble, or after a
+    // partial message 1, has cost no X25519 work.
+    let flight = i.pending_output().to_vec();
+    let before = testing::x25519_operations_on_this_thread();
+    r.feed(&flight[..flight.len() - 1]).unwrap();
+    assert_eq!(testing::x25519_operations_on_this_thread(), before);
+    let e = r.feed_eof().unwrap();
+    assert!(e.to_string().contains("message 1"), "{e}");
+}

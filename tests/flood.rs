@@ -1,0 +1,241 @@
+//! A handshake flood against `rpc::serve` on real loopback sockets: hundreds
+//! of unauthenticated connections from one address (silent, garbage, and
+//! well-formed message 1 then nothing), while legitimate clients from
+//! another address call the server.
+//!
+//! What it shows (SPEC.md section 8, "Admission"; `capnp_noise::admission`):
+//! * silent and garbage connections cost the server no X25519 operation;
+//! * peers that stall after message 1 cost exactly three each, and only as
+//!   many of them as the per-source limit admits at once, each admission
+//!   holding its slot for one handshake timeout;
+//! * legitimate clients from another address are served during the flood,
+//!   each costing the server exactly four X25519 operations;
+//! * every flood connection is closed by the server within bounded time, and
+//!   the server serves new clients afterwards.
+//!
+//! The server runs on its own thread (its own runtime and `LocalSet`), so
+//! the thread-local X25519 counter (`testing::x25519_operations_on_this_thread`)
+//! counts the server's work only.
+
+#[path = "../examples/office_to_cloud/office.rs"]
+mod office;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use capnp_noise::rpc::{self, PeerInfo, ServerOptions};
+use capnp_noise::schema::demo_capnp::office as office_capnp;
+use capnp_noise::stream::{self, StreamConfig};
+use capnp_noise::{testing, AnyVat, Error, Identity, Pinned, VatId};
+use capnp_rpc::rpc_twoparty_capnp::Side;
+use capnp_rpc::{twoparty, RpcSystem};
+use rand::{RngCore, SeedableRng};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::LocalSet;
+use tokio_util::compat::TokioAsyncReadCompatExt;
+
+const PER_SOURCE: usize = 4;
+const TOTAL: usize = 8;
+const TIMEOUT: Duration = Duration::from_secs(2);
+/// X25519 operations a responder spends answering message 1.
+const ANSWER_MSG1: u64 = 3;
+/// X25519 operations a responder spends on a whole handshake.
+const FULL_HANDSHAKE: u64 = 4;
+
+struct Server {
+    addr: SocketAddr,
+    vat_id: VatId,
+    probe: mpsc::UnboundedSender<oneshot::Sender<u64>>,
+}
+
+impl Server {
+    /// Starts `rpc::serve` on a thread of its own.
+    fn start() -> Server {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            LocalSet::new().block_on(&rt, async move {
+                let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let id = Identity::generate();
+                let (probe, mut probes) = mpsc::unbounded_channel::<oneshot::Sender<u64>>();
+                tx.send((listener.local_addr().unwrap(), id.vat_id(), probe))
+                    .unwrap();
+                let mut options = ServerOptions::default();
+                options.max_handshakes = TOTAL;
+                options.max_handshakes_per_source = PER_SOURCE;
+                options.handshake_timeout = TIMEOUT;
+                tokio::task::spawn_local(rpc::serve(
+                    listener,
+                    id,
+                    Arc::new(AnyVat),
+                    options,
+                    |peer: &PeerInfo| office::Office::bootstrap(peer),
+                ));
+                // Answers probes until the test drops its sender.
+                while let Some(reply) = probes.recv().await {
+                    let _ = reply.send(testing::x25519_operations_on_this_thread());
+                }
+            });
+        });
+        let (addr, vat_id, probe) = rx.recv().unwrap();
+        Server {
+            addr,
+            vat_id,
+            probe,
+        }
+    }
+
+    /// X25519 operations the server's thread has run so far.
+    async fn x25519_ops(&self) -> u64 {
+        let (tx, rx) = oneshot::channel();
+        self.probe.send(tx).unwrap();
+        rx.await.unwrap()
+    }
+
+    /// Waits (up to `within`) until the server's count reaches `want`, and
+    /// returns the count then.
+    async fn ops_reaching(&self, want: u64, within: Duration) -> u64 {
+        let end = Instant::now() + within;
+        loop {
+            let n = self.x25519_ops().await;
+            if n >= want || Instant::now() > end {
+                return n;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// A legitimate client from `source`: handshake pinned to the server, one
+/// `whoami` call, disconnect. Returns the name the server saw.
+async fn legit_call(server: &Server, source: &str) -> Result<String, Error> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(format!("{source}:0").parse().unwrap())?;
+    let tcp = socket.connect(server.addr).await?;
+    let me = Identity::generate();
+    let config = StreamConfig::default().with_handshake_timeout(Some(TIMEOUT / 2));
+    let stream = stream::connect(tcp, &me, Arc::new(Pinned(server.vat_id)), config).await?;
+    let (reader, writer) = futures::AsyncReadExt::split(stream.compat());
+    let network = twoparty::VatNetwork::new(reader, writer, Side::Client, Default::default());
+    let mut rpc_system = RpcSystem::new(Box::new(network), None);
+    let office: office_capnp::Client = rpc_system.bootstrap(Side::Server);
+    let disconnector = rpc_system.get_disconnector();
+    tokio::task::spawn_local(rpc_system);
+    let call = async {
+        let reply = office.whoami_request().send().promise.await?;
+        Ok::<_, capnp::Error>(reply.get()?.get_vat_id()?.to_string()?)
+    };
+    let name = tokio::time::timeout(TIMEOUT / 2, call)
+        .await
+        .map_err(|_| Error::Rpc("whoami took too long".into()))?
+        .map_err(|e| Error::Rpc(e.to_string()))?;
+    let _ = disconnector.await;
+    assert_eq!(name, me.vat_id().to_string());
+    Ok(name)
+}
+
+/// Reads until the server closes `tcp` (EOF or reset); false if it is still
+/// open at `deadline`.
+async fn closed_by(tcp: &mut TcpStream, deadline: tokio::time::Instant) -> bool {
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout_at(deadline, tcp.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            // Nothing is expected but message 2 for the admitted ones.
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_handshake_flood_is_bounded_and_legitimate_clients_are_served() {
+    LocalSet::new()
+        .run_until(async {
+            let server = Server::start();
+            assert_eq!(server.x25519_ops().await, 0);
+
+            // The flood, all from 127.0.0.1: 100 silent connections, 50 that
+            // send garbage, 150 that send a well-formed message 1 and stall.
+            let flight = testing::initiator_first_flight();
+            let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+            let mut flood = Vec::new();
+            for i in 0..300 {
+                let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+                if (100..150).contains(&i) {
+                    let mut junk = vec![0u8; 1 + (rng.next_u32() % 300) as usize];
+                    rng.fill_bytes(&mut junk);
+                    tcp.write_all(&junk).await.unwrap();
+                } else if i >= 150 {
+                    tcp.write_all(&flight).await.unwrap();
+                }
+                flood.push(tcp);
+            }
+            let flooded_at = tokio::time::Instant::now();
+
+            // Only PER_SOURCE of the stalled handshakes are answered: three
+            // X25519 operations each, none for the other 296 connections.
+            let admitted = ANSWER_MSG1 * PER_SOURCE as u64;
+            assert_eq!(
+                server.ops_reaching(admitted, TIMEOUT / 4).await,
+                admitted,
+                "the flood's first wave"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert_eq!(
+                server.x25519_ops().await,
+                admitted,
+                "no more while they hold their slots"
+            );
+
+            // Legitimate clients from another address are served meanwhile,
+            // within half the handshake timeout each (the flood's handshakes
+            // hold their slots for a whole timeout).
+            for _ in 0..8 {
+                legit_call(&server, "127.0.0.2")
+                    .await
+                    .expect("served during the flood");
+            }
+            assert_eq!(
+                server.x25519_ops().await,
+                admitted + 8 * FULL_HANDSHAKE,
+                "the flood cost nothing more while the clients were served"
+            );
+            assert!(
+                flooded_at.elapsed() < TIMEOUT,
+                "the clients were served while the flood held its slots"
+            );
+
+            // Every flood connection is closed by the server: the waiting
+            // ones when their timeout ends, the admitted ones one timeout
+            // after admission (so at most two waves of admissions).
+            let deadline = flooded_at + 2 * TIMEOUT + Duration::from_secs(2);
+            for (i, tcp) in flood.iter_mut().enumerate() {
+                assert!(
+                    closed_by(tcp, deadline).await,
+                    "flood connection {i} still open"
+                );
+            }
+            let after_flood = server.x25519_ops().await;
+            let flood_cost = after_flood - 8 * FULL_HANDSHAKE;
+            assert!(
+                flood_cost <= 2 * admitted,
+                "300 flood connections cost {flood_cost} X25519 operations"
+            );
+            assert_eq!(flood_cost % ANSWER_MSG1, 0, "only message-1 answers");
+
+            // Resources are free again: a client from the flooding address
+            // itself is served.
+            legit_call(&server, "127.0.0.1")
+                .await
+                .expect("served after the flood");
+            assert_eq!(server.x25519_ops().await, after_flood + FULL_HANDSHAKE);
+        })
+        .await;
+}
