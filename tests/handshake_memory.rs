@@ -12,6 +12,7 @@
 //! 2180 B, handshake stalled before the preamble 1858 B, after message 1
 //! 4998 B per connection: aws-lc adds about 1.2 KiB to an established end
 //! and 2.3 KiB to a handshake past message 1.
+
 use std::future::{poll_fn, Future};
 use std::io::{Read, Write};
 use std::net::SocketAddr;
