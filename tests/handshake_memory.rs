@@ -194,13 +194,18 @@ async fn stalled_handshakes(
 /// | state | measured | bound |
 /// |---|---:|---:|
 /// | accepted TCP socket alone (baseline, not asserted) | 296 B | - |
-/// | idle established connection end (after 64 KiB each way) | 920 B | 1150 B |
-/// | (a) handshake stalled before the preamble | 1768 B | 2210 B |
-/// | (b) handshake stalled after message 1 (server waits for message 3) | 2699 B | 3375 B |
+/// | idle established connection end (after 64 KiB each way) | 1016 B | 1270 B |
+/// | (a) handshake stalled before the preamble | 1104 B | 1380 B |
+/// | (b) handshake stalled after message 1 (server waits for message 3) | 2891 B | 3615 B |
 ///
 /// Each bound is 25 % above the figure measured, and all are far under the
-/// project's 16 KiB per idle connection. In (a), 1336 B are the
-/// `Handshaking` future's own size.
+/// project's 16 KiB per idle connection. In (a), 672 B are the
+/// `Handshaking` future's own size; the Noise state (about 1 KiB, boxed)
+/// exists only from message 1 on. Before the Noise state was boxed and
+/// built only at message 1, (a) was 1768 B (the future alone 1336 B).
+/// The idle end grew by 96 B with the `openssl-chacha` feature (a key
+/// copy and a context slot per direction; OpenSSL's context itself is C
+/// heap, made only for frames of 4 KiB or more).
 #[test]
 fn heap_per_idle_connection_and_per_stalled_handshake() {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -257,10 +262,10 @@ fn heap_per_idle_connection_and_per_stalled_handshake() {
             std::mem::size_of::<NoiseStream<TcpStream>>()
         );
         assert!(tcp > 0 && idle > tcp && silent > tcp && after_msg1 > silent);
-        assert!(idle <= 1150, "idle end: {idle} B");
-        assert!(silent <= 2210, "stalled before the preamble: {silent} B");
+        assert!(idle <= 1270, "idle end: {idle} B");
+        assert!(silent <= 1380, "stalled before the preamble: {silent} B");
         assert!(
-            after_msg1 <= 3375,
+            after_msg1 <= 3615,
             "stalled after message 1: {after_msg1} B"
         );
     });

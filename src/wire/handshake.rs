@@ -101,7 +101,8 @@ pub struct Handshake {
     local_payload: Arc<[u8]>,
     static_key: Arc<super::resolver::StaticKeyPair>,
     fixed_ephemeral: Option<Zeroizing<[u8; 32]>>,
-    noise: Option<snow::HandshakeState>,
+    /// Boxed: it is large (about 1 KiB) and absent until message 1.
+    noise: Option<Box<snow::HandshakeState>>,
     suite: Option<Suite>,
     /// The responder's received preamble (the prologue), kept until message 1
     /// is in: the Noise state is built only then.
@@ -275,7 +276,7 @@ impl Handshake {
         hs.output.extend_from_slice(&pre);
         frame::put_len(&mut hs.output, n);
         hs.output.extend_from_slice(&msg1[..n]);
-        hs.noise = Some(noise);
+        hs.noise = Some(Box::new(noise));
         hs.suite = Some(suite);
         Ok(hs)
     }
@@ -574,7 +575,7 @@ impl Handshake {
             .map_err(|e| Error::from_snow(e, "handshake message 2"))?;
         frame::put_len(&mut self.output, n);
         self.output.extend_from_slice(&msg2[..n]);
-        self.noise = Some(noise);
+        self.noise = Some(Box::new(noise));
         self.state = State::ResponderAwaitMsg3;
         Ok(())
     }
