@@ -16,7 +16,7 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::keyfile::read_limited;
-use crate::vat_id::VatId;
+use crate::vat_id::{shorten, VatId};
 
 /// Default [`Limits::max_connections`]: 1024 per service.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
@@ -30,9 +30,9 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// The largest accepted connection or handshake limit.
-const MAX_COUNT: usize = 1_000_000;
+pub(crate) const MAX_COUNT: usize = 1_000_000;
 /// The longest accepted timeout: one day.
-const MAX_SECONDS: f64 = 86_400.0;
+pub(crate) const MAX_SECONDS: f64 = 86_400.0;
 /// The largest configuration file read.
 const MAX_CONFIG_FILE_LEN: u64 = 1024 * 1024;
 
@@ -421,10 +421,20 @@ impl ServiceSpec {
         }
         check_address(&self.listen, true).map_err(|why| bad("listen", why))?;
         check_address(&self.connect, false).map_err(|why| bad("connect", why))?;
+        // Only text that starts like a VatId is quoted back: anything else
+        // may be a key pasted into the wrong place.
         let parse_vat = |k: &str, text: &str| {
-            text.trim()
-                .parse::<VatId>()
-                .map_err(|e| bad(k, format!("{text:?} is not a VatId: {e}")))
+            let text = text.trim();
+            text.parse::<VatId>().map_err(|e| {
+                bad(
+                    k,
+                    if text.starts_with("vat1") {
+                        format!("{:?} is not a VatId: {e}", shorten(text))
+                    } else {
+                        "this is not a VatId (one starts with \"vat1\"); the text is not shown in case it is a secret".into()
+                    },
+                )
+            })
         };
         let wrong_mode = |k: &str, other: &str| {
             Error::Config(format!(
@@ -669,6 +679,27 @@ mod tests {
             e.starts_with("configuration error: --peer: \"vat1nope\""),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_key_pasted_as_a_vat_id_is_not_repeated() {
+        // Found by the tunnel_config fuzz target's seed: the whole PEM
+        // text came back in the error.
+        let pem = Identity::from_seed(&[4; 32]).to_pkcs8_pem().to_string();
+        let body = pem.lines().nth(1).unwrap();
+        let e = err(&format!(
+            "{HEAD}mode = \"client\"\npeer = \"\"\"{pem}\"\"\"\n"
+        ));
+        assert!(e.contains("service.s.peer: this is not a VatId"), "{e}");
+        assert!(!e.contains(&body[..16]) && !e.contains("BEGIN"), "{e}");
+        let e = err(&format!(
+            "{HEAD}mode = \"server\"\nallow_vat = [\"{body}\"]\n"
+        ));
+        assert!(
+            e.contains("service.s.allow_vat: this is not a VatId"),
+            "{e}"
+        );
+        assert!(!e.contains(&body[..16]), "{e}");
     }
 
     #[test]
