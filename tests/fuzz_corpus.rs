@@ -221,3 +221,10 @@ fn regression_pem_label_echoes_key() {
 fn regression_long_field_echoed() {
     replay("known_vats", "regression-long-field-echoed");
 }
+
+/// tunnel_config: toml's error message quoted the whole offending line,
+/// here a private key pasted into `peer` with a control character in it.
+#[test]
+fn regression_syntax_error_quotes_line() {
+    replay("tunnel_config", "regression-syntax-error-quotes-line");
+}

@@ -308,8 +308,23 @@ impl TunnelSpec {
     /// [`Error::Config`] naming the file, the line and the problem (a
     /// syntax error, an unknown key, a value of the wrong type).
     pub fn from_toml(text: &str, path: &Path) -> Result<Self> {
-        toml::from_str(text)
-            .map_err(|e| Error::Config(format!("{}: {}", path.display(), e.to_string().trim_end())))
+        toml::from_str(text).map_err(|e| {
+            // Not `e.to_string()`: it quotes the offending line of the
+            // file, however long, whatever it holds.
+            let at =
+                e.span()
+                    .and_then(|span| text.get(..span.start))
+                    .map_or(String::new(), |before| {
+                        let line = before.matches('\n').count() + 1;
+                        let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+                        format!("line {line}, column {column}: ")
+                    });
+            Error::Config(format!(
+                "{}: {at}{}",
+                path.display(),
+                shorten_quoted(e.message())
+            ))
+        })
     }
 
     /// Reads and parses a configuration file.
@@ -507,6 +522,37 @@ impl ServiceSpec {
     }
 }
 
+/// A parser's message on one line, at most 300 characters, each quoted
+/// (`` ` `` or `"`) part of it at most 80.
+fn shorten_quoted(msg: &str) -> String {
+    let mut out = String::new();
+    let mut rest = msg.trim();
+    while let Some(open) = rest.find(['`', '"']) {
+        let quote = &rest[open..=open];
+        out.push_str(&rest[..=open]);
+        rest = &rest[open + 1..];
+        let Some(close) = rest.find(quote) else {
+            break;
+        };
+        out.push_str(&shorten(&rest[..close]));
+        out.push_str(quote);
+        rest = &rest[close + 1..];
+    }
+    out.push_str(rest);
+    shorten_to(&out.split_whitespace().collect::<Vec<_>>().join(" "), 300)
+}
+
+/// At most `max` characters of `s`, with an ellipsis when cut.
+fn shorten_to(s: &str, max: usize) -> String {
+    if s.chars().count() > max {
+        let mut t: String = s.chars().take(max - 3).collect();
+        t.push_str("...");
+        t
+    } else {
+        s.to_string()
+    }
+}
+
 /// Checks the form `HOST:PORT` (IPv6 in brackets); resolving the host is
 /// left to binding or connecting.
 fn check_address(addr: &str, port_zero_ok: bool) -> std::result::Result<(), String> {
@@ -700,6 +746,24 @@ mod tests {
             "{e}"
         );
         assert!(!e.contains(&body[..16]), "{e}");
+    }
+
+    #[test]
+    fn a_syntax_error_does_not_quote_the_line() {
+        // Found by the tunnel_config fuzz target: toml's message quotes the
+        // whole offending line (here a key pasted into a string, with a
+        // control character making it invalid).
+        let secret = "MC4CAQAwBQYDK2VwBCIEI";
+        let line = format!("peer = \"{secret}\u{1}{}\"", "A".repeat(10_000));
+        let e = err(&format!("{HEAD}mode = \"client\"\n{line}\n"));
+        assert!(e.contains("/etc/tunnel.toml: line 6, column "), "{e:.300}");
+        assert!(!e.contains(secret) && e.len() < 300, "{e:.300}");
+        let long_key = "k".repeat(10_000);
+        let e = err(&format!("{HEAD}{long_key} = 1\n"));
+        assert!(
+            e.contains("unknown field `kkkk") && e.len() < 400,
+            "{e:.500}"
+        );
     }
 
     #[test]
