@@ -28,11 +28,11 @@ const CONFIG_PATH: &str = "/etc/capnp-noise/tunnel.toml";
 /// path, named up to three times, included).
 const MAX_ERROR_LEN: usize = 512;
 /// Windows of the error this long, taken every [`ECHO_STEP`] characters,
-/// must not occur in the input: no stretch of 79 characters or more of the
-/// file comes back (values are shortened to 80 characters, ellipsis
-/// included).
-const ECHO_WINDOW: usize = 64;
-const ECHO_STEP: usize = 15;
+/// must not occur in the input: no stretch of 85 characters or more of the
+/// file comes back. Values quoted in errors are shortened to 77 characters
+/// and an ellipsis, so a window longer than that never matches one.
+const ECHO_WINDOW: usize = 78;
+const ECHO_STEP: usize = 8;
 
 /// `tunnel_config`: [`TunnelSpec::from_toml`] and [`TunnelSpec::check`]
 /// (as from a file and as from the command line) over arbitrary text.
