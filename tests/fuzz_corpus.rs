@@ -228,3 +228,9 @@ fn regression_long_field_echoed() {
 fn regression_syntax_error_quotes_line() {
     replay("tunnel_config", "regression-syntax-error-quotes-line");
 }
+
+/// tunnel_config: a long `connect` address came back whole in the error.
+#[test]
+fn regression_long_address_echoed() {
+    replay("tunnel_config", "regression-long-address-echoed");
+}

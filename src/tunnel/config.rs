@@ -202,7 +202,9 @@ impl Origin<'_> {
     /// The name of `key` (of service `service`, if any), as the user wrote it.
     fn name(&self, service: Option<&str>, key: &str) -> String {
         match (self, service) {
-            (Origin::File(p), Some(s)) => format!("{}: service.{s}.{key}", p.display()),
+            (Origin::File(p), Some(s)) => {
+                format!("{}: service.{}.{key}", p.display(), shorten(s))
+            }
             (Origin::File(p), None) => format!("{}: {key}", p.display()),
             (Origin::CommandLine, _) => format!("--{}", key.replace('_', "-")),
         }
@@ -427,11 +429,12 @@ impl ServiceSpec {
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         {
             return Err(Error::Config(format!(
-                "{}: invalid service name {name:?}: use letters, digits, '-', '_' and '.'",
+                "{}: invalid service name {:?}: use letters, digits, '-', '_' and '.'",
                 match origin {
                     Origin::File(p) => p.display().to_string(),
                     Origin::CommandLine => "--name".into(),
-                }
+                },
+                shorten(name)
             )));
         }
         check_address(&self.listen, true).map_err(|why| bad("listen", why))?;
@@ -556,32 +559,33 @@ fn shorten_to(s: &str, max: usize) -> String {
 /// Checks the form `HOST:PORT` (IPv6 in brackets); resolving the host is
 /// left to binding or connecting.
 fn check_address(addr: &str, port_zero_ok: bool) -> std::result::Result<(), String> {
+    // Quoted shortened: a long value must not come back whole.
+    let a = shorten(addr);
     let Some((host, port)) = addr.rsplit_once(':') else {
-        return Err(format!("{addr:?} is not HOST:PORT"));
+        return Err(format!("{a:?} is not HOST:PORT"));
     };
+    let (h, p) = (shorten(host), shorten(port));
     if host.is_empty() {
-        return Err(format!("{addr:?} has no host (write e.g. 127.0.0.1{addr})"));
+        return Err(format!("{a:?} has no host (write e.g. 127.0.0.1{a})"));
     }
     if let Some(inner) = host.strip_prefix('[') {
         let ok = inner
             .strip_suffix(']')
             .is_some_and(|ip| ip.parse::<Ipv6Addr>().is_ok());
         if !ok {
-            return Err(format!(
-                "{addr:?}: {host:?} is not a bracketed IPv6 address"
-            ));
+            return Err(format!("{a:?}: {h:?} is not a bracketed IPv6 address"));
         }
     } else if host.contains(':') {
         return Err(format!(
-            "{addr:?}: write an IPv6 address in brackets, e.g. [::1]:{port}"
+            "{a:?}: write an IPv6 address in brackets, e.g. [::1]:{p}"
         ));
     } else if host.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(format!("{addr:?}: the host contains spaces"));
+        return Err(format!("{a:?}: the host contains spaces"));
     }
     match port.parse::<u16>() {
-        Ok(0) if !port_zero_ok => Err(format!("{addr:?}: port 0 cannot be connected to")),
+        Ok(0) if !port_zero_ok => Err(format!("{a:?}: port 0 cannot be connected to")),
         Ok(_) => Ok(()),
-        Err(_) => Err(format!("{addr:?}: {port:?} is not a port number (0-65535)")),
+        Err(_) => Err(format!("{a:?}: {p:?} is not a port number (0-65535)")),
     }
 }
 
@@ -763,6 +767,32 @@ mod tests {
         assert!(
             e.contains("unknown field `kkkk") && e.len() < 400,
             "{e:.500}"
+        );
+    }
+
+    #[test]
+    fn long_addresses_and_names_are_shortened_in_errors() {
+        // Found by the tunnel_config fuzz target: a long `connect` came back
+        // whole (twice for a bad port).
+        let long = "*".repeat(10_000);
+        let e = err(&format!(
+            "identity = \"k\"\n[service.s]\nmode = \"server\"\nallow = \"a\"\nlisten = \"h:1\"\nconnect = \"h:2{long}\"\n"
+        ));
+        assert!(
+            e.contains("service.s.connect: \"h:2***") && e.len() < 300,
+            "{e:.400}"
+        );
+        let name = "n".repeat(10_000);
+        let e = err(&format!(
+            "identity = \"k\"\n[service.{name}]\nmode = \"server\"\nallow = \"a\"\nlisten = \"h\"\nconnect = \"h:2\"\n"
+        ));
+        assert!(e.contains("service.nnnn") && e.len() < 300, "{e:.400}");
+        let e = err(&format!(
+            "identity = \"k\"\n[service.\"{name} \"]\nmode = \"server\"\nallow = \"a\"\nlisten = \"h:1\"\nconnect = \"h:2\"\n"
+        ));
+        assert!(
+            e.contains("invalid service name \"nnn") && e.len() < 300,
+            "{e:.400}"
         );
     }
 
