@@ -234,3 +234,10 @@ fn regression_syntax_error_quotes_line() {
 fn regression_long_address_echoed() {
     replay("tunnel_config", "regression-long-address-echoed");
 }
+
+/// tunnel_config: a service name of 80 characters came back whole after
+/// `service.` (as the file writes it) in every error about that service.
+#[test]
+fn regression_service_name_echoed() {
+    replay("tunnel_config", "regression-service-name-echoed");
+}

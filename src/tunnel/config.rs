@@ -203,7 +203,7 @@ impl Origin<'_> {
     fn name(&self, service: Option<&str>, key: &str) -> String {
         match (self, service) {
             (Origin::File(p), Some(s)) => {
-                format!("{}: service.{}.{key}", p.display(), shorten(s))
+                format!("{}: service.{}.{key}", p.display(), shorten_to(s, 40))
             }
             (Origin::File(p), None) => format!("{}: {key}", p.display()),
             (Origin::CommandLine, _) => format!("--{}", key.replace('_', "-")),
@@ -786,7 +786,11 @@ mod tests {
         let e = err(&format!(
             "identity = \"k\"\n[service.{name}]\nmode = \"server\"\nallow = \"a\"\nlisten = \"h\"\nconnect = \"h:2\"\n"
         ));
-        assert!(e.contains("service.nnnn") && e.len() < 300, "{e:.400}");
+        assert!(
+            e.contains(&format!("service.{}....listen", &name[..37])),
+            "{e:.400}"
+        );
+        assert!(e.len() < 200, "{e:.400}");
         let e = err(&format!(
             "identity = \"k\"\n[service.\"{name} \"]\nmode = \"server\"\nallow = \"a\"\nlisten = \"h:1\"\nconnect = \"h:2\"\n"
         ));
