@@ -28,11 +28,11 @@ const CONFIG_PATH: &str = "/etc/capnp-noise/tunnel.toml";
 /// path, named up to three times, included).
 const MAX_ERROR_LEN: usize = 512;
 /// Windows of the error this long, taken every [`ECHO_STEP`] characters,
-/// must not occur in the input: no stretch of 87 characters or more of the
-/// file comes back. Values quoted in errors are shortened to 77 characters
-/// and an ellipsis; with the quotes around them (which the file may hold
-/// too), a window of 80 never matches one.
-const ECHO_WINDOW: usize = 80;
+/// must not occur in the input: no stretch of 90 characters or more of the
+/// file comes back. Values quoted in errors are at most 80 characters
+/// (longer ones are cut to 77 and an ellipsis); with the quotes around them
+/// (which the file may hold too), a window of 83 never matches one.
+const ECHO_WINDOW: usize = 83;
 const ECHO_STEP: usize = 8;
 
 /// `tunnel_config`: [`TunnelSpec::from_toml`] and [`TunnelSpec::check`]
