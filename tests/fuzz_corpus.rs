@@ -241,3 +241,10 @@ fn regression_long_address_echoed() {
 fn regression_service_name_echoed() {
     replay("tunnel_config", "regression-service-name-echoed");
 }
+
+/// tunnel_config: a value holding a backtick escaped the shortening of the
+/// parts toml's message quotes.
+#[test]
+fn regression_backtick_in_value() {
+    replay("tunnel_config", "regression-backtick-in-value");
+}
