@@ -248,3 +248,9 @@ fn regression_service_name_echoed() {
 fn regression_backtick_in_value() {
     replay("tunnel_config", "regression-backtick-in-value");
 }
+
+/// tunnel_config: toml's message quoted a value holding a pasted private key.
+#[test]
+fn regression_pem_in_quoted_value() {
+    replay("tunnel_config", "regression-pem-in-quoted-value");
+}

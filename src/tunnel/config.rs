@@ -203,7 +203,11 @@ impl Origin<'_> {
     fn name(&self, service: Option<&str>, key: &str) -> String {
         match (self, service) {
             (Origin::File(p), Some(s)) => {
-                format!("{}: service.{}.{key}", p.display(), shorten_to(s, 40))
+                format!(
+                    "{}: service.{}.{key}",
+                    p.display(),
+                    shorten_to(&shown(s), 40)
+                )
             }
             (Origin::File(p), None) => format!("{}: {key}", p.display()),
             (Origin::CommandLine, _) => format!("--{}", key.replace('_', "-")),
@@ -434,7 +438,7 @@ impl ServiceSpec {
                     Origin::File(p) => p.display().to_string(),
                     Origin::CommandLine => "--name".into(),
                 },
-                shorten(name)
+                shown(name)
             )));
         }
         check_address(&self.listen, true).map_err(|why| bad("listen", why))?;
@@ -446,7 +450,7 @@ impl ServiceSpec {
             text.parse::<VatId>().map_err(|e| {
                 bad(
                     k,
-                    if text.starts_with("vat1") {
+                    if text.starts_with("vat1") && !text.contains(PEM_MARKER) {
                         format!("{:?} is not a VatId: {e}", shorten(text))
                     } else {
                         "this is not a VatId (one starts with \"vat1\"); the text is not shown in case it is a secret".into()
@@ -537,11 +541,29 @@ fn shorten_quoted(msg: &str) -> String {
         if i == 0 || i == pieces.len() - 1 {
             out.push_str(piece);
         } else {
-            out.push_str(&shorten(piece));
+            out.push_str(&shown(piece));
         }
         out.extend(quotes.next());
     }
     shorten_to(&out.split_whitespace().collect::<Vec<_>>().join(" "), 300)
+}
+
+/// What starts a PEM block: errors show nothing after it.
+const PEM_MARKER: &str = "-----BEGIN";
+
+/// A value as errors quote it: at most 80 characters, and nothing after a
+/// PEM marker (a key file pasted into the wrong place).
+fn shown(s: &str) -> String {
+    match s.find(PEM_MARKER) {
+        Some(i) => {
+            let mut t = shorten(&s[..i + PEM_MARKER.len()]);
+            if !t.ends_with("...") {
+                t.push_str("...");
+            }
+            t
+        }
+        None => shorten(s),
+    }
 }
 
 /// At most `max` characters of `s`, with an ellipsis when cut.
@@ -559,11 +581,11 @@ fn shorten_to(s: &str, max: usize) -> String {
 /// left to binding or connecting.
 fn check_address(addr: &str, port_zero_ok: bool) -> std::result::Result<(), String> {
     // Quoted shortened: a long value must not come back whole.
-    let a = shorten(addr);
+    let a = shown(addr);
     let Some((host, port)) = addr.rsplit_once(':') else {
         return Err(format!("{a:?} is not HOST:PORT"));
     };
-    let (h, p) = (shorten(host), shorten(port));
+    let (h, p) = (shown(host), shown(port));
     if host.is_empty() {
         return Err(format!("{a:?} has no host (write e.g. 127.0.0.1{a})"));
     }
@@ -808,6 +830,27 @@ mod tests {
         assert!(e.contains("unknown variant `aaa"), "{e}");
         assert!(e.contains(&format!("`{}...", "b".repeat(77))), "{e}");
         assert!(!e.contains(&"b".repeat(78)), "{e}");
+    }
+
+    #[test]
+    fn nothing_after_a_pem_marker_is_quoted() {
+        // Found by the tunnel_config fuzz target: toml quoted a `mode`
+        // holding a pasted key, and 80 characters of it came back.
+        let pem = Identity::from_seed(&[6; 32]).to_pkcs8_pem().to_string();
+        let body = &pem.lines().nth(1).unwrap()[..16];
+        for setting in ["mode = \"\"\"x", "mode = \"client\"\npeer = \"\"\"vat1"] {
+            let e = err(&format!("{HEAD}{setting}{pem}\"\"\"\n"));
+            assert!(
+                e.contains("unknown variant `x-----BEGIN...`") || e.contains("not a VatId"),
+                "{e}"
+            );
+            assert!(!e.contains(body) && !e.contains("PRIVATE"), "{e}");
+        }
+        let e = err(&format!(
+            "identity = \"k\"\n[service.s]\nmode = \"server\"\nallow = \"a\"\nlisten = \"h:1\"\nconnect = \"\"\"{pem}\"\"\"\n"
+        ));
+        assert!(e.contains("service.s.connect: \"-----BEGIN...\""), "{e}");
+        assert!(!e.contains(body), "{e}");
     }
 
     #[test]
