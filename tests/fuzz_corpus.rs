@@ -254,3 +254,10 @@ fn regression_backtick_in_value() {
 fn regression_pem_in_quoted_value() {
     replay("tunnel_config", "regression-pem-in-quoted-value");
 }
+
+/// tunnel_config: a quote character inside a pasted key let the rest of it
+/// through the PEM cut of toml's message.
+#[test]
+fn regression_pem_after_a_quote() {
+    replay("tunnel_config", "regression-pem-after-a-quote");
+}

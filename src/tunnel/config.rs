@@ -534,6 +534,15 @@ impl ServiceSpec {
 /// does not escape quotes inside the values it quotes, so pairing them up
 /// would let a value holding one escape.
 fn shorten_quoted(msg: &str) -> String {
+    // Nothing after a PEM marker, whichever quotes the key holds.
+    let cut;
+    let msg = match msg.find(PEM_MARKER) {
+        Some(i) => {
+            cut = format!("{}...", &msg[..i + PEM_MARKER.len()]);
+            &cut
+        }
+        None => msg,
+    };
     let pieces: Vec<&str> = msg.trim().split(['`', '"']).collect();
     let mut out = String::new();
     let mut quotes = msg.trim().matches(['`', '"']);
@@ -585,7 +594,11 @@ fn check_address(addr: &str, port_zero_ok: bool) -> std::result::Result<(), Stri
     let Some((host, port)) = addr.rsplit_once(':') else {
         return Err(format!("{a:?} is not HOST:PORT"));
     };
-    let (h, p) = (shown(host), shown(port));
+    let (h, p) = if addr.contains(PEM_MARKER) {
+        (a.clone(), a.clone())
+    } else {
+        (shown(host), shown(port))
+    };
     if host.is_empty() {
         return Err(format!("{a:?} has no host (write e.g. 127.0.0.1{a})"));
     }
@@ -841,7 +854,7 @@ mod tests {
         for setting in ["mode = \"\"\"x", "mode = \"client\"\npeer = \"\"\"vat1"] {
             let e = err(&format!("{HEAD}{setting}{pem}\"\"\"\n"));
             assert!(
-                e.contains("unknown variant `x-----BEGIN...`") || e.contains("not a VatId"),
+                e.contains("unknown variant `x-----BEGIN...") || e.contains("not a VatId"),
                 "{e}"
             );
             assert!(!e.contains(body) && !e.contains("PRIVATE"), "{e}");
@@ -851,6 +864,15 @@ mod tests {
         ));
         assert!(e.contains("service.s.connect: \"-----BEGIN...\""), "{e}");
         assert!(!e.contains(body), "{e}");
+        // A quote inside the key, or a colon, must not let the rest through.
+        let quoted = pem.replacen('\n', "`\n", 2);
+        let e = err(&format!("{HEAD}mode = \"\"\"x{quoted}\"\"\"\n"));
+        assert!(!e.contains(body) && !e.contains("PRIVATE"), "{e}");
+        let colon = pem.replacen("MC4C", "MC:4C", 1);
+        let e = err(&format!(
+            "identity = \"k\"\n[service.s]\nmode = \"server\"\nallow = \"a\"\nlisten = \"h:1\"\nconnect = \"\"\"{colon}\"\"\"\n"
+        ));
+        assert!(!e.contains(&body[4..]), "{e}");
     }
 
     #[test]
