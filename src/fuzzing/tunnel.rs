@@ -126,15 +126,23 @@ fn quoted_parts(msg: &str) -> Vec<usize> {
 }
 
 /// The first 16 base64 characters of each run of 16 or more found within
-/// 200 bytes after a `-----BEGIN` marker: what a pasted key file starts with.
+/// 200 characters after a PEM header (`-----BEGIN LABEL-----`): what a
+/// pasted key file starts with.
 fn pem_bodies(text: &str) -> Vec<&str> {
     let mut v = Vec::new();
     for (at, _) in text.match_indices("-----BEGIN") {
         let rest = &text[at + 10..];
-        // Skip the marker's label and closing dashes.
+        // A PEM header: `-----BEGIN LABEL-----` on one line, the label in
+        // upper case letters, digits and spaces.
         let Some(close) = rest.find("-----") else {
             continue;
         };
+        if !rest[..close]
+            .chars()
+            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == ' ')
+        {
+            continue;
+        }
         let body = &rest[close + 5..];
         let end = body.char_indices().nth(200).map_or(body.len(), |(i, _)| i);
         v.extend(
