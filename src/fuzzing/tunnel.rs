@@ -126,8 +126,8 @@ fn quoted_parts(msg: &str) -> Vec<usize> {
 }
 
 /// The first 16 base64 characters of each run of 16 or more found within
-/// 200 characters after a PEM header (`-----BEGIN LABEL-----`): what a
-/// pasted key file starts with.
+/// 200 characters after a PEM header (`-----BEGIN LABEL-----`), before the
+/// string holding it ends: what a pasted key file starts with.
 fn pem_bodies(text: &str) -> Vec<&str> {
     let mut v = Vec::new();
     for (at, _) in text.match_indices("-----BEGIN") {
@@ -137,13 +137,18 @@ fn pem_bodies(text: &str) -> Vec<&str> {
         let Some(close) = rest.find("-----") else {
             continue;
         };
-        if !rest[..close]
-            .chars()
-            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == ' ')
+        let label = &rest[..close];
+        if !label.starts_with(' ')
+            || label.trim().is_empty()
+            || !label
+                .chars()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == ' ')
         {
             continue;
         }
+        // The body, up to the end of the string that holds it.
         let body = &rest[close + 5..];
+        let body = &body[..body.find(['"', '\'']).unwrap_or(body.len())];
         let end = body.char_indices().nth(200).map_or(body.len(), |(i, _)| i);
         v.extend(
             body[..end]
