@@ -26,6 +26,7 @@ mod pair_ops;
 mod parsers;
 mod support;
 mod transport;
+mod tunnel;
 
 pub use files::{allow_list, key_file, known_vats, sturdy_capnp, sturdy_uri};
 pub use handshake::{initiator, responder};
@@ -34,6 +35,7 @@ pub use pair_ops::{pair_ops, PairInput, PairOp, Side};
 pub use parsers::{frame, payload, preamble, vat_id};
 pub use support::Plan;
 pub use transport::{transport, TransportOp};
+pub use tunnel::tunnel_config;
 
 /// A fuzz target's body: panics when an invariant breaks.
 pub type Check = fn(&[u8]);
@@ -54,6 +56,7 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("known_vats", known_vats),
     ("sturdy_uri", sturdy_uri),
     ("sturdy_capnp", sturdy_capnp),
+    ("tunnel_config", tunnel_config),
 ];
 
 /// The target called `name`.
@@ -95,5 +98,6 @@ pub fn seeds() -> Vec<Seed> {
     v.extend(pair_ops::seeds());
     v.extend(intro::seeds());
     v.extend(files::seeds());
+    v.extend(tunnel::seeds());
     v
 }

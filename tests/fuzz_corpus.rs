@@ -221,3 +221,43 @@ fn regression_pem_label_echoes_key() {
 fn regression_long_field_echoed() {
     replay("known_vats", "regression-long-field-echoed");
 }
+
+/// tunnel_config: toml's error message quoted the whole offending line,
+/// here a private key pasted into `peer` with a control character in it.
+#[test]
+fn regression_syntax_error_quotes_line() {
+    replay("tunnel_config", "regression-syntax-error-quotes-line");
+}
+
+/// tunnel_config: a long `connect` address came back whole in the error.
+#[test]
+fn regression_long_address_echoed() {
+    replay("tunnel_config", "regression-long-address-echoed");
+}
+
+/// tunnel_config: a service name of 80 characters came back whole after
+/// `service.` (as the file writes it) in every error about that service.
+#[test]
+fn regression_service_name_echoed() {
+    replay("tunnel_config", "regression-service-name-echoed");
+}
+
+/// tunnel_config: a value holding a backtick escaped the shortening of the
+/// parts toml's message quotes.
+#[test]
+fn regression_backtick_in_value() {
+    replay("tunnel_config", "regression-backtick-in-value");
+}
+
+/// tunnel_config: toml's message quoted a value holding a pasted private key.
+#[test]
+fn regression_pem_in_quoted_value() {
+    replay("tunnel_config", "regression-pem-in-quoted-value");
+}
+
+/// tunnel_config: a quote character inside a pasted key let the rest of it
+/// through the PEM cut of toml's message.
+#[test]
+fn regression_pem_after_a_quote() {
+    replay("tunnel_config", "regression-pem-after-a-quote");
+}

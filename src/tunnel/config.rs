@@ -16,7 +16,7 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::keyfile::read_limited;
-use crate::vat_id::VatId;
+use crate::vat_id::{shorten, VatId};
 
 /// Default [`Limits::max_connections`]: 1024 per service.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
@@ -33,9 +33,9 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// The largest accepted connection or handshake limit.
-const MAX_COUNT: usize = 1_000_000;
+pub(crate) const MAX_COUNT: usize = 1_000_000;
 /// The longest accepted timeout: one day.
-const MAX_SECONDS: f64 = 86_400.0;
+pub(crate) const MAX_SECONDS: f64 = 86_400.0;
 /// The largest configuration file read.
 const MAX_CONFIG_FILE_LEN: u64 = 1024 * 1024;
 
@@ -211,7 +211,13 @@ impl Origin<'_> {
     /// The name of `key` (of service `service`, if any), as the user wrote it.
     fn name(&self, service: Option<&str>, key: &str) -> String {
         match (self, service) {
-            (Origin::File(p), Some(s)) => format!("{}: service.{s}.{key}", p.display()),
+            (Origin::File(p), Some(s)) => {
+                format!(
+                    "{}: service.{}.{key}",
+                    p.display(),
+                    shorten_to(&shown(s), 40)
+                )
+            }
             (Origin::File(p), None) => format!("{}: {key}", p.display()),
             (Origin::CommandLine, _) => format!("--{}", key.replace('_', "-")),
         }
@@ -322,8 +328,23 @@ impl TunnelSpec {
     /// [`Error::Config`] naming the file, the line and the problem (a
     /// syntax error, an unknown key, a value of the wrong type).
     pub fn from_toml(text: &str, path: &Path) -> Result<Self> {
-        toml::from_str(text)
-            .map_err(|e| Error::Config(format!("{}: {}", path.display(), e.to_string().trim_end())))
+        toml::from_str(text).map_err(|e| {
+            // Not `e.to_string()`: it quotes the offending line of the
+            // file, however long, whatever it holds.
+            let at =
+                e.span()
+                    .and_then(|span| text.get(..span.start))
+                    .map_or(String::new(), |before| {
+                        let line = before.matches('\n').count() + 1;
+                        let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+                        format!("line {line}, column {column}: ")
+                    });
+            Error::Config(format!(
+                "{}: {at}{}",
+                path.display(),
+                shorten_quoted(e.message())
+            ))
+        })
     }
 
     /// Reads and parses a configuration file.
@@ -431,19 +452,30 @@ impl ServiceSpec {
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         {
             return Err(Error::Config(format!(
-                "{}: invalid service name {name:?}: use letters, digits, '-', '_' and '.'",
+                "{}: invalid service name {:?}: use letters, digits, '-', '_' and '.'",
                 match origin {
                     Origin::File(p) => p.display().to_string(),
                     Origin::CommandLine => "--name".into(),
-                }
+                },
+                shown(name)
             )));
         }
         check_address(&self.listen, true).map_err(|why| bad("listen", why))?;
         check_address(&self.connect, false).map_err(|why| bad("connect", why))?;
+        // Only text that starts like a VatId is quoted back: anything else
+        // may be a key pasted into the wrong place.
         let parse_vat = |k: &str, text: &str| {
-            text.trim()
-                .parse::<VatId>()
-                .map_err(|e| bad(k, format!("{text:?} is not a VatId: {e}")))
+            let text = text.trim();
+            text.parse::<VatId>().map_err(|e| {
+                bad(
+                    k,
+                    if text.starts_with("vat1") && !text.contains(PEM_MARKER) {
+                        format!("{:?} is not a VatId: {e}", shorten(text))
+                    } else {
+                        "this is not a VatId (one starts with \"vat1\"); the text is not shown in case it is a secret".into()
+                    },
+                )
+            })
         };
         let wrong_mode = |k: &str, other: &str| {
             Error::Config(format!(
@@ -516,35 +548,97 @@ impl ServiceSpec {
     }
 }
 
+/// A parser's message on one line, at most 300 characters, each stretch
+/// between two quote characters (`` ` `` or `"`) at most 80: the parser
+/// does not escape quotes inside the values it quotes, so pairing them up
+/// would let a value holding one escape.
+fn shorten_quoted(msg: &str) -> String {
+    // Nothing after a PEM marker, whichever quotes the key holds.
+    let cut;
+    let msg = match msg.find(PEM_MARKER) {
+        Some(i) => {
+            cut = format!("{}...", &msg[..i + PEM_MARKER.len()]);
+            &cut
+        }
+        None => msg,
+    };
+    let pieces: Vec<&str> = msg.trim().split(['`', '"']).collect();
+    let mut out = String::new();
+    let mut quotes = msg.trim().matches(['`', '"']);
+    for (i, piece) in pieces.iter().enumerate() {
+        if i == 0 || i == pieces.len() - 1 {
+            out.push_str(piece);
+        } else {
+            out.push_str(&shown(piece));
+        }
+        out.extend(quotes.next());
+    }
+    shorten_to(&out.split_whitespace().collect::<Vec<_>>().join(" "), 300)
+}
+
+/// What starts a PEM block: errors show nothing after it.
+const PEM_MARKER: &str = "-----BEGIN";
+
+/// A value as errors quote it: at most 80 characters, and nothing after a
+/// PEM marker (a key file pasted into the wrong place).
+fn shown(s: &str) -> String {
+    match s.find(PEM_MARKER) {
+        Some(i) => {
+            let mut t = shorten(&s[..i + PEM_MARKER.len()]);
+            if !t.ends_with("...") {
+                t.push_str("...");
+            }
+            t
+        }
+        None => shorten(s),
+    }
+}
+
+/// At most `max` characters of `s`, with an ellipsis when cut.
+fn shorten_to(s: &str, max: usize) -> String {
+    if s.chars().count() > max {
+        let mut t: String = s.chars().take(max - 3).collect();
+        t.push_str("...");
+        t
+    } else {
+        s.to_string()
+    }
+}
+
 /// Checks the form `HOST:PORT` (IPv6 in brackets); resolving the host is
 /// left to binding or connecting.
 fn check_address(addr: &str, port_zero_ok: bool) -> std::result::Result<(), String> {
+    // Quoted shortened: a long value must not come back whole.
+    let a = shown(addr);
     let Some((host, port)) = addr.rsplit_once(':') else {
-        return Err(format!("{addr:?} is not HOST:PORT"));
+        return Err(format!("{a:?} is not HOST:PORT"));
+    };
+    let (h, p) = if addr.contains(PEM_MARKER) {
+        (a.clone(), a.clone())
+    } else {
+        (shown(host), shown(port))
     };
     if host.is_empty() {
-        return Err(format!("{addr:?} has no host (write e.g. 127.0.0.1{addr})"));
+        return Err(format!("{a:?} has no host (write e.g. 127.0.0.1{a})"));
     }
     if let Some(inner) = host.strip_prefix('[') {
         let ok = inner
             .strip_suffix(']')
             .is_some_and(|ip| ip.parse::<Ipv6Addr>().is_ok());
         if !ok {
-            return Err(format!(
-                "{addr:?}: {host:?} is not a bracketed IPv6 address"
-            ));
+            return Err(format!("{a:?}: {h:?} is not a bracketed IPv6 address"));
         }
     } else if host.contains(':') {
         return Err(format!(
-            "{addr:?}: write an IPv6 address in brackets, e.g. [::1]:{port}"
+            "{a:?}: write an IPv6 address in brackets, e.g. [::1]:{p}"
         ));
     } else if host.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(format!("{addr:?}: the host contains spaces"));
+        return Err(format!("{a:?}: the host contains spaces"));
     }
     match port.parse::<u16>() {
-        Ok(0) if !port_zero_ok => Err(format!("{addr:?}: port 0 cannot be connected to")),
+        Ok(0) if !port_zero_ok => Err(format!("{a:?}: port 0 cannot be connected to")),
         Ok(_) => Ok(()),
-        Err(_) => Err(format!("{addr:?}: {port:?} is not a port number (0-65535)")),
+        Err(_) => Err(format!("{a:?}: {p:?} is not a port number (0-65535)")),
     }
 }
 
@@ -688,6 +782,116 @@ mod tests {
             e.starts_with("configuration error: --peer: \"vat1nope\""),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_key_pasted_as_a_vat_id_is_not_repeated() {
+        // Found by the tunnel_config fuzz target's seed: the whole PEM
+        // text came back in the error.
+        let pem = Identity::from_seed(&[4; 32]).to_pkcs8_pem().to_string();
+        let body = pem.lines().nth(1).unwrap();
+        let e = err(&format!(
+            "{HEAD}mode = \"client\"\npeer = \"\"\"{pem}\"\"\"\n"
+        ));
+        assert!(e.contains("service.s.peer: this is not a VatId"), "{e}");
+        assert!(!e.contains(&body[..16]) && !e.contains("BEGIN"), "{e}");
+        let e = err(&format!(
+            "{HEAD}mode = \"server\"\nallow_vat = [\"{body}\"]\n"
+        ));
+        assert!(
+            e.contains("service.s.allow_vat: this is not a VatId"),
+            "{e}"
+        );
+        assert!(!e.contains(&body[..16]), "{e}");
+    }
+
+    #[test]
+    fn a_syntax_error_does_not_quote_the_line() {
+        // Found by the tunnel_config fuzz target: toml's message quotes the
+        // whole offending line (here a key pasted into a string, with a
+        // control character making it invalid).
+        let secret = "MC4CAQAwBQYDK2VwBCIEI";
+        let line = format!("peer = \"{secret}\u{1}{}\"", "A".repeat(10_000));
+        let e = err(&format!("{HEAD}mode = \"client\"\n{line}\n"));
+        assert!(e.contains("/etc/tunnel.toml: line 6, column "), "{e:.300}");
+        assert!(!e.contains(secret) && e.len() < 300, "{e:.300}");
+        let long_key = "k".repeat(10_000);
+        let e = err(&format!("{HEAD}{long_key} = 1\n"));
+        assert!(
+            e.contains("unknown field `kkkk") && e.len() < 400,
+            "{e:.500}"
+        );
+    }
+
+    #[test]
+    fn long_addresses_and_names_are_shortened_in_errors() {
+        // Found by the tunnel_config fuzz target: a long `connect` came back
+        // whole (twice for a bad port).
+        let long = "*".repeat(10_000);
+        let e = err(&format!(
+            "identity = \"k\"\n[service.s]\nmode = \"server\"\nallow = \"a\"\nlisten = \"h:1\"\nconnect = \"h:2{long}\"\n"
+        ));
+        assert!(
+            e.contains("service.s.connect: \"h:2***") && e.len() < 300,
+            "{e:.400}"
+        );
+        let name = "n".repeat(10_000);
+        let e = err(&format!(
+            "identity = \"k\"\n[service.{name}]\nmode = \"server\"\nallow = \"a\"\nlisten = \"h\"\nconnect = \"h:2\"\n"
+        ));
+        assert!(
+            e.contains(&format!("service.{}....listen", &name[..37])),
+            "{e:.400}"
+        );
+        assert!(e.len() < 200, "{e:.400}");
+        let e = err(&format!(
+            "identity = \"k\"\n[service.\"{name} \"]\nmode = \"server\"\nallow = \"a\"\nlisten = \"h:1\"\nconnect = \"h:2\"\n"
+        ));
+        assert!(
+            e.contains("invalid service name \"nnn") && e.len() < 300,
+            "{e:.400}"
+        );
+    }
+
+    #[test]
+    fn a_quote_inside_a_value_does_not_escape_shortening() {
+        // Found by the tunnel_config fuzz target: toml quotes an unknown
+        // variant between backticks without escaping the backticks in it.
+        let value = format!("{}`{}", "a".repeat(30), "b".repeat(200));
+        let e = err(&format!("{HEAD}mode = \"{value}\"\n"));
+        assert!(e.contains("unknown variant `aaa"), "{e}");
+        assert!(e.contains(&format!("`{}...", "b".repeat(77))), "{e}");
+        assert!(!e.contains(&"b".repeat(78)), "{e}");
+    }
+
+    #[test]
+    fn nothing_after_a_pem_marker_is_quoted() {
+        // Found by the tunnel_config fuzz target: toml quoted a `mode`
+        // holding a pasted key, and 80 characters of it came back.
+        let pem = Identity::from_seed(&[6; 32]).to_pkcs8_pem().to_string();
+        let body = &pem.lines().nth(1).unwrap()[..16];
+        for setting in ["mode = \"\"\"x", "mode = \"client\"\npeer = \"\"\"vat1"] {
+            let e = err(&format!("{HEAD}{setting}{pem}\"\"\"\n"));
+            assert!(
+                e.contains("unknown variant `x-----BEGIN...") || e.contains("not a VatId"),
+                "{e}"
+            );
+            assert!(!e.contains(body) && !e.contains("PRIVATE"), "{e}");
+        }
+        let e = err(&format!(
+            "identity = \"k\"\n[service.s]\nmode = \"server\"\nallow = \"a\"\nlisten = \"h:1\"\nconnect = \"\"\"{pem}\"\"\"\n"
+        ));
+        assert!(e.contains("service.s.connect: \"-----BEGIN...\""), "{e}");
+        assert!(!e.contains(body), "{e}");
+        // A quote inside the key, or a colon, must not let the rest through.
+        let quoted = pem.replacen('\n', "`\n", 2);
+        let e = err(&format!("{HEAD}mode = \"\"\"x{quoted}\"\"\"\n"));
+        assert!(!e.contains(body) && !e.contains("PRIVATE"), "{e}");
+        let colon = pem.replacen("MC4C", "MC:4C", 1);
+        let e = err(&format!(
+            "identity = \"k\"\n[service.s]\nmode = \"server\"\nallow = \"a\"\nlisten = \"h:1\"\nconnect = \"\"\"{colon}\"\"\"\n"
+        ));
+        assert!(!e.contains(&body[4..]), "{e}");
     }
 
     #[test]

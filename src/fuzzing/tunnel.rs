@@ -1,0 +1,406 @@
+//! Target for the tunnel's configuration file: [`TunnelSpec::from_toml`]
+//! then [`TunnelSpec::check`].
+//!
+//! Besides "no panic", it checks that an accepted configuration holds only
+//! what the documentation allows (limits from 1 to a million, durations
+//! above zero and at most a day, `HOST:PORT` addresses, trust settings of
+//! the service's mode, defaults where nothing was written), that the spec
+//! written back as TOML reads as the same spec, and that errors are short
+//! [`Error::Config`]s that quote no value longer than 80 characters and
+//! nothing of a private key pasted into the file.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::support::{initiator_identity, responder_identity};
+use super::Seed;
+use crate::tunnel::config::{
+    LimitsSpec, Mode, Origin, Trust, TunnelConfig, TunnelSpec, DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HANDSHAKES,
+    DEFAULT_SHUTDOWN_GRACE, MAX_COUNT, MAX_SECONDS,
+};
+use crate::{Error, VatId};
+
+/// The file the target "reads": absolute, so relative paths resolve
+/// against its directory.
+const CONFIG_PATH: &str = "/etc/capnp-noise/tunnel.toml";
+/// The longest error message accepted, whatever the input (the file's
+/// path, named up to three times, included).
+const MAX_ERROR_LEN: usize = 512;
+/// The longest value quoted in an error (between `"` or `` ` ``),
+/// counting an escape as one character: values are cut to 77 characters
+/// and an ellipsis.
+const MAX_QUOTED_LEN: usize = 80;
+
+/// `tunnel_config`: [`TunnelSpec::from_toml`] and [`TunnelSpec::check`]
+/// (as from a file and as from the command line) over arbitrary text.
+pub fn tunnel_config(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let path = Path::new(CONFIG_PATH);
+    let spec = match TunnelSpec::from_toml(text, path) {
+        Ok(spec) => spec,
+        Err(e) => return assert_good_error(text, &e, true),
+    };
+    assert_round_trip(&spec);
+    for origin in [Origin::File(path), Origin::CommandLine] {
+        match spec.check(origin) {
+            Ok(config) => assert_as_documented(&spec, &config, origin),
+            Err(e) => assert_good_error(text, &e, false),
+        }
+    }
+}
+
+/// `from_toml`: whether the error comes from the parser, whose messages
+/// quote values without escaping quotes in them.
+fn assert_good_error(text: &str, e: &Error, from_toml: bool) {
+    assert!(matches!(e, Error::Config(_)), "{e:?}");
+    let msg = e.to_string();
+    let chars: Vec<char> = msg.chars().collect();
+    assert!(
+        chars.len() <= MAX_ERROR_LEN,
+        "the error grows with the input ({} characters): {msg:.300}",
+        chars.len()
+    );
+    let quoted = if from_toml {
+        let pieces: Vec<&str> = msg.split(['`', '"']).collect();
+        let inner = pieces.len().saturating_sub(2);
+        pieces
+            .iter()
+            .skip(1)
+            .take(inner)
+            .map(|p| p.chars().count())
+            .collect()
+    } else {
+        quoted_parts(&msg)
+    };
+    for quoted in quoted {
+        assert!(
+            quoted <= MAX_QUOTED_LEN,
+            "the error quotes a value of {quoted} characters: {msg:.600}"
+        );
+    }
+    // A run that also occurs elsewhere in the file may be quoted from there.
+    for secret in pem_bodies(text) {
+        if text.matches(secret).count() > 1 {
+            continue;
+        }
+        assert!(
+            !msg.contains(secret),
+            "the error repeats a PEM body: {secret:?}"
+        );
+    }
+}
+
+/// The lengths of the parts of `msg` between `"` (with backslash escapes,
+/// each counted as one character) or between `` ` ``.
+///
+/// (Not "does a long stretch of the error occur in the input": libFuzzer
+/// learns the error's own text from that comparison and writes it into the
+/// input.)
+fn quoted_parts(msg: &str) -> Vec<usize> {
+    let mut v = Vec::new();
+    let mut chars = msg.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => {
+                let mut n = 0;
+                while let Some(c) = chars.next() {
+                    match c {
+                        '"' => break,
+                        '\\' if chars.next() == Some('u') => {
+                            chars.by_ref().find(|&c| c == '}');
+                        }
+                        _ => {}
+                    }
+                    n += 1;
+                }
+                v.push(n);
+            }
+            '`' => v.push(chars.by_ref().take_while(|&c| c != '`').count()),
+            _ => {}
+        }
+    }
+    v
+}
+
+/// The first 16 base64 characters of each run of 16 or more found within
+/// 200 characters after a PEM header (`-----BEGIN LABEL-----`), before the
+/// string holding it ends: what a pasted key file starts with.
+fn pem_bodies(text: &str) -> Vec<&str> {
+    let mut v = Vec::new();
+    for (at, _) in text.match_indices("-----BEGIN") {
+        let rest = &text[at + 10..];
+        // A PEM header: `-----BEGIN LABEL-----` on one line, the label in
+        // upper case letters, digits and spaces.
+        let Some(close) = rest.find("-----") else {
+            continue;
+        };
+        let label = &rest[..close];
+        if !label.starts_with(' ')
+            || label.trim().is_empty()
+            || !label
+                .chars()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == ' ')
+        {
+            continue;
+        }
+        // The body, up to the end of the string that holds it.
+        let body = &rest[close + 5..];
+        let body = &body[..body.find(['"', '\'']).unwrap_or(body.len())];
+        let end = body.char_indices().nth(200).map_or(body.len(), |(i, _)| i);
+        v.extend(
+            body[..end]
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '+' || c == '/'))
+                .filter(|run| run.len() >= 16)
+                .map(|run| &run[..16]),
+        );
+    }
+    v
+}
+
+/// The spec written back as TOML (the file format) reads as the same spec.
+fn assert_round_trip(spec: &TunnelSpec) {
+    let written = render(spec);
+    let back = TunnelSpec::from_toml(&written, Path::new(CONFIG_PATH))
+        .unwrap_or_else(|e| panic!("a written spec does not parse: {e}\n{written:.500}"));
+    assert_eq!(
+        format!("{back:?}"),
+        format!("{spec:?}"),
+        "the spec does not round trip through:\n{written:.500}"
+    );
+}
+
+fn render(spec: &TunnelSpec) -> String {
+    let mut top = toml::Table::new();
+    let path = |p: &PathBuf| toml::Value::String(p.to_str().expect("TOML text").to_owned());
+    if let Some(p) = &spec.identity {
+        top.insert("identity".into(), path(p));
+    }
+    if let Some(s) = spec.shutdown_grace {
+        top.insert("shutdown_grace".into(), s.into());
+    }
+    put_limits(&mut top, &spec.limits);
+    let mut services = toml::Table::new();
+    for (name, s) in &spec.services {
+        let mut t = toml::Table::new();
+        let mode = match s.mode {
+            Mode::Client => "client",
+            Mode::Server => "server",
+        };
+        t.insert("mode".into(), mode.into());
+        t.insert("listen".into(), s.listen.clone().into());
+        t.insert("connect".into(), s.connect.clone().into());
+        if let Some(p) = &s.peer {
+            t.insert("peer".into(), p.clone().into());
+        }
+        if let Some(p) = &s.known_vats {
+            t.insert("known_vats".into(), path(p));
+        }
+        if let Some(p) = &s.allow {
+            t.insert("allow".into(), path(p));
+        }
+        if !s.allow_vat.is_empty() {
+            t.insert("allow_vat".into(), s.allow_vat.clone().into());
+        }
+        put_limits(&mut t, &s.limits);
+        services.insert(name.clone(), t.into());
+    }
+    if !services.is_empty() {
+        top.insert("service".into(), services.into());
+    }
+    toml::to_string(&top).expect("a table serializes")
+}
+
+fn put_limits(t: &mut toml::Table, l: &LimitsSpec) {
+    let int = |n: usize| toml::Value::Integer(i64::try_from(n).expect("read from an i64"));
+    if let Some(n) = l.max_connections {
+        t.insert("max_connections".into(), int(n));
+    }
+    if let Some(n) = l.max_handshakes {
+        t.insert("max_handshakes".into(), int(n));
+    }
+    if let Some(s) = l.handshake_timeout {
+        t.insert("handshake_timeout".into(), s.into());
+    }
+    if let Some(s) = l.connect_timeout {
+        t.insert("connect_timeout".into(), s.into());
+    }
+}
+
+/// Every field of an accepted configuration is what the documentation
+/// promises for what was written.
+fn assert_as_documented(spec: &TunnelSpec, config: &TunnelConfig, origin: Origin<'_>) {
+    let resolve = |p: &Path| match origin {
+        Origin::File(f) if p.is_relative() => f.parent().expect("absolute").join(p),
+        _ => p.to_path_buf(),
+    };
+    let identity = spec.identity.as_deref().expect("identity is required");
+    assert_eq!(config.identity, resolve(identity));
+    assert_duration(
+        config.shutdown_grace,
+        spec.shutdown_grace,
+        DEFAULT_SHUTDOWN_GRACE,
+    );
+    assert!(!config.services.is_empty(), "a config without services");
+    assert_eq!(config.services.len(), spec.services.len());
+    for ((name, s), c) in spec.services.iter().zip(&config.services) {
+        assert_eq!(&c.name, name, "services are sorted by name");
+        assert!(
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.')),
+            "invalid service name {name:?} accepted"
+        );
+        assert_eq!((&c.listen, &c.connect), (&s.listen, &s.connect));
+        assert_host_port(&c.listen, true);
+        assert_host_port(&c.connect, false);
+        assert_eq!(c.mode(), s.mode);
+        let vat = |t: &str| t.trim().parse::<VatId>().expect("an accepted VatId parses");
+        match (&c.trust, s.mode) {
+            (Trust::PinnedServer(v), Mode::Client) => {
+                assert_eq!(*v, vat(s.peer.as_deref().expect("peer")));
+                assert!(s.known_vats.is_none());
+            }
+            (Trust::KnownVats(p), Mode::Client) => {
+                assert!(s.peer.is_none());
+                assert_eq!(*p, resolve(s.known_vats.as_deref().expect("known_vats")));
+            }
+            (Trust::AllowedClients { file, vat_ids }, Mode::Server) => {
+                assert!(s.peer.is_none() && s.known_vats.is_none());
+                assert!(
+                    file.is_some() || !vat_ids.is_empty(),
+                    "a server trusts nobody"
+                );
+                assert_eq!(*file, s.allow.as_deref().map(resolve));
+                let written: Vec<VatId> = s.allow_vat.iter().map(|t| vat(t)).collect();
+                assert_eq!(*vat_ids, written);
+            }
+            (trust, mode) => panic!("{mode:?} service with {trust:?}"),
+        }
+        if s.mode == Mode::Client {
+            assert!(s.allow.is_none() && s.allow_vat.is_empty());
+        }
+        let (own, top) = (&s.limits, &spec.limits);
+        let l = c.limits;
+        assert_count(
+            l.max_connections,
+            own.max_connections.or(top.max_connections),
+            DEFAULT_MAX_CONNECTIONS,
+        );
+        assert_count(
+            l.max_handshakes,
+            own.max_handshakes.or(top.max_handshakes),
+            DEFAULT_MAX_HANDSHAKES,
+        );
+        assert_duration(
+            l.handshake_timeout,
+            own.handshake_timeout.or(top.handshake_timeout),
+            DEFAULT_HANDSHAKE_TIMEOUT,
+        );
+        assert_duration(
+            l.connect_timeout,
+            own.connect_timeout.or(top.connect_timeout),
+            DEFAULT_CONNECT_TIMEOUT,
+        );
+    }
+}
+
+fn assert_count(got: usize, written: Option<usize>, default: usize) {
+    assert!((1..=MAX_COUNT).contains(&got), "limit {got} out of range");
+    assert_eq!(got, written.unwrap_or(default));
+}
+
+fn assert_duration(got: Duration, written: Option<f64>, default: Duration) {
+    assert!(
+        !got.is_zero() && got.as_secs_f64() <= MAX_SECONDS,
+        "duration {got:?} (written {written:?}) out of range"
+    );
+    match written {
+        None => assert_eq!(got, default),
+        Some(s) => assert_eq!(got, Duration::from_secs_f64(s)),
+    }
+}
+
+fn assert_host_port(addr: &str, port_zero_ok: bool) {
+    let (host, port) = addr.rsplit_once(':').expect("HOST:PORT");
+    assert!(!host.is_empty(), "{addr:?} has no host");
+    assert!(
+        !host.chars().any(|c| c.is_whitespace() || c.is_control()),
+        "{addr:?}: space in the host"
+    );
+    let port: u16 = port.parse().expect("a port number");
+    assert!(port_zero_ok || port != 0, "{addr:?}: port 0 to connect to");
+}
+
+/// Seeds: the example of the module docs, the files of `tests/tunnel.rs`
+/// and of the unit tests, and a few mistakes.
+pub(super) fn seeds() -> Vec<Seed> {
+    let (a, b) = (initiator_identity().vat_id(), responder_identity().vat_id());
+    let mut v = Vec::new();
+    let docs: String = include_str!("../tunnel/mod.rs")
+        .lines()
+        .filter_map(|l| l.strip_prefix("//!"))
+        .map(|l| format!("{}\n", l.strip_prefix(' ').unwrap_or(l)))
+        .collect();
+    let start = docs.find("```toml\n").expect("a TOML example") + 8;
+    let len = docs[start..].find("```").expect("its end");
+    let example = docs[start..start + len].replace("vat1...", &a.to_string());
+    v.push(Seed::new(
+        "tunnel_config",
+        "module-docs",
+        example.into_bytes(),
+    ));
+
+    let server = format!(
+        "\nidentity = \"server.key\"\nmax_handshakes = 8\n\n[service.echo]\nmode = \"server\"\n\
+         listen = \"127.0.0.1:0\"\nconnect = \"127.0.0.1:40001\"\nallow = \"clients.allow\"\n\n\
+         [service.upper]\nmode = \"server\"\nlisten = \"127.0.0.1:0\"\nconnect = \"127.0.0.1:40002\"\n\
+         allow_vat = [\"{a}\"]\nmax_connections = 4\n"
+    );
+    v.push(Seed::new(
+        "tunnel_config",
+        "two-servers",
+        server.into_bytes(),
+    ));
+    let client = format!(
+        "\nidentity = \"client.key\"\n\n[service.to-echo]\nmode = \"client\"\nlisten = \"127.0.0.1:0\"\n\
+         connect = \"127.0.0.1:40003\"\npeer = \"{b}\"\n\n[service.to-upper]\nmode = \"client\"\n\
+         listen = \"127.0.0.1:0\"\nconnect = \"127.0.0.1:40004\"\nknown_vats = \"known_vats\"\n"
+    );
+    v.push(Seed::new(
+        "tunnel_config",
+        "two-clients",
+        client.into_bytes(),
+    ));
+    let mixed = format!(
+        "identity = \"keys/tunnel.key\"\nshutdown_grace = 2.5\nmax_connections = 10\n\n\
+         [service.web]\nmode = \"server\"\nlisten = \"[::]:8443\"\nconnect = \"127.0.0.1:8080\"\n\
+         allow = \"web.allow\"\nallow_vat = [\"{b}\"]\nmax_connections = 3\nhandshake_timeout = 1\n\n\
+         [service.db]\nmode = \"client\"\nlisten = \"127.0.0.1:0\"\nconnect = \"db.example.com:5433\"\n\
+         peer = \"{a}\"\nconnect_timeout = 0.25\n"
+    );
+    v.push(Seed::new(
+        "tunnel_config",
+        "server-and-client",
+        mixed.into_bytes(),
+    ));
+    v.push(Seed::new(
+        "tunnel_config",
+        "unknown-key",
+        b"identity = \"k.key\"\n[service.s]\nmode = \"client\"\nlisten = \"127.0.0.1:0\"\nconnect = \"h:1\"\npeer = \"vat1x\"\nretries = 3\n".to_vec(),
+    ));
+    let pem = initiator_identity().to_pkcs8_pem().to_string();
+    let pasted = format!(
+        "identity = \"k\"\n[service.s]\nmode = \"client\"\nlisten = \"127.0.0.1:1\"\n\
+         connect = \"h:2\"\npeer = \"\"\"{pem}\"\"\"\n"
+    );
+    v.push(Seed::new(
+        "tunnel_config",
+        "key-as-peer",
+        pasted.into_bytes(),
+    ));
+    v
+}
