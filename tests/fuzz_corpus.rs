@@ -158,8 +158,10 @@ fn corpora_stay_small() {
     for (name, dir) in corpus_dirs() {
         let files = files(&dir);
         let bytes: u64 = files.iter().map(|f| f.metadata().unwrap().len()).sum();
+        // Parsers of text files keep a few hundred inputs after cmin
+        // (key_file: 295); 400 leaves room without letting a raw corpus in.
         assert!(
-            files.len() <= 200,
+            files.len() <= 400,
             "fuzz/corpus/{name} has {} files: cargo fuzz cmin",
             files.len()
         );

@@ -17,7 +17,7 @@ use super::Seed;
 use crate::tunnel::config::{
     LimitsSpec, Mode, Origin, Trust, TunnelConfig, TunnelSpec, DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HANDSHAKES,
-    DEFAULT_SHUTDOWN_GRACE, MAX_COUNT, MAX_SECONDS,
+    DEFAULT_MAX_HANDSHAKES_PER_SOURCE, DEFAULT_SHUTDOWN_GRACE, MAX_COUNT, MAX_SECONDS,
 };
 use crate::{Error, VatId};
 
@@ -221,6 +221,9 @@ fn put_limits(t: &mut toml::Table, l: &LimitsSpec) {
     if let Some(n) = l.max_handshakes {
         t.insert("max_handshakes".into(), int(n));
     }
+    if let Some(n) = l.max_handshakes_per_source {
+        t.insert("max_handshakes_per_source".into(), int(n));
+    }
     if let Some(s) = l.handshake_timeout {
         t.insert("handshake_timeout".into(), s.into());
     }
@@ -294,6 +297,12 @@ fn assert_as_documented(spec: &TunnelSpec, config: &TunnelConfig, origin: Origin
             l.max_handshakes,
             own.max_handshakes.or(top.max_handshakes),
             DEFAULT_MAX_HANDSHAKES,
+        );
+        assert_count(
+            l.max_handshakes_per_source,
+            own.max_handshakes_per_source
+                .or(top.max_handshakes_per_source),
+            DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
         );
         assert_duration(
             l.handshake_timeout,
