@@ -140,7 +140,7 @@ pub struct NetworkOptions {
     /// [`crate::admission`]). Default 64.
     pub max_handshakes: usize,
     /// Of those, at most this many from one source address (IPv4 address,
-    /// IPv6 /64); more are closed at once. Default 16.
+    /// IPv6 /64); more wait, unanswered, for one of theirs to end. Default 16.
     pub max_handshakes_per_source: usize,
     /// Connections open at once, in both directions. At the limit incoming
     /// connections wait and dials fail. Default 1024.

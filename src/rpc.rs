@@ -162,7 +162,7 @@ pub struct ServerOptions {
     /// [`DEFAULT_MAX_HANDSHAKES`](crate::admission::DEFAULT_MAX_HANDSHAKES), 64.
     pub max_handshakes: usize,
     /// Of those, at most this many from one source address (IPv4 address,
-    /// IPv6 /64); more are closed at once. Default
+    /// IPv6 /64); more wait, unanswered, for one of theirs to end. Default
     /// [`DEFAULT_MAX_HANDSHAKES_PER_SOURCE`](crate::admission::DEFAULT_MAX_HANDSHAKES_PER_SOURCE), 16.
     pub max_handshakes_per_source: usize,
     /// Connections open at once, handshaking or established. Default 1024.

@@ -300,7 +300,7 @@ pub struct Limits {
     /// `handshake_timeout`.
     pub max_handshakes: usize,
     /// Of those, at most this many from one source address (IPv4 address,
-    /// IPv6 /64); more are closed at once.
+    /// IPv6 /64); more wait, unanswered, for one of theirs to end.
     pub max_handshakes_per_source: usize,
     /// How long a handshake may take.
     pub handshake_timeout: Duration,
