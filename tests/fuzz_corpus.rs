@@ -261,3 +261,10 @@ fn regression_pem_in_quoted_value() {
 fn regression_pem_after_a_quote() {
     replay("tunnel_config", "regression-pem-after-a-quote");
 }
+
+/// tunnel_config: `handshake_timeout = 1e-10` passed "above 0" and became a
+/// zero timeout (found by a hand-written input, not by libFuzzer).
+#[test]
+fn regression_timeout_rounds_to_zero() {
+    replay("tunnel_config", "regression-timeout-rounds-to-zero");
+}
