@@ -161,7 +161,20 @@ fn pem_bodies(text: &str) -> Vec<&str> {
 }
 
 /// The spec written back as TOML (the file format) reads as the same spec.
+///
+/// Skipped when a count exceeds `i64::MAX`: toml reads such an integer into
+/// a `usize`, but TOML integers are 64-bit signed, so nothing writes it back
+/// (and `check` refuses it anyway).
 fn assert_round_trip(spec: &TunnelSpec) {
+    let too_big = |l: &LimitsSpec| {
+        [l.max_connections, l.max_handshakes]
+            .iter()
+            .flatten()
+            .any(|&n| i64::try_from(n).is_err())
+    };
+    if too_big(&spec.limits) || spec.services.values().any(|s| too_big(&s.limits)) {
+        return;
+    }
     let written = render(spec);
     let back = TunnelSpec::from_toml(&written, Path::new(CONFIG_PATH))
         .unwrap_or_else(|e| panic!("a written spec does not parse: {e}\n{written:.500}"));

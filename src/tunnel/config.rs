@@ -655,9 +655,13 @@ fn count(value: Option<usize>, default: usize, name: &str) -> Result<usize> {
 fn seconds(value: Option<f64>, default: Duration, name: &str) -> Result<Duration> {
     match value {
         None => Ok(default),
-        Some(s) if s > 0.0 && s <= MAX_SECONDS => Ok(Duration::from_secs_f64(s)),
+        // `1e-10` is above 0 but no whole nanosecond: it must not become a
+        // zero timeout.
+        Some(s) if s > 0.0 && s <= MAX_SECONDS && !Duration::from_secs_f64(s).is_zero() => {
+            Ok(Duration::from_secs_f64(s))
+        }
         Some(s) => Err(Error::Config(format!(
-            "{name}: {s} is out of range (a number of seconds above 0, at most {MAX_SECONDS})"
+            "{name}: {s} is out of range (a number of seconds, at least a nanosecond, at most {MAX_SECONDS})"
         ))),
     }
 }
@@ -892,6 +896,30 @@ mod tests {
             "identity = \"k\"\n[service.s]\nmode = \"server\"\nallow = \"a\"\nlisten = \"h:1\"\nconnect = \"\"\"{colon}\"\"\"\n"
         ));
         assert!(!e.contains(&body[4..]), "{e}");
+    }
+
+    #[test]
+    fn a_timeout_below_a_nanosecond_is_refused() {
+        // Found by replaying a hand-written input through the tunnel_config
+        // fuzz target (libFuzzer did not reach it): 1e-10 passed "above 0"
+        // and became a zero Duration.
+        for key in ["handshake_timeout", "connect_timeout", "shutdown_grace"] {
+            let e = err(&format!(
+                "{key} = 1e-10\n{HEAD}mode = \"server\"\nallow = \"a\"\n"
+            ));
+            assert!(
+                e.contains(&format!("{key}: 0.0000000001 is out of range")),
+                "{e}"
+            );
+        }
+        let c = check_text(&format!(
+            "handshake_timeout = 1e-9\n{HEAD}mode = \"server\"\nallow = \"a\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.services[0].limits.handshake_timeout,
+            Duration::from_nanos(1)
+        );
     }
 
     #[test]
