@@ -18,13 +18,28 @@
 //! socket and a few hundred bytes: nothing more is read from it and nothing
 //! is computed. A slot is held until the handshake ends (finished, failed or
 //! timed out); from admission on, the handshake gets one whole handshake
-//! timeout ([`stream::accept`](crate::stream::accept) restarts it). So peers
-//! that stall after message 1 cost the server at most three X25519
-//! operations per slot per timeout (with the defaults, 64 slots and 10 s:
-//! about 19 per second), a single source at most `max_per_source` slots'
-//! worth; and a peer that does complete handshakes pays as many X25519
-//! operations of its own (four per handshake) as it makes the server spend:
-//! there is no amplification to exploit.
+//! timeout ([`stream::accept`](crate::stream::accept) restarts it).
+//!
+//! A handshake that ends **without** completing (the peer hung up, sent
+//! garbage, was refused, or timed out) keeps its slot and its source's
+//! share for a further *failure hold* (default [`DEFAULT_FAILURE_HOLD`],
+//! one second). Without it, a peer that sends message 1 and hangs up at
+//! once frees its slot at once, and can make the server answer message 1
+//! (three X25519 operations) as fast as it opens TCP connections, without
+//! computing anything itself if it replays one recorded message 1. With it:
+//!
+//! * in total, the server spends at most `3 × max_total` X25519 operations
+//!   per failure hold on handshakes that fail (with the defaults, 64 slots
+//!   and 1 s: 192 per second, a few milliseconds of one core);
+//! * one source, at most `3 × max_per_source` per failure hold (48 per
+//!   second with the defaults), whatever its connection rate;
+//! * peers that stall after message 1 cost at most three operations per
+//!   slot per handshake timeout plus hold.
+//!
+//! Handshakes that complete give their slot back at once, and a peer that
+//! completes handshakes pays as many X25519 operations of its own (four per
+//! handshake) as it makes the server spend: there is no amplification to
+//! exploit.
 //!
 //! Servers in this crate ([`rpc::serve`](crate::rpc::serve), the
 //! [`network`](crate::network), the tunnel) create one `HandshakeSlots` per
@@ -45,7 +60,7 @@
 //! let third = slots.acquire(Some(office));
 //! let waited = tokio::time::timeout(std::time::Duration::from_millis(20), third).await;
 //! assert!(waited.is_err());
-//! drop(a);
+//! a.release_now(); // its handshake completed (a failed one keeps the slot a while)
 //! let c = slots.acquire(Some(office)).await;
 //! assert_eq!(slots.stats().in_progress, 2);
 //! # drop((b, c)); }
@@ -56,6 +71,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -64,6 +80,9 @@ pub const DEFAULT_MAX_HANDSHAKES: usize = 64;
 /// Default limit of handshakes past message 1 at once from one source
 /// address (IPv4 address or IPv6 /64).
 pub const DEFAULT_MAX_HANDSHAKES_PER_SOURCE: usize = 16;
+/// Default time a handshake that failed after admission keeps its slot
+/// (see the [module documentation](self)).
+pub const DEFAULT_FAILURE_HOLD: Duration = Duration::from_secs(1);
 
 /// The unit a per-source limit counts: an IPv4 address, or the /64 prefix of
 /// an IPv6 address (one host usually owns a whole /64). IPv4-mapped IPv6
@@ -94,6 +113,7 @@ struct Inner {
     total: Arc<Semaphore>,
     max_total: usize,
     max_per_source: usize,
+    failure_hold: Duration,
     /// Each source with handshakes holding or waiting for a slot: its share
     /// (`max_per_source` permits) and how many handshakes use it. Entries
     /// go when their last user does, so the map holds at most one entry
@@ -101,6 +121,7 @@ struct Inner {
     sources: Mutex<HashMap<Source, (Arc<Semaphore>, usize)>>,
     admitted: AtomicU64,
     waited: AtomicU64,
+    held_after_failure: AtomicU64,
 }
 
 impl Inner {
@@ -128,13 +149,15 @@ impl fmt::Debug for HandshakeSlots {
         f.debug_struct("HandshakeSlots")
             .field("max_total", &self.inner.max_total)
             .field("max_per_source", &self.inner.max_per_source)
+            .field("failure_hold", &self.inner.failure_hold)
             .field("stats", &self.stats())
             .finish()
     }
 }
 
 impl Default for HandshakeSlots {
-    /// [`DEFAULT_MAX_HANDSHAKES`] in total, [`DEFAULT_MAX_HANDSHAKES_PER_SOURCE`] per source.
+    /// [`DEFAULT_MAX_HANDSHAKES`] in total, [`DEFAULT_MAX_HANDSHAKES_PER_SOURCE`] per source,
+    /// [`DEFAULT_FAILURE_HOLD`].
     fn default() -> Self {
         HandshakeSlots::new(DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_SOURCE)
     }
@@ -150,21 +173,38 @@ pub struct AdmissionStats {
     pub admitted: u64,
     /// Of those, how many had to wait for their source's share or a slot.
     pub waited: u64,
+    /// Of those, how many ended without completing and kept their slot for
+    /// the failure hold.
+    pub held_after_failure: u64,
 }
 
 impl HandshakeSlots {
     /// Limits of `max_total` handshakes at once, at most `max_per_source` of
-    /// them from one source address. Zeros count as one.
+    /// them from one source address, and the [`DEFAULT_FAILURE_HOLD`]. Zeros
+    /// count as one.
     pub fn new(max_total: usize, max_per_source: usize) -> Self {
+        HandshakeSlots::with_failure_hold(max_total, max_per_source, DEFAULT_FAILURE_HOLD)
+    }
+
+    /// Like [`new`](Self::new), with a handshake that fails after admission
+    /// keeping its slot for `failure_hold` (zero: it gives it back at once,
+    /// which leaves the rate of failing handshakes unbounded).
+    pub fn with_failure_hold(
+        max_total: usize,
+        max_per_source: usize,
+        failure_hold: Duration,
+    ) -> Self {
         let max_total = max_total.max(1);
         HandshakeSlots {
             inner: Arc::new(Inner {
                 total: Arc::new(Semaphore::new(max_total)),
                 max_total,
                 max_per_source: max_per_source.max(1),
+                failure_hold,
                 sources: Mutex::new(HashMap::new()),
                 admitted: AtomicU64::new(0),
                 waited: AtomicU64::new(0),
+                held_after_failure: AtomicU64::new(0),
             }),
         }
     }
@@ -179,12 +219,18 @@ impl HandshakeSlots {
         self.inner.max_per_source
     }
 
+    /// How long a handshake that fails after admission keeps its slot.
+    pub fn failure_hold(&self) -> Duration {
+        self.inner.failure_hold
+    }
+
     /// Counts so far.
     pub fn stats(&self) -> AdmissionStats {
         AdmissionStats {
             in_progress: self.inner.max_total - self.inner.total.available_permits(),
             admitted: self.inner.admitted.load(Ordering::Relaxed),
             waited: self.inner.waited.load(Ordering::Relaxed),
+            held_after_failure: self.inner.held_after_failure.load(Ordering::Relaxed),
         }
     }
 
@@ -193,8 +239,9 @@ impl HandshakeSlots {
     /// arrival, while the source's share or all slots are taken; the caller
     /// bounds the wait (in [`stream::accept`](crate::stream::accept) the
     /// handshake timeout covers it). Dropping the future while it waits
-    /// gives back its place. The slot is given back when the returned
-    /// [`SlotPermit`] is dropped.
+    /// gives back its place. The slot is given back at once when the
+    /// returned [`SlotPermit`] is [released](SlotPermit::release_now), and
+    /// after the failure hold when it is dropped without.
     pub async fn acquire(&self, source: Option<IpAddr>) -> SlotPermit {
         let mut waited = false;
         let share = match source.map(Source::of) {
@@ -224,8 +271,11 @@ impl HandshakeSlots {
             self.inner.waited.fetch_add(1, Ordering::Relaxed);
         }
         SlotPermit {
-            _permit: permit,
-            _share: share,
+            held: Some(Held {
+                _permit: permit,
+                _share: share,
+            }),
+            inner: self.inner.clone(),
         }
     }
 
@@ -263,12 +313,53 @@ impl Drop for SourceUser {
     }
 }
 
-/// A handshake's slot, from [`HandshakeSlots::acquire`]; given back on drop.
+/// A handshake's slot, from [`HandshakeSlots::acquire`].
+///
+/// [`release_now`](Self::release_now) it when the handshake has completed
+/// (or ended before any public-key work was spent on it): the slot is free
+/// again at once. Dropped without, it counts as a failed handshake: a task
+/// on the current tokio runtime keeps the slot for the failure hold
+/// (outside a runtime, or with a zero hold, it is given back at once).
 #[must_use = "the slot is given back when this is dropped"]
 pub struct SlotPermit {
+    held: Option<Held>,
+    inner: Arc<Inner>,
+}
+
+struct Held {
     _permit: OwnedSemaphorePermit,
     // Dropped after the permit of the share, which the entry owns.
     _share: Option<(OwnedSemaphorePermit, SourceUser)>,
+}
+
+impl SlotPermit {
+    /// Gives the slot back now, without the failure hold: for a handshake
+    /// that completed, or that ended before the server spent any public-key
+    /// work on it.
+    pub fn release_now(mut self) {
+        self.held = None;
+    }
+}
+
+impl Drop for SlotPermit {
+    fn drop(&mut self) {
+        let Some(held) = self.held.take() else {
+            return;
+        };
+        let hold = self.inner.failure_hold;
+        if hold.is_zero() {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            self.inner
+                .held_after_failure
+                .fetch_add(1, Ordering::Relaxed);
+            runtime.spawn(async move {
+                tokio::time::sleep(hold).await;
+                drop(held);
+            });
+        }
+    }
 }
 
 impl fmt::Debug for SlotPermit {
@@ -304,7 +395,7 @@ mod tests {
         let _c = slots.acquire(v4(2)).await;
         // The waiter that gave up left no trace: once a slot of source 1 is
         // free, source 1 gets it at once.
-        drop(a);
+        a.release_now();
         let _d = slots.acquire(v4(1)).await;
         let s = slots.stats();
         assert_eq!((s.in_progress, s.admitted, s.waited), (3, 4, 0));
@@ -322,11 +413,60 @@ mod tests {
         });
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!waiter.is_finished());
-        drop(held);
+        held.release_now();
         let second = waiter.await.unwrap();
         let s = slots.stats();
         assert_eq!((s.in_progress, s.admitted, s.waited), (1, 2, 1));
-        drop(second);
+        second.release_now();
+        assert_eq!(slots.stats().in_progress, 0);
+        assert!(slots.inner.sources.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_handshake_keeps_its_slot_for_the_hold_a_completed_one_does_not() {
+        let hold = Duration::from_secs(1);
+        let slots = HandshakeSlots::with_failure_hold(2, 1, hold);
+        assert_eq!(slots.failure_hold(), hold);
+        // Completed: source 1's share and the slot are free at once.
+        slots.acquire(v4(1)).await.release_now();
+        let s = slots.stats();
+        assert_eq!((s.in_progress, s.held_after_failure), (0, 0));
+        // Failed (dropped): both stay taken for the hold.
+        drop(slots.acquire(v4(1)).await);
+        assert_eq!(slots.stats().held_after_failure, 1);
+        let failed_at = tokio::time::Instant::now();
+        assert_eq!(slots.stats().in_progress, 1);
+        assert!(must_wait(&slots, v4(1)).await, "source 1's share is held");
+        let _other = slots.acquire(v4(2)).await;
+        assert!(must_wait(&slots, v4(3)).await, "the total is held");
+        // Source 1's next handshake gets its share when the hold ends.
+        let next = slots.acquire(v4(1)).await;
+        assert_eq!(failed_at.elapsed(), hold);
+        assert_eq!(slots.stats().in_progress, 2);
+        next.release_now();
+        assert_eq!(slots.stats().in_progress, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_zero_hold_gives_a_failed_slot_back_at_once() {
+        let slots = HandshakeSlots::with_failure_hold(1, 1, Duration::ZERO);
+        drop(slots.acquire(v4(1)).await);
+        let s = slots.stats();
+        assert_eq!((s.in_progress, s.held_after_failure), (0, 0));
+        assert!(!must_wait(&slots, v4(1)).await);
+        assert!(slots.inner.sources.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn outside_a_runtime_a_dropped_permit_is_given_back_at_once() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let slots = HandshakeSlots::new(1, 1);
+        let permit = runtime.block_on(slots.acquire(v4(1)));
+        assert_eq!(slots.stats().in_progress, 1);
+        drop(permit); // no runtime entered on this thread now
         assert_eq!(slots.stats().in_progress, 0);
         assert!(slots.inner.sources.lock().unwrap().is_empty());
     }

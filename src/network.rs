@@ -142,6 +142,9 @@ pub struct NetworkOptions {
     /// Of those, at most this many from one source address (IPv4 address,
     /// IPv6 /64); more wait, unanswered, for one of theirs to end. Default 16.
     pub max_handshakes_per_source: usize,
+    /// How long an incoming handshake that fails after message 1 keeps its
+    /// slot (see [`crate::admission`]). Default 1 s.
+    pub handshake_failure_hold: Duration,
     /// Connections open at once, in both directions. At the limit incoming
     /// connections wait and dials fail. Default 1024.
     pub max_connections: usize,
@@ -176,6 +179,7 @@ impl Default for NetworkOptions {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             max_handshakes: crate::admission::DEFAULT_MAX_HANDSHAKES,
             max_handshakes_per_source: crate::admission::DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
+            handshake_failure_hold: crate::admission::DEFAULT_FAILURE_HOLD,
             max_connections: 1024,
             idle_timeout: None,
             reader_options: ReaderOptions::new(),
@@ -320,9 +324,10 @@ impl NetworkBuilder {
             acceptor: Acceptor {
                 identity: self.identity.clone(),
                 policy: self.policy,
-                slots: crate::admission::HandshakeSlots::new(
+                slots: crate::admission::HandshakeSlots::with_failure_hold(
                     options.max_handshakes,
                     options.max_handshakes_per_source,
+                    options.handshake_failure_hold,
                 ),
                 handshake: options.handshake.clone(),
                 timeout: options.handshake_timeout,

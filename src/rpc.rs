@@ -165,6 +165,12 @@ pub struct ServerOptions {
     /// IPv6 /64); more wait, unanswered, for one of theirs to end. Default
     /// [`DEFAULT_MAX_HANDSHAKES_PER_SOURCE`](crate::admission::DEFAULT_MAX_HANDSHAKES_PER_SOURCE), 16.
     pub max_handshakes_per_source: usize,
+    /// How long a handshake that fails after message 1 keeps its slot and
+    /// its source's share, which bounds how fast peers that send message 1
+    /// and hang up make the server answer it (see
+    /// [`admission`](crate::admission)). Default
+    /// [`DEFAULT_FAILURE_HOLD`](crate::admission::DEFAULT_FAILURE_HOLD), 1 s.
+    pub handshake_failure_hold: Duration,
     /// Connections open at once, handshaking or established. Default 1024.
     pub max_connections: usize,
     /// Limits on incoming messages (traversal limit, nesting).
@@ -178,6 +184,7 @@ impl Default for ServerOptions {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             max_handshakes: DEFAULT_MAX_HANDSHAKES,
             max_handshakes_per_source: DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
+            handshake_failure_hold: crate::admission::DEFAULT_FAILURE_HOLD,
             max_connections: 1024,
             reader_options: ReaderOptions::new(),
         }
@@ -241,7 +248,11 @@ pub async fn serve<F, C>(
         acceptor: Acceptor {
             identity,
             policy,
-            slots: HandshakeSlots::new(options.max_handshakes, options.max_handshakes_per_source),
+            slots: HandshakeSlots::with_failure_hold(
+                options.max_handshakes,
+                options.max_handshakes_per_source,
+                options.handshake_failure_hold,
+            ),
             handshake: options.handshake,
             timeout: options.handshake_timeout,
         },

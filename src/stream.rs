@@ -236,7 +236,7 @@ struct MidHandshake<S> {
 type SlotFuture = Pin<Box<dyn Future<Output = SlotPermit> + Send>>;
 
 /// A responder's admission: the slot it waits for, then holds until the
-/// handshake ends.
+/// handshake ends (and for the failure hold after, unless it completed).
 struct Admission {
     slots: HandshakeSlots,
     source: Option<std::net::IpAddr>,
@@ -337,8 +337,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Future for Handshaking<S> {
         let result = ready!(poll);
         let mid = this.mid.take().expect("checked above");
         Poll::Ready(result.and_then(|()| {
+            let session = mid.hs.into_session()?;
+            // Completed: the slot is free at once (a failed handshake's
+            // permit, dropped instead, keeps it for the failure hold).
+            if let Some(permit) = mid.admission.and_then(|a| a.permit) {
+                permit.release_now();
+            }
             Ok(NoiseStream {
-                session: mid.hs.into_session()?,
+                session,
                 io: mid.io,
                 io_shut_down: false,
             })
@@ -369,6 +375,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MidHandshake<S> {
             if self.hs.awaits_admission() {
                 if let Some(admission) = self.admission.as_mut() {
                     ready!(admission.poll_slot(cx));
+                    if self.held.is_empty() {
+                        // Before spending public-key work: is the peer still
+                        // there? A connection that waited (in the listen
+                        // backlog or for a slot) may have been given up by
+                        // its client, and a peer that sends message 1 and
+                        // hangs up at once costs nothing this way.
+                        let mut probe = [0u8; HANDSHAKE_READ_CHUNK];
+                        let mut buf = ReadBuf::new(&mut probe);
+                        match Pin::new(&mut self.io).poll_read(cx, &mut buf) {
+                            Poll::Pending => {}
+                            Poll::Ready(Ok(())) if !buf.filled().is_empty() => {
+                                self.held = buf.filled().to_vec();
+                            }
+                            ended => {
+                                if let Some(permit) = admission.permit.take() {
+                                    permit.release_now();
+                                }
+                                return Poll::Ready(Err(match ended {
+                                    Poll::Ready(Err(e)) => e.into(),
+                                    _ => self.hs.feed_eof().unwrap_or(Error::UnexpectedEof {
+                                        during: "while its message 1 waited for admission",
+                                    }),
+                                }));
+                            }
+                        }
+                    }
                 }
                 self.hs.admit()?;
                 self.just_admitted = self.admission.is_some();

@@ -11,7 +11,10 @@
 //! * legitimate clients from another address are served during the flood,
 //!   each costing the server exactly four X25519 operations;
 //! * every flood connection is closed by the server within bounded time, and
-//!   the server serves new clients afterwards.
+//!   the server serves new clients afterwards;
+//! * peers that send message 1, wait for message 2 and hang up, as fast as
+//!   they can, make the server answer no more than the per-source limit
+//!   per failure hold (without the hold: one answer per connection).
 //!
 //! The server runs on its own thread (its own runtime and `LocalSet`), so
 //! the thread-local X25519 counter (`testing::x25519_operations_on_this_thread`)
@@ -20,7 +23,9 @@
 #[path = "../examples/office_to_cloud/office.rs"]
 mod office;
 
+use std::cell::Cell;
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -40,6 +45,8 @@ use tokio_util::compat::TokioAsyncReadCompatExt;
 const PER_SOURCE: usize = 4;
 const TOTAL: usize = 8;
 const TIMEOUT: Duration = Duration::from_secs(2);
+/// The failure hold (the default).
+const HOLD: Duration = capnp_noise::admission::DEFAULT_FAILURE_HOLD;
 /// X25519 operations a responder spends answering message 1.
 const ANSWER_MSG1: u64 = 3;
 /// X25519 operations a responder spends on a whole handshake.
@@ -52,8 +59,9 @@ struct Server {
 }
 
 impl Server {
-    /// Starts `rpc::serve` on a thread of its own.
-    fn start() -> Server {
+    /// Starts `rpc::serve` on a thread of its own, with the failure hold
+    /// `hold`.
+    fn start(hold: Duration) -> Server {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -70,6 +78,7 @@ impl Server {
                 options.max_handshakes = TOTAL;
                 options.max_handshakes_per_source = PER_SOURCE;
                 options.handshake_timeout = TIMEOUT;
+                options.handshake_failure_hold = hold;
                 tokio::task::spawn_local(rpc::serve(
                     listener,
                     id,
@@ -158,7 +167,7 @@ async fn closed_by(tcp: &mut TcpStream, deadline: tokio::time::Instant) -> bool 
 async fn a_handshake_flood_is_bounded_and_legitimate_clients_are_served() {
     LocalSet::new()
         .run_until(async {
-            let server = Server::start();
+            let server = Server::start(HOLD);
             assert_eq!(server.x25519_ops().await, 0);
 
             // The flood, all from 127.0.0.1: 100 silent connections, 50 that
@@ -230,12 +239,81 @@ async fn a_handshake_flood_is_bounded_and_legitimate_clients_are_served() {
             );
             assert_eq!(flood_cost % ANSWER_MSG1, 0, "only message-1 answers");
 
-            // Resources are free again: a client from the flooding address
+            // Resources are free again (after the failure hold of the
+            // handshakes that timed out): a client from the flooding address
             // itself is served.
+            tokio::time::sleep(HOLD).await;
             legit_call(&server, "127.0.0.1")
                 .await
                 .expect("served after the flood");
             assert_eq!(server.x25519_ops().await, after_flood + FULL_HANDSHAKE);
+        })
+        .await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn hang_ups_after_message_2_are_bounded_by_the_failure_hold() {
+    LocalSet::new()
+        .run_until(async {
+            let server = Server::start(HOLD);
+            let flight = Rc::new(testing::initiator_first_flight());
+            let answered = Rc::new(Cell::new(0u64));
+            let attempts = Rc::new(Cell::new(0u64));
+            // 16 attackers on 127.0.0.1, each as fast as it can for 2.5 s:
+            // connect, send message 1, wait up to 100 ms for message 2, hang up.
+            let started = Instant::now();
+            let attack = Duration::from_millis(2500);
+            let attackers: Vec<_> = (0..16)
+                .map(|_| {
+                    let (flight, answered, attempts) =
+                        (flight.clone(), answered.clone(), attempts.clone());
+                    let addr = server.addr;
+                    tokio::task::spawn_local(async move {
+                        while started.elapsed() < attack {
+                            attempts.set(attempts.get() + 1);
+                            let mut tcp = TcpStream::connect(addr).await.unwrap();
+                            tcp.write_all(&flight).await.unwrap();
+                            let mut byte = [0u8; 1];
+                            let wait = Duration::from_millis(100);
+                            if let Ok(Ok(1)) = tokio::time::timeout(wait, tcp.read(&mut byte)).await
+                            {
+                                answered.set(answered.get() + 1);
+                            }
+                        }
+                    })
+                })
+                .collect();
+            // Another address is served meanwhile.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            legit_call(&server, "127.0.0.2")
+                .await
+                .expect("served during the attack");
+            for a in attackers {
+                a.await.unwrap();
+            }
+            let elapsed = started.elapsed();
+            let spent = server.x25519_ops().await - FULL_HANDSHAKE;
+            // Each slot of the source's share answers at most once per hold
+            // (plus the first round).
+            let rounds = (elapsed.as_secs_f64() / HOLD.as_secs_f64()).ceil() as u64 + 1;
+            let bound = ANSWER_MSG1 * PER_SOURCE as u64 * rounds;
+            let (answered, attempts) = (answered.get(), attempts.get());
+            println!(
+                "{attempts} hang-ups, {answered} answered, {spent} X25519 operations in {elapsed:?} (bound {bound})"
+            );
+            assert!(
+                answered >= PER_SOURCE as u64,
+                "the attack was answered at first ({answered} of {attempts})"
+            );
+            assert!(
+                attempts * ANSWER_MSG1 > 2 * bound,
+                "the attack was fast enough to matter ({attempts} attempts)"
+            );
+            assert!(
+                spent <= bound,
+                "{attempts} hang-ups ({answered} answered) in {elapsed:?} cost {spent} X25519 operations (bound {bound})"
+            );
+            assert_eq!(spent % ANSWER_MSG1, 0, "only message-1 answers");
         })
         .await;
 }

@@ -499,6 +499,7 @@ async fn connection_and_handshake_limits_hold_and_release() {
         options.max_connections = 2;
         options.max_handshakes = 1;
         options.handshake_timeout = Duration::from_millis(400);
+        options.handshake_failure_hold = Duration::from_millis(600);
         let server = start(Arc::new(AnyVat), options).await;
         let quick = || {
             let mut o = ClientOptions::default();
@@ -524,12 +525,19 @@ async fn connection_and_handshake_limits_hold_and_release() {
             .write_all(&capnp_noise::testing::initiator_first_flight())
             .await
             .unwrap();
+        let stalled_at = tokio::time::Instant::now();
         tokio::time::sleep(Duration::from_millis(50)).await;
         let waited = client_of(&server, &Identity::generate(), quick()).await;
         assert!(matches!(waited, Err(Error::HandshakeTimeout(_))));
-        // Once the stalled handshake timed out, clients get through.
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // The stalled handshake timed out (400 ms), and as it failed, it
+        // keeps the slot for the failure hold (600 ms more): clients still
+        // wait...
+        tokio::time::sleep_until(stalled_at + Duration::from_millis(550)).await;
         drop(stalled);
+        let held = client_of(&server, &Identity::generate(), quick()).await;
+        assert!(matches!(held, Err(Error::HandshakeTimeout(_))));
+        // ...and get through once it ended.
+        tokio::time::sleep_until(stalled_at + Duration::from_millis(1300)).await;
         let a = Identity::generate();
         let (office_a, conn_a) = client_of(&server, &a, quick()).await.unwrap();
         assert_eq!(whoami(&office_a).await.unwrap(), a.vat_id().to_string());
@@ -540,8 +548,12 @@ async fn connection_and_handshake_limits_hold_and_release() {
         let c = Identity::generate();
         let refused = client_of(&server, &c, quick()).await;
         assert!(matches!(refused, Err(Error::HandshakeTimeout(_))));
-        // ...until one ends.
+        // ...until one ends. (The refused attempt's connection waited in
+        // the listen backlog and is taken up first; if it is admitted while
+        // its client is still giving up, its handshake fails after message 2
+        // and keeps the only handshake slot for the failure hold.)
         conn_a.disconnect().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(700)).await;
         let (office_c, conn_c) = client_of(&server, &c, quick()).await.unwrap();
         assert_eq!(whoami(&office_c).await.unwrap(), c.vat_id().to_string());
         conn_b.disconnect().await.unwrap();

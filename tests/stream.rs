@@ -459,6 +459,83 @@ async fn handshake_times_out_on_a_stalled_peer() {
     assert!(matches!(e, Error::HandshakeTimeout(_)), "{e}");
 }
 
+/// The failure hold's two sides (SPEC.md 8.1): a peer that sends message 1
+/// and hangs up before the responder answers costs no public-key work and
+/// no slot; one that hangs up after message 2 keeps its slot for the hold;
+/// a completed handshake gives its slot back at once.
+#[tokio::test]
+async fn admitted_handshakes_that_fail_keep_their_slot_for_the_failure_hold() {
+    use capnp_noise::admission::HandshakeSlots;
+    use capnp_noise::testing::{initiator_first_flight, x25519_operations_on_this_thread};
+    let hold = Duration::from_millis(300);
+    let slots = HandshakeSlots::with_failure_hold(1, 1, hold);
+    let config = quick().with_handshake_slots(slots.clone());
+    let id = responder_identity();
+    let flight = initiator_first_flight(); // (its ephemeral key counts here)
+    let before = x25519_operations_on_this_thread();
+
+    // Message 1, then gone before the responder looked at it.
+    let (mut client, server) = tokio::io::duplex(1 << 16);
+    client.write_all(&flight).await.unwrap();
+    drop(client);
+    let e = stream::accept(server, &id, Arc::new(AnyVat), config.clone())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::UnexpectedEof { during } if during.contains("waited for admission")),
+        "{e}"
+    );
+    assert_eq!(
+        x25519_operations_on_this_thread(),
+        before,
+        "no public-key work"
+    );
+    let s = slots.stats();
+    assert_eq!((s.admitted, s.in_progress, s.held_after_failure), (1, 0, 0));
+
+    // Message 1, then gone once message 2 arrived.
+    let (mut client, server) = tokio::io::duplex(1 << 16);
+    let accepting = tokio::spawn(stream::accept(
+        server,
+        &id,
+        Arc::new(AnyVat),
+        config.clone(),
+    ));
+    client.write_all(&flight).await.unwrap();
+    let mut msg2 = [0u8; 1];
+    client.read_exact(&mut msg2).await.unwrap();
+    drop(client);
+    let e = accepting.await.unwrap().unwrap_err();
+    let failed_at = tokio::time::Instant::now();
+    assert!(
+        matches!(e, Error::UnexpectedEof { during } if during.contains("message 3")),
+        "{e}"
+    );
+    assert_eq!(
+        x25519_operations_on_this_thread() - before,
+        3,
+        "message 2's work"
+    );
+    let s = slots.stats();
+    assert_eq!((s.admitted, s.in_progress, s.held_after_failure), (2, 1, 1));
+    // The slot comes back when the hold ends, not before.
+    while slots.stats().in_progress != 0 {
+        assert!(failed_at.elapsed() < 10 * hold, "the slot never came back");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(failed_at.elapsed() + Duration::from_millis(20) >= hold);
+
+    // A completed handshake gives its slot back at once.
+    let (a, b) = tokio::io::duplex(1 << 16);
+    let (c, s) = tokio::join!(
+        stream::connect(a, &initiator_identity(), Arc::new(AnyVat), quick()),
+        stream::accept(b, &id, Arc::new(AnyVat), config),
+    );
+    let (_c, _s) = (c.unwrap(), s.unwrap());
+    let s = slots.stats();
+    assert_eq!((s.admitted, s.in_progress, s.held_after_failure), (3, 0, 1));
+}
+
 #[tokio::test]
 async fn refusals_on_either_side() {
     // The initiator pins someone else: it stops after message 2, and the

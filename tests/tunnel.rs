@@ -604,7 +604,7 @@ async fn unauthenticated_peers_hold_no_more_than_the_handshake_slots() {
     let target = tcp_server(echo).await;
     let pair = Pair::start(
         target,
-        &["--max-handshakes", "1", "--handshake-timeout", "2"],
+        &["--max-handshakes", "1", "--handshake-timeout", "3"],
         &[],
     );
     // A peer that connects and says nothing costs nothing and holds no
@@ -617,7 +617,8 @@ async fn unauthenticated_peers_hold_no_more_than_the_handshake_slots() {
     assert_eq!(round_trip(&mut beside, b"beside").await, b"beside");
     drop(beside);
     // A peer that sends a well-formed message 1 and stalls holds the only
-    // slot for the handshake timeout (2 s)...
+    // slot for the handshake timeout (3 s), and as its handshake failed,
+    // for the failure hold (1 s) after...
     let mut stalled = TcpStream::connect(pair.server.addr("server"))
         .await
         .unwrap();
@@ -625,18 +626,20 @@ async fn unauthenticated_peers_hold_no_more_than_the_handshake_slots() {
         .write_all(&capnp_noise::testing::initiator_first_flight())
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // (A client waits for a slot within its own handshake timeout, so one
+    // arriving less than the hold after the stalled peer would time out.)
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     // ...so a real client waits (for at most the same timeout)...
     let mut s = TcpStream::connect(pair.local()).await.unwrap();
     s.write_all(b"x").await.unwrap();
     let mut got = [0u8; 1];
-    let early = tokio::time::timeout(Duration::from_millis(800), s.read_exact(&mut got)).await;
+    let early = tokio::time::timeout(Duration::from_millis(1500), s.read_exact(&mut got)).await;
     assert!(early.is_err(), "a second handshake ran beside the first");
-    // ...until the stalled one times out and frees it.
+    // ...until the stalled one timed out and the hold ended.
     bounded("echo", s.read_exact(&mut got)).await.unwrap();
     assert_eq!(&got, b"x");
     pair.server
-        .wait_log(&["handshake with a client failed", "within 2s"]);
+        .wait_log(&["handshake with a client failed", "within 3s"]);
 }
 
 // ----- shutdown -----

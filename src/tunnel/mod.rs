@@ -64,8 +64,10 @@
 //!   open (further ones wait in the listen backlog), and at most
 //!   `max_handshakes` are handshaking past message 1 (at most
 //!   `max_handshakes_per_source` from one address), each for at most
-//!   `handshake_timeout`: unauthenticated peers can hold no more than that,
-//!   and cause no Diffie-Hellman work beyond it ([`crate::admission`]).
+//!   `handshake_timeout`, and a handshake that fails keeps its slot one
+//!   second more (the failure hold): unauthenticated peers can hold no
+//!   more than that, and cause no Diffie-Hellman work beyond it, however
+//!   fast they connect and hang up ([`crate::admission`]).
 //!   Outgoing TCP connects take at most `connect_timeout`.
 //! * **Forwarding** ([`forward`]) copies both directions at once through
 //!   one 64 KiB buffer each (backpressure, no unbounded queue), flushes
