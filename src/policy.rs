@@ -510,14 +510,76 @@ pub struct KnownVat {
 /// makes sense on the side that dials: as a responder it refuses every
 /// peer (use [`AllowList`] or [`Pinned`] to accept connections).
 ///
-/// Appends are a single `write` to a file opened for appending, so two
-/// processes never interleave within a line; a mutex orders checks within
-/// one process. Two processes meeting the same new address at the same
-/// moment may both record it.
+/// # Several processes
+/// A check that finds a record needs no lock: a match is accepted and a
+/// mismatch refused on what the file says. Writes are serialised across
+/// processes (and across `Tofu` values in one process) by an exclusive
+/// lock on a sidecar file, the known-vats path with `.lock` appended
+/// (created mode 0600 and left in place). A check that would record a new
+/// address takes the lock, reads the file again and decides on what it
+/// finds then, so of two processes meeting the same new address at the
+/// same moment exactly one records its peer, and the other then compares
+/// its peer against that record. [`forget`](Tofu::forget) takes the same
+/// lock, so an append is never lost to a concurrent rewrite. A lock held
+/// by another process for longer than the lock timeout (default
+/// [`DEFAULT_TOFU_LOCK_TIMEOUT`]) refuses the connection and says so. On a
+/// file system without locks, writes go ahead unlocked, as before.
 #[derive(Debug)]
 pub struct Tofu {
     path: PathBuf,
     lock: Mutex<()>,
+    lock_timeout: Duration,
+}
+
+/// Default longest wait of a [`Tofu`] check for another process's lock on
+/// the known-vats file.
+pub const DEFAULT_TOFU_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// An exclusive lock on a known-vats file's sidecar `.lock` file, released
+/// when dropped (with the file descriptor).
+struct FileLock {
+    _file: Option<fs::File>,
+}
+
+impl FileLock {
+    /// Takes the lock of `path` (its `.lock` sidecar), retrying every 10 ms
+    /// for up to `timeout`.
+    fn acquire(path: &Path, timeout: Duration) -> io::Result<FileLock> {
+        let mut name = path.as_os_str().to_owned();
+        name.push(".lock");
+        let lock_path = PathBuf::from(name);
+        let mut opts = OpenOptions::new();
+        opts.create(true).truncate(false).write(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        let file = opts.open(&lock_path)?;
+        let started = Instant::now();
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(FileLock { _file: Some(file) }),
+                Err(fs::TryLockError::WouldBlock) if started.elapsed() < timeout => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(fs::TryLockError::WouldBlock) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "{} is locked by another process (held for over {timeout:?})",
+                            lock_path.display()
+                        ),
+                    ))
+                }
+                Err(fs::TryLockError::Error(e)) if e.kind() == io::ErrorKind::Unsupported => {
+                    tracing::warn!(
+                        "{}: the file system does not support locks; writing unlocked",
+                        lock_path.display()
+                    );
+                    return Ok(FileLock { _file: None });
+                }
+                Err(fs::TryLockError::Error(e)) => return Err(e),
+            }
+        }
+    }
 }
 
 impl Tofu {
@@ -527,7 +589,15 @@ impl Tofu {
         Tofu {
             path: path.into(),
             lock: Mutex::new(()),
+            lock_timeout: DEFAULT_TOFU_LOCK_TIMEOUT,
         }
+    }
+
+    /// Sets how long a write waits for another process's lock on the file
+    /// (default [`DEFAULT_TOFU_LOCK_TIMEOUT`]).
+    pub fn with_lock_timeout(mut self, timeout: Duration) -> Self {
+        self.lock_timeout = timeout;
+        self
     }
 
     /// The known-vats file.
@@ -591,10 +661,20 @@ impl Tofu {
     /// as they are. Returns how many records were removed.
     ///
     /// # Errors
-    /// [`Error::Key`] if the file cannot be read or written.
+    /// [`Error::Key`] if the file cannot be read or written, or another
+    /// process holds its lock for longer than the lock timeout.
     pub fn forget(&self, address: &str) -> Result<usize> {
         const WHAT: &str = "known-vats file";
         let _guard = lock(&self.lock);
+        // (No file, nothing to forget: the read below says so, and no lock
+        // file is left behind.)
+        let _file_lock = match self.path.exists() {
+            true => Some(
+                FileLock::acquire(&self.path, self.lock_timeout)
+                    .map_err(|e| io_error(&self.path, WHAT, &e))?,
+            ),
+            false => None,
+        };
         let bytes = read_limited(&self.path, MAX_LIST_FILE_LEN, WHAT)?;
         let text = list_text(&bytes, &self.path, WHAT)?;
         let mut kept = String::with_capacity(text.len());
@@ -669,13 +749,33 @@ impl PeerPolicy for Tofu {
             )));
         }
         let _guard = lock(&self.lock);
-        let (records, newline_first) = self.read().map_err(|e| Refusal(e.to_string()))?;
-        let known: Vec<&KnownVat> = records.iter().filter(|k| k.address == address).collect();
-        if known.iter().any(|k| k.vat_id == *peer) {
-            return Ok(());
+        // Decided on what the file says; `None`: nothing recorded yet.
+        let decide = |records: &[KnownVat]| {
+            let known: Vec<&KnownVat> = records.iter().filter(|k| k.address == address).collect();
+            if known.iter().any(|k| k.vat_id == *peer) {
+                Some(Ok(()))
+            } else if !known.is_empty() {
+                Some(Err(self.changed_key_refusal(address, peer, &known)))
+            } else {
+                None
+            }
+        };
+        let (records, _) = self.read().map_err(|e| Refusal(e.to_string()))?;
+        if let Some(decided) = decide(&records) {
+            return decided;
         }
-        if !known.is_empty() {
-            return Err(self.changed_key_refusal(address, peer, &known));
+        // New address: record it under the file lock, deciding again on
+        // what the file says then (another process may just have recorded
+        // it).
+        let _file_lock = FileLock::acquire(&self.path, self.lock_timeout).map_err(|e| {
+            Refusal(format!(
+                "cannot record {peer} for {address} in {}: {e}",
+                self.path.display()
+            ))
+        })?;
+        let (records, newline_first) = self.read().map_err(|e| Refusal(e.to_string()))?;
+        if let Some(decided) = decide(&records) {
+            return decided;
         }
         self.record(address, peer, newline_first).map_err(|e| {
             Refusal(format!(

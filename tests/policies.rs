@@ -382,3 +382,116 @@ fn tofu_advice_quotes_awkward_paths() {
     );
     assert!(Path::new(&path).exists());
 }
+
+/// Several `Tofu` values on one file (each with its own open file
+/// descriptions, as separate processes would have) meet the same new
+/// address at once, each with a different peer: exactly one records its
+/// peer; the others are compared against that record and refused.
+#[test]
+fn tofu_first_uses_racing_on_one_file_record_exactly_one_vat() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("known_vats");
+    let peers: Vec<VatId> = (0..8).map(|_| Identity::generate().vat_id()).collect();
+    for round in 0..20 {
+        let addr = format!("race{round}.example.com:4000");
+        let barrier = std::sync::Barrier::new(peers.len());
+        let results: Vec<Result<(), Refusal>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = peers
+                .iter()
+                .map(|peer| {
+                    let (path, addr, barrier) = (&path, &addr, &barrier);
+                    scope.spawn(move || {
+                        let tofu = Tofu::new(path);
+                        let ctx = PeerContext::initiator(Some(addr.clone()), None);
+                        barrier.wait();
+                        tofu.check(peer, &ctx)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let accepted: Vec<usize> = (0..peers.len()).filter(|&i| results[i].is_ok()).collect();
+        assert_eq!(accepted.len(), 1, "round {round}: several peers recorded");
+        for r in results.iter().filter_map(|r| r.as_ref().err()) {
+            assert!(r.0.contains("DIFFERENT KEY"), "round {round}: {r}");
+        }
+        let records: Vec<VatId> = Tofu::new(&path)
+            .records()
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.address == addr)
+            .map(|r| r.vat_id)
+            .collect();
+        assert_eq!(records, [peers[accepted[0]]], "round {round}");
+    }
+}
+
+/// Another process (flock(1)) holds the known-vats lock: a check that
+/// would record a new address waits for it up to the lock timeout, then
+/// refuses and says why; a check against an existing record needs no lock;
+/// once the lock is free, recording works again.
+#[cfg(target_os = "linux")]
+#[test]
+fn tofu_waits_for_another_process_holding_the_lock_within_its_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("known_vats");
+    let known = Identity::generate().vat_id();
+    fs::write(&path, format!("old.example.com:1 {known}\n")).unwrap();
+    let lock_path = dir.path().join("known_vats.lock");
+    let ready = dir.path().join("locked");
+    // flock(1) takes the lock, says so, and holds it (with its child, which
+    // inherits the descriptor) until its process group is killed.
+    let mut holder = std::process::Command::new("flock");
+    holder
+        .arg(&lock_path)
+        .arg("sh")
+        .arg("-c")
+        .arg(format!("touch {} && exec sleep 30", ready.display()));
+    std::os::unix::process::CommandExt::process_group(&mut holder, 0);
+    let mut holder = holder.spawn().expect("flock(1) from util-linux");
+    let started = std::time::Instant::now();
+    while !ready.exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "flock did not start"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let timeout = Duration::from_millis(300);
+    let tofu = Tofu::new(&path).with_lock_timeout(timeout);
+    let at = |a: &str| PeerContext::initiator(Some(a.to_string()), None);
+
+    let new_peer = Identity::generate().vat_id();
+    let asked = std::time::Instant::now();
+    let refusal = tofu.check(&new_peer, &at("new.example.com:1")).unwrap_err();
+    assert!(asked.elapsed() >= timeout, "waited {:?}", asked.elapsed());
+    assert!(
+        refusal
+            .0
+            .contains("known_vats.lock is locked by another process"),
+        "{refusal}"
+    );
+    // Decisions on existing records need no lock.
+    tofu.check(&known, &at("old.example.com:1")).unwrap();
+    let changed = tofu.check(&new_peer, &at("old.example.com:1")).unwrap_err();
+    assert!(changed.0.contains("DIFFERENT KEY"), "{changed}");
+    let forget = tofu.forget("old.example.com:1").unwrap_err().to_string();
+    assert!(forget.contains("locked by another process"), "{forget}");
+    assert_eq!(tofu.records().unwrap().len(), 1, "nothing was written");
+
+    let killed = std::process::Command::new("kill")
+        .arg("--")
+        .arg(format!("-{}", holder.id()))
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    holder.wait().unwrap();
+    tofu.check(&new_peer, &at("new.example.com:1")).unwrap();
+    assert_eq!(tofu.forget("old.example.com:1").unwrap(), 1);
+    let records = tofu.records().unwrap();
+    assert_eq!(records.len(), 1);
+    assert_eq!(
+        (records[0].address.as_str(), records[0].vat_id),
+        ("new.example.com:1", new_peer)
+    );
+}

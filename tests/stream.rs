@@ -58,7 +58,7 @@ impl<S> Awkward<S> {
     }
 
     fn pending(&mut self, cx: &mut Context<'_>) -> bool {
-        if self.pending_one_in > 0 && self.next() % self.pending_one_in == 0 {
+        if self.pending_one_in > 0 && self.next().is_multiple_of(self.pending_one_in) {
             cx.waker().wake_by_ref();
             true
         } else {

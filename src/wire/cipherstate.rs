@@ -30,6 +30,7 @@ use crate::error::Error;
 /// Frames at least this long (ciphertext, tag excluded) use OpenSSL's
 /// ChaCha20-Poly1305 with the `openssl-chacha` feature; below it aws-lc's
 /// lower per-message cost wins (crossover measured at about 3.5 KiB).
+#[cfg_attr(not(feature = "openssl-chacha"), allow(dead_code))]
 pub(crate) const FAST_CHACHA_MIN: usize = 4096;
 
 /// One direction's transport cipher: key and nonce counter.
