@@ -371,6 +371,29 @@ async fn closed_promptly(s: &mut (impl AsyncRead + Unpin)) -> bool {
     }
 }
 
+/// Connects to `addr`, sends `payload`, and expects the tunnel to reset the
+/// connection (a refusal or failure is never a clean end). The reset may
+/// come at any step: the tunnel dials on as soon as it accepts, so on a
+/// loaded machine it can refuse and reset before this side has seen its
+/// own connect complete (seen in CI: `connect` failed with ECONNRESET).
+async fn sent_then_reset(addr: SocketAddr, payload: &[u8]) {
+    let reset = |e: &std::io::Error| {
+        use std::io::ErrorKind::{BrokenPipe, ConnectionReset};
+        assert!(matches!(e.kind(), ConnectionReset | BrokenPipe), "{e}");
+    };
+    let mut s = match TcpStream::connect(addr).await {
+        Ok(s) => s,
+        Err(e) => return reset(&e),
+    };
+    if let Err(e) = s.write_all(payload).await {
+        return reset(&e);
+    }
+    assert!(
+        closed_promptly(&mut s).await,
+        "a refusal is not a clean end: expected a reset"
+    );
+}
+
 // ----- through a tunnel pair -----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -498,12 +521,7 @@ async fn a_client_refuses_a_server_that_is_not_pinned_without_revealing_itself()
     );
     let someone_else = Identity::generate().vat_id().to_string();
     let client = client_tunnel(&client_key, server.addr("server"), &someone_else, &[]);
-    let mut s = TcpStream::connect(client.addr("client")).await.unwrap();
-    s.write_all(b"secret").await.unwrap();
-    assert!(
-        closed_promptly(&mut s).await,
-        "a refusal is not a clean end: expected a reset"
-    );
+    sent_then_reset(client.addr("client"), b"secret").await;
     let line = client.wait_log(&["refused the server"]);
     assert!(line.contains(&server.vat_id.fingerprint()), "{line}");
     assert!(
@@ -535,9 +553,7 @@ async fn a_server_refuses_an_unlisted_client_and_says_who_and_why() {
     .unwrap();
     let server = server_tunnel(&server_key, target, &["--allow", allow.to_str().unwrap()]);
     let pair = Pair::client_of(server, keys, &client_key, &[]);
-    let mut s = TcpStream::connect(pair.local()).await.unwrap();
-    s.write_all(b"hello?").await.unwrap();
-    assert!(closed_promptly(&mut s).await, "expected a reset");
+    sent_then_reset(pair.local(), b"hello?").await;
     let line = pair.server.wait_log(&["refused a client"]);
     assert!(line.contains(&client_vat.fingerprint()), "who: {line}");
     assert!(line.contains("not in the allow-list"), "why: {line}");
@@ -560,9 +576,7 @@ async fn a_target_that_is_down_closes_the_connection_and_the_tunnel_carries_on()
     let target = parked.local_addr().unwrap();
     drop(parked);
     let pair = Pair::start(target, &[], &[]);
-    let mut s = TcpStream::connect(pair.local()).await.unwrap();
-    s.write_all(b"anyone?").await.unwrap();
-    assert!(closed_promptly(&mut s).await, "expected a reset");
+    sent_then_reset(pair.local(), b"anyone?").await;
     let line = pair.server.wait_log(&["cannot reach the target"]);
     assert!(line.contains(&target.to_string()), "{line}");
 
