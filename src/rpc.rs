@@ -159,11 +159,11 @@ pub struct ServerOptions {
     pub handshake_timeout: Duration,
     /// Handshakes past message 1 at once (each costs four X25519
     /// operations and a signature check). Default
-    /// [`DEFAULT_MAX_HANDSHAKES`](crate::admission::DEFAULT_MAX_HANDSHAKES), 64.
+    /// [`DEFAULT_MAX_HANDSHAKES`], 64.
     pub max_handshakes: usize,
     /// Of those, at most this many from one source address (IPv4 address,
     /// IPv6 /64); more wait, unanswered, for one of theirs to end. Default
-    /// [`DEFAULT_MAX_HANDSHAKES_PER_SOURCE`](crate::admission::DEFAULT_MAX_HANDSHAKES_PER_SOURCE), 16.
+    /// [`DEFAULT_MAX_HANDSHAKES_PER_SOURCE`], 16.
     pub max_handshakes_per_source: usize,
     /// How long a handshake that fails after message 1 keeps its slot and
     /// its source's share, which bounds how fast peers that send message 1

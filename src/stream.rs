@@ -94,7 +94,10 @@ pub struct StreamConfig {
     /// them, the responder reads the preamble and message 1 at no
     /// public-key cost, then takes a slot (from
     /// [`remote_addr`](Self::remote_addr)'s share) before computing message
-    /// 2, and holds it until the handshake ends. The
+    /// 2, and holds it until the handshake ends; one that fails keeps it for
+    /// the slots' failure hold, unless the peer had already hung up when it
+    /// was admitted (then nothing is computed and the slot is free at once).
+    /// The
     /// [`handshake_timeout`](Self::handshake_timeout) bounds the time until
     /// admission (reading message 1 and waiting for a slot) and then, from
     /// admission on, the rest of the handshake: a slot serves a stalled peer
