@@ -33,7 +33,10 @@
 //!   from a test CA, no resumption (no tickets, no session cache). The
 //!   default suite list negotiates TLS13_AES_256_GCM_SHA384; the ChaCha
 //!   contender allows only TLS13_CHACHA20_POLY1305_SHA256.
-//! * capnp-noise: Noise XX, both suites, VatIds verified by both sides.
+//! * capnp-noise: Noise XX, both suites, VatIds verified by both sides. The
+//!   server admits handshakes through default handshake slots, as
+//!   `rpc::serve` does; the handshake section also runs one contender
+//!   without them, to show what admission costs.
 
 #[path = "../examples/office_to_cloud/office.rs"]
 #[allow(dead_code)]
@@ -49,6 +52,7 @@ use std::task::Poll;
 use std::thread;
 use std::time::Instant;
 
+use capnp_noise::admission::HandshakeSlots;
 use capnp_noise::rpc::{self, ClientOptions, ServerOptions};
 use capnp_noise::schema::demo_capnp::office as office_capnp;
 use capnp_noise::stream::{self, StreamConfig};
@@ -222,6 +226,9 @@ enum Transport {
         /// connection, so no verified binding is ever cached.
         /// Refilled before each measurement, outside the clock.
         fresh: Option<FreshVats>,
+        /// Servers admit handshakes through handshake slots, as
+        /// `rpc::serve` does (the default); false: no slots.
+        admission: bool,
     },
 }
 
@@ -250,6 +257,7 @@ fn noise(suite: Suite) -> Contender {
             server: Identity::generate(),
             client: Identity::generate(),
             fresh: None,
+            admission: true,
         },
     }
 }
@@ -360,6 +368,7 @@ impl Contender {
             server,
             client,
             fresh,
+            ..
         } = &self.transport
         else {
             return None;
@@ -376,11 +385,21 @@ impl Contender {
         Some((*suite, me, Arc::new(Pinned(peer.vat_id()))))
     }
 
-    /// The `i`-th connection's server side, handshake done.
+    /// The `i`-th connection's server side, handshake done. capnp-noise
+    /// servers admit handshakes as `rpc::serve` does (default handshake
+    /// slots, per source address), so the figures include admission.
     async fn server_io(&self, tcp: TcpStream, i: usize) -> BoxIo {
+        static SLOTS: std::sync::OnceLock<HandshakeSlots> = std::sync::OnceLock::new();
         tcp.set_nodelay(true).unwrap();
         if let Some((suite, me, policy)) = self.noise_side(i, true) {
-            let config = noise_config(suite);
+            let mut config = noise_config(suite).with_remote_addr(tcp.peer_addr().unwrap());
+            if let Transport::Noise {
+                admission: true, ..
+            } = &self.transport
+            {
+                config =
+                    config.with_handshake_slots(SLOTS.get_or_init(HandshakeSlots::default).clone());
+            }
             return Box::new(stream::accept(tcp, &me, policy, config).await.unwrap());
         }
         match &self.transport {
@@ -1082,10 +1101,16 @@ fn main() {
         if let Transport::Noise { fresh: f, .. } = &mut noise_cold.transport {
             *f = Some(fresh.clone());
         }
+        let mut noise_unadmitted = noise(Suite::AesGcmSha256);
+        noise_unadmitted.name = "capnp-noise AESGCM, no handshake slots".into();
+        if let Transport::Noise { admission, .. } = &mut noise_unadmitted.transport {
+            *admission = false;
+        }
         let contenders = s.keep([
             &tls_aes,
             &tls_mutual,
             &noise_aes,
+            &noise_unadmitted,
             &noise_chacha,
             &noise_cold,
         ]);
@@ -1115,6 +1140,7 @@ fn main() {
             (&noise_cold, &tls_aes),
             (&noise_aes, &tls_mutual),
             (&noise_cold, &tls_mutual),
+            (&noise_aes, &noise_unadmitted),
         ]);
     }
 
