@@ -320,7 +320,7 @@ impl Drop for SourceUser {
 /// again at once. Dropped without, it counts as a failed handshake: a task
 /// on the current tokio runtime keeps the slot for the failure hold
 /// (outside a runtime, or with a zero hold, it is given back at once).
-#[must_use = "the slot is given back when this is dropped"]
+#[must_use = "dropping the permit counts as a failed handshake (the slot is held for the failure hold); call release_now() when it completed"]
 pub struct SlotPermit {
     held: Option<Held>,
     inner: Arc<Inner>,

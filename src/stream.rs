@@ -249,6 +249,9 @@ struct Admission {
 
 impl Admission {
     fn poll_slot(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.permit.is_some() {
+            return Poll::Ready(());
+        }
         let waiting = self.waiting.get_or_insert_with(|| {
             let slots = self.slots.clone();
             let source = self.source;
@@ -376,35 +379,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MidHandshake<S> {
                 return Poll::Ready(Ok(()));
             }
             if self.hs.awaits_admission() {
-                if let Some(admission) = self.admission.as_mut() {
-                    ready!(admission.poll_slot(cx));
-                    if self.held.is_empty() {
-                        // Before spending public-key work: is the peer still
-                        // there? A connection that waited (in the listen
-                        // backlog or for a slot) may have been given up by
-                        // its client, and a peer that sends message 1 and
-                        // hangs up at once costs nothing this way.
-                        let mut probe = [0u8; HANDSHAKE_READ_CHUNK];
-                        let mut buf = ReadBuf::new(&mut probe);
-                        match Pin::new(&mut self.io).poll_read(cx, &mut buf) {
-                            Poll::Pending => {}
-                            Poll::Ready(Ok(())) if !buf.filled().is_empty() => {
-                                self.held = buf.filled().to_vec();
-                            }
-                            ended => {
-                                if let Some(permit) = admission.permit.take() {
-                                    permit.release_now();
-                                }
-                                return Poll::Ready(Err(match ended {
-                                    Poll::Ready(Err(e)) => e.into(),
-                                    _ => self.hs.feed_eof().unwrap_or(Error::UnexpectedEof {
-                                        during: "while its message 1 waited for admission",
-                                    }),
-                                }));
-                            }
-                        }
-                    }
-                }
+                ready!(self.poll_admission(cx))?;
                 self.hs.admit()?;
                 self.just_admitted = self.admission.is_some();
                 let held = std::mem::take(&mut self.held);
@@ -424,6 +399,39 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MidHandshake<S> {
             }
             self.feed_all(got)?;
         }
+    }
+
+    /// With handshake slots: waits for a slot, then checks, before any
+    /// public-key work, that the peer is still there. A connection that
+    /// waited (in the listen backlog or for a slot) may have been given up
+    /// by its client, and a peer that sends message 1 and hangs up at once
+    /// costs nothing this way: the slot is given back at once, without the
+    /// failure hold. Bytes the check reads are held for after admission.
+    fn poll_admission(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        let Some(admission) = self.admission.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        ready!(admission.poll_slot(cx));
+        if !self.held.is_empty() {
+            return Poll::Ready(Ok(())); // it sent more: it is there
+        }
+        let mut probe = [0u8; HANDSHAKE_READ_CHUNK];
+        let mut buf = ReadBuf::new(&mut probe);
+        let ended = match Pin::new(&mut self.io).poll_read(cx, &mut buf) {
+            Poll::Pending => return Poll::Ready(Ok(())),
+            Poll::Ready(Ok(())) if !buf.filled().is_empty() => {
+                self.held = buf.filled().to_vec();
+                return Poll::Ready(Ok(()));
+            }
+            Poll::Ready(Ok(())) => self.hs.feed_eof().unwrap_or(Error::UnexpectedEof {
+                during: "while its message 1 waited for admission",
+            }),
+            Poll::Ready(Err(e)) => e.into(),
+        };
+        if let Some(permit) = admission.permit.take() {
+            permit.release_now();
+        }
+        Poll::Ready(Err(ended))
     }
 
     /// Feeds `bytes` to the handshake. It takes everything (after its last
