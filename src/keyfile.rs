@@ -311,7 +311,26 @@ pub(crate) fn io_error(path: &Path, what: &str, e: &io::Error) -> Error {
 /// [`Error::Key`] naming `what` and the path if the file cannot be read or
 /// is larger than `max`.
 pub(crate) fn read_limited(path: &Path, max: u64, what: &str) -> Result<Zeroizing<Vec<u8>>> {
-    let file = File::open(path).map_err(|e| io_error(path, what, &e))?;
+    read_limited_if_exists(path, max, what)?
+        .ok_or_else(|| io_error(path, what, &io::ErrorKind::NotFound.into()))
+}
+
+/// [`read_limited`], but an absent file is `Ok(None)`. The absence is
+/// decided by the one `open` call, so a file that another process creates
+/// meanwhile is either read whole or reported absent, never an error.
+///
+/// # Errors
+/// As [`read_limited`], except for an absent file.
+pub(crate) fn read_limited_if_exists(
+    path: &Path,
+    max: u64,
+    what: &str,
+) -> Result<Option<Zeroizing<Vec<u8>>>> {
+    let file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_error(path, what, &e)),
+    };
     // Room for the whole file up front, so the buffer is not reallocated
     // (which would leave unzeroized copies of a key behind).
     let expected = file.metadata().map_or(0, |m| m.len()).min(max) as usize;
@@ -325,7 +344,7 @@ pub(crate) fn read_limited(path: &Path, max: u64, what: &str) -> Result<Zeroizin
             path.display()
         )));
     }
-    Ok(bytes)
+    Ok(Some(bytes))
 }
 
 /// Writes `contents` to `path` atomically: a temporary file in the same

@@ -61,7 +61,7 @@ use std::time::{Duration, Instant, SystemTime};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use crate::keyfile::{io_error, read_limited, write_atomic};
+use crate::keyfile::{io_error, read_limited, read_limited_if_exists, write_atomic};
 use crate::vat_id::{shorten, VatId};
 
 /// Why a policy refused a peer. The text reaches logs and the local error,
@@ -619,10 +619,11 @@ impl Tofu {
     /// an appended line.
     fn read(&self) -> Result<(Vec<KnownVat>, bool)> {
         const WHAT: &str = "known-vats file";
-        let bytes = match read_limited(&self.path, MAX_LIST_FILE_LEN, WHAT) {
-            Ok(b) => b,
-            Err(_) if !self.path.exists() => return Ok((Vec::new(), false)),
-            Err(e) => return Err(e),
+        // Absence is judged by the open itself: a check of `exists()` after
+        // a failed open could see the file another process has just created
+        // and report a missing file that is in fact there.
+        let Some(bytes) = read_limited_if_exists(&self.path, MAX_LIST_FILE_LEN, WHAT)? else {
+            return Ok((Vec::new(), false));
         };
         let text = list_text(&bytes, &self.path, WHAT)?;
         let records = Self::parse(text, &self.path)?;
@@ -666,15 +667,13 @@ impl Tofu {
     pub fn forget(&self, address: &str) -> Result<usize> {
         const WHAT: &str = "known-vats file";
         let _guard = lock(&self.lock);
-        // (No file, nothing to forget: the read below says so, and no lock
-        // file is left behind.)
-        let _file_lock = match self.path.exists() {
-            true => Some(
-                FileLock::acquire(&self.path, self.lock_timeout)
-                    .map_err(|e| io_error(&self.path, WHAT, &e))?,
-            ),
-            false => None,
-        };
+        // No file, nothing to forget: an error that says so, and no lock
+        // file left behind.
+        if !self.path.exists() {
+            return Err(io_error(&self.path, WHAT, &io::ErrorKind::NotFound.into()));
+        }
+        let _file_lock = FileLock::acquire(&self.path, self.lock_timeout)
+            .map_err(|e| io_error(&self.path, WHAT, &e))?;
         let bytes = read_limited(&self.path, MAX_LIST_FILE_LEN, WHAT)?;
         let text = list_text(&bytes, &self.path, WHAT)?;
         let mut kept = String::with_capacity(text.len());
