@@ -116,6 +116,11 @@ impl PeerContext {
 }
 
 /// Decides whether an authenticated peer may continue.
+///
+/// The check runs synchronously inside the handshake, on the task (and so
+/// the runtime thread) that drives the connection, so it should return
+/// quickly; [`Tofu`] is the one built-in policy that can block, on file
+/// I/O and for at most its lock timeout.
 pub trait PeerPolicy: Send + Sync {
     /// Accepts or refuses `peer`.
     ///
@@ -524,6 +529,11 @@ pub struct KnownVat {
 /// by another process for longer than the lock timeout (default
 /// [`DEFAULT_TOFU_LOCK_TIMEOUT`]) refuses the connection and says so. On a
 /// file system without locks, writes go ahead unlocked, as before.
+///
+/// Recording a first use blocks the thread that runs the handshake: for
+/// the append and its `fsync`, and, while another process writes, for up to
+/// the lock timeout (retrying every 10 ms). Checks against existing records
+/// only read the file.
 #[derive(Debug)]
 pub struct Tofu {
     path: PathBuf,
