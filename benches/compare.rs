@@ -38,9 +38,7 @@
 //!   `rpc::serve` does; the handshake section also runs one contender
 //!   without them, to show what admission costs.
 
-#[path = "../examples/office_to_cloud/office.rs"]
-#[allow(dead_code)]
-mod office;
+use capnp_noise_test::office;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::future::{poll_fn, Future};
@@ -54,10 +52,10 @@ use std::time::Instant;
 
 use capnp_noise::admission::HandshakeSlots;
 use capnp_noise::rpc::{self, ClientOptions, ServerOptions};
-use capnp_noise::schema::demo_capnp::office as office_capnp;
 use capnp_noise::stream::{self, StreamConfig};
 use capnp_noise::wire::{HandshakeConfig, Suite};
 use capnp_noise::{Identity, Pinned};
+use capnp_noise_test::schema::demo_capnp::office as office_capnp;
 use capnp_rpc::rpc_twoparty_capnp::Side;
 use capnp_rpc::{twoparty, RpcSystem};
 use futures::stream::{FuturesUnordered, StreamExt};

@@ -6,9 +6,9 @@
 use std::sync::Arc;
 
 use capnp_noise::policy::{AnyVat, PeerContext};
-use capnp_noise::testing::{drive, session_pair};
 use capnp_noise::wire::{Handshake, HandshakeConfig, ReadOutcome, Suite};
 use capnp_noise::Identity;
+use capnp_noise_test::fixtures::{drive, session_pair};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
 fn handshakes(c: &mut Criterion) {

@@ -9,9 +9,7 @@
 //! figures include every vat's processing on one core: they compare one hop
 //! with two, not machines. Calls are made one at a time (`echo` of 16 bytes).
 
-#[allow(dead_code)]
-#[path = "../examples/office_to_cloud/office.rs"]
-mod office;
+use capnp_noise_test::office;
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -19,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use capnp_noise::network::Network;
 use capnp_noise::rpc::PeerInfo;
-use capnp_noise::schema::demo_capnp::office as office_capnp;
 use capnp_noise::Identity;
+use capnp_noise_test::schema::demo_capnp::office as office_capnp;
 use office::Office;
 use tokio::task::LocalSet;
 

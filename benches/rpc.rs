@@ -7,17 +7,15 @@
 //!
 //! `cargo bench --bench rpc`
 
-#[path = "../examples/office_to_cloud/office.rs"]
-#[allow(dead_code)]
-mod office;
+use capnp_noise_test::office;
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use capnp_noise::rpc::{self, ClientOptions, ServerOptions};
-use capnp_noise::schema::demo_capnp::office as office_capnp;
 use capnp_noise::wire::{HandshakeConfig, Suite};
 use capnp_noise::{Identity, Pinned};
+use capnp_noise_test::schema::demo_capnp::office as office_capnp;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::task::LocalSet;

@@ -6,9 +6,7 @@
 //! keep working after Bob has shut down. Mallory, replaying the stolen
 //! introduction, is refused. `RUST_LOG=capnp_noise=info` shows the logs.
 
-#[allow(dead_code)]
-#[path = "office_to_cloud/office.rs"]
-mod office;
+use capnp_noise_test::office;
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -17,8 +15,8 @@ use capnp::capability::FromClientHook;
 use capnp_noise::intro::Introduction;
 use capnp_noise::network::{Network, Redeemed};
 use capnp_noise::rpc::PeerInfo;
-use capnp_noise::schema::demo_capnp::office as office_capnp;
 use capnp_noise::{Identity, VatId};
+use capnp_noise_test::schema::demo_capnp::office as office_capnp;
 use capnp_rpc::CapabilityServerSet;
 use office::Office;
 use tokio::task::LocalSet;

@@ -119,6 +119,14 @@ impl Identity {
     pub(crate) fn handshake_payload(&self) -> &Arc<[u8]> {
         &self.payload
     }
+
+    /// [`handshake_payload`](Self::handshake_payload), for the fuzz targets'
+    /// seeds. Test hook of the private `__test-hooks` feature.
+    #[cfg(feature = "__test-hooks")]
+    #[doc(hidden)]
+    pub fn handshake_payload_for_tests(&self) -> &Arc<[u8]> {
+        &self.payload
+    }
 }
 
 impl fmt::Debug for Identity {

@@ -310,7 +310,7 @@ pub(crate) fn io_error(path: &Path, what: &str, e: &io::Error) -> Error {
 /// # Errors
 /// [`Error::Key`] naming `what` and the path if the file cannot be read or
 /// is larger than `max`.
-pub(crate) fn read_limited(path: &Path, max: u64, what: &str) -> Result<Zeroizing<Vec<u8>>> {
+pub fn read_limited(path: &Path, max: u64, what: &str) -> Result<Zeroizing<Vec<u8>>> {
     read_limited_if_exists(path, max, what)?
         .ok_or_else(|| io_error(path, what, &io::ErrorKind::NotFound.into()))
 }

@@ -17,7 +17,7 @@
 //!
 //! ```no_run
 //! use capnp_noise::rpc::{self, PeerInfo, ServerOptions};
-//! use capnp_noise::schema::demo_capnp::office;
+//! use capnp_noise_test::schema::demo_capnp::office;
 //! use capnp_noise::{AnyVat, Identity, VatId};
 //! use std::sync::Arc;
 //!
@@ -57,7 +57,7 @@
 //!
 //! ```no_run
 //! use capnp_noise::rpc::{self, ClientOptions};
-//! use capnp_noise::schema::demo_capnp::office;
+//! use capnp_noise_test::schema::demo_capnp::office;
 //! use capnp_noise::{Identity, Pinned, VatId};
 //! use std::sync::Arc;
 //!

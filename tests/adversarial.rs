@@ -18,8 +18,7 @@
 //! Every wait is bounded by `tokio::time::timeout`, so a hang fails a test
 //! instead of stalling CI.
 
-#[path = "../examples/office_to_cloud/office.rs"]
-mod office;
+use capnp_noise_test::office;
 
 use std::future::Future;
 use std::io;
@@ -30,10 +29,10 @@ use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use capnp_noise::rpc::{self, ClientOptions, ServerOptions};
-use capnp_noise::schema::demo_capnp::office as office_capnp;
 use capnp_noise::stream::{self, NoiseStream, StreamConfig};
 use capnp_noise::wire::{payload, Handshake, HandshakeConfig};
 use capnp_noise::{AllowList, AnyVat, Error, Identity, PeerContext, PeerPolicy, Pinned, VatId};
+use capnp_noise_test::schema::demo_capnp::office as office_capnp;
 use capnp_rpc::rpc_twoparty_capnp::Side;
 use capnp_rpc::{twoparty, RpcSystem};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};

@@ -5,8 +5,8 @@
 //! dhat's global allocator counts every heap allocation in this binary,
 //! which is why this file holds a single test.
 
-use capnp_noise::testing::session_pair;
 use capnp_noise::wire::{HandshakeConfig, ReadOutcome, Session, Suite};
+use capnp_noise_test::fixtures::session_pair;
 
 #[global_allocator]
 static ALLOC: dhat::Alloc = dhat::Alloc;

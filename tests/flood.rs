@@ -20,8 +20,7 @@
 //! the thread-local X25519 counter (`testing::x25519_operations_on_this_thread`)
 //! counts the server's work only.
 
-#[path = "../examples/office_to_cloud/office.rs"]
-mod office;
+use capnp_noise_test::office;
 
 use std::cell::Cell;
 use std::net::SocketAddr;
@@ -30,9 +29,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use capnp_noise::rpc::{self, PeerInfo, ServerOptions};
-use capnp_noise::schema::demo_capnp::office as office_capnp;
 use capnp_noise::stream::{self, StreamConfig};
-use capnp_noise::{testing, AnyVat, Error, Identity, Pinned, VatId};
+use capnp_noise::{AnyVat, Error, Identity, Pinned, VatId};
+use capnp_noise_test::fixtures as testing;
+use capnp_noise_test::schema::demo_capnp::office as office_capnp;
 use capnp_rpc::rpc_twoparty_capnp::Side;
 use capnp_rpc::{twoparty, RpcSystem};
 use rand::{RngCore, SeedableRng};

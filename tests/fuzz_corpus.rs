@@ -11,7 +11,7 @@ use std::fs;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
-use capnp_noise::fuzzing::{self, PairInput, Plan, TransportOp};
+use capnp_noise_test::fuzzing::{self, PairInput, Plan, TransportOp};
 
 fn fuzz_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz")
@@ -52,7 +52,7 @@ fn every_corpus_file_passes_its_target() {
     let mut replayed = 0;
     for (name, dir) in corpus_dirs() {
         let check = fuzzing::check_for(&name).unwrap_or_else(|| {
-            panic!("fuzz/corpus/{name}/ has no target in capnp_noise::fuzzing::TARGETS")
+            panic!("fuzz/corpus/{name}/ has no target in capnp_noise_test::fuzzing::TARGETS")
         });
         for file in files(&dir) {
             let data = fs::read(&file).expect("read corpus file");
@@ -80,8 +80,8 @@ fn targets_corpora_and_fuzz_workspace_agree() {
         let name = path.file_stem().unwrap().to_string_lossy().into_owned();
         let src = fs::read_to_string(&path).expect("target source");
         assert!(
-            src.contains(&format!("capnp_noise::fuzzing::{name}(")),
-            "{} must call capnp_noise::fuzzing::{name}",
+            src.contains(&format!("capnp_noise_test::fuzzing::{name}(")),
+            "{} must call capnp_noise_test::fuzzing::{name}",
             path.display()
         );
         target_files.insert(name);

@@ -2,9 +2,7 @@
 //! three and four vats (Alice, Bob, Carol, Mallory), their refusals and
 //! races, crossed dials, reconnects and idle connections.
 
-#[allow(dead_code)]
-#[path = "../examples/office_to_cloud/office.rs"]
-mod office;
+use capnp_noise_test::office;
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -15,9 +13,9 @@ use capnp::capability::FromClientHook;
 use capnp_noise::intro::{random_nonce, Introduction, ThirdPartyToAwait};
 use capnp_noise::network::{Network, NetworkOptions, Redeemed};
 use capnp_noise::rpc::PeerInfo;
-use capnp_noise::schema::demo_capnp::office as office_capnp;
 use capnp_noise::schema::network_capnp::{third_party_to_contact, HandoffError};
 use capnp_noise::{Error, Identity, IntroductionError, VatId};
+use capnp_noise_test::schema::demo_capnp::office as office_capnp;
 use capnp_rpc::CapabilityServerSet;
 use office::Office;
 use tokio::task::LocalSet;

@@ -8,11 +8,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use capnp_noise::testing::drive;
 use capnp_noise::wire::{Handshake, HandshakeConfig};
 use capnp_noise::{
     AllowList, AnyVat, Error, Identity, PeerContext, PeerPolicy, Pinned, Refusal, Tofu, VatId,
 };
+use capnp_noise_test::fixtures::drive;
 
 /// Runs a full handshake from `client` (which dialed `dialed`) to `server`.
 /// Returns what each side authenticated: (the server's VatId as the client

@@ -2,8 +2,7 @@
 //! large messages, capabilities both ways, many clients, refusals, and
 //! misbehaving clients.
 
-#[path = "../examples/office_to_cloud/office.rs"]
-mod office;
+use capnp_noise_test::office;
 
 use std::cell::RefCell;
 use std::collections::HashSet;
@@ -16,9 +15,9 @@ use std::time::Duration;
 use capnp::capability::Rc as CapRc;
 use capnp::message::ReaderOptions;
 use capnp_noise::rpc::{self, ClientOptions, PeerInfo, ServerOptions};
-use capnp_noise::schema::demo_capnp::{callback, office as office_capnp};
 use capnp_noise::stream::{self, StreamConfig};
 use capnp_noise::{AnyVat, Error, Identity, PeerContext, PeerPolicy, Pinned, Refusal, VatId};
+use capnp_noise_test::schema::demo_capnp::{callback, office as office_capnp};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::LocalSet;
@@ -522,7 +521,7 @@ async fn connection_and_handshake_limits_hold_and_release() {
         // handshake slot: the next client waits.
         let mut stalled = TcpStream::connect(server.addr).await.unwrap();
         stalled
-            .write_all(&capnp_noise::testing::initiator_first_flight())
+            .write_all(&capnp_noise_test::fixtures::initiator_first_flight())
             .await
             .unwrap();
         let stalled_at = tokio::time::Instant::now();

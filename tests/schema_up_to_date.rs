@@ -1,6 +1,7 @@
 //! The Rust code generated from `schema/*.capnp` is committed under
-//! `src/schema/` so that the crate builds on machines without the `capnp`
-//! compiler. This test regenerates it and fails when the committed copy is
+//! `src/schema/` (and the demo schema's, `crates/capnp-noise-test/schema/`,
+//! under `crates/capnp-noise-test/src/schema/`) so that the crates build on
+//! machines without the `capnp` compiler. This test regenerates it and fails when the committed copy is
 //! stale. `scripts/regen-schema` (or `CAPNP_NOISE_REGEN=1 cargo test --test
 //! schema_up_to_date`) rewrites the committed copy.
 //!
@@ -9,7 +10,17 @@
 
 use std::path::{Path, PathBuf};
 
-const SCHEMAS: &[&str] = &["noise.capnp", "network.capnp", "demo.capnp"];
+/// Each schema: its directory and the directory of its committed Rust code,
+/// both relative to the workspace root, and its file name.
+const SCHEMAS: &[(&str, &str, &str)] = &[
+    ("schema", "src/schema", "noise.capnp"),
+    ("schema", "src/schema", "network.capnp"),
+    (
+        "crates/capnp-noise-test/schema",
+        "crates/capnp-noise-test/src/schema",
+        "demo.capnp",
+    ),
+];
 
 fn capnp_available() -> bool {
     std::process::Command::new("capnp")
@@ -30,21 +41,20 @@ fn generated_schema_code_is_up_to_date() {
         return;
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = tempfile::tempdir().expect("tempdir");
-    let mut cmd = capnpc::CompilerCommand::new();
-    cmd.src_prefix(root.join("schema"))
-        .output_path(out.path())
-        .default_parent_module(vec!["schema".into()]);
-    for s in SCHEMAS {
-        cmd.file(root.join("schema").join(s));
-    }
-    cmd.run().expect("capnp compile");
-
     let regen = std::env::var_os("CAPNP_NOISE_REGEN").is_some();
-    for s in SCHEMAS {
+    for (schema_dir, code_dir, s) in SCHEMAS {
+        let out = tempfile::tempdir().expect("tempdir");
+        capnpc::CompilerCommand::new()
+            .src_prefix(root.join(schema_dir))
+            .output_path(out.path())
+            .default_parent_module(vec!["schema".into()])
+            .import_path(root.join("schema"))
+            .file(root.join(schema_dir).join(s))
+            .run()
+            .expect("capnp compile");
         let name = format!("{}_capnp.rs", s.trim_end_matches(".capnp"));
         let fresh = std::fs::read_to_string(out.path().join(&name)).expect("generated file");
-        let committed_path: PathBuf = root.join("src/schema").join(&name);
+        let committed_path: PathBuf = root.join(code_dir).join(&name);
         if regen {
             std::fs::write(&committed_path, &fresh).expect("write generated code");
             continue;

@@ -9,9 +9,9 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use capnp_noise::stream::{self, NoiseStream, StreamConfig};
-use capnp_noise::testing::{initiator_identity, responder_identity};
 use capnp_noise::wire::transport::MAX_WIRE_FRAME;
 use capnp_noise::{AnyVat, Error, Identity, Pinned};
+use capnp_noise_test::fixtures::{initiator_identity, responder_identity};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -466,7 +466,7 @@ async fn handshake_times_out_on_a_stalled_peer() {
 #[tokio::test]
 async fn admitted_handshakes_that_fail_keep_their_slot_for_the_failure_hold() {
     use capnp_noise::admission::HandshakeSlots;
-    use capnp_noise::testing::{initiator_first_flight, x25519_operations_on_this_thread};
+    use capnp_noise_test::fixtures::{initiator_first_flight, x25519_operations_on_this_thread};
     let hold = Duration::from_millis(300);
     let slots = HandshakeSlots::with_failure_hold(1, 1, hold);
     let config = quick().with_handshake_slots(slots.clone());

@@ -2,9 +2,7 @@
 //! restores objects from the URI form, and wrong, revoked or misdirected
 //! refs fail clearly.
 
-#[path = "../examples/office_to_cloud/office.rs"]
-#[allow(dead_code)]
-mod office;
+use capnp_noise_test::office;
 
 use std::cell::RefCell;
 use std::net::SocketAddr;
@@ -12,9 +10,9 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use capnp_noise::rpc::{self, restorer_client, ClientOptions, PeerInfo, ServerOptions};
-use capnp_noise::schema::demo_capnp::office as office_capnp;
 use capnp_noise::sturdy::{Address, ObjectId, Restorer, SturdyRef};
 use capnp_noise::{AnyVat, Error, Identity};
+use capnp_noise_test::schema::demo_capnp::office as office_capnp;
 use tokio::task::LocalSet;
 
 type Objects = Rc<RefCell<Restorer<capnp::capability::Client>>>;

@@ -11,10 +11,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use capnp_noise::policy::AnyVat;
-use capnp_noise::testing::{self, deterministic_handshakes};
 use capnp_noise::wire::{
     payload, preamble, HandshakeConfig, ReadOutcome, Session, SessionConfig, Suite,
 };
+use capnp_noise_test::fixtures::{self, deterministic_handshakes};
 use serde_json::{json, Value};
 
 fn vector_path(suite: Suite) -> PathBuf {
@@ -117,8 +117,8 @@ fn generate(suite: Suite) -> Value {
         "noise_protocol_name": suite.noise_name(),
         "note": "All byte strings are hex. 'wire' is exactly what goes on the byte stream, length prefixes included. Ed25519 signatures are deterministic (RFC 8032).",
         "prologue": hex::encode(&pre),
-        "initiator": party(&testing::initiator_identity(), 0x01, 0x11, testing::INITIATOR_EPHEMERAL),
-        "responder": party(&testing::responder_identity(), 0x02, 0x22, testing::RESPONDER_EPHEMERAL),
+        "initiator": party(&fixtures::initiator_identity(), 0x01, 0x11, fixtures::INITIATOR_EPHEMERAL),
+        "responder": party(&fixtures::responder_identity(), 0x02, 0x22, fixtures::RESPONDER_EPHEMERAL),
         "handshake_hash": hash,
         "messages": messages,
     })

@@ -7,16 +7,16 @@
 //! impostor with another key at the same address is refused before the
 //! office reveals who it is. `RUST_LOG=capnp_noise=info` shows the glue's logs.
 
-mod office;
+use capnp_noise_test::office;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use capnp::capability::Rc;
 use capnp_noise::rpc::{self, ClientOptions, ServerOptions};
-use capnp_noise::schema::demo_capnp::{callback, office as office_capnp};
 use capnp_noise::stream::{self, StreamConfig};
 use capnp_noise::{AnyVat, Identity, Pinned};
+use capnp_noise_test::schema::demo_capnp::{callback, office as office_capnp};
 use tokio::net::TcpListener;
 use tokio::task::LocalSet;
 

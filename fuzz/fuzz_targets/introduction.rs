@@ -1,3 +1,3 @@
 #![no_main]
-// The body and its invariants: capnp_noise::fuzzing::introduction (src/fuzzing/).
-libfuzzer_sys::fuzz_target!(|data: &[u8]| capnp_noise::fuzzing::introduction(data));
+// The body and its invariants: capnp_noise_test::fuzzing::introduction (crates/capnp-noise-test/src/fuzzing/).
+libfuzzer_sys::fuzz_target!(|data: &[u8]| capnp_noise_test::fuzzing::introduction(data));

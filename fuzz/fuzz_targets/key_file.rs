@@ -1,3 +1,3 @@
 #![no_main]
-// The body and its invariants: capnp_noise::fuzzing::key_file (src/fuzzing/).
-libfuzzer_sys::fuzz_target!(|data: &[u8]| capnp_noise::fuzzing::key_file(data));
+// The body and its invariants: capnp_noise_test::fuzzing::key_file (crates/capnp-noise-test/src/fuzzing/).
+libfuzzer_sys::fuzz_target!(|data: &[u8]| capnp_noise_test::fuzzing::key_file(data));

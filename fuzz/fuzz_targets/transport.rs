@@ -1,3 +1,3 @@
 #![no_main]
-// The body and its invariants: capnp_noise::fuzzing::transport (src/fuzzing/).
-libfuzzer_sys::fuzz_target!(|data: &[u8]| capnp_noise::fuzzing::transport(data));
+// The body and its invariants: capnp_noise_test::fuzzing::transport (crates/capnp-noise-test/src/fuzzing/).
+libfuzzer_sys::fuzz_target!(|data: &[u8]| capnp_noise_test::fuzzing::transport(data));

@@ -1,3 +1,3 @@
 #![no_main]
-// The body and its invariants: capnp_noise::fuzzing::vat_id (src/fuzzing/).
-libfuzzer_sys::fuzz_target!(|data: &[u8]| capnp_noise::fuzzing::vat_id(data));
+// The body and its invariants: capnp_noise_test::fuzzing::vat_id (crates/capnp-noise-test/src/fuzzing/).
+libfuzzer_sys::fuzz_target!(|data: &[u8]| capnp_noise_test::fuzzing::vat_id(data));

@@ -175,7 +175,8 @@ impl Handshake {
     ///
     /// # Errors
     /// As [`initiator`](Self::initiator).
-    #[cfg(any(test, feature = "testing"))]
+    #[cfg(any(test, feature = "__test-hooks"))]
+    #[doc(hidden)]
     pub fn initiator_with_fixed_ephemeral(
         identity: &Identity,
         policy: Arc<dyn PeerPolicy>,
@@ -197,7 +198,8 @@ impl Handshake {
     ///
     /// # Errors
     /// As [`responder`](Self::responder).
-    #[cfg(any(test, feature = "testing"))]
+    #[cfg(any(test, feature = "__test-hooks"))]
+    #[doc(hidden)]
     pub fn responder_with_fixed_ephemeral(
         identity: &Identity,
         policy: Arc<dyn PeerPolicy>,
@@ -317,7 +319,7 @@ impl Handshake {
     }
 
     /// Replaces the payload this side sends (tests of forged identity claims).
-    #[cfg(any(test, feature = "testing"))]
+    #[cfg(any(test, feature = "__test-hooks"))]
     #[doc(hidden)]
     pub fn replace_payload_for_tests(&mut self, payload: Arc<[u8]>) {
         self.local_payload = payload;

@@ -41,5 +41,11 @@ pub const MAX_DATA_PER_FRAME: usize = MAX_MESSAGE_LEN - TAG_LEN - 1;
 /// Length of the handshake hash exposed for channel binding.
 pub const HANDSHAKE_HASH_LEN: usize = 32;
 
-#[cfg(test)]
-mod tests;
+/// How many X25519 scalar multiplications (key generation and
+/// Diffie-Hellman) handshakes have run on the calling thread. Test hook of
+/// the private `__test-hooks` feature; not part of the API.
+#[cfg(feature = "__test-hooks")]
+#[doc(hidden)]
+pub fn x25519_operations_on_this_thread() -> u64 {
+    resolver::x25519_operations_on_this_thread()
+}

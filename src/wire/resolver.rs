@@ -70,7 +70,7 @@ impl StaticKeyPair {
     }
 }
 
-#[cfg(any(test, feature = "testing"))]
+#[cfg(any(test, feature = "__test-hooks"))]
 thread_local! {
     static X25519_OPS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
@@ -78,14 +78,14 @@ thread_local! {
 /// Counts one X25519 scalar multiplication on this thread (tests only).
 #[inline]
 fn count_x25519() {
-    #[cfg(any(test, feature = "testing"))]
+    #[cfg(any(test, feature = "__test-hooks"))]
     X25519_OPS.with(|n| n.set(n.get() + 1));
 }
 
 /// How many X25519 scalar multiplications (key generation and
 /// Diffie-Hellman) handshakes have run on this thread: how tests show that
 /// admission bounds a flood's cost.
-#[cfg(any(test, feature = "testing"))]
+#[cfg(any(test, feature = "__test-hooks"))]
 pub(crate) fn x25519_operations_on_this_thread() -> u64 {
     X25519_OPS.with(|n| n.get())
 }

@@ -444,7 +444,7 @@ impl Session {
     /// [`Error::Config`] if the plaintext does not fit one frame (more than
     /// 65519 bytes), leaving the session untouched; the session's sticky
     /// error; [`Error::NonceExhausted`].
-    #[cfg(any(test, feature = "testing"))]
+    #[cfg(any(test, feature = "__test-hooks"))]
     #[doc(hidden)]
     pub fn seal_raw_for_tests(&mut self, plaintext: &[u8]) -> Result<Vec<u8>, Error> {
         self.check()?;

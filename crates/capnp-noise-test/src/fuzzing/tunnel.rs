@@ -14,12 +14,12 @@ use std::time::Duration;
 
 use super::support::{initiator_identity, responder_identity};
 use super::Seed;
-use crate::tunnel::config::{
+use capnp_noise::{Error, VatId};
+use capnp_noise_tunnel::config::{
     LimitsSpec, Mode, Origin, Trust, TunnelConfig, TunnelSpec, DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HANDSHAKES,
     DEFAULT_MAX_HANDSHAKES_PER_SOURCE, DEFAULT_SHUTDOWN_GRACE, MAX_COUNT, MAX_SECONDS,
 };
-use crate::{Error, VatId};
 
 /// The file the target "reads": absolute, so relative paths resolve
 /// against its directory.
@@ -362,7 +362,7 @@ fn assert_host_port(addr: &str, port_zero_ok: bool) {
 pub(super) fn seeds() -> Vec<Seed> {
     let (a, b) = (initiator_identity().vat_id(), responder_identity().vat_id());
     let mut v = Vec::new();
-    let docs: String = include_str!("../tunnel/mod.rs")
+    let docs: String = include_str!("../../../capnp-noise-tunnel/src/lib.rs")
         .lines()
         .filter_map(|l| l.strip_prefix("//!"))
         .map(|l| format!("{}\n", l.strip_prefix(' ').unwrap_or(l)))

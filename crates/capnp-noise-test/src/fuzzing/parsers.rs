@@ -5,12 +5,14 @@ use capnp::message::Builder;
 
 use super::support::{initiator_identity, responder_identity};
 use super::Seed;
-use crate::schema::noise_capnp::handshake_payload;
-use crate::vat_id::VAT_ID_TEXT_LEN;
-use crate::wire::frame::{self, FrameBounds};
-use crate::wire::{payload as hs_payload, preamble as pre, LENGTH_PREFIX_LEN, MAX_MESSAGE_LEN};
-use crate::wire::{Suite, MAX_HANDSHAKE_PAYLOAD_LEN};
-use crate::{Error, ProtocolError, VatId};
+use capnp_noise::schema::noise_capnp::handshake_payload;
+use capnp_noise::vat_id::VAT_ID_TEXT_LEN;
+use capnp_noise::wire::frame::{self, FrameBounds};
+use capnp_noise::wire::{
+    payload as hs_payload, preamble as pre, LENGTH_PREFIX_LEN, MAX_MESSAGE_LEN,
+};
+use capnp_noise::wire::{Suite, MAX_HANDSHAKE_PAYLOAD_LEN};
+use capnp_noise::{Error, ProtocolError, VatId};
 
 /// `frame`: [`frame::split_frame`] with bounds from the input.
 ///
@@ -206,7 +208,11 @@ pub(super) fn seeds() -> Vec<Seed> {
         (initiator_identity(), "initiator"),
         (responder_identity(), "responder"),
     ] {
-        v.push(Seed::new("payload", name, id.handshake_payload().to_vec()));
+        v.push(Seed::new(
+            "payload",
+            name,
+            id.handshake_payload_for_tests().to_vec(),
+        ));
     }
     let mut empty = Builder::new_default();
     empty.init_root::<handshake_payload::Builder>();

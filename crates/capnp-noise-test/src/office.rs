@@ -1,16 +1,17 @@
-//! The demo `Office` service (schema/demo.capnp): it knows which vat calls
+//! The demo `Office` service (`schema/demo.capnp` of this crate): it knows which vat calls
 //! because the VatId the handshake proved is captured when the connection's
-//! bootstrap capability is built. Shared by the example and tests/rpc.rs.
+//! bootstrap capability is built. Shared by the examples, tests and benches.
 
 use std::time::Duration;
 
+use crate::schema::demo_capnp::{callback, office, subscription};
 use capnp::capability::Rc;
 use capnp_noise::rpc::PeerInfo;
-use capnp_noise::schema::demo_capnp::{callback, office, subscription};
 use capnp_noise::VatId;
 
 /// One connection's `Office`: `caller` is the peer's authenticated VatId.
 pub struct Office {
+    /// The caller's authenticated VatId.
     pub caller: VatId,
 }
 

@@ -3,7 +3,7 @@
 //! corpus file on stable Rust so that findings stay fixed.
 //!
 //! Compiled only with the `testing` feature (and in this crate's own
-//! tests): the targets drive the deterministic keys of [`crate::testing`],
+//! tests): the targets drive the deterministic keys of [`crate::fixtures`],
 //! which is how fuzz input gets past authentication.
 //!
 //! Every target is a [`Check`]: it takes arbitrary bytes, never fails on

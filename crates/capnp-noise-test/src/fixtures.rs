@@ -6,16 +6,16 @@
 
 use std::sync::Arc;
 
-use crate::policy::{AnyVat, PeerContext, PeerPolicy};
-use crate::wire::{Handshake, HandshakeConfig, Session, Suite};
-use crate::{Error, Identity};
+use capnp_noise::policy::{AnyVat, PeerContext, PeerPolicy};
+use capnp_noise::wire::{Handshake, HandshakeConfig, Session, Suite};
+use capnp_noise::{Error, Identity};
 
 /// How many X25519 scalar multiplications (ephemeral key generation and
 /// Diffie-Hellman, by capnp-noise's resolver) handshakes have run on the
 /// calling thread since it started. A responder's completed handshake costs
 /// 4 (3 to answer message 1, 1 for message 3); an initiator's 4 as well.
 pub fn x25519_operations_on_this_thread() -> u64 {
-    crate::wire::resolver::x25519_operations_on_this_thread()
+    capnp_noise::wire::x25519_operations_on_this_thread()
 }
 
 /// What a real initiator with a fresh identity sends first: the preamble of
@@ -144,9 +144,9 @@ pub fn transfer(
         // Drain plaintext first so the receive buffer has room.
         loop {
             match to.read(&mut buf)? {
-                crate::wire::ReadOutcome::Data(n) => got.extend_from_slice(&buf[..n]),
-                crate::wire::ReadOutcome::Closed => return Ok((got, true)),
-                crate::wire::ReadOutcome::NeedInput => break,
+                capnp_noise::wire::ReadOutcome::Data(n) => got.extend_from_slice(&buf[..n]),
+                capnp_noise::wire::ReadOutcome::Closed => return Ok((got, true)),
+                capnp_noise::wire::ReadOutcome::NeedInput => break,
             }
         }
         let out = from.pending_output();

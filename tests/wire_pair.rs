@@ -4,10 +4,12 @@ use std::sync::Arc;
 
 use proptest::prelude::*;
 
-use crate::policy::{AnyVat, PeerContext, Pinned};
-use crate::testing::{self, deterministic_handshakes, drive, session_pair, transfer};
-use crate::wire::{Handshake, HandshakeConfig, ReadOutcome, Session, SessionConfig, Suite};
-use crate::{Error, Identity, ProtocolError};
+use capnp_noise::policy::{AnyVat, PeerContext, Pinned};
+use capnp_noise::wire::{Handshake, HandshakeConfig, ReadOutcome, Session, SessionConfig, Suite};
+use capnp_noise::{Error, Identity, ProtocolError};
+use capnp_noise_test::fixtures::{
+    self as testing, deterministic_handshakes, drive, session_pair, transfer,
+};
 
 fn cfg() -> HandshakeConfig {
     HandshakeConfig::default()
@@ -181,7 +183,7 @@ fn responder_refuses_suite_it_does_not_accept_without_answering() {
 /// cannot carry that VatId's signature over the real static key.
 #[test]
 fn identity_claim_without_valid_signature_fails() {
-    use crate::wire::payload;
+    use capnp_noise::wire::payload;
     // A payload claiming `victim`, signed by `mallory` over mallory's static key.
     let victim = Identity::generate();
     let mallory = Identity::generate();
@@ -424,7 +426,7 @@ fn large_writes_are_split_into_max_frames() {
     while off < data.len() {
         off += i.write(&data[off..]).unwrap();
         // pending output never holds more than one data frame plus control frames
-        assert!(i.pending_output().len() <= super::transport::MAX_WIRE_FRAME + 64);
+        assert!(i.pending_output().len() <= capnp_noise::wire::transport::MAX_WIRE_FRAME + 64);
         let (g, _) = transfer(&mut i, &mut r, 8192).unwrap();
         got.extend(g);
     }
@@ -449,7 +451,10 @@ fn initiator_eof_before_any_responder_frame_hints_at_refusal() {
     // have been refused.
     let (mut i, _r) = session_pair(Suite::ChaChaPolyBlake2s, cfg()).unwrap();
     let during = eof_during(&mut i);
-    assert_eq!(during, crate::wire::transport::EOF_BEFORE_RESPONDER_SPOKE);
+    assert_eq!(
+        during,
+        capnp_noise::wire::transport::EOF_BEFORE_RESPONDER_SPOKE
+    );
     assert!(during.contains("may have refused"));
     // Once the responder has sent a frame, a cut is an ordinary truncation.
     let (mut i, mut r) = session_pair(Suite::ChaChaPolyBlake2s, cfg()).unwrap();
@@ -482,7 +487,7 @@ fn buffer_capacity_is_bounded_by_one_frame_per_buffer() {
     // The sender holds its two send buffers, the receiver its receive
     // buffer: one maximal frame each (plus a short frame and control
     // frames: 2 KiB), never the double that plain `Vec` growth would reach.
-    let two_frames = 2 * (crate::wire::transport::MAX_WIRE_FRAME + 2048);
+    let two_frames = 2 * (capnp_noise::wire::transport::MAX_WIRE_FRAME + 2048);
     assert!(
         i.buffer_capacity() <= two_frames + 4096,
         "{}",
@@ -510,7 +515,7 @@ fn eof_during_handshake_names_the_step() {
         matches!(i.feed(&[1]), Err(Error::UnexpectedEof { .. })),
         "sticky"
     );
-    r.feed(&crate::wire::preamble::encode(Suite::ChaChaPolyBlake2s)[..5])
+    r.feed(&capnp_noise::wire::preamble::encode(Suite::ChaChaPolyBlake2s)[..5])
         .unwrap();
     let e = r.feed_eof().unwrap();
     assert!(e.to_string().contains("preamble"), "{e}");
@@ -542,7 +547,7 @@ fn seal_raw_refuses_oversize_plaintext_and_keeps_the_session() {
     // plaintext used to panic in put_len. Now it is refused up front, and
     // the session goes on with its nonce untouched.
     let (mut i, mut r) = session_pair(Suite::ChaChaPolyBlake2s, cfg()).unwrap();
-    let max = crate::wire::MAX_MESSAGE_LEN - crate::wire::TAG_LEN;
+    let max = capnp_noise::wire::MAX_MESSAGE_LEN - capnp_noise::wire::TAG_LEN;
     assert!(matches!(
         i.seal_raw_for_tests(&vec![0; max + 1]),
         Err(Error::Config(_))
@@ -550,7 +555,7 @@ fn seal_raw_refuses_oversize_plaintext_and_keeps_the_session() {
     let mut plain = vec![7u8; max - 1];
     plain.push(0); // DATA
     let wire = i.seal_raw_for_tests(&plain).unwrap();
-    assert_eq!(wire.len(), 2 + crate::wire::MAX_MESSAGE_LEN);
+    assert_eq!(wire.len(), 2 + capnp_noise::wire::MAX_MESSAGE_LEN);
     let mut off = 0;
     while off < wire.len() {
         off += r.feed(&wire[off..]); // the receive buffer grows to the announced frame

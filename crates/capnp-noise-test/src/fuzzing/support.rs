@@ -3,11 +3,12 @@
 
 use std::sync::{Arc, OnceLock};
 
-use crate::policy::{AnyVat, PeerContext};
-use crate::testing::{INITIATOR_EPHEMERAL, RESPONDER_EPHEMERAL};
-use crate::wire::transport::MAX_WIRE_FRAME;
-use crate::wire::{Handshake, HandshakeConfig, ReadOutcome, Session, Suite};
-use crate::{testing, Error, Identity};
+use crate::fixtures as testing;
+use crate::fixtures::{INITIATOR_EPHEMERAL, RESPONDER_EPHEMERAL};
+use capnp_noise::policy::{AnyVat, PeerContext};
+use capnp_noise::wire::transport::MAX_WIRE_FRAME;
+use capnp_noise::wire::{Handshake, HandshakeConfig, ReadOutcome, Session, Suite};
+use capnp_noise::{Error, Identity};
 
 /// Chunk sizes a [`Plan`] picks from: all at once, byte by byte, awkward
 /// small sizes, and sizes around typical frame lengths.

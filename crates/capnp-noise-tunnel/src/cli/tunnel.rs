@@ -1,10 +1,10 @@
 //! `capnp-noise tunnel`: a key-pinned stunnel replacement (see the
-//! library's `capnp_noise::tunnel` for what it does).
+//! library's `capnp_noise_tunnel` for what it does).
 
 use std::path::PathBuf;
 
-use capnp_noise::tunnel::config::{LimitsSpec, Mode, Origin, ServiceSpec, TunnelSpec};
-use capnp_noise::tunnel::{ShutdownHandle, Tunnel, TunnelConfig};
+use capnp_noise_tunnel::config::{LimitsSpec, Mode, Origin, ServiceSpec, TunnelSpec};
+use capnp_noise_tunnel::{ShutdownHandle, Tunnel, TunnelConfig};
 use tracing::{info, warn};
 
 use super::{CmdResult, Failure, EXIT_BIND, EXIT_USAGE};
@@ -12,7 +12,7 @@ use super::{CmdResult, Failure, EXIT_BIND, EXIT_USAGE};
 const AFTER_HELP: &str = "\
 Either `tunnel client ...` or `tunnel server ...` with options (one service),
 or `tunnel --config FILE` (several named services; the file's keys are the
-options' names with '_' for '-', see the documentation of capnp_noise::tunnel).
+options' names with '_' for '-', see the documentation of capnp_noise_tunnel).
 
 Examples:
   # in front of a TCP service on the server machine

@@ -13,8 +13,7 @@
 //! it they are skipped with a loud message, except when the `CI` environment
 //! variable is set: then they fail.
 
-#[path = "../examples/office_to_cloud/office.rs"]
-mod office;
+use capnp_noise_test::office;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
@@ -637,7 +636,7 @@ async fn unauthenticated_peers_hold_no_more_than_the_handshake_slots() {
         .await
         .unwrap();
     stalled
-        .write_all(&capnp_noise::testing::initiator_first_flight())
+        .write_all(&capnp_noise_test::fixtures::initiator_first_flight())
         .await
         .unwrap();
     // (A client waits for a slot within its own handshake timeout, so one

@@ -18,7 +18,7 @@
 //! Applications keep speaking plain TCP (Cap'n Proto two-party RPC, or
 //! anything else) to the client service's address; the server service
 //! forwards to their unchanged server. A native capnp-noise RPC server
-//! ([`crate::rpc::serve`]) speaks the same protocol as a server service, so
+//! ([`capnp_noise::rpc::serve`]) speaks the same protocol as a server service, so
 //! a client service can reach it directly.
 //!
 //! # Configuration file
@@ -67,7 +67,7 @@
 //!   `handshake_timeout`, and a handshake that fails keeps its slot one
 //!   second more (the failure hold): unauthenticated peers can hold no
 //!   more than that, and cause no Diffie-Hellman work beyond it, however
-//!   fast they connect and hang up ([`crate::admission`]).
+//!   fast they connect and hang up ([`capnp_noise::admission`]).
 //!   Outgoing TCP connects take at most `connect_timeout`.
 //! * **Forwarding** ([`forward`]) copies both directions at once through
 //!   one 64 KiB buffer each (backpressure, no unbounded queue), flushes
@@ -76,7 +76,7 @@
 //!   authenticated CLOSE) while the other direction continues.
 //! * **Memory** is bounded per connection: the two forwarding buffers
 //!   (128 KiB) and the capnp-noise session's buffers (at most about
-//!   256 KiB, see [`NoiseStream`](crate::stream::NoiseStream)), so
+//!   256 KiB, see [`NoiseStream`](capnp_noise::stream::NoiseStream)), so
 //!   `max_connections` bounds a service's memory (about 400 MiB at the
 //!   default 1024 connections, all busy; idle ones hold far less).
 //! * **Failures are not disguised as clean ends.** When one side fails
@@ -106,11 +106,11 @@
 //!
 //! # Embedding
 //!
-//! The CLI is a thin layer over this module:
+//! The CLI is a thin layer over this crate:
 //!
 //! ```no_run
 //! use std::path::Path;
-//! use capnp_noise::tunnel::{Tunnel, TunnelConfig};
+//! use capnp_noise_tunnel::{Tunnel, TunnelConfig};
 //!
 //! # async fn demo() -> capnp_noise::Result<()> {
 //! let config = TunnelConfig::load(Path::new("tunnel.toml"))?; // or TunnelSpec::check
@@ -145,10 +145,10 @@ use tracing::{info, warn};
 
 pub use config::{Limits, Mode, ServiceConfig, Trust, TunnelConfig, TunnelSpec};
 
-use crate::error::{Error, Result};
-use crate::identity::Identity;
-use crate::policy::{AllowList, PeerPolicy, Pinned, Tofu};
-use crate::vat_id::VatId;
+use capnp_noise::error::{Error, Result};
+use capnp_noise::identity::Identity;
+use capnp_noise::policy::{AllowList, PeerPolicy, Pinned, Tofu};
+use capnp_noise::vat_id::VatId;
 use service::Service;
 
 /// How long aborted connections get to log their end.
@@ -237,7 +237,7 @@ fn policy(trust: &Trust) -> Result<Arc<dyn PeerPolicy>> {
                 None => Arc::new(fixed),
                 Some(path) => {
                     let listed = AllowList::load(path)?;
-                    Arc::new(move |vat: &VatId, ctx: &crate::PeerContext| {
+                    Arc::new(move |vat: &VatId, ctx: &capnp_noise::PeerContext| {
                         fixed.check(vat, ctx).or_else(|_| listed.check(vat, ctx))
                     })
                 }
@@ -401,7 +401,7 @@ impl BoundTunnel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::PeerContext;
+    use capnp_noise::PeerContext;
 
     #[test]
     fn a_server_allows_the_listed_and_the_inline_vats_and_nobody_else() {

@@ -15,12 +15,12 @@ use tracing::{info, warn};
 
 use super::config::{Mode, ServiceConfig};
 use super::forward::{self, End, Forwarded};
-use crate::admission::HandshakeSlots;
-use crate::error::Error;
-use crate::identity::Identity;
-use crate::policy::PeerPolicy;
-use crate::stream::{self, NoiseStream, StreamConfig};
-use crate::vat_id::VatId;
+use capnp_noise::admission::HandshakeSlots;
+use capnp_noise::error::Error;
+use capnp_noise::identity::Identity;
+use capnp_noise::policy::PeerPolicy;
+use capnp_noise::stream::{self, NoiseStream, StreamConfig};
+use capnp_noise::vat_id::VatId;
 
 /// How long the accept loop pauses after an accept error (out of file
 /// descriptors and the like), so it does not spin.

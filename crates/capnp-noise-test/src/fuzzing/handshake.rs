@@ -8,11 +8,11 @@ use std::sync::Arc;
 use super::support::{end_of_stream, feed_and_read, initiator_identity, responder_identity};
 use super::support::{new_initiator, new_responder, suite, End, Plan};
 use super::Seed;
-use crate::policy::AnyVat;
-use crate::testing;
-use crate::wire::{preamble, Handshake, HandshakeConfig, Session, SessionConfig, Suite};
-use crate::wire::{DH_LEN, LENGTH_PREFIX_LEN, TAG_LEN};
-use crate::VatId;
+use crate::fixtures;
+use capnp_noise::policy::AnyVat;
+use capnp_noise::wire::{preamble, Handshake, HandshakeConfig, Session, SessionConfig, Suite};
+use capnp_noise::wire::{DH_LEN, LENGTH_PREFIX_LEN, TAG_LEN};
+use capnp_noise::VatId;
 
 /// How a handshake ended.
 #[derive(Debug, PartialEq)]
@@ -170,7 +170,7 @@ pub fn responder(data: &[u8]) {
     let msg2_len = LENGTH_PREFIX_LEN
         + DH_LEN
         + (DH_LEN + TAG_LEN)
-        + responder_identity().handshake_payload().len()
+        + responder_identity().handshake_payload_for_tests().len()
         + TAG_LEN;
     let check = |hs: &Handshake, out: &[u8]| {
         assert!(
@@ -208,7 +208,7 @@ pub fn initiator(data: &[u8]) {
     let first_len = preamble::encode(suite).len() + LENGTH_PREFIX_LEN + DH_LEN;
     let msg3_len = LENGTH_PREFIX_LEN
         + (DH_LEN + TAG_LEN)
-        + initiator_identity().handshake_payload().len()
+        + initiator_identity().handshake_payload_for_tests().len()
         + TAG_LEN;
     let check = |hs: &Handshake, out: &[u8]| {
         let want = if hs.is_finished() {
@@ -237,7 +237,7 @@ pub(super) struct Transcript {
 }
 
 pub(super) fn transcript(suite: Suite) -> Transcript {
-    let (mut i, mut r) = testing::deterministic_handshakes(
+    let (mut i, mut r) = fixtures::deterministic_handshakes(
         suite,
         responder_config(false),
         Arc::new(AnyVat),

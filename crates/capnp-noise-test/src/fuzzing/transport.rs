@@ -6,8 +6,8 @@
 
 use super::support::{end_of_stream, feed_and_read, session_pair, suite, End, Plan};
 use super::Seed;
-use crate::wire::transport::{FRAME_CLOSE, FRAME_DATA, FRAME_REKEY, MIN_TRANSPORT_FRAME};
-use crate::wire::{HandshakeConfig, LENGTH_PREFIX_LEN, MAX_MESSAGE_LEN, TAG_LEN};
+use capnp_noise::wire::transport::{FRAME_CLOSE, FRAME_DATA, FRAME_REKEY, MIN_TRANSPORT_FRAME};
+use capnp_noise::wire::{HandshakeConfig, LENGTH_PREFIX_LEN, MAX_MESSAGE_LEN, TAG_LEN};
 
 /// One step of a `transport` input. The wire starts empty; sealing appends
 /// a frame to it, the other steps damage it.

@@ -1,4 +1,4 @@
-//! Target for the decoders of introductions (`crate::intro`): the bytes a
+//! Target for the decoders of introductions (`capnp_noise::intro`): the bytes a
 //! recipient gets from an introducer, a provider gets from a recipient, and
 //! a provider gets from an introducer.
 
@@ -6,8 +6,8 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use super::support::{initiator_identity, responder_identity};
 use super::Seed;
-use crate::intro::{Introduction, ThirdPartyToAwait, MAX_ENCODED_LEN};
-use crate::Identity;
+use capnp_noise::intro::{Introduction, ThirdPartyToAwait, MAX_ENCODED_LEN};
+use capnp_noise::Identity;
 
 /// `introduction`: the same bytes through [`Introduction::decode`],
 /// [`Introduction::decode_completion`] and [`ThirdPartyToAwait::decode`].

@@ -16,10 +16,10 @@ use ssh_key::LineEnding;
 
 use super::support::{initiator_identity, responder_identity};
 use super::Seed;
-use crate::policy::{AllowList, Tofu};
-use crate::schema::noise_capnp::sturdy_ref;
-use crate::sturdy::{ObjectId, SturdyRef, MAX_OBJECT_ID_LEN};
-use crate::{Error, Identity};
+use capnp_noise::policy::{AllowList, Tofu};
+use capnp_noise::schema::noise_capnp::sturdy_ref;
+use capnp_noise::sturdy::{ObjectId, SturdyRef, MAX_OBJECT_ID_LEN};
+use capnp_noise::{Error, Identity};
 
 /// How long an error message may be, whatever the input (the path of the
 /// file it names comes on top).

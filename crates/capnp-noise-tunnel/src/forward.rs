@@ -23,7 +23,7 @@
 //! The function is generic over `AsyncRead + AsyncWrite`: the tests drive
 //! it over `tokio::io::duplex` pipes.
 //!
-//! [`NoiseStream`]: crate::stream::NoiseStream
+//! [`NoiseStream`]: capnp_noise::stream::NoiseStream
 
 use std::fmt;
 use std::future::Future;

@@ -14,9 +14,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::error::{Error, Result};
-use crate::keyfile::read_limited;
-use crate::vat_id::{shorten, VatId};
+use capnp_noise::error::{Error, Result};
+use capnp_noise::keyfile::read_limited;
+use capnp_noise::vat_id::VatId;
 
 /// Default [`Limits::max_connections`]: 1024 per service.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
@@ -24,7 +24,7 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 pub const DEFAULT_MAX_HANDSHAKES: usize = 64;
 /// Default [`Limits::max_handshakes_per_source`]: 16 per service and source address.
 pub const DEFAULT_MAX_HANDSHAKES_PER_SOURCE: usize =
-    crate::admission::DEFAULT_MAX_HANDSHAKES_PER_SOURCE;
+    capnp_noise::admission::DEFAULT_MAX_HANDSHAKES_PER_SOURCE;
 /// Default [`Limits::handshake_timeout`]: 10 seconds.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default [`Limits::connect_timeout`]: 10 seconds.
@@ -33,9 +33,9 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// The largest accepted connection or handshake limit.
-pub(crate) const MAX_COUNT: usize = 1_000_000;
+pub const MAX_COUNT: usize = 1_000_000;
 /// The longest accepted timeout: one day.
-pub(crate) const MAX_SECONDS: f64 = 86_400.0;
+pub const MAX_SECONDS: f64 = 86_400.0;
 /// The largest configuration file read.
 const MAX_CONFIG_FILE_LEN: u64 = 1024 * 1024;
 
@@ -296,7 +296,7 @@ pub struct Limits {
     pub max_connections: usize,
     /// Handshakes past message 1 at once: the most Diffie-Hellman work
     /// unauthenticated peers (or a flood of them) can cause at a time (see
-    /// [`crate::admission`]). A connection waits for a slot within its
+    /// [`capnp_noise::admission`]). A connection waits for a slot within its
     /// `handshake_timeout`.
     pub max_handshakes: usize,
     /// Of those, at most this many from one source address (IPv4 address,
@@ -576,6 +576,11 @@ fn shorten_quoted(msg: &str) -> String {
     shorten_to(&out.split_whitespace().collect::<Vec<_>>().join(" "), 300)
 }
 
+/// Keeps error messages short when someone pastes a whole file.
+fn shorten(s: &str) -> String {
+    shorten_to(s, 80)
+}
+
 /// What starts a PEM block: errors show nothing after it.
 const PEM_MARKER: &str = "-----BEGIN";
 
@@ -669,7 +674,7 @@ fn seconds(value: Option<f64>, default: Duration, name: &str) -> Result<Duration
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Identity;
+    use capnp_noise::Identity;
 
     fn file() -> &'static Path {
         Path::new("/etc/tunnel.toml")
@@ -735,7 +740,7 @@ mod tests {
 
     #[test]
     fn the_example_in_the_module_docs_is_valid() {
-        let docs: String = include_str!("mod.rs")
+        let docs: String = include_str!("lib.rs")
             .lines()
             .filter_map(|l| l.strip_prefix("//!"))
             .map(|l| format!("{}\n", l.strip_prefix(' ').unwrap_or(l)))

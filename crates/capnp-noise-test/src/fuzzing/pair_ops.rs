@@ -7,10 +7,10 @@ use arbitrary::{Arbitrary, Unstructured};
 
 use super::support::{end_of_stream, feed_and_read, session_pair, suite, End};
 use super::Seed;
-use crate::wire::transport::{MAX_WIRE_FRAME, MIN_TRANSPORT_FRAME, SHORT_FRAME};
-use crate::wire::{HandshakeConfig, Session, SessionConfig};
-use crate::wire::{LENGTH_PREFIX_LEN, MAX_DATA_PER_FRAME};
-use crate::Error;
+use capnp_noise::wire::transport::{MAX_WIRE_FRAME, MIN_TRANSPORT_FRAME, SHORT_FRAME};
+use capnp_noise::wire::{HandshakeConfig, Session, SessionConfig};
+use capnp_noise::wire::{LENGTH_PREFIX_LEN, MAX_DATA_PER_FRAME};
+use capnp_noise::Error;
 
 /// A whole `pair_ops` input.
 #[derive(Arbitrary, Debug, Clone, PartialEq, Eq)]
