@@ -104,6 +104,13 @@ pub const MAX_FORWARDS: usize = 1;
 /// The longest encoded `ThirdPartyToContact`, `ThirdPartyCompletion` or
 /// `ThirdPartyToAwait` message accepted by the `decode` functions.
 pub const MAX_ENCODED_LEN: usize = 8192;
+/// The most words a `ThirdPartyToContact` struct may take, counting every
+/// pointer target as often as it is pointed to (which is what a canonical
+/// copy costs): as much as fits in [`MAX_ENCODED_LEN`] bytes. Checked before
+/// anything is copied, canonicalised or hashed, so that a struct whose
+/// pointers all share one blob (small on the wire, huge once copied) is
+/// refused for what it would cost.
+pub const MAX_CONTACT_WORDS: u64 = (MAX_ENCODED_LEN / 8) as u64;
 /// The latest expiry an introduction may carry: 9999-12-31T23:59:59Z, in Unix seconds.
 pub const MAX_EXPIRES_AT: u64 = 253_402_300_799;
 
@@ -111,8 +118,9 @@ pub const MAX_EXPIRES_AT: u64 = 253_402_300_799;
 pub type Nonce = [u8; NONCE_LEN];
 
 /// Reading limits for untrusted introductions. Decoding reads every word about
-/// three times (the fields, then the size and the canonical copy of the
-/// signed struct), hence four times the largest message.
+/// three times (the size of the contact, then the size and the canonical copy
+/// of the signed struct; the fields are read from the copy), hence four times
+/// the largest message.
 const READER_OPTIONS: ReaderOptions = ReaderOptions {
     traversal_limit_in_words: Some(4 * MAX_ENCODED_LEN / 8),
     nesting_limit: 8,
@@ -595,6 +603,17 @@ impl Introduction {
     /// [`IntroductionError::Malformed`] naming the missing or malformed field
     /// (including more than [`MAX_FORWARDS`] links or [`MAX_ADDRESSES`] addresses).
     pub fn read_from(reader: third_party_to_contact::Reader<'_>) -> Result<Self> {
+        // Sizing visits each pointer once and copies nothing; its cost is
+        // bounded by the enclosing message's own traversal limit.
+        let size = reader
+            .total_size()
+            .map_err(|e| malformed(format!("bad contact: {e}")))?;
+        if size.word_count > MAX_CONTACT_WORDS {
+            return Err(malformed(format!(
+                "the contact takes {} words once shared pointers are expanded; at most {MAX_CONTACT_WORDS} are accepted",
+                size.word_count
+            )));
+        }
         if !reader.has_introduction() {
             return Err(malformed("introduction is missing"));
         }
@@ -610,6 +629,10 @@ impl Introduction {
         let (provider, provider_addresses, introducer, recipient, nonce, expires_at) =
             with_canonical(&canonical, |intro| {
                 let intro = intro.map_err(|e| malformed(format!("bad introduction: {e}")))?;
+                // Every field, unknown ones included, within the nesting limit.
+                intro
+                    .total_size()
+                    .map_err(|e| malformed(format!("bad introduction: {e}")))?;
                 Ok::<_, Error>((
                     read_vat(intro.has_provider(), intro.get_provider(), "provider")?,
                     read_addresses(intro.get_provider_addresses())
