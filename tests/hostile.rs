@@ -1,0 +1,207 @@
+//! Hostile vats against a provider, on real loopback connections (issue 15):
+//! each test runs one attack at full speed from an authenticated vat and
+//! checks that honest vats are still served, and that what the attacker
+//! can hold stays within its own share.
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::time::{Duration, SystemTime};
+
+use capnp_noise::intro::{random_nonce, Introduction};
+use capnp_noise::network::{Network, NetworkOptions};
+use capnp_noise::rpc::PeerInfo;
+use capnp_noise::{Error, Identity, IntroductionError};
+use capnp_noise_test::office::Office;
+use capnp_noise_test::schema::demo_capnp::office;
+use capnp_noise_test::support::{bounded, local, whoami};
+
+/// Generous: these tests run on a loaded 2-core machine.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// A vat serving each peer an `Office` bound to the peer's VatId.
+async fn vat_with(identity: Identity, options: NetworkOptions) -> Network {
+    Network::builder(identity)
+        .listen("127.0.0.1:0".parse().unwrap())
+        .options(options)
+        .bootstrap(|peer: &PeerInfo| {
+            capnp_rpc::new_client::<office::Client, _>(Office {
+                caller: peer.vat_id,
+            })
+        })
+        .start()
+        .await
+        .unwrap()
+}
+
+async fn vat(options: NetworkOptions) -> Network {
+    vat_with(Identity::generate(), options).await
+}
+
+/// Tells `a` where `b` listens.
+fn meet(a: &Network, b: &Network) {
+    a.add_addresses(b.vat_id(), b.advertised_addresses());
+}
+
+/// An introduction of something at `provider` to `recipient`, signed by
+/// `introducer` and never provided.
+fn unannounced(introducer: &Identity, provider: &Network, recipient: &Network) -> Introduction {
+    Introduction::new(
+        introducer,
+        provider.vat_id(),
+        provider.advertised_addresses().to_vec(),
+        recipient.vat_id(),
+        random_nonce(),
+        SystemTime::now() + Duration::from_secs(300),
+    )
+    .unwrap()
+}
+
+fn refusal<T>(r: Result<T, Error>) -> IntroductionError {
+    match r {
+        Ok(_) => panic!("expected a refusal"),
+        Err(Error::Introduction(e)) => e,
+        Err(other) => panic!("expected an introduction refusal, got {other:?}"),
+    }
+}
+
+/// Polls `f` until it holds (bounded by [`PATIENCE`]).
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    bounded(what, PATIENCE, async {
+        while !f() {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await;
+}
+
+/// Withdrawals of nonces Carol never saw used to fill her handoff table for
+/// every introducer (each was kept for an hour, checked only against the
+/// table's total): now they are charged to the withdrawing vat's own share.
+#[tokio::test(flavor = "current_thread")]
+async fn withdrawals_of_unknown_nonces_do_not_fill_the_table_for_others() {
+    local(async {
+        let mut options = NetworkOptions::default();
+        options.handoff.max_entries = 64;
+        options.handoff.max_entries_per_introducer = 16;
+        let carol = vat(options).await;
+        let (mallory, bob, alice) = (
+            vat(Default::default()).await,
+            vat(Default::default()).await,
+            vat(Default::default()).await,
+        );
+        meet(&mallory, &carol);
+        for _ in 0..200 {
+            mallory
+                .withdraw(&carol.vat_id(), &random_nonce())
+                .await
+                .unwrap();
+        }
+
+        meet(&bob, &carol);
+        let at_carol: office::Client = bob.connect(&carol.vat_id()).await.unwrap();
+        let intro = bob
+            .introduce(&at_carol, &carol.vat_id(), &alice.vat_id())
+            .await
+            .expect("Bob's provide is not refused for Mallory's withdrawals");
+        let office: office::Client = alice.redeem(&intro).await.unwrap();
+        assert_eq!(whoami(&office).await.unwrap(), bob.vat_id().to_string());
+        // Mallory's 16, Bob's redemption record.
+        assert_eq!(carol.handoff_counts().0, 17, "Mallory's own share, no more");
+    })
+    .await;
+}
+
+/// Self-signed introductions that are never provided used to fill the
+/// waiting-redeem pool (any vat can be an introducer and a redeemer): one
+/// introducer's introductions now wait at most `max_waiters_per_introducer`
+/// at once, so an honest early redeem still finds room.
+#[tokio::test(flavor = "current_thread")]
+async fn one_introducer_cannot_fill_the_waiting_redeems() {
+    local(async {
+        let mut options = NetworkOptions::default();
+        options.handoff.max_waiters = 12;
+        options.handoff.max_waiters_per_redeemer = 4;
+        options.handoff.max_waiters_per_introducer = 8;
+        let carol = vat(options).await;
+        // Mallory signs as one introducer and redeems as three vats.
+        let mallory = Identity::generate();
+        let refused = Rc::new(Cell::new(0));
+        let mut redeemers = Vec::new();
+        for _ in 0..3 {
+            let redeemer = vat(Default::default()).await;
+            for _ in 0..4 {
+                let intro = unannounced(&mallory, &carol, &redeemer);
+                let (redeemer, refused) = (redeemer.clone(), refused.clone());
+                tokio::task::spawn_local(async move {
+                    let r = redeemer.redeem::<office::Client>(&intro).await;
+                    if let Err(Error::Introduction(IntroductionError::Limit(_))) = r {
+                        refused.set(refused.get() + 1);
+                    }
+                });
+            }
+            redeemers.push(redeemer);
+        }
+        eventually("Mallory's 12 redeems are answered or waiting", || {
+            carol.handoff_counts().1 + refused.get() == 12
+        })
+        .await;
+        assert_eq!(carol.handoff_counts().1, 8, "one introducer's share");
+
+        // Alice's redeem arrives before Bob's request, and waits for it.
+        let bob_key = Identity::generate();
+        let (bob, alice) = (
+            vat_with(bob_key.clone(), Default::default()).await,
+            vat(Default::default()).await,
+        );
+        meet(&bob, &carol);
+        let at_carol: office::Client = bob.connect(&carol.vat_id()).await.unwrap();
+        let intro = unannounced(&bob_key, &carol, &alice);
+        let early = {
+            let (alice, intro) = (alice.clone(), intro.clone());
+            tokio::task::spawn_local(async move { alice.redeem::<office::Client>(&intro).await })
+        };
+        eventually("Alice's redeem waits, or fails", || {
+            carol.handoff_counts().1 == 9 || early.is_finished()
+        })
+        .await;
+        bob.provide(&at_carol, &carol.vat_id(), &intro.to_await())
+            .await
+            .unwrap();
+        let office = bounded("Alice's redeem", PATIENCE, early)
+            .await
+            .unwrap()
+            .expect("Alice's early redeem found room to wait");
+        assert_eq!(whoami(&office).await.unwrap(), bob.vat_id().to_string());
+        carol.shutdown().await;
+    })
+    .await;
+}
+
+/// A redeem that waited for a request that never came used to leave no
+/// record, so the same introduction could be presented again every
+/// `max_wait`, forever: now it is refused at once until it expires.
+#[tokio::test(flavor = "current_thread")]
+async fn a_timed_out_introduction_does_not_wait_again() {
+    local(async {
+        let mut options = NetworkOptions::default();
+        options.handoff.max_wait = Duration::from_millis(500);
+        let carol = vat(options).await;
+        let alice = vat(Default::default()).await;
+        let intro = unannounced(&Identity::generate(), &carol, &alice);
+        let first = alice.redeem::<office::Client>(&intro).await;
+        assert_eq!(refusal(first), IntroductionError::Timeout);
+
+        let again = {
+            let (alice, intro) = (alice.clone(), intro.clone());
+            tokio::task::spawn_local(async move { alice.redeem::<office::Client>(&intro).await })
+        };
+        let mut waited = false;
+        while !again.is_finished() {
+            waited |= carol.handoff_counts().1 > 0;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(refusal(again.await.unwrap()), IntroductionError::Timeout);
+        assert!(!waited, "the second presentation was kept waiting");
+    })
+    .await;
+}
