@@ -205,3 +205,81 @@ async fn a_timed_out_introduction_does_not_wait_again() {
     })
     .await;
 }
+
+/// A policy that counts how often it is asked, and accepts.
+#[derive(Default)]
+struct Counting(std::sync::atomic::AtomicUsize);
+
+impl capnp_noise::PeerPolicy for Counting {
+    fn check(
+        &self,
+        _: &capnp_noise::VatId,
+        _: &capnp_noise::PeerContext,
+    ) -> Result<(), capnp_noise::policy::Refusal> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Both ends of a loopback handshake of `identity` with itself (a man in
+/// the middle reflecting a vat's dial back to its own listener), with
+/// `config`; and how often their policies were asked.
+async fn reflect(
+    identity: &Identity,
+    config: capnp_noise::wire::HandshakeConfig,
+) -> (
+    Result<capnp_noise::VatId, Error>,
+    Result<capnp_noise::VatId, Error>,
+    usize,
+) {
+    use capnp_noise::stream::{self, StreamConfig};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let policy = std::sync::Arc::new(Counting::default());
+    let config = StreamConfig::default().with_handshake(config);
+    let server = {
+        let (identity, policy, config) = (identity.clone(), policy.clone(), config.clone());
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            stream::accept(tcp, &identity, policy, config)
+                .await
+                .map(|s| s.peer_vat_id())
+        })
+    };
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let client = stream::connect(tcp, identity, policy.clone(), config)
+        .await
+        .map(|s| s.peer_vat_id());
+    let client_vat = client.clone();
+    // The refusing initiator hangs up; drop its stream before waiting.
+    let server = bounded("the responder", PATIENCE, server).await.unwrap();
+    let asked = policy.0.load(std::sync::atomic::Ordering::Relaxed);
+    (client_vat, server, asked)
+}
+
+/// A handshake whose peer proves this side's own VatId is refused by
+/// default, at both ends, before the policy is asked (a TOFU policy would
+/// otherwise record the vat's own key); an explicit opt-in allows it.
+#[tokio::test(flavor = "current_thread")]
+async fn a_reflected_handshake_is_refused_before_the_policy_sees_it() {
+    let me = Identity::generate();
+    let (client, server, asked) = reflect(&me, Default::default()).await;
+    match client {
+        Err(Error::PeerRefused { vat_id, reason }) => {
+            assert_eq!(vat_id, me.vat_id());
+            assert!(reason.contains("reflected"), "{reason}");
+        }
+        other => panic!("the initiator accepted itself: {other:?}"),
+    }
+    assert!(
+        server.is_err(),
+        "the responder accepted a reflected handshake"
+    );
+    assert_eq!(asked, 0, "the policy was asked about the vat itself");
+
+    let allowed = capnp_noise::wire::HandshakeConfig::default().allowing_self(true);
+    let (client, server, asked) = reflect(&me, allowed).await;
+    assert_eq!(client.unwrap(), me.vat_id());
+    assert_eq!(server.unwrap(), me.vat_id());
+    assert_eq!(asked, 2);
+}

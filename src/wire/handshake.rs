@@ -49,6 +49,13 @@ pub struct HandshakeConfig {
     pub suites: Vec<Suite>,
     /// Settings of the session the handshake turns into.
     pub session: SessionConfig,
+    /// Accept a peer whose VatId is this side's own. Default `false`: such
+    /// a handshake fails with [`Error::PeerRefused`] before the policy is
+    /// asked (so a TOFU policy never records it), because a vat that meets
+    /// itself is almost always a connection reflected back to its own
+    /// listener by a man in the middle (SPEC.md section 5.4). Set it only in
+    /// a program that deliberately talks to itself.
+    pub allow_self: bool,
 }
 
 impl Default for HandshakeConfig {
@@ -60,6 +67,7 @@ impl Default for HandshakeConfig {
         HandshakeConfig {
             suites,
             session: SessionConfig::default(),
+            allow_self: false,
         }
     }
 }
@@ -72,7 +80,16 @@ impl HandshakeConfig {
             ..Default::default()
         }
     }
+
+    /// Sets [`allow_self`](Self::allow_self).
+    pub fn allowing_self(mut self, allow: bool) -> Self {
+        self.allow_self = allow;
+        self
+    }
 }
+
+/// The reason a handshake with oneself is refused.
+pub(crate) const REFLECTED: &str = "the peer is this vat itself: a connection reflected back to its own listener (HandshakeConfig::allow_self permits it)";
 
 /// Message 1: the initiator's ephemeral key, with an empty payload.
 const MSG1_LEN: usize = DH_LEN;
@@ -98,6 +115,9 @@ pub struct Handshake {
     config: HandshakeConfig,
     policy: Arc<dyn PeerPolicy>,
     ctx: PeerContext,
+    /// This side's VatId: a peer proving the same one is refused unless
+    /// `config.allow_self`.
+    own: VatId,
     local_payload: Arc<[u8]>,
     static_key: Arc<super::resolver::StaticKeyPair>,
     fixed_ephemeral: Option<Zeroizing<[u8; 32]>>,
@@ -234,6 +254,7 @@ impl Handshake {
             config,
             policy,
             ctx,
+            own: identity.vat_id(),
             local_payload: identity.handshake_payload().clone(),
             static_key: identity.noise_static_key().clone(),
             fixed_ephemeral,
@@ -637,6 +658,12 @@ impl Handshake {
             .and_then(|s| s.try_into().ok())
             .ok_or(Error::BadIdentityProof("no Noise static key was received"))?;
         let vat_id = payload::authenticate(&buf[..n], &rs)?;
+        if vat_id == self.own && !self.config.allow_self {
+            return Err(Error::PeerRefused {
+                vat_id,
+                reason: REFLECTED.into(),
+            });
+        }
         self.policy
             .check(&vat_id, &self.ctx)
             .map_err(|r| Error::PeerRefused {
