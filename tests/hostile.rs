@@ -283,3 +283,63 @@ async fn a_reflected_handshake_is_refused_before_the_policy_sees_it() {
     assert_eq!(server.unwrap(), me.vat_id());
     assert_eq!(asked, 2);
 }
+
+/// A receive buffer in which frames were decrypted in place (the reader's
+/// buffer was smaller than a frame) goes back to the thread's pool of
+/// spares when the stream goes idle, and the next session to grow a buffer,
+/// possibly another peer's, takes it: it must not hold this one's plaintext.
+#[tokio::test(flavor = "current_thread")]
+async fn released_receive_buffers_hold_no_plaintext() {
+    use capnp_noise::stream::{self, StreamConfig};
+    use capnp_noise::AnyVat;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const SECRET: &[u8] = b"another peer's plaintext, ";
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (server_id, client_id) = (Identity::generate(), Identity::generate());
+    let accept = async {
+        let (tcp, _) = listener.accept().await.unwrap();
+        stream::accept(
+            tcp,
+            &server_id,
+            std::sync::Arc::new(AnyVat),
+            StreamConfig::default(),
+        )
+        .await
+        .unwrap()
+    };
+    let connect = async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream::connect(
+            tcp,
+            &client_id,
+            std::sync::Arc::new(AnyVat),
+            StreamConfig::default(),
+        )
+        .await
+        .unwrap()
+    };
+    let (mut reader, mut writer) = tokio::join!(accept, connect);
+    let secret: Vec<u8> = SECRET.iter().copied().cycle().take(60_000).collect();
+    let send = async {
+        writer.write_all(&secret).await.unwrap();
+        writer.flush().await.unwrap();
+    };
+    let receive = async {
+        let mut got = Vec::new();
+        let mut small = [0u8; 512];
+        while got.len() < secret.len() {
+            let n = reader.read(&mut small).await.unwrap();
+            got.extend_from_slice(&small[..n]);
+        }
+        got
+    };
+    let ((), got) = tokio::join!(send, receive);
+    assert_eq!(got, secret);
+    reader.shrink_buffers();
+    writer.shrink_buffers();
+    assert!(
+        !capnp_noise::wire::spare_buffers_hold(SECRET),
+        "a spare buffer holds the plaintext of a released session"
+    );
+}
