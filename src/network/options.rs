@@ -1,0 +1,78 @@
+//! [`NetworkOptions`]: the settings of a [`Network`](super::Network).
+
+use std::time::Duration;
+
+use capnp::message::ReaderOptions;
+
+use crate::intro::HandoffLimits;
+use crate::stream::DEFAULT_HANDSHAKE_TIMEOUT;
+use crate::sturdy::Address;
+use crate::wire::HandshakeConfig;
+
+/// Settings of a [`Network`](super::Network).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct NetworkOptions {
+    /// Suites proposed and accepted, and session settings.
+    pub handshake: HandshakeConfig,
+    /// The longest one outgoing TCP connect may take, and then the handshake;
+    /// also bounds `Vat.hello` and `provide`. Default 10 s.
+    pub connect_timeout: Duration,
+    /// The longest an incoming handshake may take. Default
+    /// [`DEFAULT_HANDSHAKE_TIMEOUT`].
+    pub handshake_timeout: Duration,
+    /// Incoming handshakes past message 1 at once (see
+    /// [`crate::admission`]). Default 64.
+    pub max_handshakes: usize,
+    /// Of those, at most this many from one source address (IPv4 address,
+    /// IPv6 /64); more wait, unanswered, for one of theirs to end. Default 16.
+    pub max_handshakes_per_source: usize,
+    /// How long an incoming handshake that fails after message 1 keeps its
+    /// slot (see [`crate::admission`]). Default 1 s.
+    pub handshake_failure_hold: Duration,
+    /// Connections open at once, in both directions. At the limit incoming
+    /// connections wait and dials fail. Default 1024.
+    pub max_connections: usize,
+    /// Close a connection after it moved no bytes for about this long (between
+    /// once and 1.5 times it). Capabilities obtained over it break, as with
+    /// any disconnect; a call waiting that long without traffic fails too.
+    /// Default `None`: connections stay until a side closes them.
+    pub idle_timeout: Option<Duration>,
+    /// Limits on incoming messages.
+    pub reader_options: ReaderOptions,
+    /// The addresses this vat tells others (in introductions of its
+    /// capabilities). Empty (the default): the listener's local address.
+    pub advertised_addresses: Vec<Address>,
+    /// The most vats in the address book. Default 4096.
+    pub max_known_vats: usize,
+    /// The provider's handoff table: entries, waiting redeems, how long a
+    /// redeem waits for the introducer's request (`max_wait`, default 30 s).
+    pub handoff: HandoffLimits,
+    /// How long introductions made by [`Network::introduce`](super::Network::introduce) are valid.
+    /// Default 5 minutes.
+    pub introduction_lifetime: Duration,
+    /// The longest [`Network::redeem`](super::Network::redeem) waits for the provider's answer
+    /// (which may itself wait for the introducer's request). Default 60 s.
+    pub redeem_timeout: Duration,
+}
+
+impl Default for NetworkOptions {
+    fn default() -> Self {
+        NetworkOptions {
+            handshake: HandshakeConfig::default(),
+            connect_timeout: Duration::from_secs(10),
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_handshakes: crate::admission::DEFAULT_MAX_HANDSHAKES,
+            max_handshakes_per_source: crate::admission::DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
+            handshake_failure_hold: crate::admission::DEFAULT_FAILURE_HOLD,
+            max_connections: 1024,
+            idle_timeout: None,
+            reader_options: ReaderOptions::new(),
+            advertised_addresses: Vec::new(),
+            max_known_vats: 4096,
+            handoff: HandoffLimits::default(),
+            introduction_lifetime: Duration::from_secs(300),
+            redeem_timeout: Duration::from_secs(60),
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! One connection per pair of vats: dialing a peer, and the crossed-dial
+//! tie-break of SPEC.md §12.3 (the pair keeps the connection initiated by
+//! the vat with the lower VatId; see the [module docs](super)).
+
+use std::pin::pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::{FutureExt, LocalBoxFuture, Shared};
+use tracing::debug;
+
+use crate::error::{Error, Result};
+use crate::policy::Pinned;
+use crate::rpc::{self};
+use crate::vat_id::VatId;
+
+use super::connections::{io_error, shut_down_error, Conn, Inner, Status};
+
+/// How long the lower vat keeps a connection that lost the tie-break, in case
+/// the higher vat does not close it after being told.
+const LOSER_GRACE: Duration = Duration::from_secs(5);
+/// Dials one [`Network::connect`] starts at most before giving up.
+const MAX_DIALS_PER_CONNECT: usize = 2;
+/// The reason `Vat.hello` fails with on a connection that lost the tie-break.
+pub(crate) const CROSSED: &str =
+    "crossed dial: the vat with the lower VatId keeps the connection it initiated";
+
+pub(super) type DialFuture = Shared<LocalBoxFuture<'static, Result<Dialed>>>;
+
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Dialed {
+    /// Our connection became the pair's connection.
+    Installed,
+    /// The peer (the lower VatId) keeps the connection it initiated.
+    Crossed,
+}
+
+impl Inner {
+    /// The pair's connection to `vat`, opening it if needed.
+    pub(super) async fn live(self: &Rc<Self>, vat: &VatId) -> Result<Rc<Conn>> {
+        if *vat == self.vat_id {
+            return Err(Error::Config(
+                "a vat does not connect to itself: use its capabilities directly".into(),
+            ));
+        }
+        let deadline = tokio::time::Instant::now() + 2 * self.options.connect_timeout;
+        let mut dials = 0;
+        let mut last_error = None;
+        loop {
+            let mut notified = pin!(self.changed.notified());
+            notified.as_mut().enable();
+            let dial = {
+                let mut st = self.state.borrow_mut();
+                if st.shut_down {
+                    return Err(shut_down_error());
+                }
+                let slot = st.peers.entry(*vat).or_default();
+                if let Some(live) = &slot.live {
+                    return Ok(live.clone());
+                }
+                match &slot.dial {
+                    Some(dial) => dial.clone(),
+                    None if dials >= MAX_DIALS_PER_CONNECT => {
+                        if slot.live.is_none() && slot.dial.is_none() {
+                            st.peers.remove(vat);
+                        }
+                        return Err(last_error.unwrap_or_else(|| {
+                            io_error(
+                                std::io::ErrorKind::TimedOut,
+                                format!("no connection to {vat} could be agreed on"),
+                            )
+                        }));
+                    }
+                    None => {
+                        dials += 1;
+                        let dial = dial(self.clone(), *vat).boxed_local().shared();
+                        slot.dial = Some(dial.clone());
+                        dial
+                    }
+                }
+            };
+            match dial.await {
+                Ok(Dialed::Installed) => {}
+                Ok(Dialed::Crossed) => {
+                    // The peer's own connection is on its way: wait for it.
+                    if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                        last_error = Some(io_error(
+                            std::io::ErrorKind::TimedOut,
+                            format!("{vat} kept its own connection, which did not arrive in time"),
+                        ));
+                    }
+                }
+                Err(e) => {
+                    let arrived = self
+                        .state
+                        .borrow()
+                        .peers
+                        .get(vat)
+                        .is_some_and(|s| s.live.is_some());
+                    if !arrived {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Decides the tie-break for `conn`, a connection the peer (the higher
+    /// VatId) initiated: called by the peer's `Vat.hello`.
+    pub(crate) async fn decide(self: &Rc<Self>, conn: &Rc<Conn>) -> Result<(), capnp::Error> {
+        let crossed = || Err(capnp::Error::failed(CROSSED.into()));
+        loop {
+            match conn.status.get() {
+                Status::Live => return Ok(()),
+                Status::Lost | Status::Closed => return crossed(),
+                Status::Candidate if conn.we_initiated || self.vat_id > conn.info.vat_id => {
+                    // Only the lower vat decides, on connections it received.
+                    return crossed();
+                }
+                Status::Candidate => {}
+            }
+            let (dial, live) = {
+                let st = self.state.borrow();
+                if st.shut_down {
+                    return Err(capnp::Error::disconnected("shutting down".into()));
+                }
+                match st.peers.get(&conn.info.vat_id) {
+                    Some(slot) => (slot.dial.clone(), slot.live.clone()),
+                    None => (None, None),
+                }
+            };
+            if let Some(dial) = dial {
+                let _ = dial.await;
+                continue;
+            }
+            match live {
+                Some(live) if live.we_initiated => {
+                    // Our own connection exists: a crossed dial (the peer will
+                    // get ours), or one the peer has lost track of. Ask it.
+                    let probe = live.root.hello_request().send().promise;
+                    let alive = matches!(
+                        tokio::time::timeout(self.options.connect_timeout, probe).await,
+                        Ok(Ok(_))
+                    );
+                    if conn.status.get() != Status::Candidate {
+                        continue;
+                    }
+                    if alive && live.status.get() == Status::Live {
+                        conn.status.set(Status::Lost);
+                        let weak = Rc::downgrade(self);
+                        let loser = conn.clone();
+                        tokio::task::spawn_local(async move {
+                            tokio::time::sleep(LOSER_GRACE).await;
+                            if let Some(inner) = weak.upgrade() {
+                                inner.close(&loser);
+                            }
+                        });
+                        return crossed();
+                    }
+                    if live.status.get() == Status::Live {
+                        self.close(&live);
+                    }
+                    self.install(conn);
+                }
+                _ => self.install(conn),
+            }
+        }
+    }
+}
+
+/// One outgoing dial to `vat`, shared by every caller waiting for it.
+async fn dial(inner: Rc<Inner>, vat: VatId) -> Result<Dialed> {
+    let result = dial_addresses(&inner, vat).await;
+    {
+        let mut st = inner.state.borrow_mut();
+        if let Some(slot) = st.peers.get_mut(&vat) {
+            slot.dial = None;
+            if slot.live.is_none() {
+                st.peers.remove(&vat);
+            }
+        }
+    }
+    inner.changed.notify_waiters();
+    result
+}
+
+async fn dial_addresses(inner: &Rc<Inner>, vat: VatId) -> Result<Dialed> {
+    let addresses = inner.state.borrow_mut().book.get(&vat);
+    if addresses.is_empty() {
+        return Err(Error::Config(format!("no address is known for {vat}")));
+    }
+    let permit = inner.permits.clone().try_acquire_owned().map_err(|_| {
+        io_error(
+            std::io::ErrorKind::ResourceBusy,
+            format!(
+                "the network already has {} connections open",
+                inner.options.max_connections
+            ),
+        )
+    })?;
+    let mut last = None;
+    for address in addresses {
+        let dialed = rpc::dial(
+            address.to_string(),
+            &inner.identity,
+            Arc::new(Pinned(vat)),
+            inner.options.handshake.clone(),
+            inner.options.connect_timeout,
+        )
+        .await;
+        match dialed {
+            Ok((stream, info)) => {
+                if inner.state.borrow().shut_down {
+                    return Err(shut_down_error());
+                }
+                let conn = inner.establish(stream, info, true, permit);
+                return settle_outgoing(inner, conn).await;
+            }
+            Err(e) => {
+                debug!(peer = %vat.fingerprint(), %address, error = %e, "dial failed");
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| Error::Config(format!("no address is known for {vat}"))))
+}
+
+/// Decides whether our new outgoing connection is the pair's connection.
+async fn settle_outgoing(inner: &Rc<Inner>, conn: Rc<Conn>) -> Result<Dialed> {
+    if inner.vat_id < conn.info.vat_id {
+        // Ours is the lower VatId: the connection we initiate always wins.
+        inner.install(&conn);
+        return Ok(Dialed::Installed);
+    }
+    let hello = conn.root.hello_request().send().promise;
+    let answer = tokio::time::timeout(inner.options.connect_timeout, hello).await;
+    match answer {
+        Ok(Ok(_)) if conn.status.get() == Status::Candidate => {
+            inner.install(&conn);
+            Ok(Dialed::Installed)
+        }
+        Ok(Ok(_)) => Ok(Dialed::Crossed),
+        Ok(Err(e)) if e.to_string().contains(CROSSED) => {
+            debug!(peer = %conn.info.vat_id.fingerprint(), "crossed dial: using the peer's connection");
+            inner.close(&conn);
+            Ok(Dialed::Crossed)
+        }
+        Ok(Err(e)) => {
+            inner.close(&conn);
+            Err(io_error(
+                std::io::ErrorKind::ConnectionAborted,
+                format!(
+                    "{} closed the connection (it may have refused this vat's identity): {e}",
+                    conn.info.vat_id
+                ),
+            ))
+        }
+        Err(_) => {
+            inner.close(&conn);
+            Err(Error::HandshakeTimeout(inner.options.connect_timeout))
+        }
+    }
+}
