@@ -343,3 +343,85 @@ async fn released_receive_buffers_hold_no_plaintext() {
         "a spare buffer holds the plaintext of a released session"
     );
 }
+
+/// A provider that refuses every redeem with a reason written to forge log
+/// lines and recolour a terminal.
+struct LyingProvider;
+
+/// The reason [`LyingProvider`] gives: a fake log line, a terminal escape,
+/// a direction override, and 500 more characters.
+fn lying_reason() -> String {
+    format!(
+        "no\n2026-12-07T02:00:00Z INFO capnp_noise: introduction redeemed\x1b[2J\u{202e}{}",
+        "x".repeat(500)
+    )
+}
+
+impl capnp_noise::schema::network_capnp::vat::Server for LyingProvider {
+    async fn hello(
+        self: capnp::capability::Rc<Self>,
+        _: capnp_noise::schema::network_capnp::vat::HelloParams,
+        _: capnp_noise::schema::network_capnp::vat::HelloResults,
+    ) -> Result<(), capnp::Error> {
+        Ok(())
+    }
+
+    async fn accept(
+        self: capnp::capability::Rc<Self>,
+        _: capnp_noise::schema::network_capnp::vat::AcceptParams,
+        mut results: capnp_noise::schema::network_capnp::vat::AcceptResults,
+    ) -> Result<(), capnp::Error> {
+        let mut r = results.get();
+        r.set_error(capnp_noise::schema::network_capnp::HandoffError::Malformed);
+        r.set_reason(lying_reason());
+        Ok(())
+    }
+}
+
+/// A provider's refusal reason is the peer's text: what reaches the
+/// redeemer's error (and so its logs) is shortened and has its control
+/// characters escaped.
+#[tokio::test(flavor = "current_thread")]
+async fn a_providers_reason_cannot_forge_log_lines() {
+    local(async {
+        let provider = Identity::generate();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::task::spawn_local(capnp_noise::rpc::serve(
+            listener,
+            provider.clone(),
+            std::sync::Arc::new(capnp_noise::AnyVat),
+            Default::default(),
+            |_: &PeerInfo| {
+                capnp_rpc::new_client::<capnp_noise::schema::network_capnp::vat::Client, _>(
+                    LyingProvider,
+                )
+            },
+        ));
+        let alice = vat(Default::default()).await;
+        let intro = Introduction::new(
+            &Identity::generate(),
+            provider.vat_id(),
+            vec![addr.to_string().parse().unwrap()],
+            alice.vat_id(),
+            random_nonce(),
+            SystemTime::now() + Duration::from_secs(300),
+        )
+        .unwrap();
+        let e = alice.redeem::<office::Client>(&intro).await;
+        let IntroductionError::Malformed(reason) = refusal(e) else {
+            panic!("expected the provider's Malformed");
+        };
+        assert!(reason.starts_with("no\\n2026"), "{reason}");
+        assert!(!reason.chars().any(|c| c.is_control()), "{reason:?}");
+        assert!(!reason.contains('\u{202e}'), "{reason:?}");
+        assert!(reason.contains("\\u{1b}[2J"), "{reason:?}");
+        assert!(reason.ends_with("..."), "{reason:?}");
+        assert!(
+            reason.chars().count() < 250,
+            "{} characters",
+            reason.chars().count()
+        );
+    })
+    .await;
+}

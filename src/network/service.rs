@@ -78,7 +78,33 @@ fn code(e: &Error) -> HandoffError {
     }
 }
 
-/// The local error for the provider's answer `error` with its `reason`.
+/// The most characters of a peer's `reason` kept (before escaping).
+pub(crate) const MAX_REASON_CHARS: usize = 200;
+
+/// A peer's free text, made safe to log and display: at most
+/// [`MAX_REASON_CHARS`] characters (a longer text ends in "..."), with
+/// control characters (newlines, terminal escapes) and Unicode direction
+/// overrides escaped, so that it cannot forge log lines or reorder what a
+/// reader sees.
+pub(crate) fn printable(text: &str) -> String {
+    let mut out = String::new();
+    let mut chars = text.chars();
+    for c in chars.by_ref().take(MAX_REASON_CHARS) {
+        let bidi = matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        if c.is_control() || bidi {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    if chars.next().is_some() {
+        out.push_str("...");
+    }
+    out
+}
+
+/// The local error for the provider's answer `error` with its `reason`
+/// (the peer's text, made [`printable`]).
 ///
 /// # Errors
 /// The refusal, if `error` is not `none`.
@@ -86,13 +112,10 @@ pub(crate) fn check(
     error: std::result::Result<HandoffError, capnp::NotInSchema>,
     reason: capnp::Result<capnp::text::Reader<'_>>,
 ) -> Result<()> {
-    let reason = reason
-        .ok()
-        .and_then(|r| r.to_str().ok())
-        .unwrap_or("")
-        .chars()
-        .take(512)
-        .collect::<String>();
+    let reason = match reason {
+        Ok(r) => printable(r.to_str().unwrap_or("<not UTF-8>")),
+        Err(_) => String::new(),
+    };
     let e = match error {
         Ok(HandoffError::None) => return Ok(()),
         Ok(HandoffError::Malformed) => IntroductionError::Malformed(reason),
