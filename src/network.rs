@@ -68,7 +68,12 @@
 //!
 //! # Limits
 //!
-//! Connections in all ([`NetworkOptions::max_connections`]), handshakes at
+//! Connections in all ([`NetworkOptions::max_connections`], part of them
+//! kept for dials: [`NetworkOptions::reserved_for_dials`]), unauthenticated
+//! connections per source address and the time they have to speak
+//! ([`NetworkOptions::max_unauthenticated_per_source`],
+//! [`NetworkOptions::first_message_timeout`]), connections waiting for a
+//! peer's `hello` ([`NetworkOptions::max_unsettled_per_vat`]), handshakes at
 //! once, known vats ([`NetworkOptions::max_known_vats`], 16 addresses each),
 //! the provider's handoff table ([`NetworkOptions::handoff`]), and every wait:
 //! dials and `hello` ([`NetworkOptions::connect_timeout`]), redeems

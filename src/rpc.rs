@@ -84,6 +84,11 @@
 //!   hold much; connections are limited too
 //!   ([`ServerOptions::max_connections`]): at the limit the server stops
 //!   accepting until one ends (new clients wait in the kernel's backlog).
+//!   So that one host cannot hold them all with connections that say
+//!   nothing, a source address has at most
+//!   [`ServerOptions::max_unauthenticated_per_source`] connections not yet
+//!   authenticated (more are closed at once), and each must deliver its
+//!   message 1 within [`ServerOptions::first_message_timeout`].
 //! * Incoming messages are bounded by [`capnp::message::ReaderOptions`]
 //!   (default traversal limit 8 Mi words = 64 MiB per message); set
 //!   `reader_options` on both ends to the largest message you expect.
@@ -111,7 +116,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use crate::admission::{HandshakeSlots, DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_SOURCE};
+use crate::admission::{
+    HandshakeSlots, UnauthenticatedLimit, DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
+};
 use crate::error::{Error, Result};
 use crate::identity::Identity;
 use crate::policy::PeerPolicy;
@@ -173,6 +180,17 @@ pub struct ServerOptions {
     pub handshake_failure_hold: Duration,
     /// Connections open at once, handshaking or established. Default 1024.
     pub max_connections: usize,
+    /// Connections from one source address (IPv4 address, IPv6 /64) open
+    /// and not yet authenticated; more are closed as soon as they are
+    /// accepted, so that one host cannot hold `max_connections` (see
+    /// [`UnauthenticatedLimit`](crate::admission::UnauthenticatedLimit)).
+    /// Default
+    /// [`DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE`](crate::admission::DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE), 64.
+    pub max_unauthenticated_per_source: usize,
+    /// How long a new connection has to deliver its preamble and message 1
+    /// (see [`StreamConfig::first_message_timeout`]). Default
+    /// [`DEFAULT_FIRST_MESSAGE_TIMEOUT`](crate::admission::DEFAULT_FIRST_MESSAGE_TIMEOUT), 3 s.
+    pub first_message_timeout: Duration,
     /// Limits on incoming messages (traversal limit, nesting).
     pub reader_options: ReaderOptions,
 }
@@ -186,6 +204,9 @@ impl Default for ServerOptions {
             max_handshakes_per_source: DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
             handshake_failure_hold: crate::admission::DEFAULT_FAILURE_HOLD,
             max_connections: 1024,
+            max_unauthenticated_per_source:
+                crate::admission::DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE,
+            first_message_timeout: crate::admission::DEFAULT_FIRST_MESSAGE_TIMEOUT,
             reader_options: ReaderOptions::new(),
         }
     }
@@ -255,6 +276,8 @@ pub async fn serve<F, C>(
             ),
             handshake: options.handshake,
             timeout: options.handshake_timeout,
+            first_message_timeout: options.first_message_timeout,
+            unauthenticated: UnauthenticatedLimit::new(options.max_unauthenticated_per_source),
         },
         reader_options: options.reader_options,
         bootstrap,
@@ -308,21 +331,34 @@ pub(crate) struct Acceptor {
     pub(crate) slots: HandshakeSlots,
     pub(crate) handshake: HandshakeConfig,
     pub(crate) timeout: Duration,
+    pub(crate) first_message_timeout: Duration,
+    pub(crate) unauthenticated: UnauthenticatedLimit,
 }
 
 impl Acceptor {
-    /// Runs the responder's handshake on `tcp`, within the timeout and the
-    /// handshake slots. Logs and returns `None` when it fails, the peer is
-    /// refused or no slot is free in time.
+    /// Runs the responder's handshake on `tcp`, within the timeouts, the
+    /// handshake slots and its source's share of unauthenticated
+    /// connections. Logs and returns `None` when it fails, the peer is
+    /// refused, its source has too many connections handshaking, or no slot
+    /// is free in time.
     pub(crate) async fn handshake(
         &self,
         tcp: TcpStream,
         addr: SocketAddr,
     ) -> Option<(NoiseStream<TcpStream>, PeerInfo)> {
+        let Some(_unauthenticated) = self.unauthenticated.try_acquire(addr.ip()) else {
+            debug!(
+                %addr,
+                limit = self.unauthenticated.max_per_source(),
+                "closed: its source has too many connections not yet authenticated"
+            );
+            return None;
+        };
         let _ = tcp.set_nodelay(true);
         let config = StreamConfig::default()
             .with_handshake(self.handshake.clone())
             .with_handshake_timeout(Some(self.timeout))
+            .with_first_message_timeout(Some(self.first_message_timeout))
             .with_remote_addr(addr)
             .with_handshake_slots(self.slots.clone());
         match stream::accept(tcp, &self.identity, self.policy.clone(), config).await {

@@ -79,6 +79,10 @@ impl Server {
                 options.max_handshakes_per_source = PER_SOURCE;
                 options.handshake_timeout = TIMEOUT;
                 options.handshake_failure_hold = hold;
+                // The handshake slots alone: the cap on a source's
+                // unauthenticated connections would close most of the
+                // flood at accept (tests/hostile.rs tests it).
+                options.max_unauthenticated_per_source = 1000;
                 tokio::task::spawn_local(rpc::serve(
                     listener,
                     id,

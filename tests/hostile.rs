@@ -11,6 +11,7 @@ use capnp_noise::intro::{random_nonce, Introduction};
 use capnp_noise::network::{Network, NetworkOptions};
 use capnp_noise::rpc::PeerInfo;
 use capnp_noise::{Error, Identity, IntroductionError};
+use capnp_noise_test::hostile::RawVat;
 use capnp_noise_test::office::Office;
 use capnp_noise_test::schema::demo_capnp::office;
 use capnp_noise_test::support::{bounded, local, whoami};
@@ -422,6 +423,124 @@ async fn a_providers_reason_cannot_forge_log_lines() {
             "{} characters",
             reason.chars().count()
         );
+    })
+    .await;
+}
+
+/// Carol, listening with `max_connections = 32` (4 of them kept for her own
+/// dials) and the given limits on unauthenticated connections; her
+/// handshake timeout is long (30 s), so that only the limits under test
+/// can free what an attacker holds.
+async fn crowded_carol(per_source: usize, first_message: Duration, reserved: usize) -> Network {
+    let mut o = NetworkOptions::default();
+    o.max_connections = 32;
+    o.reserved_for_dials = reserved;
+    o.max_unauthenticated_per_source = per_source;
+    o.first_message_timeout = first_message;
+    o.handshake_timeout = Duration::from_secs(30);
+    vat(o).await
+}
+
+/// `n` TCP connections to `to` that never send a byte, each from its own
+/// loopback address 127.0.0.`first + i` (or all from 127.0.0.`first`).
+async fn silent_sockets(
+    to: std::net::SocketAddr,
+    n: usize,
+    first: u8,
+    one_source: bool,
+) -> Vec<tokio::net::TcpStream> {
+    let mut sockets = Vec::new();
+    for i in 0..n {
+        let last = if one_source { first } else { first + i as u8 };
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket
+            .bind(std::net::SocketAddr::from(([127, 0, 0, last], 0)))
+            .unwrap();
+        sockets.push(socket.connect(to).await.unwrap());
+    }
+    sockets
+}
+
+/// Connects `alice` to `carol` and checks who answers.
+async fn reaches(alice: &Network, carol: &Network) {
+    meet(alice, carol);
+    let office: office::Client =
+        bounded("Alice's connect", PATIENCE, alice.connect(&carol.vat_id()))
+            .await
+            .expect("an honest vat connects during the flood");
+    assert_eq!(whoami(&office).await.unwrap(), alice.vat_id().to_string());
+}
+
+/// 96 silent sockets from one address used to hold every connection permit
+/// of a vat for the whole handshake timeout: now one source holds at most
+/// `max_unauthenticated_per_source` of them, and the rest are closed as
+/// soon as they are accepted.
+#[tokio::test(flavor = "current_thread")]
+async fn one_address_cannot_hold_every_connection() {
+    local(async {
+        let carol = crowded_carol(8, Duration::from_secs(30), 4).await;
+        let addr = carol.local_addr().unwrap();
+        let _flood = silent_sockets(addr, 96, 2, true).await;
+        reaches(&vat(Default::default()).await, &carol).await;
+    })
+    .await;
+}
+
+/// Silent sockets from many addresses are closed after the first-message
+/// deadline, not the (here 30 s) handshake timeout.
+#[tokio::test(flavor = "current_thread")]
+async fn silent_connections_are_closed_at_the_first_message_deadline() {
+    local(async {
+        let carol = crowded_carol(64, Duration::from_millis(500), 4).await;
+        let addr = carol.local_addr().unwrap();
+        let _flood = silent_sockets(addr, 28, 2, false).await;
+        reaches(&vat(Default::default()).await, &carol).await;
+    })
+    .await;
+}
+
+/// Incoming connections that hold every place open to them do not keep the
+/// vat from dialing out: `reserved_for_dials` places are its own.
+#[tokio::test(flavor = "current_thread")]
+async fn a_flood_of_incoming_connections_leaves_room_for_dials() {
+    local(async {
+        let carol = crowded_carol(64, Duration::from_secs(30), 4).await;
+        let addr = carol.local_addr().unwrap();
+        let _flood = silent_sockets(addr, 40, 2, false).await;
+        let dave = vat(Default::default()).await;
+        // Let Carol accept all she may: her 28 incoming places are taken.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        reaches(&carol, &dave).await;
+    })
+    .await;
+}
+
+/// A VatId higher than `than`'s.
+fn higher_than(than: &Network) -> Identity {
+    loop {
+        let id = Identity::generate();
+        if id.vat_id() > than.vat_id() {
+            return id;
+        }
+    }
+}
+
+/// An authenticated vat that opens connections and never sends `hello`
+/// used to hold a permit per connection for twice the connect timeout:
+/// now such connections beyond `max_unsettled_per_vat` are closed at once.
+#[tokio::test(flavor = "current_thread")]
+async fn connections_that_never_say_hello_are_capped_per_vat() {
+    local(async {
+        let carol = crowded_carol(64, Duration::from_secs(30), 4).await;
+        let mallory = higher_than(&carol);
+        let mut held = Vec::new();
+        for _ in 0..28 {
+            held.push(RawVat::connect(&mallory, carol.vat_id(), carol.local_addr().unwrap()).await);
+        }
+        // Alice's connect (10 s) must not wait for Mallory's to be closed
+        // for want of hello (20 s).
+        reaches(&vat(Default::default()).await, &carol).await;
+        assert!(carol.open_connections_with(&mallory.vat_id()) <= 2);
     })
     .await;
 }

@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore};
 use tracing::info;
 
+use crate::admission::UnauthenticatedLimit;
 use crate::error::{Error, Result};
 use crate::identity::Identity;
 use crate::intro::HandoffTable;
@@ -144,9 +145,17 @@ impl NetworkBuilder {
                 ),
                 handshake: options.handshake.clone(),
                 timeout: options.handshake_timeout,
+                first_message_timeout: options.first_message_timeout,
+                unauthenticated: UnauthenticatedLimit::new(options.max_unauthenticated_per_source),
             },
             identity: self.identity,
             permits: Arc::new(Semaphore::new(options.max_connections.max(1))),
+            inbound: Arc::new(Semaphore::new(
+                options
+                    .max_connections
+                    .saturating_sub(options.reserved_for_dials)
+                    .max(1),
+            )),
             advertised,
             local,
             bootstrap: self.bootstrap.unwrap_or_else(|| {

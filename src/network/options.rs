@@ -33,12 +33,40 @@ pub struct NetworkOptions {
     /// Connections open at once, in both directions. At the limit incoming
     /// connections wait and dials fail. Default 1024.
     pub max_connections: usize,
+    /// Of `max_connections`, this many are kept for this vat's own dials:
+    /// incoming connections hold at most `max_connections -
+    /// reserved_for_dials` (at least one), so a flood of incoming
+    /// connections cannot keep the vat from dialing out. Default 64
+    /// (capped at `max_connections - 1`).
+    pub reserved_for_dials: usize,
+    /// Incoming connections from one source address (IPv4 address, IPv6
+    /// /64) open and not yet authenticated; more are closed as soon as they
+    /// are accepted (see
+    /// [`UnauthenticatedLimit`](crate::admission::UnauthenticatedLimit)).
+    /// Default
+    /// [`DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE`](crate::admission::DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE), 64.
+    pub max_unauthenticated_per_source: usize,
+    /// How long a new incoming connection has to deliver its preamble and
+    /// message 1, separately from the handshake timeout (see
+    /// [`StreamConfig::first_message_timeout`](crate::stream::StreamConfig::first_message_timeout)).
+    /// Default
+    /// [`DEFAULT_FIRST_MESSAGE_TIMEOUT`](crate::admission::DEFAULT_FIRST_MESSAGE_TIMEOUT), 3 s.
+    pub first_message_timeout: Duration,
+    /// Incoming connections from one authenticated vat that wait for its
+    /// `Vat.hello` (those a vat with a higher VatId initiated, SPEC.md
+    /// §12.3); a further one is closed at once. Default 2: a crossed dial
+    /// and a redial.
+    pub max_unsettled_per_vat: usize,
     /// Close a connection after it moved no bytes for about this long (between
     /// once and 1.5 times it). Capabilities obtained over it break, as with
     /// any disconnect; a call waiting that long without traffic fails too.
     /// Default `None`: connections stay until a side closes them.
     pub idle_timeout: Option<Duration>,
-    /// Limits on incoming messages.
+    /// Limits on incoming messages, application calls included. Default:
+    /// a traversal limit of 1 Mi words (8 MiB) per message, nesting 64.
+    /// The network's own `Vat` calls need far less, and check the sizes of
+    /// what they read themselves (SPEC.md §12.4.2); raise it if the
+    /// application sends larger messages.
     pub reader_options: ReaderOptions,
     /// The addresses this vat tells others (in introductions of its
     /// capabilities). Empty (the default): the listener's local address.
@@ -66,8 +94,16 @@ impl Default for NetworkOptions {
             max_handshakes_per_source: crate::admission::DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
             handshake_failure_hold: crate::admission::DEFAULT_FAILURE_HOLD,
             max_connections: 1024,
+            reserved_for_dials: 64,
+            max_unauthenticated_per_source:
+                crate::admission::DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE,
+            first_message_timeout: crate::admission::DEFAULT_FIRST_MESSAGE_TIMEOUT,
+            max_unsettled_per_vat: 2,
             idle_timeout: None,
-            reader_options: ReaderOptions::new(),
+            reader_options: ReaderOptions {
+                traversal_limit_in_words: Some(1 << 20),
+                nesting_limit: 64,
+            },
             advertised_addresses: Vec::new(),
             max_known_vats: 4096,
             handoff: HandoffLimits::default(),

@@ -15,7 +15,7 @@ use crate::policy::Pinned;
 use crate::rpc::{self};
 use crate::vat_id::VatId;
 
-use super::connections::{io_error, shut_down_error, Conn, Inner, Status};
+use super::connections::{io_error, shut_down_error, Conn, ConnPermit, Inner, Status};
 
 /// How long the lower vat keeps a connection that lost the tie-break, in case
 /// the higher vat does not close it after being told.
@@ -214,7 +214,7 @@ async fn dial_addresses(inner: &Rc<Inner>, vat: VatId) -> Result<Dialed> {
                 if inner.state.borrow().shut_down {
                     return Err(shut_down_error());
                 }
-                let conn = inner.establish(stream, info, true, permit);
+                let conn = inner.establish(stream, info, true, ConnPermit::outgoing(permit));
                 return settle_outgoing(inner, conn).await;
             }
             Err(e) => {

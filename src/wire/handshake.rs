@@ -356,6 +356,15 @@ impl Handshake {
         self.require_admission = self.role == Role::Responder;
     }
 
+    /// True once a responder has received the preamble and a well-formed
+    /// message 1 (always true for an initiator).
+    pub fn received_message_1(&self) -> bool {
+        !matches!(
+            self.state,
+            State::ResponderAwaitPreamble | State::ResponderAwaitMsg1
+        )
+    }
+
     /// True while a responder holds a well-formed message 1 and waits for
     /// [`admit`](Self::admit) (see [`require_admission`](Self::require_admission)).
     pub fn awaits_admission(&self) -> bool {
