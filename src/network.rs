@@ -175,8 +175,10 @@ impl Network {
         &self.inner.options
     }
 
-    /// Adds addresses where `vat` can be reached to the address book (after
-    /// those already known; at most 16 per vat).
+    /// Adds configured addresses where `vat` can be reached to the address
+    /// book: after the configured ones already known and before any learned
+    /// from an introduction (which give way if the 16 places are full).
+    /// Configured addresses are never forgotten for failing.
     pub fn add_addresses(&self, vat: VatId, addresses: &[Address]) {
         self.inner.state.borrow_mut().book.learn(vat, addresses);
     }

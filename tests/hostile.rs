@@ -544,3 +544,65 @@ async fn connections_that_never_say_hello_are_capped_per_vat() {
     })
     .await;
 }
+
+/// `n` loopback addresses where nothing listens (connections are refused).
+async fn dead_addresses(n: usize) -> Vec<capnp_noise::sturdy::Address> {
+    let mut dead = Vec::new();
+    for _ in 0..n {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        dead.push(l.local_addr().unwrap().to_string().parse().unwrap());
+    }
+    dead
+}
+
+/// Any vat can sign an introduction naming any provider: Mallory's hints for
+/// Dave used to fill Alice's 16 address slots for Dave, so that the genuine
+/// address of a later introduction was dropped and every connect to Dave
+/// tried Mallory's addresses. Now hints serve their own redeem only, and
+/// one is kept only once a connection pinned to Dave succeeded through it.
+#[tokio::test(flavor = "current_thread")]
+async fn an_introducers_address_hints_do_not_poison_the_address_book() {
+    local(async {
+        let (alice, dave) = (vat(Default::default()).await, vat(Default::default()).await);
+        let mallory = Identity::generate();
+        let poisoned = Introduction::new(
+            &mallory,
+            dave.vat_id(),
+            dead_addresses(16).await,
+            alice.vat_id(),
+            random_nonce(),
+            SystemTime::now() + Duration::from_secs(300),
+        )
+        .unwrap();
+        let r = bounded(
+            "the poisoned redeem",
+            PATIENCE,
+            alice.redeem::<office::Client>(&poisoned),
+        )
+        .await;
+        assert!(r.is_err(), "nothing answers at Mallory's addresses");
+        assert!(
+            alice.addresses(&dave.vat_id()).is_empty(),
+            "hints that failed are not kept"
+        );
+
+        // Bob genuinely introduces his Office at Dave to Alice.
+        let bob = vat(Default::default()).await;
+        meet(&bob, &dave);
+        let at_dave: office::Client = bob.connect(&dave.vat_id()).await.unwrap();
+        let intro = bob
+            .introduce(&at_dave, &dave.vat_id(), &alice.vat_id())
+            .await
+            .unwrap();
+        let office: office::Client = bounded("the genuine redeem", PATIENCE, alice.redeem(&intro))
+            .await
+            .expect("the genuine address is tried");
+        assert_eq!(whoami(&office).await.unwrap(), bob.vat_id().to_string());
+        assert_eq!(
+            alice.addresses(&dave.vat_id()),
+            dave.advertised_addresses(),
+            "learned once it worked"
+        );
+    })
+    .await;
+}

@@ -136,9 +136,12 @@ impl Network {
 
     /// Alice's side of an introduction: checks it (the introducer's
     /// signature, the expiry, that it is for this vat), connects straight to
-    /// its provider (at the addresses known or named in the introduction,
-    /// pinned to the provider's VatId), presents it, and returns the
-    /// capability. Calls on it go to the provider directly.
+    /// its provider (pinned to the provider's VatId, at the addresses known
+    /// for it, then at those the introduction names: these are the
+    /// introducer's word, used for this redeem only, and one is kept in the
+    /// address book only if the connection succeeded through it), presents
+    /// it, and returns the capability. Calls on it go to the provider
+    /// directly.
     ///
     /// # Errors
     /// [`Error::Introduction`]: the local check's refusal, or the
@@ -154,10 +157,13 @@ impl Network {
                 "this vat is the introduction's provider: nothing to redeem elsewhere".into(),
             ));
         }
-        self.add_addresses(provider, introduction.provider_addresses());
+        // The hints are the introducer's word: used for this redeem only,
+        // after the addresses known for the provider, and kept only if a
+        // connection pinned to the provider succeeds through one.
+        let hints = introduction.provider_addresses();
         let mut retried = false;
         let reply = loop {
-            let conn = self.inner.live(&provider).await?;
+            let conn = self.inner.live_via(&provider, hints).await?;
             let mut call = conn.root.accept_request();
             introduction
                 .write_to(call.get().init_completion().init_contact())

@@ -13,6 +13,7 @@ use tracing::debug;
 use crate::error::{Error, Result};
 use crate::policy::Pinned;
 use crate::rpc::{self};
+use crate::sturdy::{Address, MAX_ADDRESSES};
 use crate::vat_id::VatId;
 
 use super::connections::{io_error, shut_down_error, Conn, ConnPermit, Inner, Status};
@@ -39,6 +40,17 @@ pub(super) enum Dialed {
 impl Inner {
     /// The pair's connection to `vat`, opening it if needed.
     pub(super) async fn live(self: &Rc<Self>, vat: &VatId) -> Result<Rc<Conn>> {
+        self.live_via(vat, &[]).await
+    }
+
+    /// The pair's connection to `vat`, opening it if needed at the
+    /// addresses known for it and then at `hints` (an introduction's
+    /// addresses, used for this connection only: one that works is kept).
+    pub(super) async fn live_via(
+        self: &Rc<Self>,
+        vat: &VatId,
+        hints: &[Address],
+    ) -> Result<Rc<Conn>> {
         if *vat == self.vat_id {
             return Err(Error::Config(
                 "a vat does not connect to itself: use its capabilities directly".into(),
@@ -74,7 +86,9 @@ impl Inner {
                     }
                     None => {
                         dials += 1;
-                        let dial = dial(self.clone(), *vat).boxed_local().shared();
+                        let dial = dial(self.clone(), *vat, hints.to_vec())
+                            .boxed_local()
+                            .shared();
                         slot.dial = Some(dial.clone());
                         dial
                     }
@@ -170,8 +184,8 @@ impl Inner {
 }
 
 /// One outgoing dial to `vat`, shared by every caller waiting for it.
-async fn dial(inner: Rc<Inner>, vat: VatId) -> Result<Dialed> {
-    let result = dial_addresses(&inner, vat).await;
+async fn dial(inner: Rc<Inner>, vat: VatId, hints: Vec<Address>) -> Result<Dialed> {
+    let result = dial_addresses(&inner, vat, &hints).await;
     {
         let mut st = inner.state.borrow_mut();
         if let Some(slot) = st.peers.get_mut(&vat) {
@@ -185,8 +199,13 @@ async fn dial(inner: Rc<Inner>, vat: VatId) -> Result<Dialed> {
     result
 }
 
-async fn dial_addresses(inner: &Rc<Inner>, vat: VatId) -> Result<Dialed> {
-    let addresses = inner.state.borrow_mut().book.get(&vat);
+async fn dial_addresses(inner: &Rc<Inner>, vat: VatId, hints: &[Address]) -> Result<Dialed> {
+    let mut addresses = inner.state.borrow_mut().book.get(&vat);
+    for hint in hints.iter().take(MAX_ADDRESSES) {
+        if !addresses.contains(hint) {
+            addresses.push(hint.clone());
+        }
+    }
     if addresses.is_empty() {
         return Err(Error::Config(format!("no address is known for {vat}")));
     }
@@ -214,11 +233,14 @@ async fn dial_addresses(inner: &Rc<Inner>, vat: VatId) -> Result<Dialed> {
                 if inner.state.borrow().shut_down {
                     return Err(shut_down_error());
                 }
+                // Pinned to `vat`: the address is proven to lead there.
+                inner.state.borrow_mut().book.confirm(vat, &address);
                 let conn = inner.establish(stream, info, true, ConnPermit::outgoing(permit));
                 return settle_outgoing(inner, conn).await;
             }
             Err(e) => {
                 debug!(peer = %vat.fingerprint(), %address, error = %e, "dial failed");
+                inner.state.borrow_mut().book.failed(&vat, &address);
                 last = Some(e);
             }
         }
