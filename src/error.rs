@@ -155,6 +155,14 @@ pub enum IntroductionError {
         "the capability is not hosted by the provider vat itself, so it cannot be introduced there"
     )]
     NotHosted,
+    /// The provider hands off no capability without a hook that builds what
+    /// each redeemer gets (`NetworkBuilder::on_redeem`): an object bound to
+    /// the vat that introduced it would otherwise answer the redeemer as
+    /// that vat. On the wire this is `notHosted`.
+    #[error(
+        "the provider hands off no capability: it has no on_redeem hook to build each redeemer its own"
+    )]
+    NotIntroducible,
 }
 
 /// The ways a peer's bytes can violate the wire protocol (SPEC.md).

@@ -40,6 +40,14 @@
 //! capability. Alice's calls then go to Carol directly and keep working
 //! after Bob has gone.
 //!
+//! Carol hands off only what her application decides, per redeemer: an
+//! object bound to its caller (the per-peer bootstrap captures the caller's
+//! VatId) must not reach Alice as it is, or it would answer her as Bob. So
+//! a provider without a [`NetworkBuilder::on_redeem`] hook, which builds
+//! each redeemer its own object, refuses every `provide`
+//! ([`NetworkBuilder::hand_off_as_is`] is that hook for vats whose objects
+//! do not depend on who calls).
+//!
 //! Every connection's bootstrap capability is a `Vat` (`schema/network.capnp`)
 //! carrying the handoff calls; the application's own bootstrap capability,
 //! built per peer by the factory given to [`NetworkBuilder::bootstrap`], is

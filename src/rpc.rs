@@ -13,7 +13,10 @@
 //! with a [`PeerInfo`]. Capture the VatId in the server object, and every
 //! method then knows which vat is calling, with no "login" call and nothing
 //! the caller could forge. The factory can also decide what to expose: a
-//! different capability per caller, or a restricted one.
+//! different capability per caller, or a restricted one. Such an object
+//! speaks for its caller: do not hand it to anyone else (a network refuses
+//! to introduce it unless its `on_redeem` hook builds each redeemer its
+//! own: see [`crate::network`]).
 //!
 //! ```no_run
 //! use capnp_noise::rpc::{self, PeerInfo, ServerOptions};

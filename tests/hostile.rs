@@ -12,26 +12,16 @@ use capnp_noise::network::{Network, NetworkOptions};
 use capnp_noise::rpc::PeerInfo;
 use capnp_noise::{Error, Identity, IntroductionError};
 use capnp_noise_test::hostile::RawVat;
-use capnp_noise_test::office::Office;
 use capnp_noise_test::schema::demo_capnp::office;
 use capnp_noise_test::support::{bounded, local, whoami};
 
 /// Generous: these tests run on a loaded 2-core machine.
 const PATIENCE: Duration = Duration::from_secs(60);
 
-/// A vat serving each peer an `Office` bound to the peer's VatId.
+/// A vat serving each peer an `Office` bound to the peer's VatId, and each
+/// redeemer of one its own.
 async fn vat_with(identity: Identity, options: NetworkOptions) -> Network {
-    Network::builder(identity)
-        .listen("127.0.0.1:0".parse().unwrap())
-        .options(options)
-        .bootstrap(|peer: &PeerInfo| {
-            capnp_rpc::new_client::<office::Client, _>(Office {
-                caller: peer.vat_id,
-            })
-        })
-        .start()
-        .await
-        .unwrap()
+    capnp_noise_test::office::office_vat(identity, "127.0.0.1:0", options).await
 }
 
 async fn vat(options: NetworkOptions) -> Network {
@@ -105,7 +95,7 @@ async fn withdrawals_of_unknown_nonces_do_not_fill_the_table_for_others() {
             .await
             .expect("Bob's provide is not refused for Mallory's withdrawals");
         let office: office::Client = alice.redeem(&intro).await.unwrap();
-        assert_eq!(whoami(&office).await.unwrap(), bob.vat_id().to_string());
+        assert_eq!(whoami(&office).await.unwrap(), alice.vat_id().to_string());
         // Mallory's 16, Bob's redemption record.
         assert_eq!(carol.handoff_counts().0, 17, "Mallory's own share, no more");
     })
@@ -172,7 +162,7 @@ async fn one_introducer_cannot_fill_the_waiting_redeems() {
             .await
             .unwrap()
             .expect("Alice's early redeem found room to wait");
-        assert_eq!(whoami(&office).await.unwrap(), bob.vat_id().to_string());
+        assert_eq!(whoami(&office).await.unwrap(), alice.vat_id().to_string());
         carol.shutdown().await;
     })
     .await;
@@ -597,12 +587,52 @@ async fn an_introducers_address_hints_do_not_poison_the_address_book() {
         let office: office::Client = bounded("the genuine redeem", PATIENCE, alice.redeem(&intro))
             .await
             .expect("the genuine address is tried");
-        assert_eq!(whoami(&office).await.unwrap(), bob.vat_id().to_string());
+        assert_eq!(whoami(&office).await.unwrap(), alice.vat_id().to_string());
         assert_eq!(
             alice.addresses(&dave.vat_id()),
             dave.advertised_addresses(),
             "learned once it worked"
         );
+    })
+    .await;
+}
+
+/// The per-peer bootstrap object captures its caller's VatId, as the docs
+/// recommend: introduced as it is, it would answer Alice as Bob, even
+/// after Bob is gone. A provider without a hook that builds each redeemer
+/// its own now hands off nothing.
+#[tokio::test(flavor = "current_thread")]
+async fn an_object_bound_to_its_caller_is_not_handed_to_another() {
+    local(async {
+        let carol = Network::builder(Identity::generate())
+            .listen("127.0.0.1:0".parse().unwrap())
+            .bootstrap(|peer: &PeerInfo| {
+                capnp_rpc::new_client::<office::Client, _>(capnp_noise_test::office::Office {
+                    caller: peer.vat_id,
+                })
+            })
+            .start()
+            .await
+            .unwrap();
+        let (alice, bob) = (vat(Default::default()).await, vat(Default::default()).await);
+        meet(&bob, &carol);
+        let at_carol: office::Client = bob.connect(&carol.vat_id()).await.unwrap();
+        assert_eq!(whoami(&at_carol).await.unwrap(), bob.vat_id().to_string());
+        let introduced = bob
+            .introduce(&at_carol, &carol.vat_id(), &alice.vat_id())
+            .await;
+        match introduced {
+            Err(Error::Introduction(IntroductionError::NotHosted)) => {}
+            Err(e) => panic!("refused for another reason: {e}"),
+            Ok(intro) => {
+                let office: office::Client = alice.redeem(&intro).await.unwrap();
+                panic!(
+                    "Alice got Bob's Office: it answers her as {}",
+                    whoami(&office).await.unwrap()
+                );
+            }
+        }
+        assert_eq!(carol.handoff_counts(), (0, 0));
     })
     .await;
 }

@@ -4,23 +4,16 @@
 
 use capnp_noise_test::office;
 
-use std::cell::RefCell;
 use std::future::Future;
-use std::rc::Rc;
 use std::time::{Duration, SystemTime};
 
-use capnp::capability::FromClientHook;
 use capnp_noise::intro::{random_nonce, Introduction, ThirdPartyToAwait};
-use capnp_noise::network::{Network, NetworkOptions, Redeemed};
-use capnp_noise::rpc::PeerInfo;
+use capnp_noise::network::{Network, NetworkOptions};
 use capnp_noise::schema::network_capnp::{third_party_to_contact, HandoffError};
 use capnp_noise::{Error, Identity, IntroductionError, VatId};
 use capnp_noise_test::schema::demo_capnp::office as office_capnp;
-use capnp_rpc::CapabilityServerSet;
 use office::Office;
 use tokio::task::LocalSet;
-
-type Offices = Rc<RefCell<CapabilityServerSet<Office, office_capnp::Client>>>;
 
 async fn local<F: Future>(f: F) -> F::Output {
     LocalSet::new().run_until(f).await
@@ -29,34 +22,7 @@ async fn local<F: Future>(f: F) -> F::Output {
 /// A vat that serves each peer an `Office` bound to the peer's VatId and,
 /// as a provider, gives the redeemer of an introduced `Office` its own.
 async fn vat_with(identity: Identity, listen: &str, options: NetworkOptions) -> Network {
-    let offices: Offices = Rc::default();
-    let (for_peers, for_redeemers) = (offices.clone(), offices);
-    Network::builder(identity)
-        .listen(listen.parse().unwrap())
-        .options(options)
-        .bootstrap(move |peer: &PeerInfo| {
-            for_peers.borrow_mut().new_client(Office {
-                caller: peer.vat_id,
-            })
-        })
-        .on_redeem(move |r: &Redeemed, cap| {
-            let office: office_capnp::Client = cap.clone().cast_to();
-            let ours = for_redeemers
-                .borrow()
-                .get_local_server_of_resolved(&office)
-                .is_some();
-            if ours {
-                for_redeemers
-                    .borrow_mut()
-                    .new_client(Office { caller: r.redeemer })
-                    .client
-            } else {
-                cap
-            }
-        })
-        .start()
-        .await
-        .unwrap()
+    office::office_vat(identity, listen, options).await
 }
 
 async fn vat(options: NetworkOptions) -> Network {

@@ -77,6 +77,11 @@ impl NetworkBuilder {
     /// The application's bootstrap capability for each peer, built once per
     /// connection from the peer's authenticated [`PeerInfo`] (when the peer
     /// first asks for it). Without it, peers get a broken capability.
+    ///
+    /// Capturing `peer.vat_id` in the object is how it knows who calls; such
+    /// an object speaks for that peer, and must not reach anyone else as it
+    /// is: introductions of it are refused unless
+    /// [`on_redeem`](Self::on_redeem) builds each redeemer its own.
     pub fn bootstrap<F, C>(mut self, factory: F) -> Self
     where
         F: Fn(&PeerInfo) -> C + 'static,
@@ -89,17 +94,38 @@ impl NetworkBuilder {
     }
 
     /// Called when this vat, as provider, hands out a capability to the
-    /// redeemer of an introduction: returns what the redeemer gets (by
-    /// default the capability the introducer set aside). capnp-rpc tells a
-    /// server nothing about who calls; this is where a provider learns the
-    /// redeemer's authenticated VatId, for example to give it a facet of
-    /// its own (find the object with a [`CapabilityServerSet`]).
+    /// redeemer of an introduction: returns what the redeemer gets, given
+    /// the capability the introducer set aside. capnp-rpc tells a server
+    /// nothing about who calls; this is where a provider learns the
+    /// redeemer's authenticated VatId, to give it an object of its own
+    /// (find the introduced object with a [`CapabilityServerSet`]).
+    ///
+    /// **Without this hook a provider hands off nothing**: `provide` is
+    /// refused ([`IntroductionError::NotIntroducible`](crate::IntroductionError::NotIntroducible),
+    /// `notHosted` on the wire). An object made for one peer, such as the
+    /// per-peer bootstrap that captures the caller's VatId (see
+    /// [`bootstrap`](Self::bootstrap)), would otherwise reach the redeemer
+    /// as it is and answer it as the introducer, even after the introducer
+    /// is gone. The hook must therefore build the redeemer's own object for
+    /// every object that depends on who calls, and may return the
+    /// capability as it is only for objects that do not (see
+    /// [`hand_off_as_is`](Self::hand_off_as_is)).
     pub fn on_redeem<F>(mut self, hook: F) -> Self
     where
         F: Fn(&Redeemed, capnp::capability::Client) -> capnp::capability::Client + 'static,
     {
         self.on_redeem = Some(Box::new(hook));
         self
+    }
+
+    /// Hands every introduced capability to its redeemer as it is: the
+    /// [`on_redeem`](Self::on_redeem) hook that returns its argument. Only
+    /// for a vat none of whose objects depends on who calls it: an object
+    /// bound to its caller (the per-peer bootstrap that captures the peer's
+    /// VatId, anything made from it) would answer the redeemer as the vat
+    /// that introduced it.
+    pub fn hand_off_as_is(self) -> Self {
+        self.on_redeem(|_, cap| cap)
     }
 
     /// Binds the listener (if any) and starts accepting connections on the

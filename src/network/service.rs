@@ -71,7 +71,9 @@ fn code(e: &Error) -> HandoffError {
             IntroductionError::Timeout => HandoffError::Timeout,
             IntroductionError::Unknown => HandoffError::Unknown,
             IntroductionError::Limit(_) => HandoffError::Limit,
-            IntroductionError::NotHosted => HandoffError::NotHosted,
+            IntroductionError::NotHosted | IntroductionError::NotIntroducible => {
+                HandoffError::NotHosted
+            }
         },
         Error::Config(_) | Error::Key(_) => HandoffError::Malformed,
         _ => HandoffError::Unknown,
@@ -211,6 +213,14 @@ impl vat::Server for VatRoot {
             .map_err(|_| IntroductionError::NotHosted)?;
             if !hosted(&net, &resolved) {
                 return Err(IntroductionError::NotHosted.into());
+            }
+            // Objects are commonly bound to the peer they were made for (the
+            // per-peer bootstrap captures its VatId): handed to a redeemer as
+            // they are, they would answer it as the introducer. Only a
+            // provider whose application builds each redeemer's object hands
+            // anything off.
+            if net.on_redeem.is_none() {
+                return Err(IntroductionError::NotIntroducible.into());
             }
             let now = SystemTime::now();
             let mut st = net.state.borrow_mut();
