@@ -197,10 +197,18 @@ impl Network {
     /// returned client is pipelined: calls on it may be sent at once.
     ///
     /// # Errors
-    /// [`Error::Config`](crate::Error::Config) if no address is known or `vat` is this vat;
-    /// the errors of the dials ([`Error::PeerRefused`](crate::Error::PeerRefused) for a peer that is
-    /// not `vat`, [`Error::HandshakeTimeout`](crate::Error::HandshakeTimeout), [`Error::Io`](crate::Error::Io)); [`Error::Io`](crate::Error::Io)
-    /// if the network is shut down or at its connection limit.
+    /// [`Error::NoAddress`](crate::Error::NoAddress) if no address is
+    /// known for `vat`; [`Error::Misuse`](crate::Error::Misuse) if `vat` is
+    /// this vat; [`Error::ShutDown`](crate::Error::ShutDown);
+    /// [`Error::ConnectionLimit`](crate::Error::ConnectionLimit); the errors
+    /// of the dials ([`Error::PeerRefused`](crate::Error::PeerRefused) for a
+    /// peer that is not `vat`,
+    /// [`Error::HandshakeTimeout`](crate::Error::HandshakeTimeout),
+    /// [`Error::Io`](crate::Error::Io)); after the dial,
+    /// [`Error::ClosedByPeer`](crate::Error::ClosedByPeer) if the peer hangs
+    /// up (it may refuse this vat) and
+    /// [`Error::NoAgreedConnection`](crate::Error::NoAgreedConnection) if
+    /// crossed dials do not settle in time.
     pub async fn connect<C: FromClientHook>(&self, vat: &VatId) -> Result<C> {
         let conn = self.inner.live(vat).await?;
         Ok(C::new(conn.app().hook))

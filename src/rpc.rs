@@ -491,7 +491,10 @@ impl Connection {
 }
 
 fn capnp_error(e: capnp::Error) -> Error {
-    Error::Io(Arc::new(io::Error::other(format!("Cap'n Proto RPC: {e}"))))
+    Error::Rpc {
+        during: "connection",
+        source: e,
+    }
 }
 
 /// Builds the `RpcSystem` of one connection over `stream`.
@@ -681,13 +684,14 @@ pub async fn connect_sturdy<C: FromClientHook>(
             Err(e) => {
                 // The connection is useless without the object.
                 let _ = connection.disconnect().await;
-                Err(Error::Rpc(format!(
-                    "{} could not restore the object: {}",
-                    sturdy_ref.vat_id().fingerprint(),
-                    e.extra
-                )))
+                Err(Error::Rpc {
+                    during: "call Restorer.restore",
+                    source: e,
+                })
             }
         };
     }
-    Err(last.unwrap_or_else(|| Error::Config("the sturdy ref has no address".into())))
+    Err(last.unwrap_or(Error::NoAddress {
+        vat: *sturdy_ref.vat_id(),
+    }))
 }

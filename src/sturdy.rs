@@ -622,12 +622,12 @@ impl<T> Restorer<T> {
     /// Looks up the object id bytes a client presented (of any length).
     ///
     /// # Errors
-    /// [`Error::Key`] with the same text for an id that never existed, one
+    /// [`Error::UnknownObject`], the same for an id that never existed, one
     /// that was revoked, and one of the wrong size.
     pub fn restore(&self, object_id: &[u8]) -> Result<&T> {
         self.objects
             .get(&Self::digest(object_id))
-            .ok_or_else(|| Error::Key("no object has this id (it is wrong or was revoked)".into()))
+            .ok_or(Error::UnknownObject)
     }
 
     /// How many objects are registered.

@@ -466,6 +466,24 @@ async fn a_provider_hands_off_only_what_it_hosts() {
     .await;
 }
 
+#[tokio::test(flavor = "current_thread")]
+async fn a_refused_introduction_says_why_once() {
+    local(async {
+        let mut options = NetworkOptions::default();
+        options.handoff.max_entries_per_introducer = 1;
+        let t = three(options).await;
+        let (carol, alice) = (t.carol.vat_id(), t.alice.vat_id());
+        t.bob.introduce(&t.at_carol, &carol, &alice).await.unwrap();
+        let e = t.bob.introduce(&t.at_carol, &carol, &alice).await.fails();
+        let text = e.to_string();
+        assert_eq!(text.matches("introduction refused").count(), 1, "{text}");
+        assert_eq!(text.matches("limit reached").count(), 1, "{text}");
+        assert!(text.contains("from one introducer"), "which limit: {text}");
+        assert!(matches!(refusal(e), IntroductionError::Limit(_)));
+    })
+    .await;
+}
+
 /// Polls `f` every 5 ms for up to 5 s.
 async fn eventually(mut f: impl FnMut() -> bool) -> bool {
     for _ in 0..1000 {
@@ -594,6 +612,10 @@ async fn connect_errors_are_clear() {
     local(async {
         let (a, b) = (vat(Default::default()).await, vat(Default::default()).await);
         let e = a.connect::<office_capnp::Client>(&b.vat_id()).await.fails();
+        assert!(
+            matches!(e, Error::NoAddress { vat } if vat == b.vat_id()),
+            "{e:?}"
+        );
         assert!(e.to_string().contains("no address is known"), "{e}");
         // An address where another vat answers: refused before revealing `a`.
         let c = vat(Default::default()).await;
@@ -601,10 +623,23 @@ async fn connect_errors_are_clear() {
         let e = a.connect::<office_capnp::Client>(&b.vat_id()).await.fails();
         assert!(matches!(e, Error::PeerRefused { .. }), "{e:?}");
         let e = a.connect::<office_capnp::Client>(&a.vat_id()).await.fails();
-        assert!(matches!(e, Error::Config(_)), "{e:?}");
+        assert!(matches!(e, Error::Misuse(_)), "{e:?}");
+        // At its connection limit, a vat dials no more.
+        let mut one = NetworkOptions::default();
+        one.max_connections = 1;
+        let d = vat(one).await;
+        meet(&d, &b);
+        meet(&d, &c);
+        let _office: office_capnp::Client = d.connect(&b.vat_id()).await.unwrap();
+        let e = d.connect::<office_capnp::Client>(&c.vat_id()).await.fails();
+        assert!(matches!(e, Error::ConnectionLimit { max: 1 }), "{e:?}");
         a.shutdown().await;
         let e = a.connect::<office_capnp::Client>(&b.vat_id()).await.fails();
-        assert!(e.to_string().contains("shut down"), "{e}");
+        assert!(matches!(e, Error::ShutDown), "{e:?}");
+        assert_eq!(
+            std::io::Error::from(e).kind(),
+            std::io::ErrorKind::NotConnected
+        );
     })
     .await;
 }

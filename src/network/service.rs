@@ -73,8 +73,21 @@ fn code(e: &Error) -> HandoffError {
             IntroductionError::Limit(_) => HandoffError::Limit,
             IntroductionError::NotHosted => HandoffError::NotHosted,
         },
-        Error::Config(_) | Error::Key(_) => HandoffError::Malformed,
+        Error::Config(_) | Error::Key(_) | Error::Misuse(_) => HandoffError::Malformed,
         _ => HandoffError::Unknown,
+    }
+}
+
+/// The `reason` sent with a refusal's code: the refusal's own words, without
+/// the "introduction refused: limit reached: " that the code already says
+/// and that the receiver's [`check`] puts back in front.
+fn reason(e: &Error) -> String {
+    match e {
+        Error::Introduction(IntroductionError::Malformed(why) | IntroductionError::Limit(why)) => {
+            why.clone()
+        }
+        Error::Introduction(e) => e.to_string(),
+        other => other.to_string(),
     }
 }
 
@@ -207,7 +220,7 @@ impl vat::Server for VatRoot {
             Err(e) => {
                 tracing::info!(introducer = %self.peer.vat_id.fingerprint(), error = %e, "provide refused");
                 r.set_error(code(&e));
-                r.set_reason(e.to_string());
+                r.set_reason(reason(&e));
             }
         }
         Ok(())
@@ -278,7 +291,7 @@ impl vat::Server for VatRoot {
             Err(e) => {
                 tracing::info!(redeemer = %redeemer.fingerprint(), error = %e, "redeem refused");
                 r.set_error(code(&e));
-                r.set_reason(e.to_string());
+                r.set_reason(reason(&e));
             }
         }
         Ok(())

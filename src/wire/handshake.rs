@@ -307,7 +307,7 @@ impl Handshake {
         let mut b = snow::Builder::with_resolver(params, resolver)
             .prologue(prologue)
             .and_then(|b| b.local_private_key(self.static_key.secret()))
-            .map_err(|e| Error::Config(format!("building the Noise state: {e}")))?;
+            .map_err(|e| Error::from_snow(e, "building the Noise state"))?;
         if let Some(e) = &self.fixed_ephemeral {
             b = b.fixed_ephemeral_key_for_testing_only(e.as_ref());
         }
@@ -315,7 +315,7 @@ impl Handshake {
             Role::Initiator => b.build_initiator(),
             Role::Responder => b.build_responder(),
         }
-        .map_err(|e| Error::Config(format!("building the Noise state: {e}")))
+        .map_err(|e| Error::from_snow(e, "building the Noise state"))
     }
 
     /// Replaces the payload this side sends (tests of forged identity claims).
@@ -346,15 +346,15 @@ impl Handshake {
     /// [`pending_output`](Self::pending_output).
     ///
     /// # Errors
-    /// [`Error::Config`] if the handshake is not waiting for admission; the
+    /// [`Error::Misuse`] if the handshake is not waiting for admission; the
     /// handshake's sticky error if it failed.
     pub fn admit(&mut self) -> Result<(), Error> {
         if let Some(e) = &self.error {
             return Err(e.clone());
         }
         if self.state != State::ResponderAwaitAdmission {
-            return Err(Error::Config(
-                "admit() called on a handshake that is not waiting for admission".into(),
+            return Err(Error::Misuse(
+                "admit() called on a handshake that is not waiting for admission",
             ));
         }
         let result = self.respond_to_msg1().and_then(|()| self.advance());
@@ -659,14 +659,16 @@ impl Handshake {
     /// yet sent, move into the session.
     ///
     /// # Errors
-    /// The handshake's error if it failed, or [`Error::Config`] if it has not
+    /// The handshake's error if it failed, or [`Error::Misuse`] if it has not
     /// finished yet.
     pub fn into_session(self) -> Result<Session, Error> {
         if let Some(e) = self.error {
             return Err(e);
         }
         if self.state != State::Done {
-            return Err(Error::Config("the handshake has not finished".into()));
+            return Err(Error::Misuse(
+                "into_session() called before the handshake finished",
+            ));
         }
         let mut noise = self.noise.expect("noise state");
         // Split() (Noise §5.2): the initiator sends with the first key.

@@ -441,7 +441,7 @@ impl Session {
     /// `transport` fuzz target use it to get past the AEAD.
     ///
     /// # Errors
-    /// [`Error::Config`] if the plaintext does not fit one frame (more than
+    /// [`Error::Misuse`] if the plaintext does not fit one frame (more than
     /// 65519 bytes), leaving the session untouched; the session's sticky
     /// error; [`Error::NonceExhausted`].
     #[cfg(any(test, feature = "__test-hooks"))]
@@ -449,10 +449,7 @@ impl Session {
     pub fn seal_raw_for_tests(&mut self, plaintext: &[u8]) -> Result<Vec<u8>, Error> {
         self.check()?;
         if plaintext.len() + TAG_LEN > MAX_MESSAGE_LEN {
-            return Err(Error::Config(format!(
-                "a plaintext of {} bytes does not fit one frame",
-                plaintext.len()
-            )));
+            return Err(Error::Misuse("the plaintext does not fit one frame"));
         }
         let mut frame = vec![0u8; LENGTH_PREFIX_LEN];
         frame.extend_from_slice(plaintext);
