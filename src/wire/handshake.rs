@@ -41,7 +41,20 @@ pub enum Role {
     Responder,
 }
 
-/// Handshake settings shared by many connections.
+/// Handshake settings shared by many connections: the Noise suites and the
+/// session's settings. Start from [`Default`] (or
+/// [`HandshakeConfig::with_suite`]) and change what you need with the
+/// `with_*` setters.
+///
+/// ```
+/// use capnp_noise::wire::{HandshakeConfig, SessionConfig, Suite};
+///
+/// // A responder that accepts only ChaCha20-Poly1305 and rekeys often.
+/// let config = HandshakeConfig::default()
+///     .with_suites(vec![Suite::ChaChaPolyBlake2s])
+///     .with_session(SessionConfig::default().with_rekey_interval(1 << 20));
+/// assert_eq!(config.suites, [Suite::ChaChaPolyBlake2s]);
+/// ```
 #[derive(Debug, Clone)]
 pub struct HandshakeConfig {
     /// For an initiator: the first suite is the one it proposes. For a
@@ -73,6 +86,11 @@ impl HandshakeConfig {
         }
     }
 }
+
+setters!(HandshakeConfig {
+    with_suites => suites: Vec<Suite>,
+    with_session => session: SessionConfig,
+});
 
 /// Message 1: the initiator's ephemeral key, with an empty payload.
 const MSG1_LEN: usize = DH_LEN;

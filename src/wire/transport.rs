@@ -62,7 +62,16 @@ const TRANSPORT_BOUNDS: FrameBounds = FrameBounds {
     what: "a transport frame",
 };
 
-/// Transport settings.
+/// Transport settings (part of a
+/// [`HandshakeConfig`](super::HandshakeConfig)): start from [`Default`] and
+/// change what you need with the `with_*` setters.
+///
+/// ```
+/// use capnp_noise::wire::SessionConfig;
+///
+/// let session = SessionConfig::default().with_rekey_interval(1000);
+/// assert_eq!(session.rekey_interval, 1000);
+/// ```
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
     /// Frames sent under one key before the sender sends REKEY and moves to
@@ -77,6 +86,10 @@ impl Default for SessionConfig {
         }
     }
 }
+
+setters!(SessionConfig {
+    with_rekey_interval => rekey_interval: u64,
+});
 
 /// What the handshake established.
 #[derive(Debug, Clone)]
