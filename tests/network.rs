@@ -5,7 +5,6 @@
 use capnp_noise_test::office;
 
 use std::cell::RefCell;
-use std::future::Future;
 use std::rc::Rc;
 use std::time::{Duration, SystemTime};
 
@@ -16,15 +15,11 @@ use capnp_noise::rpc::PeerInfo;
 use capnp_noise::schema::network_capnp::{third_party_to_contact, HandoffError};
 use capnp_noise::{Error, Identity, IntroductionError, VatId};
 use capnp_noise_test::schema::demo_capnp::office as office_capnp;
+use capnp_noise_test::support::{local, whoami};
 use capnp_rpc::CapabilityServerSet;
 use office::Office;
-use tokio::task::LocalSet;
 
 type Offices = Rc<RefCell<CapabilityServerSet<Office, office_capnp::Client>>>;
-
-async fn local<F: Future>(f: F) -> F::Output {
-    LocalSet::new().run_until(f).await
-}
 
 /// A vat that serves each peer an `Office` bound to the peer's VatId and,
 /// as a provider, gives the redeemer of an introduced `Office` its own.
@@ -66,11 +61,6 @@ async fn vat(options: NetworkOptions) -> Network {
 /// Tells `a` where `b` listens.
 fn meet(a: &Network, b: &Network) {
     a.add_addresses(b.vat_id(), b.advertised_addresses());
-}
-
-async fn whoami(office: &office_capnp::Client) -> Result<String, capnp::Error> {
-    let reply = office.whoami_request().send().promise.await?;
-    Ok(reply.get()?.get_vat_id()?.to_string()?)
 }
 
 fn short_wait(millis: u64) -> NetworkOptions {
