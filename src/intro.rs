@@ -22,7 +22,10 @@
 //! runs it over capnp-rpc.
 //!
 //! This module is the sans-IO part: it never touches a socket or the clock
-//! (time is passed in as `now`).
+//! (time is passed in as `now`). A program on a [`Network`](crate::network::Network)
+//! does not need it directly: [`Network::introduce`](crate::network::Network::introduce)
+//! and [`Network::redeem`](crate::network::Network::redeem) do all of the
+//! following, and the module docs of [`crate::network`] show them at work.
 //!
 //! * [`Introduction`]: built and signed by the introducer
 //!   ([`Introduction::new`]), encoded as a `ThirdPartyToContact`

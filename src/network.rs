@@ -215,7 +215,10 @@ impl Network {
         self.inner.vat_id
     }
 
-    /// The listener's local address, if the network listens.
+    /// The listener's local address, if the network listens. To tell other
+    /// vats where to reach this one, give them
+    /// [`advertised_addresses`](Self::advertised_addresses) (by default this
+    /// address), or convert it with [`Address::try_from`].
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.inner.local
     }
