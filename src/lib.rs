@@ -14,6 +14,11 @@
 //!
 //! ## Layers
 //!
+//! Most programs use [`rpc`] (a server and its clients) or [`network`]
+//! (vats that call each other), with the identity layer; [`stream`] and
+//! [`wire`] are for other transports, custom servers and other
+//! implementations of SPEC.md.
+//!
 //! * [`wire`]: the protocol of SPEC.md as a **sans-IO core**. A
 //!   [`wire::Handshake`] (initiator or responder) takes the peer's bytes and
 //!   produces bytes to send; once finished it turns into a
