@@ -6,6 +6,7 @@ use capnp_noise_test::office;
 
 use std::cell::RefCell;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use capnp::capability::FromClientHook;
@@ -13,7 +14,7 @@ use capnp_noise::intro::{random_nonce, Introduction, ThirdPartyToAwait};
 use capnp_noise::network::{Network, NetworkOptions, Redeemed};
 use capnp_noise::rpc::PeerInfo;
 use capnp_noise::schema::network_capnp::{third_party_to_contact, HandoffError};
-use capnp_noise::{Error, Identity, IntroductionError, VatId};
+use capnp_noise::{Error, Identity, IntroductionError, Pinned, VatId};
 use capnp_noise_test::schema::demo_capnp::office as office_capnp;
 use capnp_noise_test::support::{local, whoami};
 use capnp_rpc::CapabilityServerSet;
@@ -593,6 +594,40 @@ async fn idle_connections_are_closed_and_reopened() {
         assert!(eventually(|| a.connections().is_empty() && b.connections().is_empty()).await);
         let office: office_capnp::Client = a.connect(&b.vat_id()).await.unwrap();
         assert_eq!(whoami(&office).await.unwrap(), a.vat_id().to_string());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_vat_that_refuses_the_dialer_is_a_clear_error() {
+    local(async {
+        // The dialer must have the higher VatId: it then waits for the
+        // peer's answer to `hello` before handing the connection out.
+        let (x, y) = (Identity::generate(), Identity::generate());
+        let (high, low) = if x.vat_id() > y.vat_id() {
+            (x, y)
+        } else {
+            (y, x)
+        };
+        let someone_else = Identity::generate().vat_id();
+        let refuser = Network::builder(low)
+            .listen("127.0.0.1:0".parse().unwrap())
+            .policy(Arc::new(Pinned(someone_else)))
+            .start()
+            .await
+            .unwrap();
+        let dialer = vat_with(high, "127.0.0.1:0", Default::default()).await;
+        meet(&dialer, &refuser);
+        let e = dialer
+            .connect::<office_capnp::Client>(&refuser.vat_id())
+            .await
+            .fails();
+        assert!(
+            matches!(&e, Error::ClosedByPeer { vat, .. } if *vat == refuser.vat_id()),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("may have refused this vat"), "{e}");
+        assert!(std::error::Error::source(&e).is_some(), "{e:?}");
     })
     .await;
 }
