@@ -22,7 +22,10 @@
 //! runs it over capnp-rpc.
 //!
 //! This module is the sans-IO part: it never touches a socket or the clock
-//! (time is passed in as `now`).
+//! (time is passed in as `now`). A program on a [`Network`](crate::network::Network)
+//! does not need it directly: [`Network::introduce`](crate::network::Network::introduce)
+//! and [`Network::redeem`](crate::network::Network::redeem) do all of the
+//! following, and the module docs of [`crate::network`] show them at work.
 //!
 //! * [`Introduction`]: built and signed by the introducer
 //!   ([`Introduction::new`]), encoded as a `ThirdPartyToContact`
@@ -214,16 +217,16 @@ fn malformed(why: impl Into<String>) -> Error {
 /// Unix seconds of `t`, rounded down.
 ///
 /// # Errors
-/// [`Error::Config`] if `t` is before 1970 or after [`MAX_EXPIRES_AT`].
+/// [`Error::Misuse`] if `t` is before 1970 or after [`MAX_EXPIRES_AT`].
 fn unix_secs(t: SystemTime) -> Result<u64> {
     let secs = t
         .duration_since(UNIX_EPOCH)
-        .map_err(|_| Error::Config("an expiry before 1970 cannot be encoded".into()))?
+        .map_err(|_| Error::Misuse("an expiry before 1970 cannot be encoded"))?
         .as_secs();
     if secs > MAX_EXPIRES_AT {
-        return Err(Error::Config(format!(
-            "an expiry after Unix time {MAX_EXPIRES_AT} (year 9999) cannot be encoded"
-        )));
+        return Err(Error::Misuse(
+            "an expiry after the year 9999 (MAX_EXPIRES_AT) cannot be encoded",
+        ));
     }
     Ok(secs)
 }
@@ -367,7 +370,7 @@ impl Introduction {
     /// also ask the provider to expect it ([`Introduction::to_await`]).
     ///
     /// # Errors
-    /// [`Error::Config`] if `expires_at` is before 1970 or after
+    /// [`Error::Misuse`] if `expires_at` is before 1970 or after
     /// [`MAX_EXPIRES_AT`], or there are more than [`MAX_ADDRESSES`] addresses.
     pub fn new(
         introducer: &Identity,
@@ -379,10 +382,9 @@ impl Introduction {
     ) -> Result<Self> {
         let expires_at = unix_secs(expires_at)?;
         if provider_addresses.len() > MAX_ADDRESSES {
-            return Err(Error::Config(format!(
-                "an introduction carries at most {MAX_ADDRESSES} addresses, not {}",
-                provider_addresses.len()
-            )));
+            return Err(Error::Misuse(
+                "an introduction carries at most MAX_ADDRESSES provider addresses",
+            ));
         }
         let mut message = Builder::new_default();
         {
@@ -407,7 +409,10 @@ impl Introduction {
         let canonical = message
             .get_root_as_reader::<introduction::Reader>()
             .and_then(canonical_bytes)
-            .map_err(|e| Error::Config(format!("cannot encode the introduction: {e}")))?;
+            .map_err(|source| Error::Rpc {
+                during: "encoding of the introduction",
+                source,
+            })?;
         let signature = introducer.sign(&signing_message(&canonical));
         Ok(Introduction {
             provider,
@@ -494,13 +499,13 @@ impl Introduction {
     /// then accept it only from `to`.
     ///
     /// # Errors
-    /// [`Error::Config`] if `holder` is not the current holder;
+    /// [`Error::Misuse`] if `holder` is not the current holder;
     /// [`IntroductionError::Limit`] if the chain already has
     /// [`MAX_FORWARDS`] links.
     pub fn forward(&self, holder: &Identity, to: VatId) -> Result<Introduction> {
         if holder.vat_id() != *self.holder() {
-            return Err(Error::Config(
-                "only the current holder of an introduction can forward it".into(),
+            return Err(Error::Misuse(
+                "only the current holder of an introduction can forward it",
             ));
         }
         if self.forwards.len() >= MAX_FORWARDS {
@@ -753,7 +758,7 @@ impl ThirdPartyToAwait {
     /// from [`Introduction::to_await`].
     ///
     /// # Errors
-    /// [`Error::Config`] if `expires_at` is before 1970 or after [`MAX_EXPIRES_AT`].
+    /// [`Error::Misuse`] if `expires_at` is before 1970 or after [`MAX_EXPIRES_AT`].
     pub fn new(recipient: VatId, nonce: Nonce, expires_at: SystemTime) -> Result<Self> {
         Ok(ThirdPartyToAwait {
             recipient,

@@ -20,7 +20,8 @@
 //!
 //! ```no_run
 //! use capnp_noise::rpc::{self, PeerInfo, ServerOptions};
-//! use capnp_noise_test::schema::demo_capnp::office;
+//! # use capnp_noise_test::schema::demo_capnp as office_capnp;
+//! use office_capnp::office; // your schema, compiled by capnpc (see the crate docs)
 //! use capnp_noise::{AnyVat, Identity, VatId};
 //! use std::sync::Arc;
 //!
@@ -56,11 +57,14 @@
 //! # Ok(()) }
 //! ```
 //!
-//! And the client, which requires the server's VatId:
+//! And the client, which requires the server's VatId (given to it out of
+//! band: the server prints `server.vat_id()`, the client parses that
+//! `vat1…` text with `str::parse`):
 //!
 //! ```no_run
 //! use capnp_noise::rpc::{self, ClientOptions};
-//! use capnp_noise_test::schema::demo_capnp::office;
+//! # use capnp_noise_test::schema::demo_capnp as office_capnp;
+//! use office_capnp::office; // your schema, compiled by capnpc (see the crate docs)
 //! use capnp_noise::{Identity, Pinned, VatId};
 //! use std::sync::Arc;
 //!
@@ -158,7 +162,18 @@ impl PeerInfo {
     }
 }
 
-/// Settings of [`serve`].
+/// Settings of [`serve`]: start from [`Default`] and change what you need
+/// with the `with_*` setters (the struct is `#[non_exhaustive]`).
+///
+/// ```
+/// use std::time::Duration;
+/// use capnp_noise::rpc::ServerOptions;
+///
+/// let options = ServerOptions::default()
+///     .with_max_connections(256)
+///     .with_handshake_timeout(Duration::from_secs(5));
+/// assert_eq!(options.max_connections, 256);
+/// ```
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ServerOptions {
@@ -215,7 +230,20 @@ impl Default for ServerOptions {
     }
 }
 
-/// Settings of [`connect`].
+/// Settings of [`connect`] and [`connect_sturdy`]: start from [`Default`]
+/// and change what you need with the `with_*` setters (the struct is
+/// `#[non_exhaustive]`).
+///
+/// ```
+/// use std::time::Duration;
+/// use capnp_noise::rpc::ClientOptions;
+/// use capnp_noise::wire::{HandshakeConfig, Suite};
+///
+/// let options = ClientOptions::default()
+///     .with_timeout(Duration::from_secs(3))
+///     .with_handshake(HandshakeConfig::with_suite(Suite::AesGcmSha256));
+/// assert_eq!(options.timeout, Duration::from_secs(3));
+/// ```
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ClientOptions {
@@ -237,6 +265,24 @@ impl Default for ClientOptions {
         }
     }
 }
+
+setters!(ServerOptions {
+    with_handshake => handshake: HandshakeConfig,
+    with_handshake_timeout => handshake_timeout: Duration,
+    with_max_handshakes => max_handshakes: usize,
+    with_max_handshakes_per_source => max_handshakes_per_source: usize,
+    with_handshake_failure_hold => handshake_failure_hold: Duration,
+    with_max_connections => max_connections: usize,
+    with_max_unauthenticated_per_source => max_unauthenticated_per_source: usize,
+    with_first_message_timeout => first_message_timeout: Duration,
+    with_reader_options => reader_options: ReaderOptions,
+});
+
+setters!(ClientOptions {
+    with_handshake => handshake: HandshakeConfig,
+    with_timeout => timeout: Duration,
+    with_reader_options => reader_options: ReaderOptions,
+});
 
 /// Accepts connections on `listener` forever, serving each authenticated
 /// peer its own bootstrap capability.
@@ -530,7 +576,10 @@ impl Connection {
 }
 
 fn capnp_error(e: capnp::Error) -> Error {
-    Error::Io(Arc::new(io::Error::other(format!("Cap'n Proto RPC: {e}"))))
+    Error::Rpc {
+        during: "connection",
+        source: e,
+    }
 }
 
 /// Builds the `RpcSystem` of one connection over `stream`.
@@ -720,13 +769,14 @@ pub async fn connect_sturdy<C: FromClientHook>(
             Err(e) => {
                 // The connection is useless without the object.
                 let _ = connection.disconnect().await;
-                Err(Error::Rpc(format!(
-                    "{} could not restore the object: {}",
-                    sturdy_ref.vat_id().fingerprint(),
-                    e.extra
-                )))
+                Err(Error::Rpc {
+                    during: "call Restorer.restore",
+                    source: e,
+                })
             }
         };
     }
-    Err(last.unwrap_or_else(|| Error::Config("the sturdy ref has no address".into())))
+    Err(last.unwrap_or(Error::NoAddress {
+        vat: *sturdy_ref.vat_id(),
+    }))
 }

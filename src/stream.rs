@@ -360,8 +360,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Future for Handshaking<S> {
             }
         }
         let Some(mid) = this.mid.as_mut() else {
-            return Poll::Ready(Err(Error::Config(
-                "a handshake future was polled after it completed".into(),
+            return Poll::Ready(Err(Error::Misuse(
+                "a handshake future was polled after it completed",
             )));
         };
         let poll = mid.poll_handshake(cx);
@@ -480,8 +480,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MidHandshake<S> {
             self.held = bytes[taken..].to_vec();
             Ok(())
         } else {
-            Err(Error::Config(
-                "the handshake left received bytes unconsumed".into(),
+            Err(Error::Internal(
+                "the handshake left received bytes unconsumed",
             ))
         }
     }

@@ -268,7 +268,7 @@ async fn a_reflected_handshake_is_refused_before_the_policy_sees_it() {
     );
     assert_eq!(asked, 0, "the policy was asked about the vat itself");
 
-    let allowed = capnp_noise::wire::HandshakeConfig::default().allowing_self(true);
+    let allowed = capnp_noise::wire::HandshakeConfig::default().with_allow_self(true);
     let (client, server, asked) = reflect(&me, allowed).await;
     assert_eq!(client.unwrap(), me.vat_id());
     assert_eq!(server.unwrap(), me.vat_id());

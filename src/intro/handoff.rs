@@ -52,7 +52,19 @@ use crate::error::{Error, IntroductionError, Result};
 use crate::vat_id::VatId;
 
 /// Bounds on a [`HandoffTable`]: every operation that would exceed one is refused
-/// with [`IntroductionError::Limit`].
+/// with [`IntroductionError::Limit`]. A network's are
+/// [`NetworkOptions::handoff`](crate::network::NetworkOptions::handoff).
+/// Start from [`Default`] and change what you need with the `with_*` setters:
+///
+/// ```
+/// use std::time::Duration;
+/// use capnp_noise::intro::HandoffLimits;
+///
+/// let limits = HandoffLimits::default()
+///     .with_max_entries_per_introducer(16)
+///     .with_max_wait(Duration::from_secs(5));
+/// assert_eq!(limits.max_entries_per_introducer, 16);
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HandoffLimits {
     /// The most provided entries and tombstones, in all.
@@ -81,6 +93,17 @@ pub struct HandoffLimits {
     /// caps how long tombstones are kept.
     pub max_lifetime: Duration,
 }
+
+setters!(HandoffLimits {
+    with_max_entries => max_entries: usize,
+    with_max_entries_per_introducer => max_entries_per_introducer: usize,
+    with_max_waiters => max_waiters: usize,
+    with_max_waiters_per_redeemer => max_waiters_per_redeemer: usize,
+    with_max_waiters_per_introducer => max_waiters_per_introducer: usize,
+    with_max_timed_out => max_timed_out: usize,
+    with_max_wait => max_wait: Duration,
+    with_max_lifetime => max_lifetime: Duration,
+});
 
 impl Default for HandoffLimits {
     /// 4096 entries (256 per introducer), 1024 waiters (16 per redeemer, 64

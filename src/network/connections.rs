@@ -17,7 +17,6 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::{debug, info};
 
-use crate::error::Error;
 use crate::identity::Identity;
 use crate::intro::HandoffTable;
 use crate::rpc::{self, Acceptor, PeerInfo};
@@ -128,17 +127,6 @@ impl Conn {
             })
             .clone()
     }
-}
-
-pub(super) fn io_error(kind: std::io::ErrorKind, msg: String) -> Error {
-    Error::Io(Arc::new(std::io::Error::new(kind, msg)))
-}
-
-pub(super) fn shut_down_error() -> Error {
-    io_error(
-        std::io::ErrorKind::NotConnected,
-        "the network has been shut down".into(),
-    )
 }
 
 impl Inner {

@@ -9,7 +9,23 @@ use crate::stream::DEFAULT_HANDSHAKE_TIMEOUT;
 use crate::sturdy::Address;
 use crate::wire::HandshakeConfig;
 
-/// Settings of a [`Network`](super::Network).
+/// Settings of a [`Network`](super::Network), given to
+/// [`NetworkBuilder::options`](super::NetworkBuilder::options).
+///
+/// Start from [`Default`] and change what you need with the `with_*`
+/// setters (the struct is `#[non_exhaustive]`, so a struct literal does not
+/// compile outside this crate; assigning a field of a value also works):
+///
+/// ```
+/// use std::time::Duration;
+/// use capnp_noise::network::{HandoffLimits, NetworkOptions};
+///
+/// let options = NetworkOptions::default()
+///     .with_max_connections(32)
+///     .with_idle_timeout(Some(Duration::from_secs(300)))
+///     .with_handoff(HandoffLimits::default().with_max_wait(Duration::from_secs(5)));
+/// assert_eq!(options.max_connections, 32);
+/// ```
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct NetworkOptions {
@@ -112,3 +128,24 @@ impl Default for NetworkOptions {
         }
     }
 }
+
+setters!(NetworkOptions {
+    with_handshake => handshake: HandshakeConfig,
+    with_connect_timeout => connect_timeout: Duration,
+    with_handshake_timeout => handshake_timeout: Duration,
+    with_max_handshakes => max_handshakes: usize,
+    with_max_handshakes_per_source => max_handshakes_per_source: usize,
+    with_handshake_failure_hold => handshake_failure_hold: Duration,
+    with_max_connections => max_connections: usize,
+    with_reserved_for_dials => reserved_for_dials: usize,
+    with_max_unauthenticated_per_source => max_unauthenticated_per_source: usize,
+    with_first_message_timeout => first_message_timeout: Duration,
+    with_max_unsettled_per_vat => max_unsettled_per_vat: usize,
+    with_idle_timeout => idle_timeout: Option<Duration>,
+    with_reader_options => reader_options: ReaderOptions,
+    with_advertised_addresses => advertised_addresses: Vec<Address>,
+    with_max_known_vats => max_known_vats: usize,
+    with_handoff => handoff: HandoffLimits,
+    with_introduction_lifetime => introduction_lifetime: Duration,
+    with_redeem_timeout => redeem_timeout: Duration,
+});

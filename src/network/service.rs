@@ -75,7 +75,7 @@ fn code(e: &Error) -> HandoffError {
                 HandoffError::NotHosted
             }
         },
-        Error::Config(_) | Error::Key(_) => HandoffError::Malformed,
+        Error::Config(_) | Error::Key(_) | Error::Misuse(_) => HandoffError::Malformed,
         _ => HandoffError::Unknown,
     }
 }
@@ -103,6 +103,19 @@ pub(crate) fn printable(text: &str) -> String {
         out.push_str("...");
     }
     out
+}
+
+/// The `reason` sent with a refusal's code: the refusal's own words, without
+/// the "introduction refused: limit reached: " that the code already says
+/// and that the receiver's [`check`] puts back in front.
+fn reason(e: &Error) -> String {
+    match e {
+        Error::Introduction(IntroductionError::Malformed(why) | IntroductionError::Limit(why)) => {
+            why.clone()
+        }
+        Error::Introduction(e) => e.to_string(),
+        other => other.to_string(),
+    }
 }
 
 /// The local error for the provider's answer `error` with its `reason`
@@ -240,7 +253,7 @@ impl vat::Server for VatRoot {
             Err(e) => {
                 tracing::info!(introducer = %self.peer.vat_id.fingerprint(), error = %e, "provide refused");
                 r.set_error(code(&e));
-                r.set_reason(e.to_string());
+                r.set_reason(reason(&e));
             }
         }
         Ok(())
@@ -311,7 +324,7 @@ impl vat::Server for VatRoot {
             Err(e) => {
                 tracing::info!(redeemer = %redeemer.fingerprint(), error = %e, "redeem refused");
                 r.set_error(code(&e));
-                r.set_reason(e.to_string());
+                r.set_reason(reason(&e));
             }
         }
         Ok(())

@@ -41,7 +41,20 @@ pub enum Role {
     Responder,
 }
 
-/// Handshake settings shared by many connections.
+/// Handshake settings shared by many connections: the Noise suites and the
+/// session's settings. Start from [`Default`] (or
+/// [`HandshakeConfig::with_suite`]) and change what you need with the
+/// `with_*` setters.
+///
+/// ```
+/// use capnp_noise::wire::{HandshakeConfig, SessionConfig, Suite};
+///
+/// // A responder that accepts only ChaCha20-Poly1305 and rekeys often.
+/// let config = HandshakeConfig::default()
+///     .with_suites(vec![Suite::ChaChaPolyBlake2s])
+///     .with_session(SessionConfig::default().with_rekey_interval(1 << 20));
+/// assert_eq!(config.suites, [Suite::ChaChaPolyBlake2s]);
+/// ```
 #[derive(Debug, Clone)]
 pub struct HandshakeConfig {
     /// For an initiator: the first suite is the one it proposes. For a
@@ -80,13 +93,13 @@ impl HandshakeConfig {
             ..Default::default()
         }
     }
-
-    /// Sets [`allow_self`](Self::allow_self).
-    pub fn allowing_self(mut self, allow: bool) -> Self {
-        self.allow_self = allow;
-        self
-    }
 }
+
+setters!(HandshakeConfig {
+    with_suites => suites: Vec<Suite>,
+    with_session => session: SessionConfig,
+    with_allow_self => allow_self: bool,
+});
 
 /// The reason a handshake with oneself is refused.
 pub(crate) const REFLECTED: &str = "the peer is this vat itself: a connection reflected back to its own listener (HandshakeConfig::allow_self permits it)";
@@ -328,7 +341,7 @@ impl Handshake {
         let mut b = snow::Builder::with_resolver(params, resolver)
             .prologue(prologue)
             .and_then(|b| b.local_private_key(self.static_key.secret()))
-            .map_err(|e| Error::Config(format!("building the Noise state: {e}")))?;
+            .map_err(|e| Error::from_snow(e, "building the Noise state"))?;
         if let Some(e) = &self.fixed_ephemeral {
             b = b.fixed_ephemeral_key_for_testing_only(e.as_ref());
         }
@@ -336,7 +349,7 @@ impl Handshake {
             Role::Initiator => b.build_initiator(),
             Role::Responder => b.build_responder(),
         }
-        .map_err(|e| Error::Config(format!("building the Noise state: {e}")))
+        .map_err(|e| Error::from_snow(e, "building the Noise state"))
     }
 
     /// Replaces the payload this side sends (tests of forged identity claims).
@@ -376,15 +389,15 @@ impl Handshake {
     /// [`pending_output`](Self::pending_output).
     ///
     /// # Errors
-    /// [`Error::Config`] if the handshake is not waiting for admission; the
+    /// [`Error::Misuse`] if the handshake is not waiting for admission; the
     /// handshake's sticky error if it failed.
     pub fn admit(&mut self) -> Result<(), Error> {
         if let Some(e) = &self.error {
             return Err(e.clone());
         }
         if self.state != State::ResponderAwaitAdmission {
-            return Err(Error::Config(
-                "admit() called on a handshake that is not waiting for admission".into(),
+            return Err(Error::Misuse(
+                "admit() called on a handshake that is not waiting for admission",
             ));
         }
         let result = self.respond_to_msg1().and_then(|()| self.advance());
@@ -695,14 +708,16 @@ impl Handshake {
     /// yet sent, move into the session.
     ///
     /// # Errors
-    /// The handshake's error if it failed, or [`Error::Config`] if it has not
+    /// The handshake's error if it failed, or [`Error::Misuse`] if it has not
     /// finished yet.
     pub fn into_session(self) -> Result<Session, Error> {
         if let Some(e) = self.error {
             return Err(e);
         }
         if self.state != State::Done {
-            return Err(Error::Config("the handshake has not finished".into()));
+            return Err(Error::Misuse(
+                "into_session() called before the handshake finished",
+            ));
         }
         let mut noise = self.noise.expect("noise state");
         // Split() (Noise §5.2): the initiator sends with the first key.

@@ -62,7 +62,16 @@ const TRANSPORT_BOUNDS: FrameBounds = FrameBounds {
     what: "a transport frame",
 };
 
-/// Transport settings.
+/// Transport settings (part of a
+/// [`HandshakeConfig`](super::HandshakeConfig)): start from [`Default`] and
+/// change what you need with the `with_*` setters.
+///
+/// ```
+/// use capnp_noise::wire::SessionConfig;
+///
+/// let session = SessionConfig::default().with_rekey_interval(1000);
+/// assert_eq!(session.rekey_interval, 1000);
+/// ```
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
     /// Frames sent under one key before the sender sends REKEY and moves to
@@ -77,6 +86,10 @@ impl Default for SessionConfig {
         }
     }
 }
+
+setters!(SessionConfig {
+    with_rekey_interval => rekey_interval: u64,
+});
 
 /// What the handshake established.
 #[derive(Debug, Clone)]
@@ -446,7 +459,7 @@ impl Session {
     /// `transport` fuzz target use it to get past the AEAD.
     ///
     /// # Errors
-    /// [`Error::Config`] if the plaintext does not fit one frame (more than
+    /// [`Error::Misuse`] if the plaintext does not fit one frame (more than
     /// 65519 bytes), leaving the session untouched; the session's sticky
     /// error; [`Error::NonceExhausted`].
     #[cfg(any(test, feature = "__test-hooks"))]
@@ -454,10 +467,7 @@ impl Session {
     pub fn seal_raw_for_tests(&mut self, plaintext: &[u8]) -> Result<Vec<u8>, Error> {
         self.check()?;
         if plaintext.len() + TAG_LEN > MAX_MESSAGE_LEN {
-            return Err(Error::Config(format!(
-                "a plaintext of {} bytes does not fit one frame",
-                plaintext.len()
-            )));
+            return Err(Error::Misuse("the plaintext does not fit one frame"));
         }
         let mut frame = vec![0u8; LENGTH_PREFIX_LEN];
         frame.extend_from_slice(plaintext);
