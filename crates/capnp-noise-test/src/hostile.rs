@@ -48,7 +48,16 @@ impl RawVat {
     /// # Panics
     /// If the connection or the handshake fails.
     pub async fn connect(identity: &Identity, peer: VatId, addr: SocketAddr) -> RawVat {
-        let tcp = TcpStream::connect(addr).await.expect("TCP connect");
+        RawVat::try_connect(identity, peer, addr)
+            .await
+            .expect("TCP connect and handshake")
+    }
+
+    /// Like [`connect`](Self::connect), `None` if the connection, the
+    /// handshake or the bootstrap request fails.
+    ///
+    pub async fn try_connect(identity: &Identity, peer: VatId, addr: SocketAddr) -> Option<RawVat> {
+        let tcp = TcpStream::connect(addr).await.ok()?;
         let stream = stream::connect(
             tcp,
             identity,
@@ -56,7 +65,7 @@ impl RawVat {
             StreamConfig::default(),
         )
         .await
-        .expect("handshake");
+        .ok()?;
         let mut raw = RawVat {
             stream,
             next_question: BOOTSTRAP_QUESTION + 1,
@@ -65,8 +74,10 @@ impl RawVat {
         m.init_root::<message::Builder>()
             .init_bootstrap()
             .set_question_id(BOOTSTRAP_QUESTION);
-        raw.send_words(&serialize::write_message_to_words(&m)).await;
-        raw
+        let words = serialize::write_message_to_words(&m);
+        raw.stream.write_all(&words).await.ok()?;
+        raw.stream.flush().await.ok()?;
+        Some(raw)
     }
 
     /// Calls `Vat.hello` and waits for its answer: afterwards the connection
