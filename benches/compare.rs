@@ -51,7 +51,7 @@ use std::thread;
 use std::time::Instant;
 
 use capnp_noise::admission::HandshakeSlots;
-use capnp_noise::rpc::{self, ClientOptions, ServerOptions};
+use capnp_noise::rpc::{self, ClientConfig, ServerConfig};
 use capnp_noise::stream::{self, StreamConfig};
 use capnp_noise::wire::{HandshakeConfig, Suite};
 use capnp_noise::{Identity, Pinned};
@@ -685,7 +685,7 @@ fn rpc_calls(c: &Contender, workload: Rpc, n: usize) -> Took {
                     client,
                     ..
                 } => {
-                    let mut options = ServerOptions::default();
+                    let mut options = ServerConfig::default();
                     options.handshake = HandshakeConfig::with_suite(*suite);
                     let serve = rpc::serve(
                         listener,
@@ -726,7 +726,7 @@ fn rpc_calls(c: &Contender, workload: Rpc, n: usize) -> Took {
                         client,
                         ..
                     } => {
-                        let mut options = ClientOptions::default();
+                        let mut options = ClientConfig::default();
                         options.handshake = HandshakeConfig::with_suite(*suite);
                         let (office, conn) =
                             rpc::connect(addr, client, Arc::new(Pinned(server.vat_id())), options)

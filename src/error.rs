@@ -156,7 +156,7 @@ pub enum Error {
     },
 
     /// The network already has its maximum of connections open
-    /// ([`NetworkOptions::max_connections`](crate::network::NetworkOptions::max_connections)),
+    /// ([`NetworkConfig::max_connections`](crate::network::NetworkConfig::max_connections)),
     /// so no new one is dialed.
     #[error("the network already has {max} connections open")]
     ConnectionLimit {

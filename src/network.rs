@@ -20,7 +20,7 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use capnp_noise::network::{Introduction, Network, NetworkOptions, PeerInfo, Redeemed};
+//! use capnp_noise::network::{Introduction, Network, NetworkConfig, PeerInfo, Redeemed};
 //! use capnp_noise::{Identity, VatId};
 //! # use capnp_noise_test::schema::demo_capnp as office_capnp;
 //! use office_capnp::office;
@@ -42,7 +42,7 @@
 //! async fn vat() -> capnp_noise::Result<Network> {
 //!     Network::builder(Identity::generate())
 //!         .listen("127.0.0.1:0".parse().unwrap())
-//!         .options(NetworkOptions::default().with_idle_timeout(Some(Duration::from_secs(300))))
+//!         .config(NetworkConfig::default().with_idle_timeout(Some(Duration::from_secs(300))))
 //!         .bootstrap(|peer: &PeerInfo| -> office::Client {
 //!             capnp_rpc::new_client(Office { caller: peer.vat_id })
 //!         })
@@ -110,7 +110,7 @@
 //!
 //! A dropped connection is forgotten and reopened by the next
 //! [`Network::connect`]; capabilities obtained over it are broken (as with
-//! any capnp-rpc disconnect). With [`NetworkOptions::idle_timeout`], a
+//! any capnp-rpc disconnect). With [`NetworkConfig::idle_timeout`], a
 //! connection that moves no bytes for that long is closed.
 //!
 //! # Introductions
@@ -139,18 +139,18 @@
 //!
 //! # Limits
 //!
-//! Connections in all ([`NetworkOptions::max_connections`], part of them
-//! kept for dials: [`NetworkOptions::reserved_for_dials`]), unauthenticated
+//! Connections in all ([`NetworkConfig::max_connections`], part of them
+//! kept for dials: [`NetworkConfig::reserved_for_dials`]), unauthenticated
 //! connections per source address and the time they have to speak
-//! ([`NetworkOptions::max_unauthenticated_per_source`],
-//! [`NetworkOptions::first_message_timeout`]), connections waiting for a
-//! peer's `hello` ([`NetworkOptions::max_unsettled_per_vat`]), handshakes at
-//! once, known vats ([`NetworkOptions::max_known_vats`], 16 addresses each),
-//! the provider's handoff table ([`NetworkOptions::handoff`]), and every wait:
-//! dials and `hello` ([`NetworkOptions::connect_timeout`]), redeems
-//! ([`NetworkOptions::redeem_timeout`]) and the provider's wait for the
-//! introducer ([`HandoffLimits::max_wait`]). Set them with the `with_*`
-//! setters of [`NetworkOptions`] and [`HandoffLimits`].
+//! ([`NetworkConfig::max_unauthenticated_per_source`],
+//! [`NetworkConfig::first_message_timeout`]), connections waiting for a
+//! peer's `hello` ([`NetworkConfig::max_unsettled_per_vat`]), handshakes at
+//! once, known vats ([`NetworkConfig::max_known_vats`], 16 addresses each),
+//! the provider's handoff table ([`NetworkConfig::handoff`]), and every wait:
+//! dials and `hello` ([`NetworkConfig::connect_timeout`]), redeems
+//! ([`NetworkConfig::redeem_timeout`]) and the provider's wait for the
+//! introducer ([`HandoffConfig::max_wait`]). Set them with the `with_*`
+//! setters of [`NetworkConfig`] and [`HandoffConfig`].
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -177,11 +177,11 @@ mod tiebreak;
 
 pub use builder::NetworkBuilder;
 pub use handoff::Redeemed;
-pub use options::NetworkOptions;
+pub use options::NetworkConfig;
 
 // What a network's user meets in its signatures, so that `use
 // capnp_noise::network::*` is enough to write one.
-pub use crate::intro::{HandoffLimits, Introduction, Nonce, ThirdPartyToAwait};
+pub use crate::intro::{HandoffConfig, Introduction, Nonce, ThirdPartyToAwait};
 pub use crate::rpc::PeerInfo;
 pub use crate::sturdy::{Address, SturdyRef};
 pub use crate::wire::HandshakeConfig;
@@ -226,7 +226,7 @@ impl Network {
             identity,
             listen: None,
             policy: Arc::new(AnyVat),
-            options: NetworkOptions::default(),
+            options: NetworkConfig::default(),
             bootstrap: None,
             on_redeem: None,
         }
@@ -251,7 +251,7 @@ impl Network {
     }
 
     /// The settings in force.
-    pub fn options(&self) -> &NetworkOptions {
+    pub fn config(&self) -> &NetworkConfig {
         &self.inner.options
     }
 

@@ -19,7 +19,7 @@
 //! own: see [`crate::network`]).
 //!
 //! ```no_run
-//! use capnp_noise::rpc::{self, PeerInfo, ServerOptions};
+//! use capnp_noise::rpc::{self, PeerInfo, ServerConfig};
 //! # use capnp_noise_test::schema::demo_capnp as office_capnp;
 //! use office_capnp::office; // your schema, compiled by capnpc (see the crate docs)
 //! use capnp_noise::{AnyVat, Identity, VatId};
@@ -48,7 +48,7 @@
 //!         listener,
 //!         server,
 //!         Arc::new(AnyVat), // or Pinned, an allow list, any closure
-//!         ServerOptions::default(),
+//!         ServerConfig::default(),
 //!         |peer: &PeerInfo| -> office::Client {
 //!             capnp_rpc::new_client(Office { caller: peer.vat_id })
 //!         },
@@ -62,7 +62,7 @@
 //! `vat1…` text with `str::parse`):
 //!
 //! ```no_run
-//! use capnp_noise::rpc::{self, ClientOptions};
+//! use capnp_noise::rpc::{self, ClientConfig};
 //! # use capnp_noise_test::schema::demo_capnp as office_capnp;
 //! use office_capnp::office; // your schema, compiled by capnpc (see the crate docs)
 //! use capnp_noise::{Identity, Pinned, VatId};
@@ -72,7 +72,7 @@
 //! let me = Identity::generate();
 //! // Inside a LocalSet: the RpcSystem is spawned on it.
 //! let (office, connection): (office::Client, _) =
-//!     rpc::connect("127.0.0.1:4000", &me, Arc::new(Pinned(server)), ClientOptions::default())
+//!     rpc::connect("127.0.0.1:4000", &me, Arc::new(Pinned(server)), ClientConfig::default())
 //!         .await?;
 //! let reply = office.whoami_request().send().promise.await.unwrap();
 //! assert_eq!(reply.get().unwrap().get_vat_id().unwrap().to_str().unwrap(), me.vat_id().to_string());
@@ -84,18 +84,18 @@
 //!
 //! * A connection costs no public-key work until its preamble and a
 //!   well-formed message 1 arrived; then it needs a handshake slot
-//!   ([`ServerOptions::max_handshakes`] in total,
-//!   [`ServerOptions::max_handshakes_per_source`] per source address: see
+//!   ([`ServerConfig::max_handshakes`] in total,
+//!   [`ServerConfig::max_handshakes_per_source`] per source address: see
 //!   [`crate::admission`]), and every handshake must finish within
-//!   [`ServerOptions::handshake_timeout`], so unauthenticated peers cannot
+//!   [`ServerConfig::handshake_timeout`], so unauthenticated peers cannot
 //!   hold much; connections are limited too
-//!   ([`ServerOptions::max_connections`]): at the limit the server stops
+//!   ([`ServerConfig::max_connections`]): at the limit the server stops
 //!   accepting until one ends (new clients wait in the kernel's backlog).
 //!   So that one host cannot hold them all with connections that say
 //!   nothing, a source address has at most
-//!   [`ServerOptions::max_unauthenticated_per_source`] connections not yet
+//!   [`ServerConfig::max_unauthenticated_per_source`] connections not yet
 //!   authenticated (more are closed at once), and each must deliver its
-//!   message 1 within [`ServerOptions::first_message_timeout`].
+//!   message 1 within [`ServerConfig::first_message_timeout`].
 //! * Incoming messages are bounded by [`capnp::message::ReaderOptions`]
 //!   (default traversal limit 8 Mi words = 64 MiB per message); set
 //!   `reader_options` on both ends to the largest message you expect.
@@ -167,16 +167,16 @@ impl PeerInfo {
 ///
 /// ```
 /// use std::time::Duration;
-/// use capnp_noise::rpc::ServerOptions;
+/// use capnp_noise::rpc::ServerConfig;
 ///
-/// let options = ServerOptions::default()
+/// let options = ServerConfig::default()
 ///     .with_max_connections(256)
 ///     .with_handshake_timeout(Duration::from_secs(5));
 /// assert_eq!(options.max_connections, 256);
 /// ```
 #[derive(Debug, Clone)]
 #[non_exhaustive]
-pub struct ServerOptions {
+pub struct ServerConfig {
     /// Suites accepted and session settings.
     pub handshake: HandshakeConfig,
     /// The longest a handshake may take, and the longest a new connection
@@ -213,9 +213,9 @@ pub struct ServerOptions {
     pub reader_options: ReaderOptions,
 }
 
-impl Default for ServerOptions {
+impl Default for ServerConfig {
     fn default() -> Self {
-        ServerOptions {
+        ServerConfig {
             handshake: HandshakeConfig::default(),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             max_handshakes: DEFAULT_MAX_HANDSHAKES,
@@ -236,17 +236,17 @@ impl Default for ServerOptions {
 ///
 /// ```
 /// use std::time::Duration;
-/// use capnp_noise::rpc::ClientOptions;
+/// use capnp_noise::rpc::ClientConfig;
 /// use capnp_noise::wire::{HandshakeConfig, Suite};
 ///
-/// let options = ClientOptions::default()
+/// let options = ClientConfig::default()
 ///     .with_timeout(Duration::from_secs(3))
 ///     .with_handshake(HandshakeConfig::with_suite(Suite::AesGcmSha256));
 /// assert_eq!(options.timeout, Duration::from_secs(3));
 /// ```
 #[derive(Debug, Clone)]
 #[non_exhaustive]
-pub struct ClientOptions {
+pub struct ClientConfig {
     /// The suite proposed (the first one) and session settings.
     pub handshake: HandshakeConfig,
     /// The longest the TCP connect may take, and then again the handshake.
@@ -256,9 +256,9 @@ pub struct ClientOptions {
     pub reader_options: ReaderOptions,
 }
 
-impl Default for ClientOptions {
+impl Default for ClientConfig {
     fn default() -> Self {
-        ClientOptions {
+        ClientConfig {
             handshake: HandshakeConfig::default(),
             timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             reader_options: ReaderOptions::new(),
@@ -266,7 +266,7 @@ impl Default for ClientOptions {
     }
 }
 
-setters!(ServerOptions {
+setters!(ServerConfig {
     with_handshake => handshake: HandshakeConfig,
     with_handshake_timeout => handshake_timeout: Duration,
     with_max_handshakes => max_handshakes: usize,
@@ -278,7 +278,7 @@ setters!(ServerOptions {
     with_reader_options => reader_options: ReaderOptions,
 });
 
-setters!(ClientOptions {
+setters!(ClientConfig {
     with_handshake => handshake: HandshakeConfig,
     with_timeout => timeout: Duration,
     with_reader_options => reader_options: ReaderOptions,
@@ -307,7 +307,7 @@ pub async fn serve<F, C>(
     listener: TcpListener,
     identity: Identity,
     policy: Arc<dyn PeerPolicy>,
-    options: ServerOptions,
+    options: ServerConfig,
     bootstrap: F,
 ) where
     F: Fn(&PeerInfo) -> C + 'static,
@@ -462,7 +462,7 @@ where
 /// # Errors
 /// [`Error::PeerRefused`] if `policy` refuses the server (this vat's
 /// identity was not revealed to it); [`Error::HandshakeTimeout`] if the TCP connect or the
-/// handshake takes longer than [`ClientOptions::timeout`]; [`Error::Io`];
+/// handshake takes longer than [`ClientConfig::timeout`]; [`Error::Io`];
 /// protocol errors of the handshake.
 ///
 /// # Panics
@@ -471,7 +471,7 @@ pub async fn connect<A, C>(
     addr: A,
     identity: &Identity,
     policy: Arc<dyn PeerPolicy>,
-    options: ClientOptions,
+    options: ClientConfig,
 ) -> Result<(C, Connection)>
 where
     A: ToSocketAddrs + fmt::Display,
@@ -735,7 +735,7 @@ impl restorer::Server for RestorerServer {
 pub async fn connect_sturdy<C: FromClientHook>(
     sturdy_ref: &crate::sturdy::SturdyRef,
     identity: &Identity,
-    options: ClientOptions,
+    options: ClientConfig,
 ) -> Result<(C, Connection)> {
     let policy: Arc<dyn PeerPolicy> = Arc::new(crate::policy::Pinned(*sturdy_ref.vat_id()));
     let mut last = None;

@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
-use capnp_noise::rpc::{self, ClientOptions, ServerOptions};
+use capnp_noise::rpc::{self, ClientConfig, ServerConfig};
 use capnp_noise::stream::{self, NoiseStream, StreamConfig};
 use capnp_noise::wire::{payload, Handshake, HandshakeConfig};
 use capnp_noise::{AllowList, AnyVat, Error, Identity, PeerContext, PeerPolicy, Pinned, VatId};
@@ -861,7 +861,7 @@ async fn one_at_a_time_server(handshake_timeout: Duration) -> (SocketAddr, VatId
     let addr = listener.local_addr().unwrap();
     let id = Identity::generate();
     let vat = id.vat_id();
-    let mut options = ServerOptions::default();
+    let mut options = ServerConfig::default();
     options.handshake_timeout = handshake_timeout;
     options.max_connections = 1;
     options.max_handshakes = 1;
@@ -878,7 +878,7 @@ async fn one_at_a_time_server(handshake_timeout: Duration) -> (SocketAddr, VatId
 /// A legitimate client is served: the server's only connection slot is free.
 async fn served(addr: SocketAddr, server: VatId, after: &str) {
     let me = Identity::generate();
-    let mut options = ClientOptions::default();
+    let mut options = ClientConfig::default();
     options.timeout = Duration::from_secs(5);
     let call = async {
         let (office, conn): (office_capnp::Client, _) =

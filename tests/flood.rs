@@ -28,7 +28,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use capnp_noise::rpc::{self, PeerInfo, ServerOptions};
+use capnp_noise::rpc::{self, PeerInfo, ServerConfig};
 use capnp_noise::stream::{self, StreamConfig};
 use capnp_noise::{AnyVat, Error, Identity, Pinned, VatId};
 use capnp_noise_test::fixtures as testing;
@@ -74,7 +74,7 @@ impl Server {
                 let (probe, mut probes) = mpsc::unbounded_channel::<oneshot::Sender<u64>>();
                 tx.send((listener.local_addr().unwrap(), id.vat_id(), probe))
                     .unwrap();
-                let mut options = ServerOptions::default();
+                let mut options = ServerConfig::default();
                 options.max_handshakes = TOTAL;
                 options.max_handshakes_per_source = PER_SOURCE;
                 options.handshake_timeout = TIMEOUT;

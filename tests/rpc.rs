@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use capnp::capability::Rc as CapRc;
 use capnp::message::ReaderOptions;
-use capnp_noise::rpc::{self, ClientOptions, PeerInfo, ServerOptions};
+use capnp_noise::rpc::{self, ClientConfig, PeerInfo, ServerConfig};
 use capnp_noise::stream::{self, StreamConfig};
 use capnp_noise::{AnyVat, Error, Identity, PeerContext, PeerPolicy, Pinned, Refusal, VatId};
 use capnp_noise_test::schema::demo_capnp::{callback, office as office_capnp};
@@ -29,7 +29,7 @@ struct TestServer {
     seen: Rc<RefCell<Vec<VatId>>>,
 }
 
-async fn start(policy: Arc<dyn PeerPolicy>, options: ServerOptions) -> TestServer {
+async fn start(policy: Arc<dyn PeerPolicy>, options: ServerConfig) -> TestServer {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let id = Identity::generate();
@@ -51,7 +51,7 @@ async fn start(policy: Arc<dyn PeerPolicy>, options: ServerOptions) -> TestServe
 async fn client_of(
     server: &TestServer,
     me: &Identity,
-    options: ClientOptions,
+    options: ClientConfig,
 ) -> Result<(office_capnp::Client, rpc::Connection), Error> {
     rpc::connect(
         server.addr,
@@ -64,8 +64,8 @@ async fn client_of(
 
 /// A server accepting any vat, and one client connected to it.
 async fn server_and_client(
-    server_options: ServerOptions,
-    client_options: ClientOptions,
+    server_options: ServerConfig,
+    client_options: ClientConfig,
 ) -> (TestServer, Identity, office_capnp::Client, rpc::Connection) {
     let server = start(Arc::new(AnyVat), server_options).await;
     let me = Identity::generate();
@@ -117,7 +117,7 @@ impl callback::Server for Collect {
 async fn calls_callbacks_and_capabilities_both_ways() {
     local(async {
         let (server, me, office, conn) =
-            server_and_client(ServerOptions::default(), ClientOptions::default()).await;
+            server_and_client(ServerConfig::default(), ClientConfig::default()).await;
         assert_eq!(conn.peer().vat_id, server.id.vat_id());
         assert_eq!(conn.peer().remote_addr, server.addr);
 
@@ -155,7 +155,7 @@ async fn calls_callbacks_and_capabilities_both_ways() {
 async fn hundreds_of_pipelined_calls_in_flight() {
     local(async {
         let (_, _, office, conn) =
-            server_and_client(ServerOptions::default(), ClientOptions::default()).await;
+            server_and_client(ServerConfig::default(), ClientConfig::default()).await;
         // 500 calls sent before any answer is awaited.
         let calls: Vec<_> = (0..500u32)
             .map(|i| {
@@ -198,9 +198,9 @@ async fn sixteen_mib_round_trip() {
             traversal_limit_in_words: Some(3 << 20),
             ..ReaderOptions::new()
         };
-        let mut server_options = ServerOptions::default();
+        let mut server_options = ServerConfig::default();
         server_options.reader_options = limit;
-        let mut client_options = ClientOptions::default();
+        let mut client_options = ClientConfig::default();
         client_options.reader_options = limit;
         let (_, me, office, conn) = server_and_client(server_options, client_options).await;
         let big: Vec<u8> = (0..16u32 << 20).map(|i| (i ^ (i >> 11)) as u8).collect();
@@ -209,14 +209,14 @@ async fn sixteen_mib_round_trip() {
         conn.disconnect().await.unwrap();
 
         // A server whose limit is lower refuses the message, and keeps serving.
-        let mut small = ServerOptions::default();
+        let mut small = ServerConfig::default();
         small.reader_options.traversal_limit_in_words = Some(1 << 17); // 1 MiB
         let server = start(Arc::new(AnyVat), small).await;
-        let (office, _conn) = client_of(&server, &me, ClientOptions::default())
+        let (office, _conn) = client_of(&server, &me, ClientConfig::default())
             .await
             .unwrap();
         assert!(echo(&office, &big[..4 << 20]).await.is_err());
-        let (office, conn) = client_of(&server, &me, ClientOptions::default())
+        let (office, conn) = client_of(&server, &me, ClientConfig::default())
             .await
             .unwrap();
         assert_eq!(echo(&office, &big[..1000]).await.unwrap(), &big[..1000]);
@@ -230,14 +230,14 @@ async fn a_hundred_concurrent_clients_each_seen_as_itself() {
     local(async {
         // All from 127.0.0.1: more at once than one source may have
         // handshaking by default.
-        let mut options = ServerOptions::default();
+        let mut options = ServerConfig::default();
         options.max_unauthenticated_per_source = 100;
         let server = start(Arc::new(AnyVat), options).await;
         let clients: Vec<Identity> = (0..100).map(|_| Identity::generate()).collect();
         let results = futures::future::join_all(clients.iter().map(|me| {
             let server = &server;
             async move {
-                let (office, conn) = client_of(server, me, ClientOptions::default()).await?;
+                let (office, conn) = client_of(server, me, ClientConfig::default()).await?;
                 let seen = whoami(&office)
                     .await
                     .map_err(|e| Error::Config(e.to_string()))?;
@@ -301,14 +301,14 @@ async fn client_pinned_to_another_vat_is_refused_and_server_never_learns_who() {
     let logs = Logs::default();
     let _guard = logs.capture();
     local(async {
-        let server = start(Arc::new(AnyVat), ServerOptions::default()).await;
+        let server = start(Arc::new(AnyVat), ServerConfig::default()).await;
         let me = Identity::generate();
         let expected = Identity::generate().vat_id();
         let result = rpc::connect::<_, office_capnp::Client>(
             server.addr,
             &me,
             Arc::new(Pinned(expected)),
-            ClientOptions::default(),
+            ClientConfig::default(),
         )
         .await;
         match &result.err().expect("an impostor was accepted") {
@@ -342,9 +342,9 @@ async fn server_allow_list_refuses_others_with_clear_errors_on_both_sides() {
                 Err(Refusal::new("not on the allow list"))
             }
         };
-        let server = start(Arc::new(policy), ServerOptions::default()).await;
+        let server = start(Arc::new(policy), ServerConfig::default()).await;
 
-        let (office, conn) = client_of(&server, &allowed, ClientOptions::default())
+        let (office, conn) = client_of(&server, &allowed, ClientConfig::default())
             .await
             .unwrap();
         assert_eq!(whoami(&office).await.unwrap(), allowed.vat_id().to_string());
@@ -352,7 +352,7 @@ async fn server_allow_list_refuses_others_with_clear_errors_on_both_sides() {
 
         // The stranger's handshake completes (XX authenticates the initiator
         // last), then the server hangs up: its first call says why that may be.
-        let (office, _conn) = client_of(&server, &stranger, ClientOptions::default())
+        let (office, _conn) = client_of(&server, &stranger, ClientConfig::default())
             .await
             .unwrap();
         let err = whoami(&office).await.unwrap_err();
@@ -388,7 +388,7 @@ async fn client_dies_mid_call(server: SocketAddr, pin: VatId) {
         let leftovers = rt.block_on(local(async move {
             let me = Identity::generate();
             let (office, conn): (office_capnp::Client, _) =
-                rpc::connect(server, &me, Arc::new(Pinned(pin)), ClientOptions::default())
+                rpc::connect(server, &me, Arc::new(Pinned(pin)), ClientConfig::default())
                     .await
                     .unwrap();
             let mut req = office.sleep_request();
@@ -408,11 +408,11 @@ async fn misbehaving_clients_do_not_disturb_the_others() {
     let logs = Logs::default();
     let _guard = logs.capture();
     local(async {
-        let mut options = ServerOptions::default();
+        let mut options = ServerConfig::default();
         options.handshake_timeout = Duration::from_millis(500);
         let server = start(Arc::new(AnyVat), options).await;
         let good = Identity::generate();
-        let (office, conn) = client_of(&server, &good, ClientOptions::default())
+        let (office, conn) = client_of(&server, &good, ClientConfig::default())
             .await
             .unwrap();
         let check = |step: &'static str| {
@@ -456,7 +456,7 @@ async fn misbehaving_clients_do_not_disturb_the_others() {
             server.addr,
             &Identity::generate(),
             Arc::new(Pinned(Identity::generate().vat_id())),
-            ClientOptions::default(),
+            ClientConfig::default(),
         )
         .await;
         assert!(matches!(refused, Err(Error::PeerRefused { .. })));
@@ -469,7 +469,7 @@ async fn misbehaving_clients_do_not_disturb_the_others() {
         long_call.await.expect("the call in flight completed");
         // New clients are still welcome.
         let other = Identity::generate();
-        let (office2, conn2) = client_of(&server, &other, ClientOptions::default())
+        let (office2, conn2) = client_of(&server, &other, ClientConfig::default())
             .await
             .unwrap();
         assert_eq!(whoami(&office2).await.unwrap(), other.vat_id().to_string());
@@ -488,14 +488,14 @@ async fn misbehaving_clients_do_not_disturb_the_others() {
 #[tokio::test]
 async fn connection_and_handshake_limits_hold_and_release() {
     local(async {
-        let mut options = ServerOptions::default();
+        let mut options = ServerConfig::default();
         options.max_connections = 2;
         options.max_handshakes = 1;
         options.handshake_timeout = Duration::from_millis(400);
         options.handshake_failure_hold = Duration::from_millis(600);
         let server = start(Arc::new(AnyVat), options).await;
         let quick = || {
-            let mut o = ClientOptions::default();
+            let mut o = ClientConfig::default();
             o.timeout = Duration::from_millis(250);
             o
         };

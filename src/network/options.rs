@@ -1,10 +1,10 @@
-//! [`NetworkOptions`]: the settings of a [`Network`](super::Network).
+//! [`NetworkConfig`]: the settings of a [`Network`](super::Network).
 
 use std::time::Duration;
 
 use capnp::message::ReaderOptions;
 
-use crate::intro::HandoffLimits;
+use crate::intro::HandoffConfig;
 use crate::stream::DEFAULT_HANDSHAKE_TIMEOUT;
 use crate::sturdy::Address;
 use crate::wire::HandshakeConfig;
@@ -18,19 +18,19 @@ use crate::wire::HandshakeConfig;
 ///
 /// ```
 /// use std::time::Duration;
-/// use capnp_noise::network::{HandoffLimits, NetworkOptions};
+/// use capnp_noise::network::{HandoffConfig, NetworkConfig};
 ///
 /// // 128 connections, of which 16 are kept for this vat's own dials.
-/// let options = NetworkOptions::default()
+/// let options = NetworkConfig::default()
 ///     .with_max_connections(128)
 ///     .with_reserved_for_dials(16)
 ///     .with_idle_timeout(Some(Duration::from_secs(300)))
-///     .with_handoff(HandoffLimits::default().with_max_wait(Duration::from_secs(5)));
+///     .with_handoff(HandoffConfig::default().with_max_wait(Duration::from_secs(5)));
 /// assert_eq!(options.max_connections, 128);
 /// ```
 #[derive(Debug, Clone)]
 #[non_exhaustive]
-pub struct NetworkOptions {
+pub struct NetworkConfig {
     /// Suites proposed and accepted, and session settings.
     pub handshake: HandshakeConfig,
     /// The longest one outgoing TCP connect may take, and then the handshake;
@@ -93,7 +93,7 @@ pub struct NetworkOptions {
     pub max_known_vats: usize,
     /// The provider's handoff table: entries, waiting redeems, how long a
     /// redeem waits for the introducer's request (`max_wait`, default 30 s).
-    pub handoff: HandoffLimits,
+    pub handoff: HandoffConfig,
     /// How long introductions made by [`Network::introduce`](super::Network::introduce) are valid.
     /// Default 5 minutes.
     pub introduction_lifetime: Duration,
@@ -102,9 +102,9 @@ pub struct NetworkOptions {
     pub redeem_timeout: Duration,
 }
 
-impl Default for NetworkOptions {
+impl Default for NetworkConfig {
     fn default() -> Self {
-        NetworkOptions {
+        NetworkConfig {
             handshake: HandshakeConfig::default(),
             connect_timeout: Duration::from_secs(10),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
@@ -124,14 +124,14 @@ impl Default for NetworkOptions {
             },
             advertised_addresses: Vec::new(),
             max_known_vats: 4096,
-            handoff: HandoffLimits::default(),
+            handoff: HandoffConfig::default(),
             introduction_lifetime: Duration::from_secs(300),
             redeem_timeout: Duration::from_secs(60),
         }
     }
 }
 
-setters!(NetworkOptions {
+setters!(NetworkConfig {
     with_handshake => handshake: HandshakeConfig,
     with_connect_timeout => connect_timeout: Duration,
     with_handshake_timeout => handshake_timeout: Duration,
@@ -147,7 +147,7 @@ setters!(NetworkOptions {
     with_reader_options => reader_options: ReaderOptions,
     with_advertised_addresses => advertised_addresses: Vec<Address>,
     with_max_known_vats => max_known_vats: usize,
-    with_handoff => handoff: HandoffLimits,
+    with_handoff => handoff: HandoffConfig,
     with_introduction_lifetime => introduction_lifetime: Duration,
     with_redeem_timeout => redeem_timeout: Duration,
 });

@@ -24,7 +24,7 @@ use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use capnp_noise::rpc::{self, PeerInfo, ServerOptions};
+use capnp_noise::rpc::{self, PeerInfo, ServerConfig};
 use capnp_noise::{Identity, Pinned, VatId};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -1033,7 +1033,7 @@ fn pycapnp_client_reaches_a_native_capnp_noise_server_through_a_tunnel_client() 
                 listener,
                 id,
                 Arc::new(Pinned(client_vat)),
-                ServerOptions::default(),
+                ServerConfig::default(),
                 |peer: &PeerInfo| office::Office::bootstrap(peer),
             )
             .await;
