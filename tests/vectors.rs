@@ -17,6 +17,9 @@ use capnp_noise::wire::{
 use capnp_noise_test::fixtures::{self, deterministic_handshakes};
 use serde_json::{json, Value};
 
+#[path = "vectors/vat_id_rejected.rs"]
+mod vat_id_rejected;
+
 fn vector_path(suite: Suite) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/vectors")
