@@ -668,3 +668,33 @@ fn admit_outside_admission_is_a_config_error_and_preamble_alone_costs_nothing() 
     let e = r.feed_eof().unwrap();
     assert!(e.to_string().contains("message 1"), "{e}");
 }
+
+/// A low-order X25519 key is a protocol violation, named as such, not a
+/// malformed payload (SPEC.md 8.2): an all-zero ephemeral in message 1 at
+/// the responder, and in message 2 at the initiator, which then sends no
+/// message 3.
+#[test]
+fn low_order_ephemeral_keys_are_protocol_violations() {
+    let suite = Suite::ChaChaPolyBlake2s;
+    let (mut i, mut r) =
+        deterministic_handshakes(suite, cfg(), Arc::new(AnyVat), Arc::new(AnyVat)).unwrap();
+    let mut first = capnp_noise::wire::preamble::encode(suite);
+    first.extend_from_slice(&[0, 32]);
+    first.extend_from_slice(&[0; 32]);
+    let mut msg2 = vec![0, 200];
+    msg2.extend_from_slice(&[0; 200]);
+    let n = i.pending_output().len();
+    i.consume_output(n);
+    for (side, input, during, next) in [
+        (&mut r, first, "handshake message 1", "message 2"),
+        (&mut i, msg2, "handshake message 2", "message 3"),
+    ] {
+        let e = side.feed(&input).unwrap_err();
+        assert!(
+            matches!(&e, Error::Protocol(ProtocolError::LowOrderKey(d)) if *d == during),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("low-order"), "{e}");
+        assert!(side.pending_output().is_empty(), "no {next}");
+    }
+}

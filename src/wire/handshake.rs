@@ -27,7 +27,7 @@ use super::{
     payload, DH_LEN, HANDSHAKE_HASH_LEN, LENGTH_PREFIX_LEN, MAX_HANDSHAKE_PAYLOAD_LEN,
     MAX_MESSAGE_LEN, TAG_LEN,
 };
-use crate::error::Error;
+use crate::error::{Error, ProtocolError};
 use crate::identity::Identity;
 use crate::policy::{PeerContext, PeerPolicy};
 use crate::vat_id::VatId;
@@ -574,7 +574,12 @@ impl Handshake {
         let mut msg2 = vec![0u8; MSG2_MIN + self.local_payload.len()];
         let n = noise
             .write_message(&self.local_payload, &mut msg2)
-            .map_err(|e| Error::from_snow(e, "handshake message 2"))?;
+            .map_err(|e| match e {
+                // Writing message 2 is where the responder first uses the
+                // initiator's ephemeral key (`ee`, `es`): the key came in message 1.
+                snow::Error::Dh => ProtocolError::LowOrderKey("handshake message 1").into(),
+                e => Error::from_snow(e, "handshake message 2"),
+            })?;
         frame::put_len(&mut self.output, n);
         self.output.extend_from_slice(&msg2[..n]);
         self.noise = Some(Box::new(noise));
