@@ -213,9 +213,6 @@ pub enum ProtocolError {
     /// A CLOSE or REKEY frame carried a body.
     #[error("a {0} frame must have an empty body")]
     NonEmptyControlFrame(&'static str),
-    /// Bytes arrived after the peer's authenticated close.
-    #[error("data arrived after the peer's authenticated close")]
-    DataAfterClose,
 }
 
 impl Error {

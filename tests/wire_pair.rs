@@ -698,3 +698,33 @@ fn low_order_ephemeral_keys_are_protocol_violations() {
         assert!(side.pending_output().is_empty(), "no {next}");
     }
 }
+
+/// SPEC.md 7.2: a receiver stops reading the peer's direction at its CLOSE.
+/// What follows (here garbage, and a zero length that would be a protocol
+/// error if it were parsed) is ignored, whether it arrives with the CLOSE
+/// or after the receiver has seen it: the end is clean either way.
+#[test]
+fn bytes_after_close_are_ignored_however_they_arrive() {
+    let after: Vec<u8> = [&[0u8, 20][..], &[7; 20], &[0, 0]].concat();
+    for together in [true, false] {
+        let (mut i, mut r) = session_pair(Suite::ChaChaPolyBlake2s, cfg()).unwrap();
+        i.write(b"before").unwrap();
+        i.close().unwrap();
+        let mut wire = i.pending_output().to_vec();
+        if together {
+            wire.extend_from_slice(&after);
+        }
+        assert_eq!(r.feed(&wire), wire.len());
+        let mut buf = [0u8; 64];
+        assert_eq!(r.read(&mut buf).unwrap(), ReadOutcome::Data(6));
+        assert_eq!(
+            r.read(&mut buf).unwrap(),
+            ReadOutcome::Closed,
+            "together: {together}"
+        );
+        assert_eq!(r.feed(&after), after.len(), "taken and dropped");
+        r.feed_eof();
+        assert_eq!(r.read(&mut buf).unwrap(), ReadOutcome::Closed);
+        assert_eq!(r.buffered_ciphertext(), 0);
+    }
+}
