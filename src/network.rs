@@ -128,7 +128,15 @@ pub(crate) const CROSSED: &str =
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct NetworkOptions {
-    /// Suites proposed and accepted, and session settings.
+    /// Suites accepted, in this vat's order of preference, and session
+    /// settings. Incoming connections may use any of them; outgoing ones
+    /// propose the first, and retry once with the mandatory suite when a
+    /// vat closes without answering it and the list holds the mandatory
+    /// suite (as [`rpc::connect`] does: see
+    /// [`HandshakeConfig::fallback_after`];
+    /// [`ConnectionInfo::peer`]'s `unanswered_suite` then names the suite
+    /// that was not answered). Default: every suite, the fastest on this
+    /// machine first.
     pub handshake: HandshakeConfig,
     /// The longest one outgoing TCP connect may take, and then the handshake;
     /// also bounds `Vat.hello` and `provide`. Default 10 s.

@@ -388,7 +388,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MidHandshake<S> {
             }
             let mut chunk = [0u8; HANDSHAKE_READ_CHUNK];
             let mut buf = ReadBuf::new(&mut chunk);
-            ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf))?;
+            match ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf)) {
+                // SPEC.md 2: before message 2 an initiator treats a reset
+                // like any other end of the stream (a responder that
+                // refuses the preamble may reset rather than close).
+                Err(e) if self.hs.role() == Role::Initiator && ends_the_stream(&e) => {}
+                r => r?,
+            }
             let got = buf.filled();
             if got.is_empty() {
                 // The handshake names the step and the likely cause.
@@ -451,6 +457,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MidHandshake<S> {
             ))
         }
     }
+}
+
+/// Whether a read error means that the peer ended the byte stream.
+fn ends_the_stream(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::UnexpectedEof
+    )
 }
 
 /// An established capnp-noise connection over the inner stream `S`.

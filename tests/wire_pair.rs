@@ -728,3 +728,64 @@ fn bytes_after_close_are_ignored_however_they_arrive() {
         assert_eq!(r.buffered_ciphertext(), 0);
     }
 }
+
+/// SPEC.md 2: the retry with the mandatory suite is due exactly after a
+/// silent close (the stream ended after message 1, before any byte of
+/// message 2), when the suite proposed was another and the initiator
+/// accepts the mandatory one; the retry proposes only the mandatory suite,
+/// so it is never retried again.
+#[test]
+fn fallback_to_the_mandatory_suite_only_after_a_silent_close() {
+    use capnp_noise::wire::EOF_BEFORE_MESSAGE_2;
+    let (aes, chacha) = (Suite::AesGcmSha256, Suite::ChaChaPolyBlake2s);
+    assert_eq!(Suite::MANDATORY, chacha);
+    let eof_after_message_1 = |config: &HandshakeConfig, msg2_bytes: usize| {
+        let (mut i, mut r) =
+            deterministic_handshakes(config.suites[0], cfg(), Arc::new(AnyVat), Arc::new(AnyVat))
+                .unwrap();
+        let first = i.pending_output().to_vec();
+        i.consume_output(first.len());
+        r.feed(&first).unwrap();
+        i.feed(&r.pending_output()[..msg2_bytes]).unwrap();
+        i.feed_eof().unwrap()
+    };
+    let preferring_aes = HandshakeConfig::with_suites([aes, chacha]);
+    let silent = eof_after_message_1(&preferring_aes, 0);
+    assert!(
+        matches!(&silent, Error::UnexpectedEof { during } if *during == EOF_BEFORE_MESSAGE_2),
+        "{silent}"
+    );
+    let retry = preferring_aes.fallback_after(&silent).expect("a retry");
+    assert_eq!(retry.suites, vec![Suite::MANDATORY]);
+    assert!(retry.fallback_after(&silent).is_none(), "only once");
+
+    let no_retry = [
+        // Only AES-GCM accepted: the initiator would not take the mandatory suite.
+        (HandshakeConfig::with_suite(aes), silent.clone()),
+        // The mandatory suite was already proposed.
+        (HandshakeConfig::with_suites([chacha, aes]), silent.clone()),
+        // Part of message 2 came: the responder accepted the suite.
+        (
+            preferring_aes.clone(),
+            eof_after_message_1(&preferring_aes, 1),
+        ),
+        // A timeout is not a close; nor is anything else.
+        (
+            preferring_aes.clone(),
+            Error::HandshakeTimeout(std::time::Duration::from_secs(10)),
+        ),
+        (
+            preferring_aes.clone(),
+            Error::Decrypt {
+                during: "handshake message 2",
+            },
+        ),
+    ];
+    for (config, error) in no_retry {
+        assert!(
+            config.fallback_after(&error).is_none(),
+            "{:?} after {error}",
+            config.suites
+        );
+    }
+}

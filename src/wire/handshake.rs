@@ -44,15 +44,26 @@ pub enum Role {
 /// Handshake settings shared by many connections.
 #[derive(Debug, Clone)]
 pub struct HandshakeConfig {
-    /// For an initiator: the first suite is the one it proposes. For a
-    /// responder: the suites it accepts (anything else is refused by closing).
+    /// For a responder: the suites it accepts (it refuses any other by
+    /// closing without a word, SPEC.md 2).
+    ///
+    /// For an initiator: the suites it accepts, in its order of
+    /// preference. It proposes the first. If that is not
+    /// [`Suite::MANDATORY`] and the list holds the mandatory suite too, a
+    /// responder that closes without answering message 1 is tried once
+    /// more, on a new connection, with the mandatory suite (SPEC.md 2): see
+    /// [`fallback_after`](Self::fallback_after), which `rpc::connect` and
+    /// the `Network` follow. A list of one suite never falls back.
     pub suites: Vec<Suite>,
     /// Settings of the session the handshake turns into.
     pub session: SessionConfig,
 }
 
 impl Default for HandshakeConfig {
-    /// Initiators propose [`Suite::preferred`] for this machine; responders accept every suite.
+    /// Every suite, [`Suite::preferred`] for this machine first: initiators
+    /// propose it (and fall back to the mandatory suite after a silent
+    /// close, see [`fallback_after`](Self::fallback_after)); responders
+    /// accept every suite.
     fn default() -> Self {
         let first = Suite::preferred();
         let mut suites = vec![first];
@@ -72,7 +83,58 @@ impl HandshakeConfig {
             ..Default::default()
         }
     }
+
+    /// A config with these [`suites`](Self::suites), in this order
+    /// (duplicates dropped), and default session settings.
+    pub fn with_suites(suites: impl IntoIterator<Item = Suite>) -> Self {
+        let mut list: Vec<Suite> = Vec::new();
+        for suite in suites {
+            if !list.contains(&suite) {
+                list.push(suite);
+            }
+        }
+        HandshakeConfig {
+            suites: list,
+            ..Default::default()
+        }
+    }
+
+    /// After an initiator's handshake with this config failed with `error`:
+    /// the config of the one retry SPEC.md 2 allows, to run on a **new
+    /// connection** to the same responder, or `None`.
+    ///
+    /// A retry is due only when the responder closed without sending a
+    /// byte of message 2 (`error` is [`Error::UnexpectedEof`] with
+    /// [`EOF_BEFORE_MESSAGE_2`]: an EOF or a reset after message 1, never a
+    /// timeout), when the suite proposed was not [`Suite::MANDATORY`], and
+    /// when this config accepts the mandatory suite. The retry proposes
+    /// only the mandatory suite, so a second silent close gives `None`.
+    ///
+    /// Safe because the first attempt revealed nothing (message 3, with
+    /// this side's identity, was never sent), the retry is a fresh
+    /// handshake, and the suite within it is bound by the prologue: an
+    /// attacker who forces the retry by cutting the first connection only
+    /// obtains a suite this side accepts anyway. A caller SHOULD report
+    /// that the retry happened (the responder does not take the preferred
+    /// suite).
+    pub fn fallback_after(&self, error: &Error) -> Option<HandshakeConfig> {
+        let silent =
+            matches!(error, Error::UnexpectedEof { during } if *during == EOF_BEFORE_MESSAGE_2);
+        let proposed = *self.suites.first()?;
+        (silent && proposed != Suite::MANDATORY && self.suites.contains(&Suite::MANDATORY)).then(
+            || HandshakeConfig {
+                suites: vec![Suite::MANDATORY],
+                session: self.session.clone(),
+            },
+        )
+    }
 }
+
+/// `during` of the [`Error::UnexpectedEof`] an initiator reports when the
+/// byte stream ended (an EOF, a reset, any other end) after its message 1
+/// and before a single byte of message 2: a *silent close* (SPEC.md 2).
+/// What [`HandshakeConfig::fallback_after`] looks for.
+pub const EOF_BEFORE_MESSAGE_2: &str = "before handshake message 2: the responder closed without answering message 1 (it may not accept this suite or protocol version, may not be a capnp-noise responder, or gave up before admitting the handshake)";
 
 /// Message 1: the initiator's ephemeral key, with an empty payload.
 const MSG1_LEN: usize = DH_LEN;
@@ -465,9 +527,8 @@ impl Handshake {
         }
         let during = match self.state {
             State::Done => return None,
-            State::InitiatorAwaitMsg2 => {
-                "before handshake message 2 (the responder may not accept this suite or protocol version, or is not a capnp-noise responder)"
-            }
+            State::InitiatorAwaitMsg2 if self.input.is_empty() => EOF_BEFORE_MESSAGE_2,
+            State::InitiatorAwaitMsg2 => "in the middle of handshake message 2",
             State::ResponderAwaitPreamble => "before the preamble was complete",
             State::ResponderAwaitMsg1 => "before handshake message 1 was complete",
             State::ResponderAwaitAdmission => "while its message 1 waited for admission",
