@@ -14,7 +14,7 @@
 //! pass. `CAPNP_NOISE_REGEN=1` rewrites the file from the curve's
 //! arithmetic (curve25519-dalek, a dev-dependency used only for that).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -30,9 +30,7 @@ use capnp_noise_test::fixtures::{self, deterministic_handshakes};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-fn path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/vat_id_rejected.json")
-}
+const NAME: &str = "vat_id_rejected.json";
 
 /// p = 2^255 - 19, little-endian.
 const P: [u8; 32] = {
@@ -170,22 +168,15 @@ fn generate() -> Value {
 
 #[test]
 fn rejected_vat_ids_are_reproduced() {
-    let fresh = generate();
-    if std::env::var_os("CAPNP_NOISE_REGEN").is_some() {
-        std::fs::write(path(), serde_json::to_string_pretty(&fresh).unwrap() + "\n").unwrap();
-        return;
-    }
-    assert_eq!(
-        load(),
-        fresh,
-        "{} differs from the curve's arithmetic",
-        path().display()
+    super::regenerate_or_compare(
+        NAME,
+        &generate(),
+        "it no longer follows the curve's arithmetic",
     );
 }
 
 fn load() -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path()).expect("the committed vector file"))
-        .unwrap()
+    super::load_committed(NAME)
 }
 
 fn key_of(entry: &Value) -> [u8; 32] {
