@@ -162,10 +162,14 @@ impl StreamConfig {
 /// # Errors
 /// The future fails with [`Error::PeerRefused`] when `policy` refuses the
 /// responder, [`Error::HandshakeTimeout`], [`Error::UnexpectedEof`] when the
-/// responder hangs up (it does so silently when it does not accept the
-/// proposed suite), [`Error::Io`], or any protocol error of
-/// [`Handshake::feed`]. A responder that refuses *this* side's VatId can only
-/// hang up after the handshake: see [`NoiseStream`]'s reading.
+/// responder hangs up (an EOF or a reset alike), [`Error::Io`], or any
+/// protocol error of [`Handshake::feed`]. A responder that does not accept
+/// the proposed suite hangs up without a word: the error's `during` is then
+/// [`EOF_BEFORE_MESSAGE_2`](crate::wire::EOF_BEFORE_MESSAGE_2), and
+/// [`HandshakeConfig::fallback_after`] says whether to try once more, on a
+/// new connection, with the mandatory suite (SPEC.md 2; this function has
+/// one stream and cannot). A responder that refuses *this* side's VatId can
+/// only hang up after the handshake: see [`NoiseStream`]'s reading.
 pub fn connect<S>(
     io: S,
     identity: &Identity,

@@ -518,9 +518,12 @@ impl Handshake {
     }
 
     /// Tells the handshake that the peer's byte stream ended (or was reset).
-    /// Returns the error that describes it, which also sticks. After a
-    /// finished handshake this is not an error of the handshake: it returns
-    /// `None` and the session reports it instead.
+    /// Returns the error that describes it, which also sticks: an
+    /// [`Error::UnexpectedEof`] naming the step, for an initiator that has
+    /// no byte of message 2 yet [`EOF_BEFORE_MESSAGE_2`] (a silent close,
+    /// see [`HandshakeConfig::fallback_after`]). After a finished handshake
+    /// this is not an error of the handshake: it returns `None` and the
+    /// session reports it instead.
     pub fn feed_eof(&mut self) -> Option<Error> {
         if let Some(e) = &self.error {
             return Some(e.clone());
