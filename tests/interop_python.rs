@@ -567,6 +567,7 @@ fn python_initiator_rust_responder(suite: Suite, coalesce: bool) {
         session: SessionConfig {
             rekey_interval: INTERVAL,
         },
+        allow_self: false,
     };
     let mut s = conn
         .handshake(responder(&me, Arc::new(Pinned(py_vat())), config))
@@ -809,7 +810,8 @@ async fn rust_initiator_retries_with_the_mandatory_suite_a_python_responder_that
     );
     let port = num(&py.expect("LISTENING", deadline), "port") as u16;
     let me = Identity::from_seed(&RUST_SEED);
-    let config = HandshakeConfig::with_suites([Suite::AesGcmSha256, Suite::ChaChaPolyBlake2s]);
+    let config =
+        HandshakeConfig::default().with_suites(vec![Suite::AesGcmSha256, Suite::ChaChaPolyBlake2s]);
     let attempt = |handshake: HandshakeConfig| {
         let me = me.clone();
         async move {

@@ -98,6 +98,7 @@ fn generate(suite: Suite) -> Value {
     let config = HandshakeConfig {
         suites: vec![suite],
         session: SessionConfig::default(),
+        allow_self: false,
     };
     let (mut i, mut r) =
         deterministic_handshakes(suite, config, Arc::new(AnyVat), Arc::new(AnyVat)).unwrap();
@@ -180,6 +181,7 @@ fn committed_wire_bytes_decode_to_recorded_plaintext() {
         let config = HandshakeConfig {
             suites: vec![suite],
             session: SessionConfig::default(),
+            allow_self: false,
         };
         let (mut i, mut r) =
             deterministic_handshakes(suite, config, Arc::new(AnyVat), Arc::new(AnyVat)).unwrap();

@@ -557,7 +557,7 @@ fn seal_raw_refuses_oversize_plaintext_and_keeps_the_session() {
     let max = capnp_noise::wire::MAX_MESSAGE_LEN - capnp_noise::wire::TAG_LEN;
     assert!(matches!(
         i.seal_raw_for_tests(&vec![0; max + 1]),
-        Err(Error::Config(_))
+        Err(Error::Misuse(_))
     ));
     let mut plain = vec![7u8; max - 1];
     plain.push(0); // DATA
@@ -665,7 +665,7 @@ fn admit_outside_admission_is_a_config_error_and_preamble_alone_costs_nothing() 
         Arc::new(AnyVat),
     )
     .unwrap();
-    assert!(matches!(r.admit(), Err(Error::Config(_))));
+    assert!(matches!(r.admit(), Err(Error::Misuse(_))));
     // Without admission: a peer that stops after the preamble, or after a
     // partial message 1, has cost no X25519 work.
     let flight = i.pending_output().to_vec();
@@ -756,7 +756,7 @@ fn fallback_to_the_mandatory_suite_only_after_a_silent_close() {
         i.feed(&r.pending_output()[..msg2_bytes]).unwrap();
         i.feed_eof().unwrap()
     };
-    let preferring_aes = HandshakeConfig::with_suites([aes, chacha]);
+    let preferring_aes = HandshakeConfig::default().with_suites(vec![aes, chacha]);
     let silent = eof_after_message_1(&preferring_aes, 0);
     assert!(
         matches!(&silent, Error::UnexpectedEof { during } if *during == EOF_BEFORE_MESSAGE_2),
@@ -770,7 +770,10 @@ fn fallback_to_the_mandatory_suite_only_after_a_silent_close() {
         // Only AES-GCM accepted: the initiator would not take the mandatory suite.
         (HandshakeConfig::with_suite(aes), silent.clone()),
         // The mandatory suite was already proposed.
-        (HandshakeConfig::with_suites([chacha, aes]), silent.clone()),
+        (
+            HandshakeConfig::default().with_suites(vec![chacha, aes]),
+            silent.clone(),
+        ),
         // Part of message 2 came: the responder accepted the suite.
         (
             preferring_aes.clone(),
