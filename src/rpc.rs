@@ -262,8 +262,9 @@ pub struct ClientOptions {
     /// fastest on this machine first. `HandshakeConfig::with_suite(s)`
     /// proposes only `s`, without retry.
     pub handshake: HandshakeConfig,
-    /// The longest the TCP connect may take, and then again the handshake.
-    /// Default [`DEFAULT_HANDSHAKE_TIMEOUT`].
+    /// The longest the TCP connect may take, and then again the handshake;
+    /// the retry with the mandatory suite, if one is made, gets the same
+    /// again. Default [`DEFAULT_HANDSHAKE_TIMEOUT`].
     pub timeout: Duration,
     /// Limits on incoming messages (traversal limit, nesting).
     pub reader_options: ReaderOptions,

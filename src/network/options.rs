@@ -41,8 +41,9 @@ pub struct NetworkOptions {
     /// then names the suite that was not answered). Default: every suite,
     /// the fastest on this machine first.
     pub handshake: HandshakeConfig,
-    /// The longest one outgoing TCP connect may take, and then the handshake;
-    /// also bounds `Vat.hello` and `provide`. Default 10 s.
+    /// The longest one outgoing TCP connect may take, and then the handshake
+    /// (and each again for a retry with the mandatory suite); also bounds
+    /// `Vat.hello` and `provide`. Default 10 s.
     pub connect_timeout: Duration,
     /// The longest an incoming handshake may take. Default
     /// [`DEFAULT_HANDSHAKE_TIMEOUT`].
