@@ -149,6 +149,12 @@ pub struct PeerInfo {
     pub handshake_hash: [u8; HANDSHAKE_HASH_LEN],
     /// The cipher suite in use.
     pub suite: Suite,
+    /// For a connection this vat initiated: the suite it proposed first,
+    /// if the responder closed without answering it and this connection is
+    /// the retry with the mandatory suite (SPEC.md 2;
+    /// [`HandshakeConfig::fallback_after`]). A sign that the responder does
+    /// not accept the preferred suite. `None` otherwise.
+    pub unanswered_suite: Option<Suite>,
 }
 
 impl PeerInfo {
@@ -158,6 +164,7 @@ impl PeerInfo {
             remote_addr,
             handshake_hash: *stream.handshake_hash(),
             suite: stream.suite(),
+            unanswered_suite: None,
         }
     }
 }
@@ -247,10 +254,17 @@ impl Default for ServerConfig {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ClientConfig {
-    /// The suite proposed (the first one) and session settings.
+    /// The suites this client accepts, in its order of preference, and
+    /// session settings. It proposes the first suite; if the server closes
+    /// without answering it, [`connect`] retries once, on a new connection,
+    /// with the mandatory suite when the list holds it (see
+    /// [`HandshakeConfig::fallback_after`]). Default: every suite, the
+    /// fastest on this machine first. `HandshakeConfig::with_suite(s)`
+    /// proposes only `s`, without retry.
     pub handshake: HandshakeConfig,
-    /// The longest the TCP connect may take, and then again the handshake.
-    /// Default [`DEFAULT_HANDSHAKE_TIMEOUT`].
+    /// The longest the TCP connect may take, and then again the handshake;
+    /// the retry with the mandatory suite, if one is made, gets the same
+    /// again. Default [`DEFAULT_HANDSHAKE_TIMEOUT`].
     pub timeout: Duration,
     /// Limits on incoming messages (traversal limit, nesting).
     pub reader_options: ReaderOptions,
@@ -459,11 +473,19 @@ where
 /// initiator last), so that refusal surfaces at the first call, as an error
 /// saying the server "may have refused this vat's identity".
 ///
+/// If the server closes without answering the suite proposed, and
+/// [`ClientConfig::handshake`] allows it, `connect` tries once more with
+/// the mandatory suite (to the same socket address, within a new
+/// timeout), logs a warning naming the suite that was not answered, and
+/// says so in [`PeerInfo::unanswered_suite`].
+///
 /// # Errors
 /// [`Error::PeerRefused`] if `policy` refuses the server (this vat's
 /// identity was not revealed to it); [`Error::HandshakeTimeout`] if the TCP connect or the
 /// handshake takes longer than [`ClientConfig::timeout`]; [`Error::Io`];
-/// protocol errors of the handshake.
+/// [`Error::UnexpectedEof`] with [`EOF_BEFORE_MESSAGE_2`](crate::wire::EOF_BEFORE_MESSAGE_2) if the server
+/// closed without answering (after the retry, if one was made); protocol
+/// errors of the handshake.
 ///
 /// # Panics
 /// If not run inside a [`tokio::task::LocalSet`] (as capnp-rpc requires).
@@ -495,8 +517,10 @@ where
 }
 
 /// The initiator's side of a connection before RPC starts: TCP connect and
-/// handshake, each within `timeout`, the responder checked by `policy`.
-/// Shared by [`connect`] and the multi-vat network (`crate::network`).
+/// handshake, each within `timeout`, the responder checked by `policy`;
+/// once more with the mandatory suite if the responder closed without
+/// answering and `handshake` allows it (SPEC.md 2). Shared by [`connect`]
+/// and the multi-vat network (`crate::network`).
 pub(crate) async fn dial<A>(
     addr: A,
     identity: &Identity,
@@ -508,19 +532,39 @@ where
     A: ToSocketAddrs + fmt::Display,
 {
     let dialed = addr.to_string();
-    let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
-        .await
-        .map_err(|_| Error::HandshakeTimeout(timeout))??;
-    tcp.set_nodelay(true)?;
+    let tcp = tcp_connect(addr, timeout).await?;
     let remote_addr = tcp.peer_addr()?;
-    let config = StreamConfig::default()
-        .with_handshake(handshake)
-        .with_handshake_timeout(Some(timeout))
-        .with_dialed(dialed.clone())
-        .with_remote_addr(remote_addr);
-    match stream::connect(tcp, identity, policy, config).await {
+    let attempt = |tcp, handshake| {
+        let config = StreamConfig::default()
+            .with_handshake(handshake)
+            .with_handshake_timeout(Some(timeout))
+            .with_dialed(dialed.clone())
+            .with_remote_addr(remote_addr);
+        stream::connect(tcp, identity, policy.clone(), config)
+    };
+    let mut result = attempt(tcp, handshake.clone()).await;
+    let mut unanswered_suite = None;
+    if let Some(retry) = result
+        .as_ref()
+        .err()
+        .and_then(|e| handshake.fallback_after(e))
+    {
+        let proposed = handshake.suites[0];
+        warn!(
+            addr = %dialed,
+            "the server closed without answering {proposed}; retrying once with the mandatory suite {}",
+            Suite::MANDATORY
+        );
+        unanswered_suite = Some(proposed);
+        result = match tcp_connect(remote_addr, timeout).await {
+            Ok(tcp) => attempt(tcp, retry).await,
+            Err(e) => Err(e),
+        };
+    }
+    match result {
         Ok(stream) => {
-            let peer = PeerInfo::of(&stream, remote_addr);
+            let mut peer = PeerInfo::of(&stream, remote_addr);
+            peer.unanswered_suite = unanswered_suite;
             Ok((stream, peer))
         }
         Err(e) => {
@@ -533,6 +577,15 @@ where
             Err(e)
         }
     }
+}
+
+/// A TCP connection to `addr` within `timeout`, with `TCP_NODELAY`.
+async fn tcp_connect(addr: impl ToSocketAddrs, timeout: Duration) -> Result<TcpStream> {
+    let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| Error::HandshakeTimeout(timeout))??;
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
 }
 
 /// A client connection made by [`connect`].

@@ -790,3 +790,62 @@ fn python_initiator_refuses_an_unpinned_rust_responder() {
     assert_eq!(refused["peer_vat"], hex::encode(me.vat_id().as_bytes()));
     assert_eq!(py.wait(deadline).code(), Some(3));
 }
+
+/// SPEC.md 2: a responder that accepts only the mandatory suite (here the
+/// independent Python peer, which reads the preamble alone and closes with
+/// message 1 unread, so the initiator usually sees a reset, not an EOF) is
+/// reached by an initiator that prefers AES-GCM and accepts the mandatory
+/// suite: the first attempt ends as a silent close, and the one retry
+/// `HandshakeConfig::fallback_after` allows, on a new connection, works.
+#[tokio::test]
+async fn rust_initiator_retries_with_the_mandatory_suite_a_python_responder_that_takes_only_it() {
+    use capnp_noise::stream::{self, StreamConfig};
+    use capnp_noise::wire::EOF_BEFORE_MESSAGE_2;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Some(deadline) = start() else { return };
+    let mut py = PyPeer::spawn(
+        "responder",
+        Suite::ChaChaPolyBlake2s,
+        &["--listen", "0", "--connections", "2"],
+    );
+    let port = num(&py.expect("LISTENING", deadline), "port") as u16;
+    let me = Identity::from_seed(&RUST_SEED);
+    let config =
+        HandshakeConfig::default().with_suites(vec![Suite::AesGcmSha256, Suite::ChaChaPolyBlake2s]);
+    let attempt = |handshake: HandshakeConfig| {
+        let me = me.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap();
+            let config = StreamConfig::default().with_handshake(handshake);
+            stream::connect(tcp, &me, Arc::new(Pinned(py_vat())), config).await
+        }
+    };
+    let err = attempt(config.clone()).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::UnexpectedEof { during } if *during == EOF_BEFORE_MESSAGE_2),
+        "{err:?}\n{}",
+        py.report()
+    );
+    let refused = py.expect("UNSUPPORTED_SUITE", deadline);
+    assert_eq!(refused["name"], Suite::AesGcmSha256.noise_name());
+    let retry = config.fallback_after(&err).expect("a retry is due");
+    let mut s = attempt(retry).await.unwrap();
+    assert_eq!(s.suite(), Suite::ChaChaPolyBlake2s);
+    let line = py.expect("HANDSHAKE", deadline);
+    assert_eq!(line["suite"], Suite::ChaChaPolyBlake2s.noise_name());
+    assert_eq!(line["hash"], hex::encode(s.handshake_hash()));
+    // The Python peer echoes; then both sides close.
+    let data = random_bytes(5000);
+    s.write_all(&data).await.unwrap();
+    s.flush().await.unwrap();
+    let mut back = vec![0; data.len()];
+    s.read_exact(&mut back).await.unwrap();
+    assert_eq!(back, data);
+    s.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty());
+    py.finish(deadline);
+}

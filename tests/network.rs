@@ -634,3 +634,34 @@ async fn connect_errors_are_clear() {
     })
     .await;
 }
+
+/// SPEC.md 2: a vat whose suites prefer AES-GCM reaches a vat that accepts
+/// only the mandatory suite, by the one retry, and its connection says
+/// which suite went unanswered; the other end sees a plain connection.
+#[tokio::test]
+async fn a_vat_falls_back_to_the_mandatory_suite_of_a_vat_that_takes_only_it() {
+    use capnp_noise::wire::{HandshakeConfig, Suite};
+    local(async {
+        let mut prefers_aes = NetworkConfig::default();
+        prefers_aes.handshake = HandshakeConfig::default()
+            .with_suites(vec![Suite::AesGcmSha256, Suite::ChaChaPolyBlake2s]);
+        let mut chacha_only = NetworkConfig::default();
+        chacha_only.handshake = HandshakeConfig::with_suite(Suite::ChaChaPolyBlake2s);
+        let (a, b) = (vat(prefers_aes).await, vat(chacha_only).await);
+        meet(&a, &b);
+        let office: office_capnp::Client = a.connect(&b.vat_id()).await.unwrap();
+        assert_eq!(whoami(&office).await.unwrap(), a.vat_id().to_string());
+        let [conn] = &a.connections()[..] else {
+            panic!("one connection: {:?}", a.connections())
+        };
+        assert_eq!(conn.peer.suite, Suite::ChaChaPolyBlake2s);
+        assert_eq!(conn.peer.unanswered_suite, Some(Suite::AesGcmSha256));
+        let [theirs] = &b.connections()[..] else {
+            panic!("one connection: {:?}", b.connections())
+        };
+        assert_eq!(theirs.peer.unanswered_suite, None);
+        a.shutdown().await;
+        b.shutdown().await;
+    })
+    .await;
+}

@@ -554,3 +554,47 @@ async fn connection_and_handshake_limits_hold_and_release() {
     })
     .await;
 }
+
+/// SPEC.md 2 and 3: a server that accepts only the mandatory suite closes
+/// silently on a client that proposes AES-GCM. A client that also accepts
+/// the mandatory suite retries once with it, and says so; one that accepts
+/// only AES-GCM reports the silent close (an EOF or a reset alike), and the
+/// server saw exactly one attempt from each.
+#[tokio::test]
+async fn a_client_falls_back_to_the_mandatory_suite_once_and_reports_it() {
+    use capnp_noise::wire::{HandshakeConfig, Suite, EOF_BEFORE_MESSAGE_2};
+    local(async {
+        let mut server_options = ServerConfig::default();
+        server_options.handshake = HandshakeConfig::with_suite(Suite::ChaChaPolyBlake2s);
+        let server = start(Arc::new(AnyVat), server_options).await;
+        let me = Identity::generate();
+
+        let mut preferring_aes = ClientConfig::default();
+        preferring_aes.handshake = HandshakeConfig::default()
+            .with_suites(vec![Suite::AesGcmSha256, Suite::ChaChaPolyBlake2s]);
+        let (office, conn) = client_of(&server, &me, preferring_aes).await.unwrap();
+        assert_eq!(conn.peer().suite, Suite::ChaChaPolyBlake2s);
+        assert_eq!(conn.peer().unanswered_suite, Some(Suite::AesGcmSha256));
+        whoami(&office).await.unwrap();
+        conn.disconnect().await.unwrap();
+
+        let mut aes_only = ClientConfig::default();
+        aes_only.handshake = HandshakeConfig::with_suite(Suite::AesGcmSha256);
+        let err = client_of(&server, &me, aes_only).await.err().unwrap();
+        assert!(
+            matches!(&err, Error::UnexpectedEof { during } if *during == EOF_BEFORE_MESSAGE_2),
+            "{err:?}"
+        );
+
+        // A client that proposes the mandatory suite first gets it at once.
+        let mut preferring_chacha = ClientConfig::default();
+        preferring_chacha.handshake = HandshakeConfig::default()
+            .with_suites(vec![Suite::ChaChaPolyBlake2s, Suite::AesGcmSha256]);
+        let (office, conn) = client_of(&server, &me, preferring_chacha).await.unwrap();
+        assert_eq!(conn.peer().unanswered_suite, None);
+        whoami(&office).await.unwrap();
+        conn.disconnect().await.unwrap();
+        assert_eq!(server.seen.borrow().len(), 2, "two handshakes completed");
+    })
+    .await;
+}

@@ -31,10 +31,19 @@ use crate::wire::HandshakeConfig;
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct NetworkConfig {
-    /// Suites proposed and accepted, and session settings.
+    /// Suites accepted, in this vat's order of preference, and session
+    /// settings. Incoming connections may use any of them; outgoing ones
+    /// propose the first, and retry once with the mandatory suite when a
+    /// vat closes without answering it and the list holds the mandatory
+    /// suite (as [`rpc::connect`](crate::rpc::connect) does: see
+    /// [`HandshakeConfig::fallback_after`]; the connection's
+    /// [`PeerInfo::unanswered_suite`](crate::rpc::PeerInfo::unanswered_suite)
+    /// then names the suite that was not answered). Default: every suite,
+    /// the fastest on this machine first.
     pub handshake: HandshakeConfig,
-    /// The longest one outgoing TCP connect may take, and then the handshake;
-    /// also bounds `Vat.hello` and `provide`. Default 10 s.
+    /// The longest one outgoing TCP connect may take, and then the handshake
+    /// (and each again for a retry with the mandatory suite); also bounds
+    /// `Vat.hello` and `provide`. Default 10 s.
     pub connect_timeout: Duration,
     /// The longest an incoming handshake may take. Default
     /// [`DEFAULT_HANDSHAKE_TIMEOUT`].
