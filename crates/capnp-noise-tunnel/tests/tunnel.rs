@@ -10,8 +10,9 @@
 //! stderr. Children are killed when dropped, and every wait is bounded.
 //!
 //! The pycapnp tests need `python3` with `pycapnp` (2.2.4) on PATH; without
-//! it they are skipped with a loud message, except when the `CI` environment
-//! variable is set: then they fail.
+//! it they are skipped (printed past libtest's capture, and counted on the
+//! binary's last line), except when the `CI` environment variable is `true`
+//! or `1`: then they fail.
 
 use capnp_noise_test::office;
 
@@ -903,7 +904,8 @@ fn repo(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
 
-/// True if pycapnp can run. Otherwise skips loudly, or fails under CI.
+/// True if pycapnp can run. Otherwise a failure under CI, elsewhere a skip
+/// that is printed and counted (`capnp_noise_test::peers`).
 fn pycapnp_available() -> bool {
     static CHECK: OnceLock<Result<String, String>> = OnceLock::new();
     let check = CHECK.get_or_init(|| {
@@ -919,14 +921,10 @@ fn pycapnp_available() -> bool {
             Err(format!("{text}{}", String::from_utf8_lossy(&out.stderr)))
         }
     });
-    match check {
-        Ok(_) => true,
-        Err(e) if std::env::var_os("CI").is_some() => panic!("pycapnp is required under CI: {e}"),
-        Err(e) => {
-            eprintln!("SKIPPED: pycapnp is not usable ({e}); `pip install pycapnp==2.2.4`");
-            false
-        }
-    }
+    capnp_noise_test::peers::usable(
+        "python3 with pycapnp (pip install pycapnp==2.2.4)",
+        check.as_ref().map(drop),
+    )
 }
 
 /// A pycapnp process (`office_peer.py MODE ...`), killed when dropped.
