@@ -241,15 +241,32 @@ fn missing_corrupt_and_oversized_files_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let good = Identity::generate().to_pkcs8_pem();
-    // One base64 character changed inside the DER: the structure no longer parses.
-    let mut damaged = good.to_string();
-    damaged.replace_range(40..44, "!!!!");
+    // Valid base64 of damaged DER: the outer SEQUENCE claims one byte more
+    // than there is, so the PKCS#8 structure no longer parses.
+    let damaged = {
+        let body: String = good.lines().filter(|l| !l.starts_with("-----")).collect();
+        let mut der = data_encoding::BASE64.decode(body.as_bytes()).unwrap();
+        assert_eq!(
+            der[..2],
+            [0x30, 0x2e],
+            "an Ed25519 PKCS#8 SEQUENCE of 46 bytes"
+        );
+        der[1] += 1;
+        format!(
+            "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+            data_encoding::BASE64.encode(&der)
+        )
+    };
     let mut truncated_ssh = String::from("-----BEGIN OPENSSH PRIVATE KEY-----\n");
     truncated_ssh
         .push_str("b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW\n");
     truncated_ssh.push_str("-----END OPENSSH PRIVATE KEY-----\n");
     let cases: Vec<(&str, Vec<u8>, String)> = vec![
-        ("damaged.pem", damaged.into_bytes(), "corrupt".into()),
+        (
+            "damaged.pem",
+            damaged.into_bytes(),
+            "is corrupt: ASN.1 DER".into(),
+        ),
         (
             "cut.pem",
             good.as_bytes()[..good.len() / 2].to_vec(),
