@@ -541,7 +541,28 @@ async fn a_client_refuses_a_server_that_is_not_pinned_without_revealing_itself()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_refuses_an_unlisted_client_and_says_who_and_why() {
-    let target = tcp_server(echo).await;
+    // The target records every connection it gets and what arrives on it.
+    let received: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let record = received.clone();
+    let target = tcp_server(move |mut s: TcpStream| {
+        let record = record.clone();
+        async move {
+            let at = {
+                let mut r = record.lock().unwrap();
+                r.push(Vec::new());
+                r.len() - 1
+            };
+            let mut buf = [0u8; 1024];
+            while let Ok(n @ 1..) = s.read(&mut buf).await {
+                record.lock().unwrap()[at].extend_from_slice(&buf[..n]);
+                if s.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+            let _ = s.shutdown().await;
+        }
+    })
+    .await;
     let keys = Keys::new();
     let (server_key, _) = keys.key("server.key");
     let (client_key, client_vat) = keys.key("client.key");
@@ -560,11 +581,19 @@ async fn a_server_refuses_an_unlisted_client_and_says_who_and_why() {
     assert!(line.contains(allow.to_str().unwrap()), "which list: {line}");
     let line = pair.client.wait_log(&["connection ended"]);
     assert!(line.contains("end=\"error "), "{line}");
+    // The target is dialed only for an authenticated client: it never saw
+    // this one (not a connection, let alone a byte).
+    assert!(
+        received.lock().unwrap().is_empty(),
+        "the target got a connection from a refused client: {:?}",
+        received.lock().unwrap()
+    );
 
     // Added to the list, the same client gets through, without a restart.
     std::fs::write(&allow, format!("{client_vat}\n")).unwrap();
     let mut s = TcpStream::connect(pair.local()).await.unwrap();
     assert_eq!(bounded("echo", round_trip(&mut s, b"now?")).await, b"now?");
+    assert_eq!(*received.lock().unwrap(), [b"now?".to_vec()]);
 }
 
 // ----- an unreachable target -----
