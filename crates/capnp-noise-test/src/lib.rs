@@ -10,18 +10,22 @@
 //!   the examples, tests and benchmarks run.
 //! * [`support`]: small helpers the integration tests share (a `LocalSet`
 //!   runner, a bounded wait, the `whoami` call).
+//! * [`heap`]: counting every heap allocation of a test binary, aws-lc's
+//!   C allocations included (`count_heap_calls!`).
 //! * [`peers`]: the rule for tests that need an external peer (fail under
 //!   CI, elsewhere a skip that is printed and counted).
 //!
 //! It reaches the library's test hooks through the private `__test-hooks`
 //! feature of `capnp-noise` (fixed ephemerals, raw sealing, the X25519
 //! counter); a normal build of the library has none of them.
-// One `unsafe` call, `atexit` in `peers`, which allows it locally.
+// Two `unsafe` calls, each allowed where it is: `atexit` (`peers`) and
+// `mallinfo2` (`heap`). (`heap::count_heap_calls!` expands in a test binary.)
 #![deny(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod fixtures;
 pub mod fuzzing;
+pub mod heap;
 pub mod office;
 pub mod peers;
 pub mod support;
