@@ -32,7 +32,7 @@
 ///
 /// * `heap_calls::on_this_thread() -> u64`: the allocation calls (all three
 ///   kinds, from Rust or C) made so far on the calling thread;
-/// * `heap_calls::in_use() -> usize`: glibc's bytes in use ([`in_use`]).
+/// * `heap_calls::in_use() -> usize`: glibc's bytes in use ([`crate::heap::in_use`]).
 ///
 /// Invoke it once, at the top level of a test binary, on Linux with glibc.
 #[macro_export]
