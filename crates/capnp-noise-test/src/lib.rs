@@ -10,6 +10,8 @@
 //!   the examples, tests and benchmarks run.
 //! * [`support`]: small helpers the integration tests share (a `LocalSet`
 //!   runner, a bounded wait, the `whoami` call).
+//! * [`hostile`]: a vat that speaks Cap'n Proto RPC by hand, for the
+//!   hostile-vat tests (messages no capnp-rpc builder would make).
 //! * [`heap`]: counting every heap allocation of a test binary, aws-lc's
 //!   C allocations included (`count_heap_calls!`).
 //! * [`peers`]: the rule for tests that need an external peer (fail under
@@ -26,6 +28,7 @@
 pub mod fixtures;
 pub mod fuzzing;
 pub mod heap;
+pub mod hostile;
 pub mod office;
 pub mod peers;
 pub mod support;
