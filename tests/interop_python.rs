@@ -12,8 +12,9 @@
 //! version might add, which our version 1 core must ignore.
 //!
 //! Needs `python3` on PATH with `noiseprotocol`, `pycapnp` and `cryptography`.
-//! Without them the tests are skipped with a loud message, except when the
-//! `CI` environment variable is set: then they fail.
+//! Without them the tests are skipped (printed past libtest's capture, and
+//! counted on the binary's last line), except when the `CI` environment
+//! variable is `true` or `1`: then they fail.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -60,7 +61,8 @@ fn schema() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("schema/noise.capnp")
 }
 
-/// True if the Python peer can run. Otherwise skips loudly, or fails under CI.
+/// True if the Python peer can run. Otherwise a failure under CI, elsewhere
+/// a skip that is printed and counted (`capnp_noise_test::peers`).
 fn python_peer_available() -> bool {
     static CHECK: OnceLock<Result<String, String>> = OnceLock::new();
     let check = CHECK.get_or_init(|| {
@@ -77,21 +79,11 @@ fn python_peer_available() -> bool {
             }
         }
     });
-    match check {
-        Ok(_) => true,
-        Err(why) if std::env::var_os("CI").is_some() => {
-            panic!("the Python interop peer cannot run (CI is set, so this fails): {why}")
-        }
-        Err(why) => {
-            // Straight to the process's stderr: libtest's capture would hide eprintln!.
-            let _ = writeln!(
-                std::io::stderr(),
-                "\n**********\nSKIPPED: Python interop test. It needs python3 with noiseprotocol, pycapnp and \
-                 cryptography (pip install noiseprotocol==0.3.1 pycapnp==2.2.4 cryptography).\n{why}\n**********"
-            );
-            false
-        }
-    }
+    capnp_noise_test::peers::usable(
+        "python3 with noiseprotocol, pycapnp and cryptography \
+         (pip install noiseprotocol==0.3.1 pycapnp==2.2.4 cryptography)",
+        check.as_ref().map(drop),
+    )
 }
 
 /// The deadline of a test that runs the Python peer, or `None` to skip it.

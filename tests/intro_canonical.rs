@@ -15,20 +15,11 @@ use capnp_noise::intro::{Introduction, INTRODUCTION_CONTEXT};
 use capnp_noise::schema::network_capnp::third_party_to_contact;
 use capnp_noise::Identity;
 
+/// True if the `capnp` compiler runs. Otherwise a failure under CI,
+/// elsewhere a skip that is printed and counted (`capnp_noise_test::peers`).
 fn capnp_available() -> bool {
-    let ok = Command::new("capnp")
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "the capnp compiler is required under CI (apt-get install capnproto)"
-        );
-        eprintln!("skipping: the `capnp` compiler is not installed");
-    }
-    ok
+    let check = capnp_noise_test::peers::runs("capnp", &["--version"]);
+    capnp_noise_test::peers::usable("the capnp compiler (apt-get install capnproto)", check)
 }
 
 /// Runs `capnp convert <formats> schema/network.capnp Introduction` on `input`.

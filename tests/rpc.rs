@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use capnp::capability::Rc as CapRc;
 use capnp::message::ReaderOptions;
@@ -18,7 +18,7 @@ use capnp_noise::stream::{self, StreamConfig};
 use capnp_noise::{AnyVat, Error, Identity, PeerContext, PeerPolicy, Pinned, Refusal, VatId};
 use capnp_noise_test::schema::demo_capnp::{callback, office as office_capnp};
 use capnp_noise_test::support::{local, whoami};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// A running server: its address and identity, and the VatIds its
@@ -215,7 +215,15 @@ async fn sixteen_mib_round_trip() {
         let (office, _conn) = client_of(&server, &me, ClientConfig::default())
             .await
             .unwrap();
-        assert!(echo(&office, &big[..4 << 20]).await.is_err());
+        // The server's reader refuses it by its size and says so (a remote
+        // exception naming the limit), not any failure.
+        let e = echo(&office, &big[..4 << 20]).await.unwrap_err();
+        assert_eq!(e.kind, capnp::ErrorKind::Failed, "{e}");
+        assert!(
+            e.extra.starts_with("remote exception: Message has")
+                && e.extra.contains("words, which is too large"),
+            "{e}"
+        );
         let (office, conn) = client_of(&server, &me, ClientConfig::default())
             .await
             .unwrap();
@@ -485,70 +493,88 @@ async fn misbehaving_clients_do_not_disturb_the_others() {
     .await;
 }
 
+/// A client that must be served: connects as `me` (waiting as long as the
+/// default 10 s allow), checks that the server sees it as itself, and
+/// returns the connection and when it was served.
+async fn served(
+    addr: SocketAddr,
+    server: VatId,
+    me: Identity,
+) -> (office_capnp::Client, rpc::Connection, Instant) {
+    let (office, conn) = rpc::connect(addr, &me, Arc::new(Pinned(server)), ClientConfig::default())
+        .await
+        .expect("served");
+    assert_eq!(whoami(&office).await.unwrap(), me.vat_id().to_string());
+    (office, conn, Instant::now())
+}
+
 #[tokio::test]
 async fn connection_and_handshake_limits_hold_and_release() {
     local(async {
+        // Every wait below ends by an event of the test (a peer hangs up, a
+        // connection ends), never by a timeout: the server's admission wait
+        // and handshake timeout (3 s) and the clients' (10 s) are far
+        // longer than any of them needs. What proves that a client waited
+        // is when it was served: never before the event that freed it, a
+        // bound no load can break.
+        let hold = Duration::from_millis(600);
         let mut options = ServerConfig::default();
         options.max_connections = 2;
         options.max_handshakes = 1;
-        options.handshake_timeout = Duration::from_millis(400);
-        options.handshake_failure_hold = Duration::from_millis(600);
+        options.handshake_timeout = Duration::from_secs(3);
+        options.handshake_failure_hold = hold;
         let server = start(Arc::new(AnyVat), options).await;
-        let quick = || {
-            let mut o = ClientConfig::default();
-            o.timeout = Duration::from_millis(250);
-            o
-        };
+        let (addr, vat) = (server.addr, server.id.vat_id());
         // A silent peer costs the server nothing and holds no handshake
-        // slot: a client gets through beside it.
-        let silent = TcpStream::connect(server.addr).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let beside = Identity::generate();
-        let (office_s, conn_s) = client_of(&server, &beside, quick()).await.unwrap();
-        assert_eq!(
-            whoami(&office_s).await.unwrap(),
-            beside.vat_id().to_string()
+        // slot: a client gets through beside it, while the server still
+        // waits for the silent one's preamble (accepted first: the
+        // backlog is in order; closed only at its 3 s timeout).
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        let (_office, beside, _) = served(addr, vat, Identity::generate()).await;
+        let mut byte = [0u8; 1];
+        assert!(
+            futures::poll!(std::pin::pin!(silent.read(&mut byte))).is_pending(),
+            "the silent peer's connection ended before a client got beside it"
         );
-        conn_s.disconnect().await.unwrap();
+        beside.disconnect().await.unwrap();
         drop(silent);
-        // A peer that sent a well-formed message 1 and stalls holds the only
-        // handshake slot: the next client waits.
-        let mut stalled = TcpStream::connect(server.addr).await.unwrap();
+        // A peer that sent a well-formed message 1 holds the only handshake
+        // slot once the server answers it (message 2)...
+        let mut stalled = TcpStream::connect(addr).await.unwrap();
         stalled
             .write_all(&capnp_noise_test::fixtures::initiator_first_flight())
             .await
             .unwrap();
-        let stalled_at = tokio::time::Instant::now();
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let waited = client_of(&server, &Identity::generate(), quick()).await;
-        assert!(matches!(waited, Err(Error::HandshakeTimeout(_))));
-        // The stalled handshake timed out (400 ms), and as it failed, it
-        // keeps the slot for the failure hold (600 ms more): clients still
-        // wait...
-        tokio::time::sleep_until(stalled_at + Duration::from_millis(550)).await;
+        let answered = stalled.read(&mut [0u8; 256]).await.unwrap();
+        assert!(answered > 0, "no message 2 for the stalled peer");
+        // ...so the next client waits: not served while it stalls...
+        let waiting = tokio::task::spawn_local(served(addr, vat, Identity::generate()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !waiting.is_finished(),
+            "served while the only handshake slot was taken"
+        );
+        // ...nor when it hangs up (its failed handshake keeps the slot for
+        // the failure hold), but then.
+        let hung_up = Instant::now();
         drop(stalled);
-        let held = client_of(&server, &Identity::generate(), quick()).await;
-        assert!(matches!(held, Err(Error::HandshakeTimeout(_))));
-        // ...and get through once it ended.
-        tokio::time::sleep_until(stalled_at + Duration::from_millis(1300)).await;
-        let a = Identity::generate();
-        let (office_a, conn_a) = client_of(&server, &a, quick()).await.unwrap();
-        assert_eq!(whoami(&office_a).await.unwrap(), a.vat_id().to_string());
-        let b = Identity::generate();
-        let (office_b, conn_b) = client_of(&server, &b, quick()).await.unwrap();
-        assert_eq!(whoami(&office_b).await.unwrap(), b.vat_id().to_string());
+        let (office_a, conn_a, at) = waiting.await.unwrap();
+        assert!(
+            at >= hung_up + hold,
+            "served {:?} after the stalled peer hung up, within the failure hold ({hold:?})",
+            at - hung_up
+        );
+        let (_office_b, conn_b, _) = served(addr, vat, Identity::generate()).await;
         // Two connections are the limit: a third is not served...
-        let c = Identity::generate();
-        let refused = client_of(&server, &c, quick()).await;
-        assert!(matches!(refused, Err(Error::HandshakeTimeout(_))));
-        // ...until one ends. (The refused attempt's connection waited in
-        // the listen backlog and is taken up first; if it is admitted while
-        // its client is still giving up, its handshake fails after message 2
-        // and keeps the only handshake slot for the failure hold.)
+        let third = tokio::task::spawn_local(served(addr, vat, Identity::generate()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!third.is_finished(), "served beyond max_connections");
+        // ...until one ends.
+        drop(office_a);
+        let ended = Instant::now();
         conn_a.disconnect().await.unwrap();
-        tokio::time::sleep(Duration::from_millis(700)).await;
-        let (office_c, conn_c) = client_of(&server, &c, quick()).await.unwrap();
-        assert_eq!(whoami(&office_c).await.unwrap(), c.vat_id().to_string());
+        let (_office_c, conn_c, at) = third.await.unwrap();
+        assert!(at >= ended, "served before a connection ended");
         conn_b.disconnect().await.unwrap();
         conn_c.disconnect().await.unwrap();
     })
