@@ -201,7 +201,7 @@ pub struct ServerOptions {
     /// Connections from one source address (IPv4 address, IPv6 /64) open
     /// and not yet authenticated; more are closed as soon as they are
     /// accepted, so that one host cannot hold `max_connections` (see
-    /// [`UnauthenticatedLimit`](crate::admission::UnauthenticatedLimit)).
+    /// [`UnauthenticatedLimit`]).
     /// Default
     /// [`DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE`](crate::admission::DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE), 64.
     pub max_unauthenticated_per_source: usize,
