@@ -16,10 +16,12 @@
 //! who calls (the schema and service of the [crate-level
 //! example](crate#example-a-server-and-a-client)). Bob calls Carol, then
 //! introduces Alice to his `Office` at Carol: Alice's calls then go to
-//! Carol directly.
+//! Carol directly. Bob's `Office` answers as Bob, so Carol gives Alice an
+//! `Office` of her own when she redeems (a provider without an
+//! `on_redeem` hook hands off nothing).
 //!
 //! ```
-//! use capnp_noise::network::{Introduction, Network, NetworkOptions, PeerInfo};
+//! use capnp_noise::network::{Introduction, Network, NetworkOptions, PeerInfo, Redeemed};
 //! use capnp_noise::{Identity, VatId};
 //! # use capnp_noise_test::schema::demo_capnp as office_capnp;
 //! use office_capnp::office;
@@ -45,6 +47,10 @@
 //!         .bootstrap(|peer: &PeerInfo| -> office::Client {
 //!             capnp_rpc::new_client(Office { caller: peer.vat_id })
 //!         })
+//!         // Offices are all this vat has: a redeemer gets one of its own.
+//!         .on_redeem(|r: &Redeemed, _| {
+//!             capnp_rpc::new_client::<office::Client, _>(Office { caller: r.redeemer }).client
+//!         })
 //!         .start()
 //!         .await
 //! }
@@ -65,10 +71,10 @@
 //!         let introduction = bob.introduce(&at_carol, &carol.vat_id(), &alice.vat_id()).await?;
 //!         let bytes = introduction.encode();
 //!         // Alice connects to Carol (the introduction says where) and
-//!         // redeems it: she now holds Bob's Office, hosted by Carol.
+//!         // redeems it: she now holds an Office at Carol, her own.
 //!         let office: office::Client = alice.redeem(&Introduction::decode(&bytes)?).await?;
 //!         let reply = office.whoami_request().send().promise.await?;
-//!         assert_eq!(reply.get()?.get_vat_id()?.to_str()?, bob.vat_id().to_string());
+//!         assert_eq!(reply.get()?.get_vat_id()?.to_str()?, alice.vat_id().to_string());
 //!         assert_eq!(alice.connections()[0].peer.vat_id, carol.vat_id());
 //!
 //!         for vat in [alice, bob, carol] {
@@ -79,8 +85,9 @@
 //! }
 //! ```
 //!
-//! With [`NetworkBuilder::on_redeem`] Carol can give Alice an `Office` of
-//! her own instead of Bob's. A vat that knows another only by an address
+//! Without the [`NetworkBuilder::on_redeem`] hook Carol would refuse Bob's
+//! introduction: handed over as it is, Bob's `Office` would answer Alice as
+//! Bob. A vat that knows another only by an address
 //! adds it with [`Network::add_addresses`] (an [`Address`] parses from
 //! `"host:port"`, or converts from a `SocketAddr` with `try_from`); a
 //! [`SturdyRef`] names both ([`Network::learn_sturdy_ref`]).
