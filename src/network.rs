@@ -15,12 +15,11 @@
 //! Three vats on loopback, each serving its peers an `Office` that knows
 //! who calls (the schema and service of the [crate-level
 //! example](crate#example-a-server-and-a-client)). Bob calls Carol, then
-//! introduces Alice to his `Office` at Carol: Alice's calls then go to
-//! Carol directly. Bob's `Office` answers as Bob, so Carol gives Alice an
-//! `Office` of her own when she redeems (a provider without an
-//! `on_redeem` hook hands off nothing).
+//! introduces Alice to his `Office` at Carol: Alice redeems it with Carol
+//! directly, and Carol gives her an `Office` of her own.
 //!
 //! ```
+//! use std::time::Duration;
 //! use capnp_noise::network::{Introduction, Network, NetworkOptions, PeerInfo, Redeemed};
 //! use capnp_noise::{Identity, VatId};
 //! # use capnp_noise_test::schema::demo_capnp as office_capnp;
@@ -43,12 +42,14 @@
 //! async fn vat() -> capnp_noise::Result<Network> {
 //!     Network::builder(Identity::generate())
 //!         .listen("127.0.0.1:0".parse().unwrap())
-//!         .options(NetworkOptions::default().with_max_connections(64))
+//!         .options(NetworkOptions::default().with_idle_timeout(Some(Duration::from_secs(300))))
 //!         .bootstrap(|peer: &PeerInfo| -> office::Client {
 //!             capnp_rpc::new_client(Office { caller: peer.vat_id })
 //!         })
-//!         // Offices are all this vat has: a redeemer gets one of its own.
-//!         .on_redeem(|r: &Redeemed, _| {
+//!         // An Office answers as the vat it was made for, so an introduced
+//!         // one is not handed on as it is: each redeemer gets its own. (This
+//!         // vat hosts nothing else; without this hook it hands off nothing.)
+//!         .on_redeem(|r: &Redeemed, _introduced| {
 //!             capnp_rpc::new_client::<office::Client, _>(Office { caller: r.redeemer }).client
 //!         })
 //!         .start()
@@ -71,7 +72,7 @@
 //!         let introduction = bob.introduce(&at_carol, &carol.vat_id(), &alice.vat_id()).await?;
 //!         let bytes = introduction.encode();
 //!         // Alice connects to Carol (the introduction says where) and
-//!         // redeems it: she now holds an Office at Carol, her own.
+//!         // redeems it: Carol, who knows it is Alice, gives her an Office.
 //!         let office: office::Client = alice.redeem(&Introduction::decode(&bytes)?).await?;
 //!         let reply = office.whoami_request().send().promise.await?;
 //!         assert_eq!(reply.get()?.get_vat_id()?.to_str()?, alice.vat_id().to_string());
@@ -85,9 +86,10 @@
 //! }
 //! ```
 //!
-//! Without the [`NetworkBuilder::on_redeem`] hook Carol would refuse Bob's
-//! introduction: handed over as it is, Bob's `Office` would answer Alice as
-//! Bob. A vat that knows another only by an address
+//! [`NetworkBuilder::on_redeem`] says what a redeemer gets (the
+//! [`Redeemed`] names the introducer, the redeemer and the handoff); a vat
+//! whose objects do not depend on who calls can hand them on as they are
+//! with [`NetworkBuilder::hand_off_as_is`]. A vat that knows another only by an address
 //! adds it with [`Network::add_addresses`] (an [`Address`] parses from
 //! `"host:port"`, or converts from a `SocketAddr` with `try_from`); a
 //! [`SturdyRef`] names both ([`Network::learn_sturdy_ref`]).

@@ -20,11 +20,13 @@ use crate::wire::HandshakeConfig;
 /// use std::time::Duration;
 /// use capnp_noise::network::{HandoffLimits, NetworkOptions};
 ///
+/// // 128 connections, of which 16 are kept for this vat's own dials.
 /// let options = NetworkOptions::default()
-///     .with_max_connections(32)
+///     .with_max_connections(128)
+///     .with_reserved_for_dials(16)
 ///     .with_idle_timeout(Some(Duration::from_secs(300)))
 ///     .with_handoff(HandoffLimits::default().with_max_wait(Duration::from_secs(5)));
-/// assert_eq!(options.max_connections, 32);
+/// assert_eq!(options.max_connections, 128);
 /// ```
 #[derive(Debug, Clone)]
 #[non_exhaustive]
