@@ -41,6 +41,16 @@
 //! handshake) as it makes the server spend: there is no amplification to
 //! exploit.
 //!
+//! Before message 1 a connection costs no work, but it holds a socket and
+//! one of the server's `max_connections` places. Two more bounds keep one
+//! host from holding them all: [`UnauthenticatedLimit`] caps the
+//! connections one source address has open and not yet authenticated
+//! (default [`DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE`]; more are closed at
+//! accept), and
+//! [`StreamConfig::first_message_timeout`](crate::stream::StreamConfig::first_message_timeout)
+//! closes a connection that has not delivered message 1 in time (default
+//! [`DEFAULT_FIRST_MESSAGE_TIMEOUT`]).
+//!
 //! Servers in this crate ([`rpc::serve`](crate::rpc::serve), the
 //! [`network`](crate::network), the tunnel) create one `HandshakeSlots` per
 //! listener from their options; a custom server passes one to

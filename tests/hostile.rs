@@ -636,3 +636,30 @@ async fn an_object_bound_to_its_caller_is_not_handed_to_another() {
     })
     .await;
 }
+
+/// Each redemption leaves a record charged to its introducer's share until
+/// the introduction expires: an honest introducer used to be refused after
+/// `max_entries_per_introducer` introductions per introduction lifetime.
+/// Its own records now give way to its new requests (found by the soak).
+#[tokio::test(flavor = "current_thread")]
+async fn an_honest_introducers_records_do_not_stop_it() {
+    local(async {
+        let carol = vat(NetworkOptions::default().with_handoff(
+            capnp_noise::intro::HandoffLimits::default().with_max_entries_per_introducer(16),
+        ))
+        .await;
+        let (alice, bob) = (vat(Default::default()).await, vat(Default::default()).await);
+        meet(&bob, &carol);
+        let at_carol: office::Client = bob.connect(&carol.vat_id()).await.unwrap();
+        for i in 0..40 {
+            let intro = bob
+                .introduce(&at_carol, &carol.vat_id(), &alice.vat_id())
+                .await
+                .unwrap_or_else(|e| panic!("introduction {i}: {e}"));
+            let office: office::Client = alice.redeem(&intro).await.unwrap();
+            assert_eq!(whoami(&office).await.unwrap(), alice.vat_id().to_string());
+        }
+        assert_eq!(carol.handoff_counts().0, 16);
+    })
+    .await;
+}

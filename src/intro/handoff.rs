@@ -324,6 +324,34 @@ impl<T> HandoffTable<T> {
         Ok(())
     }
 
+    /// Like [`room_for_entry`](Self::room_for_entry), but when the share
+    /// or the table is full, the oldest record (spent or withdrawn: never a
+    /// capability still set aside) of `introducer` gives way first. A
+    /// record only makes a replay fail at once; without it a replay finds
+    /// nothing and can only wait and time out, since the capability is
+    /// gone. So an introducer's own records never block its new requests.
+    fn make_room_for_entry(&mut self, introducer: &VatId) -> Result<()> {
+        let room = self.room_for_entry(introducer);
+        if room.is_ok() {
+            return room;
+        }
+        let oldest = self
+            .slots
+            .iter()
+            .filter(|((i, _), s)| {
+                i == introducer && matches!(s, Slot::Spent { .. } | Slot::Revoked { .. })
+            })
+            .min_by_key(|(_, s)| s.deadline())
+            .map(|(key, _)| *key);
+        match oldest {
+            Some(key) => {
+                self.slots.remove(&key);
+                self.room_for_entry(introducer)
+            }
+            None => room,
+        }
+    }
+
     /// Ends the wait in `slot` (removed from the table at `key`): the
     /// redeemer gets [`IntroductionError::Timeout`], and a record stays until
     /// the introduction expires if there is room for one.
@@ -411,7 +439,7 @@ impl<T> HandoffTable<T> {
             Some(Slot::Revoked { .. }) => return refuse(IntroductionError::Revoked),
             Some(Slot::Waiting { .. } | Slot::TimedOut { .. }) | None => {}
         }
-        self.room_for_entry(introducer)?;
+        self.make_room_for_entry(introducer)?;
         let recipient = *request.recipient();
         let next = match self.slots.remove(&key) {
             Some(Slot::Waiting {
@@ -612,7 +640,7 @@ impl<T> HandoffTable<T> {
                 // room, so that a redeem arriving later fails at once
                 // instead of waiting. Charged to that share: withdrawals of
                 // nonces never provided cannot fill the table for others.
-                if self.room_for_entry(introducer).is_ok() {
+                if self.make_room_for_entry(introducer).is_ok() {
                     self.slots
                         .insert(key, tombstone(now + self.limits.max_lifetime));
                 }

@@ -179,7 +179,7 @@ impl NetworkBuilder {
             inbound: Arc::new(Semaphore::new(
                 options
                     .max_connections
-                    .saturating_sub(options.reserved_for_dials)
+                    .saturating_sub(options.reserved_for_dials.min(options.max_connections / 4))
                     .max(1),
             )),
             advertised,

@@ -60,11 +60,11 @@ pub struct NetworkConfig {
     /// Connections open at once, in both directions. At the limit incoming
     /// connections wait and dials fail. Default 1024.
     pub max_connections: usize,
-    /// Of `max_connections`, this many are kept for this vat's own dials:
-    /// incoming connections hold at most `max_connections -
-    /// reserved_for_dials` (at least one), so a flood of incoming
-    /// connections cannot keep the vat from dialing out. Default 64
-    /// (capped at `max_connections - 1`).
+    /// Of `max_connections`, this many are kept for this vat's own dials
+    /// (at most a quarter of `max_connections`): incoming connections hold
+    /// at most the rest, so a flood of incoming connections cannot keep
+    /// the vat from dialing out. Default 64 (with the default 1024
+    /// connections, 960 are left for incoming ones).
     pub reserved_for_dials: usize,
     /// Incoming connections from one source address (IPv4 address, IPv6
     /// /64) open and not yet authenticated; more are closed as soon as they

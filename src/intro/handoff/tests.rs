@@ -413,6 +413,36 @@ fn limits_are_enforced() {
 }
 
 #[test]
+fn an_introducers_records_give_way_to_its_new_requests() {
+    let limits = HandoffLimits {
+        max_entries_per_introducer: 2,
+        ..HandoffLimits::default()
+    };
+    let mut t: HandoffTable<u32> = HandoffTable::new(carol().vat_id(), limits);
+    let wait = |n: u8| intro_with([n; NONCE_LEN]).to_await();
+    let redeem = |t: &mut HandoffTable<u32>, n: u8| {
+        ready(t.redeem(&alice().vat_id(), &intro_with([n; NONCE_LEN]), t0()))
+    };
+    // Redeemed handoffs leave records; new requests still get in.
+    for n in 1..=5u8 {
+        t.expect(&bob().vat_id(), &wait(n), u32::from(n), t0())
+            .unwrap();
+        assert_eq!(redeem(&mut t, n), u32::from(n));
+    }
+    assert_eq!(t.entries(), 2);
+    // The latest record still refuses a replay at once.
+    assert_eq!(
+        err(t.redeem(&alice().vat_id(), &intro_with([5; NONCE_LEN]), t0())),
+        IntroductionError::Replayed
+    );
+    // Capabilities set aside never give way.
+    t.expect(&bob().vat_id(), &wait(6), 6, t0()).unwrap();
+    t.expect(&bob().vat_id(), &wait(7), 7, t0()).unwrap();
+    let e = err(t.expect(&bob().vat_id(), &wait(8), 8, t0()));
+    assert!(e.to_string().contains("one introducer"), "{e}");
+}
+
+#[test]
 fn one_introducer_cannot_fill_the_waiters() {
     let limits = HandoffConfig {
         max_waiters: 8,
