@@ -644,8 +644,8 @@ async fn an_object_bound_to_its_caller_is_not_handed_to_another() {
 #[tokio::test(flavor = "current_thread")]
 async fn an_honest_introducers_records_do_not_stop_it() {
     local(async {
-        let carol = vat(NetworkOptions::default().with_handoff(
-            capnp_noise::intro::HandoffLimits::default().with_max_entries_per_introducer(16),
+        let carol = vat(NetworkConfig::default().with_handoff(
+            capnp_noise::intro::HandoffConfig::default().with_max_entries_per_introducer(16),
         ))
         .await;
         let (alice, bob) = (vat(Default::default()).await, vat(Default::default()).await);

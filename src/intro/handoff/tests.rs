@@ -414,9 +414,9 @@ fn limits_are_enforced() {
 
 #[test]
 fn an_introducers_records_give_way_to_its_new_requests() {
-    let limits = HandoffLimits {
+    let limits = HandoffConfig {
         max_entries_per_introducer: 2,
-        ..HandoffLimits::default()
+        ..HandoffConfig::default()
     };
     let mut t: HandoffTable<u32> = HandoffTable::new(carol().vat_id(), limits);
     let wait = |n: u8| intro_with([n; NONCE_LEN]).to_await();
