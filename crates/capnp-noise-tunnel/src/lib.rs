@@ -27,6 +27,10 @@
 //! per service. Unknown keys are errors. Relative paths are relative to the
 //! file's directory; durations are in seconds. The limits given at the top
 //! are the defaults of every service, and each service may override them.
+//! An error names the file, the line and column, the key and the problem
+//! (`tunnel.toml: line 6, column 8: service.db.peer: this is not a VatId
+//! ...`), and never quotes a value: a private key pasted into the wrong
+//! place does not end up in a log ([`config::ConfigError`]).
 //!
 //! ```toml
 //! identity = "tunnel.key"      # required: `capnp-noise keygen tunnel.key`
@@ -112,7 +116,7 @@
 //! use std::path::Path;
 //! use capnp_noise_tunnel::{Tunnel, TunnelConfig};
 //!
-//! # async fn demo() -> capnp_noise::Result<()> {
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! let config = TunnelConfig::load(Path::new("tunnel.toml"))?; // or TunnelSpec::check
 //! let tunnel = Tunnel::new(config)?; // loads the key and the allow-lists
 //! println!("my VatId: {}", tunnel.vat_id());
@@ -143,9 +147,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-pub use config::{Limits, Mode, ServiceConfig, Trust, TunnelConfig, TunnelSpec};
+pub use config::{ConfigError, Limits, Mode, ServiceConfig, Trust, TunnelConfig, TunnelSpec};
 
-use capnp_noise::error::{Error, Result};
 use capnp_noise::identity::Identity;
 use capnp_noise::policy::{AllowList, PeerPolicy, Pinned, Tofu};
 use capnp_noise::vat_id::VatId;
@@ -166,19 +169,21 @@ impl Tunnel {
     /// Loads the identity key and the allow-list files of `config`.
     ///
     /// # Errors
-    /// [`Error::Key`] naming the file when the key or an allow-list file is
-    /// missing, unreadable or malformed.
-    pub fn new(config: TunnelConfig) -> Result<Self> {
-        let identity = Arc::new(Identity::load(&config.identity)?);
+    /// [`StartError::Identity`] or [`StartError::TrustFile`] when the key or
+    /// an allow-list file is missing, unreadable or malformed.
+    pub fn new(config: TunnelConfig) -> Result<Self, StartError> {
+        let identity = Arc::new(Identity::load(&config.identity).map_err(StartError::Identity)?);
         let services = config
             .services
             .into_iter()
-            .map(|svc| {
-                let policy = policy(&svc.trust)
-                    .map_err(|e| Error::Config(format!("service {}: {e}", svc.name)))?;
-                Ok((svc, policy))
+            .map(|svc| match policy(&svc.trust) {
+                Ok(policy) => Ok((svc, policy)),
+                Err(error) => Err(StartError::TrustFile {
+                    service: svc.name,
+                    error,
+                }),
             })
-            .collect::<Result<Vec<_>>>()?;
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Tunnel {
             identity,
             shutdown_grace: config.shutdown_grace,
@@ -194,16 +199,19 @@ impl Tunnel {
     /// Opens every service's listening socket.
     ///
     /// # Errors
-    /// [`Error::Io`] naming the service and the address when one cannot be
-    /// bound (in use, not a local address, a privileged port, a host name
-    /// that does not resolve); no socket stays open then.
-    pub async fn bind(self) -> Result<BoundTunnel> {
+    /// [`StartError::Listen`] naming the service and the address when one
+    /// cannot be bound (in use, not a local address, a privileged port, a
+    /// host name that does not resolve); no socket stays open then.
+    pub async fn bind(self) -> Result<BoundTunnel, StartError> {
         let mut listeners = Vec::with_capacity(self.services.len());
         for (svc, _) in &self.services {
-            let listener = TcpListener::bind(&svc.listen)
-                .await
-                .map_err(|e| bind_error(svc, &e))?;
-            let addr = listener.local_addr().map_err(|e| bind_error(svc, &e))?;
+            let listen_error = |error| StartError::Listen {
+                service: svc.name.clone(),
+                addr: svc.listen.clone(),
+                error,
+            };
+            let listener = TcpListener::bind(&svc.listen).await.map_err(listen_error)?;
+            let addr = listener.local_addr().map_err(listen_error)?;
             listeners.push((listener, addr));
         }
         Ok(BoundTunnel {
@@ -227,7 +235,7 @@ impl std::fmt::Debug for Tunnel {
     }
 }
 
-fn policy(trust: &Trust) -> Result<Arc<dyn PeerPolicy>> {
+fn policy(trust: &Trust) -> capnp_noise::Result<Arc<dyn PeerPolicy>> {
     Ok(match trust {
         Trust::PinnedServer(vat) => Arc::new(Pinned(*vat)),
         Trust::KnownVats(file) => Arc::new(Tofu::new(file)),
@@ -246,22 +254,67 @@ fn policy(trust: &Trust) -> Result<Arc<dyn PeerPolicy>> {
     })
 }
 
-fn bind_error(svc: &ServiceConfig, e: &std::io::Error) -> Error {
-    let hint = match e.kind() {
-        std::io::ErrorKind::AddrInUse => {
-            " (another process is listening there: stop it or choose another port)"
+/// Why a tunnel could not start.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The settings are invalid.
+    Config(ConfigError),
+    /// The identity key file is missing, unreadable or malformed.
+    Identity(capnp_noise::Error),
+    /// A service's allow-list file is missing, unreadable or malformed.
+    TrustFile {
+        /// The service.
+        service: String,
+        /// What went wrong (it names the file).
+        error: capnp_noise::Error,
+    },
+    /// A service cannot listen on its address.
+    Listen {
+        /// The service.
+        service: String,
+        /// The address, as configured.
+        addr: String,
+        /// What went wrong.
+        error: std::io::Error,
+    },
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::Config(e) => e.fmt(f),
+            StartError::Identity(e) => e.fmt(f),
+            StartError::TrustFile { service, error } => write!(f, "service {service}: {error}"),
+            StartError::Listen {
+                service,
+                addr,
+                error,
+            } => {
+                let hint = match error.kind() {
+                    std::io::ErrorKind::AddrInUse => {
+                        " (another process is listening there: stop it or choose another port)"
+                    }
+                    std::io::ErrorKind::AddrNotAvailable => " (not an address of this machine)",
+                    std::io::ErrorKind::PermissionDenied => " (ports below 1024 need privileges)",
+                    _ => "",
+                };
+                write!(
+                    f,
+                    "service {service}: cannot listen on {addr}: {error}{hint}"
+                )
+            }
         }
-        std::io::ErrorKind::AddrNotAvailable => " (not an address of this machine)",
-        std::io::ErrorKind::PermissionDenied => " (ports below 1024 need privileges)",
-        _ => "",
-    };
-    Error::Io(Arc::new(std::io::Error::new(
-        e.kind(),
-        format!(
-            "service {}: cannot listen on {}: {e}{hint}",
-            svc.name, svc.listen
-        ),
-    )))
+    }
+}
+
+/// The inner errors are part of the message, so `source` is `None`.
+impl std::error::Error for StartError {}
+
+impl From<ConfigError> for StartError {
+    fn from(e: ConfigError) -> Self {
+        StartError::Config(e)
+    }
 }
 
 /// A service's listening socket, for startup messages.

@@ -827,7 +827,7 @@ fn misconfigurations_exit_with_the_documented_code_and_a_readable_message() {
     expect(
         "bad VatId",
         client(&["--identity", &key, "--peer", "vat1notakey"]),
-        &["--peer", "\"vat1notakey\" is not a VatId"],
+        &["--peer: this is not a VatId"],
     );
     expect(
         "missing key",
@@ -885,16 +885,17 @@ fn misconfigurations_exit_with_the_documented_code_and_a_readable_message() {
     let (code, stderr) = run_to_exit(&["tunnel", "--config", conf.to_str().unwrap()]);
     assert_eq!(code, Some(2), "{stderr}");
     assert!(
-        stderr.contains("unknown field `retries`") && stderr.contains("line 7"),
+        stderr.contains("t.toml: line 7, column 1: service.s.retries: unknown key"),
         "{stderr}"
     );
     std::fs::write(&conf, "identity = \"k.key\"\n[service.s]\nmode = \"client\"\nlisten = \"127.0.0.1:0\"\nconnect = \"h:1\"\npeer = \"vat1x\"\n").unwrap();
     let (code, stderr) = run_to_exit(&["tunnel", "--config", conf.to_str().unwrap()]);
     assert_eq!(code, Some(2), "{stderr}");
     assert!(
-        stderr.contains("service.s.peer: \"vat1x\" is not a VatId"),
+        stderr.contains("t.toml: line 6, column 8: service.s.peer: this is not a VatId"),
         "{stderr}"
     );
+    assert!(!stderr.contains("vat1x"), "{stderr}");
 }
 
 // ----- pycapnp peers across the tunnel -----

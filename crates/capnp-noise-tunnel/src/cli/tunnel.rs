@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use capnp_noise_tunnel::config::{LimitsSpec, Mode, Origin, ServiceSpec, TunnelSpec};
+use capnp_noise_tunnel::config::{Mode, Origin, ServiceSpec, TunnelSpec};
 use capnp_noise_tunnel::{ShutdownHandle, Tunnel, TunnelConfig};
 use tracing::{info, warn};
 
@@ -50,120 +50,56 @@ pub(crate) struct Args {
     side: Option<Side>,
 }
 
+/// One service from the command line: the settings of the file format
+/// ([`TunnelSpec`] and [`ServiceSpec`]), as options. The options of the
+/// other mode are hidden (and refused by the check, as in a file).
 #[derive(Debug, clap::Subcommand)]
 enum Side {
     /// Listen for plain TCP and carry each connection over capnp-noise to
     /// a server whose VatId is pinned.
-    #[command(after_help = AFTER_HELP)]
-    Client(ClientArgs),
+    #[command(
+        after_help = AFTER_HELP,
+        mut_arg("allow", |a| a.hide(true)),
+        mut_arg("allow_vat", |a| a.hide(true)),
+    )]
+    Client(OneService),
     /// Listen for capnp-noise connections from allowed vats and forward
     /// each to a plain TCP address.
-    #[command(after_help = AFTER_HELP)]
-    Server(ServerArgs),
-}
-
-#[derive(Debug, clap::Args)]
-struct ClientArgs {
-    #[command(flatten)]
-    common: Common,
-    /// The server's VatId: any other server is refused (before this side's
-    /// VatId is revealed to it).
-    #[arg(
-        long,
-        value_name = "VATID",
-        required_unless_present = "known_vats",
-        conflicts_with = "known_vats"
+    #[command(
+        after_help = AFTER_HELP,
+        mut_arg("peer", |a| a.hide(true)),
+        mut_arg("known_vats", |a| a.hide(true)),
     )]
-    peer: Option<String>,
-    /// Instead of --peer: trust the server's VatId on first use and record
-    /// it in FILE (like ssh's known_hosts).
-    #[arg(long, value_name = "FILE")]
-    known_vats: Option<PathBuf>,
+    Server(OneService),
 }
 
 #[derive(Debug, clap::Args)]
-struct ServerArgs {
+struct OneService {
     #[command(flatten)]
-    common: Common,
-    /// Allow the VatIds listed in FILE (one per line; reloaded when it changes).
-    #[arg(long, value_name = "FILE", required_unless_present = "allow_vat")]
-    allow: Option<PathBuf>,
-    /// Allow this VatId (repeatable; with or without --allow).
-    #[arg(long = "allow-vat", value_name = "VATID")]
-    allow_vat: Vec<String>,
-}
-
-#[derive(Debug, clap::Args)]
-struct Common {
-    /// Where to listen, HOST:PORT (port 0: a free port, printed at startup).
-    #[arg(long, value_name = "ADDR")]
-    listen: String,
-    /// Where to connect, HOST:PORT.
-    #[arg(long, value_name = "ADDR")]
-    connect: String,
-    /// This tunnel's key file (`capnp-noise keygen`).
-    #[arg(long, value_name = "FILE")]
-    identity: PathBuf,
+    service: ServiceSpec,
     /// The service's name in logs [default: client or server].
     #[arg(long, value_name = "NAME")]
     name: Option<String>,
-    /// Connections open at once [default: 1024].
-    #[arg(long, value_name = "N")]
-    max_connections: Option<usize>,
-    /// Handshakes in progress at once [default: 64].
-    #[arg(long, value_name = "N")]
-    max_handshakes: Option<usize>,
-    /// Of those, handshakes from one source address [default: 16].
-    #[arg(long, value_name = "N")]
-    max_handshakes_per_source: Option<usize>,
-    /// Seconds a handshake may take [default: 10].
-    #[arg(long, value_name = "SECS")]
-    handshake_timeout: Option<f64>,
-    /// Seconds an outgoing TCP connect may take [default: 10].
-    #[arg(long, value_name = "SECS")]
-    connect_timeout: Option<f64>,
-    /// Seconds open connections get to finish after SIGINT/SIGTERM [default: 30].
-    #[arg(long, value_name = "SECS")]
-    shutdown_grace: Option<f64>,
+    #[command(flatten)]
+    tunnel: TunnelSpec,
 }
 
 impl Side {
     /// The command line as the same settings a configuration file holds.
     fn spec(self) -> TunnelSpec {
-        let (mode, common, mut service) = match self {
-            Side::Client(a) => {
-                let mut s = ServiceSpec::new(Mode::Client, "", "");
-                s.peer = a.peer;
-                s.known_vats = a.known_vats;
-                (Mode::Client, a.common, s)
-            }
-            Side::Server(a) => {
-                let mut s = ServiceSpec::new(Mode::Server, "", "");
-                s.allow = a.allow;
-                s.allow_vat = a.allow_vat;
-                (Mode::Server, a.common, s)
-            }
+        let (mode, args) = match self {
+            Side::Client(a) => (Mode::Client, a),
+            Side::Server(a) => (Mode::Server, a),
         };
-        service.listen = common.listen;
-        service.connect = common.connect;
-        let mut spec = TunnelSpec::default();
-        spec.identity = Some(common.identity);
-        spec.shutdown_grace = common.shutdown_grace;
-        spec.limits = LimitsSpec::default();
-        spec.limits.max_connections = common.max_connections;
-        spec.limits.max_handshakes = common.max_handshakes;
-        spec.limits.max_handshakes_per_source = common.max_handshakes_per_source;
-        spec.limits.handshake_timeout = common.handshake_timeout;
-        spec.limits.connect_timeout = common.connect_timeout;
-        let name = common.name.unwrap_or_else(|| {
-            match mode {
-                Mode::Client => "client",
-                Mode::Server => "server",
-            }
-            .into()
-        });
-        spec.services.insert(name, service);
-        spec
+        let OneService {
+            mut service,
+            name,
+            mut tunnel,
+        } = args;
+        service.mode = mode;
+        let name = name.unwrap_or_else(|| mode.as_str().into());
+        tunnel.services.insert(name, service);
+        tunnel
     }
 }
 
@@ -195,13 +131,9 @@ pub(crate) fn run(args: Args) -> CmdResult {
             .map_err(|e| Failure::new(EXIT_BIND, e))?;
         println!("vat_id={}", bound.vat_id());
         for l in bound.listening() {
-            let mode = match l.mode {
-                Mode::Client => "client",
-                Mode::Server => "server",
-            };
             println!(
-                "listening service={} mode={mode} addr={} connect={}",
-                l.name, l.addr, l.connect
+                "listening service={} mode={} addr={} connect={}",
+                l.name, l.mode, l.addr, l.connect
             );
         }
         tokio::spawn(signals.drive(bound.shutdown_handle()));
@@ -257,5 +189,41 @@ impl Signals {
         let second = self.next().await;
         warn!("{second} again: aborting open connections");
         handle.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use capnp_noise_tunnel::config::Problem;
+    use clap::Args as _;
+
+    /// The command line and the file are one model: every option of
+    /// `tunnel client|server` (but `--name`) is a key of the file, at the
+    /// top level or in a service table.
+    #[test]
+    fn every_option_is_a_key_of_the_file() {
+        let cmd = Args::augment_args(clap::Command::new("tunnel"));
+        let mut seen = 0;
+        for side in ["client", "server"] {
+            let sub = cmd.find_subcommand(side).expect("a subcommand");
+            for arg in sub.get_arguments() {
+                let Some(long) = arg.get_long() else { continue };
+                if matches!(long, "name" | "help") {
+                    continue;
+                }
+                let key = long.replace('-', "_");
+                let known = |text: String| {
+                    let e = TunnelSpec::from_toml(&text, "t.toml".as_ref());
+                    !matches!(e, Err(e) if e.what == Problem::UnknownKey)
+                };
+                assert!(
+                    known(format!("{key} = 0\n")) || known(format!("[service.s]\n{key} = 0\n")),
+                    "--{long} is not a key of the file"
+                );
+                seen += 1;
+            }
+        }
+        assert!(seen >= 2 * 11, "only {seen} options");
     }
 }
