@@ -101,6 +101,17 @@ pub struct LimitsSpec {
     /// Seconds an outgoing TCP connect may take [default: 10].
     #[arg(long, value_name = "SECS")]
     pub connect_timeout: Option<f64>,
+    /// Send an authenticated keepalive (an empty frame the other end reads
+    /// as nothing) in each interval of SECS in which nothing else was sent
+    /// over capnp-noise, so that NATs and load balancers keep an idle
+    /// connection; 0: none [default: 0].
+    #[arg(long, value_name = "SECS")]
+    pub keepalive: Option<f64>,
+    /// Close a connection over which no data went either way for SECS
+    /// (keepalives do not count): its plain side is reset; 0: never
+    /// [default: 0].
+    #[arg(long, value_name = "SECS")]
+    pub idle_timeout: Option<f64>,
 }
 
 /// Which end of the tunnel a service is.
@@ -270,6 +281,9 @@ pub enum Problem {
 
 /// The range of counts, as errors state it.
 const COUNT_RANGE: &str = "a whole number from 1 to 1000000";
+/// The range of durations that may be off, as errors state it.
+const OPTIONAL_SECONDS_RANGE: &str =
+    "0 (none), or a number of seconds, at least a nanosecond and at most 86400 (a day)";
 /// The range of durations, as errors state it.
 const SECONDS_RANGE: &str = "a number of seconds, at least a nanosecond and at most 86400 (a day)";
 
@@ -438,6 +452,12 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     /// How long a TCP connect (to the server, or to the target) may take.
     pub connect_timeout: Duration,
+    /// The keepalive interval: an empty DATA frame is sent in each interval
+    /// in which nothing else was sent over capnp-noise. `None`: none.
+    pub keepalive: Option<Duration>,
+    /// How long a connection may go without data either way before it is
+    /// closed. `None`: no limit.
+    pub idle_timeout: Option<Duration>,
 }
 
 impl Default for Limits {
@@ -448,6 +468,8 @@ impl Default for Limits {
             max_handshakes_per_source: DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            keepalive: None,
+            idle_timeout: None,
         }
     }
 }
@@ -576,6 +598,8 @@ impl LimitsSpec {
             }
             "handshake_timeout" => number(v).map(|s| self.handshake_timeout = Some(s)),
             "connect_timeout" => number(v).map(|s| self.connect_timeout = Some(s)),
+            "keepalive" => number(v).map(|s| self.keepalive = Some(s)),
+            "idle_timeout" => number(v).map(|s| self.idle_timeout = Some(s)),
             _ => return None,
         })
     }
@@ -815,6 +839,7 @@ impl LimitsSpec {
     ) -> Result<Limits, ConfigError> {
         let count = |v, d, k| count(v, d).map_err(|what| at.error(service, k, what));
         let seconds = |v, d, k| seconds(v, d).map_err(|what| at.error(service, k, what));
+        let optional = |v, d, k| optional_seconds(v, d).map_err(|what| at.error(service, k, what));
         Ok(Limits {
             max_connections: count(
                 self.max_connections,
@@ -837,6 +862,8 @@ impl LimitsSpec {
                 base.connect_timeout,
                 "connect_timeout",
             )?,
+            keepalive: optional(self.keepalive, base.keepalive, "keepalive")?,
+            idle_timeout: optional(self.idle_timeout, base.idle_timeout, "idle_timeout")?,
         })
     }
 }
@@ -965,6 +992,20 @@ fn count(value: Option<usize>, default: usize) -> Result<usize, Problem> {
         None => Ok(default),
         Some(n) if (1..=MAX_COUNT).contains(&n) => Ok(n),
         Some(_) => Err(Problem::OutOfRange(COUNT_RANGE)),
+    }
+}
+
+/// A duration where 0 means "none": `Ok(None)`.
+fn optional_seconds(
+    value: Option<f64>,
+    default: Option<Duration>,
+) -> Result<Option<Duration>, Problem> {
+    match value {
+        None => Ok(default),
+        Some(0.0) => Ok(None),
+        Some(s) => seconds(Some(s), Duration::ZERO)
+            .map(Some)
+            .map_err(|_| Problem::OutOfRange(OPTIONAL_SECONDS_RANGE)),
     }
 }
 
@@ -1271,10 +1312,45 @@ mod tests {
             "handshake_timeout = 1e-9\n{HEAD}mode = \"server\"\nallow = \"a\"\n"
         ))
         .unwrap();
+        assert_eq!(c.services[0].limits.keepalive, None, "off by default");
         assert_eq!(
             c.services[0].limits.handshake_timeout,
             Duration::from_nanos(1)
         );
+    }
+
+    #[test]
+    fn keepalive_and_idle_timeout_are_off_by_default_and_0_turns_them_off() {
+        let c = check_text(&format!(
+            "keepalive = 15\nidle_timeout = 600\n{HEAD}mode = \"server\"\nallow = \"a\"\n"
+        ))
+        .unwrap();
+        let l = c.services[0].limits;
+        assert_eq!(l.keepalive, Some(Duration::from_secs(15)));
+        assert_eq!(l.idle_timeout, Some(Duration::from_secs(600)));
+        let c = check_text(&format!(
+            "keepalive = 15\n{HEAD}mode = \"server\"\nallow = \"a\"\nkeepalive = 0\nidle_timeout = 0.5\n"
+        ))
+        .unwrap();
+        let l = c.services[0].limits;
+        assert_eq!(l.keepalive, None, "a service turns the default off");
+        assert_eq!(l.idle_timeout, Some(Duration::from_millis(500)));
+        let c = check_text(&format!("{HEAD}mode = \"server\"\nallow = \"a\"\n")).unwrap();
+        assert_eq!(
+            (
+                c.services[0].limits.keepalive,
+                c.services[0].limits.idle_timeout
+            ),
+            (None, None)
+        );
+        for bad in [
+            "keepalive = -1",
+            "idle_timeout = 1e-10",
+            "keepalive = 86401",
+        ] {
+            let e = err(&format!("{HEAD}mode = \"server\"\nallow = \"a\"\n{bad}\n"));
+            assert_eq!(e.what, Problem::OutOfRange(OPTIONAL_SECONDS_RANGE), "{bad}");
+        }
     }
 
     #[test]

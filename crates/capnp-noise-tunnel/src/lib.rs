@@ -40,6 +40,8 @@
 //! max_handshakes_per_source = 16  # of those, from one address
 //! handshake_timeout = 10       # seconds
 //! connect_timeout = 10         # seconds, for each outgoing TCP connect
+//! keepalive = 0                # seconds between keepalives when idle (0: none)
+//! idle_timeout = 0             # close after this long without data (0: never)
 //!
 //! [service.postgres]           # expose a local service to allowed vats
 //! mode = "server"
@@ -54,6 +56,7 @@
 //! connect = "calendar.example.com:4443"
 //! peer = "vat1..."             # or: known_vats = "known_vats" (trust on first use)
 //! max_connections = 50
+//! keepalive = 25               # the office NAT forgets idle flows after a minute
 //! ```
 //!
 //! The command line (`capnp-noise tunnel client|server ...`) describes one
@@ -83,6 +86,15 @@
 //!   256 KiB, see [`NoiseStream`](capnp_noise::stream::NoiseStream)), so
 //!   `max_connections` bounds a service's memory (about 400 MiB at the
 //!   default 1024 connections, all busy; idle ones hold far less).
+//! * **Keepalive and idle timeout.** With `keepalive = N`, a service sends
+//!   an authenticated empty frame (SPEC 7.1; the other end reads nothing)
+//!   in each interval of N seconds in which it sent nothing else over
+//!   capnp-noise, so NATs and load balancers that drop idle flows keep a
+//!   long-lived, quiet Cap'n Proto connection. With `idle_timeout = N`, a
+//!   connection over which no data went either way for N seconds
+//!   (keepalives do not count) is ended like a failure (below), at most a
+//!   quarter of N late, and logged with `end="idle: ..."`. Both are off by
+//!   default; the per-frame cost is a flag and a counter.
 //! * **Failures are not disguised as clean ends.** When one side fails
 //!   (a TCP reset, a capnp-noise stream cut without its authenticated
 //!   CLOSE), the plain TCP side is reset rather than closed, and the
@@ -98,8 +110,8 @@
 //! addr=ADDR to_peer=BYTES from_peer=BYTES duration=SECONDS end=...`,
 //! where `to_peer`/`from_peer` count plaintext bytes sent to and received
 //! from the remote tunnel end, and `end` is `closed` (both directions
-//! ended cleanly), `aborted` (cut at shutdown) or an error naming the side
-//! and the operation that failed.
+//! ended cleanly), `aborted` (cut at shutdown), `"idle: ..."` (the idle
+//! timeout) or an error naming the side and the operation that failed.
 //!
 //! # Shutdown
 //!

@@ -14,7 +14,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use super::config::{Mode, ServiceConfig};
-use super::forward::{self, End, Forwarded};
+use super::forward::{self, End, Forwarded, WithKeepalive};
 use capnp_noise::admission::HandshakeSlots;
 use capnp_noise::error::Error;
 use capnp_noise::identity::Identity;
@@ -161,14 +161,17 @@ impl Service {
                 }
             }
         };
-        let (mut plain, mut noise) = match setup {
+        let (mut plain, noise) = match setup {
             Ok(pair) => pair,
             Err(failure) => return self.log_setup_failure(addr, failure),
         };
         let peer = noise.peer_vat_id().fingerprint();
         let suite = noise.suite().noise_name();
         info!(service = %self.config.name, %peer, %addr, suite, "connected");
-        let done = forward::forward(&mut plain, &mut noise, cut.cancelled()).await;
+        let limits = &self.config.limits;
+        let mut noise = WithKeepalive::new(noise, limits.keepalive);
+        let done =
+            forward::forward(&mut plain, &mut noise, limits.idle_timeout, cut.cancelled()).await;
         if !matches!(done.end, End::Closed) {
             // Tell the plain side this was not a clean end; the noise side
             // is dropped without CLOSE, which tells the remote tunnel.
@@ -331,6 +334,11 @@ impl fmt::Display for EndText<'_> {
         match self.end {
             End::Closed => f.write_str("closed"),
             End::Cancelled => f.write_str("aborted"),
+            End::Idle(t) => write!(
+                f,
+                "\"idle: no data either way for {:.3} s (idle_timeout)\"",
+                t.as_secs_f64()
+            ),
             End::Failed { stream, op, error } => {
                 let side = match stream {
                     forward::Stream::A => self.plain,

@@ -9,9 +9,10 @@
 //! the tests read the bound addresses from its stdout and its logs from its
 //! stderr. Children are killed when dropped, and every wait is bounded.
 //!
-//! The pycapnp tests need `python3` with `pycapnp` (2.2.4) on PATH; without
-//! it they are skipped with a loud message, except when the `CI` environment
-//! variable is set: then they fail.
+//! Tests with real software no one here wrote need it on PATH: `socat`
+//! (Debian) as a NAT that drops idle flows, `python3` with `pycapnp`
+//! (2.2.4). Without it they are skipped with a loud message, except when
+//! the `CI` environment variable is set: then they fail.
 
 use capnp_noise_test::office;
 
@@ -715,6 +716,145 @@ async fn sigterm_aborts_what_outlasts_the_grace_period_and_exits_0() {
     assert!(log.contains("end=aborted"), "{log}");
     // The aborted connection is cut for the application, not ended cleanly.
     assert!(closed_promptly(&mut s).await, "expected a reset");
+}
+
+// ----- keepalive and idle timeout, through socat as an idle-dropping NAT -----
+
+/// True if `program ARGS` runs. Otherwise skips loudly, or fails under CI.
+fn available(program: &str, args: &[&str], install: &str) -> bool {
+    let ran = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    match ran {
+        Ok(status) if status.success() => true,
+        other if std::env::var_os("CI").is_some() => {
+            panic!("{program} is required under CI ({other:?}); {install}")
+        }
+        other => {
+            eprintln!("SKIPPED: {program} is not usable ({other:?}); {install}");
+            false
+        }
+    }
+}
+
+/// A child process killed when dropped.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `socat -T SECS` relaying 127.0.0.1:PORT to `to`, one child per
+/// connection: it drops a flow when nothing went either way for SECS, as
+/// an office NAT or a cloud load balancer does.
+fn idle_dropping_relay(to: SocketAddr, secs: u32) -> (Killed, SocketAddr) {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let child = Command::new("socat")
+        .arg(format!("-T{secs}"))
+        .arg(format!(
+            "TCP-LISTEN:{},bind=127.0.0.1,reuseaddr,fork",
+            addr.port()
+        ))
+        .arg(format!("TCP:{to}"))
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start socat");
+    let relay = Killed(child);
+    let deadline = Instant::now() + WAIT;
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "socat did not listen on {addr}");
+        thread::sleep(Duration::from_millis(20));
+    }
+    (relay, addr)
+}
+
+/// Whether a round trip of `msg` still works on `s` within [`PROMPTLY`].
+async fn still_round_trips(s: &mut TcpStream, msg: &[u8]) -> bool {
+    let attempt = async {
+        s.write_all(msg).await?;
+        let mut got = vec![0u8; msg.len()];
+        s.read_exact(&mut got).await?;
+        Ok::<_, std::io::Error>(got == msg)
+    };
+    matches!(tokio::time::timeout(PROMPTLY, attempt).await, Ok(Ok(true)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalives_carry_an_idle_connection_through_socat_dropping_idle_flows() {
+    if !available("socat", &["-V"], "apt-get install socat") {
+        return;
+    }
+    let target = tcp_server(echo).await;
+    let keys = Keys::new();
+    let (server_key, _) = keys.key("server.key");
+    let (client_key, client_vat) = keys.key("client.key");
+    let server = server_tunnel(
+        &server_key,
+        target,
+        &["--allow-vat", &client_vat.to_string()],
+    );
+    let (_nat, nat) = idle_dropping_relay(server.addr("server"), 3);
+    let peer = server.vat_id.to_string();
+    let without = client_tunnel(&client_key, nat, &peer, &[]);
+    let with = client_tunnel(&client_key, nat, &peer, &["--keepalive", "1"]);
+    let mut plain = TcpStream::connect(without.addr("client")).await.unwrap();
+    let mut kept = TcpStream::connect(with.addr("client")).await.unwrap();
+    assert_eq!(
+        bounded("a round trip", round_trip(&mut plain, b"hi")).await,
+        b"hi"
+    );
+    assert_eq!(
+        bounded("a round trip", round_trip(&mut kept, b"hi")).await,
+        b"hi"
+    );
+    // Idle for 10 s: socat drops the flow without keepalives after 3 s.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(
+        still_round_trips(&mut kept, b"after 10 s").await,
+        "the connection with keepalives did not survive; log:\n{}",
+        with.log()
+    );
+    assert!(
+        !still_round_trips(&mut plain, b"after 10 s").await,
+        "socat did not drop the idle flow: the test proves nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_timeout_ends_a_silent_connection_and_says_why() {
+    let target = tcp_server(echo).await;
+    // Keepalives (every second) do not count as traffic.
+    let pair = Pair::start(target, &[], &["--idle-timeout", "2", "--keepalive", "1"]);
+    let mut s = TcpStream::connect(pair.local()).await.unwrap();
+    assert_eq!(
+        bounded("a round trip", round_trip(&mut s, b"hi")).await,
+        b"hi"
+    );
+    let silent = Instant::now();
+    let mut buf = [0u8; 8];
+    let ended = tokio::time::timeout(Duration::from_secs(4), s.read(&mut buf)).await;
+    let took = silent.elapsed();
+    assert!(
+        matches!(ended, Ok(Ok(0) | Err(_))),
+        "still open after {took:?}: {ended:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(3),
+        "ended after {took:?}"
+    );
+    let line = pair
+        .client
+        .wait_log(&["connection ended", "idle: no data either way for 2.000 s"]);
+    assert!(line.contains("service=client"), "{line}");
 }
 
 // ----- configuration file -----

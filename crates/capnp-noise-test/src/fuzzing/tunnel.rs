@@ -40,6 +40,8 @@ const KEYS: &[&str] = &[
     "max_handshakes_per_source",
     "handshake_timeout",
     "connect_timeout",
+    "keepalive",
+    "idle_timeout",
     "service",
     "mode",
     "listen",
@@ -299,6 +301,12 @@ fn put_limits(t: &mut toml::Table, l: &LimitsSpec) {
     if let Some(s) = l.connect_timeout {
         t.insert("connect_timeout".into(), s.into());
     }
+    if let Some(s) = l.keepalive {
+        t.insert("keepalive".into(), s.into());
+    }
+    if let Some(s) = l.idle_timeout {
+        t.insert("idle_timeout".into(), s.into());
+    }
 }
 
 /// Every field of an accepted configuration is what the documentation
@@ -383,12 +391,23 @@ fn assert_as_documented(spec: &TunnelSpec, config: &TunnelConfig, origin: Origin
             own.connect_timeout.or(top.connect_timeout),
             DEFAULT_CONNECT_TIMEOUT,
         );
+        assert_optional_duration(l.keepalive, own.keepalive.or(top.keepalive));
+        assert_optional_duration(l.idle_timeout, own.idle_timeout.or(top.idle_timeout));
     }
 }
 
 fn assert_count(got: usize, written: Option<usize>, default: usize) {
     assert!((1..=MAX_COUNT).contains(&got), "limit {got} out of range");
     assert_eq!(got, written.unwrap_or(default));
+}
+
+/// A duration that is off by default and when written 0.
+fn assert_optional_duration(got: Option<Duration>, written: Option<f64>) {
+    match (got, written) {
+        (None, None) => {}
+        (None, Some(s)) => assert!(s == 0.0, "{s} turned it off"),
+        (Some(d), w) => assert_duration(d, w, Duration::ZERO),
+    }
 }
 
 fn assert_duration(got: Duration, written: Option<f64>, default: Duration) {
@@ -458,7 +477,7 @@ pub(super) fn seeds() -> Vec<Seed> {
          [service.web]\nmode = \"server\"\nlisten = \"[::]:8443\"\nconnect = \"127.0.0.1:8080\"\n\
          allow = \"web.allow\"\nallow_vat = [\"{b}\"]\nmax_connections = 3\nhandshake_timeout = 1\n\n\
          [service.db]\nmode = \"client\"\nlisten = \"127.0.0.1:0\"\nconnect = \"db.example.com:5433\"\n\
-         peer = \"{a}\"\nconnect_timeout = 0.25\n"
+         peer = \"{a}\"\nconnect_timeout = 0.25\nkeepalive = 25\nidle_timeout = 0\n"
     );
     v.push(Seed::new(
         "tunnel_config",
