@@ -1040,8 +1040,12 @@ fn misconfigurations_exit_with_the_documented_code_and_a_readable_message() {
 
 // ----- pycapnp peers across the tunnel -----
 
+/// A path relative to the workspace root (the Python peers live with the
+/// library, the demo schema in the test crate).
 fn repo(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(rel)
 }
 
 /// True if pycapnp can run. Otherwise skips loudly, or fails under CI.
@@ -1083,7 +1087,7 @@ impl PyPeer {
             .arg(repo("tests/peers/office_peer.py"))
             .args(args)
             .arg("--schema")
-            .arg(repo("schema/demo.capnp"))
+            .arg(repo("crates/capnp-noise-test/schema/demo.capnp"))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
