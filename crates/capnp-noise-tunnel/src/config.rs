@@ -30,6 +30,8 @@ use toml::Spanned;
 
 use capnp_noise::vat_id::VatId;
 
+pub use crate::proxy::ProxyProtocol;
+
 /// Default [`Limits::max_connections`]: 1024 per service.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// Default [`Limits::max_handshakes`]: 64 per service.
@@ -167,6 +169,11 @@ pub struct ServiceSpec {
     /// Server: allow this VatId (repeatable; with or without an allow-list).
     #[arg(long = "allow-vat", value_name = "VATID")]
     pub allow_vat: Vec<String>,
+    /// Server: send the target a PROXY protocol header before the data: v1
+    /// (the client tunnel's address) or v2 (its address and, in TLV 0xE0,
+    /// its authenticated VatId) [default: none].
+    #[arg(long, value_name = "VERSION")]
+    pub proxy_protocol: Option<ProxyProtocol>,
     /// Limits of this service (overriding the file's defaults).
     #[command(flatten)]
     pub limits: LimitsSpec,
@@ -183,6 +190,7 @@ impl ServiceSpec {
             known_vats: None,
             allow: None,
             allow_vat: Vec::new(),
+            proxy_protocol: None,
             limits: LimitsSpec::default(),
         }
     }
@@ -403,6 +411,8 @@ pub struct ServiceConfig {
     pub connect: String,
     /// Which end of the tunnel, and whom it trusts.
     pub trust: Trust,
+    /// Server mode: the PROXY protocol header sent to the target first.
+    pub proxy_protocol: Option<ProxyProtocol>,
     /// Its limits.
     pub limits: Limits,
 }
@@ -579,6 +589,14 @@ fn number(v: &DeValue<'_>) -> Result<f64, Problem> {
     }
 }
 
+fn proxy_protocol(v: &DeValue<'_>) -> Result<ProxyProtocol, Problem> {
+    match v.as_str() {
+        Some("v1") => Ok(ProxyProtocol::V1),
+        Some("v2") => Ok(ProxyProtocol::V2),
+        _ => Err(Problem::Expected("\"v1\" or \"v2\"")),
+    }
+}
+
 fn mode(v: &DeValue<'_>) -> Result<Mode, Problem> {
     match v.as_str() {
         Some("client") => Ok(Mode::Client),
@@ -632,6 +650,9 @@ impl ServiceSpec {
                 "peer" => spec.peer = Some(file.value(&p, value, string)?),
                 "known_vats" => spec.known_vats = Some(file.value(&p, value, file_name)?),
                 "allow" => spec.allow = Some(file.value(&p, value, file_name)?),
+                "proxy_protocol" => {
+                    spec.proxy_protocol = Some(file.value(&p, value, proxy_protocol)?);
+                }
                 "allow_vat" => {
                     let list = file.value(&p, value, |v| {
                         v.as_array().ok_or(Problem::Expected("a list of VatIds"))
@@ -899,6 +920,9 @@ impl ServiceSpec {
                 if !self.allow_vat.is_empty() {
                     return Err(wrong_mode("allow_vat"));
                 }
+                if self.proxy_protocol.is_some() {
+                    return Err(wrong_mode("proxy_protocol"));
+                }
                 match (&self.peer, &self.known_vats) {
                     (Some(peer), None) => Trust::PinnedServer(
                         peer.trim()
@@ -946,6 +970,7 @@ impl ServiceSpec {
             listen: self.listen.clone(),
             connect: self.connect.clone(),
             trust,
+            proxy_protocol: self.proxy_protocol,
             limits: self.limits.check(at, Some(name), defaults)?,
         })
     }
@@ -1351,6 +1376,33 @@ mod tests {
             let e = err(&format!("{HEAD}mode = \"server\"\nallow = \"a\"\n{bad}\n"));
             assert_eq!(e.what, Problem::OutOfRange(OPTIONAL_SECONDS_RANGE), "{bad}");
         }
+    }
+
+    #[test]
+    fn proxy_protocol_is_a_server_setting() {
+        let c = check_text(&format!(
+            "{HEAD}mode = \"server\"\nallow = \"a\"\nproxy_protocol = \"v2\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.services[0].proxy_protocol, Some(ProxyProtocol::V2));
+        let c = check_text(&format!("{HEAD}mode = \"server\"\nallow = \"a\"\n")).unwrap();
+        assert_eq!(c.services[0].proxy_protocol, None, "off by default");
+        let vat = Identity::from_seed(&[3; 32]).vat_id();
+        let e = err(&format!(
+            "{HEAD}mode = \"client\"\npeer = \"{vat}\"\nproxy_protocol = \"v1\"\n"
+        ));
+        assert_eq!(
+            parts(&e),
+            (
+                Some("service.s.proxy_protocol"),
+                Some((7, 18)),
+                Problem::WrongMode(Mode::Client)
+            )
+        );
+        let e = err(&format!(
+            "{HEAD}mode = \"server\"\nallow = \"a\"\nproxy_protocol = \"v3\"\n"
+        ));
+        assert_eq!(e.what, Problem::Expected("\"v1\" or \"v2\""));
     }
 
     #[test]

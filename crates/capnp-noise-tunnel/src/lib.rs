@@ -49,6 +49,7 @@
 //! connect = "127.0.0.1:5432"
 //! allow = "postgres.allow"     # one VatId per line, reloaded on change
 //! allow_vat = ["vat1..."]      # and/or inline (either one is enough)
+//! # proxy_protocol = "v2"      # if the target reads a PROXY header (see below)
 //!
 //! [service.calendar]           # reach a remote service through a local port
 //! mode = "client"
@@ -95,6 +96,12 @@
 //!   (keepalives do not count) is ended like a failure (below), at most a
 //!   quarter of N late, and logged with `end="idle: ..."`. Both are off by
 //!   default; the per-frame cost is a flag and a counter.
+//! * **The caller's VatId to the backend.** With `proxy_protocol = "v2"`
+//!   a server service sends its target a PROXY protocol version 2 header
+//!   before the data: the client tunnel's address, and its authenticated
+//!   VatId in TLV 0xE0 ([`proxy`]); `"v1"` sends the text header with the
+//!   address only. For backends that read it (HAProxy, nginx, Go's and
+//!   Python's PROXY libraries); off by default.
 //! * **Failures are not disguised as clean ends.** When one side fails
 //!   (a TCP reset, a capnp-noise stream cut without its authenticated
 //!   CLOSE), the plain TCP side is reset rather than closed, and the
@@ -148,6 +155,7 @@
 
 pub mod config;
 pub mod forward;
+pub mod proxy;
 mod service;
 
 use std::net::SocketAddr;

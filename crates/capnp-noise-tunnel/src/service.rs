@@ -15,12 +15,14 @@ use tracing::{info, warn};
 
 use super::config::{Mode, ServiceConfig};
 use super::forward::{self, End, Forwarded, WithKeepalive};
+use super::proxy::ProxyProtocol;
 use capnp_noise::admission::HandshakeSlots;
 use capnp_noise::error::Error;
 use capnp_noise::identity::Identity;
 use capnp_noise::policy::PeerPolicy;
 use capnp_noise::stream::{self, NoiseStream, StreamConfig};
 use capnp_noise::vat_id::VatId;
+use tokio::io::AsyncWriteExt;
 
 /// How long the accept loop pauses after an accept error (out of file
 /// descriptors and the like), so it does not spin.
@@ -153,7 +155,12 @@ impl Service {
                 // without CLOSE: its tunnel resets its own client.
                 let pair = async {
                     let noise = self.handshake_client(accepted, addr).await?;
-                    Ok((self.dial("the target").await?, noise))
+                    let mut target = self.dial("the target").await?;
+                    if let Some(version) = self.config.proxy_protocol {
+                        self.send_proxy_header(version, &mut target, &noise, addr)
+                            .await?;
+                    }
+                    Ok((target, noise))
                 };
                 tokio::select! {
                     r = pair => r,
@@ -218,6 +225,25 @@ impl Service {
             Ok(Ok(slot)) => Ok(slot),
             _ => Err(SetupFailure::NoHandshakeSlot(timeout)),
         }
+    }
+
+    /// Server mode: sends the target the PROXY protocol header of the
+    /// client at `addr`, before anything else.
+    async fn send_proxy_header(
+        &self,
+        version: ProxyProtocol,
+        target: &mut TcpStream,
+        noise: &NoiseStream<TcpStream>,
+        addr: SocketAddr,
+    ) -> Result<(), SetupFailure> {
+        let unreachable = |error| SetupFailure::Unreachable {
+            what: "the target",
+            addr: self.config.connect.clone(),
+            error,
+        };
+        let local = noise.get_ref().local_addr().map_err(unreachable)?;
+        let header = version.header(addr, local, &noise.peer_vat_id());
+        target.write_all(&header).await.map_err(unreachable)
     }
 
     /// Opens the plain TCP connection to `connect`.

@@ -857,6 +857,66 @@ async fn an_idle_timeout_ends_a_silent_connection_and_says_why() {
     assert!(line.contains("service=client"), "{line}");
 }
 
+// ----- PROXY protocol, parsed by PyPI's proxy-protocol -----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_protocol_tells_a_python_backend_the_callers_address_and_vat_id() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/proxy_backend.py");
+    let check = [script.to_str().unwrap(), "--check"];
+    if !available("python3", &check, "pip install proxy-protocol==0.11.3") {
+        return;
+    }
+    for version in ["v2", "v1"] {
+        let backend = PyPeer::run(&script, &[]);
+        let line = backend.line();
+        let port: u16 = line
+            .strip_prefix("LISTENING ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("{line}"));
+        let target = SocketAddr::from(([127, 0, 0, 1], port));
+        let pair = Pair::start(target, &["--proxy-protocol", version], &[]);
+        let mut s = TcpStream::connect(pair.local()).await.unwrap();
+        let payload = pattern(300_000, 11);
+        let (mut rd, mut wr) = s.split();
+        let send = async {
+            wr.write_all(&payload).await.unwrap();
+            wr.shutdown().await.unwrap();
+        };
+        let mut echoed = Vec::new();
+        let (_, read) = bounded("the echo", async {
+            tokio::join!(send, rd.read_to_end(&mut echoed))
+        })
+        .await;
+        read.unwrap();
+        assert!(
+            echoed == payload,
+            "{version}: the payload came back altered"
+        );
+        let report = tokio::task::spawn_blocking(move || backend.line())
+            .await
+            .unwrap();
+        // The server tunnel's view of the client tunnel: its log line.
+        let connected = pair.server.wait_log(&["connected", "addr="]);
+        let client_addr = connected
+            .split(' ')
+            .find_map(|kv| kv.strip_prefix("addr="))
+            .unwrap();
+        let vat = match version {
+            "v2" => pair.client.vat_id.to_string(),
+            _ => "-".to_string(),
+        };
+        assert_eq!(
+            report,
+            format!(
+                "CONN source={client_addr} dest={} vat={vat} len={}",
+                pair.server.addr("server"),
+                payload.len()
+            ),
+            "{version}"
+        );
+    }
+}
+
 // ----- configuration file -----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1082,12 +1142,19 @@ struct PyPeer {
 }
 
 impl PyPeer {
+    /// `office_peer.py ARGS` with the demo schema.
     fn start(args: &[&str]) -> PyPeer {
+        let schema = repo("crates/capnp-noise-test/schema/demo.capnp");
+        let mut all = args.to_vec();
+        all.extend(["--schema", schema.to_str().unwrap()]);
+        PyPeer::run(&repo("tests/peers/office_peer.py"), &all)
+    }
+
+    /// `python3 SCRIPT ARGS`.
+    fn run(script: &Path, args: &[&str]) -> PyPeer {
         let mut child = Command::new("python3")
-            .arg(repo("tests/peers/office_peer.py"))
+            .arg(script)
             .args(args)
-            .arg("--schema")
-            .arg(repo("crates/capnp-noise-test/schema/demo.capnp"))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -50,6 +50,7 @@ const KEYS: &[&str] = &[
     "known_vats",
     "allow",
     "allow_vat",
+    "proxy_protocol",
 ];
 
 /// `tunnel_config`: [`TunnelSpec::from_toml`] and [`TunnelSpec::check`]
@@ -275,6 +276,9 @@ fn render(spec: &TunnelSpec) -> String {
         if !s.allow_vat.is_empty() {
             t.insert("allow_vat".into(), s.allow_vat.clone().into());
         }
+        if let Some(v) = s.proxy_protocol {
+            t.insert("proxy_protocol".into(), v.as_str().into());
+        }
         put_limits(&mut t, &s.limits);
         services.insert(name.clone(), t.into());
     }
@@ -361,8 +365,9 @@ fn assert_as_documented(spec: &TunnelSpec, config: &TunnelConfig, origin: Origin
             (trust, mode) => panic!("{mode:?} service with {trust:?}"),
         }
         if s.mode == Mode::Client {
-            assert!(s.allow.is_none() && s.allow_vat.is_empty());
+            assert!(s.allow.is_none() && s.allow_vat.is_empty() && s.proxy_protocol.is_none());
         }
+        assert_eq!(c.proxy_protocol, s.proxy_protocol);
         let (own, top) = (&s.limits, &spec.limits);
         let l = c.limits;
         assert_count(
@@ -455,7 +460,7 @@ pub(super) fn seeds() -> Vec<Seed> {
         "\nidentity = \"server.key\"\nmax_handshakes = 8\n\n[service.echo]\nmode = \"server\"\n\
          listen = \"127.0.0.1:0\"\nconnect = \"127.0.0.1:40001\"\nallow = \"clients.allow\"\n\n\
          [service.upper]\nmode = \"server\"\nlisten = \"127.0.0.1:0\"\nconnect = \"127.0.0.1:40002\"\n\
-         allow_vat = [\"{a}\"]\nmax_connections = 4\n"
+         allow_vat = [\"{a}\"]\nmax_connections = 4\nproxy_protocol = \"v2\"\n"
     );
     v.push(Seed::new(
         "tunnel_config",

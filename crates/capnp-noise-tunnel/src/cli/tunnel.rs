@@ -61,6 +61,7 @@ enum Side {
         after_help = AFTER_HELP,
         mut_arg("allow", |a| a.hide(true)),
         mut_arg("allow_vat", |a| a.hide(true)),
+        mut_arg("proxy_protocol", |a| a.hide(true)),
     )]
     Client(OneService),
     /// Listen for capnp-noise connections from allowed vats and forward
