@@ -29,6 +29,7 @@ use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
 use capnp_noise::vat_id::VatId;
+use capnp_noise::wire::Suite;
 
 pub use crate::proxy::ProxyProtocol;
 
@@ -73,6 +74,11 @@ pub struct TunnelSpec {
     /// Seconds open connections get to finish after SIGINT/SIGTERM [default: 30].
     #[arg(long, value_name = "SECS")]
     pub shutdown_grace: Option<f64>,
+    /// How log lines (on stderr) are written: text (without time: the
+    /// service manager adds it) or json (one object per line, with an
+    /// RFC 3339 timestamp) [default: text].
+    #[arg(long, value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
     /// Default limits of the services.
     #[arg(skip)]
     pub limits: LimitsSpec,
@@ -116,8 +122,52 @@ pub struct LimitsSpec {
     pub idle_timeout: Option<f64>,
 }
 
+/// How the tunnel writes its log lines.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines, without time.
+    #[default]
+    Text,
+    /// One JSON object per line, with a timestamp.
+    Json,
+}
+
+/// The cipher suite a service uses over capnp-noise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SuiteChoice {
+    /// A client proposes the faster suite for its CPU (AES-GCM with AES
+    /// instructions, else ChaCha20-Poly1305); a server accepts both.
+    Auto,
+    /// Only `Noise_XX_25519_ChaChaPoly_BLAKE2s`.
+    #[value(name = "chachapoly")]
+    ChaChaPoly,
+    /// Only `Noise_XX_25519_AESGCM_SHA256`.
+    #[value(name = "aesgcm")]
+    AesGcm,
+}
+
+impl SuiteChoice {
+    /// The one suite chosen, or `None` for [`Auto`](Self::Auto).
+    pub fn suite(self) -> Option<Suite> {
+        match self {
+            SuiteChoice::Auto => None,
+            SuiteChoice::ChaChaPoly => Some(Suite::ChaChaPolyBlake2s),
+            SuiteChoice::AesGcm => Some(Suite::AesGcmSha256),
+        }
+    }
+
+    /// `"auto"`, `"chachapoly"` or `"aesgcm"`, as the file writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SuiteChoice::Auto => "auto",
+            SuiteChoice::ChaChaPoly => "chachapoly",
+            SuiteChoice::AesGcm => "aesgcm",
+        }
+    }
+}
+
 /// Which end of the tunnel a service is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
     /// Accepts plain TCP locally and connects over capnp-noise.
     Client,
@@ -174,6 +224,11 @@ pub struct ServiceSpec {
     /// its authenticated VatId) [default: none].
     #[arg(long, value_name = "VERSION")]
     pub proxy_protocol: Option<ProxyProtocol>,
+    /// The cipher suite: a client proposes only it, a server accepts only
+    /// it (and refuses others by closing); auto: a client proposes the
+    /// faster one for its CPU, a server accepts both [default: auto].
+    #[arg(long, value_name = "SUITE")]
+    pub suite: Option<SuiteChoice>,
     /// Limits of this service (overriding the file's defaults).
     #[command(flatten)]
     pub limits: LimitsSpec,
@@ -191,6 +246,7 @@ impl ServiceSpec {
             allow: None,
             allow_vat: Vec::new(),
             proxy_protocol: None,
+            suite: None,
             limits: LimitsSpec::default(),
         }
     }
@@ -395,6 +451,8 @@ pub struct TunnelConfig {
     pub identity: PathBuf,
     /// How long open connections may take to finish after a shutdown signal.
     pub shutdown_grace: Duration,
+    /// How log lines are written.
+    pub log_format: LogFormat,
     /// The services, sorted by name.
     pub services: Vec<ServiceConfig>,
 }
@@ -413,6 +471,10 @@ pub struct ServiceConfig {
     pub trust: Trust,
     /// Server mode: the PROXY protocol header sent to the target first.
     pub proxy_protocol: Option<ProxyProtocol>,
+    /// The one suite used (proposed by a client, accepted by a server);
+    /// `None`: the library's choice (a client proposes [`Suite::preferred`],
+    /// a server accepts every suite).
+    pub suite: Option<Suite>,
     /// Its limits.
     pub limits: Limits,
 }
@@ -589,20 +651,12 @@ fn number(v: &DeValue<'_>) -> Result<f64, Problem> {
     }
 }
 
-fn proxy_protocol(v: &DeValue<'_>) -> Result<ProxyProtocol, Problem> {
-    match v.as_str() {
-        Some("v1") => Ok(ProxyProtocol::V1),
-        Some("v2") => Ok(ProxyProtocol::V2),
-        _ => Err(Problem::Expected("\"v1\" or \"v2\"")),
-    }
-}
-
-fn mode(v: &DeValue<'_>) -> Result<Mode, Problem> {
-    match v.as_str() {
-        Some("client") => Ok(Mode::Client),
-        Some("server") => Ok(Mode::Server),
-        _ => Err(Problem::Expected("\"client\" or \"server\"")),
-    }
+/// A string naming one of `T`'s values, as the command line names them
+/// (one model); `expected` lists them for the error.
+fn choice<T: clap::ValueEnum>(v: &DeValue<'_>, expected: &'static str) -> Result<T, Problem> {
+    v.as_str()
+        .and_then(|s| T::from_str(s, false).ok())
+        .ok_or(Problem::Expected(expected))
 }
 
 impl LimitsSpec {
@@ -644,14 +698,21 @@ impl ServiceSpec {
             let p = key_path(k);
             file.record(format!("{table_path}.{k}"), value.span());
             match k {
-                "mode" => mode_ = Some(file.value(&p, value, mode)?),
+                "mode" => {
+                    mode_ = Some(file.value(&p, value, |v| choice(v, "\"client\" or \"server\""))?);
+                }
                 "listen" => listen = Some(file.value(&p, value, string)?),
                 "connect" => connect = Some(file.value(&p, value, string)?),
                 "peer" => spec.peer = Some(file.value(&p, value, string)?),
                 "known_vats" => spec.known_vats = Some(file.value(&p, value, file_name)?),
                 "allow" => spec.allow = Some(file.value(&p, value, file_name)?),
                 "proxy_protocol" => {
-                    spec.proxy_protocol = Some(file.value(&p, value, proxy_protocol)?);
+                    spec.proxy_protocol =
+                        Some(file.value(&p, value, |v| choice(v, "\"v1\" or \"v2\""))?);
+                }
+                "suite" => {
+                    let expected = "\"auto\", \"chachapoly\" or \"aesgcm\"";
+                    spec.suite = Some(file.value(&p, value, |v| choice(v, expected))?);
                 }
                 "allow_vat" => {
                     let list = file.value(&p, value, |v| {
@@ -703,6 +764,10 @@ impl TunnelSpec {
             match k {
                 "identity" => spec.identity = Some(file.value(k, value, file_name)?),
                 "shutdown_grace" => spec.shutdown_grace = Some(file.value(k, value, number)?),
+                "log_format" => {
+                    let expected = "\"text\" or \"json\"";
+                    spec.log_format = Some(file.value(k, value, |v| choice(v, expected))?);
+                }
                 "service" => {
                     let services = file.value(k, value, |v| {
                         v.as_table()
@@ -789,6 +854,7 @@ impl TunnelSpec {
             identity: origin.resolve(identity),
             shutdown_grace: seconds(self.shutdown_grace, DEFAULT_SHUTDOWN_GRACE)
                 .map_err(|what| at.error(None, "shutdown_grace", what))?,
+            log_format: self.log_format.unwrap_or_default(),
             services,
         })
     }
@@ -971,6 +1037,7 @@ impl ServiceSpec {
             connect: self.connect.clone(),
             trust,
             proxy_protocol: self.proxy_protocol,
+            suite: self.suite.and_then(SuiteChoice::suite),
             limits: self.limits.check(at, Some(name), defaults)?,
         })
     }
@@ -1376,6 +1443,36 @@ mod tests {
             let e = err(&format!("{HEAD}mode = \"server\"\nallow = \"a\"\n{bad}\n"));
             assert_eq!(e.what, Problem::OutOfRange(OPTIONAL_SECONDS_RANGE), "{bad}");
         }
+    }
+
+    #[test]
+    fn suite_and_log_format() {
+        let c = check_text(&format!(
+            "log_format = \"json\"\n{HEAD}mode = \"server\"\nallow = \"a\"\nsuite = \"chachapoly\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.services[0].suite, Some(Suite::ChaChaPolyBlake2s));
+        let c = check_text(&format!(
+            "{HEAD}mode = \"server\"\nallow = \"a\"\nsuite = \"auto\"\n"
+        ))
+        .unwrap();
+        assert_eq!((c.log_format, c.services[0].suite), (LogFormat::Text, None));
+        let e = err(&format!(
+            "{HEAD}mode = \"server\"\nallow = \"a\"\nsuite = \"AESGCM\"\n"
+        ));
+        assert_eq!(e.key.as_deref(), Some("service.s.suite"));
+        let e = err(&format!(
+            "log_format = 1\n{HEAD}mode = \"server\"\nallow = \"a\"\n"
+        ));
+        assert_eq!(
+            parts(&e),
+            (
+                Some("log_format"),
+                Some((1, 14)),
+                Problem::Expected("\"text\" or \"json\"")
+            )
+        );
     }
 
     #[test]

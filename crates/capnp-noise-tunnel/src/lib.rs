@@ -35,6 +35,7 @@
 //! ```toml
 //! identity = "tunnel.key"      # required: `capnp-noise keygen tunnel.key`
 //! shutdown_grace = 30          # seconds open connections get after SIGTERM
+//! log_format = "text"          # or "json": one object per line, with a timestamp
 //! max_connections = 1024       # per service, handshaking or forwarding
 //! max_handshakes = 64          # per service, handshakes at once
 //! max_handshakes_per_source = 16  # of those, from one address
@@ -56,6 +57,7 @@
 //! listen = "127.0.0.1:4000"
 //! connect = "calendar.example.com:4443"
 //! peer = "vat1..."             # or: known_vats = "known_vats" (trust on first use)
+//! suite = "auto"               # or "chachapoly" / "aesgcm": only that suite
 //! max_connections = 50
 //! keepalive = 25               # the office NAT forgets idle flows after a minute
 //! ```
@@ -112,7 +114,10 @@
 //! # Logs
 //!
 //! `tracing`, at `info` for connections and `warn` for refusals and
-//! unreachable addresses; every line names the service. Each connection
+//! unreachable addresses; every line names the service. As text without
+//! time by default (the service manager adds it), or with `log_format =
+//! "json"` (`--log-format json`) one JSON object per line with an RFC 3339
+//! `timestamp`, the level, the message and the fields. Each connection
 //! ends with one line: `connection ended service=NAME peer=FINGERPRINT
 //! addr=ADDR to_peer=BYTES from_peer=BYTES duration=SECONDS end=...`,
 //! where `to_peer`/`from_peer` count plaintext bytes sent to and received

@@ -22,6 +22,7 @@ use capnp_noise::identity::Identity;
 use capnp_noise::policy::PeerPolicy;
 use capnp_noise::stream::{self, NoiseStream, StreamConfig};
 use capnp_noise::vat_id::VatId;
+use capnp_noise::wire::HandshakeConfig;
 use tokio::io::AsyncWriteExt;
 
 /// How long the accept loop pauses after an accept error (out of file
@@ -192,7 +193,8 @@ impl Service {
         let timeout = self.config.limits.handshake_timeout;
         let _slot = self.handshake_slot().await?;
         let tcp = self.dial("the server").await?;
-        let mut config = StreamConfig::default()
+        let mut config = self
+            .stream_config()
             .with_dialed(self.config.connect.clone())
             .with_handshake_timeout(Some(timeout));
         if let Ok(remote) = tcp.peer_addr() {
@@ -210,13 +212,23 @@ impl Service {
         addr: SocketAddr,
     ) -> Result<NoiseStream<TcpStream>, SetupFailure> {
         let timeout = self.config.limits.handshake_timeout;
-        let config = StreamConfig::default()
+        let config = self
+            .stream_config()
             .with_handshake_timeout(Some(timeout))
             .with_remote_addr(addr)
             .with_handshake_slots(self.slots.clone());
         stream::accept(tcp, &self.identity, self.policy.clone(), config)
             .await
             .map_err(SetupFailure::from)
+    }
+
+    /// The stream settings of this service's suite choice.
+    fn stream_config(&self) -> StreamConfig {
+        let config = StreamConfig::default();
+        match self.config.suite {
+            Some(suite) => config.with_handshake(HandshakeConfig::with_suite(suite)),
+            None => config,
+        }
     }
 
     async fn handshake_slot(&self) -> Result<tokio::sync::SemaphorePermit<'_>, SetupFailure> {

@@ -857,6 +857,71 @@ async fn an_idle_timeout_ends_a_silent_connection_and_says_why() {
     assert!(line.contains("service=client"), "{line}");
 }
 
+// ----- suite choice and JSON logs -----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suite_choice_holds_at_both_ends_and_json_logs_carry_timestamps() {
+    let target = tcp_server(echo).await;
+    let chacha = ["--suite", "chachapoly"];
+    let mut server_args = chacha.to_vec();
+    server_args.extend(["--log-format", "json"]);
+    let pair = Pair::start(target, &server_args, &chacha);
+    let mut s = TcpStream::connect(pair.local()).await.unwrap();
+    assert_eq!(
+        bounded("a round trip", round_trip(&mut s, b"hi")).await,
+        b"hi"
+    );
+    let suite = "Noise_XX_25519_ChaChaPoly_BLAKE2s";
+    pair.client
+        .wait_log(&["connected", &format!("suite=\"{suite}\"")]);
+    let line = pair.server.wait_log(&[
+        "\"message\":\"connected\"",
+        &format!("\"suite\":\"{suite}\""),
+    ]);
+    // {"timestamp":"2026-12-07T02:40:00.123456Z","level":"INFO",...}
+    let stamp = line
+        .strip_prefix("{\"timestamp\":\"")
+        .unwrap_or_else(|| panic!("no timestamp first: {line}"));
+    let date = stamp.as_bytes();
+    assert!(
+        date.len() > 20
+            && date[..19].iter().enumerate().all(|(i, c)| match i {
+                4 | 7 => *c == b'-',
+                10 => *c == b'T',
+                13 | 16 => *c == b':',
+                _ => c.is_ascii_digit(),
+            }),
+        "not an RFC 3339 timestamp: {line}"
+    );
+    assert!(line.contains("\"service\":\"server\""), "{line}");
+    // Every line is one JSON object (checked by Python's parser).
+    if available("python3", &["-c", "import json"], "apt-get install python3") {
+        let log = pair.server.log();
+        let mut check = Command::new("python3")
+            .args([
+                "-c",
+                "import json, sys\nfor l in sys.stdin: assert isinstance(json.loads(l), dict), l",
+            ])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut check.stdin.take().unwrap(), log.as_bytes()).unwrap();
+        assert!(check.wait().unwrap().success(), "not JSON lines:\n{log}");
+    }
+
+    // A client proposing AES-GCM is refused by the ChaCha-only server.
+    let key = pair._keys.path("client.key");
+    let peer = pair.server.vat_id.to_string();
+    let aes = client_tunnel(
+        key.to_str().unwrap(),
+        pair.server.addr("server"),
+        &peer,
+        &["--suite", "aesgcm"],
+    );
+    sent_then_reset(aes.addr("client"), b"hi").await;
+    aes.wait_log(&["handshake with the server failed"]);
+}
+
 // ----- PROXY protocol, parsed by PyPI's proxy-protocol -----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

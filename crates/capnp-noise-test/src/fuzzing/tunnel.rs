@@ -19,7 +19,7 @@ use super::support::{initiator_identity, responder_identity};
 use super::Seed;
 use capnp_noise::VatId;
 use capnp_noise_tunnel::config::{
-    ConfigError, LimitsSpec, Mode, Origin, Problem, Trust, TunnelConfig, TunnelSpec,
+    ConfigError, LimitsSpec, LogFormat, Mode, Origin, Problem, Trust, TunnelConfig, TunnelSpec,
     DEFAULT_CONNECT_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_SOURCE, DEFAULT_SHUTDOWN_GRACE, MAX_COUNT,
     MAX_SECONDS, MAX_SERVICE_NAME,
@@ -35,6 +35,7 @@ const MAX_ERROR_LEN: usize = 400;
 const KEYS: &[&str] = &[
     "identity",
     "shutdown_grace",
+    "log_format",
     "max_connections",
     "max_handshakes",
     "max_handshakes_per_source",
@@ -51,6 +52,7 @@ const KEYS: &[&str] = &[
     "allow",
     "allow_vat",
     "proxy_protocol",
+    "suite",
 ];
 
 /// `tunnel_config`: [`TunnelSpec::from_toml`] and [`TunnelSpec::check`]
@@ -250,6 +252,13 @@ fn render(spec: &TunnelSpec) -> String {
     if let Some(p) = &spec.identity {
         top.insert("identity".into(), path(p));
     }
+    if let Some(f) = spec.log_format {
+        let name = match f {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        };
+        top.insert("log_format".into(), name.into());
+    }
     if let Some(s) = spec.shutdown_grace {
         top.insert("shutdown_grace".into(), s.into());
     }
@@ -278,6 +287,9 @@ fn render(spec: &TunnelSpec) -> String {
         }
         if let Some(v) = s.proxy_protocol {
             t.insert("proxy_protocol".into(), v.as_str().into());
+        }
+        if let Some(v) = s.suite {
+            t.insert("suite".into(), v.as_str().into());
         }
         put_limits(&mut t, &s.limits);
         services.insert(name.clone(), t.into());
@@ -327,6 +339,10 @@ fn assert_as_documented(spec: &TunnelSpec, config: &TunnelConfig, origin: Origin
         spec.shutdown_grace,
         DEFAULT_SHUTDOWN_GRACE,
     );
+    assert_eq!(
+        config.log_format,
+        spec.log_format.unwrap_or(LogFormat::Text)
+    );
     assert!(!config.services.is_empty(), "a config without services");
     assert_eq!(config.services.len(), spec.services.len());
     for ((name, s), c) in spec.services.iter().zip(&config.services) {
@@ -368,6 +384,7 @@ fn assert_as_documented(spec: &TunnelSpec, config: &TunnelConfig, origin: Origin
             assert!(s.allow.is_none() && s.allow_vat.is_empty() && s.proxy_protocol.is_none());
         }
         assert_eq!(c.proxy_protocol, s.proxy_protocol);
+        assert_eq!(c.suite, s.suite.and_then(|v| v.suite()));
         let (own, top) = (&s.limits, &spec.limits);
         let l = c.limits;
         assert_count(
@@ -478,11 +495,11 @@ pub(super) fn seeds() -> Vec<Seed> {
         client.into_bytes(),
     ));
     let mixed = format!(
-        "identity = \"keys/tunnel.key\"\nshutdown_grace = 2.5\nmax_connections = 10\n\n\
+        "identity = \"keys/tunnel.key\"\nshutdown_grace = 2.5\nmax_connections = 10\nlog_format = \"json\"\n\n\
          [service.web]\nmode = \"server\"\nlisten = \"[::]:8443\"\nconnect = \"127.0.0.1:8080\"\n\
          allow = \"web.allow\"\nallow_vat = [\"{b}\"]\nmax_connections = 3\nhandshake_timeout = 1\n\n\
          [service.db]\nmode = \"client\"\nlisten = \"127.0.0.1:0\"\nconnect = \"db.example.com:5433\"\n\
-         peer = \"{a}\"\nconnect_timeout = 0.25\nkeepalive = 25\nidle_timeout = 0\n"
+         peer = \"{a}\"\nconnect_timeout = 0.25\nkeepalive = 25\nidle_timeout = 0\nsuite = \"chachapoly\"\n"
     );
     v.push(Seed::new(
         "tunnel_config",

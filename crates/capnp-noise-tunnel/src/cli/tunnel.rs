@@ -26,7 +26,8 @@ At startup the tunnel prints, on stdout:
   vat_id=VATID
   listening service=NAME mode=client|server addr=HOST:PORT connect=HOST:PORT
 (one line per service; addr is the bound address, so port 0 shows the port
-chosen). Connections are logged on stderr (RUST_LOG, default info).
+chosen). Connections are logged on stderr (RUST_LOG, default info; with
+--log-format json, one JSON object per line with a timestamp).
 
 SIGINT or SIGTERM: stop accepting, let open connections finish within the
 grace period (--shutdown-grace, default 30 s), then abort the rest, and exit
@@ -118,6 +119,8 @@ pub(crate) fn run(args: Args) -> CmdResult {
         }
     }
     .map_err(|e| Failure::new(EXIT_USAGE, e))?;
+    // A long-running tunnel logs its connections.
+    super::init_logging("info", config.log_format);
     let tunnel = Tunnel::new(config).map_err(|e| Failure::new(EXIT_USAGE, e))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
