@@ -47,6 +47,9 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default [`TunnelConfig::shutdown_grace`]: 30 seconds.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
+/// Default [`ServiceConfig::listen_mode`]: only the tunnel's user.
+pub const DEFAULT_LISTEN_MODE: u32 = 0o600;
+
 /// The largest accepted connection or handshake limit.
 pub const MAX_COUNT: usize = 1_000_000;
 /// The longest accepted timeout: one day.
@@ -198,12 +201,19 @@ pub struct ServiceSpec {
     /// `client` or `server` (on the command line: the subcommand).
     #[arg(skip = Mode::Client)]
     pub mode: Mode,
-    /// Where to listen, HOST:PORT (port 0: a free port, printed at startup).
+    /// Where to listen, HOST:PORT (port 0: a free port, printed at startup);
+    /// a client may listen on a Unix socket, unix:/PATH.
     #[arg(long, value_name = "ADDR")]
     pub listen: String,
-    /// Where to connect, HOST:PORT.
+    /// Where to connect, HOST:PORT; a server may connect to a Unix socket,
+    /// unix:/PATH.
     #[arg(long, value_name = "ADDR")]
     pub connect: String,
+    /// The permissions of a unix: listening socket, in octal: who may
+    /// connect (and use this tunnel's identity) [default: 600, the tunnel's
+    /// user only].
+    #[arg(long, value_name = "MODE", value_parser = octal_mode)]
+    pub listen_mode: Option<u32>,
     /// Client: the server's VatId; any other server is refused (before this
     /// side's VatId is revealed to it).
     #[arg(long, value_name = "VATID")]
@@ -241,6 +251,7 @@ impl ServiceSpec {
             mode,
             listen: listen.into(),
             connect: connect.into(),
+            listen_mode: None,
             peer: None,
             known_vats: None,
             allow: None,
@@ -337,6 +348,8 @@ pub enum Problem {
     OutOfRange(&'static str),
     /// A setting of the other mode (`allow` in a client service, ...).
     WrongMode(Mode),
+    /// A setting that only applies to a `unix:` listening address.
+    NotUnix,
     /// A client with both `peer` and `known_vats`.
     PeerAndKnownVats,
     /// A service with no trust setting at all.
@@ -387,6 +400,7 @@ impl fmt::Display for Problem {
                     Mode::Server => Mode::Client,
                 }
             ),
+            Problem::NotUnix => f.write_str("only applies to a unix: listen address"),
             Problem::PeerAndKnownVats => f.write_str(
                 "peer and known_vats exclude each other: pin the server's VatId, or trust it on first use",
             ),
@@ -463,10 +477,13 @@ pub struct TunnelConfig {
 pub struct ServiceConfig {
     /// Its name (letters, digits, `-`, `_`, `.`), used in logs.
     pub name: String,
-    /// The address to listen on (`HOST:PORT`).
+    /// The address to listen on (`HOST:PORT`, or `unix:/PATH` for a client).
     pub listen: String,
-    /// The address to connect to (`HOST:PORT`).
+    /// The address to connect to (`HOST:PORT`, or `unix:/PATH` for a
+    /// server).
     pub connect: String,
+    /// The permissions of a Unix listening socket.
+    pub listen_mode: u32,
     /// Which end of the tunnel, and whom it trusts.
     pub trust: Trust,
     /// Server mode: the PROXY protocol header sent to the target first.
@@ -651,6 +668,29 @@ fn number(v: &DeValue<'_>) -> Result<f64, Problem> {
     }
 }
 
+/// The range of file modes, as errors state it.
+const MODE_RANGE: &str = "a file mode from 0 to 0o777 (in TOML, write 0o660 or \"660\")";
+
+/// A file mode: a TOML integer (`0o660`) or a string of octal digits.
+fn file_mode(v: &DeValue<'_>) -> Result<u32, Problem> {
+    let mode = match v {
+        DeValue::Integer(n) => u32::from_str_radix(n.as_str(), n.radix()).ok(),
+        DeValue::String(s) => octal_mode(s).ok(),
+        _ => return Err(Problem::Expected(MODE_RANGE)),
+    };
+    mode.filter(|m| *m <= 0o777)
+        .ok_or(Problem::OutOfRange(MODE_RANGE))
+}
+
+/// An octal file mode on the command line (`660`, `0660`, `0o660`).
+fn octal_mode(s: &str) -> Result<u32, String> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    match u32::from_str_radix(digits, 8) {
+        Ok(m) if m <= 0o777 && !digits.starts_with('+') => Ok(m),
+        _ => Err("expected an octal file mode up to 777, e.g. 660".into()),
+    }
+}
+
 /// A string naming one of `T`'s values, as the command line names them
 /// (one model); `expected` lists them for the error.
 fn choice<T: clap::ValueEnum>(v: &DeValue<'_>, expected: &'static str) -> Result<T, Problem> {
@@ -703,6 +743,7 @@ impl ServiceSpec {
                 }
                 "listen" => listen = Some(file.value(&p, value, string)?),
                 "connect" => connect = Some(file.value(&p, value, string)?),
+                "listen_mode" => spec.listen_mode = Some(file.value(&p, value, file_mode)?),
                 "peer" => spec.peer = Some(file.value(&p, value, string)?),
                 "known_vats" => spec.known_vats = Some(file.value(&p, value, file_name)?),
                 "allow" => spec.allow = Some(file.value(&p, value, file_name)?),
@@ -975,8 +1016,18 @@ impl ServiceSpec {
             return Err(at.error_item(Some(name), None, None, Problem::ServiceName));
         }
         let bad = |k: &str, what| at.error(Some(name), k, what);
-        check_address(&self.listen, true).map_err(|why| bad("listen", Problem::Address(why)))?;
-        check_address(&self.connect, false).map_err(|why| bad("connect", Problem::Address(why)))?;
+        let (plain_listen, plain_connect) = (self.mode == Mode::Client, self.mode == Mode::Server);
+        check_endpoint(&self.listen, true, plain_listen)
+            .map_err(|why| bad("listen", Problem::Address(why)))?;
+        check_endpoint(&self.connect, false, plain_connect)
+            .map_err(|why| bad("connect", Problem::Address(why)))?;
+        if self.listen_mode.is_some() && !self.listen.starts_with("unix:") {
+            return Err(bad("listen_mode", Problem::NotUnix));
+        }
+        let listen_mode = self.listen_mode.unwrap_or(DEFAULT_LISTEN_MODE);
+        if listen_mode > 0o777 {
+            return Err(bad("listen_mode", Problem::OutOfRange(MODE_RANGE)));
+        }
         let wrong_mode = |k: &str| bad(k, Problem::WrongMode(self.mode));
         let trust = match self.mode {
             Mode::Client => {
@@ -1035,6 +1086,7 @@ impl ServiceSpec {
             name: name.to_string(),
             listen: self.listen.clone(),
             connect: self.connect.clone(),
+            listen_mode,
             trust,
             proxy_protocol: self.proxy_protocol,
             suite: self.suite.and_then(SuiteChoice::suite),
@@ -1051,6 +1103,31 @@ impl TunnelConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         TunnelSpec::load(path)?.check(Origin::File(path))
     }
+}
+
+/// The longest path of a Unix socket (`sun_path` holds 108 bytes with the
+/// final NUL).
+const MAX_UNIX_PATH: usize = 107;
+
+/// Checks `HOST:PORT`, or `unix:/PATH` where the address is a plain one
+/// (`plain`: a client's listen, a server's connect).
+fn check_endpoint(addr: &str, port_zero_ok: bool, plain: bool) -> Result<(), &'static str> {
+    let Some(path) = addr.strip_prefix("unix:") else {
+        return check_address(addr, port_zero_ok);
+    };
+    if !plain {
+        return Err("a unix: socket can only be a client's listen or a server's connect address (capnp-noise runs over TCP)");
+    }
+    if !cfg!(unix) {
+        return Err("Unix sockets are not available on this system");
+    }
+    if !path.starts_with('/') {
+        return Err("write unix: and an absolute path");
+    }
+    if path.len() > MAX_UNIX_PATH || path.contains('\0') {
+        return Err("a Unix socket's path is at most 107 bytes, without NUL");
+    }
+    Ok(())
 }
 
 /// Checks the form `HOST:PORT` (IPv6 in brackets); resolving the host is
@@ -1473,6 +1550,50 @@ mod tests {
                 Problem::Expected("\"text\" or \"json\"")
             )
         );
+    }
+
+    #[test]
+    fn unix_sockets_are_for_the_plain_side_with_a_mode() {
+        let vat = Identity::from_seed(&[3; 32]).vat_id();
+        let client = |listen: &str, extra: &str| {
+            check_text(&format!(
+                "identity = \"k\"\n[service.s]\nmode = \"client\"\npeer = \"{vat}\"\n\
+                 listen = \"{listen}\"\nconnect = \"h:1\"\n{extra}"
+            ))
+        };
+        let c = client("unix:/run/t/db.sock", "").unwrap();
+        assert_eq!(c.services[0].listen, "unix:/run/t/db.sock");
+        assert_eq!(c.services[0].listen_mode, 0o600, "the default");
+        for (mode, want) in [("0o660", 0o660), ("\"660\"", 0o660), ("0", 0)] {
+            let c = client("unix:/s", &format!("listen_mode = {mode}\n")).unwrap();
+            assert_eq!(c.services[0].listen_mode, want, "{mode}");
+        }
+        for mode in ["660", "0o1000", "\"9\"", "-1"] {
+            let e = client("unix:/s", &format!("listen_mode = {mode}\n")).unwrap_err();
+            assert_eq!(e.what, Problem::OutOfRange(MODE_RANGE), "{mode}");
+        }
+        let e = client("127.0.0.1:0", "listen_mode = 0o600\n").unwrap_err();
+        assert_eq!(
+            (e.key.as_deref(), e.what),
+            (Some("service.s.listen_mode"), Problem::NotUnix)
+        );
+        for bad in ["unix:relative.sock", &format!("unix:/{}", "d".repeat(107))] {
+            let e = client(bad, "").unwrap_err();
+            assert!(matches!(e.what, Problem::Address(_)), "{bad}: {e}");
+        }
+        // The capnp-noise side is TCP.
+        let c = check_text(
+            "identity = \"k\"\n[service.s]\nmode = \"server\"\nallow = \"a\"\nlisten = \"h:1\"\nconnect = \"unix:/run/db.sock\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.services[0].connect, "unix:/run/db.sock");
+        let e = check_text(
+            "identity = \"k\"\n[service.s]\nmode = \"server\"\nallow = \"a\"\nlisten = \"unix:/s\"\nconnect = \"h:1\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("service.s.listen"));
+        assert_eq!(octal_mode("0660"), Ok(0o660));
+        assert!(octal_mode("+7").is_err() && octal_mode("1000").is_err());
     }
 
     #[test]

@@ -54,7 +54,8 @@
 //!
 //! [service.calendar]           # reach a remote service through a local port
 //! mode = "client"
-//! listen = "127.0.0.1:4000"
+//! listen = "127.0.0.1:4000"    # or a Unix socket: "unix:/run/calendar.sock"
+//! # listen_mode = 0o660        # its permissions (default 0o600)
 //! connect = "calendar.example.com:4443"
 //! peer = "vat1..."             # or: known_vats = "known_vats" (trust on first use)
 //! suite = "auto"               # or "chachapoly" / "aesgcm": only that suite
@@ -98,6 +99,14 @@
 //!   (keepalives do not count) is ended like a failure (below), at most a
 //!   quarter of N late, and logged with `end="idle: ..."`. Both are off by
 //!   default; the per-frame cost is a flag and a counter.
+//! * **Unix domain sockets.** A client service may listen on, and a
+//!   server service connect to, a Unix socket (`unix:/PATH`; the
+//!   capnp-noise side is TCP). The listening socket is created with mode
+//!   `listen_mode` (0o600 by default: the tunnel's user only), already set
+//!   when it appears under its name, so that other users of a shared
+//!   machine cannot use the client's identity the way anyone can through
+//!   127.0.0.1. A stale socket file is replaced; the file is removed at
+//!   shutdown.
 //! * **The caller's VatId to the backend.** With `proxy_protocol = "v2"`
 //!   a server service sends its target a PROXY protocol version 2 header
 //!   before the data: the client tunnel's address, and its authenticated
@@ -158,16 +167,17 @@
 //! # Ok(()) }
 //! ```
 
+#![forbid(unsafe_code)]
+
 pub mod config;
 pub mod forward;
 pub mod proxy;
 mod service;
+mod socket;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -178,6 +188,8 @@ use capnp_noise::identity::Identity;
 use capnp_noise::policy::{AllowList, PeerPolicy, Pinned, Tofu};
 use capnp_noise::vat_id::VatId;
 use service::Service;
+pub use socket::Bound;
+use socket::Listener;
 
 /// How long aborted connections get to log their end.
 const ABORT_WAIT: Duration = Duration::from_secs(5);
@@ -235,8 +247,10 @@ impl Tunnel {
                 addr: svc.listen.clone(),
                 error,
             };
-            let listener = TcpListener::bind(&svc.listen).await.map_err(listen_error)?;
-            let addr = listener.local_addr().map_err(listen_error)?;
+            let listener = Listener::bind(&svc.listen, svc.listen_mode)
+                .await
+                .map_err(listen_error)?;
+            let addr = listener.bound().map_err(listen_error)?;
             listeners.push((listener, addr));
         }
         Ok(BoundTunnel {
@@ -350,8 +364,9 @@ pub struct Listening {
     pub name: String,
     /// Client or server.
     pub mode: Mode,
-    /// The bound address (with the actual port when the configuration said 0).
-    pub addr: SocketAddr,
+    /// The bound address (with the actual port when the configuration said
+    /// 0), or the Unix socket's path.
+    pub addr: Bound,
     /// Where it connects to.
     pub connect: String,
 }
@@ -360,7 +375,7 @@ pub struct Listening {
 #[derive(Debug)]
 pub struct BoundTunnel {
     tunnel: Tunnel,
-    listeners: Vec<(TcpListener, SocketAddr)>,
+    listeners: Vec<(Listener, Bound)>,
     shutdown: ShutdownHandle,
 }
 
@@ -411,7 +426,7 @@ impl BoundTunnel {
             .map(|((svc, _), (_, addr))| Listening {
                 name: svc.name.clone(),
                 mode: svc.mode(),
-                addr: *addr,
+                addr: addr.clone(),
                 connect: svc.connect.clone(),
             })
             .collect()

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -16,6 +16,7 @@ use tracing::{info, warn};
 use super::config::{Mode, ServiceConfig};
 use super::forward::{self, End, Forwarded, WithKeepalive};
 use super::proxy::ProxyProtocol;
+use super::socket::{Listener, Plain, Remote};
 use capnp_noise::admission::HandshakeSlots;
 use capnp_noise::error::Error;
 use capnp_noise::identity::Identity;
@@ -82,7 +83,7 @@ impl Service {
     /// aborts them. Closes the listener when it returns.
     pub(super) async fn accept_loop(
         self: Arc<Self>,
-        listener: TcpListener,
+        listener: Listener,
         tasks: TaskTracker,
         stop: CancellationToken,
         cut: CancellationToken,
@@ -112,8 +113,8 @@ impl Service {
                 () = stop.cancelled() => return,
             };
             match accepted {
-                Ok((tcp, addr)) => {
-                    tasks.spawn(self.clone().connection(tcp, addr, permit, cut.clone()));
+                Ok((plain, from)) => {
+                    tasks.spawn(self.clone().connection(plain, from, permit, cut.clone()));
                 }
                 Err(e) => {
                     warn!(service = %name, error = %e, "accept failed");
@@ -128,13 +129,12 @@ impl Service {
 
     async fn connection(
         self: Arc<Self>,
-        accepted: TcpStream,
-        addr: SocketAddr,
+        accepted: Plain,
+        addr: Remote,
         _permit: OwnedSemaphorePermit,
         cut: CancellationToken,
     ) {
         let started = Instant::now();
-        let _ = accepted.set_nodelay(true);
         let setup = match self.mode {
             Mode::Client => {
                 let noise = tokio::select! {
@@ -145,20 +145,26 @@ impl Service {
                     Ok(noise) => Ok((accepted, noise)),
                     Err(failure) => {
                         // Not a clean end for the client: reset.
-                        let _ = accepted.set_zero_linger();
+                        accepted.reset_on_close();
                         Err(failure)
                     }
                 }
             }
             Mode::Server => {
+                // A server listens on TCP (the configuration's check).
+                #[allow(irrefutable_let_patterns)]
+                let (Plain::Tcp(accepted), Remote::Tcp(from)) = (accepted, addr) else {
+                    return warn!(service = %self.config.name, "a server accepted a non-TCP connection");
+                };
                 // The target is dialed only for an authenticated client. If
                 // it cannot be reached, the client's stream is dropped
                 // without CLOSE: its tunnel resets its own client.
                 let pair = async {
-                    let noise = self.handshake_client(accepted, addr).await?;
-                    let mut target = self.dial("the target").await?;
+                    let noise = self.handshake_client(accepted, from).await?;
+                    let connect = Plain::connect(&self.config.connect);
+                    let mut target = self.dial("the target", connect).await?;
                     if let Some(version) = self.config.proxy_protocol {
-                        self.send_proxy_header(version, &mut target, &noise, addr)
+                        self.send_proxy_header(version, &mut target, &noise, from)
                             .await?;
                     }
                     Ok((target, noise))
@@ -183,7 +189,7 @@ impl Service {
         if !matches!(done.end, End::Closed) {
             // Tell the plain side this was not a clean end; the noise side
             // is dropped without CLOSE, which tells the remote tunnel.
-            let _ = plain.set_zero_linger();
+            plain.reset_on_close();
         }
         self.log_end(&peer, addr, &done, started.elapsed());
     }
@@ -192,7 +198,10 @@ impl Service {
     async fn dial_server(&self) -> Result<NoiseStream<TcpStream>, SetupFailure> {
         let timeout = self.config.limits.handshake_timeout;
         let _slot = self.handshake_slot().await?;
-        let tcp = self.dial("the server").await?;
+        let tcp = self
+            .dial("the server", TcpStream::connect(&self.config.connect))
+            .await?;
+        let _ = tcp.set_nodelay(true);
         let mut config = self
             .stream_config()
             .with_dialed(self.config.connect.clone())
@@ -244,7 +253,7 @@ impl Service {
     async fn send_proxy_header(
         &self,
         version: ProxyProtocol,
-        target: &mut TcpStream,
+        target: &mut Plain,
         noise: &NoiseStream<TcpStream>,
         addr: SocketAddr,
     ) -> Result<(), SetupFailure> {
@@ -258,16 +267,20 @@ impl Service {
         target.write_all(&header).await.map_err(unreachable)
     }
 
-    /// Opens the plain TCP connection to `connect`.
-    async fn dial(&self, what: &'static str) -> Result<TcpStream, SetupFailure> {
-        let addr = &self.config.connect;
+    /// Runs `connect` (to `connect`, which is `what`) within the connect
+    /// timeout.
+    async fn dial<T>(
+        &self,
+        what: &'static str,
+        connect: impl std::future::Future<Output = io::Result<T>>,
+    ) -> Result<T, SetupFailure> {
         let timeout = self.config.limits.connect_timeout;
         let unreachable = |error| SetupFailure::Unreachable {
             what,
-            addr: addr.clone(),
+            addr: self.config.connect.clone(),
             error,
         };
-        let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        tokio::time::timeout(timeout, connect)
             .await
             .map_err(|_| {
                 unreachable(io::Error::new(
@@ -275,12 +288,10 @@ impl Service {
                     format!("no answer within {timeout:?}"),
                 ))
             })?
-            .map_err(unreachable)?;
-        let _ = tcp.set_nodelay(true);
-        Ok(tcp)
+            .map_err(unreachable)
     }
 
-    fn log_setup_failure(&self, addr: SocketAddr, failure: SetupFailure) {
+    fn log_setup_failure(&self, addr: Remote, failure: SetupFailure) {
         let service = &self.config.name;
         match failure {
             SetupFailure::NoHandshakeSlot(t) => warn!(
@@ -323,7 +334,7 @@ impl Service {
         }
     }
 
-    fn log_end(&self, peer: &str, addr: SocketAddr, done: &Forwarded, elapsed: Duration) {
+    fn log_end(&self, peer: &str, addr: Remote, done: &Forwarded, elapsed: Duration) {
         // forward() was given (plain, noise): a = plain, b = noise.
         let end = EndText {
             end: &done.end,

@@ -69,7 +69,8 @@ impl Tunnel {
         };
         let deadline = Instant::now() + WAIT;
         let mut vat_id = None;
-        while tunnel.addrs.len() < services {
+        let mut listening = 0;
+        while listening < services {
             let left = deadline.saturating_duration_since(Instant::now());
             let Ok(line) = lines.recv_timeout(left) else {
                 panic!(
@@ -87,8 +88,11 @@ impl Tunnel {
                         .unwrap_or_else(|| panic!("no {key} in {line:?}"))
                         .to_string()
                 };
-                let addr = field("addr=").parse().expect("an address");
-                tunnel.addrs.insert(field("service="), addr);
+                // A unix: address is not a SocketAddr: its path is known.
+                if let Ok(addr) = field("addr=").parse() {
+                    tunnel.addrs.insert(field("service="), addr);
+                }
+                listening += 1;
             }
         }
         tunnel.vat_id = vat_id.expect("the VatId is printed before the addresses");
@@ -242,7 +246,7 @@ struct Pair {
 }
 
 /// `tunnel server` in front of `target`, with `trust` options.
-fn server_tunnel(key: &str, target: SocketAddr, trust: &[&str]) -> Tunnel {
+fn server_tunnel(key: &str, target: impl std::fmt::Display, trust: &[&str]) -> Tunnel {
     let target = target.to_string();
     let mut args = vec!["server", "--listen", "127.0.0.1:0", "--connect", &target];
     args.extend_from_slice(&["--identity", key]);
@@ -311,8 +315,8 @@ where
 }
 
 /// Echoes everything; closes its writing side when the reading side ends.
-async fn echo(mut s: TcpStream) {
-    let (mut r, mut w) = s.split();
+async fn echo<S: AsyncRead + tokio::io::AsyncWrite>(s: S) {
+    let (mut r, mut w) = tokio::io::split(s);
     if tokio::io::copy(&mut r, &mut w).await.is_ok() {
         let _ = w.shutdown().await;
     }
@@ -855,6 +859,172 @@ async fn an_idle_timeout_ends_a_silent_connection_and_says_why() {
         .client
         .wait_log(&["connection ended", "idle: no data either way for 2.000 s"]);
     assert!(line.contains("service=client"), "{line}");
+}
+
+// ----- Unix domain sockets, with socat -----
+
+/// A user created for a test (as root), deleted when dropped.
+#[cfg(unix)]
+struct TestUser(String);
+
+#[cfg(unix)]
+impl TestUser {
+    fn create() -> TestUser {
+        let name = format!("cnt{}", std::process::id());
+        let status = Command::new("useradd")
+            .args([
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                &name,
+            ])
+            .status()
+            .expect("run useradd");
+        assert!(status.success(), "useradd {name} failed");
+        TestUser(name)
+    }
+
+    /// Runs `socat` as this user; returns whether it succeeded, and its
+    /// output and errors.
+    fn socat(&self, args: &[&str], input: &[u8]) -> (bool, String) {
+        run_socat(
+            Command::new("runuser").args(["-u", &self.0, "--", "socat"]),
+            args,
+            input,
+        )
+    }
+}
+
+#[cfg(unix)]
+impl Drop for TestUser {
+    fn drop(&mut self) {
+        let _ = Command::new("userdel").arg(&self.0).status();
+    }
+}
+
+/// Runs `socat ARGS` (through `cmd`) with `input` on its stdin; returns
+/// whether it succeeded, and its stdout then stderr.
+fn run_socat(cmd: &mut Command, args: &[&str], input: &[u8]) -> (bool, String) {
+    let mut child = cmd
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run socat");
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), input).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unix_sockets_at_both_ends_and_the_listening_socket_keeps_other_users_out() {
+    use std::os::unix::fs::PermissionsExt;
+    if !available("socat", &["-V"], "apt-get install socat") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Anyone may reach the directory: only the socket's mode decides.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // The target: an echo server on a Unix socket.
+    let target = dir.path().join("target.sock");
+    let listener = tokio::net::UnixListener::bind(&target).unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(echo(s));
+        }
+    });
+    let keys = Keys::new();
+    let (server_key, _) = keys.key("server.key");
+    let (client_key, client_vat) = keys.key("client.key");
+    let target = format!("unix:{}", target.display());
+    let server = server_tunnel(
+        &server_key,
+        &target,
+        &["--allow-vat", &client_vat.to_string()],
+    );
+    let peer = server.vat_id.to_string();
+    let server_addr = server.addr("server").to_string();
+    let client = |sock: &Path, extra: &[&str]| {
+        let listen = format!("unix:{}", sock.display());
+        let mut args = vec![
+            "client",
+            "--listen",
+            &listen,
+            "--connect",
+            &server_addr,
+            "--identity",
+            &client_key,
+            "--peer",
+            &peer,
+        ];
+        args.extend_from_slice(extra);
+        Tunnel::start(&args, 1)
+    };
+    let private = dir.path().join("private.sock");
+    let shared = dir.path().join("shared.sock");
+    let _private_tunnel = client(&private, &[]);
+    let _shared_tunnel = client(&shared, &["--listen-mode", "666"]);
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!((mode(&private), mode(&shared)), (0o600, 0o666));
+
+    let connect = |sock: &Path| format!("UNIX-CONNECT:{}", sock.display());
+    let input = b"through two unix sockets\n";
+    let (ok, out) = tokio::task::spawn_blocking({
+        let to = connect(&private);
+        move || {
+            run_socat(
+                &mut Command::new("socat"),
+                &["-t5", "-T20", "-", &to],
+                input,
+            )
+        }
+    })
+    .await
+    .unwrap();
+    assert!(ok && out == String::from_utf8_lossy(input), "socat: {out}");
+
+    if !nix_is_root() {
+        eprintln!("SKIPPED: the other-user part needs root (to useradd a user)");
+        return;
+    }
+    let (private, shared) = (connect(&private), connect(&shared));
+    let (refused, shared_ok) = tokio::task::spawn_blocking(move || {
+        let user = TestUser::create();
+        (
+            user.socat(&["-t5", "-T20", "-", &private], input),
+            user.socat(&["-t5", "-T20", "-", &shared], input),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(
+        !refused.0 && refused.1.contains("Permission denied"),
+        "another user reached the 0600 socket: {}",
+        refused.1
+    );
+    // The control: the same user through the 0666 socket.
+    assert!(
+        shared_ok.0 && shared_ok.1 == String::from_utf8_lossy(input),
+        "{}",
+        shared_ok.1
+    );
+}
+
+/// Whether this process runs as root (`id -u` prints 0).
+#[cfg(unix)]
+fn nix_is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
 }
 
 // ----- suite choice and JSON logs -----

@@ -20,9 +20,9 @@ use super::Seed;
 use capnp_noise::VatId;
 use capnp_noise_tunnel::config::{
     ConfigError, LimitsSpec, LogFormat, Mode, Origin, Problem, Trust, TunnelConfig, TunnelSpec,
-    DEFAULT_CONNECT_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_SOURCE, DEFAULT_SHUTDOWN_GRACE, MAX_COUNT,
-    MAX_SECONDS, MAX_SERVICE_NAME,
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_LISTEN_MODE,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
+    DEFAULT_SHUTDOWN_GRACE, MAX_COUNT, MAX_SECONDS, MAX_SERVICE_NAME,
 };
 
 /// The file the target "reads": absolute, so relative paths resolve
@@ -47,6 +47,7 @@ const KEYS: &[&str] = &[
     "mode",
     "listen",
     "connect",
+    "listen_mode",
     "peer",
     "known_vats",
     "allow",
@@ -273,6 +274,9 @@ fn render(spec: &TunnelSpec) -> String {
         t.insert("mode".into(), mode.into());
         t.insert("listen".into(), s.listen.clone().into());
         t.insert("connect".into(), s.connect.clone().into());
+        if let Some(m) = s.listen_mode {
+            t.insert("listen_mode".into(), toml::Value::Integer(m.into()));
+        }
         if let Some(p) = &s.peer {
             t.insert("peer".into(), p.clone().into());
         }
@@ -355,8 +359,18 @@ fn assert_as_documented(spec: &TunnelSpec, config: &TunnelConfig, origin: Origin
             "invalid service name {name:?} accepted"
         );
         assert_eq!((&c.listen, &c.connect), (&s.listen, &s.connect));
-        assert_host_port(&c.listen, true);
-        assert_host_port(&c.connect, false);
+        // A Unix socket only on the plain side: a client's listen, a
+        // server's connect.
+        assert_endpoint(&c.listen, true, s.mode == Mode::Client);
+        assert_endpoint(&c.connect, false, s.mode == Mode::Server);
+        match s.listen_mode {
+            Some(m) => {
+                assert!(c.listen.starts_with("unix:"), "listen_mode for TCP");
+                assert_eq!(c.listen_mode, m);
+            }
+            None => assert_eq!(c.listen_mode, DEFAULT_LISTEN_MODE),
+        }
+        assert!(c.listen_mode <= 0o777, "mode {:o}", c.listen_mode);
         assert_eq!(c.mode(), s.mode);
         let vat = |t: &str| t.trim().parse::<VatId>().expect("an accepted VatId parses");
         match (&c.trust, s.mode) {
@@ -443,6 +457,16 @@ fn assert_duration(got: Duration, written: Option<f64>, default: Duration) {
     }
 }
 
+fn assert_endpoint(addr: &str, port_zero_ok: bool, unix_ok: bool) {
+    match addr.strip_prefix("unix:") {
+        Some(path) => {
+            assert!(unix_ok, "{addr:?}: a Unix socket on the capnp-noise side");
+            assert!(path.starts_with('/') && path.len() <= 107 && !path.contains('\0'));
+        }
+        None => assert_host_port(addr, port_zero_ok),
+    }
+}
+
 fn assert_host_port(addr: &str, port_zero_ok: bool) {
     let (host, port) = addr.rsplit_once(':').expect("HOST:PORT");
     assert!(!host.is_empty(), "{addr:?} has no host");
@@ -475,7 +499,7 @@ pub(super) fn seeds() -> Vec<Seed> {
 
     let server = format!(
         "\nidentity = \"server.key\"\nmax_handshakes = 8\n\n[service.echo]\nmode = \"server\"\n\
-         listen = \"127.0.0.1:0\"\nconnect = \"127.0.0.1:40001\"\nallow = \"clients.allow\"\n\n\
+         listen = \"127.0.0.1:0\"\nconnect = \"unix:/run/echo.sock\"\nallow = \"clients.allow\"\n\n\
          [service.upper]\nmode = \"server\"\nlisten = \"127.0.0.1:0\"\nconnect = \"127.0.0.1:40002\"\n\
          allow_vat = [\"{a}\"]\nmax_connections = 4\nproxy_protocol = \"v2\"\n"
     );
@@ -487,7 +511,7 @@ pub(super) fn seeds() -> Vec<Seed> {
     let client = format!(
         "\nidentity = \"client.key\"\n\n[service.to-echo]\nmode = \"client\"\nlisten = \"127.0.0.1:0\"\n\
          connect = \"127.0.0.1:40003\"\npeer = \"{b}\"\n\n[service.to-upper]\nmode = \"client\"\n\
-         listen = \"127.0.0.1:0\"\nconnect = \"127.0.0.1:40004\"\nknown_vats = \"known_vats\"\n"
+         listen = \"unix:/run/capnp-noise/upper.sock\"\nlisten_mode = 0o660\nconnect = \"127.0.0.1:40004\"\nknown_vats = \"known_vats\"\n"
     );
     v.push(Seed::new(
         "tunnel_config",
