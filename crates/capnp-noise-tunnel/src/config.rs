@@ -82,6 +82,12 @@ pub struct TunnelSpec {
     /// RFC 3339 timestamp) [default: text].
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Serve /metrics (Prometheus text format) and /status (200, or 503 when
+    /// a service's connect address cannot be reached) over HTTP on ADDR,
+    /// HOST:PORT (port 0: a free port, printed at startup). No
+    /// authentication: use a loopback address [default: none].
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
     /// Default limits of the services.
     #[arg(skip)]
     pub limits: LimitsSpec,
@@ -467,6 +473,8 @@ pub struct TunnelConfig {
     pub shutdown_grace: Duration,
     /// How log lines are written.
     pub log_format: LogFormat,
+    /// Where the metrics and status endpoint listens, if anywhere.
+    pub metrics: Option<String>,
     /// The services, sorted by name.
     pub services: Vec<ServiceConfig>,
 }
@@ -805,6 +813,7 @@ impl TunnelSpec {
             match k {
                 "identity" => spec.identity = Some(file.value(k, value, file_name)?),
                 "shutdown_grace" => spec.shutdown_grace = Some(file.value(k, value, number)?),
+                "metrics" => spec.metrics = Some(file.value(k, value, string)?),
                 "log_format" => {
                     let expected = "\"text\" or \"json\"";
                     spec.log_format = Some(file.value(k, value, |v| choice(v, expected))?);
@@ -896,6 +905,14 @@ impl TunnelSpec {
             shutdown_grace: seconds(self.shutdown_grace, DEFAULT_SHUTDOWN_GRACE)
                 .map_err(|what| at.error(None, "shutdown_grace", what))?,
             log_format: self.log_format.unwrap_or_default(),
+            metrics: match &self.metrics {
+                Some(addr) => {
+                    check_address(addr, true)
+                        .map_err(|why| at.error(None, "metrics", Problem::Address(why)))?;
+                    Some(addr.clone())
+                }
+                None => None,
+            },
             services,
         })
     }
@@ -1529,6 +1546,7 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.metrics, None, "no metrics endpoint by default");
         assert_eq!(c.services[0].suite, Some(Suite::ChaChaPolyBlake2s));
         let c = check_text(&format!(
             "{HEAD}mode = \"server\"\nallow = \"a\"\nsuite = \"auto\"\n"
@@ -1539,6 +1557,22 @@ mod tests {
             "{HEAD}mode = \"server\"\nallow = \"a\"\nsuite = \"AESGCM\"\n"
         ));
         assert_eq!(e.key.as_deref(), Some("service.s.suite"));
+        let c = check_text(&format!(
+            "metrics = \"127.0.0.1:9100\"\n{HEAD}mode = \"server\"\nallow = \"a\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.metrics.as_deref(), Some("127.0.0.1:9100"));
+        let e = err(&format!(
+            "metrics = \"9100\"\n{HEAD}mode = \"server\"\nallow = \"a\"\n"
+        ));
+        assert_eq!(
+            parts(&e),
+            (
+                Some("metrics"),
+                Some((1, 11)),
+                Problem::Address("write HOST:PORT")
+            )
+        );
         let e = err(&format!(
             "log_format = 1\n{HEAD}mode = \"server\"\nallow = \"a\"\n"
         ));

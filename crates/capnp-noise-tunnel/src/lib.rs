@@ -36,6 +36,7 @@
 //! identity = "tunnel.key"      # required: `capnp-noise keygen tunnel.key`
 //! shutdown_grace = 30          # seconds open connections get after SIGTERM
 //! log_format = "text"          # or "json": one object per line, with a timestamp
+//! # metrics = "127.0.0.1:9100" # /metrics (Prometheus) and /status over HTTP
 //! max_connections = 1024       # per service, handshaking or forwarding
 //! max_handshakes = 64          # per service, handshakes at once
 //! max_handshakes_per_source = 16  # of those, from one address
@@ -134,6 +135,25 @@
 //! ended cleanly), `aborted` (cut at shutdown), `"idle: ..."` (the idle
 //! timeout) or an error naming the side and the operation that failed.
 //!
+//! # Metrics and status
+//!
+//! With `metrics = "127.0.0.1:9100"` (`--metrics`), the tunnel serves a
+//! local HTTP endpoint (no authentication: keep it on a loopback address):
+//! `/metrics` in the Prometheus text format, per service: connections open
+//! (`capnp_noise_tunnel_connections_open`), accepted and forwarded
+//! (`..._connections_accepted_total`, `..._connections_total`), plaintext
+//! bytes each way (`..._bytes_total{direction="to_peer"|"from_peer"}`,
+//! added when a connection ends), handshakes failed by reason
+//! (`..._handshakes_failed_total{reason="no_slot"|"timeout"|"closed"|"invalid"|"other"}`),
+//! peers refused by the policy (`..._refused_total`), unreachable connect
+//! addresses (`..._unreachable_total`), handshakes that waited for a slot
+//! (`..._admission_waits_total`) and idle timeouts
+//! (`..._idle_timeouts_total`); and `/status`: 200, or 503 when a
+//! service's `connect` address does not accept a connection within 2 s
+//! (a client service's server sees that probe as a handshake that ended at
+//! once). Counters are atomics touched when connections start and end,
+//! never per frame.
+//!
 //! # Shutdown
 //!
 //! [`ShutdownHandle::shutdown`] (the CLI calls it on SIGINT or SIGTERM)
@@ -171,6 +191,7 @@
 
 pub mod config;
 pub mod forward;
+mod metrics;
 pub mod proxy;
 mod service;
 mod socket;
@@ -199,6 +220,7 @@ const ABORT_WAIT: Duration = Duration::from_secs(5);
 pub struct Tunnel {
     identity: Arc<Identity>,
     shutdown_grace: Duration,
+    metrics: Option<String>,
     services: Vec<(ServiceConfig, Arc<dyn PeerPolicy>)>,
 }
 
@@ -224,6 +246,7 @@ impl Tunnel {
         Ok(Tunnel {
             identity,
             shutdown_grace: config.shutdown_grace,
+            metrics: config.metrics,
             services,
         })
     }
@@ -253,9 +276,25 @@ impl Tunnel {
             let addr = listener.bound().map_err(listen_error)?;
             listeners.push((listener, addr));
         }
+        let metrics = match &self.metrics {
+            None => None,
+            Some(addr) => {
+                let listen_error = |error| StartError::Listen {
+                    service: "metrics".into(),
+                    addr: addr.clone(),
+                    error,
+                };
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(listen_error)?;
+                let bound = listener.local_addr().map_err(listen_error)?;
+                Some((listener, bound))
+            }
+        };
         Ok(BoundTunnel {
             tunnel: self,
             listeners,
+            metrics,
             shutdown: ShutdownHandle::default(),
         })
     }
@@ -376,6 +415,7 @@ pub struct Listening {
 pub struct BoundTunnel {
     tunnel: Tunnel,
     listeners: Vec<(Listener, Bound)>,
+    metrics: Option<(tokio::net::TcpListener, std::net::SocketAddr)>,
     shutdown: ShutdownHandle,
 }
 
@@ -432,6 +472,11 @@ impl BoundTunnel {
             .collect()
     }
 
+    /// Where the metrics and status endpoint listens, if configured.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics.as_ref().map(|(_, addr)| *addr)
+    }
+
     /// A handle that stops [`run`](Self::run).
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         self.shutdown.clone()
@@ -443,21 +488,29 @@ impl BoundTunnel {
         let BoundTunnel {
             tunnel,
             listeners,
+            metrics,
             shutdown,
         } = self;
         let connections = TaskTracker::new();
         let stop_accepting = CancellationToken::new();
         let cut = CancellationToken::new();
         let mut accept_loops = Vec::with_capacity(listeners.len());
+        let mut shown = Vec::with_capacity(listeners.len());
         for ((config, policy), (listener, addr)) in tunnel.services.into_iter().zip(listeners) {
             info!(service = %config.name, %addr, "listening");
             let service = Arc::new(Service::new(config, tunnel.identity.clone(), policy));
+            shown.push(service.shown());
             accept_loops.push(tokio::spawn(service.accept_loop(
                 listener,
                 connections.clone(),
                 stop_accepting.clone(),
                 cut.clone(),
             )));
+        }
+
+        if let Some((listener, addr)) = metrics {
+            metrics::announce(addr);
+            tokio::spawn(metrics::serve(listener, shown, stop_accepting.clone()));
         }
 
         shutdown.graceful.cancelled().await;

@@ -15,6 +15,7 @@ use tracing::{info, warn};
 
 use super::config::{Mode, ServiceConfig};
 use super::forward::{self, End, Forwarded, WithKeepalive};
+use super::metrics::{self, Counters, Shown};
 use super::proxy::ProxyProtocol;
 use super::socket::{Listener, Plain, Remote};
 use capnp_noise::admission::HandshakeSlots;
@@ -24,6 +25,7 @@ use capnp_noise::policy::PeerPolicy;
 use capnp_noise::stream::{self, NoiseStream, StreamConfig};
 use capnp_noise::vat_id::VatId;
 use capnp_noise::wire::HandshakeConfig;
+use std::sync::atomic::Ordering::Relaxed;
 use tokio::io::AsyncWriteExt;
 
 /// How long the accept loop pauses after an accept error (out of file
@@ -40,6 +42,25 @@ pub(super) struct Service {
     handshakes: Semaphore,
     /// Server mode: admission of incoming handshakes past message 1.
     slots: HandshakeSlots,
+    /// What the metrics endpoint shows.
+    counters: Arc<Counters>,
+}
+
+/// Counts a connection open until dropped.
+struct Open<'a>(&'a Counters);
+
+impl<'a> Open<'a> {
+    fn new(counters: &'a Counters) -> Self {
+        counters.accepted.fetch_add(1, Relaxed);
+        counters.open.fetch_add(1, Relaxed);
+        Open(counters)
+    }
+}
+
+impl Drop for Open<'_> {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Relaxed);
+    }
 }
 
 /// Why a connection never got to forwarding. Logged, then the accepted
@@ -76,6 +97,17 @@ impl Service {
             config,
             identity,
             policy,
+            counters: Arc::default(),
+        }
+    }
+
+    /// What the metrics endpoint shows of this service.
+    pub(super) fn shown(&self) -> Shown {
+        Shown {
+            name: self.config.name.clone(),
+            connect: self.config.connect.clone(),
+            counters: self.counters.clone(),
+            slots: (self.mode == Mode::Server).then(|| self.slots.clone()),
         }
     }
 
@@ -135,6 +167,7 @@ impl Service {
         cut: CancellationToken,
     ) {
         let started = Instant::now();
+        let _open = Open::new(&self.counters);
         let setup = match self.mode {
             Mode::Client => {
                 let noise = tokio::select! {
@@ -179,6 +212,7 @@ impl Service {
             Ok(pair) => pair,
             Err(failure) => return self.log_setup_failure(addr, failure),
         };
+        self.counters.forwarded.fetch_add(1, Relaxed);
         let peer = noise.peer_vat_id().fingerprint();
         let suite = noise.suite().noise_name();
         info!(service = %self.config.name, %peer, %addr, suite, "connected");
@@ -242,6 +276,9 @@ impl Service {
 
     async fn handshake_slot(&self) -> Result<tokio::sync::SemaphorePermit<'_>, SetupFailure> {
         let timeout = self.config.limits.handshake_timeout;
+        if self.handshakes.available_permits() == 0 {
+            self.counters.slot_waits.fetch_add(1, Relaxed);
+        }
         match tokio::time::timeout(timeout, self.handshakes.acquire()).await {
             Ok(Ok(slot)) => Ok(slot),
             _ => Err(SetupFailure::NoHandshakeSlot(timeout)),
@@ -293,6 +330,18 @@ impl Service {
 
     fn log_setup_failure(&self, addr: Remote, failure: SetupFailure) {
         let service = &self.config.name;
+        let c = &self.counters;
+        match &failure {
+            SetupFailure::NoHandshakeSlot(_) => c.failed(metrics::Failure::NoSlot),
+            SetupFailure::Unreachable { .. } => {
+                c.unreachable.fetch_add(1, Relaxed);
+            }
+            SetupFailure::Handshake(e) => c.failed(metrics::Failure::of(e)),
+            SetupFailure::Refused { .. } => {
+                c.refused.fetch_add(1, Relaxed);
+            }
+            SetupFailure::Aborted => {}
+        }
         match failure {
             SetupFailure::NoHandshakeSlot(t) => warn!(
                 %service, %addr,
@@ -335,6 +384,12 @@ impl Service {
     }
 
     fn log_end(&self, peer: &str, addr: Remote, done: &Forwarded, elapsed: Duration) {
+        let c = &self.counters;
+        c.bytes_to_peer.fetch_add(done.a_to_b, Relaxed);
+        c.bytes_from_peer.fetch_add(done.b_to_a, Relaxed);
+        if let End::Idle(_) = done.end {
+            c.idle_timeouts.fetch_add(1, Relaxed);
+        }
         // forward() was given (plain, noise): a = plain, b = noise.
         let end = EndText {
             end: &done.end,

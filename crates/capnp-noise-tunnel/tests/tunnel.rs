@@ -42,6 +42,8 @@ struct Tunnel {
     child: Child,
     vat_id: VatId,
     addrs: HashMap<String, SocketAddr>,
+    /// The metrics endpoint (with `--metrics`).
+    metrics: Option<SocketAddr>,
     stderr: Arc<Mutex<String>>,
 }
 
@@ -65,6 +67,7 @@ impl Tunnel {
             child,
             vat_id: Identity::generate().vat_id(),
             addrs: HashMap::new(),
+            metrics: None,
             stderr,
         };
         let deadline = Instant::now() + WAIT;
@@ -81,6 +84,8 @@ impl Tunnel {
             };
             if let Some(v) = line.strip_prefix("vat_id=") {
                 vat_id = Some(v.parse().expect("a VatId"));
+            } else if let Some(a) = line.strip_prefix("metrics addr=") {
+                tunnel.metrics = Some(a.parse().expect("an address"));
             } else if let Some(rest) = line.strip_prefix("listening ") {
                 let field = |key: &str| {
                     rest.split(' ')
@@ -350,6 +355,23 @@ async fn bounded<F: std::future::Future>(what: &str, f: F) -> F::Output {
     tokio::time::timeout(WAIT, f)
         .await
         .unwrap_or_else(|_| panic!("{what} took longer than {WAIT:?}"))
+}
+
+/// Sends `data` and shuts the writing side, while reading everything that
+/// comes back until the end.
+async fn send_and_read_back(s: &mut TcpStream, data: &[u8]) -> Vec<u8> {
+    let (mut rd, mut wr) = s.split();
+    let send = async {
+        wr.write_all(data).await.unwrap();
+        wr.shutdown().await.unwrap();
+    };
+    let mut got = Vec::new();
+    let (_, read) = bounded("sending and reading back", async {
+        tokio::join!(send, rd.read_to_end(&mut got))
+    })
+    .await;
+    read.unwrap();
+    got
 }
 
 /// Sends `msg`, reads as many bytes back.
@@ -1027,6 +1049,115 @@ fn nix_is_root() -> bool {
         .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
 }
 
+// ----- metrics (read by PyPI's prometheus-client) and status -----
+
+/// `GET PATH` over HTTP/1.0 from `addr`: the whole answer.
+async fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    bounded("an HTTP answer", s.read_to_string(&mut answer))
+        .await
+        .unwrap();
+    answer
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_connections_bytes_and_refusals_as_prometheus_client_reads_them() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/metrics_check.py");
+    let check = [script.to_str().unwrap(), "--check"];
+    if !available("python3", &check, "pip install prometheus-client==0.26.0") {
+        return;
+    }
+    let target = tcp_server(echo).await;
+    let pair = Pair::start(target, &["--metrics", "127.0.0.1:0"], &[]);
+    let metrics = pair.server.metrics.expect("the metrics address is printed");
+    let mut sent = 0;
+    for i in 0..5 {
+        let mut s = TcpStream::connect(pair.local()).await.unwrap();
+        let data = pattern(40_000 * (i + 1), i as u8);
+        assert!(send_and_read_back(&mut s, &data).await == data);
+        sent += data.len();
+    }
+    // One client the server does not allow.
+    let strangers = Keys::new();
+    let (stranger_key, _) = strangers.key("stranger.key");
+    let peer = pair.server.vat_id.to_string();
+    let stranger = client_tunnel(&stranger_key, pair.server.addr("server"), &peer, &[]);
+    sent_then_reset(stranger.addr("client"), b"hello?").await;
+    pair.server.wait_log(&["refused a client"]);
+    let deadline = Instant::now() + WAIT;
+    while pair.server.log().matches("connection ended").count() < 5 {
+        assert!(Instant::now() < deadline, "{}", pair.server.log());
+        thread::sleep(Duration::from_millis(20));
+    }
+    let url = format!("http://{metrics}/metrics");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .arg(&script)
+            .arg(url)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sample = |name: &str, labels: &str| -> u64 {
+        let prefix = format!("SAMPLE capnp_noise_tunnel_{name} {labels} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("no {name} {labels} in\n{text}"))
+            .parse()
+            .unwrap()
+    };
+    let s = "service=server";
+    assert_eq!(sample("connections_total", s), 5);
+    assert_eq!(sample("connections_accepted_total", s), 6);
+    assert_eq!(sample("refused_total", s), 1);
+    assert_eq!(sample("connections_open", s), 0);
+    assert_eq!(
+        sample("bytes_total", &format!("direction=from_peer,{s}")),
+        sent as u64
+    );
+    assert_eq!(
+        sample("bytes_total", &format!("direction=to_peer,{s}")),
+        sent as u64
+    );
+    assert_eq!(sample("unreachable_total", s), 0);
+    for reason in ["no_slot", "timeout", "closed", "invalid", "other"] {
+        let labels = format!("reason={reason},{s}");
+        assert_eq!(sample("handshakes_failed_total", &labels), 0, "{reason}");
+    }
+
+    let status = http_get(metrics, "/status").await;
+    assert!(status.starts_with("HTTP/1.0 200 OK\r\n"), "{status}");
+    assert!(status.ends_with("server ok\n"), "{status}");
+    assert!(http_get(metrics, "/nothing")
+        .await
+        .starts_with("HTTP/1.0 404"));
+    // A server whose target is down.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let down = closed.local_addr().unwrap();
+    drop(closed);
+    let keys = Keys::new();
+    let (key, vat) = keys.key("k.key");
+    let lonely = server_tunnel(
+        &key,
+        down,
+        &["--allow-vat", &vat.to_string(), "--metrics", "127.0.0.1:0"],
+    );
+    let status = http_get(lonely.metrics.unwrap(), "/status").await;
+    assert!(status.starts_with("HTTP/1.0 503 "), "{status}");
+    assert!(status.contains("server unreachable: "), "{status}");
+}
+
 // ----- suite choice and JSON logs -----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1112,17 +1243,7 @@ async fn proxy_protocol_tells_a_python_backend_the_callers_address_and_vat_id() 
         let pair = Pair::start(target, &["--proxy-protocol", version], &[]);
         let mut s = TcpStream::connect(pair.local()).await.unwrap();
         let payload = pattern(300_000, 11);
-        let (mut rd, mut wr) = s.split();
-        let send = async {
-            wr.write_all(&payload).await.unwrap();
-            wr.shutdown().await.unwrap();
-        };
-        let mut echoed = Vec::new();
-        let (_, read) = bounded("the echo", async {
-            tokio::join!(send, rd.read_to_end(&mut echoed))
-        })
-        .await;
-        read.unwrap();
+        let echoed = send_and_read_back(&mut s, &payload).await;
         assert!(
             echoed == payload,
             "{version}: the payload came back altered"

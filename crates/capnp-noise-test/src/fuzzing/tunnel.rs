@@ -36,6 +36,7 @@ const KEYS: &[&str] = &[
     "identity",
     "shutdown_grace",
     "log_format",
+    "metrics",
     "max_connections",
     "max_handshakes",
     "max_handshakes_per_source",
@@ -260,6 +261,9 @@ fn render(spec: &TunnelSpec) -> String {
         };
         top.insert("log_format".into(), name.into());
     }
+    if let Some(m) = &spec.metrics {
+        top.insert("metrics".into(), m.clone().into());
+    }
     if let Some(s) = spec.shutdown_grace {
         top.insert("shutdown_grace".into(), s.into());
     }
@@ -347,6 +351,10 @@ fn assert_as_documented(spec: &TunnelSpec, config: &TunnelConfig, origin: Origin
         config.log_format,
         spec.log_format.unwrap_or(LogFormat::Text)
     );
+    assert_eq!(config.metrics, spec.metrics);
+    if let Some(m) = &config.metrics {
+        assert_host_port(m, true);
+    }
     assert!(!config.services.is_empty(), "a config without services");
     assert_eq!(config.services.len(), spec.services.len());
     for ((name, s), c) in spec.services.iter().zip(&config.services) {
@@ -519,7 +527,7 @@ pub(super) fn seeds() -> Vec<Seed> {
         client.into_bytes(),
     ));
     let mixed = format!(
-        "identity = \"keys/tunnel.key\"\nshutdown_grace = 2.5\nmax_connections = 10\nlog_format = \"json\"\n\n\
+        "identity = \"keys/tunnel.key\"\nshutdown_grace = 2.5\nmax_connections = 10\nlog_format = \"json\"\nmetrics = \"127.0.0.1:9100\"\n\n\
          [service.web]\nmode = \"server\"\nlisten = \"[::]:8443\"\nconnect = \"127.0.0.1:8080\"\n\
          allow = \"web.allow\"\nallow_vat = [\"{b}\"]\nmax_connections = 3\nhandshake_timeout = 1\n\n\
          [service.db]\nmode = \"client\"\nlisten = \"127.0.0.1:0\"\nconnect = \"db.example.com:5433\"\n\

@@ -24,6 +24,7 @@ Examples:
 
 At startup the tunnel prints, on stdout:
   vat_id=VATID
+  metrics addr=HOST:PORT          (with --metrics)
   listening service=NAME mode=client|server addr=HOST:PORT connect=HOST:PORT
 (one line per service; addr is the bound address, so port 0 shows the port
 chosen). Connections are logged on stderr (RUST_LOG, default info; with
@@ -134,6 +135,9 @@ pub(crate) fn run(args: Args) -> CmdResult {
             .await
             .map_err(|e| Failure::new(EXIT_BIND, e))?;
         println!("vat_id={}", bound.vat_id());
+        if let Some(addr) = bound.metrics_addr() {
+            println!("metrics addr={addr}");
+        }
         for l in bound.listening() {
             println!(
                 "listening service={} mode={} addr={} connect={}",
