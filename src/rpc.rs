@@ -13,11 +13,15 @@
 //! with a [`PeerInfo`]. Capture the VatId in the server object, and every
 //! method then knows which vat is calling, with no "login" call and nothing
 //! the caller could forge. The factory can also decide what to expose: a
-//! different capability per caller, or a restricted one.
+//! different capability per caller, or a restricted one. Such an object
+//! speaks for its caller: do not hand it to anyone else (a network refuses
+//! to introduce it unless its `on_redeem` hook builds each redeemer its
+//! own: see [`crate::network`]).
 //!
 //! ```no_run
 //! use capnp_noise::rpc::{self, PeerInfo, ServerOptions};
-//! use capnp_noise_test::schema::demo_capnp::office;
+//! # use capnp_noise_test::schema::demo_capnp as office_capnp;
+//! use office_capnp::office; // your schema, compiled by capnpc (see the crate docs)
 //! use capnp_noise::{AnyVat, Identity, VatId};
 //! use std::sync::Arc;
 //!
@@ -53,11 +57,14 @@
 //! # Ok(()) }
 //! ```
 //!
-//! And the client, which requires the server's VatId:
+//! And the client, which requires the server's VatId (given to it out of
+//! band: the server prints `server.vat_id()`, the client parses that
+//! `vat1…` text with `str::parse`):
 //!
 //! ```no_run
 //! use capnp_noise::rpc::{self, ClientOptions};
-//! use capnp_noise_test::schema::demo_capnp::office;
+//! # use capnp_noise_test::schema::demo_capnp as office_capnp;
+//! use office_capnp::office; // your schema, compiled by capnpc (see the crate docs)
 //! use capnp_noise::{Identity, Pinned, VatId};
 //! use std::sync::Arc;
 //!
@@ -84,6 +91,11 @@
 //!   hold much; connections are limited too
 //!   ([`ServerOptions::max_connections`]): at the limit the server stops
 //!   accepting until one ends (new clients wait in the kernel's backlog).
+//!   So that one host cannot hold them all with connections that say
+//!   nothing, a source address has at most
+//!   [`ServerOptions::max_unauthenticated_per_source`] connections not yet
+//!   authenticated (more are closed at once), and each must deliver its
+//!   message 1 within [`ServerOptions::first_message_timeout`].
 //! * Incoming messages are bounded by [`capnp::message::ReaderOptions`]
 //!   (default traversal limit 8 Mi words = 64 MiB per message); set
 //!   `reader_options` on both ends to the largest message you expect.
@@ -111,7 +123,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use crate::admission::{HandshakeSlots, DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_SOURCE};
+use crate::admission::{
+    HandshakeSlots, UnauthenticatedLimit, DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
+};
 use crate::error::{Error, Result};
 use crate::identity::Identity;
 use crate::policy::PeerPolicy;
@@ -148,7 +162,18 @@ impl PeerInfo {
     }
 }
 
-/// Settings of [`serve`].
+/// Settings of [`serve`]: start from [`Default`] and change what you need
+/// with the `with_*` setters (the struct is `#[non_exhaustive]`).
+///
+/// ```
+/// use std::time::Duration;
+/// use capnp_noise::rpc::ServerOptions;
+///
+/// let options = ServerOptions::default()
+///     .with_max_connections(256)
+///     .with_handshake_timeout(Duration::from_secs(5));
+/// assert_eq!(options.max_connections, 256);
+/// ```
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ServerOptions {
@@ -173,6 +198,17 @@ pub struct ServerOptions {
     pub handshake_failure_hold: Duration,
     /// Connections open at once, handshaking or established. Default 1024.
     pub max_connections: usize,
+    /// Connections from one source address (IPv4 address, IPv6 /64) open
+    /// and not yet authenticated; more are closed as soon as they are
+    /// accepted, so that one host cannot hold `max_connections` (see
+    /// [`UnauthenticatedLimit`](crate::admission::UnauthenticatedLimit)).
+    /// Default
+    /// [`DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE`](crate::admission::DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE), 64.
+    pub max_unauthenticated_per_source: usize,
+    /// How long a new connection has to deliver its preamble and message 1
+    /// (see [`StreamConfig::first_message_timeout`]). Default
+    /// [`DEFAULT_FIRST_MESSAGE_TIMEOUT`](crate::admission::DEFAULT_FIRST_MESSAGE_TIMEOUT), 3 s.
+    pub first_message_timeout: Duration,
     /// Limits on incoming messages (traversal limit, nesting).
     pub reader_options: ReaderOptions,
 }
@@ -186,12 +222,28 @@ impl Default for ServerOptions {
             max_handshakes_per_source: DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
             handshake_failure_hold: crate::admission::DEFAULT_FAILURE_HOLD,
             max_connections: 1024,
+            max_unauthenticated_per_source:
+                crate::admission::DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE,
+            first_message_timeout: crate::admission::DEFAULT_FIRST_MESSAGE_TIMEOUT,
             reader_options: ReaderOptions::new(),
         }
     }
 }
 
-/// Settings of [`connect`].
+/// Settings of [`connect`] and [`connect_sturdy`]: start from [`Default`]
+/// and change what you need with the `with_*` setters (the struct is
+/// `#[non_exhaustive]`).
+///
+/// ```
+/// use std::time::Duration;
+/// use capnp_noise::rpc::ClientOptions;
+/// use capnp_noise::wire::{HandshakeConfig, Suite};
+///
+/// let options = ClientOptions::default()
+///     .with_timeout(Duration::from_secs(3))
+///     .with_handshake(HandshakeConfig::with_suite(Suite::AesGcmSha256));
+/// assert_eq!(options.timeout, Duration::from_secs(3));
+/// ```
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ClientOptions {
@@ -213,6 +265,24 @@ impl Default for ClientOptions {
         }
     }
 }
+
+setters!(ServerOptions {
+    with_handshake => handshake: HandshakeConfig,
+    with_handshake_timeout => handshake_timeout: Duration,
+    with_max_handshakes => max_handshakes: usize,
+    with_max_handshakes_per_source => max_handshakes_per_source: usize,
+    with_handshake_failure_hold => handshake_failure_hold: Duration,
+    with_max_connections => max_connections: usize,
+    with_max_unauthenticated_per_source => max_unauthenticated_per_source: usize,
+    with_first_message_timeout => first_message_timeout: Duration,
+    with_reader_options => reader_options: ReaderOptions,
+});
+
+setters!(ClientOptions {
+    with_handshake => handshake: HandshakeConfig,
+    with_timeout => timeout: Duration,
+    with_reader_options => reader_options: ReaderOptions,
+});
 
 /// Accepts connections on `listener` forever, serving each authenticated
 /// peer its own bootstrap capability.
@@ -255,6 +325,8 @@ pub async fn serve<F, C>(
             ),
             handshake: options.handshake,
             timeout: options.handshake_timeout,
+            first_message_timeout: options.first_message_timeout,
+            unauthenticated: UnauthenticatedLimit::new(options.max_unauthenticated_per_source),
         },
         reader_options: options.reader_options,
         bootstrap,
@@ -308,21 +380,34 @@ pub(crate) struct Acceptor {
     pub(crate) slots: HandshakeSlots,
     pub(crate) handshake: HandshakeConfig,
     pub(crate) timeout: Duration,
+    pub(crate) first_message_timeout: Duration,
+    pub(crate) unauthenticated: UnauthenticatedLimit,
 }
 
 impl Acceptor {
-    /// Runs the responder's handshake on `tcp`, within the timeout and the
-    /// handshake slots. Logs and returns `None` when it fails, the peer is
-    /// refused or no slot is free in time.
+    /// Runs the responder's handshake on `tcp`, within the timeouts, the
+    /// handshake slots and its source's share of unauthenticated
+    /// connections. Logs and returns `None` when it fails, the peer is
+    /// refused, its source has too many connections handshaking, or no slot
+    /// is free in time.
     pub(crate) async fn handshake(
         &self,
         tcp: TcpStream,
         addr: SocketAddr,
     ) -> Option<(NoiseStream<TcpStream>, PeerInfo)> {
+        let Some(_unauthenticated) = self.unauthenticated.try_acquire(addr.ip()) else {
+            debug!(
+                %addr,
+                limit = self.unauthenticated.max_per_source(),
+                "closed: its source has too many connections not yet authenticated"
+            );
+            return None;
+        };
         let _ = tcp.set_nodelay(true);
         let config = StreamConfig::default()
             .with_handshake(self.handshake.clone())
             .with_handshake_timeout(Some(self.timeout))
+            .with_first_message_timeout(Some(self.first_message_timeout))
             .with_remote_addr(addr)
             .with_handshake_slots(self.slots.clone());
         match stream::accept(tcp, &self.identity, self.policy.clone(), config).await {
@@ -491,7 +576,10 @@ impl Connection {
 }
 
 fn capnp_error(e: capnp::Error) -> Error {
-    Error::Io(Arc::new(io::Error::other(format!("Cap'n Proto RPC: {e}"))))
+    Error::Rpc {
+        during: "connection",
+        source: e,
+    }
 }
 
 /// Builds the `RpcSystem` of one connection over `stream`.
@@ -681,13 +769,14 @@ pub async fn connect_sturdy<C: FromClientHook>(
             Err(e) => {
                 // The connection is useless without the object.
                 let _ = connection.disconnect().await;
-                Err(Error::Rpc(format!(
-                    "{} could not restore the object: {}",
-                    sturdy_ref.vat_id().fingerprint(),
-                    e.extra
-                )))
+                Err(Error::Rpc {
+                    during: "call Restorer.restore",
+                    source: e,
+                })
             }
         };
     }
-    Err(last.unwrap_or_else(|| Error::Config("the sturdy ref has no address".into())))
+    Err(last.unwrap_or(Error::NoAddress {
+        vat: *sturdy_ref.vat_id(),
+    }))
 }

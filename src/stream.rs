@@ -106,6 +106,16 @@ pub struct StreamConfig {
     /// The peer's socket address, if known; passed to the policy in
     /// [`PeerContext::remote_addr`].
     pub remote_addr: Option<SocketAddr>,
+    /// For [`accept`]: the longest the initiator may take, from the first
+    /// poll, to deliver its preamble and message 1 (a few dozen bytes it
+    /// sends at once), separately from and usually much shorter than
+    /// [`handshake_timeout`](Self::handshake_timeout): a connection that
+    /// says nothing holds its socket and connection permit only this long.
+    /// The time spent waiting for a handshake slot after message 1 does not
+    /// count. `None` (the default): only the handshake timeout applies.
+    /// Servers in this crate use
+    /// [`DEFAULT_FIRST_MESSAGE_TIMEOUT`](crate::admission::DEFAULT_FIRST_MESSAGE_TIMEOUT).
+    pub first_message_timeout: Option<Duration>,
 }
 
 impl Default for StreamConfig {
@@ -116,6 +126,7 @@ impl Default for StreamConfig {
             dialed: None,
             remote_addr: None,
             handshake_slots: None,
+            first_message_timeout: None,
         }
     }
 }
@@ -142,6 +153,12 @@ impl StreamConfig {
     /// Sets [`remote_addr`](Self::remote_addr).
     pub fn with_remote_addr(mut self, addr: SocketAddr) -> Self {
         self.remote_addr = Some(addr);
+        self
+    }
+
+    /// Sets [`first_message_timeout`](Self::first_message_timeout).
+    pub fn with_first_message_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.first_message_timeout = timeout;
         self
     }
 
@@ -210,7 +227,9 @@ pub fn accept<S>(
         }
         hs
     });
-    Handshaking::new(io, hs, config.handshake_timeout, admission)
+    let mut handshaking = Handshaking::new(io, hs, config.handshake_timeout, admission);
+    handshaking.first_message = config.first_message_timeout.map(|t| (t, None));
+    handshaking
 }
 
 /// A handshake in progress: a future that resolves to the [`NoiseStream`]
@@ -224,6 +243,9 @@ pub struct Handshaking<S> {
     error: Option<Error>,
     timeout: Option<Duration>,
     deadline: Option<Pin<Box<Sleep>>>,
+    /// A responder's deadline for the preamble and message 1, until they
+    /// have arrived.
+    first_message: Option<(Duration, Option<Pin<Box<Sleep>>>)>,
 }
 
 struct MidHandshake<S> {
@@ -290,6 +312,7 @@ impl<S> Handshaking<S> {
             error,
             timeout,
             deadline: None,
+            first_message: None,
         }
     }
 
@@ -325,9 +348,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Future for Handshaking<S> {
                 return Poll::Ready(Err(Error::HandshakeTimeout(t)));
             }
         }
+        if let Some((t, sleep)) = this.first_message.as_mut() {
+            if this.mid.as_ref().is_some_and(|m| m.hs.received_message_1()) {
+                this.first_message = None;
+            } else if this.mid.is_some() {
+                let sleep = sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep(*t)));
+                if sleep.as_mut().poll(cx).is_ready() {
+                    this.mid = None;
+                    return Poll::Ready(Err(Error::HandshakeTimeout(*t)));
+                }
+            }
+        }
         let Some(mid) = this.mid.as_mut() else {
-            return Poll::Ready(Err(Error::Config(
-                "a handshake future was polled after it completed".into(),
+            return Poll::Ready(Err(Error::Misuse(
+                "a handshake future was polled after it completed",
             )));
         };
         let poll = mid.poll_handshake(cx);
@@ -446,8 +480,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MidHandshake<S> {
             self.held = bytes[taken..].to_vec();
             Ok(())
         } else {
-            Err(Error::Config(
-                "the handshake left received bytes unconsumed".into(),
+            Err(Error::Internal(
+                "the handshake left received bytes unconsumed",
             ))
         }
     }

@@ -567,6 +567,7 @@ fn python_initiator_rust_responder(suite: Suite, coalesce: bool) {
         session: SessionConfig {
             rekey_interval: INTERVAL,
         },
+        allow_self: false,
     };
     let mut s = conn
         .handshake(responder(&me, Arc::new(Pinned(py_vat())), config))

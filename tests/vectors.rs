@@ -62,6 +62,7 @@ fn generate(suite: Suite) -> Value {
     let config = HandshakeConfig {
         suites: vec![suite],
         session: SessionConfig::default(),
+        allow_self: false,
     };
     let (mut i, mut r) =
         deterministic_handshakes(suite, config, Arc::new(AnyVat), Arc::new(AnyVat)).unwrap();
@@ -157,6 +158,7 @@ fn committed_wire_bytes_decode_to_recorded_plaintext() {
         let config = HandshakeConfig {
             suites: vec![suite],
             session: SessionConfig::default(),
+            allow_self: false,
         };
         let (mut i, mut r) =
             deterministic_handshakes(suite, config, Arc::new(AnyVat), Arc::new(AnyVat)).unwrap();

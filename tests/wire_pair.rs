@@ -568,7 +568,7 @@ fn seal_raw_refuses_oversize_plaintext_and_keeps_the_session() {
     let max = capnp_noise::wire::MAX_MESSAGE_LEN - capnp_noise::wire::TAG_LEN;
     assert!(matches!(
         i.seal_raw_for_tests(&vec![0; max + 1]),
-        Err(Error::Config(_))
+        Err(Error::Misuse(_))
     ));
     let mut plain = vec![7u8; max - 1];
     plain.push(0); // DATA
@@ -676,7 +676,7 @@ fn admit_outside_admission_is_a_config_error_and_preamble_alone_costs_nothing() 
         Arc::new(AnyVat),
     )
     .unwrap();
-    assert!(matches!(r.admit(), Err(Error::Config(_))));
+    assert!(matches!(r.admit(), Err(Error::Misuse(_))));
     // Without admission: a peer that stops after the preamble, or after a
     // partial message 1, has cost no X25519 work.
     let flight = i.pending_output().to_vec();

@@ -41,7 +41,20 @@ pub enum Role {
     Responder,
 }
 
-/// Handshake settings shared by many connections.
+/// Handshake settings shared by many connections: the Noise suites and the
+/// session's settings. Start from [`Default`] (or
+/// [`HandshakeConfig::with_suite`]) and change what you need with the
+/// `with_*` setters.
+///
+/// ```
+/// use capnp_noise::wire::{HandshakeConfig, SessionConfig, Suite};
+///
+/// // A responder that accepts only ChaCha20-Poly1305 and rekeys often.
+/// let config = HandshakeConfig::default()
+///     .with_suites(vec![Suite::ChaChaPolyBlake2s])
+///     .with_session(SessionConfig::default().with_rekey_interval(1 << 20));
+/// assert_eq!(config.suites, [Suite::ChaChaPolyBlake2s]);
+/// ```
 #[derive(Debug, Clone)]
 pub struct HandshakeConfig {
     /// For an initiator: the first suite is the one it proposes. For a
@@ -49,6 +62,13 @@ pub struct HandshakeConfig {
     pub suites: Vec<Suite>,
     /// Settings of the session the handshake turns into.
     pub session: SessionConfig,
+    /// Accept a peer whose VatId is this side's own. Default `false`: such
+    /// a handshake fails with [`Error::PeerRefused`] before the policy is
+    /// asked (so a TOFU policy never records it), because a vat that meets
+    /// itself is almost always a connection reflected back to its own
+    /// listener by a man in the middle (SPEC.md section 5.4). Set it only in
+    /// a program that deliberately talks to itself.
+    pub allow_self: bool,
 }
 
 impl Default for HandshakeConfig {
@@ -60,6 +80,7 @@ impl Default for HandshakeConfig {
         HandshakeConfig {
             suites,
             session: SessionConfig::default(),
+            allow_self: false,
         }
     }
 }
@@ -73,6 +94,15 @@ impl HandshakeConfig {
         }
     }
 }
+
+setters!(HandshakeConfig {
+    with_suites => suites: Vec<Suite>,
+    with_session => session: SessionConfig,
+    with_allow_self => allow_self: bool,
+});
+
+/// The reason a handshake with oneself is refused.
+pub(crate) const REFLECTED: &str = "the peer is this vat itself: a connection reflected back to its own listener (HandshakeConfig::allow_self permits it)";
 
 /// Message 1: the initiator's ephemeral key, with an empty payload.
 const MSG1_LEN: usize = DH_LEN;
@@ -98,6 +128,9 @@ pub struct Handshake {
     config: HandshakeConfig,
     policy: Arc<dyn PeerPolicy>,
     ctx: PeerContext,
+    /// This side's VatId: a peer proving the same one is refused unless
+    /// `config.allow_self`.
+    own: VatId,
     local_payload: Arc<[u8]>,
     static_key: Arc<super::resolver::StaticKeyPair>,
     fixed_ephemeral: Option<Zeroizing<[u8; 32]>>,
@@ -234,6 +267,7 @@ impl Handshake {
             config,
             policy,
             ctx,
+            own: identity.vat_id(),
             local_payload: identity.handshake_payload().clone(),
             static_key: identity.noise_static_key().clone(),
             fixed_ephemeral,
@@ -307,7 +341,7 @@ impl Handshake {
         let mut b = snow::Builder::with_resolver(params, resolver)
             .prologue(prologue)
             .and_then(|b| b.local_private_key(self.static_key.secret()))
-            .map_err(|e| Error::Config(format!("building the Noise state: {e}")))?;
+            .map_err(|e| Error::from_snow(e, "building the Noise state"))?;
         if let Some(e) = &self.fixed_ephemeral {
             b = b.fixed_ephemeral_key_for_testing_only(e.as_ref());
         }
@@ -315,7 +349,7 @@ impl Handshake {
             Role::Initiator => b.build_initiator(),
             Role::Responder => b.build_responder(),
         }
-        .map_err(|e| Error::Config(format!("building the Noise state: {e}")))
+        .map_err(|e| Error::from_snow(e, "building the Noise state"))
     }
 
     /// Replaces the payload this side sends (tests of forged identity claims).
@@ -335,6 +369,15 @@ impl Handshake {
         self.require_admission = self.role == Role::Responder;
     }
 
+    /// True once a responder has received the preamble and a well-formed
+    /// message 1 (always true for an initiator).
+    pub fn received_message_1(&self) -> bool {
+        !matches!(
+            self.state,
+            State::ResponderAwaitPreamble | State::ResponderAwaitMsg1
+        )
+    }
+
     /// True while a responder holds a well-formed message 1 and waits for
     /// [`admit`](Self::admit) (see [`require_admission`](Self::require_admission)).
     pub fn awaits_admission(&self) -> bool {
@@ -346,15 +389,15 @@ impl Handshake {
     /// [`pending_output`](Self::pending_output).
     ///
     /// # Errors
-    /// [`Error::Config`] if the handshake is not waiting for admission; the
+    /// [`Error::Misuse`] if the handshake is not waiting for admission; the
     /// handshake's sticky error if it failed.
     pub fn admit(&mut self) -> Result<(), Error> {
         if let Some(e) = &self.error {
             return Err(e.clone());
         }
         if self.state != State::ResponderAwaitAdmission {
-            return Err(Error::Config(
-                "admit() called on a handshake that is not waiting for admission".into(),
+            return Err(Error::Misuse(
+                "admit() called on a handshake that is not waiting for admission",
             ));
         }
         let result = self.respond_to_msg1().and_then(|()| self.advance());
@@ -637,6 +680,12 @@ impl Handshake {
             .and_then(|s| s.try_into().ok())
             .ok_or(Error::BadIdentityProof("no Noise static key was received"))?;
         let vat_id = payload::authenticate(&buf[..n], &rs)?;
+        if vat_id == self.own && !self.config.allow_self {
+            return Err(Error::PeerRefused {
+                vat_id,
+                reason: REFLECTED.into(),
+            });
+        }
         self.policy
             .check(&vat_id, &self.ctx)
             .map_err(|r| Error::PeerRefused {
@@ -659,14 +708,16 @@ impl Handshake {
     /// yet sent, move into the session.
     ///
     /// # Errors
-    /// The handshake's error if it failed, or [`Error::Config`] if it has not
+    /// The handshake's error if it failed, or [`Error::Misuse`] if it has not
     /// finished yet.
     pub fn into_session(self) -> Result<Session, Error> {
         if let Some(e) = self.error {
             return Err(e);
         }
         if self.state != State::Done {
-            return Err(Error::Config("the handshake has not finished".into()));
+            return Err(Error::Misuse(
+                "into_session() called before the handshake finished",
+            ));
         }
         let mut noise = self.noise.expect("noise state");
         // Split() (Noise §5.2): the initiator sends with the first key.

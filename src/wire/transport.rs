@@ -62,7 +62,16 @@ const TRANSPORT_BOUNDS: FrameBounds = FrameBounds {
     what: "a transport frame",
 };
 
-/// Transport settings.
+/// Transport settings (part of a
+/// [`HandshakeConfig`](super::HandshakeConfig)): start from [`Default`] and
+/// change what you need with the `with_*` setters.
+///
+/// ```
+/// use capnp_noise::wire::SessionConfig;
+///
+/// let session = SessionConfig::default().with_rekey_interval(1000);
+/// assert_eq!(session.rekey_interval, 1000);
+/// ```
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
     /// Frames sent under one key before the sender sends REKEY and moves to
@@ -77,6 +86,10 @@ impl Default for SessionConfig {
         }
     }
 }
+
+setters!(SessionConfig {
+    with_rekey_interval => rekey_interval: u64,
+});
 
 /// What the handshake established.
 #[derive(Debug, Clone)]
@@ -126,7 +139,8 @@ impl Outgoing {
     fn space(&mut self, n: usize) -> &mut [u8] {
         let want = self.end + n;
         if self.buf.capacity() < want {
-            spare::grow(&mut self.buf, want, self.end);
+            // Sealed frames are ciphertext: nothing to scrub.
+            spare::grow(&mut self.buf, want, self.end, 0);
         }
         if self.buf.len() < want {
             self.buf.resize(want, 0);
@@ -287,7 +301,11 @@ impl Session {
     /// Releases each empty buffer whose capacity exceeds `keep`.
     fn release_idle(&mut self, keep: usize) {
         if self.rx.is_empty() && self.rx.buf.capacity() > keep {
-            spare::give(std::mem::take(&mut self.rx.buf));
+            // The spare may serve another session next: the plaintext of
+            // frames decrypted in place goes first.
+            let mut buf = std::mem::take(&mut self.rx.buf);
+            spare::scrub(&mut buf, self.rx.dirty);
+            spare::give(buf);
             self.rx = RxBuf::default();
         }
         if self.open.is_empty() && self.open.capacity() > keep {
@@ -460,7 +478,7 @@ impl Session {
     /// `transport` fuzz target use it to get past the AEAD.
     ///
     /// # Errors
-    /// [`Error::Config`] if the plaintext does not fit one frame (more than
+    /// [`Error::Misuse`] if the plaintext does not fit one frame (more than
     /// 65519 bytes), leaving the session untouched; the session's sticky
     /// error; [`Error::NonceExhausted`].
     #[cfg(any(test, feature = "__test-hooks"))]
@@ -468,10 +486,7 @@ impl Session {
     pub fn seal_raw_for_tests(&mut self, plaintext: &[u8]) -> Result<Vec<u8>, Error> {
         self.check()?;
         if plaintext.len() + TAG_LEN > MAX_MESSAGE_LEN {
-            return Err(Error::Config(format!(
-                "a plaintext of {} bytes does not fit one frame",
-                plaintext.len()
-            )));
+            return Err(Error::Misuse("the plaintext does not fit one frame"));
         }
         let mut frame = vec![0u8; LENGTH_PREFIX_LEN];
         frame.extend_from_slice(plaintext);
@@ -490,7 +505,8 @@ impl Session {
         if need > self.open.capacity() {
             let want = need.max(2 * self.open.capacity()).clamp(256, MAX_OPEN);
             let len = self.open.len();
-            spare::grow(&mut self.open, want, len);
+            // The old buffer holds the `len` bytes not yet sealed: plaintext.
+            spare::grow(&mut self.open, want, len, len);
             self.open.truncate(len); // a spare may come longer
         }
     }
@@ -690,6 +706,7 @@ impl Session {
             let decrypted = if direct {
                 self.rx_cipher.open_into(&self.rx.buf[body.clone()], out)
             } else {
+                self.rx.dirty = self.rx.dirty.max(body.end);
                 self.rx_cipher.open_in_place(&mut self.rx.buf[body.clone()])
             };
             let n = match decrypted {
@@ -745,6 +762,9 @@ struct RxBuf {
     end: usize,
     plain_pos: usize,
     plain_end: usize,
+    /// Every byte decrypted in place lies before this: what is zeroed
+    /// before the buffer becomes a spare that another session may use.
+    dirty: usize,
 }
 
 /// The receive buffer's size while no large frame is in flight.
@@ -784,6 +804,7 @@ impl RxBuf {
         if self.is_empty() {
             *self = RxBuf {
                 buf: std::mem::take(&mut self.buf),
+                dirty: self.dirty,
                 ..RxBuf::default()
             };
         }
@@ -805,7 +826,7 @@ impl RxBuf {
         if self.buf.len() < need {
             let want = need.min(MAX_WIRE_FRAME + MAX_MESSAGE_LEN);
             if self.buf.capacity() < want {
-                spare::grow(&mut self.buf, want, self.end);
+                spare::grow(&mut self.buf, want, self.end, self.dirty);
             }
             if self.buf.len() < want {
                 self.buf.resize(want, 0);
@@ -824,15 +845,24 @@ impl RxBuf {
     }
 }
 
+/// See [`crate::wire::spare_buffers_hold`].
+#[cfg(feature = "__test-hooks")]
+pub(crate) fn spare_buffers_hold(needle: &[u8]) -> bool {
+    spare::holds(needle)
+}
+
 /// Spare large buffers, kept per thread and bounded, so that buffers
 /// released when a stream goes quiet are reused by the next frame instead of
 /// being allocated again.
 ///
-/// Spares are not zeroed (that would cost a 64 KiB memset per reuse): their
-/// old bytes, which may be another session's, are only ever overwritten, or
+/// A buffer that held plaintext (a receive buffer's frames decrypted in
+/// place, a sending buffer's bytes not yet sealed) has that part zeroed
+/// before it becomes a spare, since the next session to take it may be
+/// another peer's: zeroing only what held plaintext costs nothing for
+/// frames decrypted straight into the reader's buffer. The rest of a
+/// spare's old bytes are ciphertext, which are only ever overwritten, or
 /// handed to this session's inner stream as room to read into (as any
-/// reused read buffer is). The inner stream is the application's own
-/// transport, in the same process; keys never live in these buffers.
+/// reused read buffer is). Keys never live in these buffers.
 mod spare {
     use std::cell::RefCell;
 
@@ -848,6 +878,22 @@ mod spare {
 
     thread_local! {
         static SPARE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// Zeroes the first `len` bytes of `buf` (those that held plaintext).
+    pub(super) fn scrub(buf: &mut [u8], len: usize) {
+        let len = len.min(buf.len());
+        zeroize::Zeroize::zeroize(&mut buf[..len]);
+    }
+
+    /// Whether a spare of this thread holds `needle` (a test of scrubbing).
+    #[cfg(feature = "__test-hooks")]
+    pub(crate) fn holds(needle: &[u8]) -> bool {
+        SPARE.with(|s| {
+            s.borrow()
+                .iter()
+                .any(|b| b.windows(needle.len()).any(|w| w == needle))
+        })
     }
 
     /// Keeps `buf` as a spare if it is large and the pool has room.
@@ -866,10 +912,11 @@ mod spare {
 
     /// Grows `buf` to a capacity of at least `want`, keeping its first
     /// `keep` bytes: from a spare when one is large enough, otherwise by
-    /// allocating exactly `want`. Its length becomes at least `keep` and may
+    /// allocating exactly `want`. If the old buffer becomes a spare, its
+    /// first `scrub` bytes (plaintext) are zeroed first. Its length becomes at least `keep` and may
     /// be more (a spare keeps its initialised length); callers that use the
     /// length as their fill level truncate.
-    pub(super) fn grow(buf: &mut Vec<u8>, want: usize, keep: usize) {
+    pub(super) fn grow(buf: &mut Vec<u8>, want: usize, keep: usize, scrub: usize) {
         // Large buffers come in one size, so that any of them serves any
         // role (receiving, building, sending) and spares always fit.
         let want = if want > KEEP { want.max(LARGE) } else { want };
@@ -889,7 +936,8 @@ mod spare {
                     new.resize(keep, 0);
                 }
                 new[..keep].copy_from_slice(&buf[..keep]);
-                let old = std::mem::replace(buf, new);
+                let mut old = std::mem::replace(buf, new);
+                self::scrub(&mut old, scrub);
                 give(old);
             }
             None => {

@@ -10,6 +10,8 @@
 //!   the examples, tests and benchmarks run.
 //! * [`support`]: small helpers the integration tests share (a `LocalSet`
 //!   runner, a bounded wait, the `whoami` call).
+//! * [`hostile`]: a vat that speaks Cap'n Proto RPC by hand, for the
+//!   hostile-vat tests (messages no capnp-rpc builder would make).
 //!
 //! It reaches the library's test hooks through the private `__test-hooks`
 //! feature of `capnp-noise` (fixed ephemerals, raw sealing, the X25519
@@ -19,6 +21,7 @@
 
 pub mod fixtures;
 pub mod fuzzing;
+pub mod hostile;
 pub mod office;
 pub mod support;
 
