@@ -201,12 +201,12 @@ pub trait Keepalive {
     ///
     /// # Errors
     /// When the stream has failed or its writing side is shut down.
-    fn queue_keepalive(&mut self) -> io::Result<()>;
+    fn send_keepalive(&mut self) -> io::Result<()>;
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Keepalive for NoiseStream<S> {
-    fn queue_keepalive(&mut self) -> io::Result<()> {
-        NoiseStream::queue_keepalive(self)
+    fn send_keepalive(&mut self) -> io::Result<()> {
+        self.queue_keepalive()
     }
 }
 
@@ -261,7 +261,7 @@ impl<S: Keepalive + AsyncWrite + Unpin> WithKeepalive<S> {
         }
         while every.poll_tick(cx).is_ready() {
             if !std::mem::take(&mut self.wrote) && !self.flushing {
-                self.inner.queue_keepalive()?;
+                self.inner.send_keepalive()?;
                 self.flushing = true;
             }
         }
@@ -630,7 +630,7 @@ mod tests {
     struct Counting(DuplexStream, Arc<AtomicUsize>);
 
     impl Keepalive for Counting {
-        fn queue_keepalive(&mut self) -> io::Result<()> {
+        fn send_keepalive(&mut self) -> io::Result<()> {
             self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             Ok(())
         }
