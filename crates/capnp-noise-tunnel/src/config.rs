@@ -221,9 +221,10 @@ pub struct ServiceSpec {
     #[arg(long, value_name = "MODE", value_parser = octal_mode)]
     pub listen_mode: Option<u32>,
     /// Client: the server's VatId; any other server is refused (before this
-    /// side's VatId is revealed to it).
+    /// side's VatId is revealed to it). Repeatable (in the file: a list),
+    /// e.g. the old and the new key during a key rotation.
     #[arg(long, value_name = "VATID")]
-    pub peer: Option<String>,
+    pub peer: Vec<String>,
     /// Client, instead of the peer: trust the server's VatId on first use
     /// and record it in FILE (like ssh's known_hosts).
     #[arg(long, value_name = "FILE")]
@@ -258,7 +259,7 @@ impl ServiceSpec {
             listen: listen.into(),
             connect: connect.into(),
             listen_mode: None,
-            peer: None,
+            peer: Vec::new(),
             known_vats: None,
             allow: None,
             allow_vat: Vec::new(),
@@ -518,7 +519,7 @@ impl ServiceConfig {
 #[derive(Debug, Clone)]
 pub enum Trust {
     /// Client mode: only the server with this VatId.
-    PinnedServer(VatId),
+    PinnedServer(Vec<VatId>),
     /// Client mode: trust on first use, recorded in this known-vats file.
     KnownVats(PathBuf),
     /// Server mode: clients in the allow-list file and/or the given VatIds.
@@ -609,6 +610,28 @@ impl Reader<'_> {
     ) -> Result<T, ConfigError> {
         read(value.get_ref())
             .map_err(|what| self.error(Some(value.span()), Some(path.into()), what))
+    }
+
+    /// A string, or a list of strings (each recorded as `at[i]`).
+    fn strings(
+        &mut self,
+        path: &str,
+        at: &str,
+        value: &Item<'_>,
+    ) -> Result<Vec<String>, ConfigError> {
+        if let DeValue::String(s) = value.get_ref() {
+            return Ok(vec![s.to_string()]);
+        }
+        let list = self.value(path, value, |v| {
+            v.as_array()
+                .ok_or(Problem::Expected("a VatId or a list of VatIds"))
+        })?;
+        let mut out = Vec::with_capacity(list.len());
+        for (i, item) in list.iter().enumerate() {
+            self.record(format!("{at}[{i}]"), item.span());
+            out.push(self.value(path, item, string)?);
+        }
+        Ok(out)
     }
 
     /// The error for unknown key `key` of the table at `table` (`None`: the
@@ -752,7 +775,7 @@ impl ServiceSpec {
                 "listen" => listen = Some(file.value(&p, value, string)?),
                 "connect" => connect = Some(file.value(&p, value, string)?),
                 "listen_mode" => spec.listen_mode = Some(file.value(&p, value, file_mode)?),
-                "peer" => spec.peer = Some(file.value(&p, value, string)?),
+                "peer" => spec.peer = file.strings(&p, &format!("{table_path}.{k}"), value)?,
                 "known_vats" => spec.known_vats = Some(file.value(&p, value, file_name)?),
                 "allow" => spec.allow = Some(file.value(&p, value, file_name)?),
                 "proxy_protocol" => {
@@ -764,13 +787,7 @@ impl ServiceSpec {
                     spec.suite = Some(file.value(&p, value, |v| choice(v, expected))?);
                 }
                 "allow_vat" => {
-                    let list = file.value(&p, value, |v| {
-                        v.as_array().ok_or(Problem::Expected("a list of VatIds"))
-                    })?;
-                    for (i, item) in list.iter().enumerate() {
-                        file.record(format!("{table_path}.{k}[{i}]"), item.span());
-                        spec.allow_vat.push(file.value(&p, item, string)?);
-                    }
+                    spec.allow_vat = file.strings(&p, &format!("{table_path}.{k}"), value)?;
                 }
                 _ => match spec.limits.read(k, value.get_ref()) {
                     Some(read) => {
@@ -925,6 +942,13 @@ struct Checker<'a> {
 }
 
 impl Checker<'_> {
+    /// Whether `key` of service `service` was written as a list.
+    fn written_as_list(&self, service: &str, key: &str) -> bool {
+        self.positions
+            .0
+            .contains_key(&format!("service.{service}.{key}[0]"))
+    }
+
     /// The error for `key` of service `service` (or of the top level).
     fn error(&self, service: Option<&str>, key: &str, what: Problem) -> ConfigError {
         self.error_item(service, Some(key), None, what)
@@ -1046,6 +1070,19 @@ impl ServiceSpec {
             return Err(bad("listen_mode", Problem::OutOfRange(MODE_RANGE)));
         }
         let wrong_mode = |k: &str| bad(k, Problem::WrongMode(self.mode));
+        // Each VatId of a list, an error naming the one that is not.
+        let vat_ids = |texts: &[String], key: &str| {
+            texts
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    v.trim().parse::<VatId>().map_err(|_| {
+                        let item = (texts.len() > 1 || at.written_as_list(name, key)).then_some(i);
+                        at.error_item(Some(name), Some(key), item, Problem::NotAVatId)
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
         let trust = match self.mode {
             Mode::Client => {
                 if self.allow.is_some() {
@@ -1057,19 +1094,15 @@ impl ServiceSpec {
                 if self.proxy_protocol.is_some() {
                     return Err(wrong_mode("proxy_protocol"));
                 }
-                match (&self.peer, &self.known_vats) {
-                    (Some(peer), None) => Trust::PinnedServer(
-                        peer.trim()
-                            .parse()
-                            .map_err(|_| bad("peer", Problem::NotAVatId))?,
-                    ),
-                    (None, Some(file)) => Trust::KnownVats(at.origin.resolve(file)),
-                    (Some(_), Some(_)) => return Err(bad("known_vats", Problem::PeerAndKnownVats)),
-                    (None, None) => return Err(bad("peer", Problem::NoTrust(Mode::Client))),
+                match (self.peer.is_empty(), &self.known_vats) {
+                    (false, None) => Trust::PinnedServer(vat_ids(&self.peer, "peer")?),
+                    (true, Some(file)) => Trust::KnownVats(at.origin.resolve(file)),
+                    (false, Some(_)) => return Err(bad("known_vats", Problem::PeerAndKnownVats)),
+                    (true, None) => return Err(bad("peer", Problem::NoTrust(Mode::Client))),
                 }
             }
             Mode::Server => {
-                if self.peer.is_some() {
+                if !self.peer.is_empty() {
                     return Err(wrong_mode("peer"));
                 }
                 if self.known_vats.is_some() {
@@ -1078,24 +1111,9 @@ impl ServiceSpec {
                 if self.allow.is_none() && self.allow_vat.is_empty() {
                     return Err(bad("allow", Problem::NoTrust(Mode::Server)));
                 }
-                let vat_ids = self
-                    .allow_vat
-                    .iter()
-                    .enumerate()
-                    .map(|(i, v)| {
-                        v.trim().parse::<VatId>().map_err(|_| {
-                            at.error_item(
-                                Some(name),
-                                Some("allow_vat"),
-                                Some(i),
-                                Problem::NotAVatId,
-                            )
-                        })
-                    })
-                    .collect::<Result<_, _>>()?;
                 Trust::AllowedClients {
                     file: self.allow.as_deref().map(|f| at.origin.resolve(f)),
-                    vat_ids,
+                    vat_ids: vat_ids(&self.allow_vat, "allow_vat")?,
                 }
             }
         };
@@ -1266,7 +1284,7 @@ mod tests {
             panic!("expected two services, got {:?}", config.services);
         };
         assert_eq!((db.name.as_str(), db.mode()), ("db", Mode::Client));
-        assert!(matches!(db.trust, Trust::PinnedServer(v) if v == server_vat));
+        assert!(matches!(&db.trust, Trust::PinnedServer(v) if v == &[server_vat]));
         assert_eq!(db.limits.max_connections, 10, "file default applies");
         assert_eq!(db.limits.handshake_timeout, DEFAULT_HANDSHAKE_TIMEOUT);
         assert_eq!(web.mode(), Mode::Server);
@@ -1336,7 +1354,7 @@ mod tests {
             (
                 Some("service.s.peer"),
                 Some((6, 10)),
-                Problem::Expected("a string")
+                Problem::Expected("a VatId or a list of VatIds")
             )
         );
         // A missing key points at its table.
@@ -1404,12 +1422,12 @@ mod tests {
             ..TunnelSpec::default()
         };
         let mut svc = ServiceSpec::new(Mode::Client, "127.0.0.1:0", "h:1");
-        svc.peer = Some("vat1nope".into());
+        svc.peer = vec!["vat1nope".into()];
         svc.limits.connect_timeout = Some(0.5);
         spec.services.insert("client".into(), svc.clone());
         let e = spec.check(Origin::CommandLine).unwrap_err();
         assert_eq!(e.to_string(), format!("--peer: {}", Problem::NotAVatId));
-        svc.peer = None;
+        svc.peer = Vec::new();
         svc.allow_vat = vec!["x".into()];
         spec.services.insert("client".into(), svc);
         let e = spec.check(Origin::CommandLine).unwrap_err();
@@ -1628,6 +1646,32 @@ mod tests {
         assert_eq!(e.key.as_deref(), Some("service.s.listen"));
         assert_eq!(octal_mode("0660"), Ok(0o660));
         assert!(octal_mode("+7").is_err() && octal_mode("1000").is_err());
+    }
+
+    #[test]
+    fn peer_may_be_a_list_during_a_key_rotation() {
+        let (old, new) = (
+            Identity::from_seed(&[8; 32]).vat_id(),
+            Identity::from_seed(&[9; 32]).vat_id(),
+        );
+        let c = check_text(&format!(
+            "{HEAD}mode = \"client\"\npeer = [\"{old}\", \"{new}\"]\n"
+        ))
+        .unwrap();
+        assert!(matches!(&c.services[0].trust, Trust::PinnedServer(v) if v == &[old, new]));
+        let list = format!("peer = [\"{old}\", \"vat1x\"]");
+        let e = err(&format!("{HEAD}mode = \"client\"\n{list}\n"));
+        let second = list.find("\"vat1x").unwrap() + 1;
+        assert_eq!(
+            parts(&e),
+            (
+                Some("service.s.peer"),
+                Some((6, second)),
+                Problem::NotAVatId
+            )
+        );
+        let e = err(&format!("{HEAD}mode = \"client\"\npeer = []\n"));
+        assert_eq!(e.what, Problem::NoTrust(Mode::Client));
     }
 
     #[test]

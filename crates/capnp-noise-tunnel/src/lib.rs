@@ -58,7 +58,8 @@
 //! listen = "127.0.0.1:4000"    # or a Unix socket: "unix:/run/calendar.sock"
 //! # listen_mode = 0o660        # its permissions (default 0o600)
 //! connect = "calendar.example.com:4443"
-//! peer = "vat1..."             # or: known_vats = "known_vats" (trust on first use)
+//! peer = "vat1..."             # or a list (old and new key during a rotation),
+//!                              # or: known_vats = "known_vats" (trust on first use)
 //! suite = "auto"               # or "chachapoly" / "aesgcm": only that suite
 //! max_connections = 50
 //! keepalive = 25               # the office NAT forgets idle flows after a minute
@@ -154,6 +155,19 @@
 //! once). Counters are atomics touched when connections start and end,
 //! never per frame.
 //!
+//! # Reload (SIGHUP)
+//!
+//! [`ReloadHandle::reload`] (the CLI calls it on SIGHUP, after reading the
+//! configuration, the identity key and the allow-lists again) gives each
+//! service's new connections the new identity, trust and per-connection
+//! settings; open connections go on undisturbed with theirs. If reading
+//! fails (a malformed key, say), the running settings stay and the log says
+//! why. Listen addresses, added or removed services and connection limits
+//! need a restart (the log lists what was not applied). A key rotation
+//! without a flag day: clients pin both keys (`peer = ["vat1old...",
+//! "vat1new..."]`), the server's key file is replaced and SIGHUP sent, then
+//! clients drop the old key.
+//!
 //! # Shutdown
 //!
 //! [`ShutdownHandle::shutdown`] (the CLI calls it on SIGINT or SIGTERM)
@@ -208,7 +222,7 @@ pub use config::{ConfigError, Limits, Mode, ServiceConfig, Trust, TunnelConfig, 
 use capnp_noise::identity::Identity;
 use capnp_noise::policy::{AllowList, PeerPolicy, Pinned, Tofu};
 use capnp_noise::vat_id::VatId;
-use service::Service;
+use service::{Live, Service};
 pub use socket::Bound;
 use socket::Listener;
 
@@ -262,7 +276,7 @@ impl Tunnel {
     /// [`StartError::Listen`] naming the service and the address when one
     /// cannot be bound (in use, not a local address, a privileged port, a
     /// host name that does not resolve); no socket stays open then.
-    pub async fn bind(self) -> Result<BoundTunnel, StartError> {
+    pub async fn bind(mut self) -> Result<BoundTunnel, StartError> {
         let mut listeners = Vec::with_capacity(self.services.len());
         for (svc, _) in &self.services {
             let listen_error = |error| StartError::Listen {
@@ -291,8 +305,20 @@ impl Tunnel {
                 Some((listener, bound))
             }
         };
+        let services = self
+            .services
+            .drain(..)
+            .map(|(config, policy)| {
+                Arc::new(Service::new(Live {
+                    config,
+                    identity: self.identity.clone(),
+                    policy,
+                }))
+            })
+            .collect();
         Ok(BoundTunnel {
             tunnel: self,
+            services,
             listeners,
             metrics,
             shutdown: ShutdownHandle::default(),
@@ -315,7 +341,10 @@ impl std::fmt::Debug for Tunnel {
 
 fn policy(trust: &Trust) -> capnp_noise::Result<Arc<dyn PeerPolicy>> {
     Ok(match trust {
-        Trust::PinnedServer(vat) => Arc::new(Pinned(*vat)),
+        Trust::PinnedServer(vats) => match vats[..] {
+            [vat] => Arc::new(Pinned(vat)),
+            _ => Arc::new(AllowList::from_vat_ids(vats.iter().copied())),
+        },
         Trust::KnownVats(file) => Arc::new(Tofu::new(file)),
         Trust::AllowedClients { file, vat_ids } => {
             let fixed = AllowList::from_vat_ids(vat_ids.iter().copied());
@@ -414,6 +443,7 @@ pub struct Listening {
 #[derive(Debug)]
 pub struct BoundTunnel {
     tunnel: Tunnel,
+    services: Vec<Arc<Service>>,
     listeners: Vec<(Listener, Bound)>,
     metrics: Option<(tokio::net::TcpListener, std::net::SocketAddr)>,
     shutdown: ShutdownHandle,
@@ -440,6 +470,102 @@ impl ShutdownHandle {
     }
 }
 
+/// Applies new settings to a running tunnel (the CLI calls it on SIGHUP).
+/// Cloneable; any clone works.
+#[derive(Clone)]
+pub struct ReloadHandle {
+    services: Vec<Arc<Service>>,
+}
+
+impl std::fmt::Debug for ReloadHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReloadHandle")
+            .field("services", &self.services.len())
+            .finish()
+    }
+}
+
+/// What a [`ReloadHandle::reload`] did.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Reloaded {
+    /// The identity new connections prove.
+    pub vat_id: VatId,
+    /// The services whose new connections take the new settings.
+    pub applied: Vec<String>,
+    /// What was not applied and why (it needs a restart).
+    pub not_applied: Vec<String>,
+}
+
+impl ReloadHandle {
+    /// Gives the new connections of each running service `tunnel`'s
+    /// identity, trust (pinned VatIds, allow-lists, known-vats file) and
+    /// per-connection settings (connect address, timeouts, keepalive, idle
+    /// timeout, PROXY protocol, suite); open connections keep theirs and go
+    /// on undisturbed. Services are matched by name. What needs new sockets
+    /// or semaphores is not applied and is listed in
+    /// [`Reloaded::not_applied`]: a service added, removed or of another
+    /// mode, a new listen address or mode, and new connection or handshake
+    /// limits.
+    pub fn reload(&self, mut tunnel: Tunnel) -> Reloaded {
+        let mut done = Reloaded {
+            vat_id: tunnel.vat_id(),
+            applied: Vec::new(),
+            not_applied: Vec::new(),
+        };
+        for service in &self.services {
+            let old = service.config();
+            let Some(at) = tunnel.services.iter().position(|(c, _)| c.name == old.name) else {
+                done.not_applied.push(format!(
+                    "service {}: no longer configured (it keeps running until a restart)",
+                    old.name
+                ));
+                continue;
+            };
+            let (config, policy) = tunnel.services.remove(at);
+            if config.mode() != old.mode() {
+                done.not_applied.push(format!(
+                    "service {}: changed mode (a restart applies it)",
+                    old.name
+                ));
+                continue;
+            }
+            let (a, b) = (&config.limits, &old.limits);
+            if config.listen != old.listen
+                || config.listen_mode != old.listen_mode
+                || (
+                    a.max_connections,
+                    a.max_handshakes,
+                    a.max_handshakes_per_source,
+                ) != (
+                    b.max_connections,
+                    b.max_handshakes,
+                    b.max_handshakes_per_source,
+                )
+            {
+                done.not_applied.push(format!(
+                    "service {}: listen, listen_mode, max_connections, max_handshakes and \
+                     max_handshakes_per_source take effect at a restart",
+                    old.name
+                ));
+            }
+            done.applied.push(config.name.clone());
+            service.reload(Live {
+                config,
+                identity: tunnel.identity.clone(),
+                policy,
+            });
+        }
+        for (config, _) in tunnel.services {
+            done.not_applied.push(format!(
+                "service {}: new (a restart starts it)",
+                config.name
+            ));
+        }
+        done
+    }
+}
+
 /// How a tunnel stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -452,24 +578,30 @@ pub struct Stopped {
 }
 
 impl BoundTunnel {
-    /// This tunnel's VatId.
+    /// This tunnel's VatId (as it started: a reload may change it).
     pub fn vat_id(&self) -> VatId {
         self.tunnel.vat_id()
     }
 
     /// The services and their bound addresses, in configuration order.
     pub fn listening(&self) -> Vec<Listening> {
-        self.tunnel
-            .services
+        self.services
             .iter()
             .zip(&self.listeners)
-            .map(|((svc, _), (_, addr))| Listening {
-                name: svc.name.clone(),
-                mode: svc.mode(),
+            .map(|(svc, (_, addr))| Listening {
+                name: svc.name().to_string(),
+                mode: svc.config().mode(),
                 addr: addr.clone(),
-                connect: svc.connect.clone(),
+                connect: svc.config().connect.clone(),
             })
             .collect()
+    }
+
+    /// A handle that reloads the running tunnel's settings.
+    pub fn reload_handle(&self) -> ReloadHandle {
+        ReloadHandle {
+            services: self.services.clone(),
+        }
     }
 
     /// Where the metrics and status endpoint listens, if configured.
@@ -487,6 +619,7 @@ impl BoundTunnel {
     pub async fn run(self) -> Stopped {
         let BoundTunnel {
             tunnel,
+            services,
             listeners,
             metrics,
             shutdown,
@@ -496,9 +629,8 @@ impl BoundTunnel {
         let cut = CancellationToken::new();
         let mut accept_loops = Vec::with_capacity(listeners.len());
         let mut shown = Vec::with_capacity(listeners.len());
-        for ((config, policy), (listener, addr)) in tunnel.services.into_iter().zip(listeners) {
-            info!(service = %config.name, %addr, "listening");
-            let service = Arc::new(Service::new(config, tunnel.identity.clone(), policy));
+        for (service, (listener, addr)) in services.into_iter().zip(listeners) {
+            info!(service = %service.name(), %addr, "listening");
             shown.push(service.shown());
             accept_loops.push(tokio::spawn(service.accept_loop(
                 listener,

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
@@ -33,10 +33,12 @@ use tokio::io::AsyncWriteExt;
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 pub(super) struct Service {
+    /// The configuration it started with: its name, listen address and
+    /// the limits its semaphores were made with.
     config: ServiceConfig,
     mode: Mode,
-    identity: Arc<Identity>,
-    policy: Arc<dyn PeerPolicy>,
+    /// What new connections use: replaced by a reload.
+    live: RwLock<Arc<Live>>,
     connections: Arc<Semaphore>,
     /// Client mode: outgoing handshakes at once.
     handshakes: Semaphore,
@@ -44,6 +46,38 @@ pub(super) struct Service {
     slots: HandshakeSlots,
     /// What the metrics endpoint shows.
     counters: Arc<Counters>,
+}
+
+impl fmt::Debug for Service {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Service")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The settings a connection takes when it is accepted; a reload replaces
+/// them for the connections that follow.
+pub(super) struct Live {
+    pub(super) config: ServiceConfig,
+    pub(super) identity: Arc<Identity>,
+    pub(super) policy: Arc<dyn PeerPolicy>,
+}
+
+/// One connection: its service, and the settings it was accepted with.
+/// Dereferences to the service (its limits and counters).
+struct Connection {
+    service: Arc<Service>,
+    config: ServiceConfig,
+    identity: Arc<Identity>,
+    policy: Arc<dyn PeerPolicy>,
+}
+
+impl std::ops::Deref for Connection {
+    type Target = Service;
+    fn deref(&self) -> &Service {
+        &self.service
+    }
 }
 
 /// Counts a connection open until dropped.
@@ -81,13 +115,11 @@ enum SetupFailure {
 }
 
 impl Service {
-    pub(super) fn new(
-        config: ServiceConfig,
-        identity: Arc<Identity>,
-        policy: Arc<dyn PeerPolicy>,
-    ) -> Self {
+    pub(super) fn new(live: Live) -> Self {
+        let config = live.config.clone();
         Service {
             mode: config.mode(),
+            live: RwLock::new(Arc::new(live)),
             connections: Arc::new(Semaphore::new(config.limits.max_connections)),
             handshakes: Semaphore::new(config.limits.max_handshakes),
             slots: HandshakeSlots::new(
@@ -95,10 +127,23 @@ impl Service {
                 config.limits.max_handshakes_per_source,
             ),
             config,
-            identity,
-            policy,
             counters: Arc::default(),
         }
+    }
+
+    /// The service's name.
+    pub(super) fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// The configuration it started with.
+    pub(super) fn config(&self) -> &ServiceConfig {
+        &self.config
+    }
+
+    /// New connections take `live` (open ones keep theirs).
+    pub(super) fn reload(&self, live: Live) {
+        *self.live.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(live);
     }
 
     /// What the metrics endpoint shows of this service.
@@ -161,6 +206,25 @@ impl Service {
 
     async fn connection(
         self: Arc<Self>,
+        accepted: Plain,
+        addr: Remote,
+        permit: OwnedSemaphorePermit,
+        cut: CancellationToken,
+    ) {
+        let live = self.live.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let connection = Connection {
+            service: self,
+            config: live.config.clone(),
+            identity: live.identity.clone(),
+            policy: live.policy.clone(),
+        };
+        connection.run(accepted, addr, permit, cut).await;
+    }
+}
+
+impl Connection {
+    async fn run(
+        &self,
         accepted: Plain,
         addr: Remote,
         _permit: OwnedSemaphorePermit,

@@ -1049,6 +1049,85 @@ fn nix_is_root() -> bool {
         .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
 }
 
+// ----- SIGHUP: key rotation without a flag day -----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_rotates_the_server_key_without_dropping_a_transfer() {
+    let target = tcp_server(echo).await;
+    let keys = Keys::new();
+    let (server_key, old) = keys.key("server.key");
+    let (_, new) = keys.key("new.key");
+    let (both_key, both_vat) = keys.key("both.key");
+    let (old_only_key, old_only_vat) = keys.key("old-only.key");
+    let server = server_tunnel(
+        &server_key,
+        target,
+        &[
+            "--allow-vat",
+            &both_vat.to_string(),
+            "--allow-vat",
+            &old_only_vat.to_string(),
+        ],
+    );
+    let at = server.addr("server");
+    let (old_text, new_text) = (old.to_string(), new.to_string());
+    // Pins the old and the new key, as during a rotation; and the old only.
+    let both = client_tunnel(&both_key, at, &old_text, &["--peer", &new_text]);
+    let old_only = client_tunnel(&old_only_key, at, &old_text, &[]);
+    let mut s = TcpStream::connect(old_only.addr("client")).await.unwrap();
+    assert_eq!(
+        bounded("a round trip", round_trip(&mut s, b"before")).await,
+        b"before"
+    );
+    drop(s);
+
+    // A 100 MB transfer, during which the key is replaced and SIGHUP sent.
+    let mut long = TcpStream::connect(both.addr("client")).await.unwrap();
+    let data = pattern(100 << 20, 17);
+    let transfer = tokio::spawn(async move { send_and_read_back(&mut long, &data).await == data });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !transfer.is_finished(),
+        "the transfer ended before the reload"
+    );
+    std::fs::copy(keys.path("new.key"), &server_key).unwrap();
+    server.signal("HUP");
+    server.wait_log(&["SIGHUP: reloaded", &format!("vat_id={new_text}")]);
+    assert!(
+        bounded("the 100 MB transfer", transfer).await.unwrap(),
+        "the transfer did not arrive intact"
+    );
+    assert!(
+        !server.log().contains("end=\"error"),
+        "a connection failed:\n{}",
+        server.log()
+    );
+
+    // New handshakes prove the new key: the client pinning both connects,
+    // the one pinning the old key only is refused.
+    let mut s = TcpStream::connect(both.addr("client")).await.unwrap();
+    assert_eq!(
+        bounded("a round trip", round_trip(&mut s, b"after")).await,
+        b"after"
+    );
+    both.wait_log(&["connected", &format!("peer={}", new.fingerprint())]);
+    sent_then_reset(old_only.addr("client"), b"after").await;
+    old_only.wait_log(&["refused the server"]);
+
+    // A malformed key: the running one stays, and the log says why.
+    std::fs::write(&server_key, b"-----BEGIN PRIVATE KEY-----\nnot a key\n").unwrap();
+    server.signal("HUP");
+    let line = server.wait_log(&["SIGHUP: reload failed"]);
+    assert!(line.contains(&server_key), "{line}");
+    assert!(line.contains("running settings stay"), "{line}");
+    let mut s = TcpStream::connect(both.addr("client")).await.unwrap();
+    // The server still runs, with the new key.
+    assert_eq!(
+        bounded("a round trip", round_trip(&mut s, b"still")).await,
+        b"still"
+    );
+}
+
 // ----- metrics (read by PyPI's prometheus-client) and status -----
 
 /// `GET PATH` over HTTP/1.0 from `addr`: the whole answer.

@@ -281,8 +281,8 @@ fn render(spec: &TunnelSpec) -> String {
         if let Some(m) = s.listen_mode {
             t.insert("listen_mode".into(), toml::Value::Integer(m.into()));
         }
-        if let Some(p) = &s.peer {
-            t.insert("peer".into(), p.clone().into());
+        if !s.peer.is_empty() {
+            t.insert("peer".into(), s.peer.clone().into());
         }
         if let Some(p) = &s.known_vats {
             t.insert("known_vats".into(), path(p));
@@ -383,15 +383,17 @@ fn assert_as_documented(spec: &TunnelSpec, config: &TunnelConfig, origin: Origin
         let vat = |t: &str| t.trim().parse::<VatId>().expect("an accepted VatId parses");
         match (&c.trust, s.mode) {
             (Trust::PinnedServer(v), Mode::Client) => {
-                assert_eq!(*v, vat(s.peer.as_deref().expect("peer")));
+                assert!(!v.is_empty(), "a client pinning no VatId");
+                let written: Vec<VatId> = s.peer.iter().map(|t| vat(t)).collect();
+                assert_eq!(*v, written);
                 assert!(s.known_vats.is_none());
             }
             (Trust::KnownVats(p), Mode::Client) => {
-                assert!(s.peer.is_none());
+                assert!(s.peer.is_empty());
                 assert_eq!(*p, resolve(s.known_vats.as_deref().expect("known_vats")));
             }
             (Trust::AllowedClients { file, vat_ids }, Mode::Server) => {
-                assert!(s.peer.is_none() && s.known_vats.is_none());
+                assert!(s.peer.is_empty() && s.known_vats.is_none());
                 assert!(
                     file.is_some() || !vat_ids.is_empty(),
                     "a server trusts nobody"
@@ -518,7 +520,7 @@ pub(super) fn seeds() -> Vec<Seed> {
     ));
     let client = format!(
         "\nidentity = \"client.key\"\n\n[service.to-echo]\nmode = \"client\"\nlisten = \"127.0.0.1:0\"\n\
-         connect = \"127.0.0.1:40003\"\npeer = \"{b}\"\n\n[service.to-upper]\nmode = \"client\"\n\
+         connect = \"127.0.0.1:40003\"\npeer = [\"{b}\", \"{a}\"]\n\n[service.to-upper]\nmode = \"client\"\n\
          listen = \"unix:/run/capnp-noise/upper.sock\"\nlisten_mode = 0o660\nconnect = \"127.0.0.1:40004\"\nknown_vats = \"known_vats\"\n"
     );
     v.push(Seed::new(

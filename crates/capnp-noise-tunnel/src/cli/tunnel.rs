@@ -3,8 +3,9 @@
 
 use std::path::PathBuf;
 
+use capnp_noise_tunnel::config::ConfigError;
 use capnp_noise_tunnel::config::{Mode, Origin, ServiceSpec, TunnelSpec};
-use capnp_noise_tunnel::{ShutdownHandle, Tunnel, TunnelConfig};
+use capnp_noise_tunnel::{ReloadHandle, ShutdownHandle, StartError, Tunnel, TunnelConfig};
 use tracing::{info, warn};
 
 use super::{CmdResult, Failure, EXIT_BIND, EXIT_USAGE};
@@ -33,6 +34,11 @@ chosen). Connections are logged on stderr (RUST_LOG, default info; with
 SIGINT or SIGTERM: stop accepting, let open connections finish within the
 grace period (--shutdown-grace, default 30 s), then abort the rest, and exit
 0. A second signal aborts at once.
+
+SIGHUP: read the configuration, the identity key and the allow-lists again;
+new connections use them, open ones go on undisturbed. If anything is
+wrong (a malformed key, say), the running settings stay and the log says
+why. Listen addresses, new services and connection limits need a restart.
 
 Exit status:
   0  stopped by SIGINT/SIGTERM
@@ -106,10 +112,31 @@ impl Side {
     }
 }
 
+/// Where the settings come from, read again on SIGHUP.
+enum Source {
+    File(PathBuf),
+    CommandLine(Box<TunnelSpec>),
+}
+
+impl Source {
+    /// Reads and checks the settings.
+    fn config(&self) -> Result<TunnelConfig, ConfigError> {
+        match self {
+            Source::File(path) => TunnelConfig::load(path),
+            Source::CommandLine(spec) => spec.check(Origin::CommandLine),
+        }
+    }
+
+    /// Reads the settings, the identity and the trust files again.
+    fn tunnel(&self) -> Result<Tunnel, StartError> {
+        Tunnel::new(self.config()?)
+    }
+}
+
 pub(crate) fn run(args: Args) -> CmdResult {
-    let config = match (args.config, args.side) {
-        (Some(path), None) => TunnelConfig::load(&path),
-        (None, Some(side)) => side.spec().check(Origin::CommandLine),
+    let source = match (args.config, args.side) {
+        (Some(path), None) => Source::File(path),
+        (None, Some(side)) => Source::CommandLine(Box::new(side.spec())),
         _ => {
             return Err(Failure::new(
                 EXIT_USAGE,
@@ -118,8 +145,8 @@ pub(crate) fn run(args: Args) -> CmdResult {
             )
             .into())
         }
-    }
-    .map_err(|e| Failure::new(EXIT_USAGE, e))?;
+    };
+    let config = source.config().map_err(|e| Failure::new(EXIT_USAGE, e))?;
     // A long-running tunnel logs its connections.
     super::init_logging("info", config.log_format);
     let tunnel = Tunnel::new(config).map_err(|e| Failure::new(EXIT_USAGE, e))?;
@@ -144,7 +171,7 @@ pub(crate) fn run(args: Args) -> CmdResult {
                 l.name, l.mode, l.addr, l.connect
             );
         }
-        tokio::spawn(signals.drive(bound.shutdown_handle()));
+        tokio::spawn(signals.drive(bound.shutdown_handle(), bound.reload_handle(), source));
         let stopped = bound.run().await;
         if stopped.aborted > 0 {
             warn!("{} connection(s) were aborted at shutdown", stopped.aborted);
@@ -153,12 +180,23 @@ pub(crate) fn run(args: Args) -> CmdResult {
     })
 }
 
+/// What a signal asks for.
+enum Asked {
+    /// SIGINT, SIGTERM (Ctrl-C elsewhere): stop.
+    Stop(&'static str),
+    /// SIGHUP: reload.
+    Reload,
+}
+
 /// SIGINT and SIGTERM: the first shuts down gracefully, the second aborts.
+/// SIGHUP: reload the settings, the identity and the trust files.
 struct Signals {
     #[cfg(unix)]
     term: tokio::signal::unix::Signal,
     #[cfg(unix)]
     int: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -168,6 +206,7 @@ impl Signals {
         Ok(Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
         })
     }
 
@@ -177,26 +216,53 @@ impl Signals {
     }
 
     #[cfg(unix)]
-    async fn next(&mut self) -> &'static str {
+    async fn next(&mut self) -> Asked {
         tokio::select! {
-            _ = self.term.recv() => "SIGTERM",
-            _ = self.int.recv() => "SIGINT",
+            _ = self.term.recv() => Asked::Stop("SIGTERM"),
+            _ = self.int.recv() => Asked::Stop("SIGINT"),
+            _ = self.hup.recv() => Asked::Reload,
         }
     }
 
     #[cfg(not(unix))]
-    async fn next(&mut self) -> &'static str {
+    async fn next(&mut self) -> Asked {
         let _ = tokio::signal::ctrl_c().await;
-        "Ctrl-C"
+        Asked::Stop("Ctrl-C")
     }
 
-    async fn drive(mut self, handle: ShutdownHandle) {
-        let first = self.next().await;
-        info!("{first}: shutting down (a second signal aborts open connections)");
-        handle.shutdown();
-        let second = self.next().await;
-        warn!("{second} again: aborting open connections");
-        handle.abort();
+    async fn drive(mut self, stop: ShutdownHandle, reload: ReloadHandle, source: Source) {
+        let mut stopping = false;
+        loop {
+            match self.next().await {
+                Asked::Reload => match source.tunnel() {
+                    Ok(tunnel) => {
+                        let done = reload.reload(tunnel);
+                        info!(
+                            vat_id = %done.vat_id,
+                            services = %done.applied.join(","),
+                            "SIGHUP: reloaded; new connections use the new settings, open ones go on"
+                        );
+                        for what in done.not_applied {
+                            warn!("SIGHUP: not applied: {what}");
+                        }
+                    }
+                    Err(e) => warn!(
+                        error = %e,
+                        "SIGHUP: reload failed; the running settings stay in use"
+                    ),
+                },
+                Asked::Stop(signal) if !stopping => {
+                    info!("{signal}: shutting down (a second signal aborts open connections)");
+                    stop.shutdown();
+                    stopping = true;
+                }
+                Asked::Stop(signal) => {
+                    warn!("{signal} again: aborting open connections");
+                    stop.abort();
+                    return;
+                }
+            }
+        }
     }
 }
 
