@@ -208,7 +208,8 @@ pub struct ServiceSpec {
     #[arg(skip = Mode::Client)]
     pub mode: Mode,
     /// Where to listen, HOST:PORT (port 0: a free port, printed at startup);
-    /// a client may listen on a Unix socket, unix:/PATH.
+    /// a client may listen on a Unix socket, unix:/PATH; systemd:NAME takes
+    /// the socket systemd passes under that name (socket activation).
     #[arg(long, value_name = "ADDR")]
     pub listen: String,
     /// Where to connect, HOST:PORT; a server may connect to a Unix socket,
@@ -1147,6 +1148,22 @@ const MAX_UNIX_PATH: usize = 107;
 /// Checks `HOST:PORT`, or `unix:/PATH` where the address is a plain one
 /// (`plain`: a client's listen, a server's connect).
 fn check_endpoint(addr: &str, port_zero_ok: bool, plain: bool) -> Result<(), &'static str> {
+    if let Some(name) = addr.strip_prefix("systemd:") {
+        if !port_zero_ok {
+            return Err("systemd: names a listening socket: use it in listen");
+        }
+        if !cfg!(unix) {
+            return Err("socket activation is not available on this system");
+        }
+        let ok = !name.is_empty()
+            && name.len() <= 255
+            && name.chars().all(|c| c.is_ascii_graphic() && c != ':');
+        return if ok {
+            Ok(())
+        } else {
+            Err("write systemd: and the socket's FileDescriptorName (1 to 255 characters, no ':')")
+        };
+    }
     let Some(path) = addr.strip_prefix("unix:") else {
         return check_address(addr, port_zero_ok);
     };
@@ -1645,6 +1662,20 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.key.as_deref(), Some("service.s.listen"));
         assert_eq!(octal_mode("0660"), Ok(0o660));
+        // Socket activation: a name systemd passes, for listening.
+        let c = client("systemd:web", "").unwrap();
+        assert_eq!(c.services[0].listen, "systemd:web");
+        for bad in ["systemd:", "systemd:a:b", "systemd:a b"] {
+            assert!(
+                matches!(client(bad, "").unwrap_err().what, Problem::Address(_)),
+                "{bad}"
+            );
+        }
+        let e = check_text(
+            "identity = \"k\"\n[service.s]\nmode = \"server\"\nallow = \"a\"\nlisten = \"h:1\"\nconnect = \"systemd:x\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("service.s.connect"));
         assert!(octal_mode("+7").is_err() && octal_mode("1000").is_err());
     }
 

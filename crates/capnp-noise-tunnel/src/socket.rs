@@ -7,6 +7,10 @@
 //! can connect in between. A stale socket file left by a previous run is
 //! replaced; a path where something listens, or that is not a socket, is
 //! an error. The file is removed when the listener is dropped.
+//!
+//! `systemd:NAME` takes the listening socket systemd passed under that name
+//! (socket activation: `LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES`), TCP or
+//! Unix; systemd owns it, so its file is never removed here.
 
 use std::fmt;
 use std::io;
@@ -70,8 +74,83 @@ impl fmt::Display for Remote {
 #[derive(Debug)]
 pub(crate) enum Listener {
     Tcp(TcpListener),
+    /// The socket, its path, and whether this process created it (and
+    /// removes it when dropped).
     #[cfg(unix)]
-    Unix(UnixListener, PathBuf),
+    Unix(UnixListener, PathBuf, bool),
+}
+
+/// The sockets systemd passed, and their names.
+#[cfg(unix)]
+struct Inherited {
+    fds: listenfd::ListenFd,
+    names: Vec<String>,
+}
+
+#[cfg(unix)]
+static INHERITED: std::sync::OnceLock<std::sync::Mutex<Inherited>> = std::sync::OnceLock::new();
+
+/// Takes the sockets systemd passed (socket activation) from the
+/// environment, once per process; later calls do nothing. Call it before
+/// starting threads: it removes `LISTEN_FDS` and `LISTEN_PID` from the
+/// environment (so children do not inherit them).
+#[cfg(unix)]
+pub fn take_systemd_sockets() {
+    INHERITED.get_or_init(|| {
+        let names = std::env::var("LISTEN_FDNAMES")
+            .map(|n| n.split(':').map(str::to_string).collect())
+            .unwrap_or_default();
+        std::sync::Mutex::new(Inherited {
+            fds: listenfd::ListenFd::from_env(),
+            names,
+        })
+    });
+}
+
+/// The listening socket systemd passed as `name`.
+#[cfg(unix)]
+fn inherited(name: &str) -> io::Result<Listener> {
+    take_systemd_sockets();
+    let mut inherited = INHERITED
+        .get()
+        .expect("initialized above")
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let missing = || {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!(
+                "systemd passed no listening socket named {name:?} (names passed: {:?}; \
+                 FileDescriptorName= in the .socket unit names them)",
+                inherited.names
+            ),
+        )
+    };
+    let Some(at) = inherited.names.iter().position(|n| n == name) else {
+        return Err(missing());
+    };
+    if at >= inherited.fds.len() {
+        return Err(missing());
+    }
+    if let Ok(Some(tcp)) = inherited.fds.take_tcp_listener(at) {
+        tcp.set_nonblocking(true)?;
+        return TcpListener::from_std(tcp).map(Listener::Tcp);
+    }
+    match inherited.fds.take_unix_listener(at)? {
+        Some(unix) => {
+            unix.set_nonblocking(true)?;
+            let path = unix
+                .local_addr()?
+                .as_pathname()
+                .map(Path::to_path_buf)
+                .unwrap_or_default();
+            UnixListener::from_std(unix).map(|l| Listener::Unix(l, path, false))
+        }
+        None => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("the socket named {name:?} was taken already"),
+        )),
+    }
 }
 
 impl Listener {
@@ -79,7 +158,11 @@ impl Listener {
     pub(crate) async fn bind(addr: &str, mode: u32) -> io::Result<Self> {
         #[cfg(unix)]
         if let Some(path) = unix_path(addr) {
-            return bind_unix(path, mode).map(|l| Listener::Unix(l, path.to_path_buf()));
+            return bind_unix(path, mode).map(|l| Listener::Unix(l, path.to_path_buf(), true));
+        }
+        #[cfg(unix)]
+        if let Some(name) = addr.strip_prefix("systemd:") {
+            return inherited(name);
         }
         let _ = mode;
         TcpListener::bind(addr).await.map(Listener::Tcp)
@@ -89,7 +172,7 @@ impl Listener {
         match self {
             Listener::Tcp(l) => l.local_addr().map(Bound::Tcp),
             #[cfg(unix)]
-            Listener::Unix(_, path) => Ok(Bound::Unix(path.clone())),
+            Listener::Unix(_, path, _) => Ok(Bound::Unix(path.clone())),
         }
     }
 
@@ -100,7 +183,7 @@ impl Listener {
                 Ok((Plain::Tcp(s), Remote::Tcp(a)))
             }
             #[cfg(unix)]
-            Listener::Unix(l, _) => Ok((Plain::Unix(l.accept().await?.0), Remote::Unix)),
+            Listener::Unix(l, _, _) => Ok((Plain::Unix(l.accept().await?.0), Remote::Unix)),
         }
     }
 }
@@ -108,7 +191,7 @@ impl Listener {
 #[cfg(unix)]
 impl Drop for Listener {
     fn drop(&mut self) {
-        if let Listener::Unix(_, path) = self {
+        if let Listener::Unix(_, path, true) = self {
             let _ = std::fs::remove_file(path);
         }
     }

@@ -51,9 +51,15 @@ impl Tunnel {
     /// Starts `capnp-noise tunnel ARGS` and waits until it prints the
     /// addresses of `services` services.
     fn start(args: &[&str], services: usize) -> Tunnel {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_capnp-noise"))
-            .arg("tunnel")
-            .args(args)
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_capnp-noise"));
+        cmd.arg("tunnel").args(args);
+        Tunnel::spawn(cmd, services)
+    }
+
+    /// Runs `cmd` (which runs `capnp-noise tunnel ...`) as [`start`] does.
+    fn spawn(mut cmd: Command, services: usize) -> Tunnel {
+        let args = format!("{cmd:?}");
+        let mut child = cmd
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -780,10 +786,7 @@ impl Drop for Killed {
 /// connection: it drops a flow when nothing went either way for SECS, as
 /// an office NAT or a cloud load balancer does.
 fn idle_dropping_relay(to: SocketAddr, secs: u32) -> (Killed, SocketAddr) {
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let addr = unused_addr();
     let child = Command::new("socat")
         .arg(format!("-T{secs}"))
         .arg(format!(
@@ -801,6 +804,14 @@ fn idle_dropping_relay(to: SocketAddr, secs: u32) -> (Killed, SocketAddr) {
         thread::sleep(Duration::from_millis(20));
     }
     (relay, addr)
+}
+
+/// A loopback address nothing listens on (just now).
+fn unused_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
 
 /// Whether a round trip of `msg` still works on `s` within [`PROMPTLY`].
@@ -1128,6 +1139,187 @@ async fn sighup_rotates_the_server_key_without_dropping_a_transfer() {
     );
 }
 
+// ----- systemd: notify, socket activation, the unit file -----
+
+#[cfg(unix)]
+#[test]
+fn notify_socket_hears_ready_watchdog_and_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify");
+    let manager = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    manager.set_read_timeout(Some(WAIT)).unwrap();
+    let keys = Keys::new();
+    let (key, vat) = keys.key("k.key");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_capnp-noise"));
+    cmd.args([
+        "tunnel",
+        "server",
+        "--listen",
+        "127.0.0.1:0",
+        "--connect",
+        "127.0.0.1:9",
+    ])
+    .args(["--identity", &key, "--allow-vat", &vat.to_string()])
+    .env("NOTIFY_SOCKET", &path)
+    .env("WATCHDOG_USEC", "400000");
+    let mut tunnel = Tunnel::spawn(cmd, 1);
+    let next = || {
+        let mut buf = [0u8; 256];
+        let n = manager.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).to_string()
+    };
+    // READY=1 comes once the service listens (its address is printed).
+    let first = next();
+    assert_eq!(first, "READY=1");
+    // Then WATCHDOG=1 every 200 ms (half of 400 ms).
+    let started = Instant::now();
+    for _ in 0..3 {
+        assert_eq!(next(), "WATCHDOG=1");
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(350) && took < Duration::from_secs(3),
+        "three watchdog pings in {took:?}"
+    );
+    tunnel.signal("TERM");
+    let stopping = (0..20).map(|_| next()).find(|m| m != "WATCHDOG=1");
+    assert_eq!(stopping.as_deref(), Some("STOPPING=1"));
+    assert!(tunnel.wait_exit(WAIT).success());
+}
+
+/// Connects once to `addr` as soon as something listens there (from
+/// another thread, within [`WAIT`]), then hangs up.
+#[cfg(unix)]
+fn knock_once(addr: &str) {
+    let addr = addr.to_string();
+    thread::spawn(move || {
+        let deadline = Instant::now() + WAIT;
+        while std::net::TcpStream::connect(&addr).is_err() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+    });
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_systemd_socket_activate_the_inherited_socket_serves() {
+    if !available(
+        "systemd-socket-activate",
+        &["--version"],
+        "apt-get install systemd",
+    ) {
+        return;
+    }
+    let target = tcp_server(echo).await;
+    let keys = Keys::new();
+    let (server_key, _) = keys.key("server.key");
+    let (client_key, client_vat) = keys.key("client.key");
+    let addr = unused_addr().to_string();
+    let mut cmd = Command::new("systemd-socket-activate");
+    cmd.args([
+        "-l",
+        &addr,
+        "--fdname=web",
+        env!("CARGO_BIN_EXE_capnp-noise"),
+    ])
+    .args(["tunnel", "server", "--listen", "systemd:web"])
+    .args(["--connect", &target.to_string(), "--identity", &server_key])
+    .args(["--allow-vat", &client_vat.to_string()]);
+    // systemd-socket-activate starts the program at the first connection:
+    // knock once (the tunnel sees a handshake that ends at once).
+    knock_once(&addr);
+    let server = Tunnel::spawn(cmd, 1);
+    assert_eq!(
+        server.addr("server").to_string(),
+        addr,
+        "the inherited socket"
+    );
+    let peer = server.vat_id.to_string();
+    let client = client_tunnel(&client_key, server.addr("server"), &peer, &[]);
+    let mut s = TcpStream::connect(client.addr("client")).await.unwrap();
+    assert_eq!(
+        bounded("a round trip", round_trip(&mut s, b"activated")).await,
+        b"activated"
+    );
+    // A name systemd did not pass is an error that lists the names passed.
+    let mut cmd = Command::new("systemd-socket-activate");
+    let other = unused_addr().to_string();
+    cmd.args([
+        "-l",
+        &other,
+        "--fdname=web",
+        env!("CARGO_BIN_EXE_capnp-noise"),
+    ])
+    .args([
+        "tunnel",
+        "server",
+        "--listen",
+        "systemd:db",
+        "--connect",
+        "127.0.0.1:9",
+    ])
+    .args([
+        "--identity",
+        &server_key,
+        "--allow-vat",
+        &client_vat.to_string(),
+    ]);
+    knock_once(&other);
+    let out = cmd.stdin(Stdio::null()).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("no listening socket named \"db\"") && err.contains("\"web\""),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_unit_file_passes_systemd_analyze_verify_and_scores_well() {
+    if !available("systemd-analyze", &["--version"], "apt-get install systemd") {
+        return;
+    }
+    let unit = repo("contrib/systemd/capnp-noise-tunnel@.service");
+    let text = std::fs::read_to_string(&unit).unwrap();
+    // verify checks that ExecStart's program exists: the one just built.
+    let dir = tempfile::tempdir().unwrap();
+    let instance = dir.path().join("capnp-noise-tunnel@test.service");
+    std::fs::write(
+        &instance,
+        text.replace("/usr/bin/capnp-noise", env!("CARGO_BIN_EXE_capnp-noise")),
+    )
+    .unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&instance)
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "verify: {said}"
+    );
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=true"])
+        .arg(&instance)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    let level: f64 = said
+        .lines()
+        .find_map(|l| l.split("Overall exposure level for ").nth(1))
+        .and_then(|rest| rest.split(": ").nth(1))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in:\n{said}"));
+    assert!(level <= 2.0, "exposure level {level}:\n{said}");
+    assert!(text.contains("Type=notify") && text.contains("WatchdogSec="));
+}
+
 // ----- metrics (read by PyPI's prometheus-client) and status -----
 
 /// `GET PATH` over HTTP/1.0 from `addr`: the whole answer.
@@ -1222,9 +1414,7 @@ async fn metrics_count_connections_bytes_and_refusals_as_prometheus_client_reads
         .await
         .starts_with("HTTP/1.0 404"));
     // A server whose target is down.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let down = closed.local_addr().unwrap();
-    drop(closed);
+    let down = unused_addr();
     let keys = Keys::new();
     let (key, vat) = keys.key("k.key");
     let lonely = server_tunnel(

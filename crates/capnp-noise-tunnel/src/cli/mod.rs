@@ -19,6 +19,7 @@ use clap::{Parser, Subcommand};
 mod id;
 mod keygen;
 mod known_vats;
+mod systemd;
 mod tunnel;
 
 /// Exit code for a command that could not do its job (a bad key file, a

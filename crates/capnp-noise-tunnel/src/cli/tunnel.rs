@@ -8,7 +8,7 @@ use capnp_noise_tunnel::config::{Mode, Origin, ServiceSpec, TunnelSpec};
 use capnp_noise_tunnel::{ReloadHandle, ShutdownHandle, StartError, Tunnel, TunnelConfig};
 use tracing::{info, warn};
 
-use super::{CmdResult, Failure, EXIT_BIND, EXIT_USAGE};
+use super::{systemd, CmdResult, Failure, EXIT_BIND, EXIT_USAGE};
 
 const AFTER_HELP: &str = "\
 Either `tunnel client ...` or `tunnel server ...` with options (one service),
@@ -39,6 +39,11 @@ SIGHUP: read the configuration, the identity key and the allow-lists again;
 new connections use them, open ones go on undisturbed. If anything is
 wrong (a malformed key, say), the running settings stay and the log says
 why. Listen addresses, new services and connection limits need a restart.
+
+Under systemd (Type=notify): READY=1 once every service listens,
+STOPPING=1 at shutdown, WATCHDOG=1 at half of WatchdogSec; --listen
+systemd:NAME takes the socket passed as FileDescriptorName=NAME. See
+contrib/systemd/capnp-noise-tunnel@.service.
 
 Exit status:
   0  stopped by SIGINT/SIGTERM
@@ -150,6 +155,9 @@ pub(crate) fn run(args: Args) -> CmdResult {
     // A long-running tunnel logs its connections.
     super::init_logging("info", config.log_format);
     let tunnel = Tunnel::new(config).map_err(|e| Failure::new(EXIT_USAGE, e))?;
+    // Before any thread starts: it edits the environment.
+    #[cfg(unix)]
+    capnp_noise_tunnel::take_systemd_sockets();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -172,6 +180,10 @@ pub(crate) fn run(args: Args) -> CmdResult {
             );
         }
         tokio::spawn(signals.drive(bound.shutdown_handle(), bound.reload_handle(), source));
+        systemd::notify("READY=1");
+        if let Some(every) = systemd::watchdog_interval() {
+            tokio::spawn(systemd::watchdog(every));
+        }
         let stopped = bound.run().await;
         if stopped.aborted > 0 {
             warn!("{} connection(s) were aborted at shutdown", stopped.aborted);
@@ -252,6 +264,7 @@ impl Signals {
                     ),
                 },
                 Asked::Stop(signal) if !stopping => {
+                    systemd::notify("STOPPING=1");
                     info!("{signal}: shutting down (a second signal aborts open connections)");
                     stop.shutdown();
                     stopping = true;
