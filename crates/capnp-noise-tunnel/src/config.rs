@@ -31,6 +31,7 @@ use toml::Spanned;
 use capnp_noise::vat_id::VatId;
 use capnp_noise::wire::Suite;
 
+pub use crate::egress::Via;
 pub use crate::proxy::ProxyProtocol;
 
 /// Default [`Limits::max_connections`]: 1024 per service.
@@ -242,6 +243,11 @@ pub struct ServiceSpec {
     /// its authenticated VatId) [default: none].
     #[arg(long, value_name = "VERSION")]
     pub proxy_protocol: Option<ProxyProtocol>,
+    /// Client: reach the server through a proxy, http://HOST:PORT (HTTP
+    /// CONNECT) or socks5://HOST:PORT (no proxy authentication) [default:
+    /// direct].
+    #[arg(long, value_name = "URL")]
+    pub via: Option<String>,
     /// The cipher suite: a client proposes only it, a server accepts only
     /// it (and refuses others by closing); auto: a client proposes the
     /// faster one for its CPU, a server accepts both [default: auto].
@@ -265,6 +271,7 @@ impl ServiceSpec {
             allow: None,
             allow_vat: Vec::new(),
             proxy_protocol: None,
+            via: None,
             suite: None,
             limits: LimitsSpec::default(),
         }
@@ -498,6 +505,8 @@ pub struct ServiceConfig {
     pub trust: Trust,
     /// Server mode: the PROXY protocol header sent to the target first.
     pub proxy_protocol: Option<ProxyProtocol>,
+    /// Client mode: the proxy the server is reached through.
+    pub via: Option<Via>,
     /// The one suite used (proposed by a client, accepted by a server);
     /// `None`: the library's choice (a client proposes [`Suite::preferred`],
     /// a server accepts every suite).
@@ -783,6 +792,7 @@ impl ServiceSpec {
                     spec.proxy_protocol =
                         Some(file.value(&p, value, |v| choice(v, "\"v1\" or \"v2\""))?);
                 }
+                "via" => spec.via = Some(file.value(&p, value, string)?),
                 "suite" => {
                     let expected = "\"auto\", \"chachapoly\" or \"aesgcm\"";
                     spec.suite = Some(file.value(&p, value, |v| choice(v, expected))?);
@@ -1106,6 +1116,9 @@ impl ServiceSpec {
                 if !self.peer.is_empty() {
                     return Err(wrong_mode("peer"));
                 }
+                if self.via.is_some() {
+                    return Err(wrong_mode("via"));
+                }
                 if self.known_vats.is_some() {
                     return Err(wrong_mode("known_vats"));
                 }
@@ -1125,6 +1138,15 @@ impl ServiceSpec {
             listen_mode,
             trust,
             proxy_protocol: self.proxy_protocol,
+            via: match &self.via {
+                None => None,
+                Some(text) => {
+                    let via = Via::parse(text).map_err(|why| bad("via", Problem::Address(why)))?;
+                    check_address(via.proxy(), false)
+                        .map_err(|why| bad("via", Problem::Address(why)))?;
+                    Some(via)
+                }
+            },
             suite: self.suite.and_then(SuiteChoice::suite),
             limits: self.limits.check(at, Some(name), defaults)?,
         })
@@ -1703,6 +1725,32 @@ mod tests {
         );
         let e = err(&format!("{HEAD}mode = \"client\"\npeer = []\n"));
         assert_eq!(e.what, Problem::NoTrust(Mode::Client));
+    }
+
+    #[test]
+    fn via_is_a_client_setting() {
+        let vat = Identity::from_seed(&[3; 32]).vat_id();
+        let client = |via: &str| {
+            check_text(&format!(
+                "{HEAD}mode = \"client\"\npeer = \"{vat}\"\nvia = \"{via}\"\n"
+            ))
+        };
+        let c = client("http://127.0.0.1:3128").unwrap();
+        assert_eq!(c.services[0].via, Some(Via::Http("127.0.0.1:3128".into())));
+        let c = client("socks5://proxy.office:1080").unwrap();
+        assert_eq!(
+            c.services[0].via,
+            Some(Via::Socks5("proxy.office:1080".into()))
+        );
+        for bad in ["ftp://p:1", "http://p", "http://u:pw@p:1", "socks5://p:0"] {
+            let e = client(bad).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some("service.s.via"), "{bad}");
+            assert!(matches!(e.what, Problem::Address(_)), "{bad}");
+        }
+        let e = err(&format!(
+            "{HEAD}mode = \"server\"\nallow = \"a\"\nvia = \"http://p:1\"\n"
+        ));
+        assert_eq!(e.what, Problem::WrongMode(Mode::Server));
     }
 
     #[test]

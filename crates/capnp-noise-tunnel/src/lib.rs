@@ -61,6 +61,7 @@
 //! peer = "vat1..."             # or a list (old and new key during a rotation),
 //!                              # or: known_vats = "known_vats" (trust on first use)
 //! suite = "auto"               # or "chachapoly" / "aesgcm": only that suite
+//! # via = "http://proxy.office:3128"  # or socks5://...: reach the server through a proxy
 //! max_connections = 50
 //! keepalive = 25               # the office NAT forgets idle flows after a minute
 //! ```
@@ -115,6 +116,12 @@
 //!   VatId in TLV 0xE0 ([`proxy`]); `"v1"` sends the text header with the
 //!   address only. For backends that read it (HAProxy, nginx, Go's and
 //!   Python's PROXY libraries); off by default.
+//! * **Egress through a proxy.** A client service with `via =
+//!   "http://HOST:PORT"` reaches its server through an HTTP proxy (CONNECT),
+//!   with `"socks5://HOST:PORT"` through a SOCKS5 one ([`egress`]; no proxy
+//!   authentication). The server is still authenticated by the handshake;
+//!   a proxy's refusal (a 403, say) resets the local connection and is
+//!   logged with the proxy's answer.
 //! * **Failures are not disguised as clean ends.** When one side fails
 //!   (a TCP reset, a capnp-noise stream cut without its authenticated
 //!   CLOSE), the plain TCP side is reset rather than closed, and the
@@ -214,6 +221,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod egress;
 pub mod forward;
 mod metrics;
 pub mod proxy;

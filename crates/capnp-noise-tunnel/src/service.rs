@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use super::config::{Mode, ServiceConfig};
+use super::egress;
 use super::forward::{self, End, Forwarded, WithKeepalive};
 use super::metrics::{self, Counters, Shown};
 use super::proxy::ProxyProtocol;
@@ -296,15 +297,23 @@ impl Connection {
     async fn dial_server(&self) -> Result<NoiseStream<TcpStream>, SetupFailure> {
         let timeout = self.config.limits.handshake_timeout;
         let _slot = self.handshake_slot().await?;
-        let tcp = self
-            .dial("the server", TcpStream::connect(&self.config.connect))
-            .await?;
+        let tcp = match &self.config.via {
+            None => {
+                self.dial("the server", TcpStream::connect(&self.config.connect))
+                    .await?
+            }
+            Some(via) => {
+                self.dial("the server", egress::connect(via, &self.config.connect))
+                    .await?
+            }
+        };
         let _ = tcp.set_nodelay(true);
         let mut config = self
             .stream_config()
             .with_dialed(self.config.connect.clone())
             .with_handshake_timeout(Some(timeout));
-        if let Ok(remote) = tcp.peer_addr() {
+        // Through a proxy, the peer address is the proxy's.
+        if let (Ok(remote), None) = (tcp.peer_addr(), &self.config.via) {
             config = config.with_remote_addr(remote);
         }
         stream::connect(tcp, &self.identity, self.policy.clone(), config)

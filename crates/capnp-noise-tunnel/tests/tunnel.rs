@@ -1320,6 +1320,93 @@ fn the_unit_file_passes_systemd_analyze_verify_and_scores_well() {
     assert!(text.contains("Type=notify") && text.contains("WatchdogSec="));
 }
 
+// ----- egress through an office proxy: tinyproxy -----
+
+/// `tinyproxy` (Debian) on a free loopback port, allowing CONNECT to
+/// `connect_port` only (others get 403).
+fn tinyproxy(dir: &Path, connect_port: u16) -> (Killed, SocketAddr) {
+    let addr = unused_addr();
+    let conf = dir.join(format!("tinyproxy-{}.conf", addr.port()));
+    std::fs::write(
+        &conf,
+        format!(
+            "Port {}\nListen 127.0.0.1\nTimeout 30\nAllow 127.0.0.1\nConnectPort {connect_port}\n\
+             MaxClients 20\nLogLevel Info\n",
+            addr.port()
+        ),
+    )
+    .unwrap();
+    let child = Command::new("tinyproxy")
+        .arg("-d")
+        .arg("-c")
+        .arg(&conf)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start tinyproxy");
+    let proxy = Killed(child);
+    let deadline = Instant::now() + WAIT;
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "tinyproxy did not listen on {addr}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    (proxy, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_tinyproxy_the_server_is_reached_and_still_authenticated() {
+    if !available("tinyproxy", &["-v"], "apt-get install tinyproxy") {
+        return;
+    }
+    let target = tcp_server(echo).await;
+    let keys = Keys::new();
+    let (server_key, _) = keys.key("server.key");
+    let (impostor_key, _) = keys.key("impostor.key");
+    let (client_key, client_vat) = keys.key("client.key");
+    let allow = ["--allow-vat".to_string(), client_vat.to_string()];
+    let allow = [allow[0].as_str(), allow[1].as_str()];
+    let server = server_tunnel(&server_key, target, &allow);
+    let impostor = server_tunnel(&impostor_key, target, &allow);
+    let (server_addr, impostor_addr) = (server.addr("server"), impostor.addr("server"));
+    let peer = server.vat_id.to_string();
+    // One proxy lets CONNECT reach the server, the other only the impostor.
+    let (_to_server, via_server) = tinyproxy(keys.dir.path(), server_addr.port());
+    let (_to_impostor, via_impostor) = tinyproxy(keys.dir.path(), impostor_addr.port());
+    let through = |proxy: SocketAddr, to: SocketAddr| {
+        client_tunnel(
+            &client_key,
+            to,
+            &peer,
+            &["--via", &format!("http://{proxy}")],
+        )
+    };
+
+    let client = through(via_server, server_addr);
+    let mut s = TcpStream::connect(client.addr("client")).await.unwrap();
+    assert_eq!(
+        bounded("a round trip", round_trip(&mut s, b"via tinyproxy")).await,
+        b"via tinyproxy"
+    );
+    // Reaching the impostor through a proxy changes nothing: refused.
+    let fooled = through(via_impostor, impostor_addr);
+    sent_then_reset(fooled.addr("client"), b"secret").await;
+    fooled.wait_log(&["refused the server"]);
+    assert!(!impostor.log().contains("connected"), "{}", impostor.log());
+    // A proxy that refuses (403): the local connection is reset and the
+    // log says why.
+    let denied = through(via_impostor, server_addr);
+    sent_then_reset(denied.addr("client"), b"secret").await;
+    let line = denied.wait_log(&["cannot reach the server"]);
+    assert!(
+        line.contains("403") && line.contains(&via_impostor.to_string()),
+        "{line}"
+    );
+}
+
 // ----- metrics (read by PyPI's prometheus-client) and status -----
 
 /// `GET PATH` over HTTP/1.0 from `addr`: the whole answer.

@@ -54,6 +54,7 @@ const KEYS: &[&str] = &[
     "allow",
     "allow_vat",
     "proxy_protocol",
+    "via",
     "suite",
 ];
 
@@ -296,6 +297,9 @@ fn render(spec: &TunnelSpec) -> String {
         if let Some(v) = s.proxy_protocol {
             t.insert("proxy_protocol".into(), v.as_str().into());
         }
+        if let Some(v) = &s.via {
+            t.insert("via".into(), v.clone().into());
+        }
         if let Some(v) = s.suite {
             t.insert("suite".into(), v.as_str().into());
         }
@@ -409,6 +413,15 @@ fn assert_as_documented(spec: &TunnelSpec, config: &TunnelConfig, origin: Origin
             assert!(s.allow.is_none() && s.allow_vat.is_empty() && s.proxy_protocol.is_none());
         }
         assert_eq!(c.proxy_protocol, s.proxy_protocol);
+        match (&c.via, &s.via) {
+            (None, None) => {}
+            (Some(v), Some(text)) => {
+                assert_eq!(s.mode, Mode::Client, "a server with via");
+                assert_eq!(text.trim_end_matches('/'), v.to_string());
+                assert_host_port(v.proxy(), false);
+            }
+            (got, written) => panic!("via {written:?} became {got:?}"),
+        }
         assert_eq!(c.suite, s.suite.and_then(|v| v.suite()));
         let (own, top) = (&s.limits, &spec.limits);
         let l = c.limits;
@@ -539,7 +552,7 @@ pub(super) fn seeds() -> Vec<Seed> {
          [service.web]\nmode = \"server\"\nlisten = \"[::]:8443\"\nconnect = \"127.0.0.1:8080\"\n\
          allow = \"web.allow\"\nallow_vat = [\"{b}\"]\nmax_connections = 3\nhandshake_timeout = 1\n\n\
          [service.db]\nmode = \"client\"\nlisten = \"127.0.0.1:0\"\nconnect = \"db.example.com:5433\"\n\
-         peer = \"{a}\"\nconnect_timeout = 0.25\nkeepalive = 25\nidle_timeout = 0\nsuite = \"chachapoly\"\n"
+         peer = \"{a}\"\nconnect_timeout = 0.25\nkeepalive = 25\nidle_timeout = 0\nsuite = \"chachapoly\"\nvia = \"http://10.0.0.1:3128\"\n"
     );
     v.push(Seed::new(
         "tunnel_config",

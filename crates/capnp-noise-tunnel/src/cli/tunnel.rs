@@ -83,6 +83,7 @@ enum Side {
         after_help = AFTER_HELP,
         mut_arg("peer", |a| a.hide(true)),
         mut_arg("known_vats", |a| a.hide(true)),
+        mut_arg("via", |a| a.hide(true)),
     )]
     Server(OneService),
 }
