@@ -1,7 +1,9 @@
 //! The crate's one error type.
 //!
 //! Every fallible operation in capnp-noise returns [`Error`]. Its variants say
-//! *who* was at fault and what a caller can do about it:
+//! *who* was at fault and what a caller can do about it. The first five are
+//! the error classes of SPEC.md 8.2, which says which failure belongs to
+//! which:
 //!
 //! * [`Error::Protocol`]: the peer sent bytes that break SPEC.md (a bad
 //!   preamble, a length below the minimum, an unknown frame type, ...). The
@@ -156,7 +158,7 @@ pub enum Error {
     },
 
     /// The network already has its maximum of connections open
-    /// ([`NetworkOptions::max_connections`](crate::network::NetworkOptions::max_connections)),
+    /// ([`NetworkConfig::max_connections`](crate::network::NetworkConfig::max_connections)),
     /// so no new one is dialed.
     #[error("the network already has {max} connections open")]
     ConnectionLimit {
@@ -270,7 +272,8 @@ pub enum IntroductionError {
     NotIntroducible,
 }
 
-/// The ways a peer's bytes can violate the wire protocol (SPEC.md).
+/// The ways a peer's bytes can violate the wire protocol: the class
+/// "protocol violation" of SPEC.md 8.2, one variant per failure listed there.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ProtocolError {
@@ -306,18 +309,23 @@ pub enum ProtocolError {
         /// Which message was expected.
         what: &'static str,
     },
-    /// A handshake payload could not be decoded.
+    /// A handshake payload could not be decoded (SPEC.md 5.3): not one
+    /// Cap'n Proto message within the limits, a missing field, a wrong
+    /// length, or a VatId that is not one (SPEC.md 5.2.1: not a point,
+    /// non-canonical, small-order). Decoding comes before the signature
+    /// check, so such a payload is never an invalid identity proof.
     #[error("malformed handshake payload: {0}")]
     BadPayload(String),
+    /// A Diffie-Hellman with one of the peer's X25519 keys in a handshake
+    /// message gave all zeros: the key is a low-order point (SPEC.md 6).
+    #[error("the peer's X25519 key in {0} is a low-order point (its Diffie-Hellman result is all zeros)")]
+    LowOrderKey(&'static str),
     /// A decrypted transport frame has a type byte this version does not define.
     #[error("unknown transport frame type 0x{0:02x}")]
     UnknownFrameType(u8),
     /// A CLOSE or REKEY frame carried a body.
     #[error("a {0} frame must have an empty body")]
     NonEmptyControlFrame(&'static str),
-    /// Bytes arrived after the peer's authenticated close.
-    #[error("data arrived after the peer's authenticated close")]
-    DataAfterClose,
 }
 
 impl Error {
@@ -326,9 +334,7 @@ impl Error {
         match e {
             snow::Error::Decrypt => Error::Decrypt { during },
             snow::Error::State(snow::error::StateProblem::Exhausted) => Error::NonceExhausted,
-            snow::Error::Dh => Error::Protocol(ProtocolError::BadPayload(format!(
-                "Diffie-Hellman with the peer's key failed in {during}"
-            ))),
+            snow::Error::Dh => Error::Protocol(ProtocolError::LowOrderKey(during)),
             other => Error::Noise {
                 during,
                 source: Arc::new(other),

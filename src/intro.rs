@@ -94,7 +94,7 @@ use crate::sturdy::{read_addresses, write_addresses, Address, MAX_ADDRESSES};
 use crate::vat_id::VatId;
 
 mod handoff;
-pub use handoff::{HandoffLimits, HandoffTable, PendingRedeem, Redeem};
+pub use handoff::{HandoffConfig, HandoffTable, PendingRedeem, Redeem};
 
 /// The domain-separation prefix of the introducer's signature.
 pub const INTRODUCTION_CONTEXT: &[u8] = b"capnp-noise/v1 introduction:";

@@ -94,11 +94,11 @@
 //! (`vat1…`) and give it to the vats that will connect to it, which parse it
 //! with `str::parse` and pin it ([`Pinned`]).
 //!
-//! Settings ([`rpc::ServerOptions`], [`rpc::ClientOptions`],
-//! [`network::NetworkOptions`], [`stream::StreamConfig`],
-//! [`wire::HandshakeConfig`], [`intro::HandoffLimits`]) all start from
+//! Settings ([`rpc::ServerConfig`], [`rpc::ClientConfig`],
+//! [`network::NetworkConfig`], [`stream::StreamConfig`],
+//! [`wire::HandshakeConfig`], [`intro::HandoffConfig`]) all start from
 //! `Default` and change with `with_*` setters, for example
-//! `ServerOptions::default().with_max_connections(256)`.
+//! `ServerConfig::default().with_max_connections(256)`.
 //!
 //! ## Example: a server and a client
 //!
@@ -107,7 +107,7 @@
 //!
 //! ```
 //! use std::sync::Arc;
-//! use capnp_noise::rpc::{self, ClientOptions, PeerInfo, ServerOptions};
+//! use capnp_noise::rpc::{self, ClientConfig, PeerInfo, ServerConfig};
 //! use capnp_noise::{AnyVat, Identity, Pinned, VatId};
 //! # use capnp_noise_test::schema::demo_capnp as office_capnp;
 //! use office_capnp::office;
@@ -135,13 +135,13 @@
 //!         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
 //!         let addr = listener.local_addr()?;
 //!         tokio::task::spawn_local(rpc::serve(
-//!             listener, server, Arc::new(AnyVat), ServerOptions::default(),
+//!             listener, server, Arc::new(AnyVat), ServerConfig::default(),
 //!             |peer: &PeerInfo| -> office::Client {
 //!                 capnp_rpc::new_client(Office { caller: peer.vat_id })
 //!             },
 //!         ));
 //!         let (office, connection): (office::Client, _) = rpc::connect(
-//!             addr, &client, Arc::new(Pinned(server_vat)), ClientOptions::default(),
+//!             addr, &client, Arc::new(Pinned(server_vat)), ClientConfig::default(),
 //!         ).await?;
 //!         let reply = office.whoami_request().send().promise.await?;
 //!         let seen = reply.get()?.get_vat_id()?.to_str()?.to_string();

@@ -15,11 +15,12 @@
 //! Three vats on loopback, each serving its peers an `Office` that knows
 //! who calls (the schema and service of the [crate-level
 //! example](crate#example-a-server-and-a-client)). Bob calls Carol, then
-//! introduces Alice to his `Office` at Carol: Alice's calls then go to
-//! Carol directly.
+//! introduces Alice to his `Office` at Carol: Alice redeems it with Carol
+//! directly, and Carol gives her an `Office` of her own.
 //!
 //! ```
-//! use capnp_noise::network::{Introduction, Network, NetworkOptions, PeerInfo};
+//! use std::time::Duration;
+//! use capnp_noise::network::{Introduction, Network, NetworkConfig, PeerInfo, Redeemed};
 //! use capnp_noise::{Identity, VatId};
 //! # use capnp_noise_test::schema::demo_capnp as office_capnp;
 //! use office_capnp::office;
@@ -41,9 +42,15 @@
 //! async fn vat() -> capnp_noise::Result<Network> {
 //!     Network::builder(Identity::generate())
 //!         .listen("127.0.0.1:0".parse().unwrap())
-//!         .options(NetworkOptions::default().with_max_connections(64))
+//!         .config(NetworkConfig::default().with_idle_timeout(Some(Duration::from_secs(300))))
 //!         .bootstrap(|peer: &PeerInfo| -> office::Client {
 //!             capnp_rpc::new_client(Office { caller: peer.vat_id })
+//!         })
+//!         // An Office answers as the vat it was made for, so an introduced
+//!         // one is not handed on as it is: each redeemer gets its own. (This
+//!         // vat hosts nothing else; without this hook it hands off nothing.)
+//!         .on_redeem(|r: &Redeemed, _introduced| {
+//!             capnp_rpc::new_client::<office::Client, _>(Office { caller: r.redeemer }).client
 //!         })
 //!         .start()
 //!         .await
@@ -65,10 +72,10 @@
 //!         let introduction = bob.introduce(&at_carol, &carol.vat_id(), &alice.vat_id()).await?;
 //!         let bytes = introduction.encode();
 //!         // Alice connects to Carol (the introduction says where) and
-//!         // redeems it: she now holds Bob's Office, hosted by Carol.
+//!         // redeems it: Carol, who knows it is Alice, gives her an Office.
 //!         let office: office::Client = alice.redeem(&Introduction::decode(&bytes)?).await?;
 //!         let reply = office.whoami_request().send().promise.await?;
-//!         assert_eq!(reply.get()?.get_vat_id()?.to_str()?, bob.vat_id().to_string());
+//!         assert_eq!(reply.get()?.get_vat_id()?.to_str()?, alice.vat_id().to_string());
 //!         assert_eq!(alice.connections()[0].peer.vat_id, carol.vat_id());
 //!
 //!         for vat in [alice, bob, carol] {
@@ -79,8 +86,10 @@
 //! }
 //! ```
 //!
-//! With [`NetworkBuilder::on_redeem`] Carol can give Alice an `Office` of
-//! her own instead of Bob's. A vat that knows another only by an address
+//! [`NetworkBuilder::on_redeem`] says what a redeemer gets (the
+//! [`Redeemed`] names the introducer, the redeemer and the handoff); a vat
+//! whose objects do not depend on who calls can hand them on as they are
+//! with [`NetworkBuilder::hand_off_as_is`]. A vat that knows another only by an address
 //! adds it with [`Network::add_addresses`] (an [`Address`] parses from
 //! `"host:port"`, or converts from a `SocketAddr` with `try_from`); a
 //! [`SturdyRef`] names both ([`Network::learn_sturdy_ref`]).
@@ -101,7 +110,7 @@
 //!
 //! A dropped connection is forgotten and reopened by the next
 //! [`Network::connect`]; capabilities obtained over it are broken (as with
-//! any capnp-rpc disconnect). With [`NetworkOptions::idle_timeout`], a
+//! any capnp-rpc disconnect). With [`NetworkConfig::idle_timeout`], a
 //! connection that moves no bytes for that long is closed.
 //!
 //! # Introductions
@@ -130,18 +139,18 @@
 //!
 //! # Limits
 //!
-//! Connections in all ([`NetworkOptions::max_connections`], part of them
-//! kept for dials: [`NetworkOptions::reserved_for_dials`]), unauthenticated
+//! Connections in all ([`NetworkConfig::max_connections`], part of them
+//! kept for dials: [`NetworkConfig::reserved_for_dials`]), unauthenticated
 //! connections per source address and the time they have to speak
-//! ([`NetworkOptions::max_unauthenticated_per_source`],
-//! [`NetworkOptions::first_message_timeout`]), connections waiting for a
-//! peer's `hello` ([`NetworkOptions::max_unsettled_per_vat`]), handshakes at
-//! once, known vats ([`NetworkOptions::max_known_vats`], 16 addresses each),
-//! the provider's handoff table ([`NetworkOptions::handoff`]), and every wait:
-//! dials and `hello` ([`NetworkOptions::connect_timeout`]), redeems
-//! ([`NetworkOptions::redeem_timeout`]) and the provider's wait for the
-//! introducer ([`HandoffLimits::max_wait`]). Set them with the `with_*`
-//! setters of [`NetworkOptions`] and [`HandoffLimits`].
+//! ([`NetworkConfig::max_unauthenticated_per_source`],
+//! [`NetworkConfig::first_message_timeout`]), connections waiting for a
+//! peer's `hello` ([`NetworkConfig::max_unsettled_per_vat`]), handshakes at
+//! once, known vats ([`NetworkConfig::max_known_vats`], 16 addresses each),
+//! the provider's handoff table ([`NetworkConfig::handoff`]), and every wait:
+//! dials and `hello` ([`NetworkConfig::connect_timeout`]), redeems
+//! ([`NetworkConfig::redeem_timeout`]) and the provider's wait for the
+//! introducer ([`HandoffConfig::max_wait`]). Set them with the `with_*`
+//! setters of [`NetworkConfig`] and [`HandoffConfig`].
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -168,11 +177,11 @@ mod tiebreak;
 
 pub use builder::NetworkBuilder;
 pub use handoff::Redeemed;
-pub use options::NetworkOptions;
+pub use options::NetworkConfig;
 
 // What a network's user meets in its signatures, so that `use
 // capnp_noise::network::*` is enough to write one.
-pub use crate::intro::{HandoffLimits, Introduction, Nonce, ThirdPartyToAwait};
+pub use crate::intro::{HandoffConfig, Introduction, Nonce, ThirdPartyToAwait};
 pub use crate::rpc::PeerInfo;
 pub use crate::sturdy::{Address, SturdyRef};
 pub use crate::wire::HandshakeConfig;
@@ -217,7 +226,7 @@ impl Network {
             identity,
             listen: None,
             policy: Arc::new(AnyVat),
-            options: NetworkOptions::default(),
+            options: NetworkConfig::default(),
             bootstrap: None,
             on_redeem: None,
         }
@@ -242,7 +251,7 @@ impl Network {
     }
 
     /// The settings in force.
-    pub fn options(&self) -> &NetworkOptions {
+    pub fn config(&self) -> &NetworkConfig {
         &self.inner.options
     }
 

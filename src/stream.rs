@@ -179,10 +179,14 @@ impl StreamConfig {
 /// # Errors
 /// The future fails with [`Error::PeerRefused`] when `policy` refuses the
 /// responder, [`Error::HandshakeTimeout`], [`Error::UnexpectedEof`] when the
-/// responder hangs up (it does so silently when it does not accept the
-/// proposed suite), [`Error::Io`], or any protocol error of
-/// [`Handshake::feed`]. A responder that refuses *this* side's VatId can only
-/// hang up after the handshake: see [`NoiseStream`]'s reading.
+/// responder hangs up (an EOF or a reset alike), [`Error::Io`], or any
+/// protocol error of [`Handshake::feed`]. A responder that does not accept
+/// the proposed suite hangs up without a word: the error's `during` is then
+/// [`EOF_BEFORE_MESSAGE_2`](crate::wire::EOF_BEFORE_MESSAGE_2), and
+/// [`HandshakeConfig::fallback_after`] says whether to try once more, on a
+/// new connection, with the mandatory suite (SPEC.md 2; this function has
+/// one stream and cannot). A responder that refuses *this* side's VatId can
+/// only hang up after the handshake: see [`NoiseStream`]'s reading.
 pub fn connect<S>(
     io: S,
     identity: &Identity,
@@ -422,7 +426,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MidHandshake<S> {
             }
             let mut chunk = [0u8; HANDSHAKE_READ_CHUNK];
             let mut buf = ReadBuf::new(&mut chunk);
-            ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf))?;
+            match ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf)) {
+                // SPEC.md 2: before message 2 an initiator treats a reset
+                // like any other end of the stream (a responder that
+                // refuses the preamble may reset rather than close).
+                Err(e) if self.hs.role() == Role::Initiator && ends_the_stream(&e) => {}
+                r => r?,
+            }
             let got = buf.filled();
             if got.is_empty() {
                 // The handshake names the step and the likely cause.
@@ -485,6 +495,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MidHandshake<S> {
             ))
         }
     }
+}
+
+/// Whether a read error means that the peer ended the byte stream.
+fn ends_the_stream(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::UnexpectedEof
+    )
 }
 
 /// An established capnp-noise connection over the inner stream `S`.

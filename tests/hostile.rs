@@ -8,7 +8,7 @@ use std::rc::Rc;
 use std::time::{Duration, SystemTime};
 
 use capnp_noise::intro::{random_nonce, Introduction};
-use capnp_noise::network::{Network, NetworkOptions};
+use capnp_noise::network::{Network, NetworkConfig};
 use capnp_noise::rpc::PeerInfo;
 use capnp_noise::{Error, Identity, IntroductionError};
 use capnp_noise_test::hostile::RawVat;
@@ -20,11 +20,11 @@ const PATIENCE: Duration = Duration::from_secs(60);
 
 /// A vat serving each peer an `Office` bound to the peer's VatId, and each
 /// redeemer of one its own.
-async fn vat_with(identity: Identity, options: NetworkOptions) -> Network {
+async fn vat_with(identity: Identity, options: NetworkConfig) -> Network {
     capnp_noise_test::office::office_vat(identity, "127.0.0.1:0", options).await
 }
 
-async fn vat(options: NetworkOptions) -> Network {
+async fn vat(options: NetworkConfig) -> Network {
     vat_with(Identity::generate(), options).await
 }
 
@@ -71,7 +71,7 @@ async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
 #[tokio::test(flavor = "current_thread")]
 async fn withdrawals_of_unknown_nonces_do_not_fill_the_table_for_others() {
     local(async {
-        let mut options = NetworkOptions::default();
+        let mut options = NetworkConfig::default();
         options.handoff.max_entries = 64;
         options.handoff.max_entries_per_introducer = 16;
         let carol = vat(options).await;
@@ -109,7 +109,7 @@ async fn withdrawals_of_unknown_nonces_do_not_fill_the_table_for_others() {
 #[tokio::test(flavor = "current_thread")]
 async fn one_introducer_cannot_fill_the_waiting_redeems() {
     local(async {
-        let mut options = NetworkOptions::default();
+        let mut options = NetworkConfig::default();
         options.handoff.max_waiters = 12;
         options.handoff.max_waiters_per_redeemer = 4;
         options.handoff.max_waiters_per_introducer = 8;
@@ -174,7 +174,7 @@ async fn one_introducer_cannot_fill_the_waiting_redeems() {
 #[tokio::test(flavor = "current_thread")]
 async fn a_timed_out_introduction_does_not_wait_again() {
     local(async {
-        let mut options = NetworkOptions::default();
+        let mut options = NetworkConfig::default();
         options.handoff.max_wait = Duration::from_millis(500);
         let carol = vat(options).await;
         let alice = vat(Default::default()).await;
@@ -422,7 +422,7 @@ async fn a_providers_reason_cannot_forge_log_lines() {
 /// handshake timeout is long (30 s), so that only the limits under test
 /// can free what an attacker holds.
 async fn crowded_carol(per_source: usize, first_message: Duration, reserved: usize) -> Network {
-    let mut o = NetworkOptions::default();
+    let mut o = NetworkConfig::default();
     o.max_connections = 32;
     o.reserved_for_dials = reserved;
     o.max_unauthenticated_per_source = per_source;

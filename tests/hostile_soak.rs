@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use capnp_noise::intro::{random_nonce, Introduction};
-use capnp_noise::network::{Network, NetworkOptions};
+use capnp_noise::network::{Network, NetworkConfig};
 use capnp_noise::{Identity, VatId};
 use capnp_noise_test::fixtures::initiator_first_flight;
 use capnp_noise_test::hostile::RawVat;
@@ -360,7 +360,7 @@ fn honest_vats_are_served_while_hostile_vats_attack() {
     let stop = Arc::new(AtomicBool::new(false));
     let counts = Arc::new(Attacks::default());
     let attacker = rt.block_on(local(async {
-        let options = NetworkOptions::default().with_introduction_lifetime(LIFETIME);
+        let options = NetworkConfig::default().with_introduction_lifetime(LIFETIME);
         let alice = office_vat(Identity::generate(), "127.0.0.1:0", options.clone()).await;
         let bob = office_vat(Identity::generate(), "127.0.0.1:0", options).await;
         bob.add_addresses(carol, &[addr.to_string().parse().unwrap()]);

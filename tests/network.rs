@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use capnp_noise::intro::{random_nonce, Introduction, ThirdPartyToAwait};
-use capnp_noise::network::{Network, NetworkOptions};
+use capnp_noise::network::{Network, NetworkConfig};
 use capnp_noise::schema::network_capnp::{third_party_to_contact, HandoffError};
 use capnp_noise::{Error, Identity, IntroductionError, Pinned, VatId};
 use capnp_noise_test::schema::demo_capnp::office as office_capnp;
@@ -17,11 +17,11 @@ use office::Office;
 
 /// A vat that serves each peer an `Office` bound to the peer's VatId and,
 /// as a provider, gives the redeemer of an introduced `Office` its own.
-async fn vat_with(identity: Identity, listen: &str, options: NetworkOptions) -> Network {
+async fn vat_with(identity: Identity, listen: &str, options: NetworkConfig) -> Network {
     office::office_vat(identity, listen, options).await
 }
 
-async fn vat(options: NetworkOptions) -> Network {
+async fn vat(options: NetworkConfig) -> Network {
     vat_with(Identity::generate(), "127.0.0.1:0", options).await
 }
 
@@ -30,8 +30,8 @@ fn meet(a: &Network, b: &Network) {
     a.add_addresses(b.vat_id(), b.advertised_addresses());
 }
 
-fn short_wait(millis: u64) -> NetworkOptions {
-    let mut o = NetworkOptions::default();
+fn short_wait(millis: u64) -> NetworkConfig {
+    let mut o = NetworkConfig::default();
     o.handoff.max_wait = Duration::from_millis(millis);
     o
 }
@@ -65,7 +65,7 @@ struct Three {
     at_carol: office_capnp::Client,
 }
 
-async fn three(carol_options: NetworkOptions) -> Three {
+async fn three(carol_options: NetworkConfig) -> Three {
     let (alice, bob) = (vat(Default::default()).await, vat(Default::default()).await);
     let carol = vat(carol_options).await;
     meet(&bob, &carol);
@@ -426,7 +426,7 @@ async fn a_provider_hands_off_only_what_it_hosts() {
 #[tokio::test(flavor = "current_thread")]
 async fn a_refused_introduction_says_why_once() {
     local(async {
-        let mut options = NetworkOptions::default();
+        let mut options = NetworkConfig::default();
         options.handoff.max_entries_per_introducer = 1;
         let t = three(options).await;
         let (carol, alice) = (t.carol.vat_id(), t.alice.vat_id());
@@ -551,7 +551,7 @@ async fn a_dropped_connection_is_reopened_when_next_needed() {
 #[tokio::test(flavor = "current_thread")]
 async fn idle_connections_are_closed_and_reopened() {
     local(async {
-        let mut options = NetworkOptions::default();
+        let mut options = NetworkConfig::default();
         options.idle_timeout = Some(Duration::from_millis(100));
         let (a, b) = (vat(options).await, vat(Default::default()).await);
         meet(&a, &b);
@@ -616,7 +616,7 @@ async fn connect_errors_are_clear() {
         let e = a.connect::<office_capnp::Client>(&a.vat_id()).await.fails();
         assert!(matches!(e, Error::Misuse(_)), "{e:?}");
         // At its connection limit, a vat dials no more.
-        let mut one = NetworkOptions::default();
+        let mut one = NetworkConfig::default();
         one.max_connections = 1;
         let d = vat(one).await;
         meet(&d, &b);
@@ -631,6 +631,37 @@ async fn connect_errors_are_clear() {
             std::io::Error::from(e).kind(),
             std::io::ErrorKind::NotConnected
         );
+    })
+    .await;
+}
+
+/// SPEC.md 2: a vat whose suites prefer AES-GCM reaches a vat that accepts
+/// only the mandatory suite, by the one retry, and its connection says
+/// which suite went unanswered; the other end sees a plain connection.
+#[tokio::test]
+async fn a_vat_falls_back_to_the_mandatory_suite_of_a_vat_that_takes_only_it() {
+    use capnp_noise::wire::{HandshakeConfig, Suite};
+    local(async {
+        let mut prefers_aes = NetworkConfig::default();
+        prefers_aes.handshake = HandshakeConfig::default()
+            .with_suites(vec![Suite::AesGcmSha256, Suite::ChaChaPolyBlake2s]);
+        let mut chacha_only = NetworkConfig::default();
+        chacha_only.handshake = HandshakeConfig::with_suite(Suite::ChaChaPolyBlake2s);
+        let (a, b) = (vat(prefers_aes).await, vat(chacha_only).await);
+        meet(&a, &b);
+        let office: office_capnp::Client = a.connect(&b.vat_id()).await.unwrap();
+        assert_eq!(whoami(&office).await.unwrap(), a.vat_id().to_string());
+        let [conn] = &a.connections()[..] else {
+            panic!("one connection: {:?}", a.connections())
+        };
+        assert_eq!(conn.peer.suite, Suite::ChaChaPolyBlake2s);
+        assert_eq!(conn.peer.unanswered_suite, Some(Suite::AesGcmSha256));
+        let [theirs] = &b.connections()[..] else {
+            panic!("one connection: {:?}", b.connections())
+        };
+        assert_eq!(theirs.peer.unanswered_suite, None);
+        a.shutdown().await;
+        b.shutdown().await;
     })
     .await;
 }

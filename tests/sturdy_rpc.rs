@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use capnp_noise::rpc::{self, restorer_client, ClientOptions, PeerInfo, ServerOptions};
+use capnp_noise::rpc::{self, restorer_client, ClientConfig, PeerInfo, ServerConfig};
 use capnp_noise::sturdy::{Address, ObjectId, Restorer, SturdyRef};
 use capnp_noise::{AnyVat, Error, Identity, VatId};
 use capnp_noise_test::schema::demo_capnp::office as office_capnp;
@@ -24,7 +24,7 @@ async fn start_vat(identity: Identity, objects: Objects) -> SocketAddr {
         listener,
         identity,
         Arc::new(AnyVat),
-        ServerOptions::default(),
+        ServerConfig::default(),
         move |_: &PeerInfo| restorer_client(objects.clone()),
     ));
     addr
@@ -58,7 +58,7 @@ async fn restore_wrong_revoked_and_misdirected() {
         let sref: SturdyRef = text.parse().unwrap();
         let me = Identity::generate();
         let (cap, conn): (office_capnp::Client, _) =
-            rpc::connect_sturdy(&sref, &me, ClientOptions::default())
+            rpc::connect_sturdy(&sref, &me, ClientConfig::default())
                 .await
                 .unwrap();
         assert_eq!(whoami(&cap).await.unwrap(), host_vat.to_string());
@@ -66,12 +66,12 @@ async fn restore_wrong_revoked_and_misdirected() {
 
         // A wrong id and a revoked id fail alike, naming neither.
         let wrong = SturdyRef::new(host_vat, vec![address(addr)], ObjectId::random()).unwrap();
-        let e1 = rpc::connect_sturdy::<office_capnp::Client>(&wrong, &me, ClientOptions::default())
+        let e1 = rpc::connect_sturdy::<office_capnp::Client>(&wrong, &me, ClientConfig::default())
             .await
             .err()
             .expect("must fail");
         objects.borrow_mut().revoke(&id);
-        let e2 = rpc::connect_sturdy::<office_capnp::Client>(&sref, &me, ClientOptions::default())
+        let e2 = rpc::connect_sturdy::<office_capnp::Client>(&sref, &me, ClientConfig::default())
             .await
             .err()
             .expect("must fail");
@@ -121,7 +121,7 @@ async fn addresses_are_hints_but_the_vat_is_checked() {
         )
         .unwrap();
         let (cap, conn): (office_capnp::Client, _) =
-            rpc::connect_sturdy(&sref, &me, ClientOptions::default())
+            rpc::connect_sturdy(&sref, &me, ClientConfig::default())
                 .await
                 .unwrap();
         assert_eq!(whoami(&cap).await.unwrap(), host_vat.to_string());
@@ -132,7 +132,7 @@ async fn addresses_are_hints_but_the_vat_is_checked() {
         let e = rpc::connect_sturdy::<office_capnp::Client>(
             &only_impostor,
             &me,
-            ClientOptions::default(),
+            ClientConfig::default(),
         )
         .await
         .err()

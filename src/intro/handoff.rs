@@ -23,7 +23,7 @@
 //!
 //! Tombstones make a second redeem fail at once as [`Replayed`] (or
 //! [`Revoked`]) for as long as the introduction could still be valid, capped
-//! by [`HandoffLimits::max_lifetime`].
+//! by [`HandoffConfig::max_lifetime`].
 //!
 //! The table is sans-IO: it never reads the clock (every call takes `now`)
 //! and never sleeps. A redeem that arrives before the expect returns
@@ -53,20 +53,20 @@ use crate::vat_id::VatId;
 
 /// Bounds on a [`HandoffTable`]: every operation that would exceed one is refused
 /// with [`IntroductionError::Limit`]. A network's are
-/// [`NetworkOptions::handoff`](crate::network::NetworkOptions::handoff).
+/// [`NetworkConfig::handoff`](crate::network::NetworkConfig::handoff).
 /// Start from [`Default`] and change what you need with the `with_*` setters:
 ///
 /// ```
 /// use std::time::Duration;
-/// use capnp_noise::intro::HandoffLimits;
+/// use capnp_noise::intro::HandoffConfig;
 ///
-/// let limits = HandoffLimits::default()
+/// let limits = HandoffConfig::default()
 ///     .with_max_entries_per_introducer(16)
 ///     .with_max_wait(Duration::from_secs(5));
 /// assert_eq!(limits.max_entries_per_introducer, 16);
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HandoffLimits {
+pub struct HandoffConfig {
     /// The most provided entries and tombstones, in all.
     pub max_entries: usize,
     /// The most provided entries and tombstones made by one introducer, so
@@ -94,7 +94,7 @@ pub struct HandoffLimits {
     pub max_lifetime: Duration,
 }
 
-setters!(HandoffLimits {
+setters!(HandoffConfig {
     with_max_entries => max_entries: usize,
     with_max_entries_per_introducer => max_entries_per_introducer: usize,
     with_max_waiters => max_waiters: usize,
@@ -105,12 +105,12 @@ setters!(HandoffLimits {
     with_max_lifetime => max_lifetime: Duration,
 });
 
-impl Default for HandoffLimits {
+impl Default for HandoffConfig {
     /// 4096 entries (256 per introducer), 1024 waiters (16 per redeemer, 64
     /// per introducer), 30 seconds of waiting, 4096 records of timed-out
     /// waits, entries held at most one hour.
     fn default() -> Self {
-        HandoffLimits {
+        HandoffConfig {
             max_entries: 4096,
             max_entries_per_introducer: 256,
             max_waiters: 1024,
@@ -235,7 +235,7 @@ impl<T> Slot<T> {
         matches!(self, Slot::Waiting { .. })
     }
 
-    /// An entry or tombstone, counted against [`HandoffLimits::max_entries`].
+    /// An entry or tombstone, counted against [`HandoffConfig::max_entries`].
     fn is_entry(&self) -> bool {
         !matches!(self, Slot::Waiting { .. } | Slot::TimedOut { .. })
     }
@@ -253,10 +253,10 @@ fn limit<R>(what: String) -> Result<R> {
 ///
 /// `T` is whatever the provider hands out (a capnp-rpc client, an object
 /// id, ...): the table only stores and moves it. Every entry is single use,
-/// expires, can be revoked, and is bounded by [`HandoffLimits`].
+/// expires, can be revoked, and is bounded by [`HandoffConfig`].
 pub struct HandoffTable<T> {
     own: VatId,
-    limits: HandoffLimits,
+    limits: HandoffConfig,
     slots: HashMap<Key, Slot<T>>,
 }
 
@@ -273,7 +273,7 @@ impl<T> fmt::Debug for HandoffTable<T> {
 impl<T> HandoffTable<T> {
     /// An empty table for the provider vat `own` (introductions naming
     /// another provider are refused).
-    pub fn new(own: VatId, limits: HandoffLimits) -> Self {
+    pub fn new(own: VatId, limits: HandoffConfig) -> Self {
         HandoffTable {
             own,
             limits,
@@ -282,7 +282,7 @@ impl<T> HandoffTable<T> {
     }
 
     /// The limits in force.
-    pub fn limits(&self) -> &HandoffLimits {
+    pub fn limits(&self) -> &HandoffConfig {
         &self.limits
     }
 
@@ -381,7 +381,7 @@ impl<T> HandoffTable<T> {
     /// # Errors
     /// * [`IntroductionError::Expired`] if the request has already expired;
     /// * [`IntroductionError::Limit`] if it expires further than
-    ///   [`HandoffLimits::max_lifetime`] from `now`, or the table (or this
+    ///   [`HandoffConfig::max_lifetime`] from `now`, or the table (or this
     ///   introducer's share of it) is full;
     /// * [`IntroductionError::Replayed`] if this introducer already used the nonce;
     /// * [`IntroductionError::Revoked`] if the handoff was withdrawn.

@@ -26,7 +26,7 @@ use super::book::AddressBook;
 use super::Redeemed;
 
 use super::connections::{accept_loop, Inner, State};
-use super::{Network, NetworkOptions};
+use super::{Network, NetworkConfig};
 
 pub(super) type BootstrapFn = Box<dyn Fn(&PeerInfo) -> capnp::capability::Client>;
 pub(super) type RedeemFn =
@@ -38,7 +38,7 @@ pub struct NetworkBuilder {
     pub(super) identity: Identity,
     pub(super) listen: Option<SocketAddr>,
     pub(super) policy: Arc<dyn PeerPolicy>,
-    pub(super) options: NetworkOptions,
+    pub(super) options: NetworkConfig,
     pub(super) bootstrap: Option<BootstrapFn>,
     pub(super) on_redeem: Option<RedeemFn>,
 }
@@ -68,9 +68,9 @@ impl NetworkBuilder {
         self
     }
 
-    /// Sets the [`NetworkOptions`].
-    pub fn options(mut self, options: NetworkOptions) -> Self {
-        self.options = options;
+    /// Sets the [`NetworkConfig`].
+    pub fn config(mut self, config: NetworkConfig) -> Self {
+        self.options = config;
         self
     }
 

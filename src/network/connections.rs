@@ -29,7 +29,7 @@ use super::book::AddressBook;
 use super::builder::{BootstrapFn, RedeemFn};
 use super::service::VatRoot;
 use super::tiebreak::DialFuture;
-use super::NetworkOptions;
+use super::NetworkConfig;
 
 /// How long the end of a connection may take (the authenticated CLOSE).
 pub(super) const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -48,7 +48,7 @@ pub(crate) struct Inner {
     pub(super) identity: Identity,
     pub(super) vat_id: VatId,
     pub(super) acceptor: Acceptor,
-    pub(super) options: NetworkOptions,
+    pub(super) options: NetworkConfig,
     /// Connections open, in both directions (`max_connections`).
     pub(super) permits: Arc<Semaphore>,
     /// Incoming connections open: `max_connections` less the part reserved

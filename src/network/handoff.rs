@@ -78,7 +78,7 @@ impl Network {
     /// aside at the provider for `recipient`, then signs and returns the
     /// [`Introduction`] to give to `recipient` (for example
     /// `introduction.encode()` as a parameter of an ordinary call). It is
-    /// valid for [`NetworkOptions::introduction_lifetime`](super::NetworkOptions::introduction_lifetime), names the
+    /// valid for [`NetworkConfig::introduction_lifetime`](super::NetworkConfig::introduction_lifetime), names the
     /// addresses the provider advertises and those this vat knows, and can
     /// be redeemed once, by `recipient` only.
     ///
@@ -145,7 +145,7 @@ impl Network {
     /// [`Error::Introduction`]: the local check's refusal, or the
     /// provider's (`Replayed`, `Revoked`, `Timeout` when the introducer's
     /// request never came or the provider restarted, ...), or `Timeout`
-    /// after [`NetworkOptions::redeem_timeout`](super::NetworkOptions::redeem_timeout); the errors of
+    /// after [`NetworkConfig::redeem_timeout`](super::NetworkConfig::redeem_timeout); the errors of
     /// [`Network::connect`]; [`Error::Rpc`] if the call fails.
     pub async fn redeem<C: FromClientHook>(&self, introduction: &Introduction) -> Result<C> {
         introduction.verify(&self.inner.vat_id, SystemTime::now())?;

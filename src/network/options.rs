@@ -1,10 +1,10 @@
-//! [`NetworkOptions`]: the settings of a [`Network`](super::Network).
+//! [`NetworkConfig`]: the settings of a [`Network`](super::Network).
 
 use std::time::Duration;
 
 use capnp::message::ReaderOptions;
 
-use crate::intro::HandoffLimits;
+use crate::intro::HandoffConfig;
 use crate::stream::DEFAULT_HANDSHAKE_TIMEOUT;
 use crate::sturdy::Address;
 use crate::wire::HandshakeConfig;
@@ -18,21 +18,32 @@ use crate::wire::HandshakeConfig;
 ///
 /// ```
 /// use std::time::Duration;
-/// use capnp_noise::network::{HandoffLimits, NetworkOptions};
+/// use capnp_noise::network::{HandoffConfig, NetworkConfig};
 ///
-/// let options = NetworkOptions::default()
-///     .with_max_connections(32)
+/// // 128 connections, of which 16 are kept for this vat's own dials.
+/// let options = NetworkConfig::default()
+///     .with_max_connections(128)
+///     .with_reserved_for_dials(16)
 ///     .with_idle_timeout(Some(Duration::from_secs(300)))
-///     .with_handoff(HandoffLimits::default().with_max_wait(Duration::from_secs(5)));
-/// assert_eq!(options.max_connections, 32);
+///     .with_handoff(HandoffConfig::default().with_max_wait(Duration::from_secs(5)));
+/// assert_eq!(options.max_connections, 128);
 /// ```
 #[derive(Debug, Clone)]
 #[non_exhaustive]
-pub struct NetworkOptions {
-    /// Suites proposed and accepted, and session settings.
+pub struct NetworkConfig {
+    /// Suites accepted, in this vat's order of preference, and session
+    /// settings. Incoming connections may use any of them; outgoing ones
+    /// propose the first, and retry once with the mandatory suite when a
+    /// vat closes without answering it and the list holds the mandatory
+    /// suite (as [`rpc::connect`](crate::rpc::connect) does: see
+    /// [`HandshakeConfig::fallback_after`]; the connection's
+    /// [`PeerInfo::unanswered_suite`](crate::rpc::PeerInfo::unanswered_suite)
+    /// then names the suite that was not answered). Default: every suite,
+    /// the fastest on this machine first.
     pub handshake: HandshakeConfig,
-    /// The longest one outgoing TCP connect may take, and then the handshake;
-    /// also bounds `Vat.hello` and `provide`. Default 10 s.
+    /// The longest one outgoing TCP connect may take, and then the handshake
+    /// (and each again for a retry with the mandatory suite); also bounds
+    /// `Vat.hello` and `provide`. Default 10 s.
     pub connect_timeout: Duration,
     /// The longest an incoming handshake may take. Default
     /// [`DEFAULT_HANDSHAKE_TIMEOUT`].
@@ -91,7 +102,7 @@ pub struct NetworkOptions {
     pub max_known_vats: usize,
     /// The provider's handoff table: entries, waiting redeems, how long a
     /// redeem waits for the introducer's request (`max_wait`, default 30 s).
-    pub handoff: HandoffLimits,
+    pub handoff: HandoffConfig,
     /// How long introductions made by [`Network::introduce`](super::Network::introduce) are valid.
     /// Default 5 minutes.
     pub introduction_lifetime: Duration,
@@ -100,9 +111,9 @@ pub struct NetworkOptions {
     pub redeem_timeout: Duration,
 }
 
-impl Default for NetworkOptions {
+impl Default for NetworkConfig {
     fn default() -> Self {
-        NetworkOptions {
+        NetworkConfig {
             handshake: HandshakeConfig::default(),
             connect_timeout: Duration::from_secs(10),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
@@ -122,14 +133,14 @@ impl Default for NetworkOptions {
             },
             advertised_addresses: Vec::new(),
             max_known_vats: 4096,
-            handoff: HandoffLimits::default(),
+            handoff: HandoffConfig::default(),
             introduction_lifetime: Duration::from_secs(300),
             redeem_timeout: Duration::from_secs(60),
         }
     }
 }
 
-setters!(NetworkOptions {
+setters!(NetworkConfig {
     with_handshake => handshake: HandshakeConfig,
     with_connect_timeout => connect_timeout: Duration,
     with_handshake_timeout => handshake_timeout: Duration,
@@ -145,7 +156,7 @@ setters!(NetworkOptions {
     with_reader_options => reader_options: ReaderOptions,
     with_advertised_addresses => advertised_addresses: Vec<Address>,
     with_max_known_vats => max_known_vats: usize,
-    with_handoff => handoff: HandoffLimits,
+    with_handoff => handoff: HandoffConfig,
     with_introduction_lifetime => introduction_lifetime: Duration,
     with_redeem_timeout => redeem_timeout: Duration,
 });

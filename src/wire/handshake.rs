@@ -27,7 +27,7 @@ use super::{
     payload, DH_LEN, HANDSHAKE_HASH_LEN, LENGTH_PREFIX_LEN, MAX_HANDSHAKE_PAYLOAD_LEN,
     MAX_MESSAGE_LEN, TAG_LEN,
 };
-use crate::error::Error;
+use crate::error::{Error, ProtocolError};
 use crate::identity::Identity;
 use crate::policy::{PeerContext, PeerPolicy};
 use crate::vat_id::VatId;
@@ -57,8 +57,16 @@ pub enum Role {
 /// ```
 #[derive(Debug, Clone)]
 pub struct HandshakeConfig {
-    /// For an initiator: the first suite is the one it proposes. For a
-    /// responder: the suites it accepts (anything else is refused by closing).
+    /// For a responder: the suites it accepts (it refuses any other by
+    /// closing without a word, SPEC.md 2).
+    ///
+    /// For an initiator: the suites it accepts, in its order of
+    /// preference. It proposes the first. If that is not
+    /// [`Suite::MANDATORY`] and the list holds the mandatory suite too, a
+    /// responder that closes without answering message 1 is tried once
+    /// more, on a new connection, with the mandatory suite (SPEC.md 2): see
+    /// [`fallback_after`](Self::fallback_after), which `rpc::connect` and
+    /// the `Network` follow. A list of one suite never falls back.
     pub suites: Vec<Suite>,
     /// Settings of the session the handshake turns into.
     pub session: SessionConfig,
@@ -72,7 +80,10 @@ pub struct HandshakeConfig {
 }
 
 impl Default for HandshakeConfig {
-    /// Initiators propose [`Suite::preferred`] for this machine; responders accept every suite.
+    /// Every suite, [`Suite::preferred`] for this machine first: initiators
+    /// propose it (and fall back to the mandatory suite after a silent
+    /// close, see [`fallback_after`](Self::fallback_after)); responders
+    /// accept every suite.
     fn default() -> Self {
         let first = Suite::preferred();
         let mut suites = vec![first];
@@ -93,7 +104,43 @@ impl HandshakeConfig {
             ..Default::default()
         }
     }
+
+    /// After an initiator's handshake with this config failed with `error`:
+    /// the config of the one retry SPEC.md 2 allows, to run on a **new
+    /// connection** to the same responder, or `None`.
+    ///
+    /// A retry is due only when the responder closed without sending a
+    /// byte of message 2 (`error` is [`Error::UnexpectedEof`] with
+    /// [`EOF_BEFORE_MESSAGE_2`]: an EOF or a reset after message 1, never a
+    /// timeout), when the suite proposed was not [`Suite::MANDATORY`], and
+    /// when this config accepts the mandatory suite. The retry proposes
+    /// only the mandatory suite, so a second silent close gives `None`.
+    ///
+    /// Safe because the first attempt revealed nothing (message 3, with
+    /// this side's identity, was never sent), the retry is a fresh
+    /// handshake, and the suite within it is bound by the prologue: an
+    /// attacker who forces the retry by cutting the first connection only
+    /// obtains a suite this side accepts anyway. A caller SHOULD report
+    /// that the retry happened (the responder does not take the preferred
+    /// suite).
+    pub fn fallback_after(&self, error: &Error) -> Option<HandshakeConfig> {
+        let silent =
+            matches!(error, Error::UnexpectedEof { during } if *during == EOF_BEFORE_MESSAGE_2);
+        let proposed = *self.suites.first()?;
+        (silent && proposed != Suite::MANDATORY && self.suites.contains(&Suite::MANDATORY)).then(
+            || HandshakeConfig {
+                suites: vec![Suite::MANDATORY],
+                ..self.clone()
+            },
+        )
+    }
 }
+
+/// `during` of the [`Error::UnexpectedEof`] an initiator reports when the
+/// byte stream ended (an EOF, a reset, any other end) after its message 1
+/// and before a single byte of message 2: a *silent close* (SPEC.md 2).
+/// What [`HandshakeConfig::fallback_after`] looks for.
+pub const EOF_BEFORE_MESSAGE_2: &str = "before handshake message 2: the responder closed without answering message 1 (it may not accept this suite or protocol version, may not be a capnp-noise responder, or gave up before admitting the handshake)";
 
 setters!(HandshakeConfig {
     with_suites => suites: Vec<Suite>,
@@ -499,18 +546,20 @@ impl Handshake {
     }
 
     /// Tells the handshake that the peer's byte stream ended (or was reset).
-    /// Returns the error that describes it, which also sticks. After a
-    /// finished handshake this is not an error of the handshake: it returns
-    /// `None` and the session reports it instead.
+    /// Returns the error that describes it, which also sticks: an
+    /// [`Error::UnexpectedEof`] naming the step, for an initiator that has
+    /// no byte of message 2 yet [`EOF_BEFORE_MESSAGE_2`] (a silent close,
+    /// see [`HandshakeConfig::fallback_after`]). After a finished handshake
+    /// this is not an error of the handshake: it returns `None` and the
+    /// session reports it instead.
     pub fn feed_eof(&mut self) -> Option<Error> {
         if let Some(e) = &self.error {
             return Some(e.clone());
         }
         let during = match self.state {
             State::Done => return None,
-            State::InitiatorAwaitMsg2 => {
-                "before handshake message 2 (the responder may not accept this suite or protocol version, or is not a capnp-noise responder)"
-            }
+            State::InitiatorAwaitMsg2 if self.input.is_empty() => EOF_BEFORE_MESSAGE_2,
+            State::InitiatorAwaitMsg2 => "in the middle of handshake message 2",
             State::ResponderAwaitPreamble => "before the preamble was complete",
             State::ResponderAwaitMsg1 => "before handshake message 1 was complete",
             State::ResponderAwaitAdmission => "while its message 1 waited for admission",
@@ -617,7 +666,12 @@ impl Handshake {
         let mut msg2 = vec![0u8; MSG2_MIN + self.local_payload.len()];
         let n = noise
             .write_message(&self.local_payload, &mut msg2)
-            .map_err(|e| Error::from_snow(e, "handshake message 2"))?;
+            .map_err(|e| match e {
+                // Writing message 2 is where the responder first uses the
+                // initiator's ephemeral key (`ee`, `es`): the key came in message 1.
+                snow::Error::Dh => ProtocolError::LowOrderKey("handshake message 1").into(),
+                e => Error::from_snow(e, "handshake message 2"),
+            })?;
         frame::put_len(&mut self.output, n);
         self.output.extend_from_slice(&msg2[..n]);
         self.noise = Some(Box::new(noise));

@@ -22,7 +22,7 @@ pub mod preamble;
 pub(crate) mod resolver;
 pub mod transport;
 
-pub use handshake::{Handshake, HandshakeConfig, Role};
+pub use handshake::{Handshake, HandshakeConfig, Role, EOF_BEFORE_MESSAGE_2};
 pub use preamble::Suite;
 pub use transport::{ReadOutcome, Session, SessionConfig};
 

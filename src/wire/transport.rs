@@ -611,7 +611,12 @@ impl Session {
     /// Feeds ciphertext received from the peer. Returns how many bytes were
     /// taken: the session buffers at most one maximal frame beyond what
     /// [`read`](Self::read) has consumed, so call `read` and feed the rest.
+    /// After the peer's CLOSE has been read, everything is taken and
+    /// dropped unread (SPEC.md 7.2).
     pub fn feed(&mut self, input: &[u8]) -> usize {
+        if self.peer_closed {
+            return input.len();
+        }
         let mut taken = 0;
         while taken < input.len() {
             let space = self.recv_buffer();
@@ -662,7 +667,7 @@ impl Session {
     /// # Errors
     /// [`Error::Decrypt`] for a frame that fails authentication (tampering,
     /// replay, reordering, loss); [`Error::Protocol`] for a bad length, an
-    /// unknown type, a control frame with a body, or bytes after CLOSE;
+    /// unknown type, or a control frame with a body;
     /// [`Error::UnexpectedEof`] when the stream ended (see
     /// [`feed_eof`](Self::feed_eof)) without the peer's CLOSE. Errors are
     /// sticky, and no plaintext is returned after one.
@@ -676,9 +681,11 @@ impl Session {
                 return Ok(ReadOutcome::NeedInput);
             }
             if self.peer_closed {
-                if !self.rx.is_empty() {
-                    return Err(self.fail(ProtocolError::DataAfterClose.into()));
-                }
+                // The peer's direction ends at its CLOSE (SPEC.md 7.2):
+                // whatever follows is never decrypted nor looked at, so
+                // the outcome does not depend on whether it arrived with
+                // the CLOSE or later.
+                self.rx.discard_ciphertext();
                 return Ok(ReadOutcome::Closed);
             }
             let split = frame::split_frame(self.rx.ciphertext(), TRANSPORT_BOUNDS);
@@ -785,6 +792,12 @@ impl RxBuf {
 
     fn ciphertext(&self) -> &[u8] {
         &self.buf[self.start..self.end]
+    }
+
+    /// Drops the ciphertext not yet read (what follows the peer's CLOSE).
+    fn discard_ciphertext(&mut self) {
+        self.start = self.end;
+        self.settle();
     }
 
     /// Copies unread plaintext into `out`, if there is any.

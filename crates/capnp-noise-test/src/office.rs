@@ -110,7 +110,7 @@ impl subscription::Server for Subscription {
 pub async fn office_vat(
     identity: capnp_noise::Identity,
     listen: &str,
-    options: capnp_noise::network::NetworkOptions,
+    options: capnp_noise::network::NetworkConfig,
 ) -> capnp_noise::network::Network {
     type Offices =
         std::rc::Rc<std::cell::RefCell<capnp_rpc::CapabilityServerSet<Office, office::Client>>>;
@@ -118,7 +118,7 @@ pub async fn office_vat(
     let (for_peers, for_redeemers) = (offices.clone(), offices);
     capnp_noise::network::Network::builder(identity)
         .listen(listen.parse().expect("a socket address"))
-        .options(options)
+        .config(options)
         .bootstrap(move |peer: &PeerInfo| {
             for_peers.borrow_mut().new_client(Office {
                 caller: peer.vat_id,

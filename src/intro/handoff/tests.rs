@@ -6,7 +6,7 @@ use crate::intro::NONCE_LEN;
 use crate::Identity;
 
 fn table() -> HandoffTable<&'static str> {
-    HandoffTable::new(carol().vat_id(), HandoffLimits::default())
+    HandoffTable::new(carol().vat_id(), HandoffConfig::default())
 }
 
 fn err<R: fmt::Debug>(r: Result<R>) -> IntroductionError {
@@ -132,7 +132,7 @@ fn the_request_and_the_introduction_must_name_the_same_recipient() {
 
 #[test]
 fn other_providers_introductions_are_refused() {
-    let mut t = HandoffTable::<()>::new(dave().vat_id(), HandoffLimits::default());
+    let mut t = HandoffTable::<()>::new(dave().vat_id(), HandoffConfig::default());
     assert_eq!(
         err(t.redeem(&alice().vat_id(), &intro(), t0())),
         IntroductionError::WrongProvider
@@ -378,12 +378,12 @@ fn expire_drops_entries_and_tombstones() {
 
 #[test]
 fn limits_are_enforced() {
-    let limits = HandoffLimits {
+    let limits = HandoffConfig {
         max_entries: 3,
         max_entries_per_introducer: 2,
         max_waiters: 2,
         max_waiters_per_redeemer: 1,
-        ..HandoffLimits::default()
+        ..HandoffConfig::default()
     };
     let mut t: HandoffTable<u32> = HandoffTable::new(carol().vat_id(), limits);
     let wait = |n: u8| intro_with([n; NONCE_LEN]).to_await();
@@ -414,10 +414,10 @@ fn limits_are_enforced() {
 
 #[test]
 fn one_introducer_cannot_fill_the_waiters() {
-    let limits = HandoffLimits {
+    let limits = HandoffConfig {
         max_waiters: 8,
         max_waiters_per_introducer: 2,
-        ..HandoffLimits::default()
+        ..HandoffConfig::default()
     };
     let mut t: HandoffTable<u32> = HandoffTable::new(carol().vat_id(), limits);
     let by = |introducer: &Identity, n: u8| introduce(introducer, &alice(), n, t0() + LIFETIME);
@@ -432,10 +432,10 @@ fn one_introducer_cannot_fill_the_waiters() {
 
 #[test]
 fn withdrawals_of_unknown_nonces_are_charged_to_their_introducer() {
-    let limits = HandoffLimits {
+    let limits = HandoffConfig {
         max_entries: 8,
         max_entries_per_introducer: 2,
-        ..HandoffLimits::default()
+        ..HandoffConfig::default()
     };
     let mut t: HandoffTable<u32> = HandoffTable::new(carol().vat_id(), limits);
     for n in 0..100u8 {
@@ -451,7 +451,7 @@ fn withdrawals_of_unknown_nonces_are_charged_to_their_introducer() {
 #[test]
 fn debug_does_not_require_debug_capabilities() {
     struct Opaque;
-    let mut t = HandoffTable::new(carol().vat_id(), HandoffLimits::default());
+    let mut t = HandoffTable::new(carol().vat_id(), HandoffConfig::default());
     t.expect(&bob().vat_id(), &intro().to_await(), Opaque, t0())
         .unwrap();
     assert!(format!("{t:?}").contains("entries: 1"));
