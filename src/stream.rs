@@ -613,6 +613,16 @@ impl<S> NoiseStream<S> {
         &self.session
     }
 
+    /// Queues an authenticated keepalive (an empty DATA frame, see
+    /// [`Session::keepalive`]) after anything written so far; the next
+    /// `poll_flush` (or write) sends it. The peer reads nothing from it.
+    ///
+    /// # Errors
+    /// After `poll_shutdown`, or when the session has failed.
+    pub fn queue_keepalive(&mut self) -> io::Result<()> {
+        self.session.keepalive().map_err(io::Error::from)
+    }
+
     /// Releases the memory of empty buffers (see the table above); call it
     /// when the connection goes idle. They are allocated again when needed.
     pub fn shrink_buffers(&mut self) {

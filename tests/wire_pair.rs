@@ -47,6 +47,24 @@ fn data_both_ways_then_close_is_clean() {
 }
 
 #[test]
+fn a_keepalive_is_an_empty_data_frame_that_delivers_nothing() {
+    let (mut i, mut r) = session_pair(Suite::ChaChaPolyBlake2s, cfg()).unwrap();
+    i.write(b"before").unwrap();
+    i.keepalive().unwrap();
+    // The buffered bytes, then a frame of 2 + 1 + 16 bytes.
+    let pending = i.pending_output().len();
+    assert_eq!(pending, (2 + 6 + 1 + 16) + (2 + 1 + 16));
+    i.keepalive().unwrap();
+    i.write(b"after").unwrap();
+    i.flush().unwrap();
+    let (got, closed) = transfer(&mut i, &mut r, usize::MAX).unwrap();
+    assert_eq!((got.as_slice(), closed), (&b"beforeafter"[..], false));
+    assert!(r.error().is_none());
+    i.close().unwrap();
+    assert!(matches!(i.keepalive(), Err(Error::SendAfterClose)));
+}
+
+#[test]
 fn truncation_is_not_a_clean_end() {
     let (mut i, mut r) = session_pair(Suite::ChaChaPolyBlake2s, cfg()).unwrap();
     i.write(b"abc").unwrap();

@@ -423,6 +423,25 @@ impl Session {
         Ok(())
     }
 
+    /// Flushes, then seals an empty DATA frame (SPEC 7: valid, delivers
+    /// nothing): an authenticated keepalive, so that NATs and load
+    /// balancers that drop idle flows see traffic on an idle connection.
+    /// The peer reads nothing from it.
+    ///
+    /// # Errors
+    /// [`Error::SendAfterClose`] after [`close`](Self::close); as
+    /// [`flush`](Self::flush).
+    pub fn keepalive(&mut self) -> Result<(), Error> {
+        self.check()?;
+        if self.local_closed {
+            return Err(Error::SendAfterClose);
+        }
+        if !self.open.is_empty() {
+            self.seal_data()?;
+        }
+        self.seal_data()
+    }
+
     /// Flushes, then seals an authenticated CLOSE: this side will send
     /// nothing more. Receiving continues. Closing twice is a no-op.
     ///

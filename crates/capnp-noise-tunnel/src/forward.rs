@@ -19,6 +19,12 @@
 //! * **Accounting.** Bytes are counted per direction, and when a stream
 //!   fails, which stream and which operation failed is recorded, so the
 //!   end of every connection can be logged and explained.
+//! * **Idle timeout.** Given one, forwarding ends ([`End::Idle`]) once no
+//!   byte has moved either way for that long (checked four times per
+//!   timeout, so it ends at most a quarter of it late).
+//! * **Keepalive.** [`WithKeepalive`] wraps the capnp-noise stream so that
+//!   an idle sending direction still puts an authenticated (empty) frame
+//!   on the wire at each interval.
 //!
 //! The function is generic over `AsyncRead + AsyncWrite`: the tests drive
 //! it over `tokio::io::duplex` pipes.
@@ -29,9 +35,13 @@ use std::fmt;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
+use capnp_noise::stream::NoiseStream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Interval, MissedTickBehavior};
 
 /// The buffer size of each direction: one maximal capnp-noise frame, so a
 /// single read can fill a whole frame.
@@ -84,6 +94,8 @@ pub enum End {
     },
     /// The `cancel` future of [`forward`] completed first.
     Cancelled,
+    /// No byte moved either way for the idle timeout given to [`forward`].
+    Idle(Duration),
 }
 
 /// What [`forward`] did.
@@ -98,29 +110,45 @@ pub struct Forwarded {
 }
 
 /// Copies `a` to `b` and `b` to `a` concurrently until both directions have
-/// ended, one stream fails, or `cancel` completes (see the [module
-/// docs](self) for half-close, backpressure and flushing).
+/// ended, one stream fails, no byte moved for `idle_timeout`, or `cancel`
+/// completes (see the [module docs](self) for half-close, backpressure and
+/// flushing).
 ///
 /// Never fails itself: the outcome, with the bytes moved so far, is in the
 /// returned [`Forwarded`]. The streams are borrowed, so the caller can
 /// still act on them afterwards (for example reset a TCP connection whose
 /// other end failed, rather than close it cleanly).
-pub async fn forward<A, B, C>(a: &mut A, b: &mut B, cancel: C) -> Forwarded
+pub async fn forward<A, B, C>(
+    a: &mut A,
+    b: &mut B,
+    idle_timeout: Option<Duration>,
+    cancel: C,
+) -> Forwarded
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
     C: Future<Output = ()>,
 {
-    let mut ta = Tracked::new(a);
-    let mut tb = Tracked::new(b);
+    // Bytes written to a, and to b: atomics, so the idle watch can read
+    // them while the copy holds the streams.
+    let written = [AtomicU64::new(0), AtomicU64::new(0)];
+    let mut ta = Tracked::new(a, &written[0]);
+    let mut tb = Tracked::new(b, &written[1]);
+    let idle = async {
+        match idle_timeout {
+            Some(timeout) => idle_for(timeout, &written).await,
+            None => std::future::pending().await,
+        }
+    };
     let result = tokio::select! {
-        r = tokio::io::copy_bidirectional_with_sizes(&mut ta, &mut tb, BUFFER_SIZE, BUFFER_SIZE) => Some(r),
-        () = cancel => None,
+        r = tokio::io::copy_bidirectional_with_sizes(&mut ta, &mut tb, BUFFER_SIZE, BUFFER_SIZE) => Ok(r),
+        () = cancel => Err(End::Cancelled),
+        () = idle => Err(End::Idle(idle_timeout.unwrap_or_default())),
     };
     let end = match result {
-        None => End::Cancelled,
-        Some(Ok(_)) => End::Closed,
-        Some(Err(error)) => {
+        Err(end) => end,
+        Ok(Ok(_)) => End::Closed,
+        Ok(Err(error)) => {
             // Blame the stream that saw the error; if both did (one error
             // can cause another), the one whose error this is.
             let (stream, op) = match (ta.failure, tb.failure) {
@@ -141,9 +169,151 @@ where
         }
     };
     Forwarded {
-        a_to_b: tb.written,
-        b_to_a: ta.written,
+        a_to_b: written[1].load(Relaxed),
+        b_to_a: written[0].load(Relaxed),
         end,
+    }
+}
+
+/// Completes once the sum of `counters` has not changed for `timeout`,
+/// looking four times per timeout.
+async fn idle_for(timeout: Duration, counters: &[AtomicU64; 2]) {
+    let total = || counters[0].load(Relaxed) + counters[1].load(Relaxed);
+    let period = (timeout / 4).max(Duration::from_millis(1));
+    let mut ticks = tokio::time::interval_at(Instant::now() + period, period);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let (mut seen, mut since) = (total(), Instant::now());
+    loop {
+        let now = ticks.tick().await;
+        let moved = total();
+        if moved != seen {
+            (seen, since) = (moved, now);
+        } else if now.duration_since(since) >= timeout {
+            return;
+        }
+    }
+}
+
+/// A stream that can send something its peer reads as nothing.
+pub trait Keepalive {
+    /// Queues a keepalive after what was written so far; the next flush
+    /// sends it.
+    ///
+    /// # Errors
+    /// When the stream has failed or its writing side is shut down.
+    fn send_keepalive(&mut self) -> io::Result<()>;
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Keepalive for NoiseStream<S> {
+    fn send_keepalive(&mut self) -> io::Result<()> {
+        self.queue_keepalive()
+    }
+}
+
+/// A stream that sends a keepalive in each interval in which nothing else
+/// was written to it (if given an interval; otherwise it only passes calls
+/// through).
+///
+/// The interval is watched while the stream's reading side waits (which is
+/// when [`forward`] polls it), so the per-write cost is one flag; a failed
+/// keepalive is reported as a failed read. No keepalive is sent once the
+/// writing side is shut down.
+pub struct WithKeepalive<S> {
+    inner: S,
+    every: Option<Interval>,
+    wrote: bool,
+    flushing: bool,
+    shut_down: bool,
+}
+
+impl<S> WithKeepalive<S> {
+    /// Wraps `inner`; `every` `None`: no keepalives.
+    pub fn new(inner: S, every: Option<Duration>) -> Self {
+        let every = every.map(|period| {
+            let mut i = tokio::time::interval_at(Instant::now() + period, period);
+            i.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            i
+        });
+        WithKeepalive {
+            inner,
+            every,
+            wrote: false,
+            flushing: false,
+            shut_down: false,
+        }
+    }
+
+    /// The wrapped stream.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+}
+
+impl<S: Keepalive + AsyncWrite + Unpin> WithKeepalive<S> {
+    /// Sends a keepalive if an interval passed without a write; finishes
+    /// flushing one. Pending registers the timer (or the flush).
+    fn poll_keepalive(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        let Some(every) = self.every.as_mut() else {
+            return Ok(());
+        };
+        if self.shut_down {
+            return Ok(());
+        }
+        while every.poll_tick(cx).is_ready() {
+            if !std::mem::take(&mut self.wrote) && !self.flushing {
+                self.inner.send_keepalive()?;
+                self.flushing = true;
+            }
+        }
+        if self.flushing {
+            if let Poll::Ready(r) = Pin::new(&mut self.inner).poll_flush(cx) {
+                self.flushing = false;
+                r?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<S: Keepalive + AsyncRead + AsyncWrite + Unpin> AsyncRead for WithKeepalive<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if poll.is_pending() {
+            if let Err(e) = this.poll_keepalive(cx) {
+                return Poll::Ready(Err(io::Error::new(
+                    e.kind(),
+                    format!("sending a keepalive: {e}"),
+                )));
+            }
+        }
+        poll
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for WithKeepalive<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.wrote = true;
+        Pin::new(&mut this.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.shut_down = true;
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }
 
@@ -151,15 +321,15 @@ where
 /// failure.
 struct Tracked<'a, S: ?Sized> {
     inner: &'a mut S,
-    written: u64,
+    written: &'a AtomicU64,
     failure: Option<(Op, io::ErrorKind)>,
 }
 
 impl<'a, S: ?Sized> Tracked<'a, S> {
-    fn new(inner: &'a mut S) -> Self {
+    fn new(inner: &'a mut S, written: &'a AtomicU64) -> Self {
         Tracked {
             inner,
-            written: 0,
+            written,
             failure: None,
         }
     }
@@ -193,7 +363,9 @@ impl<S: AsyncWrite + Unpin + ?Sized> AsyncWrite for Tracked<'_, S> {
         let this = self.get_mut();
         let poll = Pin::new(&mut *this.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = poll {
-            this.written += n as u64;
+            // One writer: a load and a store, no locked instruction.
+            this.written
+                .store(this.written.load(Relaxed) + n as u64, Relaxed);
         }
         this.note(Op::Write, poll)
     }
@@ -214,7 +386,8 @@ impl<S: AsyncWrite + Unpin + ?Sized> AsyncWrite for Tracked<'_, S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Arc;
     use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt, BufWriter, DuplexStream};
 
     /// Two pipes with `forward` running between their inner ends; returns
@@ -237,7 +410,7 @@ mod tests {
         let (cancel_tx, cancel_rx) = tokio::sync::oneshot::channel::<()>();
         let (mut a, mut b) = (wrap_a(inner_a), wrap_b(inner_b));
         let task = tokio::spawn(async move {
-            forward(&mut a, &mut b, async {
+            forward(&mut a, &mut b, None, async {
                 // Dropping the sender without sending does not cancel.
                 if cancel_rx.await.is_err() {
                     std::future::pending::<()>().await;
@@ -419,5 +592,116 @@ mod tests {
         let done = task.await.unwrap();
         assert!(matches!(done.end, End::Cancelled));
         assert_eq!((done.a_to_b, done.b_to_a), (5, 0));
+    }
+
+    #[tokio::test]
+    async fn an_idle_timeout_ends_a_silent_forwarding_and_data_postpones_it() {
+        let (mut a, mut b) = (duplex(1024), duplex(1024));
+        let timeout = Duration::from_millis(300);
+        let task = tokio::spawn(async move {
+            let started = tokio::time::Instant::now();
+            let done = forward(&mut a.1, &mut b.1, Some(timeout), std::future::pending()).await;
+            (done, started.elapsed())
+        });
+        // Data every 100 ms for 600 ms: twice the timeout, and not idle.
+        for _ in 0..6 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            a.0.write_all(b"x").await.unwrap();
+            let mut got = [0u8; 1];
+            b.0.read_exact(&mut got).await.unwrap();
+        }
+        assert!(!task.is_finished(), "ended while data moved");
+        let (done, took) = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("an idle forwarding did not end")
+            .unwrap();
+        assert!(
+            matches!(done.end, End::Idle(t) if t == timeout),
+            "{:?}",
+            done.end
+        );
+        assert_eq!((done.a_to_b, done.b_to_a), (6, 0));
+        // The last byte at about 600 ms, then at most a quarter late.
+        assert!(took >= Duration::from_millis(850), "{took:?}");
+        assert!(took < Duration::from_millis(1500), "{took:?}");
+    }
+
+    /// A pipe end that counts the keepalives asked of it.
+    struct Counting(DuplexStream, Arc<AtomicUsize>);
+
+    impl Keepalive for Counting {
+        fn send_keepalive(&mut self) -> io::Result<()> {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    impl AsyncRead for Counting {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Counting {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+        }
+        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.get_mut().0).poll_flush(cx)
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn keepalives_go_out_only_in_intervals_without_writes() {
+        let count = Arc::new(AtomicUsize::new(0));
+        let (mut a, b) = (duplex(1024), duplex(1024));
+        let (mut b_outer, b_inner) = b;
+        let mut noise = WithKeepalive::new(
+            Counting(b_inner, count.clone()),
+            Some(Duration::from_millis(100)),
+        );
+        let task = tokio::spawn(async move {
+            forward(&mut a.1, &mut noise, None, std::future::pending()).await
+        });
+        let sent = || count.load(std::sync::atomic::Ordering::SeqCst);
+        // Idle for 550 ms: one keepalive per 100 ms interval.
+        tokio::time::sleep(Duration::from_millis(550)).await;
+        let idle = sent();
+        assert!(
+            (4..=6).contains(&idle),
+            "{idle} keepalives in 5.5 intervals"
+        );
+        // Writing every 20 ms for 500 ms: none.
+        for _ in 0..25 {
+            a.0.write_all(b"y").await.unwrap();
+            let mut got = [0u8; 1];
+            b_outer.read_exact(&mut got).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            sent() <= idle + 1,
+            "{} keepalives while writing",
+            sent() - idle
+        );
+        // Once this side shut its writing down, none either.
+        a.0.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        b_outer.read_to_end(&mut rest).await.unwrap();
+        let closed = sent();
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert_eq!(sent(), closed, "keepalives after the shutdown");
+        drop(b_outer);
+        task.await.unwrap();
     }
 }

@@ -27,15 +27,23 @@
 //! per service. Unknown keys are errors. Relative paths are relative to the
 //! file's directory; durations are in seconds. The limits given at the top
 //! are the defaults of every service, and each service may override them.
+//! An error names the file, the line and column, the key and the problem
+//! (`tunnel.toml: line 6, column 8: service.db.peer: this is not a VatId
+//! ...`), and never quotes a value: a private key pasted into the wrong
+//! place does not end up in a log ([`config::ConfigError`]).
 //!
 //! ```toml
 //! identity = "tunnel.key"      # required: `capnp-noise keygen tunnel.key`
 //! shutdown_grace = 30          # seconds open connections get after SIGTERM
+//! log_format = "text"          # or "json": one object per line, with a timestamp
+//! # metrics = "127.0.0.1:9100" # /metrics (Prometheus) and /status over HTTP
 //! max_connections = 1024       # per service, handshaking or forwarding
 //! max_handshakes = 64          # per service, handshakes at once
 //! max_handshakes_per_source = 16  # of those, from one address
 //! handshake_timeout = 10       # seconds
 //! connect_timeout = 10         # seconds, for each outgoing TCP connect
+//! keepalive = 0                # seconds between keepalives when idle (0: none)
+//! idle_timeout = 0             # close after this long without data (0: never)
 //!
 //! [service.postgres]           # expose a local service to allowed vats
 //! mode = "server"
@@ -43,13 +51,19 @@
 //! connect = "127.0.0.1:5432"
 //! allow = "postgres.allow"     # one VatId per line, reloaded on change
 //! allow_vat = ["vat1..."]      # and/or inline (either one is enough)
+//! # proxy_protocol = "v2"      # if the target reads a PROXY header (see below)
 //!
 //! [service.calendar]           # reach a remote service through a local port
 //! mode = "client"
-//! listen = "127.0.0.1:4000"
+//! listen = "127.0.0.1:4000"    # or a Unix socket: "unix:/run/calendar.sock"
+//! # listen_mode = 0o660        # its permissions (default 0o600)
 //! connect = "calendar.example.com:4443"
-//! peer = "vat1..."             # or: known_vats = "known_vats" (trust on first use)
+//! peer = "vat1..."             # or a list (old and new key during a rotation),
+//!                              # or: known_vats = "known_vats" (trust on first use)
+//! suite = "auto"               # or "chachapoly" / "aesgcm": only that suite
+//! # via = "http://proxy.office:3128"  # or socks5://...: reach the server through a proxy
 //! max_connections = 50
+//! keepalive = 25               # the office NAT forgets idle flows after a minute
 //! ```
 //!
 //! The command line (`capnp-noise tunnel client|server ...`) describes one
@@ -79,6 +93,35 @@
 //!   256 KiB, see [`NoiseStream`](capnp_noise::stream::NoiseStream)), so
 //!   `max_connections` bounds a service's memory (about 400 MiB at the
 //!   default 1024 connections, all busy; idle ones hold far less).
+//! * **Keepalive and idle timeout.** With `keepalive = N`, a service sends
+//!   an authenticated empty frame (SPEC 7.1; the other end reads nothing)
+//!   in each interval of N seconds in which it sent nothing else over
+//!   capnp-noise, so NATs and load balancers that drop idle flows keep a
+//!   long-lived, quiet Cap'n Proto connection. With `idle_timeout = N`, a
+//!   connection over which no data went either way for N seconds
+//!   (keepalives do not count) is ended like a failure (below), at most a
+//!   quarter of N late, and logged with `end="idle: ..."`. Both are off by
+//!   default; the per-frame cost is a flag and a counter.
+//! * **Unix domain sockets.** A client service may listen on, and a
+//!   server service connect to, a Unix socket (`unix:/PATH`; the
+//!   capnp-noise side is TCP). The listening socket is created with mode
+//!   `listen_mode` (0o600 by default: the tunnel's user only), already set
+//!   when it appears under its name, so that other users of a shared
+//!   machine cannot use the client's identity the way anyone can through
+//!   127.0.0.1. A stale socket file is replaced; the file is removed at
+//!   shutdown.
+//! * **The caller's VatId to the backend.** With `proxy_protocol = "v2"`
+//!   a server service sends its target a PROXY protocol version 2 header
+//!   before the data: the client tunnel's address, and its authenticated
+//!   VatId in TLV 0xE0 ([`proxy`]); `"v1"` sends the text header with the
+//!   address only. For backends that read it (HAProxy, nginx, Go's and
+//!   Python's PROXY libraries); off by default.
+//! * **Egress through a proxy.** A client service with `via =
+//!   "http://HOST:PORT"` reaches its server through an HTTP proxy (CONNECT),
+//!   with `"socks5://HOST:PORT"` through a SOCKS5 one ([`egress`]; no proxy
+//!   authentication). The server is still authenticated by the handshake;
+//!   a proxy's refusal (a 403, say) resets the local connection and is
+//!   logged with the proxy's answer.
 //! * **Failures are not disguised as clean ends.** When one side fails
 //!   (a TCP reset, a capnp-noise stream cut without its authenticated
 //!   CLOSE), the plain TCP side is reset rather than closed, and the
@@ -89,13 +132,58 @@
 //! # Logs
 //!
 //! `tracing`, at `info` for connections and `warn` for refusals and
-//! unreachable addresses; every line names the service. Each connection
+//! unreachable addresses; every line names the service. As text without
+//! time by default (the service manager adds it), or with `log_format =
+//! "json"` (`--log-format json`) one JSON object per line with an RFC 3339
+//! `timestamp`, the level, the message and the fields. Each connection
 //! ends with one line: `connection ended service=NAME peer=FINGERPRINT
 //! addr=ADDR to_peer=BYTES from_peer=BYTES duration=SECONDS end=...`,
 //! where `to_peer`/`from_peer` count plaintext bytes sent to and received
 //! from the remote tunnel end, and `end` is `closed` (both directions
-//! ended cleanly), `aborted` (cut at shutdown) or an error naming the side
-//! and the operation that failed.
+//! ended cleanly), `aborted` (cut at shutdown), `"idle: ..."` (the idle
+//! timeout) or an error naming the side and the operation that failed.
+//!
+//! # Metrics and status
+//!
+//! With `metrics = "127.0.0.1:9100"` (`--metrics`), the tunnel serves a
+//! local HTTP endpoint (no authentication: keep it on a loopback address):
+//! `/metrics` in the Prometheus text format, per service: connections open
+//! (`capnp_noise_tunnel_connections_open`), accepted and forwarded
+//! (`..._connections_accepted_total`, `..._connections_total`), plaintext
+//! bytes each way (`..._bytes_total{direction="to_peer"|"from_peer"}`,
+//! added when a connection ends), handshakes failed by reason
+//! (`..._handshakes_failed_total{reason="no_slot"|"timeout"|"closed"|"invalid"|"other"}`),
+//! peers refused by the policy (`..._refused_total`), unreachable connect
+//! addresses (`..._unreachable_total`), handshakes that waited for a slot
+//! (`..._admission_waits_total`) and idle timeouts
+//! (`..._idle_timeouts_total`); and `/status`: 200, or 503 when a
+//! service's `connect` address does not accept a connection within 2 s
+//! (a client service's server sees that probe as a handshake that ended at
+//! once). Counters are atomics touched when connections start and end,
+//! never per frame.
+//!
+//! # systemd
+//!
+//! Under `Type=notify` the CLI tells systemd `READY=1` once every service
+//! listens, `STOPPING=1` when a shutdown begins, and `WATCHDOG=1` at half
+//! of `WatchdogSec=` (`WATCHDOG_USEC`). `listen = "systemd:NAME"` takes the
+//! listening socket systemd passes under that name (socket activation,
+//! `FileDescriptorName=` in the `.socket` unit), TCP or Unix, which also
+//! serves port 443 without root. `contrib/systemd/capnp-noise-tunnel@.service`
+//! is a hardened unit (`systemd-analyze security` rates it 1.1, "OK").
+//!
+//! # Reload (SIGHUP)
+//!
+//! [`ReloadHandle::reload`] (the CLI calls it on SIGHUP, after reading the
+//! configuration, the identity key and the allow-lists again) gives each
+//! service's new connections the new identity, trust and per-connection
+//! settings; open connections go on undisturbed with theirs. If reading
+//! fails (a malformed key, say), the running settings stay and the log says
+//! why. Listen addresses, added or removed services and connection limits
+//! need a restart (the log lists what was not applied). A key rotation
+//! without a flag day: clients pin both keys (`peer = ["vat1old...",
+//! "vat1new..."]`), the server's key file is replaced and SIGHUP sent, then
+//! clients drop the old key.
 //!
 //! # Shutdown
 //!
@@ -112,7 +200,7 @@
 //! use std::path::Path;
 //! use capnp_noise_tunnel::{Tunnel, TunnelConfig};
 //!
-//! # async fn demo() -> capnp_noise::Result<()> {
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! let config = TunnelConfig::load(Path::new("tunnel.toml"))?; // or TunnelSpec::check
 //! let tunnel = Tunnel::new(config)?; // loads the key and the allow-lists
 //! println!("my VatId: {}", tunnel.vat_id());
@@ -130,26 +218,33 @@
 //! # Ok(()) }
 //! ```
 
-pub mod config;
-pub mod forward;
-mod service;
+#![forbid(unsafe_code)]
 
-use std::net::SocketAddr;
+pub mod config;
+pub mod egress;
+pub mod forward;
+mod metrics;
+pub mod proxy;
+mod service;
+mod socket;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-pub use config::{Limits, Mode, ServiceConfig, Trust, TunnelConfig, TunnelSpec};
+pub use config::{ConfigError, Limits, Mode, ServiceConfig, Trust, TunnelConfig, TunnelSpec};
 
-use capnp_noise::error::{Error, Result};
 use capnp_noise::identity::Identity;
 use capnp_noise::policy::{AllowList, PeerPolicy, Pinned, Tofu};
 use capnp_noise::vat_id::VatId;
-use service::Service;
+use service::{Live, Service};
+#[cfg(unix)]
+pub use socket::take_systemd_sockets;
+pub use socket::Bound;
+use socket::Listener;
 
 /// How long aborted connections get to log their end.
 const ABORT_WAIT: Duration = Duration::from_secs(5);
@@ -159,6 +254,7 @@ const ABORT_WAIT: Duration = Duration::from_secs(5);
 pub struct Tunnel {
     identity: Arc<Identity>,
     shutdown_grace: Duration,
+    metrics: Option<String>,
     services: Vec<(ServiceConfig, Arc<dyn PeerPolicy>)>,
 }
 
@@ -166,22 +262,25 @@ impl Tunnel {
     /// Loads the identity key and the allow-list files of `config`.
     ///
     /// # Errors
-    /// [`Error::Key`] naming the file when the key or an allow-list file is
-    /// missing, unreadable or malformed.
-    pub fn new(config: TunnelConfig) -> Result<Self> {
-        let identity = Arc::new(Identity::load(&config.identity)?);
+    /// [`StartError::Identity`] or [`StartError::TrustFile`] when the key or
+    /// an allow-list file is missing, unreadable or malformed.
+    pub fn new(config: TunnelConfig) -> Result<Self, StartError> {
+        let identity = Arc::new(Identity::load(&config.identity).map_err(StartError::Identity)?);
         let services = config
             .services
             .into_iter()
-            .map(|svc| {
-                let policy = policy(&svc.trust)
-                    .map_err(|e| Error::Config(format!("service {}: {e}", svc.name)))?;
-                Ok((svc, policy))
+            .map(|svc| match policy(&svc.trust) {
+                Ok(policy) => Ok((svc, policy)),
+                Err(error) => Err(StartError::TrustFile {
+                    service: svc.name,
+                    error,
+                }),
             })
-            .collect::<Result<Vec<_>>>()?;
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Tunnel {
             identity,
             shutdown_grace: config.shutdown_grace,
+            metrics: config.metrics,
             services,
         })
     }
@@ -194,21 +293,54 @@ impl Tunnel {
     /// Opens every service's listening socket.
     ///
     /// # Errors
-    /// [`Error::Io`] naming the service and the address when one cannot be
-    /// bound (in use, not a local address, a privileged port, a host name
-    /// that does not resolve); no socket stays open then.
-    pub async fn bind(self) -> Result<BoundTunnel> {
+    /// [`StartError::Listen`] naming the service and the address when one
+    /// cannot be bound (in use, not a local address, a privileged port, a
+    /// host name that does not resolve); no socket stays open then.
+    pub async fn bind(mut self) -> Result<BoundTunnel, StartError> {
         let mut listeners = Vec::with_capacity(self.services.len());
         for (svc, _) in &self.services {
-            let listener = TcpListener::bind(&svc.listen)
+            let listen_error = |error| StartError::Listen {
+                service: svc.name.clone(),
+                addr: svc.listen.clone(),
+                error,
+            };
+            let listener = Listener::bind(&svc.listen, svc.listen_mode)
                 .await
-                .map_err(|e| bind_error(svc, &e))?;
-            let addr = listener.local_addr().map_err(|e| bind_error(svc, &e))?;
+                .map_err(listen_error)?;
+            let addr = listener.bound().map_err(listen_error)?;
             listeners.push((listener, addr));
         }
+        let metrics = match &self.metrics {
+            None => None,
+            Some(addr) => {
+                let listen_error = |error| StartError::Listen {
+                    service: "metrics".into(),
+                    addr: addr.clone(),
+                    error,
+                };
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(listen_error)?;
+                let bound = listener.local_addr().map_err(listen_error)?;
+                Some((listener, bound))
+            }
+        };
+        let services = self
+            .services
+            .drain(..)
+            .map(|(config, policy)| {
+                Arc::new(Service::new(Live {
+                    config,
+                    identity: self.identity.clone(),
+                    policy,
+                }))
+            })
+            .collect();
         Ok(BoundTunnel {
             tunnel: self,
+            services,
             listeners,
+            metrics,
             shutdown: ShutdownHandle::default(),
         })
     }
@@ -227,9 +359,12 @@ impl std::fmt::Debug for Tunnel {
     }
 }
 
-fn policy(trust: &Trust) -> Result<Arc<dyn PeerPolicy>> {
+fn policy(trust: &Trust) -> capnp_noise::Result<Arc<dyn PeerPolicy>> {
     Ok(match trust {
-        Trust::PinnedServer(vat) => Arc::new(Pinned(*vat)),
+        Trust::PinnedServer(vats) => match vats[..] {
+            [vat] => Arc::new(Pinned(vat)),
+            _ => Arc::new(AllowList::from_vat_ids(vats.iter().copied())),
+        },
         Trust::KnownVats(file) => Arc::new(Tofu::new(file)),
         Trust::AllowedClients { file, vat_ids } => {
             let fixed = AllowList::from_vat_ids(vat_ids.iter().copied());
@@ -246,22 +381,67 @@ fn policy(trust: &Trust) -> Result<Arc<dyn PeerPolicy>> {
     })
 }
 
-fn bind_error(svc: &ServiceConfig, e: &std::io::Error) -> Error {
-    let hint = match e.kind() {
-        std::io::ErrorKind::AddrInUse => {
-            " (another process is listening there: stop it or choose another port)"
+/// Why a tunnel could not start.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The settings are invalid.
+    Config(ConfigError),
+    /// The identity key file is missing, unreadable or malformed.
+    Identity(capnp_noise::Error),
+    /// A service's allow-list file is missing, unreadable or malformed.
+    TrustFile {
+        /// The service.
+        service: String,
+        /// What went wrong (it names the file).
+        error: capnp_noise::Error,
+    },
+    /// A service cannot listen on its address.
+    Listen {
+        /// The service.
+        service: String,
+        /// The address, as configured.
+        addr: String,
+        /// What went wrong.
+        error: std::io::Error,
+    },
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::Config(e) => e.fmt(f),
+            StartError::Identity(e) => e.fmt(f),
+            StartError::TrustFile { service, error } => write!(f, "service {service}: {error}"),
+            StartError::Listen {
+                service,
+                addr,
+                error,
+            } => {
+                let hint = match error.kind() {
+                    std::io::ErrorKind::AddrInUse => {
+                        " (another process is listening there: stop it or choose another port)"
+                    }
+                    std::io::ErrorKind::AddrNotAvailable => " (not an address of this machine)",
+                    std::io::ErrorKind::PermissionDenied => " (ports below 1024 need privileges)",
+                    _ => "",
+                };
+                write!(
+                    f,
+                    "service {service}: cannot listen on {addr}: {error}{hint}"
+                )
+            }
         }
-        std::io::ErrorKind::AddrNotAvailable => " (not an address of this machine)",
-        std::io::ErrorKind::PermissionDenied => " (ports below 1024 need privileges)",
-        _ => "",
-    };
-    Error::Io(Arc::new(std::io::Error::new(
-        e.kind(),
-        format!(
-            "service {}: cannot listen on {}: {e}{hint}",
-            svc.name, svc.listen
-        ),
-    )))
+    }
+}
+
+/// The inner errors are part of the message, so `source` is `None`.
+impl std::error::Error for StartError {}
+
+impl From<ConfigError> for StartError {
+    fn from(e: ConfigError) -> Self {
+        StartError::Config(e)
+    }
 }
 
 /// A service's listening socket, for startup messages.
@@ -272,8 +452,9 @@ pub struct Listening {
     pub name: String,
     /// Client or server.
     pub mode: Mode,
-    /// The bound address (with the actual port when the configuration said 0).
-    pub addr: SocketAddr,
+    /// The bound address (with the actual port when the configuration said
+    /// 0), or the Unix socket's path.
+    pub addr: Bound,
     /// Where it connects to.
     pub connect: String,
 }
@@ -282,7 +463,9 @@ pub struct Listening {
 #[derive(Debug)]
 pub struct BoundTunnel {
     tunnel: Tunnel,
-    listeners: Vec<(TcpListener, SocketAddr)>,
+    services: Vec<Arc<Service>>,
+    listeners: Vec<(Listener, Bound)>,
+    metrics: Option<(tokio::net::TcpListener, std::net::SocketAddr)>,
     shutdown: ShutdownHandle,
 }
 
@@ -307,6 +490,102 @@ impl ShutdownHandle {
     }
 }
 
+/// Applies new settings to a running tunnel (the CLI calls it on SIGHUP).
+/// Cloneable; any clone works.
+#[derive(Clone)]
+pub struct ReloadHandle {
+    services: Vec<Arc<Service>>,
+}
+
+impl std::fmt::Debug for ReloadHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReloadHandle")
+            .field("services", &self.services.len())
+            .finish()
+    }
+}
+
+/// What a [`ReloadHandle::reload`] did.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Reloaded {
+    /// The identity new connections prove.
+    pub vat_id: VatId,
+    /// The services whose new connections take the new settings.
+    pub applied: Vec<String>,
+    /// What was not applied and why (it needs a restart).
+    pub not_applied: Vec<String>,
+}
+
+impl ReloadHandle {
+    /// Gives the new connections of each running service `tunnel`'s
+    /// identity, trust (pinned VatIds, allow-lists, known-vats file) and
+    /// per-connection settings (connect address, timeouts, keepalive, idle
+    /// timeout, PROXY protocol, suite); open connections keep theirs and go
+    /// on undisturbed. Services are matched by name. What needs new sockets
+    /// or semaphores is not applied and is listed in
+    /// [`Reloaded::not_applied`]: a service added, removed or of another
+    /// mode, a new listen address or mode, and new connection or handshake
+    /// limits.
+    pub fn reload(&self, mut tunnel: Tunnel) -> Reloaded {
+        let mut done = Reloaded {
+            vat_id: tunnel.vat_id(),
+            applied: Vec::new(),
+            not_applied: Vec::new(),
+        };
+        for service in &self.services {
+            let old = service.config();
+            let Some(at) = tunnel.services.iter().position(|(c, _)| c.name == old.name) else {
+                done.not_applied.push(format!(
+                    "service {}: no longer configured (it keeps running until a restart)",
+                    old.name
+                ));
+                continue;
+            };
+            let (config, policy) = tunnel.services.remove(at);
+            if config.mode() != old.mode() {
+                done.not_applied.push(format!(
+                    "service {}: changed mode (a restart applies it)",
+                    old.name
+                ));
+                continue;
+            }
+            let (a, b) = (&config.limits, &old.limits);
+            if config.listen != old.listen
+                || config.listen_mode != old.listen_mode
+                || (
+                    a.max_connections,
+                    a.max_handshakes,
+                    a.max_handshakes_per_source,
+                ) != (
+                    b.max_connections,
+                    b.max_handshakes,
+                    b.max_handshakes_per_source,
+                )
+            {
+                done.not_applied.push(format!(
+                    "service {}: listen, listen_mode, max_connections, max_handshakes and \
+                     max_handshakes_per_source take effect at a restart",
+                    old.name
+                ));
+            }
+            done.applied.push(config.name.clone());
+            service.reload(Live {
+                config,
+                identity: tunnel.identity.clone(),
+                policy,
+            });
+        }
+        for (config, _) in tunnel.services {
+            done.not_applied.push(format!(
+                "service {}: new (a restart starts it)",
+                config.name
+            ));
+        }
+        done
+    }
+}
+
 /// How a tunnel stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -319,24 +598,35 @@ pub struct Stopped {
 }
 
 impl BoundTunnel {
-    /// This tunnel's VatId.
+    /// This tunnel's VatId (as it started: a reload may change it).
     pub fn vat_id(&self) -> VatId {
         self.tunnel.vat_id()
     }
 
     /// The services and their bound addresses, in configuration order.
     pub fn listening(&self) -> Vec<Listening> {
-        self.tunnel
-            .services
+        self.services
             .iter()
             .zip(&self.listeners)
-            .map(|((svc, _), (_, addr))| Listening {
-                name: svc.name.clone(),
-                mode: svc.mode(),
-                addr: *addr,
-                connect: svc.connect.clone(),
+            .map(|(svc, (_, addr))| Listening {
+                name: svc.name().to_string(),
+                mode: svc.config().mode(),
+                addr: addr.clone(),
+                connect: svc.config().connect.clone(),
             })
             .collect()
+    }
+
+    /// A handle that reloads the running tunnel's settings.
+    pub fn reload_handle(&self) -> ReloadHandle {
+        ReloadHandle {
+            services: self.services.clone(),
+        }
+    }
+
+    /// Where the metrics and status endpoint listens, if configured.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics.as_ref().map(|(_, addr)| *addr)
     }
 
     /// A handle that stops [`run`](Self::run).
@@ -349,22 +639,30 @@ impl BoundTunnel {
     pub async fn run(self) -> Stopped {
         let BoundTunnel {
             tunnel,
+            services,
             listeners,
+            metrics,
             shutdown,
         } = self;
         let connections = TaskTracker::new();
         let stop_accepting = CancellationToken::new();
         let cut = CancellationToken::new();
         let mut accept_loops = Vec::with_capacity(listeners.len());
-        for ((config, policy), (listener, addr)) in tunnel.services.into_iter().zip(listeners) {
-            info!(service = %config.name, %addr, "listening");
-            let service = Arc::new(Service::new(config, tunnel.identity.clone(), policy));
+        let mut shown = Vec::with_capacity(listeners.len());
+        for (service, (listener, addr)) in services.into_iter().zip(listeners) {
+            info!(service = %service.name(), %addr, "listening");
+            shown.push(service.shown());
             accept_loops.push(tokio::spawn(service.accept_loop(
                 listener,
                 connections.clone(),
                 stop_accepting.clone(),
                 cut.clone(),
             )));
+        }
+
+        if let Some((listener, addr)) = metrics {
+            metrics::announce(addr);
+            tokio::spawn(metrics::serve(listener, shown, stop_accepting.clone()));
         }
 
         shutdown.graceful.cancelled().await;

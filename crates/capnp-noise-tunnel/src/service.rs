@@ -4,38 +4,98 @@
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use super::config::{Mode, ServiceConfig};
-use super::forward::{self, End, Forwarded};
+use super::egress;
+use super::forward::{self, End, Forwarded, WithKeepalive};
+use super::metrics::{self, Counters, Shown};
+use super::proxy::ProxyProtocol;
+use super::socket::{Listener, Plain, Remote};
 use capnp_noise::admission::HandshakeSlots;
 use capnp_noise::error::Error;
 use capnp_noise::identity::Identity;
 use capnp_noise::policy::PeerPolicy;
 use capnp_noise::stream::{self, NoiseStream, StreamConfig};
 use capnp_noise::vat_id::VatId;
+use capnp_noise::wire::HandshakeConfig;
+use std::sync::atomic::Ordering::Relaxed;
+use tokio::io::AsyncWriteExt;
 
 /// How long the accept loop pauses after an accept error (out of file
 /// descriptors and the like), so it does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 pub(super) struct Service {
+    /// The configuration it started with: its name, listen address and
+    /// the limits its semaphores were made with.
     config: ServiceConfig,
     mode: Mode,
-    identity: Arc<Identity>,
-    policy: Arc<dyn PeerPolicy>,
+    /// What new connections use: replaced by a reload.
+    live: RwLock<Arc<Live>>,
     connections: Arc<Semaphore>,
     /// Client mode: outgoing handshakes at once.
     handshakes: Semaphore,
     /// Server mode: admission of incoming handshakes past message 1.
     slots: HandshakeSlots,
+    /// What the metrics endpoint shows.
+    counters: Arc<Counters>,
+}
+
+impl fmt::Debug for Service {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Service")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The settings a connection takes when it is accepted; a reload replaces
+/// them for the connections that follow.
+pub(super) struct Live {
+    pub(super) config: ServiceConfig,
+    pub(super) identity: Arc<Identity>,
+    pub(super) policy: Arc<dyn PeerPolicy>,
+}
+
+/// One connection: its service, and the settings it was accepted with.
+/// Dereferences to the service (its limits and counters).
+struct Connection {
+    service: Arc<Service>,
+    config: ServiceConfig,
+    identity: Arc<Identity>,
+    policy: Arc<dyn PeerPolicy>,
+}
+
+impl std::ops::Deref for Connection {
+    type Target = Service;
+    fn deref(&self) -> &Service {
+        &self.service
+    }
+}
+
+/// Counts a connection open until dropped.
+struct Open<'a>(&'a Counters);
+
+impl<'a> Open<'a> {
+    fn new(counters: &'a Counters) -> Self {
+        counters.accepted.fetch_add(1, Relaxed);
+        counters.open.fetch_add(1, Relaxed);
+        Open(counters)
+    }
+}
+
+impl Drop for Open<'_> {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Relaxed);
+    }
 }
 
 /// Why a connection never got to forwarding. Logged, then the accepted
@@ -56,13 +116,11 @@ enum SetupFailure {
 }
 
 impl Service {
-    pub(super) fn new(
-        config: ServiceConfig,
-        identity: Arc<Identity>,
-        policy: Arc<dyn PeerPolicy>,
-    ) -> Self {
+    pub(super) fn new(live: Live) -> Self {
+        let config = live.config.clone();
         Service {
             mode: config.mode(),
+            live: RwLock::new(Arc::new(live)),
             connections: Arc::new(Semaphore::new(config.limits.max_connections)),
             handshakes: Semaphore::new(config.limits.max_handshakes),
             slots: HandshakeSlots::new(
@@ -70,8 +128,32 @@ impl Service {
                 config.limits.max_handshakes_per_source,
             ),
             config,
-            identity,
-            policy,
+            counters: Arc::default(),
+        }
+    }
+
+    /// The service's name.
+    pub(super) fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// The configuration it started with.
+    pub(super) fn config(&self) -> &ServiceConfig {
+        &self.config
+    }
+
+    /// New connections take `live` (open ones keep theirs).
+    pub(super) fn reload(&self, live: Live) {
+        *self.live.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(live);
+    }
+
+    /// What the metrics endpoint shows of this service.
+    pub(super) fn shown(&self) -> Shown {
+        Shown {
+            name: self.config.name.clone(),
+            connect: self.config.connect.clone(),
+            counters: self.counters.clone(),
+            slots: (self.mode == Mode::Server).then(|| self.slots.clone()),
         }
     }
 
@@ -79,7 +161,7 @@ impl Service {
     /// aborts them. Closes the listener when it returns.
     pub(super) async fn accept_loop(
         self: Arc<Self>,
-        listener: TcpListener,
+        listener: Listener,
         tasks: TaskTracker,
         stop: CancellationToken,
         cut: CancellationToken,
@@ -109,8 +191,8 @@ impl Service {
                 () = stop.cancelled() => return,
             };
             match accepted {
-                Ok((tcp, addr)) => {
-                    tasks.spawn(self.clone().connection(tcp, addr, permit, cut.clone()));
+                Ok((plain, from)) => {
+                    tasks.spawn(self.clone().connection(plain, from, permit, cut.clone()));
                 }
                 Err(e) => {
                     warn!(service = %name, error = %e, "accept failed");
@@ -125,13 +207,32 @@ impl Service {
 
     async fn connection(
         self: Arc<Self>,
-        accepted: TcpStream,
-        addr: SocketAddr,
+        accepted: Plain,
+        addr: Remote,
+        permit: OwnedSemaphorePermit,
+        cut: CancellationToken,
+    ) {
+        let live = self.live.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let connection = Connection {
+            service: self,
+            config: live.config.clone(),
+            identity: live.identity.clone(),
+            policy: live.policy.clone(),
+        };
+        connection.run(accepted, addr, permit, cut).await;
+    }
+}
+
+impl Connection {
+    async fn run(
+        &self,
+        accepted: Plain,
+        addr: Remote,
         _permit: OwnedSemaphorePermit,
         cut: CancellationToken,
     ) {
         let started = Instant::now();
-        let _ = accepted.set_nodelay(true);
+        let _open = Open::new(&self.counters);
         let setup = match self.mode {
             Mode::Client => {
                 let noise = tokio::select! {
@@ -142,18 +243,29 @@ impl Service {
                     Ok(noise) => Ok((accepted, noise)),
                     Err(failure) => {
                         // Not a clean end for the client: reset.
-                        let _ = accepted.set_zero_linger();
+                        accepted.reset_on_close();
                         Err(failure)
                     }
                 }
             }
             Mode::Server => {
+                // A server listens on TCP (the configuration's check).
+                #[allow(irrefutable_let_patterns)]
+                let (Plain::Tcp(accepted), Remote::Tcp(from)) = (accepted, addr) else {
+                    return warn!(service = %self.config.name, "a server accepted a non-TCP connection");
+                };
                 // The target is dialed only for an authenticated client. If
                 // it cannot be reached, the client's stream is dropped
                 // without CLOSE: its tunnel resets its own client.
                 let pair = async {
-                    let noise = self.handshake_client(accepted, addr).await?;
-                    Ok((self.dial("the target").await?, noise))
+                    let noise = self.handshake_client(accepted, from).await?;
+                    let connect = Plain::connect(&self.config.connect);
+                    let mut target = self.dial("the target", connect).await?;
+                    if let Some(version) = self.config.proxy_protocol {
+                        self.send_proxy_header(version, &mut target, &noise, from)
+                            .await?;
+                    }
+                    Ok((target, noise))
                 };
                 tokio::select! {
                     r = pair => r,
@@ -161,18 +273,22 @@ impl Service {
                 }
             }
         };
-        let (mut plain, mut noise) = match setup {
+        let (mut plain, noise) = match setup {
             Ok(pair) => pair,
             Err(failure) => return self.log_setup_failure(addr, failure),
         };
+        self.counters.forwarded.fetch_add(1, Relaxed);
         let peer = noise.peer_vat_id().fingerprint();
         let suite = noise.suite().noise_name();
         info!(service = %self.config.name, %peer, %addr, suite, "connected");
-        let done = forward::forward(&mut plain, &mut noise, cut.cancelled()).await;
+        let limits = &self.config.limits;
+        let mut noise = WithKeepalive::new(noise, limits.keepalive);
+        let done =
+            forward::forward(&mut plain, &mut noise, limits.idle_timeout, cut.cancelled()).await;
         if !matches!(done.end, End::Closed) {
             // Tell the plain side this was not a clean end; the noise side
             // is dropped without CLOSE, which tells the remote tunnel.
-            let _ = plain.set_zero_linger();
+            plain.reset_on_close();
         }
         self.log_end(&peer, addr, &done, started.elapsed());
     }
@@ -181,11 +297,23 @@ impl Service {
     async fn dial_server(&self) -> Result<NoiseStream<TcpStream>, SetupFailure> {
         let timeout = self.config.limits.handshake_timeout;
         let _slot = self.handshake_slot().await?;
-        let tcp = self.dial("the server").await?;
-        let mut config = StreamConfig::default()
+        let tcp = match &self.config.via {
+            None => {
+                self.dial("the server", TcpStream::connect(&self.config.connect))
+                    .await?
+            }
+            Some(via) => {
+                self.dial("the server", egress::connect(via, &self.config.connect))
+                    .await?
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let mut config = self
+            .stream_config()
             .with_dialed(self.config.connect.clone())
             .with_handshake_timeout(Some(timeout));
-        if let Ok(remote) = tcp.peer_addr() {
+        // Through a proxy, the peer address is the proxy's.
+        if let (Ok(remote), None) = (tcp.peer_addr(), &self.config.via) {
             config = config.with_remote_addr(remote);
         }
         stream::connect(tcp, &self.identity, self.policy.clone(), config)
@@ -200,7 +328,8 @@ impl Service {
         addr: SocketAddr,
     ) -> Result<NoiseStream<TcpStream>, SetupFailure> {
         let timeout = self.config.limits.handshake_timeout;
-        let config = StreamConfig::default()
+        let config = self
+            .stream_config()
             .with_handshake_timeout(Some(timeout))
             .with_remote_addr(addr)
             .with_handshake_slots(self.slots.clone());
@@ -209,24 +338,59 @@ impl Service {
             .map_err(SetupFailure::from)
     }
 
+    /// The stream settings of this service's suite choice.
+    fn stream_config(&self) -> StreamConfig {
+        let config = StreamConfig::default();
+        match self.config.suite {
+            Some(suite) => config.with_handshake(HandshakeConfig::with_suite(suite)),
+            None => config,
+        }
+    }
+
     async fn handshake_slot(&self) -> Result<tokio::sync::SemaphorePermit<'_>, SetupFailure> {
         let timeout = self.config.limits.handshake_timeout;
+        if self.handshakes.available_permits() == 0 {
+            self.counters.slot_waits.fetch_add(1, Relaxed);
+        }
         match tokio::time::timeout(timeout, self.handshakes.acquire()).await {
             Ok(Ok(slot)) => Ok(slot),
             _ => Err(SetupFailure::NoHandshakeSlot(timeout)),
         }
     }
 
-    /// Opens the plain TCP connection to `connect`.
-    async fn dial(&self, what: &'static str) -> Result<TcpStream, SetupFailure> {
-        let addr = &self.config.connect;
+    /// Server mode: sends the target the PROXY protocol header of the
+    /// client at `addr`, before anything else.
+    async fn send_proxy_header(
+        &self,
+        version: ProxyProtocol,
+        target: &mut Plain,
+        noise: &NoiseStream<TcpStream>,
+        addr: SocketAddr,
+    ) -> Result<(), SetupFailure> {
+        let unreachable = |error| SetupFailure::Unreachable {
+            what: "the target",
+            addr: self.config.connect.clone(),
+            error,
+        };
+        let local = noise.get_ref().local_addr().map_err(unreachable)?;
+        let header = version.header(addr, local, &noise.peer_vat_id());
+        target.write_all(&header).await.map_err(unreachable)
+    }
+
+    /// Runs `connect` (to `connect`, which is `what`) within the connect
+    /// timeout.
+    async fn dial<T>(
+        &self,
+        what: &'static str,
+        connect: impl std::future::Future<Output = io::Result<T>>,
+    ) -> Result<T, SetupFailure> {
         let timeout = self.config.limits.connect_timeout;
         let unreachable = |error| SetupFailure::Unreachable {
             what,
-            addr: addr.clone(),
+            addr: self.config.connect.clone(),
             error,
         };
-        let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        tokio::time::timeout(timeout, connect)
             .await
             .map_err(|_| {
                 unreachable(io::Error::new(
@@ -234,13 +398,23 @@ impl Service {
                     format!("no answer within {timeout:?}"),
                 ))
             })?
-            .map_err(unreachable)?;
-        let _ = tcp.set_nodelay(true);
-        Ok(tcp)
+            .map_err(unreachable)
     }
 
-    fn log_setup_failure(&self, addr: SocketAddr, failure: SetupFailure) {
+    fn log_setup_failure(&self, addr: Remote, failure: SetupFailure) {
         let service = &self.config.name;
+        let c = &self.counters;
+        match &failure {
+            SetupFailure::NoHandshakeSlot(_) => c.failed(metrics::Failure::NoSlot),
+            SetupFailure::Unreachable { .. } => {
+                c.unreachable.fetch_add(1, Relaxed);
+            }
+            SetupFailure::Handshake(e) => c.failed(metrics::Failure::of(e)),
+            SetupFailure::Refused { .. } => {
+                c.refused.fetch_add(1, Relaxed);
+            }
+            SetupFailure::Aborted => {}
+        }
         match failure {
             SetupFailure::NoHandshakeSlot(t) => warn!(
                 %service, %addr,
@@ -282,7 +456,13 @@ impl Service {
         }
     }
 
-    fn log_end(&self, peer: &str, addr: SocketAddr, done: &Forwarded, elapsed: Duration) {
+    fn log_end(&self, peer: &str, addr: Remote, done: &Forwarded, elapsed: Duration) {
+        let c = &self.counters;
+        c.bytes_to_peer.fetch_add(done.a_to_b, Relaxed);
+        c.bytes_from_peer.fetch_add(done.b_to_a, Relaxed);
+        if let End::Idle(_) = done.end {
+            c.idle_timeouts.fetch_add(1, Relaxed);
+        }
         // forward() was given (plain, noise): a = plain, b = noise.
         let end = EndText {
             end: &done.end,
@@ -331,6 +511,11 @@ impl fmt::Display for EndText<'_> {
         match self.end {
             End::Closed => f.write_str("closed"),
             End::Cancelled => f.write_str("aborted"),
+            End::Idle(t) => write!(
+                f,
+                "\"idle: no data either way for {:.3} s (idle_timeout)\"",
+                t.as_secs_f64()
+            ),
             End::Failed { stream, op, error } => {
                 let side = match stream {
                     forward::Stream::A => self.plain,

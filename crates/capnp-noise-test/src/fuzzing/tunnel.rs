@@ -5,32 +5,58 @@
 //! what the documentation allows (limits from 1 to a million, durations
 //! above zero and at most a day, `HOST:PORT` addresses, trust settings of
 //! the service's mode, defaults where nothing was written), that the spec
-//! written back as TOML reads as the same spec, and that errors are short
-//! [`Error::Config`]s that quote no value longer than 80 characters and
-//! nothing of a private key pasted into the file.
+//! written back as TOML reads as the same spec, and that an error is
+//! exactly its parts (file, a line and column within the input, a key, a
+//! fixed phrase): the key made of known names, a service name of the
+//! documented form or a short plain unknown key, so that no long stretch
+//! of the input, and nothing of a private key pasted into a value, comes
+//! back.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::support::{initiator_identity, responder_identity};
 use super::Seed;
-use capnp_noise::{Error, VatId};
+use capnp_noise::VatId;
 use capnp_noise_tunnel::config::{
-    LimitsSpec, Mode, Origin, Trust, TunnelConfig, TunnelSpec, DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HANDSHAKES,
-    DEFAULT_MAX_HANDSHAKES_PER_SOURCE, DEFAULT_SHUTDOWN_GRACE, MAX_COUNT, MAX_SECONDS,
+    ConfigError, LimitsSpec, LogFormat, Mode, Origin, Problem, Trust, TunnelConfig, TunnelSpec,
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_LISTEN_MODE,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
+    DEFAULT_SHUTDOWN_GRACE, MAX_COUNT, MAX_SECONDS, MAX_SERVICE_NAME,
 };
 
 /// The file the target "reads": absolute, so relative paths resolve
 /// against its directory.
 const CONFIG_PATH: &str = "/etc/capnp-noise/tunnel.toml";
-/// The longest error message accepted, whatever the input (the file's
-/// path, named up to three times, included).
-const MAX_ERROR_LEN: usize = 512;
-/// The longest value quoted in an error (between `"` or `` ` ``),
-/// counting an escape as one character: values are cut to 77 characters
-/// and an ellipsis.
-const MAX_QUOTED_LEN: usize = 80;
+/// The longest error message accepted, whatever the input, the file's
+/// path excluded.
+const MAX_ERROR_LEN: usize = 400;
+/// The keys of the file format, in every table.
+const KEYS: &[&str] = &[
+    "identity",
+    "shutdown_grace",
+    "log_format",
+    "metrics",
+    "max_connections",
+    "max_handshakes",
+    "max_handshakes_per_source",
+    "handshake_timeout",
+    "connect_timeout",
+    "keepalive",
+    "idle_timeout",
+    "service",
+    "mode",
+    "listen",
+    "connect",
+    "listen_mode",
+    "peer",
+    "known_vats",
+    "allow",
+    "allow_vat",
+    "proxy_protocol",
+    "via",
+    "suite",
+];
 
 /// `tunnel_config`: [`TunnelSpec::from_toml`] and [`TunnelSpec::check`]
 /// (as from a file and as from the command line) over arbitrary text.
@@ -41,88 +67,126 @@ pub fn tunnel_config(data: &[u8]) {
     let path = Path::new(CONFIG_PATH);
     let spec = match TunnelSpec::from_toml(text, path) {
         Ok(spec) => spec,
-        Err(e) => return assert_good_error(text, &e, true),
+        Err(e) => return assert_good_error(text, &e, Some(path)),
     };
     assert_round_trip(&spec);
     for origin in [Origin::File(path), Origin::CommandLine] {
         match spec.check(origin) {
             Ok(config) => assert_as_documented(&spec, &config, origin),
-            Err(e) => assert_good_error(text, &e, false),
+            Err(e) => assert_good_error(
+                text,
+                &e,
+                match origin {
+                    Origin::File(p) => Some(p),
+                    Origin::CommandLine => None,
+                },
+            ),
         }
     }
 }
 
-/// `from_toml`: whether the error comes from the parser, whose messages
-/// quote values without escaping quotes in them.
-fn assert_good_error(text: &str, e: &Error, from_toml: bool) {
-    assert!(matches!(e, Error::Config(_)), "{e:?}");
+/// An error is its parts and nothing else; see the module docs.
+fn assert_good_error(text: &str, e: &ConfigError, file: Option<&Path>) {
     let msg = e.to_string();
-    let chars: Vec<char> = msg.chars().collect();
-    assert!(
-        chars.len() <= MAX_ERROR_LEN,
-        "the error grows with the input ({} characters): {msg:.300}",
-        chars.len()
-    );
-    let quoted = if from_toml {
-        let pieces: Vec<&str> = msg.split(['`', '"']).collect();
-        let inner = pieces.len().saturating_sub(2);
-        pieces
-            .iter()
-            .skip(1)
-            .take(inner)
-            .map(|p| p.chars().count())
-            .collect()
-    } else {
-        quoted_parts(&msg)
-    };
-    for quoted in quoted {
+    assert_eq!(e.file.as_deref(), file, "{msg}");
+    let mut parts = Vec::new();
+    parts.extend(file.map(|f| f.display().to_string()));
+    if let Some(p) = e.position {
+        let line = text.split('\n').nth(p.line - 1).expect("the line exists");
         assert!(
-            quoted <= MAX_QUOTED_LEN,
-            "the error quotes a value of {quoted} characters: {msg:.600}"
+            p.column >= 1 && p.column <= line.chars().count() + 1,
+            "column {} beyond line {}: {msg}",
+            p.column,
+            p.line
         );
+        parts.push(format!("line {}, column {}", p.line, p.column));
     }
-    // A run that also occurs elsewhere in the file may be quoted from there.
-    for secret in pem_bodies(text) {
-        if text.matches(secret).count() > 1 {
+    if let Some(key) = &e.key {
+        assert_key_is_a_name(key, e.what, file.is_none());
+        parts.push(key.clone());
+    }
+    parts.push(e.what.to_string());
+    assert_eq!(msg, parts.join(": "), "an error holds more than its parts");
+    let shown = file.map_or(msg.len(), |f| msg.len() - f.display().to_string().len());
+    assert!(
+        shown <= MAX_ERROR_LEN,
+        "the error grows with the input ({shown} characters): {msg:.300}"
+    );
+    if e.what == Problem::Syntax {
+        assert!(e.key.is_none(), "a syntax error names a key: {msg}");
+    }
+    for secret in pem_bodies_in_values(text) {
+        // A run that also occurs elsewhere in the file (as a service's
+        // name, say) may come back from there.
+        if text.matches(&secret).count() > 1 {
             continue;
         }
         assert!(
-            !msg.contains(secret),
+            !msg.contains(&secret),
             "the error repeats a PEM body: {secret:?}"
         );
     }
 }
 
-/// The lengths of the parts of `msg` between `"` (with backslash escapes,
-/// each counted as one character) or between `` ` ``.
-///
-/// (Not "does a long stretch of the error occur in the input": libFuzzer
-/// learns the error's own text from that comparison and writes it into the
-/// input.)
-fn quoted_parts(msg: &str) -> Vec<usize> {
-    let mut v = Vec::new();
-    let mut chars = msg.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '"' => {
-                let mut n = 0;
-                while let Some(c) = chars.next() {
-                    match c {
-                        '"' => break,
-                        '\\' if chars.next() == Some('u') => {
-                            chars.by_ref().find(|&c| c == '}');
-                        }
-                        _ => {}
-                    }
-                    n += 1;
-                }
-                v.push(n);
-            }
-            '`' => v.push(chars.by_ref().take_while(|&c| c != '`').count()),
+/// `key` is a command-line option (`--NAME`), or a key path of known key
+/// names, a service name of the documented form, and for an unknown key a
+/// name of at most 32 lowercase letters, digits and `_`.
+fn assert_key_is_a_name(key: &str, what: Problem, command_line: bool) {
+    if command_line {
+        let name = key.strip_prefix("--").expect("an option").replace('-', "_");
+        assert!(
+            name == "name" || KEYS.contains(&name.as_str()),
+            "not an option: {key}"
+        );
+        return;
+    }
+    let service_name = |name: &str| {
+        !name.is_empty()
+            && name.len() <= MAX_SERVICE_NAME
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    };
+    let plain_unknown = |k: &str| {
+        what == Problem::UnknownKey
+            && k.len() <= 32
+            && k.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    };
+    let known = |k: &str| KEYS.contains(&k) || plain_unknown(k);
+    let ok = match key.strip_prefix("service.") {
+        None => key == "service" || known(key),
+        // service.NAME.KEY (NAME may hold dots), or service.NAME for an
+        // unknown key whose name is not shown.
+        Some(rest) => {
+            (what == Problem::UnknownKey && service_name(rest))
+                || rest
+                    .rsplit_once('.')
+                    .is_some_and(|(name, k)| service_name(name) && known(k))
+        }
+    };
+    assert!(
+        ok,
+        "not a key of the documented form ({what:?}): {key:.200}"
+    );
+}
+
+/// The beginnings of the PEM bodies in the string values of `text` (if it
+/// parses): what a key pasted into a value starts with.
+fn pem_bodies_in_values(text: &str) -> Vec<String> {
+    fn strings(v: &toml::Value, out: &mut Vec<String>) {
+        match v {
+            toml::Value::String(s) => out.extend(pem_bodies(s).into_iter().map(str::to_string)),
+            toml::Value::Array(a) => a.iter().for_each(|v| strings(v, out)),
+            toml::Value::Table(t) => t.values().for_each(|v| strings(v, out)),
             _ => {}
         }
     }
-    v
+    let mut out = Vec::new();
+    if let Ok(table) = toml::from_str::<toml::Table>(text) {
+        table.values().for_each(|v| strings(v, &mut out));
+    }
+    out
 }
 
 /// The first 16 base64 characters of each run of 16 or more found within
@@ -191,6 +255,16 @@ fn render(spec: &TunnelSpec) -> String {
     if let Some(p) = &spec.identity {
         top.insert("identity".into(), path(p));
     }
+    if let Some(f) = spec.log_format {
+        let name = match f {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        };
+        top.insert("log_format".into(), name.into());
+    }
+    if let Some(m) = &spec.metrics {
+        top.insert("metrics".into(), m.clone().into());
+    }
     if let Some(s) = spec.shutdown_grace {
         top.insert("shutdown_grace".into(), s.into());
     }
@@ -205,8 +279,11 @@ fn render(spec: &TunnelSpec) -> String {
         t.insert("mode".into(), mode.into());
         t.insert("listen".into(), s.listen.clone().into());
         t.insert("connect".into(), s.connect.clone().into());
-        if let Some(p) = &s.peer {
-            t.insert("peer".into(), p.clone().into());
+        if let Some(m) = s.listen_mode {
+            t.insert("listen_mode".into(), toml::Value::Integer(m.into()));
+        }
+        if !s.peer.is_empty() {
+            t.insert("peer".into(), s.peer.clone().into());
         }
         if let Some(p) = &s.known_vats {
             t.insert("known_vats".into(), path(p));
@@ -216,6 +293,15 @@ fn render(spec: &TunnelSpec) -> String {
         }
         if !s.allow_vat.is_empty() {
             t.insert("allow_vat".into(), s.allow_vat.clone().into());
+        }
+        if let Some(v) = s.proxy_protocol {
+            t.insert("proxy_protocol".into(), v.as_str().into());
+        }
+        if let Some(v) = &s.via {
+            t.insert("via".into(), v.clone().into());
+        }
+        if let Some(v) = s.suite {
+            t.insert("suite".into(), v.as_str().into());
         }
         put_limits(&mut t, &s.limits);
         services.insert(name.clone(), t.into());
@@ -243,6 +329,12 @@ fn put_limits(t: &mut toml::Table, l: &LimitsSpec) {
     if let Some(s) = l.connect_timeout {
         t.insert("connect_timeout".into(), s.into());
     }
+    if let Some(s) = l.keepalive {
+        t.insert("keepalive".into(), s.into());
+    }
+    if let Some(s) = l.idle_timeout {
+        t.insert("idle_timeout".into(), s.into());
+    }
 }
 
 /// Every field of an accepted configuration is what the documentation
@@ -259,6 +351,14 @@ fn assert_as_documented(spec: &TunnelSpec, config: &TunnelConfig, origin: Origin
         spec.shutdown_grace,
         DEFAULT_SHUTDOWN_GRACE,
     );
+    assert_eq!(
+        config.log_format,
+        spec.log_format.unwrap_or(LogFormat::Text)
+    );
+    assert_eq!(config.metrics, spec.metrics);
+    if let Some(m) = &config.metrics {
+        assert_host_port(m, true);
+    }
     assert!(!config.services.is_empty(), "a config without services");
     assert_eq!(config.services.len(), spec.services.len());
     for ((name, s), c) in spec.services.iter().zip(&config.services) {
@@ -271,21 +371,34 @@ fn assert_as_documented(spec: &TunnelSpec, config: &TunnelConfig, origin: Origin
             "invalid service name {name:?} accepted"
         );
         assert_eq!((&c.listen, &c.connect), (&s.listen, &s.connect));
-        assert_host_port(&c.listen, true);
-        assert_host_port(&c.connect, false);
+        // A Unix socket only on the plain side: a client's listen, a
+        // server's connect.
+        assert_endpoint(&c.listen, true, s.mode == Mode::Client);
+        assert_endpoint(&c.connect, false, s.mode == Mode::Server);
+        match s.listen_mode {
+            Some(m) => {
+                // (Not with a socket systemd passes: it has its own mode.)
+                assert!(c.listen.starts_with("unix:"), "listen_mode for TCP");
+                assert_eq!(c.listen_mode, m);
+            }
+            None => assert_eq!(c.listen_mode, DEFAULT_LISTEN_MODE),
+        }
+        assert!(c.listen_mode <= 0o777, "mode {:o}", c.listen_mode);
         assert_eq!(c.mode(), s.mode);
         let vat = |t: &str| t.trim().parse::<VatId>().expect("an accepted VatId parses");
         match (&c.trust, s.mode) {
             (Trust::PinnedServer(v), Mode::Client) => {
-                assert_eq!(*v, vat(s.peer.as_deref().expect("peer")));
+                assert!(!v.is_empty(), "a client pinning no VatId");
+                let written: Vec<VatId> = s.peer.iter().map(|t| vat(t)).collect();
+                assert_eq!(*v, written);
                 assert!(s.known_vats.is_none());
             }
             (Trust::KnownVats(p), Mode::Client) => {
-                assert!(s.peer.is_none());
+                assert!(s.peer.is_empty());
                 assert_eq!(*p, resolve(s.known_vats.as_deref().expect("known_vats")));
             }
             (Trust::AllowedClients { file, vat_ids }, Mode::Server) => {
-                assert!(s.peer.is_none() && s.known_vats.is_none());
+                assert!(s.peer.is_empty() && s.known_vats.is_none());
                 assert!(
                     file.is_some() || !vat_ids.is_empty(),
                     "a server trusts nobody"
@@ -297,8 +410,19 @@ fn assert_as_documented(spec: &TunnelSpec, config: &TunnelConfig, origin: Origin
             (trust, mode) => panic!("{mode:?} service with {trust:?}"),
         }
         if s.mode == Mode::Client {
-            assert!(s.allow.is_none() && s.allow_vat.is_empty());
+            assert!(s.allow.is_none() && s.allow_vat.is_empty() && s.proxy_protocol.is_none());
         }
+        assert_eq!(c.proxy_protocol, s.proxy_protocol);
+        match (&c.via, &s.via) {
+            (None, None) => {}
+            (Some(v), Some(text)) => {
+                assert_eq!(s.mode, Mode::Client, "a server with via");
+                assert_eq!(text.trim_end_matches('/'), v.to_string());
+                assert_host_port(v.proxy(), false);
+            }
+            (got, written) => panic!("via {written:?} became {got:?}"),
+        }
+        assert_eq!(c.suite, s.suite.and_then(|v| v.suite()));
         let (own, top) = (&s.limits, &spec.limits);
         let l = c.limits;
         assert_count(
@@ -327,12 +451,23 @@ fn assert_as_documented(spec: &TunnelSpec, config: &TunnelConfig, origin: Origin
             own.connect_timeout.or(top.connect_timeout),
             DEFAULT_CONNECT_TIMEOUT,
         );
+        assert_optional_duration(l.keepalive, own.keepalive.or(top.keepalive));
+        assert_optional_duration(l.idle_timeout, own.idle_timeout.or(top.idle_timeout));
     }
 }
 
 fn assert_count(got: usize, written: Option<usize>, default: usize) {
     assert!((1..=MAX_COUNT).contains(&got), "limit {got} out of range");
     assert_eq!(got, written.unwrap_or(default));
+}
+
+/// A duration that is off by default and when written 0.
+fn assert_optional_duration(got: Option<Duration>, written: Option<f64>) {
+    match (got, written) {
+        (None, None) => {}
+        (None, Some(s)) => assert!(s == 0.0, "{s} turned it off"),
+        (Some(d), w) => assert_duration(d, w, Duration::ZERO),
+    }
 }
 
 fn assert_duration(got: Duration, written: Option<f64>, default: Duration) {
@@ -343,6 +478,21 @@ fn assert_duration(got: Duration, written: Option<f64>, default: Duration) {
     match written {
         None => assert_eq!(got, default),
         Some(s) => assert_eq!(got, Duration::from_secs_f64(s)),
+    }
+}
+
+fn assert_endpoint(addr: &str, port_zero_ok: bool, unix_ok: bool) {
+    if let Some(name) = addr.strip_prefix("systemd:") {
+        assert!(port_zero_ok, "{addr:?}: socket activation is for listening");
+        assert!(!name.is_empty() && name.len() <= 255 && !name.contains(':'));
+        return;
+    }
+    match addr.strip_prefix("unix:") {
+        Some(path) => {
+            assert!(unix_ok, "{addr:?}: a Unix socket on the capnp-noise side");
+            assert!(path.starts_with('/') && path.len() <= 107 && !path.contains('\0'));
+        }
+        None => assert_host_port(addr, port_zero_ok),
     }
 }
 
@@ -378,9 +528,9 @@ pub(super) fn seeds() -> Vec<Seed> {
 
     let server = format!(
         "\nidentity = \"server.key\"\nmax_handshakes = 8\n\n[service.echo]\nmode = \"server\"\n\
-         listen = \"127.0.0.1:0\"\nconnect = \"127.0.0.1:40001\"\nallow = \"clients.allow\"\n\n\
-         [service.upper]\nmode = \"server\"\nlisten = \"127.0.0.1:0\"\nconnect = \"127.0.0.1:40002\"\n\
-         allow_vat = [\"{a}\"]\nmax_connections = 4\n"
+         listen = \"127.0.0.1:0\"\nconnect = \"unix:/run/echo.sock\"\nallow = \"clients.allow\"\n\n\
+         [service.upper]\nmode = \"server\"\nlisten = \"systemd:upper\"\nconnect = \"127.0.0.1:40002\"\n\
+         allow_vat = [\"{a}\"]\nmax_connections = 4\nproxy_protocol = \"v2\"\n"
     );
     v.push(Seed::new(
         "tunnel_config",
@@ -389,8 +539,8 @@ pub(super) fn seeds() -> Vec<Seed> {
     ));
     let client = format!(
         "\nidentity = \"client.key\"\n\n[service.to-echo]\nmode = \"client\"\nlisten = \"127.0.0.1:0\"\n\
-         connect = \"127.0.0.1:40003\"\npeer = \"{b}\"\n\n[service.to-upper]\nmode = \"client\"\n\
-         listen = \"127.0.0.1:0\"\nconnect = \"127.0.0.1:40004\"\nknown_vats = \"known_vats\"\n"
+         connect = \"127.0.0.1:40003\"\npeer = [\"{b}\", \"{a}\"]\n\n[service.to-upper]\nmode = \"client\"\n\
+         listen = \"unix:/run/capnp-noise/upper.sock\"\nlisten_mode = 0o660\nconnect = \"127.0.0.1:40004\"\nknown_vats = \"known_vats\"\n"
     );
     v.push(Seed::new(
         "tunnel_config",
@@ -398,11 +548,11 @@ pub(super) fn seeds() -> Vec<Seed> {
         client.into_bytes(),
     ));
     let mixed = format!(
-        "identity = \"keys/tunnel.key\"\nshutdown_grace = 2.5\nmax_connections = 10\n\n\
+        "identity = \"keys/tunnel.key\"\nshutdown_grace = 2.5\nmax_connections = 10\nlog_format = \"json\"\nmetrics = \"127.0.0.1:9100\"\n\n\
          [service.web]\nmode = \"server\"\nlisten = \"[::]:8443\"\nconnect = \"127.0.0.1:8080\"\n\
          allow = \"web.allow\"\nallow_vat = [\"{b}\"]\nmax_connections = 3\nhandshake_timeout = 1\n\n\
          [service.db]\nmode = \"client\"\nlisten = \"127.0.0.1:0\"\nconnect = \"db.example.com:5433\"\n\
-         peer = \"{a}\"\nconnect_timeout = 0.25\n"
+         peer = \"{a}\"\nconnect_timeout = 0.25\nkeepalive = 25\nidle_timeout = 0\nsuite = \"chachapoly\"\nvia = \"http://10.0.0.1:3128\"\n"
     );
     v.push(Seed::new(
         "tunnel_config",

@@ -13,11 +13,13 @@
 
 use std::process::ExitCode;
 
+use capnp_noise_tunnel::config::LogFormat;
 use clap::{Parser, Subcommand};
 
 mod id;
 mod keygen;
 mod known_vats;
+mod systemd;
 mod tunnel;
 
 /// Exit code for a command that could not do its job (a bad key file, a
@@ -100,15 +102,6 @@ impl Command {
             Command::Tunnel(args) => tunnel::run(*args),
         }
     }
-
-    /// The log level when RUST_LOG is not set: a long-running tunnel logs
-    /// its connections.
-    fn default_log_level(&self) -> &'static str {
-        match self {
-            Command::Tunnel(_) => "info",
-            _ => "warn",
-        }
-    }
 }
 
 /// Parses the command line, runs the subcommand, and maps the outcome to
@@ -126,7 +119,10 @@ pub(crate) fn main() -> ExitCode {
             };
         }
     };
-    init_logging(cli.command.default_log_level());
+    // The tunnel sets up its logs once its configuration is read.
+    if !matches!(cli.command, Command::Tunnel(_)) {
+        init_logging("warn", LogFormat::Text);
+    }
     match cli.command.run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -137,17 +133,23 @@ pub(crate) fn main() -> ExitCode {
     }
 }
 
-fn init_logging(default_level: &str) {
+/// Logs to stderr, filtered by RUST_LOG (else `default_level`): as text
+/// without time, or as JSON lines with an RFC 3339 timestamp.
+pub(crate) fn init_logging(default_level: &str, format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
-    let _ = tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .without_time()
-        .try_init();
+        .with_target(false);
+    let _ = match format {
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .without_time()
+            .try_init(),
+        LogFormat::Json => logs.json().with_ansi(false).try_init(),
+    };
 }
 
 #[cfg(test)]

@@ -3,11 +3,12 @@
 
 use std::path::PathBuf;
 
-use capnp_noise_tunnel::config::{LimitsSpec, Mode, Origin, ServiceSpec, TunnelSpec};
-use capnp_noise_tunnel::{ShutdownHandle, Tunnel, TunnelConfig};
+use capnp_noise_tunnel::config::ConfigError;
+use capnp_noise_tunnel::config::{Mode, Origin, ServiceSpec, TunnelSpec};
+use capnp_noise_tunnel::{ReloadHandle, ShutdownHandle, StartError, Tunnel, TunnelConfig};
 use tracing::{info, warn};
 
-use super::{CmdResult, Failure, EXIT_BIND, EXIT_USAGE};
+use super::{systemd, CmdResult, Failure, EXIT_BIND, EXIT_USAGE};
 
 const AFTER_HELP: &str = "\
 Either `tunnel client ...` or `tunnel server ...` with options (one service),
@@ -24,13 +25,25 @@ Examples:
 
 At startup the tunnel prints, on stdout:
   vat_id=VATID
+  metrics addr=HOST:PORT          (with --metrics)
   listening service=NAME mode=client|server addr=HOST:PORT connect=HOST:PORT
 (one line per service; addr is the bound address, so port 0 shows the port
-chosen). Connections are logged on stderr (RUST_LOG, default info).
+chosen). Connections are logged on stderr (RUST_LOG, default info; with
+--log-format json, one JSON object per line with a timestamp).
 
 SIGINT or SIGTERM: stop accepting, let open connections finish within the
 grace period (--shutdown-grace, default 30 s), then abort the rest, and exit
 0. A second signal aborts at once.
+
+SIGHUP: read the configuration, the identity key and the allow-lists again;
+new connections use them, open ones go on undisturbed. If anything is
+wrong (a malformed key, say), the running settings stay and the log says
+why. Listen addresses, new services and connection limits need a restart.
+
+Under systemd (Type=notify): READY=1 once every service listens,
+STOPPING=1 at shutdown, WATCHDOG=1 at half of WatchdogSec; --listen
+systemd:NAME takes the socket passed as FileDescriptorName=NAME. See
+contrib/systemd/capnp-noise-tunnel@.service.
 
 Exit status:
   0  stopped by SIGINT/SIGTERM
@@ -50,127 +63,86 @@ pub(crate) struct Args {
     side: Option<Side>,
 }
 
+/// One service from the command line: the settings of the file format
+/// ([`TunnelSpec`] and [`ServiceSpec`]), as options. The options of the
+/// other mode are hidden (and refused by the check, as in a file).
 #[derive(Debug, clap::Subcommand)]
 enum Side {
     /// Listen for plain TCP and carry each connection over capnp-noise to
     /// a server whose VatId is pinned.
-    #[command(after_help = AFTER_HELP)]
-    Client(ClientArgs),
+    #[command(
+        after_help = AFTER_HELP,
+        mut_arg("allow", |a| a.hide(true)),
+        mut_arg("allow_vat", |a| a.hide(true)),
+        mut_arg("proxy_protocol", |a| a.hide(true)),
+    )]
+    Client(OneService),
     /// Listen for capnp-noise connections from allowed vats and forward
     /// each to a plain TCP address.
-    #[command(after_help = AFTER_HELP)]
-    Server(ServerArgs),
-}
-
-#[derive(Debug, clap::Args)]
-struct ClientArgs {
-    #[command(flatten)]
-    common: Common,
-    /// The server's VatId: any other server is refused (before this side's
-    /// VatId is revealed to it).
-    #[arg(
-        long,
-        value_name = "VATID",
-        required_unless_present = "known_vats",
-        conflicts_with = "known_vats"
+    #[command(
+        after_help = AFTER_HELP,
+        mut_arg("peer", |a| a.hide(true)),
+        mut_arg("known_vats", |a| a.hide(true)),
+        mut_arg("via", |a| a.hide(true)),
     )]
-    peer: Option<String>,
-    /// Instead of --peer: trust the server's VatId on first use and record
-    /// it in FILE (like ssh's known_hosts).
-    #[arg(long, value_name = "FILE")]
-    known_vats: Option<PathBuf>,
+    Server(OneService),
 }
 
 #[derive(Debug, clap::Args)]
-struct ServerArgs {
+struct OneService {
     #[command(flatten)]
-    common: Common,
-    /// Allow the VatIds listed in FILE (one per line; reloaded when it changes).
-    #[arg(long, value_name = "FILE", required_unless_present = "allow_vat")]
-    allow: Option<PathBuf>,
-    /// Allow this VatId (repeatable; with or without --allow).
-    #[arg(long = "allow-vat", value_name = "VATID")]
-    allow_vat: Vec<String>,
-}
-
-#[derive(Debug, clap::Args)]
-struct Common {
-    /// Where to listen, HOST:PORT (port 0: a free port, printed at startup).
-    #[arg(long, value_name = "ADDR")]
-    listen: String,
-    /// Where to connect, HOST:PORT.
-    #[arg(long, value_name = "ADDR")]
-    connect: String,
-    /// This tunnel's key file (`capnp-noise keygen`).
-    #[arg(long, value_name = "FILE")]
-    identity: PathBuf,
+    service: ServiceSpec,
     /// The service's name in logs [default: client or server].
     #[arg(long, value_name = "NAME")]
     name: Option<String>,
-    /// Connections open at once [default: 1024].
-    #[arg(long, value_name = "N")]
-    max_connections: Option<usize>,
-    /// Handshakes in progress at once [default: 64].
-    #[arg(long, value_name = "N")]
-    max_handshakes: Option<usize>,
-    /// Of those, handshakes from one source address [default: 16].
-    #[arg(long, value_name = "N")]
-    max_handshakes_per_source: Option<usize>,
-    /// Seconds a handshake may take [default: 10].
-    #[arg(long, value_name = "SECS")]
-    handshake_timeout: Option<f64>,
-    /// Seconds an outgoing TCP connect may take [default: 10].
-    #[arg(long, value_name = "SECS")]
-    connect_timeout: Option<f64>,
-    /// Seconds open connections get to finish after SIGINT/SIGTERM [default: 30].
-    #[arg(long, value_name = "SECS")]
-    shutdown_grace: Option<f64>,
+    #[command(flatten)]
+    tunnel: TunnelSpec,
 }
 
 impl Side {
     /// The command line as the same settings a configuration file holds.
     fn spec(self) -> TunnelSpec {
-        let (mode, common, mut service) = match self {
-            Side::Client(a) => {
-                let mut s = ServiceSpec::new(Mode::Client, "", "");
-                s.peer = a.peer;
-                s.known_vats = a.known_vats;
-                (Mode::Client, a.common, s)
-            }
-            Side::Server(a) => {
-                let mut s = ServiceSpec::new(Mode::Server, "", "");
-                s.allow = a.allow;
-                s.allow_vat = a.allow_vat;
-                (Mode::Server, a.common, s)
-            }
+        let (mode, args) = match self {
+            Side::Client(a) => (Mode::Client, a),
+            Side::Server(a) => (Mode::Server, a),
         };
-        service.listen = common.listen;
-        service.connect = common.connect;
-        let mut spec = TunnelSpec::default();
-        spec.identity = Some(common.identity);
-        spec.shutdown_grace = common.shutdown_grace;
-        spec.limits = LimitsSpec::default();
-        spec.limits.max_connections = common.max_connections;
-        spec.limits.max_handshakes = common.max_handshakes;
-        spec.limits.max_handshakes_per_source = common.max_handshakes_per_source;
-        spec.limits.handshake_timeout = common.handshake_timeout;
-        spec.limits.connect_timeout = common.connect_timeout;
-        let name = common.name.unwrap_or_else(|| {
-            match mode {
-                Mode::Client => "client",
-                Mode::Server => "server",
-            }
-            .into()
-        });
-        spec.services.insert(name, service);
-        spec
+        let OneService {
+            mut service,
+            name,
+            mut tunnel,
+        } = args;
+        service.mode = mode;
+        let name = name.unwrap_or_else(|| mode.as_str().into());
+        tunnel.services.insert(name, service);
+        tunnel
+    }
+}
+
+/// Where the settings come from, read again on SIGHUP.
+enum Source {
+    File(PathBuf),
+    CommandLine(Box<TunnelSpec>),
+}
+
+impl Source {
+    /// Reads and checks the settings.
+    fn config(&self) -> Result<TunnelConfig, ConfigError> {
+        match self {
+            Source::File(path) => TunnelConfig::load(path),
+            Source::CommandLine(spec) => spec.check(Origin::CommandLine),
+        }
+    }
+
+    /// Reads the settings, the identity and the trust files again.
+    fn tunnel(&self) -> Result<Tunnel, StartError> {
+        Tunnel::new(self.config()?)
     }
 }
 
 pub(crate) fn run(args: Args) -> CmdResult {
-    let config = match (args.config, args.side) {
-        (Some(path), None) => TunnelConfig::load(&path),
-        (None, Some(side)) => side.spec().check(Origin::CommandLine),
+    let source = match (args.config, args.side) {
+        (Some(path), None) => Source::File(path),
+        (None, Some(side)) => Source::CommandLine(Box::new(side.spec())),
         _ => {
             return Err(Failure::new(
                 EXIT_USAGE,
@@ -179,9 +151,14 @@ pub(crate) fn run(args: Args) -> CmdResult {
             )
             .into())
         }
-    }
-    .map_err(|e| Failure::new(EXIT_USAGE, e))?;
+    };
+    let config = source.config().map_err(|e| Failure::new(EXIT_USAGE, e))?;
+    // A long-running tunnel logs its connections.
+    super::init_logging("info", config.log_format);
     let tunnel = Tunnel::new(config).map_err(|e| Failure::new(EXIT_USAGE, e))?;
+    // Before any thread starts: it edits the environment.
+    #[cfg(unix)]
+    capnp_noise_tunnel::take_systemd_sockets();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -194,17 +171,20 @@ pub(crate) fn run(args: Args) -> CmdResult {
             .await
             .map_err(|e| Failure::new(EXIT_BIND, e))?;
         println!("vat_id={}", bound.vat_id());
+        if let Some(addr) = bound.metrics_addr() {
+            println!("metrics addr={addr}");
+        }
         for l in bound.listening() {
-            let mode = match l.mode {
-                Mode::Client => "client",
-                Mode::Server => "server",
-            };
             println!(
-                "listening service={} mode={mode} addr={} connect={}",
-                l.name, l.addr, l.connect
+                "listening service={} mode={} addr={} connect={}",
+                l.name, l.mode, l.addr, l.connect
             );
         }
-        tokio::spawn(signals.drive(bound.shutdown_handle()));
+        tokio::spawn(signals.drive(bound.shutdown_handle(), bound.reload_handle(), source));
+        systemd::notify("READY=1");
+        if let Some(every) = systemd::watchdog_interval() {
+            tokio::spawn(systemd::watchdog(every));
+        }
         let stopped = bound.run().await;
         if stopped.aborted > 0 {
             warn!("{} connection(s) were aborted at shutdown", stopped.aborted);
@@ -213,12 +193,23 @@ pub(crate) fn run(args: Args) -> CmdResult {
     })
 }
 
+/// What a signal asks for.
+enum Asked {
+    /// SIGINT, SIGTERM (Ctrl-C elsewhere): stop.
+    Stop(&'static str),
+    /// SIGHUP: reload.
+    Reload,
+}
+
 /// SIGINT and SIGTERM: the first shuts down gracefully, the second aborts.
+/// SIGHUP: reload the settings, the identity and the trust files.
 struct Signals {
     #[cfg(unix)]
     term: tokio::signal::unix::Signal,
     #[cfg(unix)]
     int: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -228,6 +219,7 @@ impl Signals {
         Ok(Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
         })
     }
 
@@ -237,25 +229,89 @@ impl Signals {
     }
 
     #[cfg(unix)]
-    async fn next(&mut self) -> &'static str {
+    async fn next(&mut self) -> Asked {
         tokio::select! {
-            _ = self.term.recv() => "SIGTERM",
-            _ = self.int.recv() => "SIGINT",
+            _ = self.term.recv() => Asked::Stop("SIGTERM"),
+            _ = self.int.recv() => Asked::Stop("SIGINT"),
+            _ = self.hup.recv() => Asked::Reload,
         }
     }
 
     #[cfg(not(unix))]
-    async fn next(&mut self) -> &'static str {
+    async fn next(&mut self) -> Asked {
         let _ = tokio::signal::ctrl_c().await;
-        "Ctrl-C"
+        Asked::Stop("Ctrl-C")
     }
 
-    async fn drive(mut self, handle: ShutdownHandle) {
-        let first = self.next().await;
-        info!("{first}: shutting down (a second signal aborts open connections)");
-        handle.shutdown();
-        let second = self.next().await;
-        warn!("{second} again: aborting open connections");
-        handle.abort();
+    async fn drive(mut self, stop: ShutdownHandle, reload: ReloadHandle, source: Source) {
+        let mut stopping = false;
+        loop {
+            match self.next().await {
+                Asked::Reload => match source.tunnel() {
+                    Ok(tunnel) => {
+                        let done = reload.reload(tunnel);
+                        info!(
+                            vat_id = %done.vat_id,
+                            services = %done.applied.join(","),
+                            "SIGHUP: reloaded; new connections use the new settings, open ones go on"
+                        );
+                        for what in done.not_applied {
+                            warn!("SIGHUP: not applied: {what}");
+                        }
+                    }
+                    Err(e) => warn!(
+                        error = %e,
+                        "SIGHUP: reload failed; the running settings stay in use"
+                    ),
+                },
+                Asked::Stop(signal) if !stopping => {
+                    systemd::notify("STOPPING=1");
+                    info!("{signal}: shutting down (a second signal aborts open connections)");
+                    stop.shutdown();
+                    stopping = true;
+                }
+                Asked::Stop(signal) => {
+                    warn!("{signal} again: aborting open connections");
+                    stop.abort();
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use capnp_noise_tunnel::config::Problem;
+    use clap::Args as _;
+
+    /// The command line and the file are one model: every option of
+    /// `tunnel client|server` (but `--name`) is a key of the file, at the
+    /// top level or in a service table.
+    #[test]
+    fn every_option_is_a_key_of_the_file() {
+        let cmd = Args::augment_args(clap::Command::new("tunnel"));
+        let mut seen = 0;
+        for side in ["client", "server"] {
+            let sub = cmd.find_subcommand(side).expect("a subcommand");
+            for arg in sub.get_arguments() {
+                let Some(long) = arg.get_long() else { continue };
+                if matches!(long, "name" | "help") {
+                    continue;
+                }
+                let key = long.replace('-', "_");
+                let known = |text: String| {
+                    let e = TunnelSpec::from_toml(&text, "t.toml".as_ref());
+                    !matches!(e, Err(e) if e.what == Problem::UnknownKey)
+                };
+                assert!(
+                    known(format!("{key} = 0\n")) || known(format!("[service.s]\n{key} = 0\n")),
+                    "--{long} is not a key of the file"
+                );
+                seen += 1;
+            }
+        }
+        assert!(seen >= 2 * 11, "only {seen} options");
     }
 }
