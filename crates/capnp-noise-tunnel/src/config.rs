@@ -34,16 +34,16 @@ use capnp_noise::wire::Suite;
 pub use crate::egress::Via;
 pub use crate::proxy::ProxyProtocol;
 
-/// Default [`Limits::max_connections`]: 1024 per service.
+/// Default [`LimitsConfig::max_connections`]: 1024 per service.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
-/// Default [`Limits::max_handshakes`]: 64 per service.
+/// Default [`LimitsConfig::max_handshakes`]: 64 per service.
 pub const DEFAULT_MAX_HANDSHAKES: usize = 64;
-/// Default [`Limits::max_handshakes_per_source`]: 16 per service and source address.
+/// Default [`LimitsConfig::max_handshakes_per_source`]: 16 per service and source address.
 pub const DEFAULT_MAX_HANDSHAKES_PER_SOURCE: usize =
     capnp_noise::admission::DEFAULT_MAX_HANDSHAKES_PER_SOURCE;
-/// Default [`Limits::handshake_timeout`]: 10 seconds.
+/// Default [`LimitsConfig::handshake_timeout`]: 10 seconds.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Default [`Limits::connect_timeout`]: 10 seconds.
+/// Default [`LimitsConfig::connect_timeout`]: 10 seconds.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default [`TunnelConfig::shutdown_grace`]: 30 seconds.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -512,7 +512,7 @@ pub struct ServiceConfig {
     /// a server accepts every suite).
     pub suite: Option<Suite>,
     /// Its limits.
-    pub limits: Limits,
+    pub limits: LimitsConfig,
 }
 
 impl ServiceConfig {
@@ -544,7 +544,7 @@ pub enum Trust {
 /// A service's limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
-pub struct Limits {
+pub struct LimitsConfig {
     /// Connections open at once (handshaking or forwarding). When reached,
     /// new connections wait in the listen backlog.
     pub max_connections: usize,
@@ -568,9 +568,9 @@ pub struct Limits {
     pub idle_timeout: Option<Duration>,
 }
 
-impl Default for Limits {
+impl Default for LimitsConfig {
     fn default() -> Self {
-        Limits {
+        LimitsConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_handshakes: DEFAULT_MAX_HANDSHAKES,
             max_handshakes_per_source: DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
@@ -922,7 +922,7 @@ impl TunnelSpec {
         if self.services.is_empty() {
             return Err(at.error_item(None, None, None, Problem::NoService));
         }
-        let defaults = self.limits.check(&at, None, Limits::default())?;
+        let defaults = self.limits.check(&at, None, LimitsConfig::default())?;
         let services = self
             .services
             .iter()
@@ -1015,12 +1015,12 @@ impl LimitsSpec {
         &self,
         at: &Checker<'_>,
         service: Option<&str>,
-        base: Limits,
-    ) -> Result<Limits, ConfigError> {
+        base: LimitsConfig,
+    ) -> Result<LimitsConfig, ConfigError> {
         let count = |v, d, k| count(v, d).map_err(|what| at.error(service, k, what));
         let seconds = |v, d, k| seconds(v, d).map_err(|what| at.error(service, k, what));
         let optional = |v, d, k| optional_seconds(v, d).map_err(|what| at.error(service, k, what));
-        Ok(Limits {
+        Ok(LimitsConfig {
             max_connections: count(
                 self.max_connections,
                 base.max_connections,
@@ -1062,7 +1062,7 @@ impl ServiceSpec {
         &self,
         name: &str,
         at: &Checker<'_>,
-        defaults: Limits,
+        defaults: LimitsConfig,
     ) -> Result<ServiceConfig, ConfigError> {
         if !valid_service_name(name) {
             return Err(at.error_item(Some(name), None, None, Problem::ServiceName));

@@ -235,7 +235,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-pub use config::{ConfigError, Limits, Mode, ServiceConfig, Trust, TunnelConfig, TunnelSpec};
+pub use config::{ConfigError, LimitsConfig, Mode, ServiceConfig, Trust, TunnelConfig, TunnelSpec};
 
 use capnp_noise::identity::Identity;
 use capnp_noise::policy::{AllowList, PeerPolicy, Pinned, Tofu};
