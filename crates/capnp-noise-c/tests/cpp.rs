@@ -34,6 +34,8 @@ const SIXTEEN_MIB: usize = 16 << 20;
 /// The C++ test program, built once per flavour.
 struct Builds {
     programs: Vec<(&'static str, PathBuf)>,
+    /// examples/cpp/office_to_cloud.c++, built plainly.
+    example: PathBuf,
 }
 
 fn have(cmd: &str, args: &[&str]) -> bool {
@@ -105,51 +107,72 @@ fn build() -> Option<Builds> {
             ],
         ),
     ];
-    let sources = [
-        crate_dir.join("tests/cpp/interop.c++"),
+    let mut inputs = Inputs {
+        include: vec![crate_dir.join("include"), root.join("cpp"), dir.clone()],
+        sources: vec![root.join("cpp/capnp-noise.c++"), dir.join("demo.capnp.c++")],
+        staticlib,
+        pkg_config: pkg,
+        newest: None,
+    };
+    inputs.newest = [
         crate_dir.join("include/capnp_noise.h"),
         root.join("cpp/capnp-noise.c++"),
         root.join("cpp/capnp-noise.h"),
         schema_dir.join("demo.capnp"),
-        staticlib.clone(),
-    ];
-    let newest_input = sources.iter().filter_map(|p| modified(p)).max();
+        inputs.staticlib.clone(),
+    ]
+    .iter()
+    .filter_map(|p| modified(p))
+    .max();
     let mut programs = Vec::new();
     for (name, flags) in flavours {
         let out = dir.join(format!("interop-{}", name.replace('+', "-")));
-        // Built already (by an earlier run of these tests) from the same inputs.
-        if modified(&out).is_some_and(|built| Some(built) > newest_input) {
-            programs.push((name, out));
-            continue;
-        }
-        let started = Instant::now();
-        let status = Command::new("g++")
-            .args(["-std=c++17", "-Wall", "-Wextra", "-Werror"])
-            .args(flags)
-            .arg(format!("-I{}", crate_dir.join("include").display()))
-            .arg(format!("-I{}", root.join("cpp").display()))
-            .arg(format!("-I{}", dir.display()))
-            .arg(crate_dir.join("tests/cpp/interop.c++"))
-            .arg(root.join("cpp/capnp-noise.c++"))
-            .arg(dir.join("demo.capnp.c++"))
-            .arg("-o")
-            .arg(&out)
-            .arg(&staticlib)
-            .args(pkg.split_whitespace())
-            .args(["-lpthread", "-ldl", "-lm"])
-            .status()
-            .expect("run g++");
-        assert!(
-            status.success(),
-            "building the {name} C++ test program failed"
-        );
-        eprintln!(
-            "built the {name} C++ test program in {:.1} s",
-            started.elapsed().as_secs_f64()
-        );
+        let main = crate_dir.join("tests/cpp/interop.c++");
+        compile(name, &out, &main, flags, &inputs);
         programs.push((name, out));
     }
-    Some(Builds { programs })
+    let example = dir.join("office_to_cloud");
+    let main = root.join("examples/cpp/office_to_cloud.c++");
+    compile("example", &example, &main, &["-O2"], &inputs);
+    Some(Builds { programs, example })
+}
+
+/// What the C++ programs are built from, besides their own main file.
+struct Inputs {
+    include: Vec<PathBuf>,
+    sources: Vec<PathBuf>,
+    staticlib: PathBuf,
+    pkg_config: String,
+    /// The newest modification time of everything above.
+    newest: Option<std::time::SystemTime>,
+}
+
+/// Compiles and links one C++ program, unless it was built already (by an
+/// earlier run of these tests) from the same inputs.
+fn compile(name: &str, out: &Path, main: &Path, flags: &[&str], inputs: &Inputs) {
+    let newest = inputs.newest.max(modified(main));
+    if modified(out).is_some_and(|built| Some(built) > newest) {
+        return;
+    }
+    let started = Instant::now();
+    let status = Command::new("g++")
+        .args(["-std=c++17", "-Wall", "-Wextra", "-Werror"])
+        .args(flags)
+        .args(inputs.include.iter().map(|d| format!("-I{}", d.display())))
+        .arg(main)
+        .args(&inputs.sources)
+        .arg("-o")
+        .arg(out)
+        .arg(&inputs.staticlib)
+        .args(inputs.pkg_config.split_whitespace())
+        .args(["-lpthread", "-ldl", "-lm"])
+        .status()
+        .expect("run g++");
+    assert!(status.success(), "building the {name} C++ program failed");
+    eprintln!(
+        "built the {name} C++ program in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
 }
 
 /// Runs `f` once per flavour of the C++ program.
@@ -674,4 +697,16 @@ fn cpp_client_through_the_tunnel_server() {
         stop.abort();
         runner.join().unwrap();
     });
+}
+
+#[test]
+fn the_cpp_example_runs() {
+    let Some(b) = builds() else { return };
+    let (ok, out) = run(&b.example, &[]);
+    assert!(ok, "{out}");
+    assert_line(&out, "office: 3 notifications delivered");
+    assert_line(
+        &out,
+        "office: refused the impostor: capnp-noise: CNOISE_STATUS_PEER_REFUSED",
+    );
 }
