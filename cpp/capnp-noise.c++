@@ -57,7 +57,7 @@ namespace {
 std::shared_ptr<Policy::State> newState() { return std::make_shared<Policy::State>(); }
 
 // Called by the Rust handshake: it must not unwind, so an exception refuses.
-bool callPolicy(void* userData, const char* peerVatId) {
+bool callPolicy(void* userData, const char* peerVatId) noexcept {
   auto& fn = *static_cast<kj::Function<bool(kj::StringPtr)>*>(userData);
   bool accepted = false;
   KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() { accepted = fn(kj::StringPtr(peerVatId)); })) {

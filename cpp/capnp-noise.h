@@ -173,6 +173,11 @@ kj::Promise<kj::Own<NoiseStream>> connect(
 // handshake (within a timeout; the policy decides who may connect), then a
 // capnp::TwoPartyServer whose bootstrap capability `bootstrap(peerVatId)`
 // builds for that caller, as the Rust `rpc::serve` does.
+//
+// Unlike `rpc::serve`, it bounds a handshake only by its timeout: it has no
+// handshake slots (SPEC.md 8.1, admission), so the number of peers it
+// spends Diffie-Hellman work on at once is not bounded. Put it behind a
+// connection limit where unauthenticated peers can reach it.
 class Server final: private kj::TaskSet::ErrorHandler {
 public:
   using BootstrapFactory = kj::Function<capnp::Capability::Client(kj::StringPtr peerVatId)>;

@@ -280,6 +280,18 @@ unsafe fn obj<'a, T>(ptr: *mut T, what: &str) -> Result<&'a mut T, Fail> {
     unsafe { ptr.as_mut() }.ok_or_else(|| Fail::arg(format!("{what} is null")))
 }
 
+/// The object behind `ptr`, shared, or `InvalidArgument` for null (the
+/// functions that take a `const` pointer only read).
+///
+/// # Safety
+/// A non-null `ptr` points to a live `T` that nothing mutates during the
+/// returned borrow (the crate's safety contract).
+unsafe fn obj_ref<'a, T>(ptr: *const T, what: &str) -> Result<&'a T, Fail> {
+    // SAFETY: null is checked; otherwise the caller guarantees a live
+    // object that is not mutated meanwhile.
+    unsafe { ptr.as_ref() }.ok_or_else(|| Fail::arg(format!("{what} is null")))
+}
+
 /// `len` bytes at `ptr`; a null `ptr` is allowed only with `len == 0`.
 ///
 /// # Safety
@@ -455,7 +467,7 @@ pub unsafe extern "C" fn cnoise_identity_save(
 ) -> CnoiseStatus {
     guard(|| {
         // SAFETY: the crate's contract: a live identity, a NUL-terminated path.
-        let (id, path) = unsafe { (obj(identity.cast_mut(), "identity")?, text(path, "path")?) };
+        let (id, path) = unsafe { (obj_ref(identity, "identity")?, text(path, "path")?) };
         id.0.save(path, overwrite)?;
         Ok(())
     })
@@ -472,7 +484,7 @@ pub unsafe extern "C" fn cnoise_identity_vat_id(
     guard(|| {
         // SAFETY: the crate's contract: a live identity, `out_len` writable bytes at `out`.
         unsafe {
-            let id = obj(identity.cast_mut(), "identity")?;
+            let id = obj_ref(identity, "identity")?;
             put_vat_id(&id.0.vat_id(), out, out_len)
         }
     })
@@ -645,12 +657,7 @@ fn new_handshake(
     initiator: bool,
 ) -> Result<(), Fail> {
     // SAFETY: the crate's contract: live objects, not used elsewhere meanwhile.
-    let (id, policy) = unsafe {
-        (
-            obj(identity.cast_mut(), "identity")?,
-            obj(policy.cast_mut(), "policy")?,
-        )
-    };
+    let (id, policy) = unsafe { (obj_ref(identity, "identity")?, obj_ref(policy, "policy")?) };
     let hs = if initiator {
         Handshake::initiator(
             &id.0,
@@ -745,7 +752,7 @@ pub unsafe extern "C" fn cnoise_handshake_pending_output(
 ) -> CnoiseStatus {
     guard(|| {
         // SAFETY: the crate's contract: a live handshake.
-        let hs = unsafe { obj(handshake.cast_mut(), "handshake") }?;
+        let hs = unsafe { obj_ref(handshake, "handshake") }?;
         // SAFETY: the crate's contract: room for a pointer and a size_t.
         unsafe { put_slice(hs.0.pending_output(), data, len) }
     })
@@ -874,7 +881,7 @@ pub unsafe extern "C" fn cnoise_session_pending_output(
 ) -> CnoiseStatus {
     guard(|| {
         // SAFETY: the crate's contract: a live session.
-        let s = unsafe { obj(session.cast_mut(), "session") }?;
+        let s = unsafe { obj_ref(session, "session") }?;
         // SAFETY: the crate's contract: room for a pointer and a size_t.
         unsafe { put_slice(s.0.pending_output(), data, len) }
     })
@@ -970,7 +977,7 @@ pub unsafe extern "C" fn cnoise_session_peer_vat_id(
     guard(|| {
         // SAFETY: the crate's contract: a live session, `out_len` writable bytes at `out`.
         unsafe {
-            let s = obj(session.cast_mut(), "session")?;
+            let s = obj_ref(session, "session")?;
             put_vat_id(&s.0.peer_vat_id(), out, out_len)
         }
     })
@@ -987,7 +994,7 @@ pub unsafe extern "C" fn cnoise_session_handshake_hash(
         // SAFETY: the crate's contract: a live session; `out32` has 32 writable bytes.
         let (s, out) = unsafe {
             (
-                obj(session.cast_mut(), "session")?,
+                obj_ref(session, "session")?,
                 bytes_mut(out32, CNOISE_HANDSHAKE_HASH_LEN, "out32")?,
             )
         };
