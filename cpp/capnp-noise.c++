@@ -344,6 +344,21 @@ void NoiseStream::getpeername(struct sockaddr* addr, kj::uint* length) {
 
 // ----- helpers ----------------------------------------------------------------
 
+namespace {
+
+// `promise`, failed with CNOISE_STATUS_HANDSHAKE_TIMEOUT after `timeout`.
+kj::Promise<kj::Own<NoiseStream>> handshakeWithin(
+    kj::Timer& timer, kj::Duration timeout, kj::Promise<kj::Own<NoiseStream>> promise) {
+  return promise.exclusiveJoin(
+      timer.afterDelay(timeout).then([]() -> kj::Promise<kj::Own<NoiseStream>> {
+        return kj::Exception(kj::Exception::Type::OVERLOADED, __FILE__, __LINE__,
+            kj::str("capnp-noise: ", cnoise_status_name(CNOISE_STATUS_HANDSHAKE_TIMEOUT),
+                    ": the connection and its handshake did not complete in time"));
+      }));
+}
+
+}  // namespace
+
 kj::Promise<kj::Own<NoiseStream>> connect(
     kj::Network& network, kj::Timer& timer, kj::StringPtr address, const Identity& identity,
     kj::StringPtr serverVatId, kj::Duration timeout) {
@@ -356,7 +371,7 @@ kj::Promise<kj::Own<NoiseStream>> connect(
     auto stream = connected.then([identity, policy](kj::Own<kj::AsyncIoStream> tcp) {
       return NoiseStream::connect(kj::mv(tcp), identity, policy);
     });
-    return timer.timeoutAfter(timeout, kj::mv(stream));
+    return handshakeWithin(timer, timeout, kj::mv(stream));
   });
 }
 
@@ -373,8 +388,8 @@ kj::Promise<void> Server::listen(kj::ConnectionReceiver& listener) {
 }
 
 void Server::accept(kj::Own<kj::AsyncIoStream> connection) {
-  auto handshake = timer.timeoutAfter(
-      handshakeTimeout, NoiseStream::accept(kj::mv(connection), identity, policy));
+  auto handshake = handshakeWithin(
+      timer, handshakeTimeout, NoiseStream::accept(kj::mv(connection), identity, policy));
   tasks.add(handshake.then(
       [this](kj::Own<NoiseStream> stream) -> kj::Promise<void> {
         // Each connection gets its own TwoPartyServer, so that its bootstrap

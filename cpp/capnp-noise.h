@@ -163,7 +163,7 @@ constexpr kj::Duration DEFAULT_HANDSHAKE_TIMEOUT = 10 * kj::SECONDS;
 
 // Connects to `address` ("host:port") and runs the handshake, pinning the
 // server's VatId `serverVatId`; the TCP connect and the handshake together
-// must finish within `timeout`.
+// must finish within `timeout` (else CNOISE_STATUS_HANDSHAKE_TIMEOUT).
 kj::Promise<kj::Own<NoiseStream>> connect(
     kj::Network& network, kj::Timer& timer, kj::StringPtr address,
     const Identity& identity, kj::StringPtr serverVatId,

@@ -490,6 +490,13 @@ fn cpp_client_against_rust_serve() {
         });
         cpp.truncated(&addr, &vat2);
         done.recv_timeout(Duration::from_secs(10)).unwrap();
+
+        // A server that never answers: the handshake times out.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let silent_addr = silent.local_addr().unwrap();
+        let out = cpp.run(&silent_addr, &vat2, "timeout");
+        assert_line(&out, "TIMEOUT capnp-noise: CNOISE_STATUS_HANDSHAKE_TIMEOUT");
+        drop(silent);
     });
 }
 

@@ -14,6 +14,7 @@
 //               wrongpin   the server is not VATID: expect the refusal
 //               truncated  expect "hello", then a truncation error
 //               bench      sequential calls and 64 KiB echoes, timed
+//               timeout    the server never answers: expect the handshake timeout (300 ms)
 
 #include "capnp-noise.h"
 #include "demo.capnp.h"
@@ -128,6 +129,18 @@ int client(kj::StringPtr address, kj::StringPtr serverVat, kj::StringPtr keyFile
       return strstr(e->getDescription().cStr(), "CNOISE_STATUS_PEER_REFUSED") ? 0 : 1;
     }
     say("CONNECTED to a server that is not the pinned one");
+    return 1;
+  }
+
+  if (scenario == "timeout") {
+    KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
+      capnp_noise::connect(network, io.provider->getTimer(), address, me, serverVat,
+                           300 * kj::MILLISECONDS).wait(ws);
+    })) {
+      say(kj::str("TIMEOUT ", e->getDescription()));
+      return strstr(e->getDescription().cStr(), "CNOISE_STATUS_HANDSHAKE_TIMEOUT") ? 0 : 1;
+    }
+    say("CONNECTED to a server that never answered");
     return 1;
   }
 
