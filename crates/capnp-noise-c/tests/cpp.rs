@@ -657,23 +657,33 @@ fn cpp_against_cpp() {
 }
 
 #[test]
-fn cpp_client_through_the_tunnel_server() {
+fn cpp_through_the_tunnel() {
     use capnp_noise_tunnel::{Tunnel, TunnelConfig};
     each_build(|flavour, program| {
         let keys = Keys::new();
         let (tunnel_id, tunnel_key) = keys.make("tunnel");
         let (client, client_key) = keys.make("client");
         let (other, _) = keys.make("other");
-        // A plain C++ Office server behind `capnp-noise tunnel server`.
+        let (_, cloud_key) = keys.make("cloud");
+        // `office`: a plain C++ Office server behind the tunnel's server
+        // service, reached by the C++ adapter. `cloud`: the tunnel's client
+        // service in front of a capnp-noise C++ server, reached by a plain
+        // C++ client.
         let plain = CppServer::start(program, &["server", &tunnel_key, "plain"]);
+        let cloud = CppServer::start(program, &["server", &cloud_key, "any"]);
         let config = keys.dir.path().join("tunnel.toml");
         std::fs::write(
             &config,
             format!(
-                "identity = {tunnel_key:?}\n\n[service.office]\nmode = \"server\"\n\
-                 listen = \"127.0.0.1:0\"\nconnect = \"{}\"\nallow_vat = [\"{}\"]\n",
+                "identity = {tunnel_key:?}\n\n\
+                 [service.office]\nmode = \"server\"\nlisten = \"127.0.0.1:0\"\n\
+                 connect = \"{}\"\nallow_vat = [\"{}\"]\n\n\
+                 [service.cloud]\nmode = \"client\"\nlisten = \"127.0.0.1:0\"\n\
+                 connect = \"{}\"\npeer = \"{}\"\n",
                 plain.addr,
-                client.vat_id()
+                client.vat_id(),
+                cloud.addr,
+                cloud.vat,
             ),
         )
         .unwrap();
@@ -684,22 +694,36 @@ fn cpp_client_through_the_tunnel_server() {
                 let tunnel = Tunnel::new(TunnelConfig::load(&config).unwrap()).unwrap();
                 let bound = tunnel.bind().await.unwrap();
                 stop_tx.send(bound.shutdown_handle()).unwrap();
-                tx.send(bound.listening()[0].addr).unwrap();
+                tx.send(bound.listening()).unwrap();
                 bound.run().await
             })
         });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(10))
-            .unwrap()
-            .to_string();
+        let listening = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        let addr_of = |name: &str| {
+            listening
+                .iter()
+                .find(|l| l.name == name)
+                .unwrap_or_else(|| panic!("no service {name}"))
+                .addr
+        };
         let vat = tunnel_id.vat_id().to_string();
         let cpp = CppClient {
             program,
             flavour,
             key: &client_key,
         };
-        cpp.calls(&addr, &vat, "plain");
-        cpp.wrong_pin(&addr, &other.vat_id().to_string());
+        cpp.calls(&addr_of("office"), &vat, "plain");
+        cpp.wrong_pin(&addr_of("office"), &other.vat_id().to_string());
+
+        // The C++ server sees the tunnel's VatId: a plain client with the
+        // tunnel's key file runs the `calls` scenario, which checks that.
+        let through = CppClient {
+            program,
+            flavour,
+            key: &tunnel_key,
+        };
+        through.calls(&addr_of("cloud"), "plain", &vat);
+
         let stop = stop_rx.recv().unwrap();
         stop.abort();
         runner.join().unwrap();
