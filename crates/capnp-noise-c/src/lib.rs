@@ -197,7 +197,13 @@ thread_local! {
 fn set_last_error(message: &str) {
     // Interior NULs cannot be in a C string; none are expected.
     let c = CString::new(message.replace('\0', " ")).unwrap_or_default();
-    LAST_ERROR.with(|l| *l.borrow_mut() = c);
+    // try_with: during thread teardown the message is dropped, not a panic
+    // (this runs outside `guard`'s catch_unwind).
+    let _ = LAST_ERROR.try_with(|l| {
+        if let Ok(mut slot) = l.try_borrow_mut() {
+            *slot = c;
+        }
+    });
 }
 
 /// Runs `f`, catching panics, and turns its result into a status (setting
@@ -231,14 +237,15 @@ fn guard_value<T>(fallback: T, f: impl FnOnce() -> T) -> T {
 /// this thread; copy the text to keep it. Never null.
 #[no_mangle]
 pub extern "C" fn cnoise_last_error_message() -> *const c_char {
-    // `with` cannot panic here: the key is never destroyed while a caller
-    // runs on this thread (thread-local destructors run at thread exit).
     guard_value(b"\0".as_ptr().cast(), || {
-        LAST_ERROR.with(|l| {
-            // The CString lives in the thread-local until it is replaced by
-            // `set_last_error`, i.e. until the next failing call: as documented.
-            l.borrow().as_ptr()
-        })
+        LAST_ERROR
+            .try_with(|l| {
+                // The CString lives in the thread-local until it is replaced
+                // by `set_last_error`, i.e. until the next failing call: as
+                // documented.
+                l.borrow().as_ptr()
+            })
+            .unwrap_or(b"\0".as_ptr().cast())
     })
 }
 
