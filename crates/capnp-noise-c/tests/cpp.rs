@@ -780,3 +780,12 @@ fn a_c_program_runs_a_session_through_the_header() {
     assert!(ok, "{out}");
     assert_line(&out, "OK");
 }
+
+#[test]
+fn the_adapter_reassembles_three_byte_reads() {
+    each_build(|flavour, program| {
+        let (ok, out) = run(program, &["trickle"]);
+        assert!(ok, "{flavour}:\n{out}");
+        assert_line(&out, "TRICKLE ok");
+    });
+}

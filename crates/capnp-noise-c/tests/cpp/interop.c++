@@ -8,6 +8,8 @@
 //   interop server KEYFILE any|plain|ALLOWFILE   serve Office on 127.0.0.1 (port printed);
 //                                                plain: no capnp-noise (behind a tunnel)
 //   interop truncate-server KEYFILE              send "hello", then cut the TCP stream
+//   interop trickle                              in-process: both ends over a pipe that
+//                                                delivers at most 3 bytes per read
 //   interop client ADDR VATID|plain KEYFILE SCENARIO
 //     SCENARIO: calls      whoami (must be this vat), a 16 MiB echo, 100 sequential connections
 //               calls-anon the same without the whoami check (a plain server behind a tunnel)
@@ -23,6 +25,7 @@
 #include <kj/async-io.h>
 #include <kj/debug.h>
 #include <kj/main.h>
+#include <kj/vector.h>
 
 #include <chrono>
 #include <cstdio>
@@ -94,6 +97,71 @@ int truncateServer(kj::StringPtr keyFile) {
   // Destroying the stream closes the socket without the authenticated CLOSE.
   stream = nullptr;
   say("CUT");
+  return 0;
+}
+
+// An inner stream that hands out at most 3 bytes per read: the adapter must
+// reassemble preambles, handshake messages and frames from any pieces.
+class Trickle final: public kj::AsyncIoStream {
+public:
+  explicit Trickle(kj::Own<kj::AsyncIoStream> inner): inner(kj::mv(inner)) {}
+  kj::Promise<size_t> tryRead(void* buffer, size_t minBytes, size_t maxBytes) override {
+    KJ_REQUIRE(minBytes <= 3, "Trickle cannot honour a larger minimum", minBytes);
+    return inner->tryRead(buffer, minBytes, kj::min(maxBytes, size_t(3)));
+  }
+  kj::Promise<void> write(const void* buffer, size_t size) override {
+    return inner->write(buffer, size);
+  }
+  kj::Promise<void> write(kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> pieces) override {
+    return inner->write(pieces);
+  }
+  kj::Promise<void> whenWriteDisconnected() override { return inner->whenWriteDisconnected(); }
+  void shutdownWrite() override { inner->shutdownWrite(); }
+
+private:
+  kj::Own<kj::AsyncIoStream> inner;
+};
+
+// Reads until the end of stream (or an exception).
+kj::Promise<void> readAll(kj::AsyncIoStream& stream, kj::Vector<kj::byte>& into) {
+  auto buf = kj::heapArray<kj::byte>(70000);
+  auto& ref = buf;
+  return stream.tryRead(ref.begin(), 1, ref.size())
+      .then([&stream, &into, buf = kj::mv(buf)](size_t n) mutable -> kj::Promise<void> {
+        if (n == 0) return kj::READY_NOW;
+        into.addAll(buf.slice(0, n));
+        return readAll(stream, into);
+      });
+}
+
+int trickle() {
+  auto io = kj::setupAsyncIo();
+  auto& ws = io.waitScope;
+  auto alice = Identity::generate();
+  auto bob = Identity::generate();
+  auto pipe = io.provider->newTwoWayPipe();
+  auto connecting = NoiseStream::connect(kj::heap<Trickle>(kj::mv(pipe.ends[0])), alice,
+                                         Policy::pinned(bob.vatId()));
+  auto accepting = NoiseStream::accept(kj::heap<Trickle>(kj::mv(pipe.ends[1])), bob,
+                                       Policy::pinned(alice.vatId()));
+  auto b = accepting.wait(ws);
+  auto a = connecting.wait(ws);
+  KJ_REQUIRE(a->peerVatId() == bob.vatId() && b->peerVatId() == alice.vatId());
+  KJ_REQUIRE(a->handshakeHash() == b->handshakeHash());
+
+  // 1 MiB from Alice to Bob in uneven pieces, then Alice's CLOSE.
+  auto data = kj::heapArray<kj::byte>(1 << 20);
+  for (size_t i = 0; i < data.size(); i++) data[i] = kj::byte(i * 13 % 256);
+  kj::Vector<kj::byte> got;
+  auto reading = readAll(*b, got);
+  auto writing = a->write(data.begin(), 100000)
+      .then([&]() { return a->write(data.begin() + 100000, data.size() - 100000); })
+      .then([&]() { return a->end(); });
+  writing.wait(ws);
+  reading.wait(ws);
+  KJ_REQUIRE(got.size() == data.size() && memcmp(got.begin(), data.begin(), data.size()) == 0,
+             "the data arrived changed", got.size());
+  say("TRICKLE ok");
   return 0;
 }
 
@@ -243,6 +311,8 @@ int main(int argc, char** argv) {
     kj::StringPtr mode = argc > 1 ? argv[1] : "";
     if (mode == "server" && argc == 4) {
       status = serve(argv[2], argv[3]);
+    } else if (mode == "trickle" && argc == 2) {
+      status = trickle();
     } else if (mode == "truncate-server" && argc == 3) {
       status = truncateServer(argv[2]);
     } else if (mode == "client" && argc == 6) {
