@@ -51,7 +51,7 @@ use std::thread;
 use std::time::Instant;
 
 use capnp_noise::admission::HandshakeSlots;
-use capnp_noise::rpc::{self, ClientOptions, ServerOptions};
+use capnp_noise::rpc::{self, ClientConfig, ServerConfig};
 use capnp_noise::stream::{self, StreamConfig};
 use capnp_noise::wire::{HandshakeConfig, Suite};
 use capnp_noise::{Identity, Pinned};
@@ -685,7 +685,7 @@ fn rpc_calls(c: &Contender, workload: Rpc, n: usize) -> Took {
                     client,
                     ..
                 } => {
-                    let mut options = ServerOptions::default();
+                    let mut options = ServerConfig::default();
                     options.handshake = HandshakeConfig::with_suite(*suite);
                     let serve = rpc::serve(
                         listener,
@@ -726,7 +726,7 @@ fn rpc_calls(c: &Contender, workload: Rpc, n: usize) -> Took {
                         client,
                         ..
                     } => {
-                        let mut options = ClientOptions::default();
+                        let mut options = ClientConfig::default();
                         options.handshake = HandshakeConfig::with_suite(*suite);
                         let (office, conn) =
                             rpc::connect(addr, client, Arc::new(Pinned(server.vat_id())), options)
@@ -855,33 +855,8 @@ fn idle_memory(c: &Contender, connections: usize, burst: bool) -> (f64, f64) {
 /// Bytes in use in the C allocator (glibc `mallinfo2`: all arenas plus
 /// mmapped blocks), which serves both Rust's heap and C code such as
 /// aws-lc (the AEAD key contexts of TLS and capnp-noise alike live there).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn malloc_in_use() -> i64 {
-    #[repr(C)]
-    struct MallInfo2 {
-        arena: usize,
-        ordblks: usize,
-        smblks: usize,
-        hblks: usize,
-        hblkhd: usize,
-        usmblks: usize,
-        fsmblks: usize,
-        uordblks: usize,
-        fordblks: usize,
-        keepcost: usize,
-    }
-    extern "C" {
-        fn mallinfo2() -> MallInfo2;
-    }
-    // SAFETY: mallinfo2 takes no arguments and returns a plain struct
-    // (glibc 2.33 and later).
-    let m = unsafe { mallinfo2() };
-    (m.uordblks + m.hblkhd) as i64
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn malloc_in_use() -> i64 {
-    0
+    capnp_noise_test::heap::in_use() as i64
 }
 
 /// Writes `n` times 64 KiB, the last byte of the last write a '.', then flushes.

@@ -12,7 +12,7 @@ use capnp_noise_test::office;
 use std::sync::Arc;
 use std::time::Instant;
 
-use capnp_noise::rpc::{self, ClientOptions, ServerOptions};
+use capnp_noise::rpc::{self, ClientConfig, ServerConfig};
 use capnp_noise::wire::{HandshakeConfig, Suite};
 use capnp_noise::{Identity, Pinned};
 use capnp_noise_test::schema::demo_capnp::office as office_capnp;
@@ -39,7 +39,7 @@ fn server(suite: Suite, client: &Identity) -> (std::net::SocketAddr, Identity) {
         LocalSet::new().block_on(&rt, async move {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             tx.send(listener.local_addr().unwrap()).unwrap();
-            let mut options = ServerOptions::default();
+            let mut options = ServerConfig::default();
             options.handshake = HandshakeConfig::with_suite(suite);
             rpc::serve(
                 listener,
@@ -92,7 +92,7 @@ fn rpc_calls(c: &mut Criterion) {
         for suite in Suite::ALL {
             let (addr, server_id) = server(suite, &me);
             let office: office_capnp::Client = local.block_on(&rt, async {
-                let mut options = ClientOptions::default();
+                let mut options = ClientConfig::default();
                 options.handshake = HandshakeConfig::with_suite(suite);
                 let (office, connection) =
                     rpc::connect(addr, &me, Arc::new(Pinned(server_id.vat_id())), options)

@@ -83,6 +83,13 @@ pub const DEFAULT_MAX_HANDSHAKES_PER_SOURCE: usize = 16;
 /// Default time a handshake that failed after admission keeps its slot
 /// (see the [module documentation](self)).
 pub const DEFAULT_FAILURE_HOLD: Duration = Duration::from_secs(1);
+/// Default limit of connections from one source address (IPv4 address or
+/// IPv6 /64) that have not yet authenticated: accepted, handshaking or
+/// waiting for a slot.
+pub const DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE: usize = 64;
+/// Default time a responder gives a new connection to deliver its preamble
+/// and message 1 (see [`StreamConfig::first_message_timeout`](crate::stream::StreamConfig::first_message_timeout)).
+pub const DEFAULT_FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The unit a per-source limit counts: an IPv4 address, or the /64 prefix of
 /// an IPv6 address (one host usually owns a whole /64). IPv4-mapped IPv6
@@ -365,6 +372,90 @@ impl Drop for SlotPermit {
 impl fmt::Debug for SlotPermit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SlotPermit").finish_non_exhaustive()
+    }
+}
+
+/// A cap on the connections one source address (IPv4 address, IPv6 /64) has
+/// open and not yet authenticated, counted from `accept` to the end of the
+/// handshake. [`HandshakeSlots`] bounds the work of handshakes past message
+/// 1; this bounds the sockets and connection permits that silent or slow
+/// connections from one host can hold before that, so that one host cannot
+/// take a listener's whole `max_connections`. Cheap to clone (clones share
+/// the counts); the table holds one entry per source with connections
+/// counted, so at most one per connection.
+///
+/// A server calls [`try_acquire`](Self::try_acquire) with the peer's
+/// address right after `accept`, closes the connection at once on `None`,
+/// and keeps the guard until the handshake has ended.
+///
+/// ```
+/// use capnp_noise::admission::UnauthenticatedLimit;
+/// use std::net::{IpAddr, Ipv4Addr};
+///
+/// let limit = UnauthenticatedLimit::new(2);
+/// let host: IpAddr = Ipv4Addr::new(192, 0, 2, 7).into();
+/// let a = limit.try_acquire(host).unwrap();
+/// let _b = limit.try_acquire(host).unwrap();
+/// assert!(limit.try_acquire(host).is_none()); // a third one is closed at once
+/// drop(a); // its handshake ended
+/// assert!(limit.try_acquire(host).is_some());
+/// ```
+#[derive(Clone, Debug)]
+pub struct UnauthenticatedLimit {
+    max_per_source: usize,
+    counts: Arc<Mutex<HashMap<Source, usize>>>,
+}
+
+/// One connection counted by an [`UnauthenticatedLimit`]: dropping it (when
+/// the handshake ends) gives its source's place back.
+#[must_use = "dropping the guard at once frees the place: keep it until the handshake ends"]
+#[derive(Debug)]
+pub struct UnauthenticatedGuard {
+    source: Source,
+    counts: Arc<Mutex<HashMap<Source, usize>>>,
+}
+
+impl UnauthenticatedLimit {
+    /// At most `max_per_source` unauthenticated connections per source (zero
+    /// counts as one).
+    pub fn new(max_per_source: usize) -> Self {
+        UnauthenticatedLimit {
+            max_per_source: max_per_source.max(1),
+            counts: Arc::default(),
+        }
+    }
+
+    /// The limit per source.
+    pub fn max_per_source(&self) -> usize {
+        self.max_per_source
+    }
+
+    /// Counts a new connection from `addr`, or `None` if its source already
+    /// has `max_per_source` connections not yet authenticated.
+    pub fn try_acquire(&self, addr: IpAddr) -> Option<UnauthenticatedGuard> {
+        let source = Source::of(addr);
+        let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = counts.entry(source).or_insert(0);
+        if *n >= self.max_per_source {
+            return None;
+        }
+        *n += 1;
+        Some(UnauthenticatedGuard {
+            source,
+            counts: self.counts.clone(),
+        })
+    }
+}
+
+impl Drop for UnauthenticatedGuard {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = counts.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.source);
+            }
+        }
     }
 }
 

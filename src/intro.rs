@@ -22,7 +22,10 @@
 //! runs it over capnp-rpc.
 //!
 //! This module is the sans-IO part: it never touches a socket or the clock
-//! (time is passed in as `now`).
+//! (time is passed in as `now`). A program on a [`Network`](crate::network::Network)
+//! does not need it directly: [`Network::introduce`](crate::network::Network::introduce)
+//! and [`Network::redeem`](crate::network::Network::redeem) do all of the
+//! following, and the module docs of [`crate::network`] show them at work.
 //!
 //! * [`Introduction`]: built and signed by the introducer
 //!   ([`Introduction::new`]), encoded as a `ThirdPartyToContact`
@@ -91,7 +94,7 @@ use crate::sturdy::{read_addresses, write_addresses, Address, MAX_ADDRESSES};
 use crate::vat_id::VatId;
 
 mod handoff;
-pub use handoff::{HandoffLimits, HandoffTable, PendingRedeem, Redeem};
+pub use handoff::{HandoffConfig, HandoffTable, PendingRedeem, Redeem};
 
 /// The domain-separation prefix of the introducer's signature.
 pub const INTRODUCTION_CONTEXT: &[u8] = b"capnp-noise/v1 introduction:";
@@ -104,6 +107,13 @@ pub const MAX_FORWARDS: usize = 1;
 /// The longest encoded `ThirdPartyToContact`, `ThirdPartyCompletion` or
 /// `ThirdPartyToAwait` message accepted by the `decode` functions.
 pub const MAX_ENCODED_LEN: usize = 8192;
+/// The most words a `ThirdPartyToContact` struct may take, counting every
+/// pointer target as often as it is pointed to (which is what a canonical
+/// copy costs): as much as fits in [`MAX_ENCODED_LEN`] bytes. Checked before
+/// anything is copied, canonicalised or hashed, so that a struct whose
+/// pointers all share one blob (small on the wire, huge once copied) is
+/// refused for what it would cost.
+pub const MAX_CONTACT_WORDS: u64 = (MAX_ENCODED_LEN / 8) as u64;
 /// The latest expiry an introduction may carry: 9999-12-31T23:59:59Z, in Unix seconds.
 pub const MAX_EXPIRES_AT: u64 = 253_402_300_799;
 
@@ -111,8 +121,9 @@ pub const MAX_EXPIRES_AT: u64 = 253_402_300_799;
 pub type Nonce = [u8; NONCE_LEN];
 
 /// Reading limits for untrusted introductions. Decoding reads every word about
-/// three times (the fields, then the size and the canonical copy of the
-/// signed struct), hence four times the largest message.
+/// three times (the size of the contact, then the size and the canonical copy
+/// of the signed struct; the fields are read from the copy), hence four times
+/// the largest message.
 const READER_OPTIONS: ReaderOptions = ReaderOptions {
     traversal_limit_in_words: Some(4 * MAX_ENCODED_LEN / 8),
     nesting_limit: 8,
@@ -206,16 +217,16 @@ fn malformed(why: impl Into<String>) -> Error {
 /// Unix seconds of `t`, rounded down.
 ///
 /// # Errors
-/// [`Error::Config`] if `t` is before 1970 or after [`MAX_EXPIRES_AT`].
+/// [`Error::Misuse`] if `t` is before 1970 or after [`MAX_EXPIRES_AT`].
 fn unix_secs(t: SystemTime) -> Result<u64> {
     let secs = t
         .duration_since(UNIX_EPOCH)
-        .map_err(|_| Error::Config("an expiry before 1970 cannot be encoded".into()))?
+        .map_err(|_| Error::Misuse("an expiry before 1970 cannot be encoded"))?
         .as_secs();
     if secs > MAX_EXPIRES_AT {
-        return Err(Error::Config(format!(
-            "an expiry after Unix time {MAX_EXPIRES_AT} (year 9999) cannot be encoded"
-        )));
+        return Err(Error::Misuse(
+            "an expiry after the year 9999 (MAX_EXPIRES_AT) cannot be encoded",
+        ));
     }
     Ok(secs)
 }
@@ -359,7 +370,7 @@ impl Introduction {
     /// also ask the provider to expect it ([`Introduction::to_await`]).
     ///
     /// # Errors
-    /// [`Error::Config`] if `expires_at` is before 1970 or after
+    /// [`Error::Misuse`] if `expires_at` is before 1970 or after
     /// [`MAX_EXPIRES_AT`], or there are more than [`MAX_ADDRESSES`] addresses.
     pub fn new(
         introducer: &Identity,
@@ -371,10 +382,9 @@ impl Introduction {
     ) -> Result<Self> {
         let expires_at = unix_secs(expires_at)?;
         if provider_addresses.len() > MAX_ADDRESSES {
-            return Err(Error::Config(format!(
-                "an introduction carries at most {MAX_ADDRESSES} addresses, not {}",
-                provider_addresses.len()
-            )));
+            return Err(Error::Misuse(
+                "an introduction carries at most MAX_ADDRESSES provider addresses",
+            ));
         }
         let mut message = Builder::new_default();
         {
@@ -399,7 +409,10 @@ impl Introduction {
         let canonical = message
             .get_root_as_reader::<introduction::Reader>()
             .and_then(canonical_bytes)
-            .map_err(|e| Error::Config(format!("cannot encode the introduction: {e}")))?;
+            .map_err(|source| Error::Rpc {
+                during: "encoding of the introduction",
+                source,
+            })?;
         let signature = introducer.sign(&signing_message(&canonical));
         Ok(Introduction {
             provider,
@@ -486,13 +499,13 @@ impl Introduction {
     /// then accept it only from `to`.
     ///
     /// # Errors
-    /// [`Error::Config`] if `holder` is not the current holder;
+    /// [`Error::Misuse`] if `holder` is not the current holder;
     /// [`IntroductionError::Limit`] if the chain already has
     /// [`MAX_FORWARDS`] links.
     pub fn forward(&self, holder: &Identity, to: VatId) -> Result<Introduction> {
         if holder.vat_id() != *self.holder() {
-            return Err(Error::Config(
-                "only the current holder of an introduction can forward it".into(),
+            return Err(Error::Misuse(
+                "only the current holder of an introduction can forward it",
             ));
         }
         if self.forwards.len() >= MAX_FORWARDS {
@@ -595,6 +608,17 @@ impl Introduction {
     /// [`IntroductionError::Malformed`] naming the missing or malformed field
     /// (including more than [`MAX_FORWARDS`] links or [`MAX_ADDRESSES`] addresses).
     pub fn read_from(reader: third_party_to_contact::Reader<'_>) -> Result<Self> {
+        // Sizing visits each pointer once and copies nothing; its cost is
+        // bounded by the enclosing message's own traversal limit.
+        let size = reader
+            .total_size()
+            .map_err(|e| malformed(format!("bad contact: {e}")))?;
+        if size.word_count > MAX_CONTACT_WORDS {
+            return Err(malformed(format!(
+                "the contact takes {} words once shared pointers are expanded; at most {MAX_CONTACT_WORDS} are accepted",
+                size.word_count
+            )));
+        }
         if !reader.has_introduction() {
             return Err(malformed("introduction is missing"));
         }
@@ -610,6 +634,10 @@ impl Introduction {
         let (provider, provider_addresses, introducer, recipient, nonce, expires_at) =
             with_canonical(&canonical, |intro| {
                 let intro = intro.map_err(|e| malformed(format!("bad introduction: {e}")))?;
+                // Every field, unknown ones included, within the nesting limit.
+                intro
+                    .total_size()
+                    .map_err(|e| malformed(format!("bad introduction: {e}")))?;
                 Ok::<_, Error>((
                     read_vat(intro.has_provider(), intro.get_provider(), "provider")?,
                     read_addresses(intro.get_provider_addresses())
@@ -730,7 +758,7 @@ impl ThirdPartyToAwait {
     /// from [`Introduction::to_await`].
     ///
     /// # Errors
-    /// [`Error::Config`] if `expires_at` is before 1970 or after [`MAX_EXPIRES_AT`].
+    /// [`Error::Misuse`] if `expires_at` is before 1970 or after [`MAX_EXPIRES_AT`].
     pub fn new(recipient: VatId, nonce: Nonce, expires_at: SystemTime) -> Result<Self> {
         Ok(ThirdPartyToAwait {
             recipient,

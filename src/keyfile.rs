@@ -10,6 +10,18 @@
 //!   person already manages can be a vat's identity. The VatId is then the
 //!   very key in the matching `.pub` file.
 //!
+//!   **A key that an ssh-agent holds is a key anyone who can use that agent
+//!   can sign with.** The agent signs whatever bytes it is asked to, raw
+//!   Ed25519 for an `ssh-ed25519` key, and capnp-noise's identity binding
+//!   (SPEC.md 5.2) and introductions (SPEC.md 12.4.1) are plain Ed25519
+//!   signatures under the vat's key. So every process that can reach the
+//!   agent's socket (`SSH_AUTH_SOCK`), and every host the agent is
+//!   forwarded to (`ssh -A`), can bind its own Noise key to the VatId,
+//!   that is, be the vat to any peer, and sign introductions as it. Reusing
+//!   an SSH key as a vat identity makes the vat exactly as trustworthy as
+//!   the least trusted place that agent reaches; give vats keys of their
+//!   own (`capnp-noise keygen`) unless that is what you mean.
+//!
 //! Only the long-term Ed25519 key is stored. The Noise static key is
 //! generated afresh each time an identity is loaded (SPEC.md, "Identity
 //! binding").

@@ -10,6 +10,90 @@
 //! as capnp-rpc requires). [`Network::connect`] returns a peer's bootstrap
 //! capability, reusing the live connection or opening one.
 //!
+//! # Example
+//!
+//! Three vats on loopback, each serving its peers an `Office` that knows
+//! who calls (the schema and service of the [crate-level
+//! example](crate#example-a-server-and-a-client)). Bob calls Carol, then
+//! introduces Alice to his `Office` at Carol: Alice redeems it with Carol
+//! directly, and Carol gives her an `Office` of her own.
+//!
+//! ```
+//! use std::time::Duration;
+//! use capnp_noise::network::{Introduction, Network, NetworkConfig, PeerInfo, Redeemed};
+//! use capnp_noise::{Identity, VatId};
+//! # use capnp_noise_test::schema::demo_capnp as office_capnp;
+//! use office_capnp::office;
+//!
+//! struct Office { caller: VatId }
+//!
+//! impl office::Server for Office {
+//!     async fn whoami(
+//!         self: capnp::capability::Rc<Self>,
+//!         _: office::WhoamiParams,
+//!         mut results: office::WhoamiResults,
+//!     ) -> Result<(), capnp::Error> {
+//!         results.get().set_vat_id(self.caller.to_string());
+//!         Ok(())
+//!     }
+//! }
+//!
+//! /// A vat listening on a loopback port that serves each peer an Office.
+//! async fn vat() -> capnp_noise::Result<Network> {
+//!     Network::builder(Identity::generate())
+//!         .listen("127.0.0.1:0".parse().unwrap())
+//!         .config(NetworkConfig::default().with_idle_timeout(Some(Duration::from_secs(300))))
+//!         .bootstrap(|peer: &PeerInfo| -> office::Client {
+//!             capnp_rpc::new_client(Office { caller: peer.vat_id })
+//!         })
+//!         // An Office answers as the vat it was made for, so an introduced
+//!         // one is not handed on as it is: each redeemer gets its own. (This
+//!         // vat hosts nothing else; without this hook it hands off nothing.)
+//!         .on_redeem(|r: &Redeemed, _introduced| {
+//!             capnp_rpc::new_client::<office::Client, _>(Office { caller: r.redeemer }).client
+//!         })
+//!         .start()
+//!         .await
+//! }
+//!
+//! #[tokio::main(flavor = "current_thread")]
+//! async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     // capnp-rpc is single-threaded: run the vats on a LocalSet.
+//!     tokio::task::LocalSet::new().run_until(async {
+//!         let (alice, bob, carol) = (vat().await?, vat().await?, vat().await?);
+//!         // Bob learns where Carol listens, and calls her by her VatId.
+//!         bob.add_addresses(carol.vat_id(), carol.advertised_addresses());
+//!         let at_carol: office::Client = bob.connect(&carol.vat_id()).await?;
+//!         let reply = at_carol.whoami_request().send().promise.await?;
+//!         assert_eq!(reply.get()?.get_vat_id()?.to_str()?, bob.vat_id().to_string());
+//!
+//!         // Bob introduces Alice to his Office at Carol and sends her the
+//!         // introduction (as bytes: in a call, a file, ...).
+//!         let introduction = bob.introduce(&at_carol, &carol.vat_id(), &alice.vat_id()).await?;
+//!         let bytes = introduction.encode();
+//!         // Alice connects to Carol (the introduction says where) and
+//!         // redeems it: Carol, who knows it is Alice, gives her an Office.
+//!         let office: office::Client = alice.redeem(&Introduction::decode(&bytes)?).await?;
+//!         let reply = office.whoami_request().send().promise.await?;
+//!         assert_eq!(reply.get()?.get_vat_id()?.to_str()?, alice.vat_id().to_string());
+//!         assert_eq!(alice.connections()[0].peer.vat_id, carol.vat_id());
+//!
+//!         for vat in [alice, bob, carol] {
+//!             vat.shutdown().await;
+//!         }
+//!         Ok(())
+//!     }).await
+//! }
+//! ```
+//!
+//! [`NetworkBuilder::on_redeem`] says what a redeemer gets (the
+//! [`Redeemed`] names the introducer, the redeemer and the handoff); a vat
+//! whose objects do not depend on who calls can hand them on as they are
+//! with [`NetworkBuilder::hand_off_as_is`]. A vat that knows another only by an address
+//! adds it with [`Network::add_addresses`] (an [`Address`] parses from
+//! `"host:port"`, or converts from a `SocketAddr` with `try_from`); a
+//! [`SturdyRef`] names both ([`Network::learn_sturdy_ref`]).
+//!
 //! # One connection per pair
 //!
 //! When two vats dial each other at the same time ("crossed dials",
@@ -26,7 +110,7 @@
 //!
 //! A dropped connection is forgotten and reopened by the next
 //! [`Network::connect`]; capabilities obtained over it are broken (as with
-//! any capnp-rpc disconnect). With [`NetworkOptions::idle_timeout`], a
+//! any capnp-rpc disconnect). With [`NetworkConfig::idle_timeout`], a
 //! connection that moves no bytes for that long is closed.
 //!
 //! # Introductions
@@ -35,45 +119,38 @@
 //! passed it. A network adds introductions on top (see [`crate::intro`] for
 //! the messages and SPEC.md §12 for the protocol): Bob, holding a capability
 //! hosted by Carol, calls [`Network::introduce`] and gives Alice the signed
-//! [`Introduction`](crate::intro::Introduction); Alice calls [`Network::redeem`], which connects straight
+//! [`Introduction`]; Alice calls [`Network::redeem`], which connects straight
 //! to Carol (authenticated as Alice, Carol pinned) and returns the
 //! capability. Alice's calls then go to Carol directly and keep working
 //! after Bob has gone.
+//!
+//! Carol hands off only what her application decides, per redeemer: an
+//! object bound to its caller (the per-peer bootstrap captures the caller's
+//! VatId) must not reach Alice as it is, or it would answer her as Bob. So
+//! a provider without a [`NetworkBuilder::on_redeem`] hook, which builds
+//! each redeemer its own object, refuses every `provide`
+//! ([`NetworkBuilder::hand_off_as_is`] is that hook for vats whose objects
+//! do not depend on who calls).
 //!
 //! Every connection's bootstrap capability is a `Vat` (`schema/network.capnp`)
 //! carrying the handoff calls; the application's own bootstrap capability,
 //! built per peer by the factory given to [`NetworkBuilder::bootstrap`], is
 //! returned by `Vat.bootstrap`, which [`Network::connect`] calls for you.
 //!
-//! ```no_run
-//! use capnp_noise::network::Network;
-//! use capnp_noise::rpc::PeerInfo;
-//! use capnp_noise::Identity;
-//!
-//! # async fn demo(carol: capnp_noise::VatId, alice: capnp_noise::VatId) -> capnp_noise::Result<()> {
-//! // Inside a tokio LocalSet (capnp-rpc is single-threaded).
-//! let bob = Network::builder(Identity::generate())
-//!     .listen("127.0.0.1:0".parse().unwrap())
-//!     .bootstrap(|peer: &PeerInfo| -> capnp::capability::Client {
-//!         capnp_rpc::new_broken_cap(capnp::Error::failed(format!("nothing for {}", peer.vat_id)))
-//!     })
-//!     .start()
-//!     .await?;
-//! bob.add_addresses(carol, &["127.0.0.1:4000".parse()?]);
-//! let at_carol: capnp::capability::Client = bob.connect(&carol).await?;
-//! let introduction = bob.introduce(&at_carol, &carol, &alice).await?;
-//! // ... give `introduction.encode()` to Alice, who calls `network.redeem(&intro)`.
-//! # Ok(()) }
-//! ```
-//!
 //! # Limits
 //!
-//! Connections in all ([`NetworkOptions::max_connections`]), handshakes at
-//! once, known vats ([`NetworkOptions::max_known_vats`], 16 addresses each),
-//! the provider's handoff table ([`NetworkOptions::handoff`]), and every wait:
-//! dials and `hello` ([`NetworkOptions::connect_timeout`]), redeems
-//! ([`NetworkOptions::redeem_timeout`]) and the provider's wait for the
-//! introducer ([`HandoffLimits::max_wait`](crate::intro::HandoffLimits::max_wait)).
+//! Connections in all ([`NetworkConfig::max_connections`], part of them
+//! kept for dials: [`NetworkConfig::reserved_for_dials`]), unauthenticated
+//! connections per source address and the time they have to speak
+//! ([`NetworkConfig::max_unauthenticated_per_source`],
+//! [`NetworkConfig::first_message_timeout`]), connections waiting for a
+//! peer's `hello` ([`NetworkConfig::max_unsettled_per_vat`]), handshakes at
+//! once, known vats ([`NetworkConfig::max_known_vats`], 16 addresses each),
+//! the provider's handoff table ([`NetworkConfig::handoff`]), and every wait:
+//! dials and `hello` ([`NetworkConfig::connect_timeout`]), redeems
+//! ([`NetworkConfig::redeem_timeout`]) and the provider's wait for the
+//! introducer ([`HandoffConfig::max_wait`]). Set them with the `with_*`
+//! setters of [`NetworkConfig`] and [`HandoffConfig`].
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -87,9 +164,7 @@ use crate::error::Result;
 use crate::identity::Identity;
 use crate::intro::HandoffTable;
 use crate::policy::AnyVat;
-use crate::rpc::PeerInfo;
 use crate::schema::network_capnp::vat;
-use crate::sturdy::{Address, SturdyRef};
 use crate::vat_id::VatId;
 
 mod book;
@@ -102,7 +177,14 @@ mod tiebreak;
 
 pub use builder::NetworkBuilder;
 pub use handoff::Redeemed;
-pub use options::NetworkOptions;
+pub use options::NetworkConfig;
+
+// What a network's user meets in its signatures, so that `use
+// capnp_noise::network::*` is enough to write one.
+pub use crate::intro::{HandoffConfig, Introduction, Nonce, ThirdPartyToAwait};
+pub use crate::rpc::PeerInfo;
+pub use crate::sturdy::{Address, SturdyRef};
+pub use crate::wire::HandshakeConfig;
 
 use connections::{Conn, Inner, Status, CLOSE_TIMEOUT};
 use tiebreak::CROSSED;
@@ -144,7 +226,7 @@ impl Network {
             identity,
             listen: None,
             policy: Arc::new(AnyVat),
-            options: NetworkOptions::default(),
+            options: NetworkConfig::default(),
             bootstrap: None,
             on_redeem: None,
         }
@@ -155,7 +237,10 @@ impl Network {
         self.inner.vat_id
     }
 
-    /// The listener's local address, if the network listens.
+    /// The listener's local address, if the network listens. To tell other
+    /// vats where to reach this one, give them
+    /// [`advertised_addresses`](Self::advertised_addresses) (by default this
+    /// address), or convert it with [`Address::try_from`].
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.inner.local
     }
@@ -166,12 +251,14 @@ impl Network {
     }
 
     /// The settings in force.
-    pub fn options(&self) -> &NetworkOptions {
+    pub fn config(&self) -> &NetworkConfig {
         &self.inner.options
     }
 
-    /// Adds addresses where `vat` can be reached to the address book (after
-    /// those already known; at most 16 per vat).
+    /// Adds configured addresses where `vat` can be reached to the address
+    /// book: after the configured ones already known and before any learned
+    /// from an introduction (which give way if the 16 places are full).
+    /// Configured addresses are never forgotten for failing.
     pub fn add_addresses(&self, vat: VatId, addresses: &[Address]) {
         self.inner.state.borrow_mut().book.learn(vat, addresses);
     }
@@ -197,10 +284,18 @@ impl Network {
     /// returned client is pipelined: calls on it may be sent at once.
     ///
     /// # Errors
-    /// [`Error::Config`](crate::Error::Config) if no address is known or `vat` is this vat;
-    /// the errors of the dials ([`Error::PeerRefused`](crate::Error::PeerRefused) for a peer that is
-    /// not `vat`, [`Error::HandshakeTimeout`](crate::Error::HandshakeTimeout), [`Error::Io`](crate::Error::Io)); [`Error::Io`](crate::Error::Io)
-    /// if the network is shut down or at its connection limit.
+    /// [`Error::NoAddress`](crate::Error::NoAddress) if no address is
+    /// known for `vat`; [`Error::Misuse`](crate::Error::Misuse) if `vat` is
+    /// this vat; [`Error::ShutDown`](crate::Error::ShutDown);
+    /// [`Error::ConnectionLimit`](crate::Error::ConnectionLimit); the errors
+    /// of the dials ([`Error::PeerRefused`](crate::Error::PeerRefused) for a
+    /// peer that is not `vat`,
+    /// [`Error::HandshakeTimeout`](crate::Error::HandshakeTimeout),
+    /// [`Error::Io`](crate::Error::Io)); after the dial,
+    /// [`Error::ClosedByPeer`](crate::Error::ClosedByPeer) if the peer hangs
+    /// up (it may refuse this vat) and
+    /// [`Error::NoAgreedConnection`](crate::Error::NoAgreedConnection) if
+    /// crossed dials do not settle in time.
     pub async fn connect<C: FromClientHook>(&self, vat: &VatId) -> Result<C> {
         let conn = self.inner.live(vat).await?;
         Ok(C::new(conn.app().hook))

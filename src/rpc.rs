@@ -13,11 +13,15 @@
 //! with a [`PeerInfo`]. Capture the VatId in the server object, and every
 //! method then knows which vat is calling, with no "login" call and nothing
 //! the caller could forge. The factory can also decide what to expose: a
-//! different capability per caller, or a restricted one.
+//! different capability per caller, or a restricted one. Such an object
+//! speaks for its caller: do not hand it to anyone else (a network refuses
+//! to introduce it unless its `on_redeem` hook builds each redeemer its
+//! own: see [`crate::network`]).
 //!
 //! ```no_run
-//! use capnp_noise::rpc::{self, PeerInfo, ServerOptions};
-//! use capnp_noise_test::schema::demo_capnp::office;
+//! use capnp_noise::rpc::{self, PeerInfo, ServerConfig};
+//! # use capnp_noise_test::schema::demo_capnp as office_capnp;
+//! use office_capnp::office; // your schema, compiled by capnpc (see the crate docs)
 //! use capnp_noise::{AnyVat, Identity, VatId};
 //! use std::sync::Arc;
 //!
@@ -44,7 +48,7 @@
 //!         listener,
 //!         server,
 //!         Arc::new(AnyVat), // or Pinned, an allow list, any closure
-//!         ServerOptions::default(),
+//!         ServerConfig::default(),
 //!         |peer: &PeerInfo| -> office::Client {
 //!             capnp_rpc::new_client(Office { caller: peer.vat_id })
 //!         },
@@ -53,11 +57,14 @@
 //! # Ok(()) }
 //! ```
 //!
-//! And the client, which requires the server's VatId:
+//! And the client, which requires the server's VatId (given to it out of
+//! band: the server prints `server.vat_id()`, the client parses that
+//! `vat1…` text with `str::parse`):
 //!
 //! ```no_run
-//! use capnp_noise::rpc::{self, ClientOptions};
-//! use capnp_noise_test::schema::demo_capnp::office;
+//! use capnp_noise::rpc::{self, ClientConfig};
+//! # use capnp_noise_test::schema::demo_capnp as office_capnp;
+//! use office_capnp::office; // your schema, compiled by capnpc (see the crate docs)
 //! use capnp_noise::{Identity, Pinned, VatId};
 //! use std::sync::Arc;
 //!
@@ -65,7 +72,7 @@
 //! let me = Identity::generate();
 //! // Inside a LocalSet: the RpcSystem is spawned on it.
 //! let (office, connection): (office::Client, _) =
-//!     rpc::connect("127.0.0.1:4000", &me, Arc::new(Pinned(server)), ClientOptions::default())
+//!     rpc::connect("127.0.0.1:4000", &me, Arc::new(Pinned(server)), ClientConfig::default())
 //!         .await?;
 //! let reply = office.whoami_request().send().promise.await.unwrap();
 //! assert_eq!(reply.get().unwrap().get_vat_id().unwrap().to_str().unwrap(), me.vat_id().to_string());
@@ -77,13 +84,18 @@
 //!
 //! * A connection costs no public-key work until its preamble and a
 //!   well-formed message 1 arrived; then it needs a handshake slot
-//!   ([`ServerOptions::max_handshakes`] in total,
-//!   [`ServerOptions::max_handshakes_per_source`] per source address: see
+//!   ([`ServerConfig::max_handshakes`] in total,
+//!   [`ServerConfig::max_handshakes_per_source`] per source address: see
 //!   [`crate::admission`]), and every handshake must finish within
-//!   [`ServerOptions::handshake_timeout`], so unauthenticated peers cannot
+//!   [`ServerConfig::handshake_timeout`], so unauthenticated peers cannot
 //!   hold much; connections are limited too
-//!   ([`ServerOptions::max_connections`]): at the limit the server stops
+//!   ([`ServerConfig::max_connections`]): at the limit the server stops
 //!   accepting until one ends (new clients wait in the kernel's backlog).
+//!   So that one host cannot hold them all with connections that say
+//!   nothing, a source address has at most
+//!   [`ServerConfig::max_unauthenticated_per_source`] connections not yet
+//!   authenticated (more are closed at once), and each must deliver its
+//!   message 1 within [`ServerConfig::first_message_timeout`].
 //! * Incoming messages are bounded by [`capnp::message::ReaderOptions`]
 //!   (default traversal limit 8 Mi words = 64 MiB per message); set
 //!   `reader_options` on both ends to the largest message you expect.
@@ -111,7 +123,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use crate::admission::{HandshakeSlots, DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_SOURCE};
+use crate::admission::{
+    HandshakeSlots, UnauthenticatedLimit, DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
+};
 use crate::error::{Error, Result};
 use crate::identity::Identity;
 use crate::policy::PeerPolicy;
@@ -135,6 +149,12 @@ pub struct PeerInfo {
     pub handshake_hash: [u8; HANDSHAKE_HASH_LEN],
     /// The cipher suite in use.
     pub suite: Suite,
+    /// For a connection this vat initiated: the suite it proposed first,
+    /// if the responder closed without answering it and this connection is
+    /// the retry with the mandatory suite (SPEC.md 2;
+    /// [`HandshakeConfig::fallback_after`]). A sign that the responder does
+    /// not accept the preferred suite. `None` otherwise.
+    pub unanswered_suite: Option<Suite>,
 }
 
 impl PeerInfo {
@@ -144,14 +164,26 @@ impl PeerInfo {
             remote_addr,
             handshake_hash: *stream.handshake_hash(),
             suite: stream.suite(),
+            unanswered_suite: None,
         }
     }
 }
 
-/// Settings of [`serve`].
+/// Settings of [`serve`]: start from [`Default`] and change what you need
+/// with the `with_*` setters (the struct is `#[non_exhaustive]`).
+///
+/// ```
+/// use std::time::Duration;
+/// use capnp_noise::rpc::ServerConfig;
+///
+/// let options = ServerConfig::default()
+///     .with_max_connections(256)
+///     .with_handshake_timeout(Duration::from_secs(5));
+/// assert_eq!(options.max_connections, 256);
+/// ```
 #[derive(Debug, Clone)]
 #[non_exhaustive]
-pub struct ServerOptions {
+pub struct ServerConfig {
     /// Suites accepted and session settings.
     pub handshake: HandshakeConfig,
     /// The longest a handshake may take, and the longest a new connection
@@ -173,46 +205,98 @@ pub struct ServerOptions {
     pub handshake_failure_hold: Duration,
     /// Connections open at once, handshaking or established. Default 1024.
     pub max_connections: usize,
+    /// Connections from one source address (IPv4 address, IPv6 /64) open
+    /// and not yet authenticated; more are closed as soon as they are
+    /// accepted, so that one host cannot hold `max_connections` (see
+    /// [`UnauthenticatedLimit`]).
+    /// Default
+    /// [`DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE`](crate::admission::DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE), 64.
+    pub max_unauthenticated_per_source: usize,
+    /// How long a new connection has to deliver its preamble and message 1
+    /// (see [`StreamConfig::first_message_timeout`]). Default
+    /// [`DEFAULT_FIRST_MESSAGE_TIMEOUT`](crate::admission::DEFAULT_FIRST_MESSAGE_TIMEOUT), 3 s.
+    pub first_message_timeout: Duration,
     /// Limits on incoming messages (traversal limit, nesting).
     pub reader_options: ReaderOptions,
 }
 
-impl Default for ServerOptions {
+impl Default for ServerConfig {
     fn default() -> Self {
-        ServerOptions {
+        ServerConfig {
             handshake: HandshakeConfig::default(),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             max_handshakes: DEFAULT_MAX_HANDSHAKES,
             max_handshakes_per_source: DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
             handshake_failure_hold: crate::admission::DEFAULT_FAILURE_HOLD,
             max_connections: 1024,
+            max_unauthenticated_per_source:
+                crate::admission::DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE,
+            first_message_timeout: crate::admission::DEFAULT_FIRST_MESSAGE_TIMEOUT,
             reader_options: ReaderOptions::new(),
         }
     }
 }
 
-/// Settings of [`connect`].
+/// Settings of [`connect`] and [`connect_sturdy`]: start from [`Default`]
+/// and change what you need with the `with_*` setters (the struct is
+/// `#[non_exhaustive]`).
+///
+/// ```
+/// use std::time::Duration;
+/// use capnp_noise::rpc::ClientConfig;
+/// use capnp_noise::wire::{HandshakeConfig, Suite};
+///
+/// let options = ClientConfig::default()
+///     .with_timeout(Duration::from_secs(3))
+///     .with_handshake(HandshakeConfig::with_suite(Suite::AesGcmSha256));
+/// assert_eq!(options.timeout, Duration::from_secs(3));
+/// ```
 #[derive(Debug, Clone)]
 #[non_exhaustive]
-pub struct ClientOptions {
-    /// The suite proposed (the first one) and session settings.
+pub struct ClientConfig {
+    /// The suites this client accepts, in its order of preference, and
+    /// session settings. It proposes the first suite; if the server closes
+    /// without answering it, [`connect`] retries once, on a new connection,
+    /// with the mandatory suite when the list holds it (see
+    /// [`HandshakeConfig::fallback_after`]). Default: every suite, the
+    /// fastest on this machine first. `HandshakeConfig::with_suite(s)`
+    /// proposes only `s`, without retry.
     pub handshake: HandshakeConfig,
-    /// The longest the TCP connect may take, and then again the handshake.
-    /// Default [`DEFAULT_HANDSHAKE_TIMEOUT`].
+    /// The longest the TCP connect may take, and then again the handshake;
+    /// the retry with the mandatory suite, if one is made, gets the same
+    /// again. Default [`DEFAULT_HANDSHAKE_TIMEOUT`].
     pub timeout: Duration,
     /// Limits on incoming messages (traversal limit, nesting).
     pub reader_options: ReaderOptions,
 }
 
-impl Default for ClientOptions {
+impl Default for ClientConfig {
     fn default() -> Self {
-        ClientOptions {
+        ClientConfig {
             handshake: HandshakeConfig::default(),
             timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             reader_options: ReaderOptions::new(),
         }
     }
 }
+
+setters!(ServerConfig {
+    with_handshake => handshake: HandshakeConfig,
+    with_handshake_timeout => handshake_timeout: Duration,
+    with_max_handshakes => max_handshakes: usize,
+    with_max_handshakes_per_source => max_handshakes_per_source: usize,
+    with_handshake_failure_hold => handshake_failure_hold: Duration,
+    with_max_connections => max_connections: usize,
+    with_max_unauthenticated_per_source => max_unauthenticated_per_source: usize,
+    with_first_message_timeout => first_message_timeout: Duration,
+    with_reader_options => reader_options: ReaderOptions,
+});
+
+setters!(ClientConfig {
+    with_handshake => handshake: HandshakeConfig,
+    with_timeout => timeout: Duration,
+    with_reader_options => reader_options: ReaderOptions,
+});
 
 /// Accepts connections on `listener` forever, serving each authenticated
 /// peer its own bootstrap capability.
@@ -237,7 +321,7 @@ pub async fn serve<F, C>(
     listener: TcpListener,
     identity: Identity,
     policy: Arc<dyn PeerPolicy>,
-    options: ServerOptions,
+    options: ServerConfig,
     bootstrap: F,
 ) where
     F: Fn(&PeerInfo) -> C + 'static,
@@ -255,6 +339,8 @@ pub async fn serve<F, C>(
             ),
             handshake: options.handshake,
             timeout: options.handshake_timeout,
+            first_message_timeout: options.first_message_timeout,
+            unauthenticated: UnauthenticatedLimit::new(options.max_unauthenticated_per_source),
         },
         reader_options: options.reader_options,
         bootstrap,
@@ -308,21 +394,34 @@ pub(crate) struct Acceptor {
     pub(crate) slots: HandshakeSlots,
     pub(crate) handshake: HandshakeConfig,
     pub(crate) timeout: Duration,
+    pub(crate) first_message_timeout: Duration,
+    pub(crate) unauthenticated: UnauthenticatedLimit,
 }
 
 impl Acceptor {
-    /// Runs the responder's handshake on `tcp`, within the timeout and the
-    /// handshake slots. Logs and returns `None` when it fails, the peer is
-    /// refused or no slot is free in time.
+    /// Runs the responder's handshake on `tcp`, within the timeouts, the
+    /// handshake slots and its source's share of unauthenticated
+    /// connections. Logs and returns `None` when it fails, the peer is
+    /// refused, its source has too many connections handshaking, or no slot
+    /// is free in time.
     pub(crate) async fn handshake(
         &self,
         tcp: TcpStream,
         addr: SocketAddr,
     ) -> Option<(NoiseStream<TcpStream>, PeerInfo)> {
+        let Some(_unauthenticated) = self.unauthenticated.try_acquire(addr.ip()) else {
+            debug!(
+                %addr,
+                limit = self.unauthenticated.max_per_source(),
+                "closed: its source has too many connections not yet authenticated"
+            );
+            return None;
+        };
         let _ = tcp.set_nodelay(true);
         let config = StreamConfig::default()
             .with_handshake(self.handshake.clone())
             .with_handshake_timeout(Some(self.timeout))
+            .with_first_message_timeout(Some(self.first_message_timeout))
             .with_remote_addr(addr)
             .with_handshake_slots(self.slots.clone());
         match stream::accept(tcp, &self.identity, self.policy.clone(), config).await {
@@ -374,11 +473,19 @@ where
 /// initiator last), so that refusal surfaces at the first call, as an error
 /// saying the server "may have refused this vat's identity".
 ///
+/// If the server closes without answering the suite proposed, and
+/// [`ClientConfig::handshake`] allows it, `connect` tries once more with
+/// the mandatory suite (to the same socket address, within a new
+/// timeout), logs a warning naming the suite that was not answered, and
+/// says so in [`PeerInfo::unanswered_suite`].
+///
 /// # Errors
 /// [`Error::PeerRefused`] if `policy` refuses the server (this vat's
 /// identity was not revealed to it); [`Error::HandshakeTimeout`] if the TCP connect or the
-/// handshake takes longer than [`ClientOptions::timeout`]; [`Error::Io`];
-/// protocol errors of the handshake.
+/// handshake takes longer than [`ClientConfig::timeout`]; [`Error::Io`];
+/// [`Error::UnexpectedEof`] with [`EOF_BEFORE_MESSAGE_2`](crate::wire::EOF_BEFORE_MESSAGE_2) if the server
+/// closed without answering (after the retry, if one was made); protocol
+/// errors of the handshake.
 ///
 /// # Panics
 /// If not run inside a [`tokio::task::LocalSet`] (as capnp-rpc requires).
@@ -386,7 +493,7 @@ pub async fn connect<A, C>(
     addr: A,
     identity: &Identity,
     policy: Arc<dyn PeerPolicy>,
-    options: ClientOptions,
+    options: ClientConfig,
 ) -> Result<(C, Connection)>
 where
     A: ToSocketAddrs + fmt::Display,
@@ -410,8 +517,10 @@ where
 }
 
 /// The initiator's side of a connection before RPC starts: TCP connect and
-/// handshake, each within `timeout`, the responder checked by `policy`.
-/// Shared by [`connect`] and the multi-vat network (`crate::network`).
+/// handshake, each within `timeout`, the responder checked by `policy`;
+/// once more with the mandatory suite if the responder closed without
+/// answering and `handshake` allows it (SPEC.md 2). Shared by [`connect`]
+/// and the multi-vat network (`crate::network`).
 pub(crate) async fn dial<A>(
     addr: A,
     identity: &Identity,
@@ -423,19 +532,39 @@ where
     A: ToSocketAddrs + fmt::Display,
 {
     let dialed = addr.to_string();
-    let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
-        .await
-        .map_err(|_| Error::HandshakeTimeout(timeout))??;
-    tcp.set_nodelay(true)?;
+    let tcp = tcp_connect(addr, timeout).await?;
     let remote_addr = tcp.peer_addr()?;
-    let config = StreamConfig::default()
-        .with_handshake(handshake)
-        .with_handshake_timeout(Some(timeout))
-        .with_dialed(dialed.clone())
-        .with_remote_addr(remote_addr);
-    match stream::connect(tcp, identity, policy, config).await {
+    let attempt = |tcp, handshake| {
+        let config = StreamConfig::default()
+            .with_handshake(handshake)
+            .with_handshake_timeout(Some(timeout))
+            .with_dialed(dialed.clone())
+            .with_remote_addr(remote_addr);
+        stream::connect(tcp, identity, policy.clone(), config)
+    };
+    let mut result = attempt(tcp, handshake.clone()).await;
+    let mut unanswered_suite = None;
+    if let Some(retry) = result
+        .as_ref()
+        .err()
+        .and_then(|e| handshake.fallback_after(e))
+    {
+        let proposed = handshake.suites[0];
+        warn!(
+            addr = %dialed,
+            "the server closed without answering {proposed}; retrying once with the mandatory suite {}",
+            Suite::MANDATORY
+        );
+        unanswered_suite = Some(proposed);
+        result = match tcp_connect(remote_addr, timeout).await {
+            Ok(tcp) => attempt(tcp, retry).await,
+            Err(e) => Err(e),
+        };
+    }
+    match result {
         Ok(stream) => {
-            let peer = PeerInfo::of(&stream, remote_addr);
+            let mut peer = PeerInfo::of(&stream, remote_addr);
+            peer.unanswered_suite = unanswered_suite;
             Ok((stream, peer))
         }
         Err(e) => {
@@ -448,6 +577,15 @@ where
             Err(e)
         }
     }
+}
+
+/// A TCP connection to `addr` within `timeout`, with `TCP_NODELAY`.
+async fn tcp_connect(addr: impl ToSocketAddrs, timeout: Duration) -> Result<TcpStream> {
+    let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| Error::HandshakeTimeout(timeout))??;
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
 }
 
 /// A client connection made by [`connect`].
@@ -491,7 +629,10 @@ impl Connection {
 }
 
 fn capnp_error(e: capnp::Error) -> Error {
-    Error::Io(Arc::new(io::Error::other(format!("Cap'n Proto RPC: {e}"))))
+    Error::Rpc {
+        during: "connection",
+        source: e,
+    }
 }
 
 /// Builds the `RpcSystem` of one connection over `stream`.
@@ -647,7 +788,7 @@ impl restorer::Server for RestorerServer {
 pub async fn connect_sturdy<C: FromClientHook>(
     sturdy_ref: &crate::sturdy::SturdyRef,
     identity: &Identity,
-    options: ClientOptions,
+    options: ClientConfig,
 ) -> Result<(C, Connection)> {
     let policy: Arc<dyn PeerPolicy> = Arc::new(crate::policy::Pinned(*sturdy_ref.vat_id()));
     let mut last = None;
@@ -681,13 +822,14 @@ pub async fn connect_sturdy<C: FromClientHook>(
             Err(e) => {
                 // The connection is useless without the object.
                 let _ = connection.disconnect().await;
-                Err(Error::Rpc(format!(
-                    "{} could not restore the object: {}",
-                    sturdy_ref.vat_id().fingerprint(),
-                    e.extra
-                )))
+                Err(Error::Rpc {
+                    during: "call Restorer.restore",
+                    source: e,
+                })
             }
         };
     }
-    Err(last.unwrap_or_else(|| Error::Config("the sturdy ref has no address".into())))
+    Err(last.unwrap_or(Error::NoAddress {
+        vat: *sturdy_ref.vat_id(),
+    }))
 }

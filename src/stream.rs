@@ -106,6 +106,16 @@ pub struct StreamConfig {
     /// The peer's socket address, if known; passed to the policy in
     /// [`PeerContext::remote_addr`].
     pub remote_addr: Option<SocketAddr>,
+    /// For [`accept`]: the longest the initiator may take, from the first
+    /// poll, to deliver its preamble and message 1 (a few dozen bytes it
+    /// sends at once), separately from and usually much shorter than
+    /// [`handshake_timeout`](Self::handshake_timeout): a connection that
+    /// says nothing holds its socket and connection permit only this long.
+    /// The time spent waiting for a handshake slot after message 1 does not
+    /// count. `None` (the default): only the handshake timeout applies.
+    /// Servers in this crate use
+    /// [`DEFAULT_FIRST_MESSAGE_TIMEOUT`](crate::admission::DEFAULT_FIRST_MESSAGE_TIMEOUT).
+    pub first_message_timeout: Option<Duration>,
 }
 
 impl Default for StreamConfig {
@@ -116,6 +126,7 @@ impl Default for StreamConfig {
             dialed: None,
             remote_addr: None,
             handshake_slots: None,
+            first_message_timeout: None,
         }
     }
 }
@@ -145,6 +156,12 @@ impl StreamConfig {
         self
     }
 
+    /// Sets [`first_message_timeout`](Self::first_message_timeout).
+    pub fn with_first_message_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.first_message_timeout = timeout;
+        self
+    }
+
     /// Sets [`handshake_slots`](Self::handshake_slots).
     pub fn with_handshake_slots(mut self, slots: HandshakeSlots) -> Self {
         self.handshake_slots = Some(slots);
@@ -162,10 +179,14 @@ impl StreamConfig {
 /// # Errors
 /// The future fails with [`Error::PeerRefused`] when `policy` refuses the
 /// responder, [`Error::HandshakeTimeout`], [`Error::UnexpectedEof`] when the
-/// responder hangs up (it does so silently when it does not accept the
-/// proposed suite), [`Error::Io`], or any protocol error of
-/// [`Handshake::feed`]. A responder that refuses *this* side's VatId can only
-/// hang up after the handshake: see [`NoiseStream`]'s reading.
+/// responder hangs up (an EOF or a reset alike), [`Error::Io`], or any
+/// protocol error of [`Handshake::feed`]. A responder that does not accept
+/// the proposed suite hangs up without a word: the error's `during` is then
+/// [`EOF_BEFORE_MESSAGE_2`](crate::wire::EOF_BEFORE_MESSAGE_2), and
+/// [`HandshakeConfig::fallback_after`] says whether to try once more, on a
+/// new connection, with the mandatory suite (SPEC.md 2; this function has
+/// one stream and cannot). A responder that refuses *this* side's VatId can
+/// only hang up after the handshake: see [`NoiseStream`]'s reading.
 pub fn connect<S>(
     io: S,
     identity: &Identity,
@@ -210,7 +231,9 @@ pub fn accept<S>(
         }
         hs
     });
-    Handshaking::new(io, hs, config.handshake_timeout, admission)
+    let mut handshaking = Handshaking::new(io, hs, config.handshake_timeout, admission);
+    handshaking.first_message = config.first_message_timeout.map(|t| (t, None));
+    handshaking
 }
 
 /// A handshake in progress: a future that resolves to the [`NoiseStream`]
@@ -224,6 +247,9 @@ pub struct Handshaking<S> {
     error: Option<Error>,
     timeout: Option<Duration>,
     deadline: Option<Pin<Box<Sleep>>>,
+    /// A responder's deadline for the preamble and message 1, until they
+    /// have arrived.
+    first_message: Option<(Duration, Option<Pin<Box<Sleep>>>)>,
 }
 
 struct MidHandshake<S> {
@@ -290,6 +316,7 @@ impl<S> Handshaking<S> {
             error,
             timeout,
             deadline: None,
+            first_message: None,
         }
     }
 
@@ -325,9 +352,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Future for Handshaking<S> {
                 return Poll::Ready(Err(Error::HandshakeTimeout(t)));
             }
         }
+        if let Some((t, sleep)) = this.first_message.as_mut() {
+            if this.mid.as_ref().is_some_and(|m| m.hs.received_message_1()) {
+                this.first_message = None;
+            } else if this.mid.is_some() {
+                let sleep = sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep(*t)));
+                if sleep.as_mut().poll(cx).is_ready() {
+                    this.mid = None;
+                    return Poll::Ready(Err(Error::HandshakeTimeout(*t)));
+                }
+            }
+        }
         let Some(mid) = this.mid.as_mut() else {
-            return Poll::Ready(Err(Error::Config(
-                "a handshake future was polled after it completed".into(),
+            return Poll::Ready(Err(Error::Misuse(
+                "a handshake future was polled after it completed",
             )));
         };
         let poll = mid.poll_handshake(cx);
@@ -388,7 +426,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MidHandshake<S> {
             }
             let mut chunk = [0u8; HANDSHAKE_READ_CHUNK];
             let mut buf = ReadBuf::new(&mut chunk);
-            ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf))?;
+            match ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf)) {
+                // SPEC.md 2: before message 2 an initiator treats a reset
+                // like any other end of the stream (a responder that
+                // refuses the preamble may reset rather than close).
+                Err(e) if self.hs.role() == Role::Initiator && ends_the_stream(&e) => {}
+                r => r?,
+            }
             let got = buf.filled();
             if got.is_empty() {
                 // The handshake names the step and the likely cause.
@@ -446,11 +490,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MidHandshake<S> {
             self.held = bytes[taken..].to_vec();
             Ok(())
         } else {
-            Err(Error::Config(
-                "the handshake left received bytes unconsumed".into(),
+            Err(Error::Internal(
+                "the handshake left received bytes unconsumed",
             ))
         }
     }
+}
+
+/// Whether a read error means that the peer ended the byte stream.
+fn ends_the_stream(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::UnexpectedEof
+    )
 }
 
 /// An established capnp-noise connection over the inner stream `S`.

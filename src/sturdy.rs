@@ -77,7 +77,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
 
 use rand::RngCore;
@@ -319,6 +319,34 @@ impl Address {
     /// The port.
     pub fn port(&self) -> u16 {
         self.port
+    }
+}
+
+impl TryFrom<SocketAddr> for Address {
+    type Error = Error;
+
+    /// The IP address and port of a socket address, for example a
+    /// listener's `local_addr()` (an IPv6 scope id is dropped: addresses
+    /// carry none).
+    ///
+    /// ```
+    /// use std::net::SocketAddr;
+    /// use capnp_noise::sturdy::Address;
+    ///
+    /// let local: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+    /// let address = Address::try_from(local).unwrap();
+    /// assert_eq!(address.to_string(), "127.0.0.1:4000");
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Key`] if the port is 0 (an unbound listener's), which
+    /// cannot be dialed: every `Address` can.
+    fn try_from(addr: SocketAddr) -> Result<Self> {
+        let host = match addr.ip() {
+            IpAddr::V4(ip) => Host::Ipv4(ip),
+            IpAddr::V6(ip) => Host::Ipv6(ip),
+        };
+        Address::new(host, addr.port())
     }
 }
 
@@ -622,12 +650,12 @@ impl<T> Restorer<T> {
     /// Looks up the object id bytes a client presented (of any length).
     ///
     /// # Errors
-    /// [`Error::Key`] with the same text for an id that never existed, one
+    /// [`Error::UnknownObject`], the same for an id that never existed, one
     /// that was revoked, and one of the wrong size.
     pub fn restore(&self, object_id: &[u8]) -> Result<&T> {
         self.objects
             .get(&Self::digest(object_id))
-            .ok_or_else(|| Error::Key("no object has this id (it is wrong or was revoked)".into()))
+            .ok_or(Error::UnknownObject)
     }
 
     /// How many objects are registered.
@@ -646,6 +674,23 @@ mod tests {
     use super::*;
     use crate::Identity;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_socket_address_is_an_address_unless_its_port_is_zero() {
+        for text in ["127.0.0.1:4000", "[2001:db8::1]:65535", "[::1]:1"] {
+            let socket: SocketAddr = text.parse().unwrap();
+            let address = Address::try_from(socket).unwrap();
+            assert_eq!(address.to_string(), text);
+            assert_eq!(text.parse::<Address>().unwrap(), address);
+        }
+        let scoped: SocketAddr = "[fe80::1%7]:4000".parse().unwrap();
+        assert_eq!(
+            Address::try_from(scoped).unwrap().to_string(),
+            "[fe80::1]:4000"
+        );
+        let unbound: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        assert!(matches!(Address::try_from(unbound), Err(Error::Key(_))));
+    }
 
     fn vat() -> VatId {
         Identity::from_seed(&[4; 32]).vat_id()

@@ -57,12 +57,26 @@ impl VatId {
 
     /// Builds a VatId from a 32-byte Ed25519 public key.
     ///
+    /// The bytes must be the canonical encoding of a point (SPEC.md 5.2):
+    /// they are decoded, the point is encoded again, and the two must be
+    /// equal. That refuses an encoded `y` of `p = 2^255 - 19` or more, and
+    /// `x = 0` with the sign bit set, both of which ed25519-dalek alone
+    /// would accept. Every VatId parser (text form, handshake payload,
+    /// sturdy refs, introductions, trust files) comes through here.
+    ///
     /// # Errors
-    /// [`Error::Key`] if the bytes are not a valid Ed25519 point, or are a
-    /// weak (small-order) key that could never verify a strict signature.
+    /// [`Error::Key`] if the bytes are not a valid Ed25519 point, are not
+    /// its canonical encoding, or are a weak (small-order) key that could
+    /// never verify a strict signature.
     pub fn from_bytes(bytes: &[u8; 32]) -> Result<Self, Error> {
         let key = VerifyingKey::from_bytes(bytes)
             .map_err(|_| Error::Key("not a valid Ed25519 public key".into()))?;
+        if key.to_edwards().compress().as_bytes() != bytes {
+            return Err(Error::Key(
+                "not the canonical encoding of an Ed25519 point (y >= 2^255 - 19, or x = 0 with the sign bit set)"
+                    .into(),
+            ));
+        }
         if key.is_weak() {
             return Err(Error::Key(
                 "a weak (small-order) Ed25519 key cannot be a VatId".into(),
@@ -267,6 +281,86 @@ mod tests {
         let mut weak = [0u8; 32];
         weak[0] = 1;
         assert!(VatId::from_bytes(&weak).is_err());
+    }
+
+    /// The 34 bytes of key and check are 272 bits and the 55 characters
+    /// carry 275: the last character's 3 low bits are unused and must be
+    /// zero (SPEC.md 10.1), each of them.
+    #[test]
+    fn each_unused_bit_of_the_last_character_is_refused() {
+        let s = Identity::from_seed(&[4; 32]).vat_id().to_string();
+        let alphabet = b"abcdefghijklmnopqrstuvwxyz234567";
+        let last = s.as_bytes()[58];
+        let value = alphabet.iter().position(|&c| c == last).unwrap();
+        assert_eq!(
+            value & 0b111,
+            0,
+            "{s}: unused bits set in the canonical form"
+        );
+        for bit in 0..3 {
+            let c = alphabet[value | 1 << bit] as char;
+            let t = format!("{}{c}", &s[..58]);
+            let err = t.parse::<VatId>().unwrap_err().to_string();
+            assert!(err.contains("trailing bits"), "bit {bit}: {err}");
+        }
+    }
+
+    /// `y = p + 3` (the example of issue 14) decodes, to a point of large
+    /// order, in ed25519-dalek; its canonical encoding is `y = 3`. Both the
+    /// bytes and the text form are refused, and the canonical encoding of
+    /// the same point is not (it is not small-order).
+    #[test]
+    fn refuses_a_non_canonical_encoding_of_a_valid_point() {
+        let mut y_p3 = [0xff; 32];
+        y_p3[0] = 0xf0;
+        y_p3[31] = 0x7f;
+        let point = VerifyingKey::from_bytes(&y_p3).expect("dalek decodes y >= p");
+        assert!(!point.is_weak());
+        let err = VatId::from_bytes(&y_p3).unwrap_err().to_string();
+        assert!(err.contains("canonical"), "{err}");
+        let canonical = point.to_edwards().compress().to_bytes();
+        assert_eq!(canonical[0], 3);
+        assert!(VatId::from_bytes(&canonical).is_ok());
+        let text = text_of_raw(&y_p3);
+        let err = text.parse::<VatId>().unwrap_err().to_string();
+        assert!(err.contains("canonical"), "{err}");
+    }
+
+    /// `x = 0` with the sign bit set: the neutral point `y = 1` and the
+    /// point of order 2, `y = p - 1`. RFC 8032 refuses these encodings;
+    /// re-encoding (sign bit clear) refuses them too, before the
+    /// small-order check.
+    #[test]
+    fn refuses_x_zero_with_the_sign_bit() {
+        let mut one = [0u8; 32];
+        one[0] = 1;
+        let mut minus_one = [0xff; 32];
+        minus_one[0] = 0xec;
+        minus_one[31] = 0x7f;
+        for key in [one, minus_one] {
+            assert!(VatId::from_bytes(&key)
+                .unwrap_err()
+                .to_string()
+                .contains("small-order"));
+            let mut signed = key;
+            signed[31] |= 0x80;
+            let err = VatId::from_bytes(&signed).unwrap_err().to_string();
+            assert!(err.contains("canonical"), "{err}");
+        }
+    }
+
+    /// The text form of any 32 bytes, with a correct check: what a typo
+    /// cannot produce, but a hand-made VatId can.
+    pub(crate) fn text_of_raw(key: &[u8; 32]) -> String {
+        let mut raw = [0u8; 34];
+        raw[..32].copy_from_slice(key);
+        raw[32..].copy_from_slice(&VatId::check(key));
+        format!(
+            "{VAT_ID_PREFIX}{}",
+            data_encoding::BASE32_NOPAD
+                .encode(&raw)
+                .to_ascii_lowercase()
+        )
     }
 
     proptest! {

@@ -4,7 +4,8 @@
 //! and the problem.
 //!
 //! Needs `openssl` and `ssh-keygen` on PATH. Without them a test is skipped
-//! with a message, unless the environment variable CI is set: then it fails.
+//! (printed and counted), unless CI is set (`true` or `1`): then it fails.
+//! Each test needs one tool, so a skip is a whole test, never a part of one.
 
 use std::fs;
 use std::path::Path;
@@ -12,25 +13,18 @@ use std::process::{Command, Stdio};
 
 use capnp_noise::keyfile::{permission_problem, MAX_KEY_FILE_LEN};
 use capnp_noise::{Identity, VatId};
+use capnp_noise_test::peers;
 
-/// True if `tool` can be run. If not: false (skip) outside CI, a panic under CI.
+/// True if `tool` can be run. If not: a failure under CI, elsewhere a
+/// skip that is printed and counted (`capnp_noise_test::peers`).
 fn have(tool: &str) -> bool {
-    match Command::new(tool)
+    let ran = Command::new(tool)
         .arg("-h")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .status()
-    {
-        Ok(_) => true,
-        Err(e) if std::env::var_os("CI").is_some() => {
-            panic!("{tool} is required when CI is set, but cannot be run: {e}")
-        }
-        Err(e) => {
-            eprintln!("SKIPPED: {tool} cannot be run ({e}); install it to run this test");
-            false
-        }
-    }
+        .status();
+    peers::usable(tool, ran.map(drop))
 }
 
 /// Runs a command that must succeed; returns its stdout.
@@ -118,107 +112,128 @@ fn openssl_reads_our_keys() {
 }
 
 #[test]
-fn encrypted_keys_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    if have("openssl") {
-        openssl(
-            &[
-                "genpkey",
-                "-algorithm",
-                "ed25519",
-                "-aes256",
-                "-pass",
-                "pass:x",
-                "-out",
-                "e.pem",
-            ],
-            dir.path(),
-        );
-        let err = load_err(&dir.path().join("e.pem"));
-        assert!(err.contains("is encrypted"), "{err}");
+fn encrypted_openssl_keys_are_refused() {
+    if !have("openssl") {
+        return;
     }
-    if have("ssh-keygen") {
-        ssh_keygen(
-            &["-q", "-t", "ed25519", "-N", "secret", "-f", "enc"],
-            dir.path(),
-        );
-        let err = load_err(&dir.path().join("enc"));
-        assert!(err.contains("encrypted OpenSSH key"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    openssl(
+        &[
+            "genpkey",
+            "-algorithm",
+            "ed25519",
+            "-aes256",
+            "-pass",
+            "pass:x",
+            "-out",
+            "e.pem",
+        ],
+        dir.path(),
+    );
+    let err = load_err(&dir.path().join("e.pem"));
+    assert!(err.contains("is encrypted"), "{err}");
+}
+
+#[test]
+fn encrypted_openssh_keys_are_refused() {
+    if !have("ssh-keygen") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    ssh_keygen(
+        &["-q", "-t", "ed25519", "-N", "secret", "-f", "enc"],
+        dir.path(),
+    );
+    let err = load_err(&dir.path().join("enc"));
+    assert!(err.contains("encrypted OpenSSH key"), "{err}");
+}
+
+/// Each `(file, what the error must say)` is refused, naming the file.
+fn refused_with(dir: &Path, cases: &[(&str, &str)]) {
+    for (file, want) in cases {
+        let err = load_err(&dir.join(file));
+        assert!(err.contains(want), "{file}: {err}");
     }
 }
 
 #[test]
-fn keys_of_other_algorithms_are_refused() {
+fn openssl_keys_of_other_algorithms_are_refused() {
+    if !have("openssl") {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
-    let mut cases: Vec<(&str, &str)> = Vec::new();
-    if have("openssl") {
-        let d = dir.path();
-        openssl(
-            &[
-                "genpkey",
-                "-algorithm",
-                "rsa",
-                "-pkeyopt",
-                "rsa_keygen_bits:1024",
-                "-out",
-                "rsa.pem",
-            ],
-            d,
-        );
-        openssl(
-            &[
-                "genpkey",
-                "-algorithm",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-out",
-                "ec8.pem",
-            ],
-            d,
-        );
-        openssl(
-            &[
-                "ecparam",
-                "-name",
-                "prime256v1",
-                "-genkey",
-                "-noout",
-                "-out",
-                "ec.pem",
-            ],
-            d,
-        );
-        openssl(&["genpkey", "-algorithm", "x25519", "-out", "x.pem"], d);
-        cases.extend([
+    let d = dir.path();
+    openssl(
+        &[
+            "genpkey",
+            "-algorithm",
+            "rsa",
+            "-pkeyopt",
+            "rsa_keygen_bits:1024",
+            "-out",
+            "rsa.pem",
+        ],
+        d,
+    );
+    openssl(
+        &[
+            "genpkey",
+            "-algorithm",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+            "ec8.pem",
+        ],
+        d,
+    );
+    openssl(
+        &[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            "ec.pem",
+        ],
+        d,
+    );
+    openssl(&["genpkey", "-algorithm", "x25519", "-out", "x.pem"], d);
+    refused_with(
+        d,
+        &[
             ("rsa.pem", "another algorithm (RSA)"),
             ("ec8.pem", "another algorithm (ECDSA (EC))"),
             ("ec.pem", "another algorithm (EC)"),
             ("x.pem", "another algorithm (X25519)"),
-        ]);
+        ],
+    );
+}
+
+#[test]
+fn openssh_keys_of_other_algorithms_are_refused() {
+    if !have("ssh-keygen") {
+        return;
     }
-    if have("ssh-keygen") {
-        ssh_keygen(
-            &["-q", "-t", "ecdsa", "-N", "", "-f", "ssh_ecdsa"],
-            dir.path(),
-        );
-        ssh_keygen(
-            &["-q", "-t", "rsa", "-b", "1024", "-N", "", "-f", "ssh_rsa"],
-            dir.path(),
-        );
-        cases.extend([
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ssh_keygen(&["-q", "-t", "ecdsa", "-N", "", "-f", "ssh_ecdsa"], d);
+    ssh_keygen(
+        &["-q", "-t", "rsa", "-b", "1024", "-N", "", "-f", "ssh_rsa"],
+        d,
+    );
+    refused_with(
+        d,
+        &[
             (
                 "ssh_ecdsa",
                 "another algorithm (OpenSSH ecdsa-sha2-nistp256)",
             ),
             ("ssh_rsa", "another algorithm (OpenSSH ssh-rsa)"),
             ("ssh_rsa.pub", "public key, not a private key"),
-        ]);
-    }
-    for (file, want) in cases {
-        let err = load_err(&dir.path().join(file));
-        assert!(err.contains(want), "{file}: {err}");
-    }
+        ],
+    );
 }
 
 #[test]
@@ -226,15 +241,32 @@ fn missing_corrupt_and_oversized_files_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let good = Identity::generate().to_pkcs8_pem();
-    // One base64 character changed inside the DER: the structure no longer parses.
-    let mut damaged = good.to_string();
-    damaged.replace_range(40..44, "!!!!");
+    // Valid base64 of damaged DER: the outer SEQUENCE claims one byte more
+    // than there is, so the PKCS#8 structure no longer parses.
+    let damaged = {
+        let body: String = good.lines().filter(|l| !l.starts_with("-----")).collect();
+        let mut der = data_encoding::BASE64.decode(body.as_bytes()).unwrap();
+        assert_eq!(
+            der[..2],
+            [0x30, 0x2e],
+            "an Ed25519 PKCS#8 SEQUENCE of 46 bytes"
+        );
+        der[1] += 1;
+        format!(
+            "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+            data_encoding::BASE64.encode(&der)
+        )
+    };
     let mut truncated_ssh = String::from("-----BEGIN OPENSSH PRIVATE KEY-----\n");
     truncated_ssh
         .push_str("b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW\n");
     truncated_ssh.push_str("-----END OPENSSH PRIVATE KEY-----\n");
     let cases: Vec<(&str, Vec<u8>, String)> = vec![
-        ("damaged.pem", damaged.into_bytes(), "corrupt".into()),
+        (
+            "damaged.pem",
+            damaged.into_bytes(),
+            "is corrupt: ASN.1 DER".into(),
+        ),
         (
             "cut.pem",
             good.as_bytes()[..good.len() / 2].to_vec(),

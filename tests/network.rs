@@ -4,62 +4,24 @@
 
 use capnp_noise_test::office;
 
-use std::cell::RefCell;
-use std::future::Future;
-use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use capnp::capability::FromClientHook;
 use capnp_noise::intro::{random_nonce, Introduction, ThirdPartyToAwait};
-use capnp_noise::network::{Network, NetworkOptions, Redeemed};
-use capnp_noise::rpc::PeerInfo;
+use capnp_noise::network::{Network, NetworkConfig};
 use capnp_noise::schema::network_capnp::{third_party_to_contact, HandoffError};
-use capnp_noise::{Error, Identity, IntroductionError, VatId};
+use capnp_noise::{Error, Identity, IntroductionError, Pinned, VatId};
 use capnp_noise_test::schema::demo_capnp::office as office_capnp;
-use capnp_rpc::CapabilityServerSet;
+use capnp_noise_test::support::{local, whoami};
 use office::Office;
-use tokio::task::LocalSet;
-
-type Offices = Rc<RefCell<CapabilityServerSet<Office, office_capnp::Client>>>;
-
-async fn local<F: Future>(f: F) -> F::Output {
-    LocalSet::new().run_until(f).await
-}
 
 /// A vat that serves each peer an `Office` bound to the peer's VatId and,
 /// as a provider, gives the redeemer of an introduced `Office` its own.
-async fn vat_with(identity: Identity, listen: &str, options: NetworkOptions) -> Network {
-    let offices: Offices = Rc::default();
-    let (for_peers, for_redeemers) = (offices.clone(), offices);
-    Network::builder(identity)
-        .listen(listen.parse().unwrap())
-        .options(options)
-        .bootstrap(move |peer: &PeerInfo| {
-            for_peers.borrow_mut().new_client(Office {
-                caller: peer.vat_id,
-            })
-        })
-        .on_redeem(move |r: &Redeemed, cap| {
-            let office: office_capnp::Client = cap.clone().cast_to();
-            let ours = for_redeemers
-                .borrow()
-                .get_local_server_of_resolved(&office)
-                .is_some();
-            if ours {
-                for_redeemers
-                    .borrow_mut()
-                    .new_client(Office { caller: r.redeemer })
-                    .client
-            } else {
-                cap
-            }
-        })
-        .start()
-        .await
-        .unwrap()
+async fn vat_with(identity: Identity, listen: &str, options: NetworkConfig) -> Network {
+    office::office_vat(identity, listen, options).await
 }
 
-async fn vat(options: NetworkOptions) -> Network {
+async fn vat(options: NetworkConfig) -> Network {
     vat_with(Identity::generate(), "127.0.0.1:0", options).await
 }
 
@@ -68,13 +30,8 @@ fn meet(a: &Network, b: &Network) {
     a.add_addresses(b.vat_id(), b.advertised_addresses());
 }
 
-async fn whoami(office: &office_capnp::Client) -> Result<String, capnp::Error> {
-    let reply = office.whoami_request().send().promise.await?;
-    Ok(reply.get()?.get_vat_id()?.to_string()?)
-}
-
-fn short_wait(millis: u64) -> NetworkOptions {
-    let mut o = NetworkOptions::default();
+fn short_wait(millis: u64) -> NetworkConfig {
+    let mut o = NetworkConfig::default();
     o.handoff.max_wait = Duration::from_millis(millis);
     o
 }
@@ -108,7 +65,7 @@ struct Three {
     at_carol: office_capnp::Client,
 }
 
-async fn three(carol_options: NetworkOptions) -> Three {
+async fn three(carol_options: NetworkConfig) -> Three {
     let (alice, bob) = (vat(Default::default()).await, vat(Default::default()).await);
     let carol = vat(carol_options).await;
     meet(&bob, &carol);
@@ -466,6 +423,24 @@ async fn a_provider_hands_off_only_what_it_hosts() {
     .await;
 }
 
+#[tokio::test(flavor = "current_thread")]
+async fn a_refused_introduction_says_why_once() {
+    local(async {
+        let mut options = NetworkConfig::default();
+        options.handoff.max_entries_per_introducer = 1;
+        let t = three(options).await;
+        let (carol, alice) = (t.carol.vat_id(), t.alice.vat_id());
+        t.bob.introduce(&t.at_carol, &carol, &alice).await.unwrap();
+        let e = t.bob.introduce(&t.at_carol, &carol, &alice).await.fails();
+        let text = e.to_string();
+        assert_eq!(text.matches("introduction refused").count(), 1, "{text}");
+        assert_eq!(text.matches("limit reached").count(), 1, "{text}");
+        assert!(text.contains("from one introducer"), "which limit: {text}");
+        assert!(matches!(refusal(e), IntroductionError::Limit(_)));
+    })
+    .await;
+}
+
 /// Polls `f` every 5 ms for up to 5 s.
 async fn eventually(mut f: impl FnMut() -> bool) -> bool {
     for _ in 0..1000 {
@@ -576,7 +551,7 @@ async fn a_dropped_connection_is_reopened_when_next_needed() {
 #[tokio::test(flavor = "current_thread")]
 async fn idle_connections_are_closed_and_reopened() {
     local(async {
-        let mut options = NetworkOptions::default();
+        let mut options = NetworkConfig::default();
         options.idle_timeout = Some(Duration::from_millis(100));
         let (a, b) = (vat(options).await, vat(Default::default()).await);
         meet(&a, &b);
@@ -590,10 +565,48 @@ async fn idle_connections_are_closed_and_reopened() {
 }
 
 #[tokio::test(flavor = "current_thread")]
+async fn a_vat_that_refuses_the_dialer_is_a_clear_error() {
+    local(async {
+        // The dialer must have the higher VatId: it then waits for the
+        // peer's answer to `hello` before handing the connection out.
+        let (x, y) = (Identity::generate(), Identity::generate());
+        let (high, low) = if x.vat_id() > y.vat_id() {
+            (x, y)
+        } else {
+            (y, x)
+        };
+        let someone_else = Identity::generate().vat_id();
+        let refuser = Network::builder(low)
+            .listen("127.0.0.1:0".parse().unwrap())
+            .policy(Arc::new(Pinned(someone_else)))
+            .start()
+            .await
+            .unwrap();
+        let dialer = vat_with(high, "127.0.0.1:0", Default::default()).await;
+        meet(&dialer, &refuser);
+        let e = dialer
+            .connect::<office_capnp::Client>(&refuser.vat_id())
+            .await
+            .fails();
+        assert!(
+            matches!(&e, Error::ClosedByPeer { vat, .. } if *vat == refuser.vat_id()),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("may have refused this vat"), "{e}");
+        assert!(std::error::Error::source(&e).is_some(), "{e:?}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "current_thread")]
 async fn connect_errors_are_clear() {
     local(async {
         let (a, b) = (vat(Default::default()).await, vat(Default::default()).await);
         let e = a.connect::<office_capnp::Client>(&b.vat_id()).await.fails();
+        assert!(
+            matches!(e, Error::NoAddress { vat } if vat == b.vat_id()),
+            "{e:?}"
+        );
         assert!(e.to_string().contains("no address is known"), "{e}");
         // An address where another vat answers: refused before revealing `a`.
         let c = vat(Default::default()).await;
@@ -601,10 +614,54 @@ async fn connect_errors_are_clear() {
         let e = a.connect::<office_capnp::Client>(&b.vat_id()).await.fails();
         assert!(matches!(e, Error::PeerRefused { .. }), "{e:?}");
         let e = a.connect::<office_capnp::Client>(&a.vat_id()).await.fails();
-        assert!(matches!(e, Error::Config(_)), "{e:?}");
+        assert!(matches!(e, Error::Misuse(_)), "{e:?}");
+        // At its connection limit, a vat dials no more.
+        let mut one = NetworkConfig::default();
+        one.max_connections = 1;
+        let d = vat(one).await;
+        meet(&d, &b);
+        meet(&d, &c);
+        let _office: office_capnp::Client = d.connect(&b.vat_id()).await.unwrap();
+        let e = d.connect::<office_capnp::Client>(&c.vat_id()).await.fails();
+        assert!(matches!(e, Error::ConnectionLimit { max: 1 }), "{e:?}");
         a.shutdown().await;
         let e = a.connect::<office_capnp::Client>(&b.vat_id()).await.fails();
-        assert!(e.to_string().contains("shut down"), "{e}");
+        assert!(matches!(e, Error::ShutDown), "{e:?}");
+        assert_eq!(
+            std::io::Error::from(e).kind(),
+            std::io::ErrorKind::NotConnected
+        );
+    })
+    .await;
+}
+
+/// SPEC.md 2: a vat whose suites prefer AES-GCM reaches a vat that accepts
+/// only the mandatory suite, by the one retry, and its connection says
+/// which suite went unanswered; the other end sees a plain connection.
+#[tokio::test]
+async fn a_vat_falls_back_to_the_mandatory_suite_of_a_vat_that_takes_only_it() {
+    use capnp_noise::wire::{HandshakeConfig, Suite};
+    local(async {
+        let mut prefers_aes = NetworkConfig::default();
+        prefers_aes.handshake = HandshakeConfig::default()
+            .with_suites(vec![Suite::AesGcmSha256, Suite::ChaChaPolyBlake2s]);
+        let mut chacha_only = NetworkConfig::default();
+        chacha_only.handshake = HandshakeConfig::with_suite(Suite::ChaChaPolyBlake2s);
+        let (a, b) = (vat(prefers_aes).await, vat(chacha_only).await);
+        meet(&a, &b);
+        let office: office_capnp::Client = a.connect(&b.vat_id()).await.unwrap();
+        assert_eq!(whoami(&office).await.unwrap(), a.vat_id().to_string());
+        let [conn] = &a.connections()[..] else {
+            panic!("one connection: {:?}", a.connections())
+        };
+        assert_eq!(conn.peer.suite, Suite::ChaChaPolyBlake2s);
+        assert_eq!(conn.peer.unanswered_suite, Some(Suite::AesGcmSha256));
+        let [theirs] = &b.connections()[..] else {
+            panic!("one connection: {:?}", b.connections())
+        };
+        assert_eq!(theirs.peer.unanswered_suite, None);
+        a.shutdown().await;
+        b.shutdown().await;
     })
     .await;
 }

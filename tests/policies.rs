@@ -332,7 +332,8 @@ fn tofu_file_edge_cases() {
     .unwrap();
     client_accepts(&client, tofu(), Some("h:1"), &old).unwrap();
     client_accepts(&client, tofu(), Some("h:1"), &new).unwrap();
-    let reason = client_accepts(&client, tofu(), Some("h:1"), &client).unwrap_err();
+    let stranger = Identity::generate();
+    let reason = client_accepts(&client, tofu(), Some("h:1"), &stranger).unwrap_err();
     assert!(reason.contains("delete line 2, 3 of"), "{reason}");
     client_accepts(&client, tofu(), Some("h:2"), &old).unwrap();
     assert_eq!(Tofu::new(&path).records().unwrap().len(), 3);

@@ -6,25 +6,20 @@ use capnp_noise_test::office;
 
 use std::cell::RefCell;
 use std::collections::HashSet;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use capnp::capability::Rc as CapRc;
 use capnp::message::ReaderOptions;
-use capnp_noise::rpc::{self, ClientOptions, PeerInfo, ServerOptions};
+use capnp_noise::rpc::{self, ClientConfig, PeerInfo, ServerConfig};
 use capnp_noise::stream::{self, StreamConfig};
 use capnp_noise::{AnyVat, Error, Identity, PeerContext, PeerPolicy, Pinned, Refusal, VatId};
 use capnp_noise_test::schema::demo_capnp::{callback, office as office_capnp};
-use tokio::io::AsyncWriteExt;
+use capnp_noise_test::support::{local, whoami};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::LocalSet;
-
-async fn local<F: Future>(f: F) -> F::Output {
-    LocalSet::new().run_until(f).await
-}
 
 /// A running server: its address and identity, and the VatIds its
 /// bootstrap factory was called with.
@@ -34,7 +29,7 @@ struct TestServer {
     seen: Rc<RefCell<Vec<VatId>>>,
 }
 
-async fn start(policy: Arc<dyn PeerPolicy>, options: ServerOptions) -> TestServer {
+async fn start(policy: Arc<dyn PeerPolicy>, options: ServerConfig) -> TestServer {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let id = Identity::generate();
@@ -56,7 +51,7 @@ async fn start(policy: Arc<dyn PeerPolicy>, options: ServerOptions) -> TestServe
 async fn client_of(
     server: &TestServer,
     me: &Identity,
-    options: ClientOptions,
+    options: ClientConfig,
 ) -> Result<(office_capnp::Client, rpc::Connection), Error> {
     rpc::connect(
         server.addr,
@@ -69,18 +64,13 @@ async fn client_of(
 
 /// A server accepting any vat, and one client connected to it.
 async fn server_and_client(
-    server_options: ServerOptions,
-    client_options: ClientOptions,
+    server_options: ServerConfig,
+    client_options: ClientConfig,
 ) -> (TestServer, Identity, office_capnp::Client, rpc::Connection) {
     let server = start(Arc::new(AnyVat), server_options).await;
     let me = Identity::generate();
     let (office, conn) = client_of(&server, &me, client_options).await.unwrap();
     (server, me, office, conn)
-}
-
-async fn whoami(office: &office_capnp::Client) -> Result<String, capnp::Error> {
-    let reply = office.whoami_request().send().promise.await?;
-    Ok(reply.get()?.get_vat_id()?.to_string()?)
 }
 
 async fn echo(office: &office_capnp::Client, data: &[u8]) -> Result<Vec<u8>, capnp::Error> {
@@ -127,7 +117,7 @@ impl callback::Server for Collect {
 async fn calls_callbacks_and_capabilities_both_ways() {
     local(async {
         let (server, me, office, conn) =
-            server_and_client(ServerOptions::default(), ClientOptions::default()).await;
+            server_and_client(ServerConfig::default(), ClientConfig::default()).await;
         assert_eq!(conn.peer().vat_id, server.id.vat_id());
         assert_eq!(conn.peer().remote_addr, server.addr);
 
@@ -165,7 +155,7 @@ async fn calls_callbacks_and_capabilities_both_ways() {
 async fn hundreds_of_pipelined_calls_in_flight() {
     local(async {
         let (_, _, office, conn) =
-            server_and_client(ServerOptions::default(), ClientOptions::default()).await;
+            server_and_client(ServerConfig::default(), ClientConfig::default()).await;
         // 500 calls sent before any answer is awaited.
         let calls: Vec<_> = (0..500u32)
             .map(|i| {
@@ -208,9 +198,9 @@ async fn sixteen_mib_round_trip() {
             traversal_limit_in_words: Some(3 << 20),
             ..ReaderOptions::new()
         };
-        let mut server_options = ServerOptions::default();
+        let mut server_options = ServerConfig::default();
         server_options.reader_options = limit;
-        let mut client_options = ClientOptions::default();
+        let mut client_options = ClientConfig::default();
         client_options.reader_options = limit;
         let (_, me, office, conn) = server_and_client(server_options, client_options).await;
         let big: Vec<u8> = (0..16u32 << 20).map(|i| (i ^ (i >> 11)) as u8).collect();
@@ -219,14 +209,22 @@ async fn sixteen_mib_round_trip() {
         conn.disconnect().await.unwrap();
 
         // A server whose limit is lower refuses the message, and keeps serving.
-        let mut small = ServerOptions::default();
+        let mut small = ServerConfig::default();
         small.reader_options.traversal_limit_in_words = Some(1 << 17); // 1 MiB
         let server = start(Arc::new(AnyVat), small).await;
-        let (office, _conn) = client_of(&server, &me, ClientOptions::default())
+        let (office, _conn) = client_of(&server, &me, ClientConfig::default())
             .await
             .unwrap();
-        assert!(echo(&office, &big[..4 << 20]).await.is_err());
-        let (office, conn) = client_of(&server, &me, ClientOptions::default())
+        // The server's reader refuses it by its size and says so (a remote
+        // exception naming the limit), not any failure.
+        let e = echo(&office, &big[..4 << 20]).await.unwrap_err();
+        assert_eq!(e.kind, capnp::ErrorKind::Failed, "{e}");
+        assert!(
+            e.extra.starts_with("remote exception: Message has")
+                && e.extra.contains("words, which is too large"),
+            "{e}"
+        );
+        let (office, conn) = client_of(&server, &me, ClientConfig::default())
             .await
             .unwrap();
         assert_eq!(echo(&office, &big[..1000]).await.unwrap(), &big[..1000]);
@@ -238,12 +236,16 @@ async fn sixteen_mib_round_trip() {
 #[tokio::test]
 async fn a_hundred_concurrent_clients_each_seen_as_itself() {
     local(async {
-        let server = start(Arc::new(AnyVat), ServerOptions::default()).await;
+        // All from 127.0.0.1: more at once than one source may have
+        // handshaking by default.
+        let mut options = ServerConfig::default();
+        options.max_unauthenticated_per_source = 100;
+        let server = start(Arc::new(AnyVat), options).await;
         let clients: Vec<Identity> = (0..100).map(|_| Identity::generate()).collect();
         let results = futures::future::join_all(clients.iter().map(|me| {
             let server = &server;
             async move {
-                let (office, conn) = client_of(server, me, ClientOptions::default()).await?;
+                let (office, conn) = client_of(server, me, ClientConfig::default()).await?;
                 let seen = whoami(&office)
                     .await
                     .map_err(|e| Error::Config(e.to_string()))?;
@@ -307,14 +309,14 @@ async fn client_pinned_to_another_vat_is_refused_and_server_never_learns_who() {
     let logs = Logs::default();
     let _guard = logs.capture();
     local(async {
-        let server = start(Arc::new(AnyVat), ServerOptions::default()).await;
+        let server = start(Arc::new(AnyVat), ServerConfig::default()).await;
         let me = Identity::generate();
         let expected = Identity::generate().vat_id();
         let result = rpc::connect::<_, office_capnp::Client>(
             server.addr,
             &me,
             Arc::new(Pinned(expected)),
-            ClientOptions::default(),
+            ClientConfig::default(),
         )
         .await;
         match &result.err().expect("an impostor was accepted") {
@@ -348,9 +350,9 @@ async fn server_allow_list_refuses_others_with_clear_errors_on_both_sides() {
                 Err(Refusal::new("not on the allow list"))
             }
         };
-        let server = start(Arc::new(policy), ServerOptions::default()).await;
+        let server = start(Arc::new(policy), ServerConfig::default()).await;
 
-        let (office, conn) = client_of(&server, &allowed, ClientOptions::default())
+        let (office, conn) = client_of(&server, &allowed, ClientConfig::default())
             .await
             .unwrap();
         assert_eq!(whoami(&office).await.unwrap(), allowed.vat_id().to_string());
@@ -358,7 +360,7 @@ async fn server_allow_list_refuses_others_with_clear_errors_on_both_sides() {
 
         // The stranger's handshake completes (XX authenticates the initiator
         // last), then the server hangs up: its first call says why that may be.
-        let (office, _conn) = client_of(&server, &stranger, ClientOptions::default())
+        let (office, _conn) = client_of(&server, &stranger, ClientConfig::default())
             .await
             .unwrap();
         let err = whoami(&office).await.unwrap_err();
@@ -394,7 +396,7 @@ async fn client_dies_mid_call(server: SocketAddr, pin: VatId) {
         let leftovers = rt.block_on(local(async move {
             let me = Identity::generate();
             let (office, conn): (office_capnp::Client, _) =
-                rpc::connect(server, &me, Arc::new(Pinned(pin)), ClientOptions::default())
+                rpc::connect(server, &me, Arc::new(Pinned(pin)), ClientConfig::default())
                     .await
                     .unwrap();
             let mut req = office.sleep_request();
@@ -414,11 +416,11 @@ async fn misbehaving_clients_do_not_disturb_the_others() {
     let logs = Logs::default();
     let _guard = logs.capture();
     local(async {
-        let mut options = ServerOptions::default();
+        let mut options = ServerConfig::default();
         options.handshake_timeout = Duration::from_millis(500);
         let server = start(Arc::new(AnyVat), options).await;
         let good = Identity::generate();
-        let (office, conn) = client_of(&server, &good, ClientOptions::default())
+        let (office, conn) = client_of(&server, &good, ClientConfig::default())
             .await
             .unwrap();
         let check = |step: &'static str| {
@@ -462,7 +464,7 @@ async fn misbehaving_clients_do_not_disturb_the_others() {
             server.addr,
             &Identity::generate(),
             Arc::new(Pinned(Identity::generate().vat_id())),
-            ClientOptions::default(),
+            ClientConfig::default(),
         )
         .await;
         assert!(matches!(refused, Err(Error::PeerRefused { .. })));
@@ -475,7 +477,7 @@ async fn misbehaving_clients_do_not_disturb_the_others() {
         long_call.await.expect("the call in flight completed");
         // New clients are still welcome.
         let other = Identity::generate();
-        let (office2, conn2) = client_of(&server, &other, ClientOptions::default())
+        let (office2, conn2) = client_of(&server, &other, ClientConfig::default())
             .await
             .unwrap();
         assert_eq!(whoami(&office2).await.unwrap(), other.vat_id().to_string());
@@ -491,72 +493,134 @@ async fn misbehaving_clients_do_not_disturb_the_others() {
     .await;
 }
 
+/// A client that must be served: connects as `me` (waiting as long as the
+/// default 10 s allow), checks that the server sees it as itself, and
+/// returns the connection and when it was served.
+async fn served(
+    addr: SocketAddr,
+    server: VatId,
+    me: Identity,
+) -> (office_capnp::Client, rpc::Connection, Instant) {
+    let (office, conn) = rpc::connect(addr, &me, Arc::new(Pinned(server)), ClientConfig::default())
+        .await
+        .expect("served");
+    assert_eq!(whoami(&office).await.unwrap(), me.vat_id().to_string());
+    (office, conn, Instant::now())
+}
+
 #[tokio::test]
 async fn connection_and_handshake_limits_hold_and_release() {
     local(async {
-        let mut options = ServerOptions::default();
+        // Every wait below ends by an event of the test (a peer hangs up, a
+        // connection ends), never by a timeout: the server's admission wait
+        // and handshake timeout (3 s) and the clients' (10 s) are far
+        // longer than any of them needs. What proves that a client waited
+        // is when it was served: never before the event that freed it, a
+        // bound no load can break.
+        let hold = Duration::from_millis(600);
+        let mut options = ServerConfig::default();
         options.max_connections = 2;
         options.max_handshakes = 1;
-        options.handshake_timeout = Duration::from_millis(400);
-        options.handshake_failure_hold = Duration::from_millis(600);
+        options.handshake_timeout = Duration::from_secs(3);
+        options.handshake_failure_hold = hold;
         let server = start(Arc::new(AnyVat), options).await;
-        let quick = || {
-            let mut o = ClientOptions::default();
-            o.timeout = Duration::from_millis(250);
-            o
-        };
+        let (addr, vat) = (server.addr, server.id.vat_id());
         // A silent peer costs the server nothing and holds no handshake
-        // slot: a client gets through beside it.
-        let silent = TcpStream::connect(server.addr).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let beside = Identity::generate();
-        let (office_s, conn_s) = client_of(&server, &beside, quick()).await.unwrap();
-        assert_eq!(
-            whoami(&office_s).await.unwrap(),
-            beside.vat_id().to_string()
+        // slot: a client gets through beside it, while the server still
+        // waits for the silent one's preamble (accepted first: the
+        // backlog is in order; closed only at its 3 s timeout).
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        let (_office, beside, _) = served(addr, vat, Identity::generate()).await;
+        let mut byte = [0u8; 1];
+        assert!(
+            futures::poll!(std::pin::pin!(silent.read(&mut byte))).is_pending(),
+            "the silent peer's connection ended before a client got beside it"
         );
-        conn_s.disconnect().await.unwrap();
+        beside.disconnect().await.unwrap();
         drop(silent);
-        // A peer that sent a well-formed message 1 and stalls holds the only
-        // handshake slot: the next client waits.
-        let mut stalled = TcpStream::connect(server.addr).await.unwrap();
+        // A peer that sent a well-formed message 1 holds the only handshake
+        // slot once the server answers it (message 2)...
+        let mut stalled = TcpStream::connect(addr).await.unwrap();
         stalled
             .write_all(&capnp_noise_test::fixtures::initiator_first_flight())
             .await
             .unwrap();
-        let stalled_at = tokio::time::Instant::now();
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let waited = client_of(&server, &Identity::generate(), quick()).await;
-        assert!(matches!(waited, Err(Error::HandshakeTimeout(_))));
-        // The stalled handshake timed out (400 ms), and as it failed, it
-        // keeps the slot for the failure hold (600 ms more): clients still
-        // wait...
-        tokio::time::sleep_until(stalled_at + Duration::from_millis(550)).await;
+        let answered = stalled.read(&mut [0u8; 256]).await.unwrap();
+        assert!(answered > 0, "no message 2 for the stalled peer");
+        // ...so the next client waits: not served while it stalls...
+        let waiting = tokio::task::spawn_local(served(addr, vat, Identity::generate()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !waiting.is_finished(),
+            "served while the only handshake slot was taken"
+        );
+        // ...nor when it hangs up (its failed handshake keeps the slot for
+        // the failure hold), but then.
+        let hung_up = Instant::now();
         drop(stalled);
-        let held = client_of(&server, &Identity::generate(), quick()).await;
-        assert!(matches!(held, Err(Error::HandshakeTimeout(_))));
-        // ...and get through once it ended.
-        tokio::time::sleep_until(stalled_at + Duration::from_millis(1300)).await;
-        let a = Identity::generate();
-        let (office_a, conn_a) = client_of(&server, &a, quick()).await.unwrap();
-        assert_eq!(whoami(&office_a).await.unwrap(), a.vat_id().to_string());
-        let b = Identity::generate();
-        let (office_b, conn_b) = client_of(&server, &b, quick()).await.unwrap();
-        assert_eq!(whoami(&office_b).await.unwrap(), b.vat_id().to_string());
+        let (office_a, conn_a, at) = waiting.await.unwrap();
+        assert!(
+            at >= hung_up + hold,
+            "served {:?} after the stalled peer hung up, within the failure hold ({hold:?})",
+            at - hung_up
+        );
+        let (_office_b, conn_b, _) = served(addr, vat, Identity::generate()).await;
         // Two connections are the limit: a third is not served...
-        let c = Identity::generate();
-        let refused = client_of(&server, &c, quick()).await;
-        assert!(matches!(refused, Err(Error::HandshakeTimeout(_))));
-        // ...until one ends. (The refused attempt's connection waited in
-        // the listen backlog and is taken up first; if it is admitted while
-        // its client is still giving up, its handshake fails after message 2
-        // and keeps the only handshake slot for the failure hold.)
+        let third = tokio::task::spawn_local(served(addr, vat, Identity::generate()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!third.is_finished(), "served beyond max_connections");
+        // ...until one ends.
+        drop(office_a);
+        let ended = Instant::now();
         conn_a.disconnect().await.unwrap();
-        tokio::time::sleep(Duration::from_millis(700)).await;
-        let (office_c, conn_c) = client_of(&server, &c, quick()).await.unwrap();
-        assert_eq!(whoami(&office_c).await.unwrap(), c.vat_id().to_string());
+        let (_office_c, conn_c, at) = third.await.unwrap();
+        assert!(at >= ended, "served before a connection ended");
         conn_b.disconnect().await.unwrap();
         conn_c.disconnect().await.unwrap();
+    })
+    .await;
+}
+
+/// SPEC.md 2 and 3: a server that accepts only the mandatory suite closes
+/// silently on a client that proposes AES-GCM. A client that also accepts
+/// the mandatory suite retries once with it, and says so; one that accepts
+/// only AES-GCM reports the silent close (an EOF or a reset alike), and the
+/// server saw exactly one attempt from each.
+#[tokio::test]
+async fn a_client_falls_back_to_the_mandatory_suite_once_and_reports_it() {
+    use capnp_noise::wire::{HandshakeConfig, Suite, EOF_BEFORE_MESSAGE_2};
+    local(async {
+        let mut server_options = ServerConfig::default();
+        server_options.handshake = HandshakeConfig::with_suite(Suite::ChaChaPolyBlake2s);
+        let server = start(Arc::new(AnyVat), server_options).await;
+        let me = Identity::generate();
+
+        let mut preferring_aes = ClientConfig::default();
+        preferring_aes.handshake = HandshakeConfig::default()
+            .with_suites(vec![Suite::AesGcmSha256, Suite::ChaChaPolyBlake2s]);
+        let (office, conn) = client_of(&server, &me, preferring_aes).await.unwrap();
+        assert_eq!(conn.peer().suite, Suite::ChaChaPolyBlake2s);
+        assert_eq!(conn.peer().unanswered_suite, Some(Suite::AesGcmSha256));
+        whoami(&office).await.unwrap();
+        conn.disconnect().await.unwrap();
+
+        let mut aes_only = ClientConfig::default();
+        aes_only.handshake = HandshakeConfig::with_suite(Suite::AesGcmSha256);
+        let err = client_of(&server, &me, aes_only).await.err().unwrap();
+        assert!(
+            matches!(&err, Error::UnexpectedEof { during } if *during == EOF_BEFORE_MESSAGE_2),
+            "{err:?}"
+        );
+
+        // A client that proposes the mandatory suite first gets it at once.
+        let mut preferring_chacha = ClientConfig::default();
+        preferring_chacha.handshake = HandshakeConfig::default()
+            .with_suites(vec![Suite::ChaChaPolyBlake2s, Suite::AesGcmSha256]);
+        let (office, conn) = client_of(&server, &me, preferring_chacha).await.unwrap();
+        assert_eq!(conn.peer().unanswered_suite, None);
+        whoami(&office).await.unwrap();
+        conn.disconnect().await.unwrap();
+        assert_eq!(server.seen.borrow().len(), 2, "two handshakes completed");
     })
     .await;
 }

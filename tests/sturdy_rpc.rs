@@ -9,11 +9,11 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use capnp_noise::rpc::{self, restorer_client, ClientOptions, PeerInfo, ServerOptions};
+use capnp_noise::rpc::{self, restorer_client, ClientConfig, PeerInfo, ServerConfig};
 use capnp_noise::sturdy::{Address, ObjectId, Restorer, SturdyRef};
-use capnp_noise::{AnyVat, Error, Identity};
+use capnp_noise::{AnyVat, Error, Identity, VatId};
 use capnp_noise_test::schema::demo_capnp::office as office_capnp;
-use tokio::task::LocalSet;
+use capnp_noise_test::support::{local, whoami};
 
 type Objects = Rc<RefCell<Restorer<capnp::capability::Client>>>;
 
@@ -24,138 +24,125 @@ async fn start_vat(identity: Identity, objects: Objects) -> SocketAddr {
         listener,
         identity,
         Arc::new(AnyVat),
-        ServerOptions::default(),
+        ServerConfig::default(),
         move |_: &PeerInfo| restorer_client(objects.clone()),
     ));
     addr
 }
 
 fn address(addr: SocketAddr) -> Address {
-    addr.to_string().parse().unwrap()
+    Address::try_from(addr).unwrap()
 }
 
-async fn whoami(cap: &office_capnp::Client) -> String {
-    let reply = cap.whoami_request().send().promise.await.unwrap();
-    reply
-        .get()
-        .unwrap()
-        .get_vat_id()
-        .unwrap()
-        .to_string()
-        .unwrap()
+/// A vat on loopback hosting one object, an Office whose whoami reports
+/// the hosting caller: its VatId, its objects, the object's id, its address.
+async fn host_with_office() -> (VatId, Objects, ObjectId, SocketAddr) {
+    let host = Identity::generate();
+    let host_vat = host.vat_id();
+    let objects: Objects = Rc::new(RefCell::new(Restorer::new()));
+    let office: office_capnp::Client = capnp_rpc::new_client(office::Office { caller: host_vat });
+    let id = objects.borrow_mut().add(office.client);
+    let addr = start_vat(host, objects.clone()).await;
+    (host_vat, objects, id, addr)
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn restore_wrong_revoked_and_misdirected() {
-    LocalSet::new()
-        .run_until(async {
-            let host = Identity::generate();
-            let host_vat = host.vat_id();
-            let objects: Objects = Rc::new(RefCell::new(Restorer::new()));
-            // The hosted object: an Office whose whoami reports the hosting caller.
-            let office: office_capnp::Client =
-                capnp_rpc::new_client(office::Office { caller: host_vat });
-            let id = objects.borrow_mut().add(office.client);
-            let addr = start_vat(host, objects.clone()).await;
+    local(async {
+        let (host_vat, objects, id, addr) = host_with_office().await;
 
-            // Round trip through the text form, as a user would paste it.
-            let text = SturdyRef::new(host_vat, vec![address(addr)], id.clone())
-                .unwrap()
-                .to_string();
-            let sref: SturdyRef = text.parse().unwrap();
-            let me = Identity::generate();
-            let (cap, conn): (office_capnp::Client, _) =
-                rpc::connect_sturdy(&sref, &me, ClientOptions::default())
-                    .await
-                    .unwrap();
-            assert_eq!(whoami(&cap).await, host_vat.to_string());
-            assert_eq!(conn.peer().vat_id, host_vat);
+        // Round trip through the text form, as a user would paste it.
+        let text = SturdyRef::new(host_vat, vec![address(addr)], id.clone())
+            .unwrap()
+            .to_string();
+        let sref: SturdyRef = text.parse().unwrap();
+        let me = Identity::generate();
+        let (cap, conn): (office_capnp::Client, _) =
+            rpc::connect_sturdy(&sref, &me, ClientConfig::default())
+                .await
+                .unwrap();
+        assert_eq!(whoami(&cap).await.unwrap(), host_vat.to_string());
+        assert_eq!(conn.peer().vat_id, host_vat);
 
-            // A wrong id and a revoked id fail alike, naming neither.
-            let wrong = SturdyRef::new(host_vat, vec![address(addr)], ObjectId::random()).unwrap();
-            let e1 =
-                rpc::connect_sturdy::<office_capnp::Client>(&wrong, &me, ClientOptions::default())
-                    .await
-                    .err()
-                    .expect("must fail");
-            objects.borrow_mut().revoke(&id);
-            let e2 =
-                rpc::connect_sturdy::<office_capnp::Client>(&sref, &me, ClientOptions::default())
-                    .await
-                    .err()
-                    .expect("must fail");
-            for e in [&e1, &e2] {
-                assert!(matches!(e, Error::Rpc(_)), "{e}");
-                assert!(e.to_string().contains("wrong or was revoked"), "{e}");
-                assert!(!e.to_string().contains(&*id.to_text()), "{e}");
-            }
-            assert_eq!(
-                e1.to_string().replace(&wrong.object_id().to_text()[..], ""),
-                e2.to_string()
+        // A wrong id and a revoked id fail alike, naming neither.
+        let wrong = SturdyRef::new(host_vat, vec![address(addr)], ObjectId::random()).unwrap();
+        let e1 = rpc::connect_sturdy::<office_capnp::Client>(&wrong, &me, ClientConfig::default())
+            .await
+            .err()
+            .expect("must fail");
+        objects.borrow_mut().revoke(&id);
+        let e2 = rpc::connect_sturdy::<office_capnp::Client>(&sref, &me, ClientConfig::default())
+            .await
+            .err()
+            .expect("must fail");
+        for e in [&e1, &e2] {
+            assert!(
+                matches!(e, Error::Rpc { during, .. } if during.contains("restore")),
+                "{e:?}"
             );
+            assert!(e.to_string().contains("wrong or was revoked"), "{e}");
+            assert!(!e.to_string().contains(&*id.to_text()), "{e}");
+        }
+        assert_eq!(
+            e1.to_string().replace(&wrong.object_id().to_text()[..], ""),
+            e2.to_string()
+        );
 
-            // The capability restored before revocation still works on its connection.
-            assert_eq!(whoami(&cap).await, host_vat.to_string());
-            conn.disconnect().await.unwrap();
-        })
-        .await;
+        // The capability restored before revocation still works on its connection.
+        assert_eq!(whoami(&cap).await.unwrap(), host_vat.to_string());
+        conn.disconnect().await.unwrap();
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn addresses_are_hints_but_the_vat_is_checked() {
-    LocalSet::new()
-        .run_until(async {
-            let host = Identity::generate();
-            let host_vat = host.vat_id();
-            let objects: Objects = Rc::new(RefCell::new(Restorer::new()));
-            let office: office_capnp::Client =
-                capnp_rpc::new_client(office::Office { caller: host_vat });
-            let id = objects.borrow_mut().add(office.client);
-            let good = start_vat(host, objects).await;
-            // Another vat with the same object id registered: it must never be used.
-            let impostor_objects: Objects = Rc::new(RefCell::new(Restorer::new()));
-            let decoy: office_capnp::Client = capnp_rpc::new_client(office::Office {
-                caller: Identity::generate().vat_id(),
-            });
-            impostor_objects.borrow_mut().insert(&id, decoy.client);
-            let impostor = start_vat(Identity::generate(), impostor_objects).await;
-            // A dead address: bind and drop a listener.
-            let dead = {
-                let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-                l.local_addr().unwrap()
-            };
-            let me = Identity::generate();
+    local(async {
+        let (host_vat, _, id, good) = host_with_office().await;
+        // Another vat with the same object id registered: it must never be used.
+        let impostor_objects: Objects = Rc::new(RefCell::new(Restorer::new()));
+        let decoy: office_capnp::Client = capnp_rpc::new_client(office::Office {
+            caller: Identity::generate().vat_id(),
+        });
+        impostor_objects.borrow_mut().insert(&id, decoy.client);
+        let impostor = start_vat(Identity::generate(), impostor_objects).await;
+        // A dead address: bind and drop a listener.
+        let dead = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let me = Identity::generate();
 
-            // Dead and impostor addresses first: skipped, the real vat is reached.
-            let sref = SturdyRef::new(
-                host_vat,
-                vec![address(dead), address(impostor), address(good)],
-                id.clone(),
-            )
-            .unwrap();
-            let (cap, conn): (office_capnp::Client, _) =
-                rpc::connect_sturdy(&sref, &me, ClientOptions::default())
-                    .await
-                    .unwrap();
-            assert_eq!(whoami(&cap).await, host_vat.to_string());
-            conn.disconnect().await.unwrap();
+        // Dead and impostor addresses first: skipped, the real vat is reached.
+        let sref = SturdyRef::new(
+            host_vat,
+            vec![address(dead), address(impostor), address(good)],
+            id.clone(),
+        )
+        .unwrap();
+        let (cap, conn): (office_capnp::Client, _) =
+            rpc::connect_sturdy(&sref, &me, ClientConfig::default())
+                .await
+                .unwrap();
+        assert_eq!(whoami(&cap).await.unwrap(), host_vat.to_string());
+        conn.disconnect().await.unwrap();
 
-            // Only the impostor: refused, with the reason naming the expected vat.
-            let only_impostor = SturdyRef::new(host_vat, vec![address(impostor)], id).unwrap();
-            let e = rpc::connect_sturdy::<office_capnp::Client>(
-                &only_impostor,
-                &me,
-                ClientOptions::default(),
-            )
-            .await
-            .err()
-            .expect("must fail");
-            match e {
-                Error::PeerRefused { reason, .. } => {
-                    assert!(reason.contains(&host_vat.to_string()))
-                }
-                other => panic!("{other}"),
+        // Only the impostor: refused, with the reason naming the expected vat.
+        let only_impostor = SturdyRef::new(host_vat, vec![address(impostor)], id).unwrap();
+        let e = rpc::connect_sturdy::<office_capnp::Client>(
+            &only_impostor,
+            &me,
+            ClientConfig::default(),
+        )
+        .await
+        .err()
+        .expect("must fail");
+        match e {
+            Error::PeerRefused { reason, .. } => {
+                assert!(reason.contains(&host_vat.to_string()))
             }
-        })
-        .await;
+            other => panic!("{other}"),
+        }
+    })
+    .await;
 }

@@ -17,10 +17,46 @@ use capnp_noise::wire::{
 use capnp_noise_test::fixtures::{self, deterministic_handshakes};
 use serde_json::{json, Value};
 
-fn vector_path(suite: Suite) -> PathBuf {
+/// The committed vector file `tests/vectors/<name>`.
+fn committed_path(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/vectors")
-        .join(format!("{}.json", suite.noise_name()))
+        .join(name)
+}
+
+/// Reads a committed vector file.
+fn load_committed(name: &str) -> Value {
+    let path = committed_path(name);
+    serde_json::from_str(
+        &std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    )
+    .unwrap()
+}
+
+/// With `CAPNP_NOISE_REGEN` set, writes `fresh` as the vector file `name`;
+/// otherwise requires the committed file to equal it (`changed` says what
+/// a difference means).
+fn regenerate_or_compare(name: &str, fresh: &Value, changed: &str) {
+    let path = committed_path(name);
+    if std::env::var_os("CAPNP_NOISE_REGEN").is_some() {
+        std::fs::write(&path, serde_json::to_string_pretty(fresh).unwrap() + "\n").unwrap();
+        return;
+    }
+    assert_eq!(
+        &load_committed(name),
+        fresh,
+        "{} differs from what the code produces: {changed}",
+        path.display()
+    );
+}
+
+#[path = "vectors/introduction.rs"]
+mod introduction;
+#[path = "vectors/vat_id_rejected.rs"]
+mod vat_id_rejected;
+
+fn vector_name(suite: Suite) -> String {
+    format!("{}.json", suite.noise_name())
 }
 
 fn party(id: &capnp_noise::Identity, seed: u8, stat: u8, eph: [u8; 32]) -> Value {
@@ -62,6 +98,7 @@ fn generate(suite: Suite) -> Value {
     let config = HandshakeConfig {
         suites: vec![suite],
         session: SessionConfig::default(),
+        allow_self: false,
     };
     let (mut i, mut r) =
         deterministic_handshakes(suite, config, Arc::new(AnyVat), Arc::new(AnyVat)).unwrap();
@@ -127,22 +164,10 @@ fn generate(suite: Suite) -> Value {
 #[test]
 fn vectors_are_reproduced_byte_for_byte() {
     for suite in Suite::ALL {
-        let fresh = generate(suite);
-        let path = vector_path(suite);
-        if std::env::var_os("CAPNP_NOISE_REGEN").is_some() {
-            let text = serde_json::to_string_pretty(&fresh).unwrap() + "\n";
-            std::fs::write(&path, text).unwrap();
-            continue;
-        }
-        let committed: Value = serde_json::from_str(
-            &std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
-        )
-        .unwrap();
-        assert_eq!(
-            committed,
-            fresh,
-            "{} differs from what the code produces: the wire format changed",
-            path.display()
+        regenerate_or_compare(
+            &vector_name(suite),
+            &generate(suite),
+            "the wire format changed",
         );
     }
 }
@@ -152,11 +177,11 @@ fn vectors_are_reproduced_byte_for_byte() {
 #[test]
 fn committed_wire_bytes_decode_to_recorded_plaintext() {
     for suite in Suite::ALL {
-        let v: Value =
-            serde_json::from_str(&std::fs::read_to_string(vector_path(suite)).unwrap()).unwrap();
+        let v = load_committed(&vector_name(suite));
         let config = HandshakeConfig {
             suites: vec![suite],
             session: SessionConfig::default(),
+            allow_self: false,
         };
         let (mut i, mut r) =
             deterministic_handshakes(suite, config, Arc::new(AnyVat), Arc::new(AnyVat)).unwrap();

@@ -352,9 +352,16 @@ proptest! {
                 Err(e) => break Err(e),
             }
         };
-        prop_assert!(outcome.is_err(), "damage kind {} ended cleanly", kind);
-        prop_assert!(got.len() <= expected.len());
-        prop_assert_eq!(&got[..], &expected[..got.len()]);
+        if kind == 2 && f == frames.len() - 1 {
+            // A copy of the CLOSE after the CLOSE: the receiver stops
+            // reading at the first (SPEC.md 7.2), so the stream is whole.
+            prop_assert!(outcome.is_ok(), "{:?}", outcome);
+            prop_assert_eq!(got, (0..nframes).flat_map(|n| vec![n as u8; 100]).collect::<Vec<u8>>());
+        } else {
+            prop_assert!(outcome.is_err(), "damage kind {} ended cleanly", kind);
+            prop_assert!(got.len() <= expected.len());
+            prop_assert_eq!(&got[..], &expected[..got.len()]);
+        }
     }
 }
 
@@ -550,7 +557,7 @@ fn seal_raw_refuses_oversize_plaintext_and_keeps_the_session() {
     let max = capnp_noise::wire::MAX_MESSAGE_LEN - capnp_noise::wire::TAG_LEN;
     assert!(matches!(
         i.seal_raw_for_tests(&vec![0; max + 1]),
-        Err(Error::Config(_))
+        Err(Error::Misuse(_))
     ));
     let mut plain = vec![7u8; max - 1];
     plain.push(0); // DATA
@@ -658,7 +665,7 @@ fn admit_outside_admission_is_a_config_error_and_preamble_alone_costs_nothing() 
         Arc::new(AnyVat),
     )
     .unwrap();
-    assert!(matches!(r.admit(), Err(Error::Config(_))));
+    assert!(matches!(r.admit(), Err(Error::Misuse(_))));
     // Without admission: a peer that stops after the preamble, or after a
     // partial message 1, has cost no X25519 work.
     let flight = i.pending_output().to_vec();
@@ -667,4 +674,128 @@ fn admit_outside_admission_is_a_config_error_and_preamble_alone_costs_nothing() 
     assert_eq!(testing::x25519_operations_on_this_thread(), before);
     let e = r.feed_eof().unwrap();
     assert!(e.to_string().contains("message 1"), "{e}");
+}
+
+/// A low-order X25519 key is a protocol violation, named as such, not a
+/// malformed payload (SPEC.md 8.2): an all-zero ephemeral in message 1 at
+/// the responder, and in message 2 at the initiator, which then sends no
+/// message 3.
+#[test]
+fn low_order_ephemeral_keys_are_protocol_violations() {
+    let suite = Suite::ChaChaPolyBlake2s;
+    let (mut i, mut r) =
+        deterministic_handshakes(suite, cfg(), Arc::new(AnyVat), Arc::new(AnyVat)).unwrap();
+    let mut first = capnp_noise::wire::preamble::encode(suite);
+    first.extend_from_slice(&[0, 32]);
+    first.extend_from_slice(&[0; 32]);
+    let mut msg2 = vec![0, 200];
+    msg2.extend_from_slice(&[0; 200]);
+    let n = i.pending_output().len();
+    i.consume_output(n);
+    for (side, input, during, next) in [
+        (&mut r, first, "handshake message 1", "message 2"),
+        (&mut i, msg2, "handshake message 2", "message 3"),
+    ] {
+        let e = side.feed(&input).unwrap_err();
+        assert!(
+            matches!(&e, Error::Protocol(ProtocolError::LowOrderKey(d)) if *d == during),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("low-order"), "{e}");
+        assert!(side.pending_output().is_empty(), "no {next}");
+    }
+}
+
+/// SPEC.md 7.2: a receiver stops reading the peer's direction at its CLOSE.
+/// What follows (here garbage, and a zero length that would be a protocol
+/// error if it were parsed) is ignored, whether it arrives with the CLOSE
+/// or after the receiver has seen it: the end is clean either way.
+#[test]
+fn bytes_after_close_are_ignored_however_they_arrive() {
+    let after: Vec<u8> = [&[0u8, 20][..], &[7; 20], &[0, 0]].concat();
+    for together in [true, false] {
+        let (mut i, mut r) = session_pair(Suite::ChaChaPolyBlake2s, cfg()).unwrap();
+        i.write(b"before").unwrap();
+        i.close().unwrap();
+        let mut wire = i.pending_output().to_vec();
+        if together {
+            wire.extend_from_slice(&after);
+        }
+        assert_eq!(r.feed(&wire), wire.len());
+        let mut buf = [0u8; 64];
+        assert_eq!(r.read(&mut buf).unwrap(), ReadOutcome::Data(6));
+        assert_eq!(
+            r.read(&mut buf).unwrap(),
+            ReadOutcome::Closed,
+            "together: {together}"
+        );
+        assert_eq!(r.feed(&after), after.len(), "taken and dropped");
+        r.feed_eof();
+        assert_eq!(r.read(&mut buf).unwrap(), ReadOutcome::Closed);
+        assert_eq!(r.buffered_ciphertext(), 0);
+    }
+}
+
+/// SPEC.md 2: the retry with the mandatory suite is due exactly after a
+/// silent close (the stream ended after message 1, before any byte of
+/// message 2), when the suite proposed was another and the initiator
+/// accepts the mandatory one; the retry proposes only the mandatory suite,
+/// so it is never retried again.
+#[test]
+fn fallback_to_the_mandatory_suite_only_after_a_silent_close() {
+    use capnp_noise::wire::EOF_BEFORE_MESSAGE_2;
+    let (aes, chacha) = (Suite::AesGcmSha256, Suite::ChaChaPolyBlake2s);
+    assert_eq!(Suite::MANDATORY, chacha);
+    let eof_after_message_1 = |config: &HandshakeConfig, msg2_bytes: usize| {
+        let (mut i, mut r) =
+            deterministic_handshakes(config.suites[0], cfg(), Arc::new(AnyVat), Arc::new(AnyVat))
+                .unwrap();
+        let first = i.pending_output().to_vec();
+        i.consume_output(first.len());
+        r.feed(&first).unwrap();
+        i.feed(&r.pending_output()[..msg2_bytes]).unwrap();
+        i.feed_eof().unwrap()
+    };
+    let preferring_aes = HandshakeConfig::default().with_suites(vec![aes, chacha]);
+    let silent = eof_after_message_1(&preferring_aes, 0);
+    assert!(
+        matches!(&silent, Error::UnexpectedEof { during } if *during == EOF_BEFORE_MESSAGE_2),
+        "{silent}"
+    );
+    let retry = preferring_aes.fallback_after(&silent).expect("a retry");
+    assert_eq!(retry.suites, vec![Suite::MANDATORY]);
+    assert!(retry.fallback_after(&silent).is_none(), "only once");
+
+    let no_retry = [
+        // Only AES-GCM accepted: the initiator would not take the mandatory suite.
+        (HandshakeConfig::with_suite(aes), silent.clone()),
+        // The mandatory suite was already proposed.
+        (
+            HandshakeConfig::default().with_suites(vec![chacha, aes]),
+            silent.clone(),
+        ),
+        // Part of message 2 came: the responder accepted the suite.
+        (
+            preferring_aes.clone(),
+            eof_after_message_1(&preferring_aes, 1),
+        ),
+        // A timeout is not a close; nor is anything else.
+        (
+            preferring_aes.clone(),
+            Error::HandshakeTimeout(std::time::Duration::from_secs(10)),
+        ),
+        (
+            preferring_aes.clone(),
+            Error::Decrypt {
+                during: "handshake message 2",
+            },
+        ),
+    ];
+    for (config, error) in no_retry {
+        assert!(
+            config.fallback_after(&error).is_none(),
+            "{:?} after {error}",
+            config.suites
+        );
+    }
 }

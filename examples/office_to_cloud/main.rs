@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use capnp::capability::Rc;
-use capnp_noise::rpc::{self, ClientOptions, ServerOptions};
+use capnp_noise::rpc::{self, ClientConfig, ServerConfig};
 use capnp_noise::stream::{self, StreamConfig};
 use capnp_noise::{AnyVat, Identity, Pinned};
 use capnp_noise_test::schema::demo_capnp::{callback, office as office_capnp};
@@ -65,7 +65,7 @@ async fn demo() -> Result<(), Box<dyn std::error::Error>> {
         listener,
         cloud.clone(),
         Arc::new(AnyVat),
-        ServerOptions::default(),
+        ServerConfig::default(),
         office::Office::bootstrap,
     ));
 
@@ -75,7 +75,7 @@ async fn demo() -> Result<(), Box<dyn std::error::Error>> {
         addr,
         &office,
         Arc::new(Pinned(cloud.vat_id())),
-        ClientOptions::default(),
+        ClientConfig::default(),
     )
     .await?;
     println!(
@@ -143,7 +143,7 @@ async fn demo() -> Result<(), Box<dyn std::error::Error>> {
         addr,
         &office,
         Arc::new(Pinned(cloud.vat_id())),
-        ClientOptions::default(),
+        ClientConfig::default(),
     )
     .await;
     match refused {

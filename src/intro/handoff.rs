@@ -13,12 +13,17 @@
 //!   (none) --expect--> Provided --redeem--> Spent (tombstone until expiry)
 //!   (none) --redeem--> Waiting  --expect--> Spent (the waiter gets the capability)
 //!   Provided / Waiting --revoke--> Revoked (tombstone until expiry)
-//!   any --expire(now) past its deadline--> (none); a Waiting redeemer gets Timeout
+//!   (none) --revoke--> Revoked, charged to the introducer's own share
+//!   Waiting --its deadline--> TimedOut (the redeemer gets Timeout; a record
+//!                             until the introduction expires)
+//!   TimedOut --redeem--> TimedOut (refused at once: Timeout)
+//!   TimedOut --expect--> Provided (a late request still counts)
+//!   any other --expire(now) past its deadline--> (none)
 //! ```
 //!
 //! Tombstones make a second redeem fail at once as [`Replayed`] (or
 //! [`Revoked`]) for as long as the introduction could still be valid, capped
-//! by [`HandoffLimits::max_lifetime`].
+//! by [`HandoffConfig::max_lifetime`].
 //!
 //! The table is sans-IO: it never reads the clock (every call takes `now`)
 //! and never sleeps. A redeem that arrives before the expect returns
@@ -47,9 +52,21 @@ use crate::error::{Error, IntroductionError, Result};
 use crate::vat_id::VatId;
 
 /// Bounds on a [`HandoffTable`]: every operation that would exceed one is refused
-/// with [`IntroductionError::Limit`].
+/// with [`IntroductionError::Limit`]. A network's are
+/// [`NetworkConfig::handoff`](crate::network::NetworkConfig::handoff).
+/// Start from [`Default`] and change what you need with the `with_*` setters:
+///
+/// ```
+/// use std::time::Duration;
+/// use capnp_noise::intro::HandoffConfig;
+///
+/// let limits = HandoffConfig::default()
+///     .with_max_entries_per_introducer(16)
+///     .with_max_wait(Duration::from_secs(5));
+/// assert_eq!(limits.max_entries_per_introducer, 16);
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HandoffLimits {
+pub struct HandoffConfig {
     /// The most provided entries and tombstones, in all.
     pub max_entries: usize,
     /// The most provided entries and tombstones made by one introducer, so
@@ -59,6 +76,15 @@ pub struct HandoffLimits {
     pub max_waiters: usize,
     /// The most waiting redeems of one authenticated redeemer.
     pub max_waiters_per_redeemer: usize,
+    /// The most waiting redeems of introductions signed by one introducer
+    /// (any vat can sign introductions, so that one introducer cannot fill
+    /// the waiters for the others).
+    pub max_waiters_per_introducer: usize,
+    /// The most records of redeems that timed out, kept until their
+    /// introduction expires (at most [`max_lifetime`](Self::max_lifetime)) so
+    /// that the same introduction is refused at once instead of waiting
+    /// again. Beyond this many, a timed-out redeem leaves no record.
+    pub max_timed_out: usize,
     /// How long a redeem waits for the introducer's request (less if the
     /// introduction expires sooner).
     pub max_wait: Duration,
@@ -68,15 +94,29 @@ pub struct HandoffLimits {
     pub max_lifetime: Duration,
 }
 
-impl Default for HandoffLimits {
-    /// 4096 entries (256 per introducer), 1024 waiters (16 per redeemer),
-    /// 30 seconds of waiting, entries held at most one hour.
+setters!(HandoffConfig {
+    with_max_entries => max_entries: usize,
+    with_max_entries_per_introducer => max_entries_per_introducer: usize,
+    with_max_waiters => max_waiters: usize,
+    with_max_waiters_per_redeemer => max_waiters_per_redeemer: usize,
+    with_max_waiters_per_introducer => max_waiters_per_introducer: usize,
+    with_max_timed_out => max_timed_out: usize,
+    with_max_wait => max_wait: Duration,
+    with_max_lifetime => max_lifetime: Duration,
+});
+
+impl Default for HandoffConfig {
+    /// 4096 entries (256 per introducer), 1024 waiters (16 per redeemer, 64
+    /// per introducer), 30 seconds of waiting, 4096 records of timed-out
+    /// waits, entries held at most one hour.
     fn default() -> Self {
-        HandoffLimits {
+        HandoffConfig {
             max_entries: 4096,
             max_entries_per_introducer: 256,
             max_waiters: 1024,
             max_waiters_per_redeemer: 16,
+            max_waiters_per_introducer: 64,
+            max_timed_out: 4096,
             max_wait: Duration::from_secs(30),
             max_lifetime: Duration::from_secs(3600),
         }
@@ -175,20 +215,29 @@ enum Slot<T> {
     Spent { until: SystemTime },
     /// Withdrawn by the introducer or revoked by the provider.
     Revoked { until: SystemTime },
+    /// A redeem waited for the introducer's request until its deadline:
+    /// the same introduction is refused at once until it expires.
+    TimedOut { until: SystemTime },
 }
 
 impl<T> Slot<T> {
     fn deadline(&self) -> SystemTime {
         match self {
-            Slot::Provided { until, .. } | Slot::Spent { until } | Slot::Revoked { until } => {
-                *until
-            }
+            Slot::Provided { until, .. }
+            | Slot::Spent { until }
+            | Slot::Revoked { until }
+            | Slot::TimedOut { until } => *until,
             Slot::Waiting { deadline, .. } => *deadline,
         }
     }
 
     fn is_waiting(&self) -> bool {
         matches!(self, Slot::Waiting { .. })
+    }
+
+    /// An entry or tombstone, counted against [`HandoffConfig::max_entries`].
+    fn is_entry(&self) -> bool {
+        !matches!(self, Slot::Waiting { .. } | Slot::TimedOut { .. })
     }
 }
 
@@ -204,10 +253,10 @@ fn limit<R>(what: String) -> Result<R> {
 ///
 /// `T` is whatever the provider hands out (a capnp-rpc client, an object
 /// id, ...): the table only stores and moves it. Every entry is single use,
-/// expires, can be revoked, and is bounded by [`HandoffLimits`].
+/// expires, can be revoked, and is bounded by [`HandoffConfig`].
 pub struct HandoffTable<T> {
     own: VatId,
-    limits: HandoffLimits,
+    limits: HandoffConfig,
     slots: HashMap<Key, Slot<T>>,
 }
 
@@ -224,7 +273,7 @@ impl<T> fmt::Debug for HandoffTable<T> {
 impl<T> HandoffTable<T> {
     /// An empty table for the provider vat `own` (introductions naming
     /// another provider are refused).
-    pub fn new(own: VatId, limits: HandoffLimits) -> Self {
+    pub fn new(own: VatId, limits: HandoffConfig) -> Self {
         HandoffTable {
             own,
             limits,
@@ -233,13 +282,69 @@ impl<T> HandoffTable<T> {
     }
 
     /// The limits in force.
-    pub fn limits(&self) -> &HandoffLimits {
+    pub fn limits(&self) -> &HandoffConfig {
         &self.limits
     }
 
     /// How many provided entries and tombstones the table holds.
     pub fn entries(&self) -> usize {
-        self.slots.values().filter(|s| !s.is_waiting()).count()
+        self.slots.values().filter(|s| s.is_entry()).count()
+    }
+
+    /// How many records of timed-out redeems the table holds.
+    pub fn timed_out(&self) -> usize {
+        self.slots
+            .values()
+            .filter(|s| matches!(s, Slot::TimedOut { .. }))
+            .count()
+    }
+
+    /// Whether `introducer` may add one more entry or tombstone.
+    ///
+    /// # Errors
+    /// [`IntroductionError::Limit`] naming the limit that is reached.
+    fn room_for_entry(&self, introducer: &VatId) -> Result<()> {
+        if self.entries() >= self.limits.max_entries {
+            return limit(format!(
+                "the provider holds at most {} introductions",
+                self.limits.max_entries
+            ));
+        }
+        let by_introducer = self
+            .slots
+            .iter()
+            .filter(|((i, _), s)| i == introducer && s.is_entry())
+            .count();
+        if by_introducer >= self.limits.max_entries_per_introducer {
+            return limit(format!(
+                "the provider holds at most {} introductions from one introducer",
+                self.limits.max_entries_per_introducer
+            ));
+        }
+        Ok(())
+    }
+
+    /// Ends the wait in `slot` (removed from the table at `key`): the
+    /// redeemer gets [`IntroductionError::Timeout`], and a record stays until
+    /// the introduction expires if there is room for one.
+    fn end_wait(&mut self, key: Key, slot: Slot<T>, now: SystemTime) {
+        if let Slot::Waiting {
+            tx,
+            tombstone_until,
+            ..
+        } = slot
+        {
+            let abandoned = tx.is_canceled();
+            let _ = tx.send(refuse(IntroductionError::Timeout));
+            if !abandoned && tombstone_until > now && self.timed_out() < self.limits.max_timed_out {
+                self.slots.insert(
+                    key,
+                    Slot::TimedOut {
+                        until: tombstone_until,
+                    },
+                );
+            }
+        }
     }
 
     /// How many redeems are waiting for their introducer's request.
@@ -257,8 +362,8 @@ impl<T> HandoffTable<T> {
     /// with [`IntroductionError::Timeout`]. Returns whether it was dropped.
     fn sweep(&mut self, key: &Key, now: SystemTime) -> bool {
         if self.slots.get(key).is_some_and(|s| s.deadline() <= now) {
-            if let Some(Slot::Waiting { tx, .. }) = self.slots.remove(key) {
-                let _ = tx.send(refuse(IntroductionError::Timeout));
+            if let Some(slot) = self.slots.remove(key) {
+                self.end_wait(*key, slot, now);
             }
             return true;
         }
@@ -276,7 +381,7 @@ impl<T> HandoffTable<T> {
     /// # Errors
     /// * [`IntroductionError::Expired`] if the request has already expired;
     /// * [`IntroductionError::Limit`] if it expires further than
-    ///   [`HandoffLimits::max_lifetime`] from `now`, or the table (or this
+    ///   [`HandoffConfig::max_lifetime`] from `now`, or the table (or this
     ///   introducer's share of it) is full;
     /// * [`IntroductionError::Replayed`] if this introducer already used the nonce;
     /// * [`IntroductionError::Revoked`] if the handoff was withdrawn.
@@ -304,25 +409,9 @@ impl<T> HandoffTable<T> {
                 return refuse(IntroductionError::Replayed)
             }
             Some(Slot::Revoked { .. }) => return refuse(IntroductionError::Revoked),
-            Some(Slot::Waiting { .. }) | None => {}
+            Some(Slot::Waiting { .. } | Slot::TimedOut { .. }) | None => {}
         }
-        if self.entries() >= self.limits.max_entries {
-            return limit(format!(
-                "the provider holds at most {} introductions",
-                self.limits.max_entries
-            ));
-        }
-        let by_introducer = self
-            .slots
-            .iter()
-            .filter(|((i, _), s)| i == introducer && !s.is_waiting())
-            .count();
-        if by_introducer >= self.limits.max_entries_per_introducer {
-            return limit(format!(
-                "the provider holds at most {} introductions from one introducer",
-                self.limits.max_entries_per_introducer
-            ));
-        }
+        self.room_for_entry(introducer)?;
         let recipient = *request.recipient();
         let next = match self.slots.remove(&key) {
             Some(Slot::Waiting {
@@ -440,6 +529,12 @@ impl<T> HandoffTable<T> {
                 self.slots.insert(key, slot);
                 return refuse(IntroductionError::Revoked);
             }
+            // It waited once already and its introducer never asked: it
+            // is refused at once, not kept waiting again.
+            Some(slot @ Slot::TimedOut { .. }) => {
+                self.slots.insert(key, slot);
+                return refuse(IntroductionError::Timeout);
+            }
             None => {}
         }
         if self.waiting() >= self.limits.max_waiters {
@@ -457,6 +552,17 @@ impl<T> HandoffTable<T> {
             return limit(format!(
                 "at most {} redeems of one vat may wait for their introducers",
                 self.limits.max_waiters_per_redeemer
+            ));
+        }
+        let by_introducer = self
+            .slots
+            .iter()
+            .filter(|((i, _), s)| *i == key.0 && s.is_waiting())
+            .count();
+        if by_introducer >= self.limits.max_waiters_per_introducer {
+            return limit(format!(
+                "at most {} redeems of one introducer's introductions may wait for it",
+                self.limits.max_waiters_per_introducer
             ));
         }
         let deadline = (now + self.limits.max_wait).min(introduction.expires_at());
@@ -502,9 +608,11 @@ impl<T> HandoffTable<T> {
                 None
             }
             None => {
-                // Remember the withdrawal if there is room, so that a redeem
-                // arriving later fails at once instead of waiting.
-                if self.entries() < self.limits.max_entries {
+                // Remember the withdrawal if the introducer's own share has
+                // room, so that a redeem arriving later fails at once
+                // instead of waiting. Charged to that share: withdrawals of
+                // nonces never provided cannot fill the table for others.
+                if self.room_for_entry(introducer).is_ok() {
                     self.slots
                         .insert(key, tombstone(now + self.limits.max_lifetime));
                 }
@@ -545,8 +653,8 @@ impl<T> HandoffTable<T> {
             .map(|(key, _)| *key)
             .collect();
         for key in &due {
-            if let Some(Slot::Waiting { tx, .. }) = self.slots.remove(key) {
-                let _ = tx.send(refuse(IntroductionError::Timeout));
+            if let Some(slot) = self.slots.remove(key) {
+                self.end_wait(*key, slot, now);
             }
         }
         due.len()

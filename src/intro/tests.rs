@@ -232,7 +232,7 @@ fn expiry_is_exclusive_and_rounded_down() {
             [1; NONCE_LEN],
             UNIX_EPOCH - Duration::from_secs(1)
         ),
-        Err(Error::Config(_))
+        Err(Error::Misuse(_))
     ));
     assert!(ThirdPartyToAwait::new(
         alice().vat_id(),
@@ -260,7 +260,7 @@ fn forwarding_once() {
     // Only the holder may forward, and only once in version 1.
     assert!(matches!(
         i.forward(&mallory(), mallory().vat_id()),
-        Err(Error::Config(_))
+        Err(Error::Misuse(_))
     ));
     assert!(matches!(
         err(f.forward(&dave(), mallory().vat_id())),

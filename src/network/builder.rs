@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore};
 use tracing::info;
 
+use crate::admission::UnauthenticatedLimit;
 use crate::error::{Error, Result};
 use crate::identity::Identity;
 use crate::intro::HandoffTable;
@@ -25,7 +26,7 @@ use super::book::AddressBook;
 use super::Redeemed;
 
 use super::connections::{accept_loop, Inner, State};
-use super::{Network, NetworkOptions};
+use super::{Network, NetworkConfig};
 
 pub(super) type BootstrapFn = Box<dyn Fn(&PeerInfo) -> capnp::capability::Client>;
 pub(super) type RedeemFn =
@@ -37,7 +38,7 @@ pub struct NetworkBuilder {
     pub(super) identity: Identity,
     pub(super) listen: Option<SocketAddr>,
     pub(super) policy: Arc<dyn PeerPolicy>,
-    pub(super) options: NetworkOptions,
+    pub(super) options: NetworkConfig,
     pub(super) bootstrap: Option<BootstrapFn>,
     pub(super) on_redeem: Option<RedeemFn>,
 }
@@ -67,15 +68,20 @@ impl NetworkBuilder {
         self
     }
 
-    /// Sets the [`NetworkOptions`].
-    pub fn options(mut self, options: NetworkOptions) -> Self {
-        self.options = options;
+    /// Sets the [`NetworkConfig`].
+    pub fn config(mut self, config: NetworkConfig) -> Self {
+        self.options = config;
         self
     }
 
     /// The application's bootstrap capability for each peer, built once per
     /// connection from the peer's authenticated [`PeerInfo`] (when the peer
     /// first asks for it). Without it, peers get a broken capability.
+    ///
+    /// Capturing `peer.vat_id` in the object is how it knows who calls; such
+    /// an object speaks for that peer, and must not reach anyone else as it
+    /// is: introductions of it are refused unless
+    /// [`on_redeem`](Self::on_redeem) builds each redeemer its own.
     pub fn bootstrap<F, C>(mut self, factory: F) -> Self
     where
         F: Fn(&PeerInfo) -> C + 'static,
@@ -88,17 +94,38 @@ impl NetworkBuilder {
     }
 
     /// Called when this vat, as provider, hands out a capability to the
-    /// redeemer of an introduction: returns what the redeemer gets (by
-    /// default the capability the introducer set aside). capnp-rpc tells a
-    /// server nothing about who calls; this is where a provider learns the
-    /// redeemer's authenticated VatId, for example to give it a facet of
-    /// its own (find the object with a [`CapabilityServerSet`]).
+    /// redeemer of an introduction: returns what the redeemer gets, given
+    /// the capability the introducer set aside. capnp-rpc tells a server
+    /// nothing about who calls; this is where a provider learns the
+    /// redeemer's authenticated VatId, to give it an object of its own
+    /// (find the introduced object with a [`CapabilityServerSet`]).
+    ///
+    /// **Without this hook a provider hands off nothing**: `provide` is
+    /// refused ([`IntroductionError::NotIntroducible`](crate::IntroductionError::NotIntroducible),
+    /// `notHosted` on the wire). An object made for one peer, such as the
+    /// per-peer bootstrap that captures the caller's VatId (see
+    /// [`bootstrap`](Self::bootstrap)), would otherwise reach the redeemer
+    /// as it is and answer it as the introducer, even after the introducer
+    /// is gone. The hook must therefore build the redeemer's own object for
+    /// every object that depends on who calls, and may return the
+    /// capability as it is only for objects that do not (see
+    /// [`hand_off_as_is`](Self::hand_off_as_is)).
     pub fn on_redeem<F>(mut self, hook: F) -> Self
     where
         F: Fn(&Redeemed, capnp::capability::Client) -> capnp::capability::Client + 'static,
     {
         self.on_redeem = Some(Box::new(hook));
         self
+    }
+
+    /// Hands every introduced capability to its redeemer as it is: the
+    /// [`on_redeem`](Self::on_redeem) hook that returns its argument. Only
+    /// for a vat none of whose objects depends on who calls it: an object
+    /// bound to its caller (the per-peer bootstrap that captures the peer's
+    /// VatId, anything made from it) would answer the redeemer as the vat
+    /// that introduced it.
+    pub fn hand_off_as_is(self) -> Self {
+        self.on_redeem(|_, cap| cap)
     }
 
     /// Binds the listener (if any) and starts accepting connections on the
@@ -144,9 +171,17 @@ impl NetworkBuilder {
                 ),
                 handshake: options.handshake.clone(),
                 timeout: options.handshake_timeout,
+                first_message_timeout: options.first_message_timeout,
+                unauthenticated: UnauthenticatedLimit::new(options.max_unauthenticated_per_source),
             },
             identity: self.identity,
             permits: Arc::new(Semaphore::new(options.max_connections.max(1))),
+            inbound: Arc::new(Semaphore::new(
+                options
+                    .max_connections
+                    .saturating_sub(options.reserved_for_dials)
+                    .max(1),
+            )),
             advertised,
             local,
             bootstrap: self.bootstrap.unwrap_or_else(|| {

@@ -17,7 +17,6 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::{debug, info};
 
-use crate::error::Error;
 use crate::identity::Identity;
 use crate::intro::HandoffTable;
 use crate::rpc::{self, Acceptor, PeerInfo};
@@ -30,7 +29,7 @@ use super::book::AddressBook;
 use super::builder::{BootstrapFn, RedeemFn};
 use super::service::VatRoot;
 use super::tiebreak::DialFuture;
-use super::NetworkOptions;
+use super::NetworkConfig;
 
 /// How long the end of a connection may take (the authenticated CLOSE).
 pub(super) const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -49,8 +48,13 @@ pub(crate) struct Inner {
     pub(super) identity: Identity,
     pub(super) vat_id: VatId,
     pub(super) acceptor: Acceptor,
-    pub(super) options: NetworkOptions,
+    pub(super) options: NetworkConfig,
+    /// Connections open, in both directions (`max_connections`).
     pub(super) permits: Arc<Semaphore>,
+    /// Incoming connections open: `max_connections` less the part reserved
+    /// for dials. An incoming connection holds one of these and one of
+    /// `permits`; a dial holds one of `permits` only.
+    pub(super) inbound: Arc<Semaphore>,
     pub(super) advertised: Vec<Address>,
     pub(super) local: Option<SocketAddr>,
     pub(super) bootstrap: BootstrapFn,
@@ -125,17 +129,6 @@ impl Conn {
     }
 }
 
-pub(super) fn io_error(kind: std::io::ErrorKind, msg: String) -> Error {
-    Error::Io(Arc::new(std::io::Error::new(kind, msg)))
-}
-
-pub(super) fn shut_down_error() -> Error {
-    io_error(
-        std::io::ErrorKind::NotConnected,
-        "the network has been shut down".into(),
-    )
-}
-
 impl Inner {
     pub(super) fn conn(&self, id: u64) -> Option<Rc<Conn>> {
         self.state.borrow().open.get(&id).cloned()
@@ -148,7 +141,7 @@ impl Inner {
         stream: NoiseStream<TcpStream>,
         info: PeerInfo,
         we_initiated: bool,
-        permit: OwnedSemaphorePermit,
+        permit: ConnPermit,
     ) -> Rc<Conn> {
         let id = {
             let mut st = self.state.borrow_mut();
@@ -270,13 +263,56 @@ impl Inner {
     }
 }
 
+/// What a connection holds while it is open: one of `max_connections`, and
+/// for an incoming one, one of the places not reserved for dials.
+pub(super) struct ConnPermit {
+    _total: OwnedSemaphorePermit,
+    _inbound: Option<OwnedSemaphorePermit>,
+}
+
+impl ConnPermit {
+    /// The permit of a dial.
+    pub(super) fn outgoing(total: OwnedSemaphorePermit) -> Self {
+        ConnPermit {
+            _total: total,
+            _inbound: None,
+        }
+    }
+}
+
+impl Inner {
+    /// Whether `vat` already has `max_unsettled_per_vat` incoming
+    /// connections waiting for its `hello`.
+    fn too_many_unsettled(&self, vat: &VatId) -> bool {
+        let st = self.state.borrow();
+        let unsettled = st
+            .open
+            .values()
+            .filter(|c| {
+                c.info.vat_id == *vat && !c.we_initiated && c.status.get() == Status::Candidate
+            })
+            .count();
+        unsettled >= self.options.max_unsettled_per_vat.max(1)
+    }
+}
+
 pub(super) async fn accept_loop(weak: Weak<Inner>, listener: TcpListener) {
     loop {
-        let Some(permits) = weak.upgrade().map(|i| i.permits.clone()) else {
+        let Some((inbound, total)) = weak
+            .upgrade()
+            .map(|i| (i.inbound.clone(), i.permits.clone()))
+        else {
             return;
         };
-        let Some((permit, tcp, addr)) = rpc::accept_within(&permits, &listener).await else {
+        let Some((inbound, tcp, addr)) = rpc::accept_within(&inbound, &listener).await else {
             return;
+        };
+        let Ok(total) = total.acquire_owned().await else {
+            return;
+        };
+        let permit = ConnPermit {
+            _total: total,
+            _inbound: Some(inbound),
         };
         let weak = weak.clone();
         tokio::task::spawn_local(async move {
@@ -287,6 +323,14 @@ pub(super) async fn accept_loop(weak: Weak<Inner>, listener: TcpListener) {
                 return;
             };
             if info.vat_id == inner.vat_id || inner.state.borrow().shut_down {
+                return;
+            }
+            if info.vat_id > inner.vat_id && inner.too_many_unsettled(&info.vat_id) {
+                debug!(
+                    peer = %info.vat_id.fingerprint(),
+                    %addr,
+                    "closed: this vat already has connections waiting for its hello"
+                );
                 return;
             }
             let conn = inner.establish(stream, info, false, permit);

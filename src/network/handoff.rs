@@ -12,7 +12,6 @@ use crate::intro::{random_nonce, Introduction, Nonce, ThirdPartyToAwait};
 use crate::sturdy::{Address, MAX_ADDRESSES};
 use crate::vat_id::VatId;
 
-use super::connections::io_error;
 use super::{service, Network};
 
 /// What a provider knows about an introduction being redeemed: given to the
@@ -28,11 +27,8 @@ pub struct Redeemed {
     pub nonce: Nonce,
 }
 
-fn rpc_failure(what: &str, e: capnp::Error) -> Error {
-    io_error(
-        std::io::ErrorKind::Other,
-        format!("Cap'n Proto RPC ({what}): {e}"),
-    )
+fn rpc_failure(during: &'static str, source: capnp::Error) -> Error {
+    Error::Rpc { during, source }
 }
 
 impl Network {
@@ -46,7 +42,7 @@ impl Network {
     /// [`Error::Introduction`] with the provider's refusal
     /// ([`IntroductionError::NotHosted`] for a capability it does not host
     /// itself, `Expired`, `Replayed`, `Limit`, ...); the errors of
-    /// [`Network::connect`]; [`Error::Io`] if the call fails.
+    /// [`Network::connect`]; [`Error::Rpc`] if the call fails.
     pub async fn provide<C: FromClientHook>(
         &self,
         cap: &C,
@@ -65,8 +61,10 @@ impl Network {
         let reply = tokio::time::timeout(timeout, call.send().promise)
             .await
             .map_err(|_| Error::Introduction(IntroductionError::Timeout))?
-            .map_err(|e| rpc_failure("provide", e))?;
-        let reply = reply.get().map_err(|e| rpc_failure("provide", e))?;
+            .map_err(|e| rpc_failure("call Vat.provide", e))?;
+        let reply = reply
+            .get()
+            .map_err(|e| rpc_failure("call Vat.provide", e))?;
         service::check(reply.get_error(), reply.get_reason())?;
         let addresses = crate::sturdy::read_addresses(reply.get_addresses()).map_err(|e| {
             Error::Introduction(IntroductionError::Malformed(format!(
@@ -80,12 +78,12 @@ impl Network {
     /// aside at the provider for `recipient`, then signs and returns the
     /// [`Introduction`] to give to `recipient` (for example
     /// `introduction.encode()` as a parameter of an ordinary call). It is
-    /// valid for [`NetworkOptions::introduction_lifetime`](super::NetworkOptions::introduction_lifetime), names the
+    /// valid for [`NetworkConfig::introduction_lifetime`](super::NetworkConfig::introduction_lifetime), names the
     /// addresses the provider advertises and those this vat knows, and can
     /// be redeemed once, by `recipient` only.
     ///
     /// # Errors
-    /// The errors of [`Network::provide`]; [`Error::Config`] if `recipient`
+    /// The errors of [`Network::provide`]; [`Error::Misuse`] if `recipient`
     /// or `provider` is this vat.
     pub async fn introduce<C: FromClientHook>(
         &self,
@@ -94,8 +92,8 @@ impl Network {
         recipient: &VatId,
     ) -> Result<Introduction> {
         if *recipient == self.inner.vat_id || *provider == self.inner.vat_id {
-            return Err(Error::Config(
-                "introductions are between this vat's peers: pass the capability directly".into(),
+            return Err(Error::Misuse(
+                "introductions are between this vat's peers: pass the capability directly",
             ));
         }
         let expires_at = SystemTime::now() + self.inner.options.introduction_lifetime;
@@ -122,7 +120,7 @@ impl Network {
     /// redeemed is not affected.
     ///
     /// # Errors
-    /// The errors of [`Network::connect`]; [`Error::Io`] if the call fails.
+    /// The errors of [`Network::connect`]; [`Error::Rpc`] if the call fails.
     pub async fn withdraw(&self, provider: &VatId, nonce: &Nonce) -> Result<()> {
         let root = self.root(provider).await?;
         let mut call = root.withdraw_request();
@@ -130,38 +128,44 @@ impl Network {
         tokio::time::timeout(self.inner.options.connect_timeout, call.send().promise)
             .await
             .map_err(|_| Error::Introduction(IntroductionError::Timeout))?
-            .map_err(|e| rpc_failure("withdraw", e))?;
+            .map_err(|e| rpc_failure("call Vat.withdraw", e))?;
         Ok(())
     }
 
     /// Alice's side of an introduction: checks it (the introducer's
     /// signature, the expiry, that it is for this vat), connects straight to
-    /// its provider (at the addresses known or named in the introduction,
-    /// pinned to the provider's VatId), presents it, and returns the
-    /// capability. Calls on it go to the provider directly.
+    /// its provider (pinned to the provider's VatId, at the addresses known
+    /// for it, then at those the introduction names: these are the
+    /// introducer's word, used for this redeem only, and one is kept in the
+    /// address book only if the connection succeeded through it), presents
+    /// it, and returns the capability. Calls on it go to the provider
+    /// directly.
     ///
     /// # Errors
     /// [`Error::Introduction`]: the local check's refusal, or the
     /// provider's (`Replayed`, `Revoked`, `Timeout` when the introducer's
     /// request never came or the provider restarted, ...), or `Timeout`
-    /// after [`NetworkOptions::redeem_timeout`](super::NetworkOptions::redeem_timeout); the errors of
-    /// [`Network::connect`]; [`Error::Io`] if the call fails.
+    /// after [`NetworkConfig::redeem_timeout`](super::NetworkConfig::redeem_timeout); the errors of
+    /// [`Network::connect`]; [`Error::Rpc`] if the call fails.
     pub async fn redeem<C: FromClientHook>(&self, introduction: &Introduction) -> Result<C> {
         introduction.verify(&self.inner.vat_id, SystemTime::now())?;
         let provider = *introduction.provider();
         if provider == self.inner.vat_id {
-            return Err(Error::Config(
-                "this vat is the introduction's provider: nothing to redeem elsewhere".into(),
+            return Err(Error::Misuse(
+                "this vat is the introduction's provider: nothing to redeem elsewhere",
             ));
         }
-        self.add_addresses(provider, introduction.provider_addresses());
+        // The hints are the introducer's word: used for this redeem only,
+        // after the addresses known for the provider, and kept only if a
+        // connection pinned to the provider succeeds through one.
+        let hints = introduction.provider_addresses();
         let mut retried = false;
         let reply = loop {
-            let conn = self.inner.live(&provider).await?;
+            let conn = self.inner.live_via(&provider, hints).await?;
             let mut call = conn.root.accept_request();
             introduction
                 .write_to(call.get().init_completion().init_contact())
-                .map_err(|e| rpc_failure("accept", e))?;
+                .map_err(|e| rpc_failure("call Vat.accept", e))?;
             let reply =
                 tokio::time::timeout(self.inner.options.redeem_timeout, call.send().promise)
                     .await
@@ -174,15 +178,15 @@ impl Network {
                     retried = true;
                     self.inner.close(&conn);
                 }
-                other => break other.map_err(|e| rpc_failure("accept", e))?,
+                other => break other.map_err(|e| rpc_failure("call Vat.accept", e))?,
             }
         };
-        let reply = reply.get().map_err(|e| rpc_failure("accept", e))?;
+        let reply = reply.get().map_err(|e| rpc_failure("call Vat.accept", e))?;
         service::check(reply.get_error(), reply.get_reason())?;
         let cap: capnp::capability::Client = reply
             .get_cap()
             .get_as_capability()
-            .map_err(|e| rpc_failure("accept", e))?;
+            .map_err(|e| rpc_failure("call Vat.accept", e))?;
         Ok(C::new(cap.hook))
     }
 }

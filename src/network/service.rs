@@ -71,14 +71,55 @@ fn code(e: &Error) -> HandoffError {
             IntroductionError::Timeout => HandoffError::Timeout,
             IntroductionError::Unknown => HandoffError::Unknown,
             IntroductionError::Limit(_) => HandoffError::Limit,
-            IntroductionError::NotHosted => HandoffError::NotHosted,
+            IntroductionError::NotHosted | IntroductionError::NotIntroducible => {
+                HandoffError::NotHosted
+            }
         },
-        Error::Config(_) | Error::Key(_) => HandoffError::Malformed,
+        Error::Config(_) | Error::Key(_) | Error::Misuse(_) => HandoffError::Malformed,
         _ => HandoffError::Unknown,
     }
 }
 
-/// The local error for the provider's answer `error` with its `reason`.
+/// The most characters of a peer's `reason` kept (before escaping).
+pub(crate) const MAX_REASON_CHARS: usize = 200;
+
+/// A peer's free text, made safe to log and display: at most
+/// [`MAX_REASON_CHARS`] characters (a longer text ends in "..."), with
+/// control characters (newlines, terminal escapes) and Unicode direction
+/// overrides escaped, so that it cannot forge log lines or reorder what a
+/// reader sees.
+pub(crate) fn printable(text: &str) -> String {
+    let mut out = String::new();
+    let mut chars = text.chars();
+    for c in chars.by_ref().take(MAX_REASON_CHARS) {
+        let bidi = matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        if c.is_control() || bidi {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    if chars.next().is_some() {
+        out.push_str("...");
+    }
+    out
+}
+
+/// The `reason` sent with a refusal's code: the refusal's own words, without
+/// the "introduction refused: limit reached: " that the code already says
+/// and that the receiver's [`check`] puts back in front.
+fn reason(e: &Error) -> String {
+    match e {
+        Error::Introduction(IntroductionError::Malformed(why) | IntroductionError::Limit(why)) => {
+            why.clone()
+        }
+        Error::Introduction(e) => e.to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// The local error for the provider's answer `error` with its `reason`
+/// (the peer's text, made [`printable`]).
 ///
 /// # Errors
 /// The refusal, if `error` is not `none`.
@@ -86,13 +127,10 @@ pub(crate) fn check(
     error: std::result::Result<HandoffError, capnp::NotInSchema>,
     reason: capnp::Result<capnp::text::Reader<'_>>,
 ) -> Result<()> {
-    let reason = reason
-        .ok()
-        .and_then(|r| r.to_str().ok())
-        .unwrap_or("")
-        .chars()
-        .take(512)
-        .collect::<String>();
+    let reason = match reason {
+        Ok(r) => printable(r.to_str().unwrap_or("<not UTF-8>")),
+        Err(_) => String::new(),
+    };
     let e = match error {
         Ok(HandoffError::None) => return Ok(()),
         Ok(HandoffError::Malformed) => IntroductionError::Malformed(reason),
@@ -189,6 +227,14 @@ impl vat::Server for VatRoot {
             if !hosted(&net, &resolved) {
                 return Err(IntroductionError::NotHosted.into());
             }
+            // Objects are commonly bound to the peer they were made for (the
+            // per-peer bootstrap captures its VatId): handed to a redeemer as
+            // they are, they would answer it as the introducer. Only a
+            // provider whose application builds each redeemer's object hands
+            // anything off.
+            if net.on_redeem.is_none() {
+                return Err(IntroductionError::NotIntroducible.into());
+            }
             let now = SystemTime::now();
             let mut st = net.state.borrow_mut();
             st.handoffs.expire(now);
@@ -207,7 +253,7 @@ impl vat::Server for VatRoot {
             Err(e) => {
                 tracing::info!(introducer = %self.peer.vat_id.fingerprint(), error = %e, "provide refused");
                 r.set_error(code(&e));
-                r.set_reason(e.to_string());
+                r.set_reason(reason(&e));
             }
         }
         Ok(())
@@ -278,7 +324,7 @@ impl vat::Server for VatRoot {
             Err(e) => {
                 tracing::info!(redeemer = %redeemer.fingerprint(), error = %e, "redeem refused");
                 r.set_error(code(&e));
-                r.set_reason(e.to_string());
+                r.set_reason(reason(&e));
             }
         }
         Ok(())

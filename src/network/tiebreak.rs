@@ -13,9 +13,10 @@ use tracing::debug;
 use crate::error::{Error, Result};
 use crate::policy::Pinned;
 use crate::rpc::{self};
+use crate::sturdy::{Address, MAX_ADDRESSES};
 use crate::vat_id::VatId;
 
-use super::connections::{io_error, shut_down_error, Conn, Inner, Status};
+use super::connections::{Conn, ConnPermit, Inner, Status};
 
 /// How long the lower vat keeps a connection that lost the tie-break, in case
 /// the higher vat does not close it after being told.
@@ -23,8 +24,21 @@ const LOSER_GRACE: Duration = Duration::from_secs(5);
 /// Dials one [`Network::connect`] starts at most before giving up.
 const MAX_DIALS_PER_CONNECT: usize = 2;
 /// The reason `Vat.hello` fails with on a connection that lost the tie-break.
+/// How the reason of a crossed dial begins (SPEC.md §12.3).
+const CROSSED_PREFIX: &str = "crossed dial:";
 pub(crate) const CROSSED: &str =
     "crossed dial: the vat with the lower VatId keeps the connection it initiated";
+
+/// Whether `e`, the failure of `Vat.hello`, says that the connection lost
+/// the tie-break: SPEC.md §12.3 gives the reason as "crossed dial: ...",
+/// which capnp-rpc prefixes with "remote exception: ".
+fn is_crossed(e: &capnp::Error) -> bool {
+    let reason = e
+        .extra
+        .strip_prefix("remote exception: ")
+        .unwrap_or(&e.extra);
+    e.kind == capnp::ErrorKind::Failed && reason.starts_with(CROSSED_PREFIX)
+}
 
 pub(super) type DialFuture = Shared<LocalBoxFuture<'static, Result<Dialed>>>;
 
@@ -39,9 +53,20 @@ pub(super) enum Dialed {
 impl Inner {
     /// The pair's connection to `vat`, opening it if needed.
     pub(super) async fn live(self: &Rc<Self>, vat: &VatId) -> Result<Rc<Conn>> {
+        self.live_via(vat, &[]).await
+    }
+
+    /// The pair's connection to `vat`, opening it if needed at the
+    /// addresses known for it and then at `hints` (an introduction's
+    /// addresses, used for this connection only: one that works is kept).
+    pub(super) async fn live_via(
+        self: &Rc<Self>,
+        vat: &VatId,
+        hints: &[Address],
+    ) -> Result<Rc<Conn>> {
         if *vat == self.vat_id {
-            return Err(Error::Config(
-                "a vat does not connect to itself: use its capabilities directly".into(),
+            return Err(Error::Misuse(
+                "a vat does not connect to itself: use its capabilities directly",
             ));
         }
         let deadline = tokio::time::Instant::now() + 2 * self.options.connect_timeout;
@@ -53,7 +78,7 @@ impl Inner {
             let dial = {
                 let mut st = self.state.borrow_mut();
                 if st.shut_down {
-                    return Err(shut_down_error());
+                    return Err(Error::ShutDown);
                 }
                 let slot = st.peers.entry(*vat).or_default();
                 if let Some(live) = &slot.live {
@@ -65,16 +90,13 @@ impl Inner {
                         if slot.live.is_none() && slot.dial.is_none() {
                             st.peers.remove(vat);
                         }
-                        return Err(last_error.unwrap_or_else(|| {
-                            io_error(
-                                std::io::ErrorKind::TimedOut,
-                                format!("no connection to {vat} could be agreed on"),
-                            )
-                        }));
+                        return Err(last_error.unwrap_or(Error::NoAgreedConnection { vat: *vat }));
                     }
                     None => {
                         dials += 1;
-                        let dial = dial(self.clone(), *vat).boxed_local().shared();
+                        let dial = dial(self.clone(), *vat, hints.to_vec())
+                            .boxed_local()
+                            .shared();
                         slot.dial = Some(dial.clone());
                         dial
                     }
@@ -85,10 +107,7 @@ impl Inner {
                 Ok(Dialed::Crossed) => {
                     // The peer's own connection is on its way: wait for it.
                     if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                        last_error = Some(io_error(
-                            std::io::ErrorKind::TimedOut,
-                            format!("{vat} kept its own connection, which did not arrive in time"),
-                        ));
+                        last_error = Some(Error::NoAgreedConnection { vat: *vat });
                     }
                 }
                 Err(e) => {
@@ -170,8 +189,8 @@ impl Inner {
 }
 
 /// One outgoing dial to `vat`, shared by every caller waiting for it.
-async fn dial(inner: Rc<Inner>, vat: VatId) -> Result<Dialed> {
-    let result = dial_addresses(&inner, vat).await;
+async fn dial(inner: Rc<Inner>, vat: VatId, hints: Vec<Address>) -> Result<Dialed> {
+    let result = dial_addresses(&inner, vat, &hints).await;
     {
         let mut st = inner.state.borrow_mut();
         if let Some(slot) = st.peers.get_mut(&vat) {
@@ -185,20 +204,23 @@ async fn dial(inner: Rc<Inner>, vat: VatId) -> Result<Dialed> {
     result
 }
 
-async fn dial_addresses(inner: &Rc<Inner>, vat: VatId) -> Result<Dialed> {
-    let addresses = inner.state.borrow_mut().book.get(&vat);
-    if addresses.is_empty() {
-        return Err(Error::Config(format!("no address is known for {vat}")));
+async fn dial_addresses(inner: &Rc<Inner>, vat: VatId, hints: &[Address]) -> Result<Dialed> {
+    let mut addresses = inner.state.borrow_mut().book.get(&vat);
+    for hint in hints.iter().take(MAX_ADDRESSES) {
+        if !addresses.contains(hint) {
+            addresses.push(hint.clone());
+        }
     }
-    let permit = inner.permits.clone().try_acquire_owned().map_err(|_| {
-        io_error(
-            std::io::ErrorKind::ResourceBusy,
-            format!(
-                "the network already has {} connections open",
-                inner.options.max_connections
-            ),
-        )
-    })?;
+    if addresses.is_empty() {
+        return Err(Error::NoAddress { vat });
+    }
+    let permit = inner
+        .permits
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| Error::ConnectionLimit {
+            max: inner.options.max_connections,
+        })?;
     let mut last = None;
     for address in addresses {
         let dialed = rpc::dial(
@@ -212,18 +234,21 @@ async fn dial_addresses(inner: &Rc<Inner>, vat: VatId) -> Result<Dialed> {
         match dialed {
             Ok((stream, info)) => {
                 if inner.state.borrow().shut_down {
-                    return Err(shut_down_error());
+                    return Err(Error::ShutDown);
                 }
-                let conn = inner.establish(stream, info, true, permit);
+                // Pinned to `vat`: the address is proven to lead there.
+                inner.state.borrow_mut().book.confirm(vat, &address);
+                let conn = inner.establish(stream, info, true, ConnPermit::outgoing(permit));
                 return settle_outgoing(inner, conn).await;
             }
             Err(e) => {
                 debug!(peer = %vat.fingerprint(), %address, error = %e, "dial failed");
+                inner.state.borrow_mut().book.failed(&vat, &address);
                 last = Some(e);
             }
         }
     }
-    Err(last.unwrap_or_else(|| Error::Config(format!("no address is known for {vat}"))))
+    Err(last.unwrap_or(Error::NoAddress { vat }))
 }
 
 /// Decides whether our new outgoing connection is the pair's connection.
@@ -241,24 +266,48 @@ async fn settle_outgoing(inner: &Rc<Inner>, conn: Rc<Conn>) -> Result<Dialed> {
             Ok(Dialed::Installed)
         }
         Ok(Ok(_)) => Ok(Dialed::Crossed),
-        Ok(Err(e)) if e.to_string().contains(CROSSED) => {
+        Ok(Err(e)) if is_crossed(&e) => {
             debug!(peer = %conn.info.vat_id.fingerprint(), "crossed dial: using the peer's connection");
             inner.close(&conn);
             Ok(Dialed::Crossed)
         }
         Ok(Err(e)) => {
             inner.close(&conn);
-            Err(io_error(
-                std::io::ErrorKind::ConnectionAborted,
-                format!(
-                    "{} closed the connection (it may have refused this vat's identity): {e}",
-                    conn.info.vat_id
-                ),
-            ))
+            Err(Error::ClosedByPeer {
+                vat: conn.info.vat_id,
+                source: e,
+            })
         }
         Err(_) => {
             inner.close(&conn);
             Err(Error::HandshakeTimeout(inner.options.connect_timeout))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lost_tie_break_is_recognised_by_its_reason_not_by_any_text() {
+        // As capnp-rpc delivers the `hello` refusal of SPEC.md §12.3.
+        let remote = |kind, reason: &str| capnp::Error {
+            kind,
+            extra: format!("remote exception: {reason}"),
+        };
+        assert!(is_crossed(&remote(capnp::ErrorKind::Failed, CROSSED)));
+        assert!(is_crossed(&capnp::Error::failed(CROSSED.into())));
+        assert!(is_crossed(&remote(
+            capnp::ErrorKind::Failed,
+            "crossed dial: another implementation's words"
+        )));
+        // A refusal that merely quotes the reason, or another kind, is not one.
+        let quoting = format!("this connection is not the vats' connection: {CROSSED}");
+        assert!(!is_crossed(&remote(capnp::ErrorKind::Failed, &quoting)));
+        assert!(!is_crossed(&remote(
+            capnp::ErrorKind::Disconnected,
+            CROSSED
+        )));
     }
 }

@@ -107,7 +107,7 @@ impl CipherState {
         let tag = self
             .key
             .seal_in_place_separate_tag(nonce, Aad::empty(), in_out)
-            .map_err(|_| Error::Config("the AEAD refused to seal".into()))?;
+            .map_err(|_| Error::Internal("the AEAD refused to seal"))?;
         let mut out = [0u8; TAG_LEN];
         out.copy_from_slice(tag.as_ref());
         Ok(out)
@@ -123,9 +123,7 @@ impl CipherState {
         out: &mut [u8],
     ) -> Result<(), Error> {
         if out.len() != plaintext.len() + 1 + TAG_LEN {
-            return Err(Error::Config(
-                "seal_out_of_place: wrong output length".into(),
-            ));
+            return Err(Error::Internal("seal_out_of_place: wrong output length"));
         }
         let nonce = self.next_nonce()?;
         let (ct, last_and_tag) = out.split_at_mut(plaintext.len());
@@ -137,7 +135,7 @@ impl CipherState {
         }
         self.key
             .seal_out_of_place_scatter(nonce, Aad::empty(), plaintext, ct, &[last], last_and_tag)
-            .map_err(|_| Error::Config("the AEAD refused to seal".into()))
+            .map_err(|_| Error::Internal("the AEAD refused to seal"))
     }
 
     /// Decrypts `in_out` (ciphertext then tag) in place and returns the
@@ -233,7 +231,7 @@ mod fast {
     use crate::error::Error;
 
     fn refused(_: openssl::error::ErrorStack) -> Error {
-        Error::Config("OpenSSL's ChaCha20-Poly1305 refused an operation".into())
+        Error::Internal("OpenSSL's ChaCha20-Poly1305 refused an operation")
     }
 
     /// One direction's OpenSSL context, keyed once and made on first use

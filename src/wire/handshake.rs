@@ -27,7 +27,7 @@ use super::{
     payload, DH_LEN, HANDSHAKE_HASH_LEN, LENGTH_PREFIX_LEN, MAX_HANDSHAKE_PAYLOAD_LEN,
     MAX_MESSAGE_LEN, TAG_LEN,
 };
-use crate::error::Error;
+use crate::error::{Error, ProtocolError};
 use crate::identity::Identity;
 use crate::policy::{PeerContext, PeerPolicy};
 use crate::vat_id::VatId;
@@ -41,18 +41,49 @@ pub enum Role {
     Responder,
 }
 
-/// Handshake settings shared by many connections.
+/// Handshake settings shared by many connections: the Noise suites and the
+/// session's settings. Start from [`Default`] (or
+/// [`HandshakeConfig::with_suite`]) and change what you need with the
+/// `with_*` setters.
+///
+/// ```
+/// use capnp_noise::wire::{HandshakeConfig, SessionConfig, Suite};
+///
+/// // A responder that accepts only ChaCha20-Poly1305 and rekeys often.
+/// let config = HandshakeConfig::default()
+///     .with_suites(vec![Suite::ChaChaPolyBlake2s])
+///     .with_session(SessionConfig::default().with_rekey_interval(1 << 20));
+/// assert_eq!(config.suites, [Suite::ChaChaPolyBlake2s]);
+/// ```
 #[derive(Debug, Clone)]
 pub struct HandshakeConfig {
-    /// For an initiator: the first suite is the one it proposes. For a
-    /// responder: the suites it accepts (anything else is refused by closing).
+    /// For a responder: the suites it accepts (it refuses any other by
+    /// closing without a word, SPEC.md 2).
+    ///
+    /// For an initiator: the suites it accepts, in its order of
+    /// preference. It proposes the first. If that is not
+    /// [`Suite::MANDATORY`] and the list holds the mandatory suite too, a
+    /// responder that closes without answering message 1 is tried once
+    /// more, on a new connection, with the mandatory suite (SPEC.md 2): see
+    /// [`fallback_after`](Self::fallback_after), which `rpc::connect` and
+    /// the `Network` follow. A list of one suite never falls back.
     pub suites: Vec<Suite>,
     /// Settings of the session the handshake turns into.
     pub session: SessionConfig,
+    /// Accept a peer whose VatId is this side's own. Default `false`: such
+    /// a handshake fails with [`Error::PeerRefused`] before the policy is
+    /// asked (so a TOFU policy never records it), because a vat that meets
+    /// itself is almost always a connection reflected back to its own
+    /// listener by a man in the middle (SPEC.md section 5.4). Set it only in
+    /// a program that deliberately talks to itself.
+    pub allow_self: bool,
 }
 
 impl Default for HandshakeConfig {
-    /// Initiators propose [`Suite::preferred`] for this machine; responders accept every suite.
+    /// Every suite, [`Suite::preferred`] for this machine first: initiators
+    /// propose it (and fall back to the mandatory suite after a silent
+    /// close, see [`fallback_after`](Self::fallback_after)); responders
+    /// accept every suite.
     fn default() -> Self {
         let first = Suite::preferred();
         let mut suites = vec![first];
@@ -60,6 +91,7 @@ impl Default for HandshakeConfig {
         HandshakeConfig {
             suites,
             session: SessionConfig::default(),
+            allow_self: false,
         }
     }
 }
@@ -72,7 +104,52 @@ impl HandshakeConfig {
             ..Default::default()
         }
     }
+
+    /// After an initiator's handshake with this config failed with `error`:
+    /// the config of the one retry SPEC.md 2 allows, to run on a **new
+    /// connection** to the same responder, or `None`.
+    ///
+    /// A retry is due only when the responder closed without sending a
+    /// byte of message 2 (`error` is [`Error::UnexpectedEof`] with
+    /// [`EOF_BEFORE_MESSAGE_2`]: an EOF or a reset after message 1, never a
+    /// timeout), when the suite proposed was not [`Suite::MANDATORY`], and
+    /// when this config accepts the mandatory suite. The retry proposes
+    /// only the mandatory suite, so a second silent close gives `None`.
+    ///
+    /// Safe because the first attempt revealed nothing (message 3, with
+    /// this side's identity, was never sent), the retry is a fresh
+    /// handshake, and the suite within it is bound by the prologue: an
+    /// attacker who forces the retry by cutting the first connection only
+    /// obtains a suite this side accepts anyway. A caller SHOULD report
+    /// that the retry happened (the responder does not take the preferred
+    /// suite).
+    pub fn fallback_after(&self, error: &Error) -> Option<HandshakeConfig> {
+        let silent =
+            matches!(error, Error::UnexpectedEof { during } if *during == EOF_BEFORE_MESSAGE_2);
+        let proposed = *self.suites.first()?;
+        (silent && proposed != Suite::MANDATORY && self.suites.contains(&Suite::MANDATORY)).then(
+            || HandshakeConfig {
+                suites: vec![Suite::MANDATORY],
+                ..self.clone()
+            },
+        )
+    }
 }
+
+/// `during` of the [`Error::UnexpectedEof`] an initiator reports when the
+/// byte stream ended (an EOF, a reset, any other end) after its message 1
+/// and before a single byte of message 2: a *silent close* (SPEC.md 2).
+/// What [`HandshakeConfig::fallback_after`] looks for.
+pub const EOF_BEFORE_MESSAGE_2: &str = "before handshake message 2: the responder closed without answering message 1 (it may not accept this suite or protocol version, may not be a capnp-noise responder, or gave up before admitting the handshake)";
+
+setters!(HandshakeConfig {
+    with_suites => suites: Vec<Suite>,
+    with_session => session: SessionConfig,
+    with_allow_self => allow_self: bool,
+});
+
+/// The reason a handshake with oneself is refused.
+pub(crate) const REFLECTED: &str = "the peer is this vat itself: a connection reflected back to its own listener (HandshakeConfig::allow_self permits it)";
 
 /// Message 1: the initiator's ephemeral key, with an empty payload.
 const MSG1_LEN: usize = DH_LEN;
@@ -98,6 +175,9 @@ pub struct Handshake {
     config: HandshakeConfig,
     policy: Arc<dyn PeerPolicy>,
     ctx: PeerContext,
+    /// This side's VatId: a peer proving the same one is refused unless
+    /// `config.allow_self`.
+    own: VatId,
     local_payload: Arc<[u8]>,
     static_key: Arc<super::resolver::StaticKeyPair>,
     fixed_ephemeral: Option<Zeroizing<[u8; 32]>>,
@@ -234,6 +314,7 @@ impl Handshake {
             config,
             policy,
             ctx,
+            own: identity.vat_id(),
             local_payload: identity.handshake_payload().clone(),
             static_key: identity.noise_static_key().clone(),
             fixed_ephemeral,
@@ -307,7 +388,7 @@ impl Handshake {
         let mut b = snow::Builder::with_resolver(params, resolver)
             .prologue(prologue)
             .and_then(|b| b.local_private_key(self.static_key.secret()))
-            .map_err(|e| Error::Config(format!("building the Noise state: {e}")))?;
+            .map_err(|e| Error::from_snow(e, "building the Noise state"))?;
         if let Some(e) = &self.fixed_ephemeral {
             b = b.fixed_ephemeral_key_for_testing_only(e.as_ref());
         }
@@ -315,7 +396,7 @@ impl Handshake {
             Role::Initiator => b.build_initiator(),
             Role::Responder => b.build_responder(),
         }
-        .map_err(|e| Error::Config(format!("building the Noise state: {e}")))
+        .map_err(|e| Error::from_snow(e, "building the Noise state"))
     }
 
     /// Replaces the payload this side sends (tests of forged identity claims).
@@ -335,6 +416,15 @@ impl Handshake {
         self.require_admission = self.role == Role::Responder;
     }
 
+    /// True once a responder has received the preamble and a well-formed
+    /// message 1 (always true for an initiator).
+    pub fn received_message_1(&self) -> bool {
+        !matches!(
+            self.state,
+            State::ResponderAwaitPreamble | State::ResponderAwaitMsg1
+        )
+    }
+
     /// True while a responder holds a well-formed message 1 and waits for
     /// [`admit`](Self::admit) (see [`require_admission`](Self::require_admission)).
     pub fn awaits_admission(&self) -> bool {
@@ -346,15 +436,15 @@ impl Handshake {
     /// [`pending_output`](Self::pending_output).
     ///
     /// # Errors
-    /// [`Error::Config`] if the handshake is not waiting for admission; the
+    /// [`Error::Misuse`] if the handshake is not waiting for admission; the
     /// handshake's sticky error if it failed.
     pub fn admit(&mut self) -> Result<(), Error> {
         if let Some(e) = &self.error {
             return Err(e.clone());
         }
         if self.state != State::ResponderAwaitAdmission {
-            return Err(Error::Config(
-                "admit() called on a handshake that is not waiting for admission".into(),
+            return Err(Error::Misuse(
+                "admit() called on a handshake that is not waiting for admission",
             ));
         }
         let result = self.respond_to_msg1().and_then(|()| self.advance());
@@ -456,18 +546,20 @@ impl Handshake {
     }
 
     /// Tells the handshake that the peer's byte stream ended (or was reset).
-    /// Returns the error that describes it, which also sticks. After a
-    /// finished handshake this is not an error of the handshake: it returns
-    /// `None` and the session reports it instead.
+    /// Returns the error that describes it, which also sticks: an
+    /// [`Error::UnexpectedEof`] naming the step, for an initiator that has
+    /// no byte of message 2 yet [`EOF_BEFORE_MESSAGE_2`] (a silent close,
+    /// see [`HandshakeConfig::fallback_after`]). After a finished handshake
+    /// this is not an error of the handshake: it returns `None` and the
+    /// session reports it instead.
     pub fn feed_eof(&mut self) -> Option<Error> {
         if let Some(e) = &self.error {
             return Some(e.clone());
         }
         let during = match self.state {
             State::Done => return None,
-            State::InitiatorAwaitMsg2 => {
-                "before handshake message 2 (the responder may not accept this suite or protocol version, or is not a capnp-noise responder)"
-            }
+            State::InitiatorAwaitMsg2 if self.input.is_empty() => EOF_BEFORE_MESSAGE_2,
+            State::InitiatorAwaitMsg2 => "in the middle of handshake message 2",
             State::ResponderAwaitPreamble => "before the preamble was complete",
             State::ResponderAwaitMsg1 => "before handshake message 1 was complete",
             State::ResponderAwaitAdmission => "while its message 1 waited for admission",
@@ -574,7 +666,12 @@ impl Handshake {
         let mut msg2 = vec![0u8; MSG2_MIN + self.local_payload.len()];
         let n = noise
             .write_message(&self.local_payload, &mut msg2)
-            .map_err(|e| Error::from_snow(e, "handshake message 2"))?;
+            .map_err(|e| match e {
+                // Writing message 2 is where the responder first uses the
+                // initiator's ephemeral key (`ee`, `es`): the key came in message 1.
+                snow::Error::Dh => ProtocolError::LowOrderKey("handshake message 1").into(),
+                e => Error::from_snow(e, "handshake message 2"),
+            })?;
         frame::put_len(&mut self.output, n);
         self.output.extend_from_slice(&msg2[..n]);
         self.noise = Some(Box::new(noise));
@@ -637,6 +734,12 @@ impl Handshake {
             .and_then(|s| s.try_into().ok())
             .ok_or(Error::BadIdentityProof("no Noise static key was received"))?;
         let vat_id = payload::authenticate(&buf[..n], &rs)?;
+        if vat_id == self.own && !self.config.allow_self {
+            return Err(Error::PeerRefused {
+                vat_id,
+                reason: REFLECTED.into(),
+            });
+        }
         self.policy
             .check(&vat_id, &self.ctx)
             .map_err(|r| Error::PeerRefused {
@@ -659,14 +762,16 @@ impl Handshake {
     /// yet sent, move into the session.
     ///
     /// # Errors
-    /// The handshake's error if it failed, or [`Error::Config`] if it has not
+    /// The handshake's error if it failed, or [`Error::Misuse`] if it has not
     /// finished yet.
     pub fn into_session(self) -> Result<Session, Error> {
         if let Some(e) = self.error {
             return Err(e);
         }
         if self.state != State::Done {
-            return Err(Error::Config("the handshake has not finished".into()));
+            return Err(Error::Misuse(
+                "into_session() called before the handshake finished",
+            ));
         }
         let mut noise = self.noise.expect("noise state");
         // Split() (Noise §5.2): the initiator sends with the first key.

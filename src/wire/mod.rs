@@ -22,7 +22,7 @@ pub mod preamble;
 pub(crate) mod resolver;
 pub mod transport;
 
-pub use handshake::{Handshake, HandshakeConfig, Role};
+pub use handshake::{Handshake, HandshakeConfig, Role, EOF_BEFORE_MESSAGE_2};
 pub use preamble::Suite;
 pub use transport::{ReadOutcome, Session, SessionConfig};
 
@@ -48,4 +48,13 @@ pub const HANDSHAKE_HASH_LEN: usize = 32;
 #[doc(hidden)]
 pub fn x25519_operations_on_this_thread() -> u64 {
     resolver::x25519_operations_on_this_thread()
+}
+
+/// Whether a spare buffer kept by the calling thread (released by an idle
+/// session, reused by the next) contains `needle`. Test hook of the private
+/// `__test-hooks` feature; not part of the API.
+#[cfg(feature = "__test-hooks")]
+#[doc(hidden)]
+pub fn spare_buffers_hold(needle: &[u8]) -> bool {
+    transport::spare_buffers_hold(needle)
 }

@@ -10,7 +10,7 @@
 use std::collections::HashSet;
 use std::sync::{Mutex, OnceLock};
 
-use capnp::message::{Builder, ReaderOptions};
+use capnp::message::{Builder, HeapAllocator, ReaderOptions};
 use capnp::serialize;
 use sha2::{Digest, Sha256};
 
@@ -36,7 +36,15 @@ pub fn binding_message(static_public: &[u8; 32]) -> [u8; BINDING_CONTEXT.len() +
     m
 }
 
-/// Encodes a payload (standard Cap'n Proto stream framing, unpacked).
+/// Words of the canonical payload: the root pointer, the struct (2
+/// pointers), the `VatId` struct (1 pointer), 32 and 64 bytes of data.
+const CANONICAL_WORDS: u32 = 1 + 2 + 1 + 4 + 8;
+
+/// Encodes a payload in its canonical form (SPEC.md 5.3): the standard
+/// Cap'n Proto stream framing, unpacked, of one segment that holds the
+/// canonical encoding of the struct (the Cap'n Proto specification's
+/// canonicalization), as the test vectors have it. Receivers accept any
+/// other valid encoding too ([`decode`]).
 pub fn encode(vat_id: &VatId, signature: &[u8; 64]) -> Vec<u8> {
     let mut msg = Builder::new_default();
     {
@@ -44,13 +52,23 @@ pub fn encode(vat_id: &VatId, signature: &[u8; 64]) -> Vec<u8> {
         root.reborrow().init_vat_id().set_ed25519(vat_id.as_bytes());
         root.set_static_key_signature(signature);
     }
-    serialize::write_message_to_words(&msg)
+    let built = msg
+        .get_root_as_reader::<handshake_payload::Reader>()
+        .expect("a message just built reads back");
+    let mut canonical = Builder::new(HeapAllocator::new().first_segment_words(CANONICAL_WORDS));
+    canonical
+        .set_root_canonical(built)
+        .expect("a payload canonicalizes into one segment of its size");
+    serialize::write_message_to_words(&canonical)
 }
 
 /// Decodes a peer's payload into its claimed VatId and signature.
 ///
-/// Unknown fields (later extensions) are ignored; missing or wrongly sized
-/// fields are errors.
+/// Any valid encoding within the limits is accepted, not only the
+/// canonical one [`encode`] sends (SPEC.md 5.3): several segments, far
+/// pointers, objects in any order, and unknown fields (later extensions:
+/// larger struct sections) are fine; missing or wrongly sized fields are
+/// errors.
 ///
 /// # Errors
 /// [`ProtocolError::BadPayload`] naming the problem: too long, not a Cap'n
@@ -238,6 +256,66 @@ mod tests {
             "{e}"
         );
         assert_eq!(e.to_string(), decode(&weak).unwrap_err().to_string());
+    }
+
+    /// SPEC.md 5.3: `encode` sends one segment holding exactly the
+    /// canonical encoding, whatever order the builder wrote things in.
+    #[test]
+    fn encode_is_the_canonical_form() {
+        let id = Identity::from_seed(&[5; 32]);
+        let bytes = encode(&id.vat_id(), &[7; 64]);
+        let mut slice = &bytes[..];
+        let reader = serialize::read_message_from_flat_slice(&mut slice, READER_OPTIONS).unwrap();
+        let canonical = reader.canonicalize().unwrap();
+        let canonical = capnp::Word::words_to_bytes(&canonical);
+        assert_eq!(&bytes[..4], &[0, 0, 0, 0], "one segment");
+        assert_eq!(
+            u32::from_le_bytes(bytes[4..8].try_into().unwrap()) as usize * 8,
+            canonical.len()
+        );
+        assert_eq!(&bytes[8..], canonical);
+        assert_eq!(canonical.len(), CANONICAL_WORDS as usize * 8);
+    }
+
+    /// SPEC.md 5.3: a receiver accepts what is not canonical: the payload
+    /// spread over many segments (far pointers), and a struct of a later
+    /// version with a data word it does not know (here
+    /// laid out by `ThirdPartyToAwait`, whose first two pointers are a
+    /// `VatId` and a `Data`, as in `HandshakePayload`).
+    #[test]
+    fn decode_accepts_other_layouts_and_unknown_fields() {
+        use crate::schema::network_capnp::third_party_to_await;
+        use capnp::message::AllocationStrategy;
+        let id = Identity::from_seed(&[5; 32]);
+        let sig = [7u8; 64];
+        let mut spread = Builder::new(
+            HeapAllocator::new()
+                .first_segment_words(1)
+                .allocation_strategy(AllocationStrategy::FixedSize),
+        );
+        {
+            let mut root = spread.init_root::<handshake_payload::Builder>();
+            root.reborrow()
+                .init_vat_id()
+                .set_ed25519(id.vat_id().as_bytes());
+            root.set_static_key_signature(&sig);
+        }
+        assert!(spread.get_segments_for_output().len() > 2);
+        let spread = serialize::write_message_to_words(&spread);
+        assert_ne!(spread, encode(&id.vat_id(), &sig));
+        assert_eq!(decode(&spread).unwrap(), (id.vat_id(), sig));
+
+        let mut later = Builder::new_default();
+        {
+            let mut root = later.init_root::<third_party_to_await::Builder>();
+            root.reborrow()
+                .init_recipient()
+                .set_ed25519(id.vat_id().as_bytes());
+            root.set_nonce(&sig);
+            root.set_expires_at(u64::MAX);
+        }
+        let later = serialize::write_message_to_words(&later);
+        assert_eq!(decode(&later).unwrap(), (id.vat_id(), sig));
     }
 
     fn encode_raw(key: &[u8; 32], sig: &[u8; 64]) -> Vec<u8> {

@@ -40,6 +40,11 @@ impl Suite {
     /// Every suite this implementation supports, mandatory one first.
     pub const ALL: [Suite; 2] = [Suite::ChaChaPolyBlake2s, Suite::AesGcmSha256];
 
+    /// The suite every implementation supports as initiator and responder
+    /// (SPEC.md 3), and the one an initiator retries with after a silent
+    /// close (SPEC.md 2, [`HandshakeConfig::fallback_after`](super::HandshakeConfig::fallback_after)).
+    pub const MANDATORY: Suite = Suite::ChaChaPolyBlake2s;
+
     /// The full Noise protocol name.
     pub fn noise_name(self) -> &'static str {
         match self {

@@ -62,7 +62,16 @@ const TRANSPORT_BOUNDS: FrameBounds = FrameBounds {
     what: "a transport frame",
 };
 
-/// Transport settings.
+/// Transport settings (part of a
+/// [`HandshakeConfig`](super::HandshakeConfig)): start from [`Default`] and
+/// change what you need with the `with_*` setters.
+///
+/// ```
+/// use capnp_noise::wire::SessionConfig;
+///
+/// let session = SessionConfig::default().with_rekey_interval(1000);
+/// assert_eq!(session.rekey_interval, 1000);
+/// ```
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
     /// Frames sent under one key before the sender sends REKEY and moves to
@@ -77,6 +86,10 @@ impl Default for SessionConfig {
         }
     }
 }
+
+setters!(SessionConfig {
+    with_rekey_interval => rekey_interval: u64,
+});
 
 /// What the handshake established.
 #[derive(Debug, Clone)]
@@ -126,7 +139,8 @@ impl Outgoing {
     fn space(&mut self, n: usize) -> &mut [u8] {
         let want = self.end + n;
         if self.buf.capacity() < want {
-            spare::grow(&mut self.buf, want, self.end);
+            // Sealed frames are ciphertext: nothing to scrub.
+            spare::grow(&mut self.buf, want, self.end, 0);
         }
         if self.buf.len() < want {
             self.buf.resize(want, 0);
@@ -287,7 +301,11 @@ impl Session {
     /// Releases each empty buffer whose capacity exceeds `keep`.
     fn release_idle(&mut self, keep: usize) {
         if self.rx.is_empty() && self.rx.buf.capacity() > keep {
-            spare::give(std::mem::take(&mut self.rx.buf));
+            // The spare may serve another session next: the plaintext of
+            // frames decrypted in place goes first.
+            let mut buf = std::mem::take(&mut self.rx.buf);
+            spare::scrub(&mut buf, self.rx.dirty);
+            spare::give(buf);
             self.rx = RxBuf::default();
         }
         if self.open.is_empty() && self.open.capacity() > keep {
@@ -441,7 +459,7 @@ impl Session {
     /// `transport` fuzz target use it to get past the AEAD.
     ///
     /// # Errors
-    /// [`Error::Config`] if the plaintext does not fit one frame (more than
+    /// [`Error::Misuse`] if the plaintext does not fit one frame (more than
     /// 65519 bytes), leaving the session untouched; the session's sticky
     /// error; [`Error::NonceExhausted`].
     #[cfg(any(test, feature = "__test-hooks"))]
@@ -449,10 +467,7 @@ impl Session {
     pub fn seal_raw_for_tests(&mut self, plaintext: &[u8]) -> Result<Vec<u8>, Error> {
         self.check()?;
         if plaintext.len() + TAG_LEN > MAX_MESSAGE_LEN {
-            return Err(Error::Config(format!(
-                "a plaintext of {} bytes does not fit one frame",
-                plaintext.len()
-            )));
+            return Err(Error::Misuse("the plaintext does not fit one frame"));
         }
         let mut frame = vec![0u8; LENGTH_PREFIX_LEN];
         frame.extend_from_slice(plaintext);
@@ -471,7 +486,8 @@ impl Session {
         if need > self.open.capacity() {
             let want = need.max(2 * self.open.capacity()).clamp(256, MAX_OPEN);
             let len = self.open.len();
-            spare::grow(&mut self.open, want, len);
+            // The old buffer holds the `len` bytes not yet sealed: plaintext.
+            spare::grow(&mut self.open, want, len, len);
             self.open.truncate(len); // a spare may come longer
         }
     }
@@ -576,7 +592,12 @@ impl Session {
     /// Feeds ciphertext received from the peer. Returns how many bytes were
     /// taken: the session buffers at most one maximal frame beyond what
     /// [`read`](Self::read) has consumed, so call `read` and feed the rest.
+    /// After the peer's CLOSE has been read, everything is taken and
+    /// dropped unread (SPEC.md 7.2).
     pub fn feed(&mut self, input: &[u8]) -> usize {
+        if self.peer_closed {
+            return input.len();
+        }
         let mut taken = 0;
         while taken < input.len() {
             let space = self.recv_buffer();
@@ -627,7 +648,7 @@ impl Session {
     /// # Errors
     /// [`Error::Decrypt`] for a frame that fails authentication (tampering,
     /// replay, reordering, loss); [`Error::Protocol`] for a bad length, an
-    /// unknown type, a control frame with a body, or bytes after CLOSE;
+    /// unknown type, or a control frame with a body;
     /// [`Error::UnexpectedEof`] when the stream ended (see
     /// [`feed_eof`](Self::feed_eof)) without the peer's CLOSE. Errors are
     /// sticky, and no plaintext is returned after one.
@@ -641,9 +662,11 @@ impl Session {
                 return Ok(ReadOutcome::NeedInput);
             }
             if self.peer_closed {
-                if !self.rx.is_empty() {
-                    return Err(self.fail(ProtocolError::DataAfterClose.into()));
-                }
+                // The peer's direction ends at its CLOSE (SPEC.md 7.2):
+                // whatever follows is never decrypted nor looked at, so
+                // the outcome does not depend on whether it arrived with
+                // the CLOSE or later.
+                self.rx.discard_ciphertext();
                 return Ok(ReadOutcome::Closed);
             }
             let split = frame::split_frame(self.rx.ciphertext(), TRANSPORT_BOUNDS);
@@ -671,6 +694,7 @@ impl Session {
             let decrypted = if direct {
                 self.rx_cipher.open_into(&self.rx.buf[body.clone()], out)
             } else {
+                self.rx.dirty = self.rx.dirty.max(body.end);
                 self.rx_cipher.open_in_place(&mut self.rx.buf[body.clone()])
             };
             let n = match decrypted {
@@ -726,6 +750,9 @@ struct RxBuf {
     end: usize,
     plain_pos: usize,
     plain_end: usize,
+    /// Every byte decrypted in place lies before this: what is zeroed
+    /// before the buffer becomes a spare that another session may use.
+    dirty: usize,
 }
 
 /// The receive buffer's size while no large frame is in flight.
@@ -748,6 +775,12 @@ impl RxBuf {
         &self.buf[self.start..self.end]
     }
 
+    /// Drops the ciphertext not yet read (what follows the peer's CLOSE).
+    fn discard_ciphertext(&mut self) {
+        self.start = self.end;
+        self.settle();
+    }
+
     /// Copies unread plaintext into `out`, if there is any.
     fn take_plain(&mut self, out: &mut [u8]) -> Option<usize> {
         if self.plain_pos == self.plain_end {
@@ -765,6 +798,7 @@ impl RxBuf {
         if self.is_empty() {
             *self = RxBuf {
                 buf: std::mem::take(&mut self.buf),
+                dirty: self.dirty,
                 ..RxBuf::default()
             };
         }
@@ -786,7 +820,7 @@ impl RxBuf {
         if self.buf.len() < need {
             let want = need.min(MAX_WIRE_FRAME + MAX_MESSAGE_LEN);
             if self.buf.capacity() < want {
-                spare::grow(&mut self.buf, want, self.end);
+                spare::grow(&mut self.buf, want, self.end, self.dirty);
             }
             if self.buf.len() < want {
                 self.buf.resize(want, 0);
@@ -805,15 +839,24 @@ impl RxBuf {
     }
 }
 
+/// See [`crate::wire::spare_buffers_hold`].
+#[cfg(feature = "__test-hooks")]
+pub(crate) fn spare_buffers_hold(needle: &[u8]) -> bool {
+    spare::holds(needle)
+}
+
 /// Spare large buffers, kept per thread and bounded, so that buffers
 /// released when a stream goes quiet are reused by the next frame instead of
 /// being allocated again.
 ///
-/// Spares are not zeroed (that would cost a 64 KiB memset per reuse): their
-/// old bytes, which may be another session's, are only ever overwritten, or
+/// A buffer that held plaintext (a receive buffer's frames decrypted in
+/// place, a sending buffer's bytes not yet sealed) has that part zeroed
+/// before it becomes a spare, since the next session to take it may be
+/// another peer's: zeroing only what held plaintext costs nothing for
+/// frames decrypted straight into the reader's buffer. The rest of a
+/// spare's old bytes are ciphertext, which are only ever overwritten, or
 /// handed to this session's inner stream as room to read into (as any
-/// reused read buffer is). The inner stream is the application's own
-/// transport, in the same process; keys never live in these buffers.
+/// reused read buffer is). Keys never live in these buffers.
 mod spare {
     use std::cell::RefCell;
 
@@ -829,6 +872,22 @@ mod spare {
 
     thread_local! {
         static SPARE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// Zeroes the first `len` bytes of `buf` (those that held plaintext).
+    pub(super) fn scrub(buf: &mut [u8], len: usize) {
+        let len = len.min(buf.len());
+        zeroize::Zeroize::zeroize(&mut buf[..len]);
+    }
+
+    /// Whether a spare of this thread holds `needle` (a test of scrubbing).
+    #[cfg(feature = "__test-hooks")]
+    pub(crate) fn holds(needle: &[u8]) -> bool {
+        SPARE.with(|s| {
+            s.borrow()
+                .iter()
+                .any(|b| b.windows(needle.len()).any(|w| w == needle))
+        })
     }
 
     /// Keeps `buf` as a spare if it is large and the pool has room.
@@ -847,10 +906,11 @@ mod spare {
 
     /// Grows `buf` to a capacity of at least `want`, keeping its first
     /// `keep` bytes: from a spare when one is large enough, otherwise by
-    /// allocating exactly `want`. Its length becomes at least `keep` and may
+    /// allocating exactly `want`. If the old buffer becomes a spare, its
+    /// first `scrub` bytes (plaintext) are zeroed first. Its length becomes at least `keep` and may
     /// be more (a spare keeps its initialised length); callers that use the
     /// length as their fill level truncate.
-    pub(super) fn grow(buf: &mut Vec<u8>, want: usize, keep: usize) {
+    pub(super) fn grow(buf: &mut Vec<u8>, want: usize, keep: usize, scrub: usize) {
         // Large buffers come in one size, so that any of them serves any
         // role (receiving, building, sending) and spares always fit.
         let want = if want > KEEP { want.max(LARGE) } else { want };
@@ -870,7 +930,8 @@ mod spare {
                     new.resize(keep, 0);
                 }
                 new[..keep].copy_from_slice(&buf[..keep]);
-                let old = std::mem::replace(buf, new);
+                let mut old = std::mem::replace(buf, new);
+                self::scrub(&mut old, scrub);
                 give(old);
             }
             None => {

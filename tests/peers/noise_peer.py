@@ -25,6 +25,8 @@ line per event, `WORD key=value ...`, for the test to parse:
     HANDSHAKE role=R suite=S local_vat=HEX peer_vat=HEX peer_static=HEX hash=HEX
     DONE sent_bytes=N recv_bytes=N frames_sent=N frames_recv=N rekeys_sent=N rekeys_recv=N
     REFUSED peer_vat=HEX expected=HEX
+    UNSUPPORTED_SUITE name=NAME             (responder with --connections: it closed
+                                             that connection silently and waits for another)
     ERROR kind=K [bytes_after=N] msg=...        (exit status 1)
 
 Scripts (after the handshake):
@@ -409,6 +411,13 @@ def main():
         "--coalesce", action="store_true", help="initiator: send message 3 and the first transport frame in one write"
     )
     ap.add_argument(
+        "--connections",
+        type=int,
+        default=1,
+        help="responder: accept up to N connections; one whose preamble names a suite it does not accept "
+        "is closed without a word (SPEC.md 2) and the next is accepted",
+    )
+    ap.add_argument(
         "--forge",
         help="misbehave: 'sig-other-static' signs another X25519 key; 'claim-vatid:HEX' claims another VatId",
     )
@@ -433,6 +442,19 @@ def main():
         listener = socket.create_server(("127.0.0.1", args.listen or 0))
         listener.settimeout(IO_TIMEOUT)
         emit("LISTENING", port=listener.getsockname()[1])
+        for _ in range(args.connections - 1):
+            sock, _ = listener.accept()
+            sock.settimeout(IO_TIMEOUT)
+            try:
+                peer.run(Wire(sock))
+                return 0
+            except PeerError as e:
+                if e.kind != "unsupported-suite":
+                    emit("ERROR", kind=e.kind, **e.extra, msg=str(e).replace("\n", " "))
+                    return 1
+                emit("UNSUPPORTED_SUITE", name=str(e).rsplit(" ", 1)[-1])
+            finally:
+                sock.close()
         sock, _ = listener.accept()
         listener.close()
     else:

@@ -99,3 +99,47 @@ impl subscription::Server for Subscription {
         Ok(())
     }
 }
+
+/// A vat of a network on `listen` that serves each peer an [`Office`] bound
+/// to the peer's VatId and, as a provider, gives the redeemer of an
+/// introduced `Office` of its own an `Office` bound to the redeemer (other
+/// capabilities are handed over as they are).
+///
+/// # Panics
+/// If the network cannot start (it must run inside a `LocalSet`).
+pub async fn office_vat(
+    identity: capnp_noise::Identity,
+    listen: &str,
+    options: capnp_noise::network::NetworkConfig,
+) -> capnp_noise::network::Network {
+    type Offices =
+        std::rc::Rc<std::cell::RefCell<capnp_rpc::CapabilityServerSet<Office, office::Client>>>;
+    let offices: Offices = Default::default();
+    let (for_peers, for_redeemers) = (offices.clone(), offices);
+    capnp_noise::network::Network::builder(identity)
+        .listen(listen.parse().expect("a socket address"))
+        .config(options)
+        .bootstrap(move |peer: &PeerInfo| {
+            for_peers.borrow_mut().new_client(Office {
+                caller: peer.vat_id,
+            })
+        })
+        .on_redeem(move |r: &capnp_noise::network::Redeemed, cap| {
+            let office: office::Client = capnp::capability::FromClientHook::cast_to(cap.clone());
+            let ours = for_redeemers
+                .borrow()
+                .get_local_server_of_resolved(&office)
+                .is_some();
+            if ours {
+                for_redeemers
+                    .borrow_mut()
+                    .new_client(Office { caller: r.redeemer })
+                    .client
+            } else {
+                cap
+            }
+        })
+        .start()
+        .await
+        .expect("the network starts")
+}

@@ -29,3 +29,64 @@ pub async fn whoami(office: &office::Client) -> Result<String, capnp::Error> {
     let reply = office.whoami_request().send().promise.await?;
     Ok(reply.get()?.get_vat_id()?.to_string()?)
 }
+
+/// A byte stream that counts what was read from it: shows, for example,
+/// that a responder's handshake never received one byte of message 3.
+#[derive(Debug)]
+pub struct Tap<T> {
+    inner: T,
+    read: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl<T> Tap<T> {
+    /// `inner`, and the count of bytes read from it so far (shared, so it
+    /// can be read after the tap was moved into a handshake and dropped).
+    pub fn new(inner: T) -> (Tap<T>, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        let read = std::sync::Arc::default();
+        (
+            Tap {
+                inner,
+                read: std::sync::Arc::clone(&read),
+            },
+            read,
+        )
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Tap<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        self.read.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        polled
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Tap<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

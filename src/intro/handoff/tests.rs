@@ -6,7 +6,7 @@ use crate::intro::NONCE_LEN;
 use crate::Identity;
 
 fn table() -> HandoffTable<&'static str> {
-    HandoffTable::new(carol().vat_id(), HandoffLimits::default())
+    HandoffTable::new(carol().vat_id(), HandoffConfig::default())
 }
 
 fn err<R: fmt::Debug>(r: Result<R>) -> IntroductionError {
@@ -132,7 +132,7 @@ fn the_request_and_the_introduction_must_name_the_same_recipient() {
 
 #[test]
 fn other_providers_introductions_are_refused() {
-    let mut t = HandoffTable::<()>::new(dave().vat_id(), HandoffLimits::default());
+    let mut t = HandoffTable::<()>::new(dave().vat_id(), HandoffConfig::default());
     assert_eq!(
         err(t.redeem(&alice().vat_id(), &intro(), t0())),
         IntroductionError::WrongProvider
@@ -241,8 +241,16 @@ fn no_request_times_out_at_the_deadline() {
         .to_string()
         .contains("did not reach the provider"));
     assert_eq!(Error::from(e).io_kind(), std::io::ErrorKind::TimedOut);
-    assert_eq!(t.next_deadline(), None);
-    // After the timeout, a late request is accepted and a new redeem gets it.
+    // The timed-out wait is remembered until the introduction expires: the
+    // same introduction is refused at once instead of waiting again.
+    assert_eq!(t.timed_out(), 1);
+    assert_eq!(t.next_deadline(), Some(intro().expires_at()));
+    assert_eq!(
+        err(t.redeem(&alice().vat_id(), &intro(), deadline)),
+        IntroductionError::Timeout
+    );
+    assert_eq!(t.waiting(), 0);
+    // A late request is still accepted, and a new redeem gets it.
     expect(&mut t, "cap").unwrap();
     assert_eq!(
         ready(t.redeem(&alice().vat_id(), &intro(), deadline)),
@@ -370,12 +378,12 @@ fn expire_drops_entries_and_tombstones() {
 
 #[test]
 fn limits_are_enforced() {
-    let limits = HandoffLimits {
+    let limits = HandoffConfig {
         max_entries: 3,
         max_entries_per_introducer: 2,
         max_waiters: 2,
         max_waiters_per_redeemer: 1,
-        ..HandoffLimits::default()
+        ..HandoffConfig::default()
     };
     let mut t: HandoffTable<u32> = HandoffTable::new(carol().vat_id(), limits);
     let wait = |n: u8| intro_with([n; NONCE_LEN]).to_await();
@@ -405,9 +413,45 @@ fn limits_are_enforced() {
 }
 
 #[test]
+fn one_introducer_cannot_fill_the_waiters() {
+    let limits = HandoffConfig {
+        max_waiters: 8,
+        max_waiters_per_introducer: 2,
+        ..HandoffConfig::default()
+    };
+    let mut t: HandoffTable<u32> = HandoffTable::new(carol().vat_id(), limits);
+    let by = |introducer: &Identity, n: u8| introduce(introducer, &alice(), n, t0() + LIFETIME);
+    let _w1 = pending(t.redeem(&alice().vat_id(), &by(&mallory(), 1), t0()));
+    let _w2 = pending(t.redeem(&alice().vat_id(), &by(&mallory(), 2), t0()));
+    let e = err(t.redeem(&alice().vat_id(), &by(&mallory(), 3), t0()));
+    assert!(e.to_string().contains("one introducer's"), "{e}");
+    // Bob's early redeem still waits.
+    let _w3 = pending(t.redeem(&alice().vat_id(), &by(&bob(), 4), t0()));
+    assert_eq!(t.waiting(), 3);
+}
+
+#[test]
+fn withdrawals_of_unknown_nonces_are_charged_to_their_introducer() {
+    let limits = HandoffConfig {
+        max_entries: 8,
+        max_entries_per_introducer: 2,
+        ..HandoffConfig::default()
+    };
+    let mut t: HandoffTable<u32> = HandoffTable::new(carol().vat_id(), limits);
+    for n in 0..100u8 {
+        assert_eq!(t.revoke(&mallory().vat_id(), &[n; NONCE_LEN], t0()), None);
+    }
+    assert_eq!(t.entries(), 2);
+    // Bob's requests are unaffected.
+    let wait = |n: u8| intro_with([n; NONCE_LEN]).to_await();
+    t.expect(&bob().vat_id(), &wait(1), 1, t0()).unwrap();
+    t.expect(&bob().vat_id(), &wait(2), 2, t0()).unwrap();
+}
+
+#[test]
 fn debug_does_not_require_debug_capabilities() {
     struct Opaque;
-    let mut t = HandoffTable::new(carol().vat_id(), HandoffLimits::default());
+    let mut t = HandoffTable::new(carol().vat_id(), HandoffConfig::default());
     t.expect(&bob().vat_id(), &intro().to_await(), Opaque, t0())
         .unwrap();
     assert!(format!("{t:?}").contains("entries: 1"));

@@ -5,7 +5,8 @@
 //! Besides "no panic", each checks that what parses means what it says
 //! (it round trips through the writer), and that errors stay short
 //! whatever the input (a pasted file must not come back as a megabyte of
-//! error message, nor leak a secret it held).
+//! error message) and repeat no key material of it (the body of a PEM or
+//! OpenSSH key block: a pasted key file must not leak through an error).
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -14,7 +15,7 @@ use capnp::message::{Builder, ReaderOptions};
 use ssh_key::private::{Ed25519Keypair, KeypairData};
 use ssh_key::LineEnding;
 
-use super::support::{initiator_identity, responder_identity};
+use super::support::{assert_no_key_material, initiator_identity, responder_identity};
 use super::Seed;
 use capnp_noise::policy::{AllowList, Tofu};
 use capnp_noise::schema::noise_capnp::sturdy_ref;
@@ -27,20 +28,23 @@ const MAX_ERROR_LEN: usize = 1024;
 /// The name the targets give the parsed "file" in error messages.
 const FUZZ_PATH: &str = "fuzz.txt";
 
-fn assert_short_key_error(e: &Error) {
+/// A short [`Error::Key`] about `text` that repeats no key material of it.
+fn assert_short_key_error(text: &str, e: &Error) {
     assert!(matches!(e, Error::Key(_)), "{e:?}");
-    let len = e.to_string().len();
+    let msg = e.to_string();
+    let len = msg.len();
     assert!(
         len <= MAX_ERROR_LEN + FUZZ_PATH.len(),
-        "the error grows with the input ({len} bytes): {:.200}",
-        e.to_string()
+        "the error grows with the input ({len} bytes): {msg:.200}"
     );
+    assert_no_key_material(text, &msg);
 }
 
 /// `key_file`: [`Identity::from_pem_or_openssh`] over arbitrary text.
 ///
 /// Checks that whatever loads saves to PKCS#8 and loads back as the same
-/// vat, and that errors are short [`Error::Key`]s.
+/// vat, and that errors are short [`Error::Key`]s that repeat no key
+/// material.
 pub fn key_file(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
@@ -51,7 +55,7 @@ pub fn key_file(data: &[u8]) {
                 .expect("a saved key loads");
             assert_eq!(again.vat_id(), id.vat_id(), "a key does not round trip");
         }
-        Err(e) => assert_short_key_error(&e),
+        Err(e) => assert_short_key_error(text, &e),
     }
 }
 
@@ -59,7 +63,8 @@ pub fn key_file(data: &[u8]) {
 ///
 /// Checks that the vats parsed are exactly the first fields of the
 /// meaningful lines, that writing them back gives the same list, and that
-/// errors are short and name a line that holds something.
+/// errors are short, repeat no key material (a key file given as the list)
+/// and name a line that holds something.
 pub fn allow_list(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
@@ -81,7 +86,7 @@ pub fn allow_list(data: &[u8]) {
             assert_eq!(back, vats, "the list does not round trip");
         }
         Err(e) => {
-            assert_short_key_error(&e);
+            assert_short_key_error(text, &e);
             assert_names_a_meaningful_line(text, &e);
         }
     }
@@ -92,7 +97,8 @@ pub fn allow_list(data: &[u8]) {
 /// Checks that each record comes from a meaningful line (in order, with its
 /// line number), that its address is a single field a later check could
 /// match, that writing the records back gives the same records, and that
-/// errors are short and name a meaningful line.
+/// errors are short, repeat no key material (a key file given as the list)
+/// and name a meaningful line.
 pub fn known_vats(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
@@ -120,7 +126,7 @@ pub fn known_vats(data: &[u8]) {
             }
         }
         Err(e) => {
-            assert_short_key_error(&e);
+            assert_short_key_error(text, &e);
             assert_names_a_meaningful_line(text, &e);
         }
     }
@@ -174,7 +180,7 @@ pub fn sturdy_uri(data: &[u8]) {
             assert_capnp_round_trip(&sr);
         }
         Err(e) => {
-            assert_short_key_error(&e);
+            assert_short_key_error(text, &e);
             // The object id is the secret: an error never shows it.
             if let Some((before, object)) = text.rsplit_once('/') {
                 if object.len() >= 16 && !before.contains(object) {
@@ -209,7 +215,8 @@ pub fn sturdy_capnp(data: &[u8]) {
             let uri: SturdyRef = sr.to_string().parse().expect("its URI parses");
             assert_eq!(uri, sr);
         }
-        Err(e) => assert_short_key_error(&e),
+        // A binary message, not a text that could hold a key file.
+        Err(e) => assert_short_key_error("", &e),
     }
 }
 

@@ -150,6 +150,7 @@ fn responder_config(chachapoly_only: bool) -> HandshakeConfig {
             Suite::ALL.to_vec()
         },
         session: SessionConfig::default(),
+        allow_self: false,
     }
 }
 

@@ -248,3 +248,52 @@ pub(super) fn session_pair(config: HandshakeConfig) -> (Session, Session) {
     let i = i.into_session().expect("initiator session");
     (i, r.into_session().expect("responder session"))
 }
+
+/// The secret-bearing parts of a text that may hold a pasted key file: the
+/// first 16 characters of every run of 16 or more base64 characters on the
+/// lines after a PEM header line (a whole line `-----BEGIN LABEL-----`, the
+/// label in upper case letters, digits and spaces), up to its `-----END`
+/// line. PKCS#8 and OpenSSH private keys are both such blocks.
+pub(super) fn pem_body_runs(text: &str) -> Vec<&str> {
+    let is_header = |line: &str| {
+        line.strip_prefix("-----BEGIN ")
+            .and_then(|l| l.strip_suffix("-----"))
+            .is_some_and(|label| {
+                !label.trim().is_empty()
+                    && label
+                        .chars()
+                        .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == ' ')
+            })
+    };
+    let mut runs = Vec::new();
+    let mut in_body = false;
+    for line in text.lines().map(str::trim) {
+        if is_header(line) {
+            in_body = true;
+        } else if line.starts_with("-----END") {
+            in_body = false;
+        } else if in_body {
+            runs.extend(
+                line.split(|c: char| !(c.is_ascii_alphanumeric() || c == '+' || c == '/'))
+                    .filter(|run| run.len() >= 16)
+                    .map(|run| &run[..16]),
+            );
+        }
+    }
+    runs
+}
+
+/// The oracle for secrets in errors: `msg`, an error about `text`, repeats
+/// no part of a key block's body ([`pem_body_runs`]). (A run that also
+/// occurs elsewhere in the text may be quoted from there.)
+///
+/// # Panics
+/// When it does.
+pub(super) fn assert_no_key_material(text: &str, msg: &str) {
+    for run in pem_body_runs(text) {
+        assert!(
+            !msg.contains(run) || text.matches(run).count() > 1,
+            "the error repeats a key file's body ({run:?}): {msg:.300}"
+        );
+    }
+}
