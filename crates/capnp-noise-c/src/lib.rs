@@ -183,6 +183,7 @@ fn status_of(e: &Error) -> CnoiseStatus {
         Error::SendAfterClose => CnoiseStatus::SendAfterClose,
         Error::NonceExhausted => CnoiseStatus::NonceExhausted,
         Error::Config(_) => CnoiseStatus::Config,
+        Error::Misuse(_) => CnoiseStatus::InvalidArgument,
         Error::Key(_) => CnoiseStatus::Key,
         Error::Io(_) => CnoiseStatus::Io,
         _ => CnoiseStatus::Other,

@@ -22,7 +22,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use capnp_noise::rpc::{self, ClientOptions, ServerOptions};
+use capnp_noise::rpc::{self, ClientConfig, ServerConfig};
 use capnp_noise::stream::{self, StreamConfig};
 use capnp_noise::{AllowList, AnyVat, Error, Identity, Pinned, VatId};
 use capnp_noise_test::office::Office;
@@ -381,7 +381,7 @@ fn rust_office_server(identity: Identity, allow: Vec<VatId>) -> SocketAddr {
                 listener,
                 identity,
                 Arc::new(AllowList::from_vat_ids(allow)),
-                ServerOptions::default(),
+                ServerConfig::default(),
                 Office::bootstrap,
             )
             .await;
@@ -541,7 +541,7 @@ fn rust_connect_against_cpp_server() {
                 server.addr,
                 &client,
                 pinned.clone(),
-                ClientOptions::default(),
+                ClientConfig::default(),
             )
             .await
             .unwrap();
@@ -570,7 +570,7 @@ fn rust_connect_against_cpp_server() {
                     server.addr,
                     &client,
                     pinned.clone(),
-                    ClientOptions::default(),
+                    ClientConfig::default(),
                 )
                 .await
                 .unwrap_or_else(|e| panic!("{flavour}: connection {i}: {e}"));
@@ -583,7 +583,7 @@ fn rust_connect_against_cpp_server() {
                 server.addr,
                 &stranger,
                 pinned.clone(),
-                ClientOptions::default(),
+                ClientConfig::default(),
             )
             .await
             .unwrap();
@@ -605,7 +605,7 @@ fn rust_connect_against_cpp_server() {
                 server.addr,
                 &client,
                 wrong,
-                ClientOptions::default(),
+                ClientConfig::default(),
             )
             .await;
             match r {
