@@ -11,6 +11,7 @@
 #
 #   examples/cpp/bench.sh            # release builds (the real numbers)
 #   PROFILE=debug examples/cpp/bench.sh   # only checks that the script works
+#   NO_BUILD=1 examples/cpp/bench.sh      # measure again with what the last run built
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 target=${CARGO_TARGET_DIR:-$root/target}
@@ -18,19 +19,21 @@ profile=${PROFILE:-release}
 dir=$target/cpp-bench
 mkdir -p "$dir"
 
-if [[ $profile == release ]]; then
-  cargo build --release -p capnp-noise-c -p capnp-noise-tunnel --manifest-path "$root/Cargo.toml"
-else
-  cargo build -p capnp-noise-c -p capnp-noise-tunnel --manifest-path "$root/Cargo.toml"
-fi
 cli=$target/$profile/capnp-noise
-schema=$root/crates/capnp-noise-test/schema
-capnp compile -oc++:"$dir" --src-prefix="$schema" "$schema/demo.capnp"
-# shellcheck disable=SC2046 # pkg-config's flags are meant to split
-g++ -std=c++17 -O2 -I"$root/crates/capnp-noise-c/include" -I"$root/cpp" -I"$dir" \
-  "$root/crates/capnp-noise-c/tests/cpp/interop.c++" "$root/cpp/capnp-noise.c++" "$dir/demo.capnp.c++" \
-  -o "$dir/interop" "$target/$profile/libcapnp_noise_c.a" $(pkg-config --cflags --libs capnp-rpc) \
-  -lpthread -ldl -lm
+if [[ -z ${NO_BUILD:-} ]]; then
+  if [[ $profile == release ]]; then
+    cargo build --release -p capnp-noise-c -p capnp-noise-tunnel --manifest-path "$root/Cargo.toml"
+  else
+    cargo build -p capnp-noise-c -p capnp-noise-tunnel --manifest-path "$root/Cargo.toml"
+  fi
+  schema=$root/crates/capnp-noise-test/schema
+  capnp compile -oc++:"$dir" --src-prefix="$schema" "$schema/demo.capnp"
+  # shellcheck disable=SC2046 # pkg-config's flags are meant to split
+  g++ -std=c++17 -O2 -I"$root/crates/capnp-noise-c/include" -I"$root/cpp" -I"$dir" \
+    "$root/crates/capnp-noise-c/tests/cpp/interop.c++" "$root/cpp/capnp-noise.c++" "$dir/demo.capnp.c++" \
+    -o "$dir/interop" "$target/$profile/libcapnp_noise_c.a" $(pkg-config --cflags --libs capnp-rpc) \
+    -lpthread -ldl -lm
+fi
 
 keys=$(mktemp -d)
 pids=()
