@@ -41,6 +41,10 @@ pub const DEFAULT_MAX_HANDSHAKES: usize = 64;
 /// Default [`LimitsConfig::max_handshakes_per_source`]: 16 per service and source address.
 pub const DEFAULT_MAX_HANDSHAKES_PER_SOURCE: usize =
     capnp_noise::admission::DEFAULT_MAX_HANDSHAKES_PER_SOURCE;
+/// Default [`LimitsConfig::max_unauthenticated_per_source`]: 64 per service
+/// and source address.
+pub const DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE: usize =
+    capnp_noise::admission::DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE;
 /// Default [`LimitsConfig::handshake_timeout`]: 10 seconds.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default [`LimitsConfig::connect_timeout`]: 10 seconds.
@@ -113,6 +117,10 @@ pub struct LimitsSpec {
     /// Of those, handshakes from one source address [default: 16].
     #[arg(long, value_name = "N")]
     pub max_handshakes_per_source: Option<usize>,
+    /// Server: connections not yet authenticated from one source address;
+    /// more are closed at accept [default: 64].
+    #[arg(long, value_name = "N")]
+    pub max_unauthenticated_per_source: Option<usize>,
     /// Seconds a handshake may take [default: 10].
     #[arg(long, value_name = "SECS")]
     pub handshake_timeout: Option<f64>,
@@ -556,6 +564,14 @@ pub struct LimitsConfig {
     /// Of those, at most this many from one source address (IPv4 address,
     /// IPv6 /64); more wait, unanswered, for one of theirs to end.
     pub max_handshakes_per_source: usize,
+    /// Server: at most this many connections not yet authenticated from one
+    /// source address (IPv4 address, IPv6 /64); more are closed as soon as
+    /// they are accepted, so silent sockets from one address cannot hold
+    /// every connection place (see
+    /// [`capnp_noise::admission::UnauthenticatedLimit`]). Each must also
+    /// deliver message 1 within
+    /// [`capnp_noise::admission::DEFAULT_FIRST_MESSAGE_TIMEOUT`] (3 s).
+    pub max_unauthenticated_per_source: usize,
     /// How long a handshake may take.
     pub handshake_timeout: Duration,
     /// How long a TCP connect (to the server, or to the target) may take.
@@ -574,6 +590,7 @@ impl Default for LimitsConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_handshakes: DEFAULT_MAX_HANDSHAKES,
             max_handshakes_per_source: DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
+            max_unauthenticated_per_source: DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             keepalive: None,
@@ -748,6 +765,9 @@ impl LimitsSpec {
             "max_handshakes" => whole_number(v).map(|n| self.max_handshakes = Some(n)),
             "max_handshakes_per_source" => {
                 whole_number(v).map(|n| self.max_handshakes_per_source = Some(n))
+            }
+            "max_unauthenticated_per_source" => {
+                whole_number(v).map(|n| self.max_unauthenticated_per_source = Some(n))
             }
             "handshake_timeout" => number(v).map(|s| self.handshake_timeout = Some(s)),
             "connect_timeout" => number(v).map(|s| self.connect_timeout = Some(s)),
@@ -1031,6 +1051,11 @@ impl LimitsSpec {
                 self.max_handshakes_per_source,
                 base.max_handshakes_per_source,
                 "max_handshakes_per_source",
+            )?,
+            max_unauthenticated_per_source: count(
+                self.max_unauthenticated_per_source,
+                base.max_unauthenticated_per_source,
+                "max_unauthenticated_per_source",
             )?,
             handshake_timeout: seconds(
                 self.handshake_timeout,

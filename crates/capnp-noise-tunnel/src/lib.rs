@@ -40,6 +40,7 @@
 //! max_connections = 1024       # per service, handshaking or forwarding
 //! max_handshakes = 64          # per service, handshakes at once
 //! max_handshakes_per_source = 16  # of those, from one address
+//! max_unauthenticated_per_source = 64  # server: not yet authenticated, from one address
 //! handshake_timeout = 10       # seconds
 //! connect_timeout = 10         # seconds, for each outgoing TCP connect
 //! keepalive = 0                # seconds between keepalives when idle (0: none)
@@ -557,15 +558,18 @@ impl ReloadHandle {
                     a.max_connections,
                     a.max_handshakes,
                     a.max_handshakes_per_source,
+                    a.max_unauthenticated_per_source,
                 ) != (
                     b.max_connections,
                     b.max_handshakes,
                     b.max_handshakes_per_source,
+                    b.max_unauthenticated_per_source,
                 )
             {
                 done.not_applied.push(format!(
-                    "service {}: listen, listen_mode, max_connections, max_handshakes and \
-                     max_handshakes_per_source take effect at a restart",
+                    "service {}: listen, listen_mode, max_connections, max_handshakes, \
+                     max_handshakes_per_source and max_unauthenticated_per_source take \
+                     effect at a restart",
                     old.name
                 ));
             }

@@ -19,7 +19,7 @@ use super::forward::{self, End, Forwarded, WithKeepalive};
 use super::metrics::{self, Counters, Shown};
 use super::proxy::ProxyProtocol;
 use super::socket::{Listener, Plain, Remote};
-use capnp_noise::admission::HandshakeSlots;
+use capnp_noise::admission::{HandshakeSlots, UnauthenticatedLimit, DEFAULT_FIRST_MESSAGE_TIMEOUT};
 use capnp_noise::error::Error;
 use capnp_noise::identity::Identity;
 use capnp_noise::policy::PeerPolicy;
@@ -45,6 +45,8 @@ pub(super) struct Service {
     handshakes: Semaphore,
     /// Server mode: admission of incoming handshakes past message 1.
     slots: HandshakeSlots,
+    /// Server mode: connections not yet authenticated, per source address.
+    unauthenticated: UnauthenticatedLimit,
     /// What the metrics endpoint shows.
     counters: Arc<Counters>,
 }
@@ -126,6 +128,9 @@ impl Service {
             slots: HandshakeSlots::new(
                 config.limits.max_handshakes,
                 config.limits.max_handshakes_per_source,
+            ),
+            unauthenticated: UnauthenticatedLimit::new(
+                config.limits.max_unauthenticated_per_source,
             ),
             config,
             counters: Arc::default(),
@@ -257,8 +262,21 @@ impl Connection {
                 // The target is dialed only for an authenticated client. If
                 // it cannot be reached, the client's stream is dropped
                 // without CLOSE: its tunnel resets its own client.
+                // Silent or slow sockets from one address cannot hold every
+                // connection place: past its share, a source's connection
+                // is closed at once (and each must send message 1 within
+                // DEFAULT_FIRST_MESSAGE_TIMEOUT).
+                let Some(unauthenticated) = self.unauthenticated.try_acquire(from.ip()) else {
+                    return warn!(
+                        service = %self.config.name,
+                        %from,
+                        limit = self.unauthenticated.max_per_source(),
+                        "closed: its source has too many connections not yet authenticated"
+                    );
+                };
                 let pair = async {
                     let noise = self.handshake_client(accepted, from).await?;
+                    drop(unauthenticated);
                     let connect = Plain::connect(&self.config.connect);
                     let mut target = self.dial("the target", connect).await?;
                     if let Some(version) = self.config.proxy_protocol {
@@ -331,6 +349,7 @@ impl Connection {
         let config = self
             .stream_config()
             .with_handshake_timeout(Some(timeout))
+            .with_first_message_timeout(Some(DEFAULT_FIRST_MESSAGE_TIMEOUT))
             .with_remote_addr(addr)
             .with_handshake_slots(self.slots.clone());
         stream::accept(tcp, &self.identity, self.policy.clone(), config)

@@ -383,6 +383,17 @@ async fn send_and_read_back(s: &mut TcpStream, data: &[u8]) -> Vec<u8> {
     got
 }
 
+/// Sends `data` and reads exactly as many bytes back, concurrently (the
+/// connection stays open both ways).
+async fn echo_exactly(s: &mut TcpStream, data: &[u8]) -> Vec<u8> {
+    let (mut rd, mut wr) = s.split();
+    let mut got = vec![0u8; data.len()];
+    let (sent, read) = tokio::join!(wr.write_all(data), rd.read_exact(&mut got));
+    sent.unwrap();
+    read.unwrap();
+    got
+}
+
 /// Sends `msg`, reads as many bytes back.
 async fn round_trip(s: &mut TcpStream, msg: &[u8]) -> Vec<u8> {
     s.write_all(msg).await.unwrap();
@@ -675,6 +686,70 @@ async fn connections_beyond_the_limit_wait_for_a_free_slot() {
         .await
         .unwrap();
     assert_eq!(&got, b"two");
+}
+
+/// Issue 15, item 3, for the tunnel server: stalled handshakes from one
+/// source address cannot take every connection place. Eight sockets from
+/// 127.0.0.2 each send a well-formed message 1 and stall (each would hold a
+/// place for the 30 s handshake timeout) against `--max-connections 8`;
+/// with `--max-unauthenticated-per-source 4` the last four are closed at
+/// accept, and a client from 127.0.0.1 is served at once. (With a cap of 8
+/// or more, all eight are answered and the client waits 30 s: the bound
+/// below fails; checked.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_handshakes_from_one_source_leave_places_for_others() {
+    let target = tcp_server(echo).await;
+    let pair = Pair::start(
+        target,
+        &[
+            "--max-connections",
+            "8",
+            "--handshake-timeout",
+            "30",
+            "--max-unauthenticated-per-source",
+            "4",
+        ],
+        &[],
+    );
+    let server = pair.server.addr("server");
+    let flight = capnp_noise_test::fixtures::initiator_first_flight();
+    let mut attackers = Vec::new();
+    for _ in 0..8 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let mut s = socket.connect(server).await.unwrap();
+        s.write_all(&flight).await.unwrap();
+        attackers.push(s);
+    }
+    // Each attacker is either answered (message 2: it holds a place) or
+    // closed at accept: wait for one or the other, so that all eight have
+    // been judged before the honest client comes.
+    let mut answered = 0;
+    for s in &mut attackers {
+        let mut byte = [0u8; 1];
+        match bounded("the server's answer to an attacker", s.read(&mut byte)).await {
+            Ok(n) if n > 0 => answered += 1,
+            _ => {}
+        }
+    }
+    assert_eq!(answered, 4, "{}", pair.server.log());
+    assert_eq!(
+        pair.server
+            .log()
+            .matches("too many connections not yet authenticated")
+            .count(),
+        4,
+        "{}",
+        pair.server.log()
+    );
+    let mut honest = TcpStream::connect(pair.local()).await.unwrap();
+    let served =
+        tokio::time::timeout(Duration::from_secs(10), round_trip(&mut honest, b"honest")).await;
+    assert_eq!(
+        served.expect("the honest client was not served within 10 s"),
+        b"honest"
+    );
+    drop(attackers);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1127,21 +1202,22 @@ async fn sighup_rotates_the_server_key_without_dropping_a_transfer() {
     );
     drop(s);
 
-    // A 100 MB transfer, during which the key is replaced and SIGHUP sent.
+    // A 100 MB transfer on one connection, in the middle of which (after
+    // the first 50 MB came back, before the rest is sent: by events, not by
+    // timing) the key is replaced and SIGHUP sent.
     let mut long = TcpStream::connect(both.addr("client")).await.unwrap();
     let data = pattern(100 << 20, 17);
-    let transfer = tokio::spawn(async move { send_and_read_back(&mut long, &data).await == data });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (first, rest) = data.split_at(50 << 20);
     assert!(
-        !transfer.is_finished(),
-        "the transfer ended before the reload"
+        bounded("the first 50 MB", echo_exactly(&mut long, first)).await == first,
+        "the first half did not come back intact"
     );
     std::fs::copy(keys.path("new.key"), &server_key).unwrap();
     server.signal("HUP");
     server.wait_log(&["SIGHUP: reloaded", &format!("vat_id={new_text}")]);
     assert!(
-        bounded("the 100 MB transfer", transfer).await.unwrap(),
-        "the transfer did not arrive intact"
+        send_and_read_back(&mut long, rest).await == rest,
+        "the transfer did not arrive intact after the reload"
     );
     assert!(
         !server.log().contains("end=\"error"),

@@ -22,7 +22,8 @@ use capnp_noise_tunnel::config::{
     ConfigError, LimitsSpec, LogFormat, Mode, Origin, Problem, Trust, TunnelConfig, TunnelSpec,
     DEFAULT_CONNECT_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_LISTEN_MODE,
     DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
-    DEFAULT_SHUTDOWN_GRACE, MAX_COUNT, MAX_SECONDS, MAX_SERVICE_NAME,
+    DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE, DEFAULT_SHUTDOWN_GRACE, MAX_COUNT, MAX_SECONDS,
+    MAX_SERVICE_NAME,
 };
 
 /// The file the target "reads": absolute, so relative paths resolve
@@ -40,6 +41,7 @@ const KEYS: &[&str] = &[
     "max_connections",
     "max_handshakes",
     "max_handshakes_per_source",
+    "max_unauthenticated_per_source",
     "handshake_timeout",
     "connect_timeout",
     "keepalive",
@@ -323,6 +325,9 @@ fn put_limits(t: &mut toml::Table, l: &LimitsSpec) {
     if let Some(n) = l.max_handshakes_per_source {
         t.insert("max_handshakes_per_source".into(), int(n));
     }
+    if let Some(n) = l.max_unauthenticated_per_source {
+        t.insert("max_unauthenticated_per_source".into(), int(n));
+    }
     if let Some(s) = l.handshake_timeout {
         t.insert("handshake_timeout".into(), s.into());
     }
@@ -440,6 +445,12 @@ fn assert_as_documented(spec: &TunnelSpec, config: &TunnelConfig, origin: Origin
             own.max_handshakes_per_source
                 .or(top.max_handshakes_per_source),
             DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
+        );
+        assert_count(
+            l.max_unauthenticated_per_source,
+            own.max_unauthenticated_per_source
+                .or(top.max_unauthenticated_per_source),
+            DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE,
         );
         assert_duration(
             l.handshake_timeout,
