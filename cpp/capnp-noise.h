@@ -80,6 +80,8 @@ public:
 
   // The C policy and a callback's function (internal).
   struct State;
+  // Handshakes keep it (and a callback's function) alive (internal).
+  const std::shared_ptr<State>& shared() const { return state; }
 
 private:
   explicit Policy(std::shared_ptr<State> state): state(kj::mv(state)) {}
@@ -169,44 +171,105 @@ kj::Promise<kj::Own<NoiseStream>> connect(
     const Identity& identity, kj::StringPtr serverVatId,
     kj::Duration timeout = DEFAULT_HANDSHAKE_TIMEOUT);
 
-// A Cap'n Proto server over capnp-noise: each accepted connection runs the
-// handshake (within a timeout; the policy decides who may connect), then a
-// capnp::TwoPartyServer whose bootstrap capability `bootstrap(peerVatId)`
-// builds for that caller, as the Rust `rpc::serve` does.
+// A Server's limits on unauthenticated peers: SPEC.md 8.1 (admission),
+// with the defaults and names of the Rust `rpc::ServerConfig`.
 //
-// Unlike `rpc::serve`, it bounds a handshake only by its timeout: it has no
-// handshake slots (SPEC.md 8.1, admission), so the number of peers it
-// spends Diffie-Hellman work on at once is not bounded. Put it behind a
-// connection limit where unauthenticated peers can reach it.
+// A responder does no public-key work for a connection before its preamble
+// and a well-formed message 1 have arrived, and bounds how many handshakes
+// are past message 1 at once, in total and per source address (an IPv4
+// address or an IPv6 /64): a message 1 that finds its source's share or all
+// slots taken waits, unanswered, first come first served, within the
+// handshake timeout. While it waits nothing is computed, and a peer that
+// hangs up meanwhile is dropped without taking a slot. A handshake that fails
+// after admission keeps its slot for `handshakeFailureHold`, so peers that
+// send message 1 and hang up cannot make the server answer message 1 at the
+// rate they open connections. Before message 1 a connection costs a socket:
+// one source may have at most `maxUnauthenticatedPerSource` of them (more
+// are closed at accept), each must deliver message 1 within
+// `firstMessageTimeout`, and `listen()` accepts at most `maxConnections`
+// connections at once (more wait in the listen backlog).
+struct ServerConfig {
+  // From accept to admission; then again from admission to the end of the
+  // handshake (CNOISE_STATUS_HANDSHAKE_TIMEOUT; the connection is closed).
+  kj::Duration handshakeTimeout = DEFAULT_HANDSHAKE_TIMEOUT;
+  // From accept to the end of message 1.
+  kj::Duration firstMessageTimeout = 3 * kj::SECONDS;
+  // Handshakes past message 1 at once (zero counts as one).
+  size_t maxHandshakes = 64;
+  // Of those, from one source address (zero counts as one).
+  size_t maxHandshakesPerSource = 16;
+  // How long a handshake that fails after admission keeps its slot (and
+  // its source's share). Zero gives it back at once, which leaves the rate
+  // of failing handshakes unbounded.
+  kj::Duration handshakeFailureHold = 1 * kj::SECONDS;
+  // Connections from one source between accept and the end of their
+  // handshake (zero counts as one).
+  size_t maxUnauthenticatedPerSource = 64;
+  // Connections open at once, handshaking or established, through listen().
+  size_t maxConnections = 1024;
+};
+
+// What a Server's admission has done so far (Server::stats()).
+struct AdmissionStats {
+  size_t inProgress = 0;      // handshakes holding a slot now (at most maxHandshakes)
+  size_t peakInProgress = 0;  // the most that ever held one at once
+  uint64_t admitted = 0;      // handshakes given a slot
+  uint64_t waited = 0;        // of those, how many had to wait for it
+  uint64_t heldAfterFailure = 0;  // of those, how many failed and kept it for the hold
+  uint64_t refusedAtAccept = 0;   // connections closed at once: their source had too many
+  size_t connections = 0;     // connections open through listen()
+};
+
+// A Cap'n Proto server over capnp-noise: each accepted connection runs the
+// handshake under the admission rules of `ServerConfig` (the policy decides
+// who may connect), then a capnp::TwoPartyServer whose bootstrap capability
+// `bootstrap(peerVatId)` builds for that caller, as the Rust `rpc::serve`
+// does.
 class Server final: private kj::TaskSet::ErrorHandler {
 public:
   using BootstrapFactory = kj::Function<capnp::Capability::Client(kj::StringPtr peerVatId)>;
   // Called for every connection whose handshake failed (refused, timed
-  // out, broken), with the exception; the default logs it.
+  // out, broken), with the exception; the default logs it. Not called for
+  // connections closed at accept (see AdmissionStats::refusedAtAccept).
   using FailureHandler = kj::Function<void(kj::Exception&&)>;
 
   Server(kj::Timer& timer, Identity identity, Policy policy, BootstrapFactory bootstrap,
-         kj::Duration handshakeTimeout = DEFAULT_HANDSHAKE_TIMEOUT);
+         ServerConfig config = ServerConfig());
+  // Only the handshake timeout differs from the defaults.
+  Server(kj::Timer& timer, Identity identity, Policy policy, BootstrapFactory bootstrap,
+         kj::Duration handshakeTimeout);
+  ~Server() noexcept(false);
   KJ_DISALLOW_COPY(Server);
 
   void onHandshakeFailure(FailureHandler handler) { failureHandler = kj::mv(handler); }
 
-  // Accepts connections from `listener` forever.
+  // Accepts connections from `listener` forever, at most
+  // `maxConnections` open at once.
   kj::Promise<void> listen(kj::ConnectionReceiver& listener);
-  // Serves one connection (already accepted).
+  // Serves one connection (already accepted): the same admission rules,
+  // except that it does not count towards `maxConnections`.
   void accept(kj::Own<kj::AsyncIoStream> connection);
   // Resolves when no connection is open.
   kj::Promise<void> drain() { return tasks.onEmpty(); }
+
+  AdmissionStats stats() const;
+
+  // The admission state, and a connection's place among maxConnections (internal).
+  struct Admission;
+  struct Place;
 
 private:
   kj::Timer& timer;
   Identity identity;
   Policy policy;
   BootstrapFactory bootstrap;
-  kj::Duration handshakeTimeout;
+  ServerConfig config;
   kj::Maybe<FailureHandler> failureHandler;
+  kj::Own<Admission> admission;  // before the tasks: they hold its slots
   kj::TaskSet tasks;
 
+  void serve(kj::Own<kj::AsyncIoStream> connection, kj::Maybe<kj::Own<Place>> place);
+  kj::Promise<void> listenLoop(kj::ConnectionReceiver& listener);
   void taskFailed(kj::Exception&& exception) override;
 };
 

@@ -220,6 +220,30 @@ bool cnoise_handshake_is_finished(const struct CnoiseHandshake *handshake);
 enum CnoiseStatus cnoise_handshake_into_session(struct CnoiseHandshake *handshake,
                                                 struct CnoiseSession **out);
 
+// Makes a responder stop after the preamble and a well-formed message 1,
+// before any public-key work, until [`cnoise_handshake_admit`] (SPEC.md
+// 8.1, admission): a server uses it to bound the handshakes it spends
+// Diffie-Hellman work on. While the handshake awaits admission,
+// [`cnoise_handshake_feed`] takes nothing after message 1 (`*taken` may be
+// less than the length fed, even 0): keep the rest and feed it after
+// admitting. No effect on an initiator.
+enum CnoiseStatus cnoise_handshake_require_admission(struct CnoiseHandshake *handshake);
+
+// True once a responder has received the preamble and a well-formed
+// message 1 (always true for an initiator; false for null): the end of a
+// server's first-message deadline.
+bool cnoise_handshake_received_message_1(const struct CnoiseHandshake *handshake);
+
+// True while a responder that requires admission holds a well-formed
+// message 1 and waits for [`cnoise_handshake_admit`] (false for null).
+bool cnoise_handshake_awaits_admission(const struct CnoiseHandshake *handshake);
+
+// Admits a responder waiting for admission: it answers message 1 (three
+// X25519 operations), and message 2 is ready in
+// [`cnoise_handshake_pending_output`]. Then feed it the bytes it did not
+// take. `CNOISE_STATUS_INVALID_ARGUMENT` if it was not waiting.
+enum CnoiseStatus cnoise_handshake_admit(struct CnoiseHandshake *handshake);
+
 // Frees a handshake (null is a no-op).
 void cnoise_handshake_free(struct CnoiseHandshake *handshake);
 

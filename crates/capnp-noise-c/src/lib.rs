@@ -815,6 +815,63 @@ pub unsafe extern "C" fn cnoise_handshake_into_session(
     })
 }
 
+/// Makes a responder stop after the preamble and a well-formed message 1,
+/// before any public-key work, until [`cnoise_handshake_admit`] (SPEC.md
+/// 8.1, admission): a server uses it to bound the handshakes it spends
+/// Diffie-Hellman work on. While the handshake awaits admission,
+/// [`cnoise_handshake_feed`] takes nothing after message 1 (`*taken` may be
+/// less than the length fed, even 0): keep the rest and feed it after
+/// admitting. No effect on an initiator.
+#[no_mangle]
+pub unsafe extern "C" fn cnoise_handshake_require_admission(
+    handshake: *mut CnoiseHandshake,
+) -> CnoiseStatus {
+    guard(|| {
+        // SAFETY: the crate's contract: a live handshake.
+        let hs = unsafe { obj(handshake, "handshake") }?;
+        hs.0.require_admission();
+        Ok(())
+    })
+}
+
+/// True once a responder has received the preamble and a well-formed
+/// message 1 (always true for an initiator; false for null): the end of a
+/// server's first-message deadline.
+#[no_mangle]
+pub unsafe extern "C" fn cnoise_handshake_received_message_1(
+    handshake: *const CnoiseHandshake,
+) -> bool {
+    // SAFETY: the crate's contract: null or a live handshake.
+    guard_value(false, || {
+        unsafe { handshake.as_ref() }.is_some_and(|h| h.0.received_message_1())
+    })
+}
+
+/// True while a responder that requires admission holds a well-formed
+/// message 1 and waits for [`cnoise_handshake_admit`] (false for null).
+#[no_mangle]
+pub unsafe extern "C" fn cnoise_handshake_awaits_admission(
+    handshake: *const CnoiseHandshake,
+) -> bool {
+    // SAFETY: the crate's contract: null or a live handshake.
+    guard_value(false, || {
+        unsafe { handshake.as_ref() }.is_some_and(|h| h.0.awaits_admission())
+    })
+}
+
+/// Admits a responder waiting for admission: it answers message 1 (three
+/// X25519 operations), and message 2 is ready in
+/// [`cnoise_handshake_pending_output`]. Then feed it the bytes it did not
+/// take. `CNOISE_STATUS_INVALID_ARGUMENT` if it was not waiting.
+#[no_mangle]
+pub unsafe extern "C" fn cnoise_handshake_admit(handshake: *mut CnoiseHandshake) -> CnoiseStatus {
+    guard(|| {
+        // SAFETY: the crate's contract: a live handshake.
+        let hs = unsafe { obj(handshake, "handshake") }?;
+        hs.0.admit().map_err(Fail::from)
+    })
+}
+
 /// Frees a handshake (null is a no-op).
 #[no_mangle]
 pub unsafe extern "C" fn cnoise_handshake_free(handshake: *mut CnoiseHandshake) {

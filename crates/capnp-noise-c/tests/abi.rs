@@ -512,3 +512,58 @@ fn null_pointers_are_refused_not_dereferenced() {
         cnoise_identity_free(id);
     }
 }
+
+/// SPEC.md 8.1 through the ABI: a responder that requires admission takes
+/// the preamble and message 1, keeps what follows, and answers (message 2)
+/// only once admitted; an initiator cannot be admitted.
+#[test]
+fn a_responder_answers_message_1_only_once_admitted() {
+    let (alice, bob) = (identity(), identity());
+    let anyone = any();
+    let init = handshake(alice, anyone, true);
+    let resp = handshake(bob, anyone, false);
+    // SAFETY: live handshakes, readable slices and valid out-pointers.
+    unsafe {
+        ok(cnoise_handshake_require_admission(resp));
+        assert!(!cnoise_handshake_received_message_1(resp));
+        let mut first = hs_output(init);
+        let msg1_len = first.len();
+        first.extend_from_slice(b"early");
+        let mut taken = 0;
+        ok(cnoise_handshake_feed(
+            resp,
+            first.as_ptr(),
+            first.len(),
+            &mut taken,
+        ));
+        assert_eq!(
+            taken, msg1_len,
+            "nothing after message 1 is taken before admission"
+        );
+        assert!(cnoise_handshake_received_message_1(resp));
+        assert!(cnoise_handshake_awaits_admission(resp));
+        assert!(hs_output(resp).is_empty(), "message 2 before admission");
+        ok(cnoise_handshake_admit(resp));
+        assert!(!cnoise_handshake_awaits_admission(resp));
+        let msg2 = hs_output(resp);
+        assert!(!msg2.is_empty());
+        // Admitting twice, or an initiator, is a misuse.
+        assert_eq!(cnoise_handshake_admit(resp), CnoiseStatus::InvalidArgument);
+        assert_eq!(cnoise_handshake_admit(init), CnoiseStatus::InvalidArgument);
+        assert!(
+            last_error().contains("not waiting for admission"),
+            "{}",
+            last_error()
+        );
+        // The handshake then completes as usual.
+        ok(hs_feed(init, &msg2));
+        ok(hs_feed(resp, &hs_output(init)));
+        assert!(cnoise_handshake_is_finished(init) && cnoise_handshake_is_finished(resp));
+        assert!(!cnoise_handshake_awaits_admission(ptr::null()));
+        cnoise_handshake_free(init);
+        cnoise_handshake_free(resp);
+        cnoise_policy_free(anyone);
+        cnoise_identity_free(alice);
+        cnoise_identity_free(bob);
+    }
+}

@@ -689,7 +689,6 @@ fn cpp_against_cpp() {
 
 #[test]
 fn cpp_through_the_tunnel() {
-    use capnp_noise_tunnel::{Tunnel, TunnelConfig};
     each_build(|flavour, program| {
         let keys = Keys::new();
         let (tunnel_id, tunnel_key) = keys.make("tunnel");
@@ -718,26 +717,8 @@ fn cpp_through_the_tunnel() {
             ),
         )
         .unwrap();
-        let (tx, rx) = mpsc::channel();
-        let (stop_tx, stop_rx) = mpsc::channel::<capnp_noise_tunnel::ShutdownHandle>();
-        let runner = std::thread::spawn(move || {
-            local(async move {
-                let tunnel = Tunnel::new(TunnelConfig::load(&config).unwrap()).unwrap();
-                let bound = tunnel.bind().await.unwrap();
-                stop_tx.send(bound.shutdown_handle()).unwrap();
-                tx.send(bound.listening()).unwrap();
-                bound.run().await
-            })
-        });
-        let listening = rx.recv_timeout(Duration::from_secs(10)).unwrap();
-        let addr_of = |name: &str| {
-            listening
-                .iter()
-                .find(|l| l.name == name)
-                .unwrap_or_else(|| panic!("no service {name}"))
-                .addr
-                .clone()
-        };
+        let tunnel = TunnelRun::start(&config);
+        let addr_of = |name: &str| tunnel.addr_of(name);
         let vat = tunnel_id.vat_id().to_string();
         let cpp = CppClient {
             program,
@@ -755,11 +736,57 @@ fn cpp_through_the_tunnel() {
             key: &tunnel_key,
         };
         through.calls(&addr_of("cloud"), "plain", &vat);
-
-        let stop = stop_rx.recv().unwrap();
-        stop.abort();
-        runner.join().unwrap();
     });
+}
+
+/// `capnp-noise tunnel` with the configuration file `config`, on a thread
+/// of its own; aborted and joined when dropped.
+struct TunnelRun {
+    listening: Vec<capnp_noise_tunnel::Listening>,
+    stop: capnp_noise_tunnel::ShutdownHandle,
+    runner: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TunnelRun {
+    fn start(config: &Path) -> TunnelRun {
+        use capnp_noise_tunnel::{Tunnel, TunnelConfig};
+        let config = config.to_path_buf();
+        let (tx, rx) = mpsc::channel();
+        let runner = std::thread::spawn(move || {
+            local(async move {
+                let tunnel = Tunnel::new(TunnelConfig::load(&config).unwrap()).unwrap();
+                let bound = tunnel.bind().await.unwrap();
+                tx.send((bound.listening(), bound.shutdown_handle()))
+                    .unwrap();
+                let _ = bound.run().await;
+            })
+        });
+        let (listening, stop) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        TunnelRun {
+            listening,
+            stop,
+            runner: Some(runner),
+        }
+    }
+
+    /// The address of the service `name`.
+    fn addr_of(&self, name: &str) -> capnp_noise_tunnel::Bound {
+        self.listening
+            .iter()
+            .find(|l| l.name == name)
+            .unwrap_or_else(|| panic!("no service {name}"))
+            .addr
+            .clone()
+    }
+}
+
+impl Drop for TunnelRun {
+    fn drop(&mut self) {
+        self.stop.abort();
+        if let Some(runner) = self.runner.take() {
+            let _ = runner.join();
+        }
+    }
 }
 
 #[test]
@@ -788,5 +815,453 @@ fn the_adapter_reassembles_three_byte_reads() {
         let (ok, out) = run(program, &["trickle"]);
         assert!(ok, "{flavour}:\n{out}");
         assert_line(&out, "TRICKLE ok");
+    });
+}
+
+const FOUR_MIB: usize = 4 << 20;
+
+/// Which leg of a [`relay`] is cut, after how many bytes towards it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Cut {
+    /// Forward everything, both ways, half-closes included.
+    Never,
+    /// After `n` bytes towards the side that connected to the relay.
+    Downstream(usize),
+    /// After `n` bytes towards the side the relay connected to.
+    Upstream(usize),
+}
+
+/// A TCP relay for one connection, to `upstream`. A cut ends the stream
+/// towards its victim with a plain FIN after the given number of bytes
+/// (mid-transfer: no capnp-noise CLOSE, a truncation), drops the other side,
+/// and keeps reading (and discarding) what the victim sends until it hangs
+/// up, so that the victim sees the end of stream, not a reset.
+fn relay(upstream: SocketAddr, cut: Cut) -> SocketAddr {
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    fn pump(mut from: TcpStream, mut to: TcpStream, limit: Option<usize>) {
+        use std::io::{Read, Write};
+        let mut buf = vec![0u8; 16384];
+        let mut sent = 0;
+        let mut discarding = false;
+        loop {
+            let n = match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if discarding {
+                continue;
+            }
+            let n = limit.map_or(n, |l| n.min(l - sent));
+            if to.write_all(&buf[..n]).is_err() {
+                discarding = true;
+                continue;
+            }
+            sent += n;
+            if Some(sent) == limit {
+                let _ = to.shutdown(Shutdown::Write);
+                let _ = from.shutdown(Shutdown::Both);
+                return;
+            }
+        }
+        let _ = to.shutdown(Shutdown::Write);
+    }
+    std::thread::spawn(move || {
+        let (down, _) = listener.accept().unwrap();
+        let up = TcpStream::connect(upstream).unwrap();
+        let (to_down, to_up) = match cut {
+            Cut::Never => (None, None),
+            Cut::Downstream(n) => (Some(n), None),
+            Cut::Upstream(n) => (None, Some(n)),
+        };
+        let (d, u) = (down.try_clone().unwrap(), up.try_clone().unwrap());
+        let back = std::thread::spawn(move || pump(u, d, to_down));
+        pump(down, up, to_up);
+        let _ = back.join();
+    });
+    addr
+}
+
+/// A plain TCP server that sends `len` bytes to each connection, then
+/// closes its sending direction (and reads until the peer closes).
+fn bulk_source(len: usize) -> SocketAddr {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+                let _ = conn.write_all(&data);
+                let _ = conn.shutdown(std::net::Shutdown::Write);
+                let _ = conn.read_to_end(&mut Vec::new());
+            });
+        }
+    });
+    addr
+}
+
+fn tcp_addr(bound: capnp_noise_tunnel::Bound) -> SocketAddr {
+    match bound {
+        capnp_noise_tunnel::Bound::Tcp(a) => a,
+        #[allow(unreachable_patterns)]
+        other => panic!("not a TCP service: {other}"),
+    }
+}
+
+/// The line of `out` that starts with `prefix`.
+#[track_caller]
+fn line_of<'a>(out: &'a str, prefix: &str) -> &'a str {
+    out.lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no line starting with {prefix:?} in:\n{out}"))
+}
+
+/// A truncation's report, "<prefix>ERROR n TYPE DESCRIPTION": an error of
+/// type DISCONNECTED naming CNOISE_STATUS_UNEXPECTED_EOF, after some but not
+/// all of `total` bytes.
+#[track_caller]
+fn assert_truncation_reported(line: &str, prefix: &str, total: usize) {
+    let rest = line
+        .strip_prefix(prefix)
+        .and_then(|l| l.strip_prefix("ERROR "))
+        .unwrap_or_else(|| panic!("a cut stream was not reported as an error: {line}"));
+    let (n, rest) = rest.split_once(' ').unwrap();
+    let n: usize = n.parse().unwrap();
+    assert!(
+        0 < n && n < total,
+        "{n} of {total} bytes before the cut: {line}"
+    );
+    assert!(
+        rest.starts_with("disconnected ") && rest.contains("CNOISE_STATUS_UNEXPECTED_EOF"),
+        "{line}"
+    );
+}
+
+/// The encrypted leg between the C++ adapter and `capnp-noise tunnel` cut
+/// mid-transfer, both ways: the C++ side reports a DISCONNECTED error
+/// naming the truncation, never a clean end (the same relays, uncut, end
+/// cleanly: the control).
+#[test]
+fn cpp_through_the_tunnel_reports_a_cut_stream() {
+    each_build(|flavour, program| {
+        let keys = Keys::new();
+        let (tunnel_id, tunnel_key) = keys.make("tunnel");
+        let (client, client_key) = keys.make("client");
+        let (_, sink_key) = keys.make("sink");
+        let source = bulk_source(FOUR_MIB);
+        let sink = CppServer::start(program, &["sink-server", &sink_key]);
+        let whole = relay(sink.addr, Cut::Never);
+        let cut = relay(sink.addr, Cut::Upstream(1 << 20));
+        // `office`: C++ adapter -> tunnel server -> a plain source of 4 MiB.
+        // `cloud*`: plain client -> tunnel client -> relay -> C++ sink.
+        let config = keys.dir.path().join("tunnel.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "identity = {tunnel_key:?}\n\n\
+                 [service.office]\nmode = \"server\"\nlisten = \"127.0.0.1:0\"\n\
+                 connect = \"{source}\"\nallow_vat = [\"{}\"]\n\n\
+                 [service.cloud]\nmode = \"client\"\nlisten = \"127.0.0.1:0\"\n\
+                 connect = \"{whole}\"\npeer = \"{}\"\n\n\
+                 [service.cloud-cut]\nmode = \"client\"\nlisten = \"127.0.0.1:0\"\n\
+                 connect = \"{cut}\"\npeer = \"{}\"\n",
+                client.vat_id(),
+                sink.vat,
+                sink.vat,
+            ),
+        )
+        .unwrap();
+        let tunnel = TunnelRun::start(&config);
+        let vat = tunnel_id.vat_id().to_string();
+        let cpp = CppClient {
+            program,
+            flavour,
+            key: &client_key,
+        };
+
+        // C++ adapter as the client, the tunnel's server end cut off from it.
+        let office = tcp_addr(tunnel.addr_of("office"));
+        let out = cpp.run(&relay(office, Cut::Never), &vat, "drain");
+        assert_eq!(line_of(&out, "DRAIN_"), format!("DRAIN_EOF {FOUR_MIB}"));
+        let out = cpp.run(&relay(office, Cut::Downstream(1 << 20)), &vat, "drain");
+        assert_truncation_reported(line_of(&out, "DRAIN_"), "DRAIN_", FOUR_MIB);
+
+        // C++ adapter as the server, cut off from the tunnel's client end.
+        let send = |service: &str| {
+            use std::io::{Read, Write};
+            let mut tcp = std::net::TcpStream::connect(tcp_addr(tunnel.addr_of(service))).unwrap();
+            tcp.set_write_timeout(Some(Duration::from_secs(20)))
+                .unwrap();
+            tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let data: Vec<u8> = (0..FOUR_MIB).map(|i| (i % 251) as u8).collect();
+            // The cut may end the tunnel's connection while we write.
+            let _ = tcp.write_all(&data);
+            let _ = tcp.shutdown(std::net::Shutdown::Write);
+            let _ = tcp.read_to_end(&mut Vec::new());
+        };
+        send("cloud");
+        let ended = sink.wait_for("SINK_", 1).remove(0);
+        assert_eq!(ended, format!("SINK_EOF {FOUR_MIB}"), "{flavour}");
+        send("cloud-cut");
+        let ended = sink.wait_for("SINK_", 2).remove(1);
+        assert_truncation_reported(&ended, "SINK_", FOUR_MIB);
+    });
+}
+
+/// A preamble and a well-formed message 1, as a fresh initiator sends them.
+fn message_1() -> Vec<u8> {
+    use capnp_noise::policy::PeerContext;
+    use capnp_noise::wire::{Handshake, HandshakeConfig};
+    let hs = Handshake::initiator(
+        &Identity::generate(),
+        Arc::new(AnyVat),
+        PeerContext::initiator(None, None),
+        HandshakeConfig::default(),
+    )
+    .unwrap();
+    hs.pending_output().to_vec()
+}
+
+/// A flooding connection from `from` (a loopback address of its own: a
+/// source of its own for the server's per-source limits) that sends
+/// `first` and then nothing.
+async fn flooder(server: SocketAddr, from: [u8; 4], first: &[u8]) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::from((from, 0))).unwrap();
+    let mut tcp = socket.connect(server).await.unwrap();
+    tcp.write_all(first).await.unwrap();
+    tcp
+}
+
+/// What a flooding connection has seen so far: `Some(true)` bytes (message
+/// 2: it was admitted), `Some(false)` the end of stream (closed), `None`
+/// nothing yet.
+fn flooder_state(tcp: &tokio::net::TcpStream) -> Option<bool> {
+    let mut buf = [0u8; 256];
+    match tcp.try_read(&mut buf) {
+        Ok(0) => Some(false),
+        Ok(_) => Some(true),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+        Err(_) => Some(false),
+    }
+}
+
+/// Fields of the C++ server's `STATS name=value ...` line.
+fn stat(line: &str, name: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+        .unwrap_or_else(|| panic!("no {name} in {line}"))
+        .parse()
+        .unwrap()
+}
+
+impl CppServer {
+    /// The first STATS line for which `pred` holds (waits up to 10 s).
+    fn stats_until(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(l) = self
+                .lines()
+                .into_iter()
+                .find(|l| l.starts_with("STATS ") && pred(l))
+            {
+                return l;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "never {what}: {:?}",
+                self.lines().last()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Every STATS line so far keeps the handshakes in progress, and their
+    /// peak, within `cap`.
+    #[track_caller]
+    fn assert_never_above(&self, cap: u64) {
+        for l in self.lines().iter().filter(|l| l.starts_with("STATS ")) {
+            assert!(
+                stat(l, "in_progress") <= cap && stat(l, "peak") <= cap,
+                "more than {cap} handshakes at once: {l}"
+            );
+        }
+    }
+}
+
+/// SPEC.md 8.1 in the C++ `Server`: a flood of connections that send
+/// message 1 and stall gets at most its source's share of the slots, and
+/// never more than all of them; a flood from several sources holds every
+/// slot until its handshakes time out. Honest Rust and C++ clients complete
+/// either way, and the count of handshakes in progress never exceeds the cap.
+#[test]
+fn cpp_server_admission_bounds_a_flood() {
+    const CAP: u64 = 4;
+    each_build(|flavour, program| {
+        let keys = Keys::new();
+        let (_, server_key) = keys.make("server");
+        let (client, client_key) = keys.make("client");
+        let cpp = CppClient {
+            program,
+            flavour,
+            key: &client_key,
+        };
+        let msg1 = message_1();
+
+        // One source: 6 connections send message 1 (its share: 2 slots of
+        // 4), 4 more say nothing and exceed its 6 unauthenticated places.
+        let server = CppServer::start(
+            program,
+            &[
+                "server",
+                &server_key,
+                "any",
+                "slots=4,per-source=2,unauth=6,first-ms=800,timeout-ms=4000,hold-ms=300",
+            ],
+        );
+        let vat: VatId = server.vat.parse().unwrap();
+        local(async {
+            let mut flood = Vec::new();
+            for _ in 0..6 {
+                flood.push(flooder(server.addr, [127, 0, 0, 2], &msg1).await);
+            }
+            let mut silent = Vec::new();
+            for _ in 0..4 {
+                silent.push(flooder(server.addr, [127, 0, 0, 2], b"").await);
+            }
+            // A silent connection from elsewhere: closed at the first-message deadline.
+            let late = flooder(server.addr, [127, 0, 0, 3], b"").await;
+            server.stats_until("two flood handshakes admitted", |l| {
+                stat(l, "admitted") == 2
+            });
+            server.stats_until("four refused at accept", |l| {
+                stat(l, "refused_at_accept") == 4
+            });
+            // The honest client, from 127.0.0.1, gets a slot without waiting
+            // while the flood holds its share and 4 of its connections wait.
+            let (office, conn): (office::Client, _) = rpc::connect(
+                server.addr,
+                &client,
+                Arc::new(Pinned(vat)),
+                ClientConfig::default(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{flavour}: {e}"));
+            office.whoami_request().send().promise.await.unwrap();
+            conn.disconnect().await.unwrap();
+            let after = server.stats_until("the honest handshake admitted", |l| {
+                stat(l, "admitted") >= 3
+            });
+            assert_eq!(
+                (stat(&after, "admitted"), stat(&after, "waited")),
+                (3, 0),
+                "{flavour}: {after}"
+            );
+            let answered: Vec<_> = flood.iter().map(flooder_state).collect();
+            assert_eq!(
+                answered.iter().filter(|s| **s == Some(true)).count(),
+                2,
+                "{flavour}: the flood got more than its source's share: {answered:?}"
+            );
+            for s in &silent {
+                s.readable().await.unwrap();
+                assert_eq!(
+                    flooder_state(s),
+                    Some(false),
+                    "{flavour}: not closed at accept"
+                );
+            }
+            tokio::time::timeout(Duration::from_secs(10), late.readable())
+                .await
+                .expect("the silent connection was not closed at its deadline")
+                .unwrap();
+            assert_eq!(flooder_state(&late), Some(false));
+        });
+        // An honest C++ client too, with the flood still there.
+        cpp.calls(&server.addr, &server.vat, &client.vat_id().to_string());
+        server.assert_never_above(CAP);
+        drop(server);
+
+        // Four sources, 3 connections each: 8 within their shares, 4 slots.
+        let server = CppServer::start(
+            program,
+            &[
+                "server",
+                &server_key,
+                "any",
+                "slots=4,per-source=2,unauth=6,first-ms=800,timeout-ms=2000,hold-ms=200",
+            ],
+        );
+        let vat: VatId = server.vat.parse().unwrap();
+        let honest_cpp = local(async {
+            let mut flood = Vec::new();
+            for source in 2..6u8 {
+                for _ in 0..3 {
+                    flood.push(flooder(server.addr, [127, 0, 0, source], &msg1).await);
+                }
+            }
+            server.stats_until("every slot taken", |l| stat(l, "in_progress") == CAP);
+            // The honest clients start while the flood holds every slot and
+            // wait in line. The flood's slots are free again after its
+            // handshake timeout and the failure hold (2 + 0.2 s from its
+            // admission); a client that arrives later than the hold after
+            // the flood is admitted is still within its own 2 s (one that
+            // arrives sooner fails at its timeout, as SPEC.md 8.1 says).
+            std::thread::sleep(Duration::from_millis(800));
+            let honest_cpp = std::thread::spawn({
+                let (program, key, addr, vat) = (
+                    program.to_path_buf(),
+                    client_key.clone(),
+                    server.addr,
+                    server.vat.clone(),
+                );
+                move || {
+                    run(
+                        &program,
+                        &["client", &addr.to_string(), &vat, &key, "calls"],
+                    )
+                }
+            });
+            let (office, conn): (office::Client, _) = rpc::connect(
+                server.addr,
+                &client,
+                Arc::new(Pinned(vat)),
+                ClientConfig::default(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{flavour}: {e}"));
+            office.whoami_request().send().promise.await.unwrap();
+            conn.disconnect().await.unwrap();
+            // The flood timed out: every connection ended, at most CAP of
+            // them after message 2.
+            let mut answered = 0;
+            for f in &flood {
+                let got_message_2 = tokio::time::timeout(Duration::from_secs(10), async {
+                    let mut got = false;
+                    loop {
+                        match flooder_state(f) {
+                            Some(false) => return got,
+                            Some(true) => got = true,
+                            None => f.readable().await.unwrap(),
+                        }
+                    }
+                })
+                .await
+                .expect("a flooding connection was never closed");
+                answered += u64::from(got_message_2);
+            }
+            assert_eq!(answered, CAP, "{flavour}: flood connections answered");
+            honest_cpp
+        });
+        let (ok, out) = honest_cpp.join().unwrap();
+        assert!(ok, "{flavour}: the honest C++ client:\n{out}");
+        assert_line(&out, "SEQ100 ok");
+        let last = server.stats_until("the hold over", |l| stat(l, "in_progress") == 0);
+        assert!(stat(&last, "held") >= CAP, "{flavour}: {last}");
+        assert_eq!(stat(&last, "peak"), CAP, "{flavour}: {last}");
+        server.assert_never_above(CAP);
     });
 }

@@ -5,8 +5,16 @@
 // per event for the Rust test to assert on; exits 0 when the scenario
 // behaved as expected.
 //
-//   interop server KEYFILE any|plain|ALLOWFILE   serve Office on 127.0.0.1 (port printed);
-//                                                plain: no capnp-noise (behind a tunnel)
+//   interop server KEYFILE any|plain|ALLOWFILE [LIMITS]
+//                                                serve Office on 127.0.0.1 (port printed);
+//                                                plain: no capnp-noise (behind a tunnel).
+//                                                LIMITS (capnp_noise::ServerConfig):
+//                                                slots=N,per-source=N,unauth=N,connections=N,
+//                                                first-ms=N,timeout-ms=N,hold-ms=N; with LIMITS
+//                                                the admission's counts are printed (STATS)
+//   interop sink-server KEYFILE                  accept capnp-noise connections one at a time
+//                                                and read each to its end: SINK_EOF n (the
+//                                                peer's CLOSE) or SINK_ERROR n TYPE DESCRIPTION
 //   interop truncate-server KEYFILE              send "hello", then cut the TCP stream
 //   interop trickle                              in-process: both ends over a pipe that
 //                                                delivers at most 3 bytes per read
@@ -17,6 +25,8 @@
 //               truncated  expect "hello", then a truncation error
 //               bench      sequential calls and 64 KiB echoes, timed
 //               timeout    the server never answers: expect the handshake timeout (300 ms)
+//               drain      read to the end: DRAIN_EOF n (the peer's CLOSE) or
+//                          DRAIN_ERROR n TYPE DESCRIPTION
 
 #include "capnp-noise.h"
 #include "demo.capnp.h"
@@ -30,6 +40,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <string>
 
 namespace {
 
@@ -60,7 +71,47 @@ private:
   kj::String caller;
 };
 
-int serve(kj::StringPtr keyFile, kj::StringPtr allow) {
+// "slots=4,hold-ms=300" -> a ServerConfig.
+capnp_noise::ServerConfig parseLimits(kj::StringPtr text) {
+  capnp_noise::ServerConfig config;
+  std::string all(text.cStr());
+  size_t at = 0;
+  while (at < all.size()) {
+    size_t comma = all.find(',', at);
+    if (comma == std::string::npos) comma = all.size();
+    std::string item = all.substr(at, comma - at);
+    at = comma + 1;
+    size_t eq = item.find('=');
+    KJ_REQUIRE(eq != std::string::npos, "a limit is name=value", item.c_str());
+    std::string name = item.substr(0, eq);
+    auto value = std::stoull(item.substr(eq + 1));
+    if (name == "slots") config.maxHandshakes = value;
+    else if (name == "per-source") config.maxHandshakesPerSource = value;
+    else if (name == "unauth") config.maxUnauthenticatedPerSource = value;
+    else if (name == "connections") config.maxConnections = value;
+    else if (name == "first-ms") config.firstMessageTimeout = value * kj::MILLISECONDS;
+    else if (name == "timeout-ms") config.handshakeTimeout = value * kj::MILLISECONDS;
+    else if (name == "hold-ms") config.handshakeFailureHold = value * kj::MILLISECONDS;
+    else KJ_FAIL_REQUIRE("unknown limit", name.c_str());
+  }
+  return config;
+}
+
+kj::String statsLine(const capnp_noise::Server& server) {
+  auto s = server.stats();
+  return kj::str("STATS in_progress=", s.inProgress, " peak=", s.peakInProgress,
+                 " admitted=", s.admitted, " waited=", s.waited, " held=", s.heldAfterFailure,
+                 " refused_at_accept=", s.refusedAtAccept, " connections=", s.connections);
+}
+
+kj::Promise<void> printStatsEvery(kj::Timer& timer, const capnp_noise::Server& server) {
+  return timer.afterDelay(50 * kj::MILLISECONDS).then([&timer, &server]() {
+    say(statsLine(server));
+    return printStatsEvery(timer, server);
+  });
+}
+
+int serve(kj::StringPtr keyFile, kj::StringPtr allow, kj::Maybe<kj::StringPtr> limits) {
   auto io = kj::setupAsyncIo();
   auto me = Identity::load(keyFile);
   auto address = io.provider->getNetwork().parseAddress("127.0.0.1", 0).wait(io.waitScope);
@@ -72,17 +123,61 @@ int serve(kj::StringPtr keyFile, kj::StringPtr allow) {
     return 0;
   }
   auto policy = allow == "any" ? Policy::any() : Policy::allowListFile(allow);
+  capnp_noise::ServerConfig config;
+  KJ_IF_MAYBE(l, limits) {
+    config = parseLimits(*l);
+  }
   capnp_noise::Server server(io.provider->getTimer(), me, policy,
       [](kj::StringPtr peer) -> capnp::Capability::Client {
         say(kj::str("CONNECTED ", peer));
         return kj::heap<OfficeImpl>(kj::heapString(peer));
-      });
+      }, config);
   server.onHandshakeFailure([](kj::Exception&& e) {
     say(kj::str("HANDSHAKE_FAILED ", e.getDescription()));
   });
   say(kj::str("LISTENING ", listener->getPort(), " ", me.vatId()));
-  server.listen(*listener).wait(io.waitScope);
+  auto stats = limits == nullptr ? kj::Promise<void>(kj::NEVER_DONE)
+                                 : printStatsEvery(io.provider->getTimer(), server);
+  server.listen(*listener).exclusiveJoin(kj::mv(stats)).wait(io.waitScope);
   return 0;
+}
+
+// Reads `stream` to its end, counting the bytes into `*count`.
+kj::Promise<void> countAll(kj::AsyncIoStream& stream, size_t& count) {
+  auto buf = kj::heapArray<kj::byte>(65536);
+  auto& ref = buf;
+  return stream.tryRead(ref.begin(), 1, ref.size())
+      .then([&stream, &count, buf = kj::mv(buf)](size_t n) -> kj::Promise<void> {
+        if (n == 0) return kj::READY_NOW;
+        count += n;
+        return countAll(stream, count);
+      });
+}
+
+// "EOF n" after the peer's CLOSE, "ERROR n TYPE DESCRIPTION" for anything else.
+kj::String readToEnd(kj::AsyncIoStream& stream, kj::WaitScope& ws) {
+  size_t count = 0;
+  KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() { countAll(stream, count).wait(ws); })) {
+    return kj::str("ERROR ", count, " ", e->getType(), " ", e->getDescription());
+  }
+  return kj::str("EOF ", count);
+}
+
+int sinkServer(kj::StringPtr keyFile) {
+  auto io = kj::setupAsyncIo();
+  auto me = Identity::load(keyFile);
+  auto address = io.provider->getNetwork().parseAddress("127.0.0.1", 0).wait(io.waitScope);
+  auto listener = address->listen();
+  say(kj::str("LISTENING ", listener->getPort(), " ", me.vatId()));
+  for (;;) {
+    auto tcp = listener->accept().wait(io.waitScope);
+    KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
+      auto stream = NoiseStream::accept(kj::mv(tcp), me, Policy::any()).wait(io.waitScope);
+      say(kj::str("SINK_", readToEnd(*stream, io.waitScope)));
+    })) {
+      say(kj::str("SINK_HANDSHAKE_FAILED ", e->getDescription()));
+    }
+  }
 }
 
 int truncateServer(kj::StringPtr keyFile) {
@@ -231,6 +326,12 @@ int client(kj::StringPtr address, kj::StringPtr serverVat, kj::StringPtr keyFile
     return 1;
   }
 
+  if (scenario == "drain") {
+    auto stream = dial();
+    say(kj::str("DRAIN_", readToEnd(*stream, ws)));
+    return 0;
+  }
+
   if (scenario == "bench") {
     auto stream = dial();
     capnp::TwoPartyClient rpc(*stream);
@@ -309,8 +410,11 @@ int main(int argc, char** argv) {
   int status = 2;
   KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
     kj::StringPtr mode = argc > 1 ? argv[1] : "";
-    if (mode == "server" && argc == 4) {
-      status = serve(argv[2], argv[3]);
+    if (mode == "server" && (argc == 4 || argc == 5)) {
+      status = serve(argv[2], argv[3],
+                     argc == 5 ? kj::Maybe<kj::StringPtr>(argv[4]) : kj::Maybe<kj::StringPtr>(nullptr));
+    } else if (mode == "sink-server" && argc == 3) {
+      status = sinkServer(argv[2]);
     } else if (mode == "trickle" && argc == 2) {
       status = trickle();
     } else if (mode == "truncate-server" && argc == 3) {
