@@ -74,7 +74,8 @@ start 'listening service' "$cli" tunnel client --listen 127.0.0.1:0 \
   --connect "$tserver" --identity "$keys/tunnel-client.key" --peer "$tserver_vat"
 tclient=$(addr_of "$line")
 
-echo "profile=$profile  before: $(uptime)"
+echo "command: ${NO_BUILD:+NO_BUILD=$NO_BUILD }${PROFILE:+PROFILE=$PROFILE }$0 $*"
+echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')  profile=$profile  before: $(uptime)"
 printf 'plain TCP           '; "$dir/interop" client "127.0.0.1:$plain_port" plain "$keys/client.key" bench
 printf 'in-process adapter  '; "$dir/interop" client "127.0.0.1:$noise_port" "$noise_vat" "$keys/client.key" bench
 printf 'tunnel pair         '; "$dir/interop" client "$tclient" plain "$keys/client.key" bench

@@ -9,7 +9,12 @@
 // who it is.
 //
 // The schema is crates/capnp-noise-test/schema/demo.capnp, the one the Rust
-// example uses; the two interoperate (see crates/capnp-noise-c/tests/cpp.rs).
+// example uses; the two interoperate (see crates/capnp-noise-c/tests/cpp.rs):
+//
+//   office_to_cloud                   the whole demo, both sides in this process
+//   office_to_cloud ADDRESS VATID     only the office, calling the cloud at
+//                                     ADDRESS whose VatId is VATID, e.g. the
+//                                     Rust example's `office_to_cloud --serve`
 
 #include <capnp-noise.h>
 #include <capnp/rpc-twoparty.h>
@@ -89,14 +94,50 @@ protected:
   }
 };
 
+// The office's side: calls over an established stream, then the
+// authenticated close.
+void officeCalls(capnp_noise::NoiseStream& stream, kj::StringPtr officeVat, kj::WaitScope& ws) {
+  {
+    capnp::TwoPartyClient client(stream);
+    auto cap = client.bootstrap().castAs<Office>();
+
+    auto seen = cap.whoamiRequest().send().wait(ws);
+    std::printf("office: the cloud says I am %s\n", seen.getVatId().cStr());
+    KJ_REQUIRE(seen.getVatId() == officeVat, "the cloud saw another VatId");
+
+    auto subscribe = cap.subscribeRequest();
+    subscribe.setCallback(kj::heap<Printer>());
+    subscribe.setCount(3);
+    auto subscription = subscribe.send().wait(ws).getSubscription();
+    auto delivered = subscription.deliveredRequest().send().wait(ws);
+    std::printf("office: %u notifications delivered to %s\n", delivered.getCount(),
+                kj::str(delivered.getSubscriber().slice(0, 16)).cStr());
+  }
+  // The authenticated close: without it the cloud would see a truncated stream.
+  stream.end().wait(ws);
+}
+
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
   auto io = kj::setupAsyncIo();
   auto& ws = io.waitScope;
   auto& network = io.provider->getNetwork();
   auto& timer = io.provider->getTimer();
 
+  if (argc == 3) {
+    // Only the office, pinning the cloud's VatId given on the command line.
+    auto office = capnp_noise::Identity::generate();
+    auto officeVat = office.vatId();
+    std::printf("office %s calling %s\n", officeVat.cStr(), argv[1]);
+    auto stream = capnp_noise::connect(network, timer, argv[1], office, argv[2]).wait(ws);
+    officeCalls(*stream, officeVat, ws);
+    return 0;
+  }
+  if (argc != 1) {
+    std::fprintf(stderr, "usage: office_to_cloud [ADDRESS CLOUD_VATID]\n");
+    return 2;
+  }
   // Identities: in a real deployment, capnp_noise::Identity::load("cloud.key")
   // reads a key file made by `capnp-noise keygen`.
   auto cloud = capnp_noise::Identity::generate();
@@ -122,24 +163,7 @@ int main() {
 
   // The office pins the cloud's VatId and uses capnp::TwoPartyClient as usual.
   auto stream = capnp_noise::connect(network, timer, address, office, cloudVat).wait(ws);
-  {
-    capnp::TwoPartyClient client(*stream);
-    auto cap = client.bootstrap().castAs<Office>();
-
-    auto seen = cap.whoamiRequest().send().wait(ws);
-    std::printf("office: the cloud says I am %s\n", seen.getVatId().cStr());
-    KJ_REQUIRE(seen.getVatId() == officeVat, "the cloud saw another VatId");
-
-    auto subscribe = cap.subscribeRequest();
-    subscribe.setCallback(kj::heap<Printer>());
-    subscribe.setCount(3);
-    auto subscription = subscribe.send().wait(ws).getSubscription();
-    auto delivered = subscription.deliveredRequest().send().wait(ws);
-    std::printf("office: %u notifications delivered to %s\n", delivered.getCount(),
-                kj::str(delivered.getSubscriber().slice(0, 16)).cStr());
-  }
-  // The authenticated close: without it the cloud would see a truncated stream.
-  stream->end().wait(ws);
+  officeCalls(*stream, officeVat, ws);
 
   // An impostor: another key at another address. The office refuses it
   // after handshake message 2, before sending its own identity.

@@ -1,5 +1,9 @@
 //! `cargo run --release --example office_to_cloud`
 //!
+//! `office_to_cloud --serve [ADDRESS]` runs only the cloud (on
+//! 127.0.0.1:0 by default) until it is stopped, for an office elsewhere: the
+//! C++ demo, `examples/cpp`, calls it with `office_to_cloud ADDRESS VATID`.
+//!
 //! An office machine calls a cloud service with Cap'n Proto RPC over
 //! capnp-noise, on loopback, with no setup: both identities are made in
 //! memory, the office pins the cloud's VatId (no certificates, no CA), the
@@ -48,7 +52,33 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "off".into()),
         )
         .init();
-    LocalSet::new().run_until(demo()).await
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        [] => LocalSet::new().run_until(demo()).await,
+        ["--serve"] => LocalSet::new().run_until(serve("127.0.0.1:0")).await,
+        ["--serve", addr] => LocalSet::new().run_until(serve(addr)).await,
+        _ => Err("usage: office_to_cloud [--serve [ADDRESS]]".into()),
+    }
+}
+
+/// Only the cloud: serves the demo's Office to any vat until stopped.
+async fn serve(addr: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let cloud = Identity::generate();
+    let listener = TcpListener::bind(addr).await?;
+    println!(
+        "cloud {} listening on {}",
+        cloud.vat_id(),
+        listener.local_addr()?
+    );
+    rpc::serve(
+        listener,
+        cloud,
+        Arc::new(AnyVat),
+        ServerConfig::default(),
+        office::Office::bootstrap,
+    )
+    .await;
+    Ok(())
 }
 
 async fn demo() -> Result<(), Box<dyn std::error::Error>> {

@@ -39,6 +39,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 
@@ -337,7 +338,12 @@ int client(kj::StringPtr address, kj::StringPtr serverVat, kj::StringPtr keyFile
     capnp::TwoPartyClient rpc(*stream);
     auto office = rpc.bootstrap().castAs<Office>();
     for (int i = 0; i < 200; i++) whoami(office, ws);  // warm up
-    const int calls = 5000, echoes = 1000;
+    // BENCH_CALLS / BENCH_ECHOES change the counts (e.g. for strace -c).
+    auto count = [](const char* name, int otherwise) {
+      const char* v = std::getenv(name);
+      return v == nullptr ? otherwise : std::atoi(v);
+    };
+    const int calls = count("BENCH_CALLS", 5000), echoes = count("BENCH_ECHOES", 1000);
     auto t0 = std::chrono::steady_clock::now();
     for (int i = 0; i < calls; i++) whoami(office, ws);
     auto t1 = std::chrono::steady_clock::now();
@@ -350,7 +356,7 @@ int client(kj::StringPtr address, kj::StringPtr serverVat, kj::StringPtr keyFile
     }
     auto t2 = std::chrono::steady_clock::now();
     double rttUs = std::chrono::duration<double, std::micro>(t1 - t0).count() / calls;
-    double echoS = std::chrono::duration<double>(t2 - t1).count();
+    double echoS = kj::max(std::chrono::duration<double>(t2 - t1).count(), 1e-9);
     double mibS = double(echoes) * 64 / 1024 / echoS;  // payload MiB/s, each way
     char line[160];
     std::snprintf(line, sizeof(line), "BENCH call_rtt_us=%.1f echo64k_per_s=%.0f echo64k_mib_s=%.1f",
