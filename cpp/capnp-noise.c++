@@ -338,7 +338,7 @@ kj::Promise<void> NoiseStream::write(kj::ArrayPtr<const kj::ArrayPtr<const kj::b
     KJ_REQUIRE(!writing, "capnp-noise: a write while another write is in progress");
     KJ_REQUIRE(!ended, "capnp-noise: a write after shutdownWrite() or end()");
     writing = true;
-    return writePieces(pieces, 0, 0).then([this]() { writing = false; });
+    return writePieces(pieces, 0, 0);
   });
 }
 
@@ -364,7 +364,21 @@ kj::Promise<void> NoiseStream::writePieces(
     }
   }
   check(cnoise_session_flush(session.get()));
-  return drain();
+  // Everything is sealed: one write of the pending output (usually one
+  // frame) and one continuation per write() (no drain() loop).
+  const uint8_t* data = nullptr;
+  size_t len = 0;
+  check(cnoise_session_pending_output(session.get(), &data, &len));
+  if (len == 0) {
+    writing = false;
+    return kj::READY_NOW;
+  }
+  // `data` stays valid until it is consumed: only one write (or the close)
+  // runs at a time, and reading never touches the session's output.
+  return inner->write(data, len).then([this, len]() {
+    check(cnoise_session_consume_output(session.get(), len));
+    writing = false;
+  });
 }
 
 kj::Promise<void> NoiseStream::drain() {
