@@ -487,6 +487,15 @@ fn null_pointers_are_refused_not_dereferenced() {
             cnoise_handshake_feed(ptr::null_mut(), ptr::null(), 0, &mut taken),
             CnoiseStatus::InvalidArgument
         );
+        assert_eq!(
+            cnoise_handshake_require_admission(ptr::null_mut()),
+            CnoiseStatus::InvalidArgument
+        );
+        assert_eq!(
+            cnoise_handshake_admit(ptr::null_mut()),
+            CnoiseStatus::InvalidArgument
+        );
+        assert!(!cnoise_handshake_received_message_1(ptr::null()));
         let id = identity();
         let anyone = any();
         let resp = handshake(id, anyone, false);
