@@ -69,6 +69,8 @@
 --     16-byte tags, also for a suite that is not in SPEC section 3.
 --   * A later protocol version (a version byte other than 1) is not
 --     dissected beyond its version byte.
+--   * The heuristic looks at a connection's first segment only, and needs
+--     the whole magic (11 bytes) in it; use the port preference otherwise.
 --   * A TCP connection is told apart by its two endpoints (addresses and
 --     ports); a new connection between the same endpoints is noticed by its
 --     SYN, so the capture must hold the SYN when ports are reused.
@@ -296,11 +298,12 @@ local function preamble(tvb, off, avail)
             return { kind = "preamble", bad = "magic", at = i }, i + 1
         end
     end
-    if avail < HEADER_LEN then return nil, DESEGMENT_ONE_MORE_SEGMENT end
+    if avail < #MAGIC + 1 then return nil, DESEGMENT_ONE_MORE_SEGMENT end
     local version = tvb(off + #MAGIC, 1):uint()
     if version ~= VERSION then
         return { kind = "preamble", bad = "version", version = version }, #MAGIC + 1
     end
+    if avail < HEADER_LEN then return nil, DESEGMENT_ONE_MORE_SEGMENT end
     local name_len = tvb(off + #MAGIC + 1, 1):uint()
     if name_len == 0 or name_len > MAX_NAME_LEN then
         return { kind = "preamble", bad = "name_len", name_len = name_len }, HEADER_LEN
