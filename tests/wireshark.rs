@@ -637,6 +637,121 @@ fn tshark_names_every_message_of_a_synthetic_capture() {
     assert_eq!(two_pass[&0].frame_numbers, s0.frame_numbers);
 }
 
+/// A small deterministic generator (xorshift) for the random streams.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+
+    /// Cut points for `len` bytes: 1 to 5 segments.
+    fn cuts(&mut self, len: usize) -> Vec<usize> {
+        (0..self.below(5)).map(|_| self.below(len.max(1))).collect()
+    }
+}
+
+/// A length-prefixed message of random bytes whose length is usually
+/// within `lo..=hi`, sometimes anything.
+fn random_message(rng: &mut Rng, lo: usize, hi: usize) -> Vec<u8> {
+    let len = if rng.below(4) == 0 {
+        rng.below(65536)
+    } else {
+        lo + rng.below(hi - lo + 1)
+    };
+    let body = rng.below(len + 1).min(len.min(3000));
+    let mut m = (len as u16).to_be_bytes().to_vec();
+    let n = if rng.below(3) == 0 { body } else { len };
+    m.extend(rng.bytes(n));
+    m
+}
+
+/// Random connections (mostly well-formed framing, random bytes, random
+/// segmentation and ends): the dissector never fails in Lua, starts every
+/// stream with the initiator's preamble, numbers each direction's frames
+/// 1, 2, 3..., and shows the same in two-pass tshark (as the GUI replays
+/// the first pass when a packet is clicked).
+#[test]
+fn tshark_dissects_random_streams_without_failing() {
+    if !tshark_usable() {
+        return;
+    }
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut cap = Capture::new();
+    let streams = 60;
+    for k in 0..streams {
+        let c = cap.connect(41000 + k as u16, PORT);
+        let mut up = match rng.below(6) {
+            0 => {
+                let n = rng.below(40);
+                rng.bytes(n)
+            }
+            1 => {
+                let (version, n) = (rng.below(3) as u8, rng.below(70));
+                preamble(version, &rng.bytes(n))
+            }
+            _ => preamble(1, Suite::ALL[rng.below(2)].noise_name().as_bytes()),
+        };
+        up.extend(random_message(&mut rng, MSG1, MSG1));
+        let mut down = random_message(&mut rng, 96, 96 + 4096);
+        let mut up2 = random_message(&mut rng, 64, 64 + 4096);
+        for _ in 0..rng.below(6) {
+            up2.extend(random_message(&mut rng, 17, 2000));
+            down.extend(random_message(&mut rng, 17, 2000));
+        }
+        let cuts = rng.cuts(up.len());
+        cap.send_cut(c, true, &up, &cuts);
+        if rng.below(5) > 0 {
+            let cuts = rng.cuts(down.len());
+            cap.send_cut(c, false, &down, &cuts);
+            let cuts = rng.cuts(up2.len());
+            cap.send_cut(c, true, &up2, &cuts);
+        }
+        match rng.below(3) {
+            0 => cap.rst(c, false),
+            1 => cap.fin(c, true),
+            _ => {
+                cap.fin(c, false);
+                cap.fin(c, true);
+            }
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("random.pcap");
+    std::fs::write(&file, cap.bytes()).unwrap();
+    if let Some(keep) = std::env::var_os("CAPNP_NOISE_KEEP_PCAP") {
+        std::fs::copy(&file, keep).unwrap();
+    }
+    let port_pref = format!("capnp_noise.port:{PORT}");
+    // dissect() fails on any Lua error.
+    let one = dissect(&file, &["-o", &port_pref]);
+    let two = dissect(&file, &["-2", "-o", &port_pref]);
+    assert_eq!(one.len(), streams);
+    for (k, s) in &one {
+        assert!(s.pdus[0].starts_with("I Preamble"), "stream {k}: {s:#?}");
+        for numbers in s.frame_numbers.values() {
+            assert_eq!(*numbers, numbered(numbers.len()), "stream {k}: {s:#?}");
+        }
+        // The second pass replays the first.
+        assert_eq!(two[k].pdus, s.pdus, "stream {k}, tshark -2");
+        assert_eq!(
+            two[k].frame_numbers, s.frame_numbers,
+            "stream {k}, tshark -2"
+        );
+    }
+}
+
 // ----- a live loopback session, captured by tcpdump -----
 
 struct Tcpdump {

@@ -76,8 +76,9 @@
 --     SYN, so the capture must hold the SYN when ports are reused.
 --   * On a second pass (clicking a packet in the GUI, `tshark -2`), the
 --     results of the first pass are looked up by frame number and the
---     bytes TCP hands over; two identical calls within one frame (never
---     seen with real traffic, whose bytes are random) would be shown alike.
+--     first bytes TCP hands over; two calls within one frame that start
+--     with the same 16 bytes (never seen with real traffic, whose bytes are
+--     random) would be shown alike.
 --   * The end-of-stream notes need TCP's flags, which a Lua script can read
 --     only where Wireshark builds a protocol tree on the first pass (the
 --     GUI and single-pass tshark do; `tshark -2` does not, so with -2 the
@@ -512,10 +513,14 @@ local function render(tvb, pinfo, tree, off, size, pdu)
     end
 end
 
+-- A call is known by its frame and its first bytes, not by its length: on
+-- a second pass TCP may hand over only the messages the first pass found
+-- complete in this frame, without the start of a message that went on
+-- later (which it hands over again in the frame where it ends).
 local function call_key(pinfo, tvb)
     local n = math.min(tvb:len(), 16)
     local head = n > 0 and tvb(0, n):bytes():tohex() or ""
-    return pinfo.number .. ":" .. tvb:len() .. ":" .. head
+    return pinfo.number .. ":" .. head
 end
 
 -- One call of TCP: the PDUs in `tvb`, and where to ask for more bytes.
@@ -545,9 +550,11 @@ function proto.dissector(tvb, pinfo, tree)
         calls[key] = rec
     end
     for _, p in ipairs(rec.pdus) do
-        render(tvb, pinfo, tree, p.off, p.size, p.pdu)
+        if p.off + p.size <= total then
+            render(tvb, pinfo, tree, p.off, p.size, p.pdu)
+        end
     end
-    if rec.more_at then
+    if rec.more_at and rec.more_at < total then
         if pinfo.can_desegment > 0 then
             pinfo.desegment_offset = rec.more_at
             pinfo.desegment_len = rec.more

@@ -109,17 +109,16 @@ impl Capture {
     }
 
     /// Sends `bytes` cut at the given lengths: one segment per entry of
-    /// `cuts` (each at most [`MAX_SEGMENT`]), then one with what remains
-    /// (if anything does).
+    /// `cuts`, then one with what remains. A piece longer than
+    /// [`MAX_SEGMENT`] goes in several segments; an empty one in none.
     pub fn send_cut(&mut self, c: Conn, from_client: bool, bytes: &[u8], cuts: &[usize]) {
         let mut rest = bytes;
-        for &n in cuts {
+        for n in cuts.iter().copied().chain([bytes.len()]) {
             let (now, later) = rest.split_at(n.min(rest.len()));
-            self.send(c, from_client, now);
+            for piece in now.chunks(MAX_SEGMENT) {
+                self.send(c, from_client, piece);
+            }
             rest = later;
-        }
-        for piece in rest.chunks(MAX_SEGMENT) {
-            self.send(c, from_client, piece);
         }
     }
 
