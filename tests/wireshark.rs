@@ -635,6 +635,16 @@ fn tshark_names_every_message_of_a_synthetic_capture() {
         );
     }
     assert_eq!(two_pass[&0].frame_numbers, s0.frame_numbers);
+    // Without TCP reassembly, a message split over segments is flagged,
+    // and that direction is no longer followed.
+    let unassembled = dissect(
+        &file,
+        &["-o", &port_pref, "-o", "tcp.desegment_tcp_streams:FALSE"],
+    );
+    let s0 = &unassembled[&0];
+    assert!(s0.expert("enable TCP reassembly"), "{s0:#?}");
+    assert!(s0.expert("Not dissected: TCP reassembly is off"), "{s0:#?}");
+    assert_eq!(s0.pdus[..2], want[0].0[..2]);
 }
 
 /// A small deterministic generator (xorshift) for the random streams.

@@ -178,7 +178,7 @@ local ex = {
     early_bytes = new_expert("early_bytes",
         "Initiator sent before message 2 was complete (SPEC 6)", "PROTOCOL", "WARN"),
     unread = new_expert("unread",
-        "Bytes a receiver does not read (after a fatal error)", "SEQUENCE", "NOTE"),
+        "Bytes not dissected (after a fatal error, or without TCP reassembly)", "SEQUENCE", "NOTE"),
     incomplete = new_expert("incomplete",
         "Incomplete message: TCP reassembly is off", "REASSEMBLE", "WARN"),
 }
@@ -490,7 +490,7 @@ local function render(tvb, pinfo, tree, off, size, pdu)
         render_frame(sub, tvb, off, size, pdu)
     elseif pdu.kind == "unread" then
         sub:add(f.unread, tvb(off, size))
-        sub:add_proto_expert_info(ex.unread, "Not read by the receiver: " .. pdu.why)
+        sub:add_proto_expert_info(ex.unread, "Not dissected: " .. pdu.why)
     else
         render_handshake(sub, tvb, off, size, pdu)
     end
@@ -540,7 +540,8 @@ function proto.dissector(tvb, pinfo, tree)
             if pdu == nil then
                 rec.more_at, rec.more = off, used
                 if pinfo.can_desegment == 0 then
-                    st[role].dead = "TCP reassembly is off"
+                    st[role].dead = "TCP reassembly is off (tcp.desegment_tcp_streams), so this "
+                        .. "direction is not followed past a message split over segments"
                 end
                 break
             end
@@ -560,6 +561,8 @@ function proto.dissector(tvb, pinfo, tree)
             pinfo.desegment_len = rec.more
         else
             local item = tree:add(proto, tvb(rec.more_at), "CAPNP-NOISE, incomplete message")
+            pinfo.cols.protocol = "CAPNP-NOISE"
+            pinfo.cols.info:append(" [incomplete message: TCP reassembly is off]")
             item:add_proto_expert_info(ex.incomplete,
                 "The rest is in later segments: enable TCP reassembly (tcp.desegment_tcp_streams)")
         end
