@@ -321,7 +321,8 @@ local function preamble(tvb, off, avail)
     return { kind = "preamble", name = name, name_len = name_len }, HEADER_LEN + name_len
 end
 
-local EXPECTED = { msg1 = "msg1", msg2 = "msg2", msg3 = "msg3", frame = "frame" }
+-- What follows each message in its direction (SPEC 6: exactly three
+-- handshake messages, then transport frames).
 local NEXT = { preamble = "msg1", msg1 = "msg3", msg2 = "frame", msg3 = "frame", frame = "frame" }
 
 -- The next PDU of the sender's direction at `off`, on the first pass: it
@@ -329,13 +330,14 @@ local NEXT = { preamble = "msg1", msg1 = "msg3", msg2 = "frame", msg3 = "frame",
 local function next_pdu(st, role, tvb, off, avail)
     local d = st[role]
     if d.dead then
+        d.bytes = d.bytes + avail
         return { kind = "unread", why = d.dead, role = role }, avail
     end
     local pdu, used
     if d.phase == "preamble" then
         pdu, used = preamble(tvb, off, avail)
     else
-        pdu, used = framed(tvb, off, avail, EXPECTED[d.phase], BOUNDS[d.phase])
+        pdu, used = framed(tvb, off, avail, d.phase, BOUNDS[d.phase])
     end
     if pdu == nil then
         d.partial = d.phase
