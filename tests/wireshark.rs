@@ -66,6 +66,8 @@ struct Seen {
     frame_numbers: BTreeMap<char, Vec<u32>>,
     experts: Vec<String>,
     info: Vec<String>,
+    /// How each side's byte stream ended, in order.
+    ends: Vec<String>,
 }
 
 impl Seen {
@@ -84,6 +86,7 @@ const FIELDS: &[&str] = &[
     "capnp_noise.frame.number",
     "_ws.expert.message",
     "_ws.col.Info",
+    "capnp_noise.end",
 ];
 
 /// Runs tshark with the dissector over `file` and groups what it printed
@@ -134,6 +137,7 @@ fn dissect(file: &Path, options: &[&str]) -> BTreeMap<u32, Seen> {
         );
         seen.experts.extend(list(7).iter().map(|s| s.to_string()));
         seen.info.push(cols[8].to_owned());
+        seen.ends.extend(list(9).iter().map(|s| s.to_string()));
         let (roles, kinds) = (list(1), list(2));
         let (mut names, mut hs_lens, mut fr_lens) = (
             list(3).into_iter(),
@@ -595,6 +599,13 @@ fn tshark_names_every_message_of_a_synthetic_capture() {
     let s0 = &seen[&0];
     assert_eq!(s0.frame_numbers[&'I'], numbered(7));
     assert_eq!(s0.frame_numbers[&'R'], numbered(4));
+    assert_eq!(
+        s0.ends,
+        [
+            "The initiator ended its byte stream (FIN) after 7 transport frame(s)",
+            "The responder ended its byte stream (FIN) after 4 transport frame(s)"
+        ]
+    );
     // The Info column names the messages of a packet, in order.
     assert!(
         s0.info
@@ -987,6 +998,14 @@ fn tshark_names_every_message_of_a_tcpdump_capture() {
                 .any(|i| i.contains("Transport frame #3 (65535 bytes)")),
             "{:#?}",
             s.info
+        );
+        let ended = |role: &str, n: usize| {
+            format!("The {role} ended its byte stream (FIN) after {n} transport frame(s)")
+        };
+        assert_eq!(
+            s.ends,
+            [ended("initiator", up.len()), ended("responder", down.len())],
+            "stream {k}"
         );
     }
 }
