@@ -144,9 +144,11 @@ fn dissect(file: &Path, options: &[&str]) -> BTreeMap<u32, Seen> {
             list(4).into_iter(),
             list(5).into_iter(),
         );
-        // The end-of-stream items carry a role too, after the messages'.
+        // Each message has a sender and a kind; the names and lengths of
+        // those that have one come in the same order in their own lists.
+        let initial = |role: &str| if role == "initiator" { 'I' } else { 'R' };
         for (role, kind) in roles.iter().zip(&kinds) {
-            let r = if *role == "initiator" { 'I' } else { 'R' };
+            let r = initial(role);
             let what = match *kind {
                 "Preamble" => format!("Preamble {}", names.next().unwrap_or("invalid")),
                 k if k.starts_with("Handshake msg") => {
@@ -158,8 +160,7 @@ fn dissect(file: &Path, options: &[&str]) -> BTreeMap<u32, Seen> {
             seen.pdus.push(format!("{r} {what}"));
         }
         if let Some(role) = roles.first() {
-            let r = if *role == "initiator" { 'I' } else { 'R' };
-            seen.frame_numbers.entry(r).or_default().extend(
+            seen.frame_numbers.entry(initial(role)).or_default().extend(
                 list(6)
                     .iter()
                     .map(|n| n.parse::<u32>().expect("a frame number")),
