@@ -170,6 +170,40 @@ fn dissect(file: &Path, options: &[&str]) -> BTreeMap<u32, Seen> {
     streams
 }
 
+/// The values tshark shows for `fields` (one line per packet that
+/// `filter` selects, every occurrence, separated by `|`), in order.
+fn values(file: &Path, options: &[&str], filter: &str, fields: &[&str]) -> Vec<Vec<String>> {
+    let mut cmd = Command::new("tshark");
+    cmd.arg("-r")
+        .arg(file)
+        .arg("-X")
+        .arg(format!("lua_script:{DISSECTOR}"))
+        .args(options)
+        .args(["-Y", filter, "-T", "fields", "-E", "occurrence=a"])
+        .args(["-E", "aggregator=|", "-E", "separator=/t"]);
+    for f in fields {
+        cmd.args(["-e", f]);
+    }
+    let out = cmd.output().expect("tshark runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut columns = vec![Vec::new(); fields.len()];
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        for (column, value) in columns.iter_mut().zip(line.split('\t')) {
+            column.extend(
+                value
+                    .split('|')
+                    .filter(|v| !v.is_empty())
+                    .map(str::to_owned),
+            );
+        }
+    }
+    columns
+}
+
 /// The expected messages of a session: "I Preamble NAME", the handshake
 /// messages with SPEC's sizes, then each side's frames.
 fn expected(suite: Suite, i_frames: &[usize], r_frames: &[usize]) -> Vec<String> {
@@ -631,6 +665,34 @@ fn tshark_names_every_message_of_a_synthetic_capture() {
             .collect();
         assert!(flagged.is_empty(), "stream {k}: {flagged:#?}");
     }
+
+    // The parts of the messages: the payload length that message 2's and
+    // 3's sizes imply (SPEC 5.3's canonical 136 bytes), the suites' status,
+    // and per frame of the initiator in stream 0 its body length (what the
+    // session wrote; 0 for the keepalive, the REKEY and the CLOSE) and its
+    // implicit nonce.
+    let got = values(
+        &file,
+        &["-o", &port_pref],
+        "tcp.stream == 0 && capnp_noise",
+        &[
+            "capnp_noise.handshake.payload_len",
+            "capnp_noise.suite.status",
+        ],
+    );
+    assert_eq!(got[0], [PAYLOAD.to_string(), PAYLOAD.to_string()]);
+    assert_eq!(got[1], ["mandatory"]);
+    let got = values(&file, &[], "tcp.stream == 1", &["capnp_noise.suite.status"]);
+    assert_eq!(got[0], ["optional"]);
+    let got = values(
+        &file,
+        &["-o", &port_pref],
+        "tcp.stream == 0 && capnp_noise.role == \"initiator\"",
+        &["capnp_noise.frame.body_len", "capnp_noise.frame.nonce"],
+    );
+    let bodies = ["1", "0", "65518", "300", "0", "10", "0"];
+    assert_eq!(got[0], bodies);
+    assert_eq!(got[1], ["0", "1", "2", "3", "4", "5", "6"]);
 
     // "Decode As" instead of the preference names the same messages, and
     // so does a second pass (tshark -2, as the GUI revisits packets: it
