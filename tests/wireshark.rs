@@ -89,9 +89,10 @@ const FIELDS: &[&str] = &[
     "capnp_noise.end",
 ];
 
-/// Runs tshark with the dissector over `file` and groups what it printed
-/// by TCP stream.
-fn dissect(file: &Path, options: &[&str]) -> BTreeMap<u32, Seen> {
+/// Runs tshark with the dissector over `file` with `options`, printing
+/// `fields` per packet (tab-separated, every occurrence, joined by `|`).
+/// Fails on a Lua error, which tshark reports on stderr, not by its status.
+fn tshark(file: &Path, options: &[&str], fields: &[&str]) -> String {
     let mut cmd = Command::new("tshark");
     cmd.arg("-r")
         .arg(file)
@@ -100,19 +101,25 @@ fn dissect(file: &Path, options: &[&str]) -> BTreeMap<u32, Seen> {
         .args(options)
         .args(["-T", "fields", "-E", "separator=/t", "-E", "occurrence=a"])
         .args(["-E", "aggregator=|"]);
-    for f in FIELDS {
+    for f in fields {
         cmd.args(["-e", f]);
     }
     let out = cmd.output().expect("tshark runs");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "tshark failed: {stderr}");
-    // A Lua error in the dissector is reported on stderr, not by the status.
     assert!(
         !stderr.contains("Lua") && !stderr.contains("lua"),
         "tshark reported a Lua error: {stderr}"
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs tshark with the dissector over `file` and groups what it printed
+/// by TCP stream.
+fn dissect(file: &Path, options: &[&str]) -> BTreeMap<u32, Seen> {
+    let out = tshark(file, options, FIELDS);
     let mut streams: BTreeMap<u32, Seen> = BTreeMap::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
+    for line in out.lines() {
         let cols: Vec<&str> = line.split('\t').collect();
         assert_eq!(
             cols.len(),
@@ -173,25 +180,10 @@ fn dissect(file: &Path, options: &[&str]) -> BTreeMap<u32, Seen> {
 /// The values tshark shows for `fields` (one line per packet that
 /// `filter` selects, every occurrence, separated by `|`), in order.
 fn values(file: &Path, options: &[&str], filter: &str, fields: &[&str]) -> Vec<Vec<String>> {
-    let mut cmd = Command::new("tshark");
-    cmd.arg("-r")
-        .arg(file)
-        .arg("-X")
-        .arg(format!("lua_script:{DISSECTOR}"))
-        .args(options)
-        .args(["-Y", filter, "-T", "fields", "-E", "occurrence=a"])
-        .args(["-E", "aggregator=|", "-E", "separator=/t"]);
-    for f in fields {
-        cmd.args(["-e", f]);
-    }
-    let out = cmd.output().expect("tshark runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let options = [options, &["-Y", filter]].concat();
+    let out = tshark(file, &options, fields);
     let mut columns = vec![Vec::new(); fields.len()];
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
+    for line in out.lines() {
         for (column, value) in columns.iter_mut().zip(line.split('\t')) {
             column.extend(
                 value
