@@ -9,7 +9,11 @@
 //!   a maximal frame over many segments; plus the failures SPEC.md names
 //!   (a foreign preamble, bad versions, name lengths and name bytes, lengths
 //!   outside SPEC 4's bounds, early bytes, a silent close, a refused
-//!   responder, a truncation).
+//!   responder, a truncation);
+//! * a synthetic capture of random connections (random framing, bytes,
+//!   segmentation and ends), where nothing may fail in Lua and a second
+//!   pass (`tshark -2`, as the GUI revisits packets) must show what the
+//!   first showed.
 //!
 //! Each test knows what its sessions sent (the SPEC sizes: message 1 is 32
 //! bytes, message 2 `96 + payload`, message 3 `64 + payload`, a frame
