@@ -836,9 +836,12 @@ fn tshark_dissects_random_streams_without_failing() {
 
 struct Tcpdump {
     child: std::process::Child,
-    /// Its stderr after "listening on", collected by a thread.
-    said: Option<std::thread::JoinHandle<Vec<String>>>,
+    /// Its stderr, line by line, from a thread that reads it to the end.
+    said: std::sync::mpsc::Receiver<String>,
 }
+
+/// How long tcpdump may take to start and to stop.
+const TCPDUMP_WAIT: Duration = Duration::from_secs(20);
 
 impl Tcpdump {
     /// Starts capturing `tcp port PORT` on the loopback interface into
@@ -847,50 +850,50 @@ impl Tcpdump {
         let mut child = Command::new("tcpdump")
             // A 64 MiB kernel buffer: the machine may be busy, and a
             // dropped packet would make a gap in the streams.
-            .args([
-                "-i",
-                "lo",
-                "-U",
-                "--immediate-mode",
-                "-B",
-                "65536",
-                "-s",
-                "0",
-                "-w",
-            ])
+            .args(["-i", "lo", "-U", "--immediate-mode", "-B", "65536"])
+            .args(["-s", "0", "-w"])
             .arg(file)
             .arg(format!("tcp port {port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| format!("tcpdump: {e}"))?;
-        let mut lines = BufReader::new(child.stderr.take().expect("piped")).lines();
-        let mut said = String::new();
-        for line in lines.by_ref() {
-            let line = line.map_err(|e| e.to_string())?;
-            if line.contains("listening on") {
-                // Keep reading its stderr so that it never blocks on it.
-                let said = std::thread::spawn(move || lines.map_while(Result::ok).collect());
-                return Ok(Tcpdump {
-                    child,
-                    said: Some(said),
-                });
+        let stderr = child.stderr.take().expect("piped");
+        let (tx, said) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
             }
-            said.push_str(&line);
-            said.push('\n');
+        });
+        let tcpdump = Tcpdump { child, said };
+        let deadline = Instant::now() + TCPDUMP_WAIT;
+        let mut before = Vec::new();
+        while let Ok(line) = tcpdump
+            .said
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            if line.contains("listening on") {
+                return Ok(tcpdump);
+            }
+            before.push(line);
         }
-        let status = child.wait().map_err(|e| e.to_string())?;
-        Err(format!("tcpdump exited ({status}): {}", said.trim()))
+        Err(format!("tcpdump did not start listening: {before:?}"))
     }
 
     /// Stops it and checks that the kernel dropped no packet.
-    fn stop(mut self) {
+    fn stop(self) {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
-        let _ = self.child.wait();
-        let said = self.said.take().map(|t| t.join().unwrap_or_default());
-        let said = said.unwrap_or_default();
+        let deadline = Instant::now() + TCPDUMP_WAIT;
+        let mut said = Vec::new();
+        // Its stderr ends when it exits.
+        while let Ok(line) = self
+            .said
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            said.push(line);
+        }
         let dropped = said.iter().find(|l| l.contains("dropped by kernel"));
         assert!(
             dropped.is_some_and(|l| l.starts_with("0 ")),
