@@ -1030,7 +1030,11 @@ fn tshark_names_every_message_of_a_tcpdump_capture() {
         return;
     };
     for suite in [Suite::ChaChaPolyBlake2s, Suite::AesGcmSha256] {
-        rt.block_on(live_session(&listener, suite));
+        rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(60), live_session(&listener, suite))
+                .await
+                .expect("the session ends within 60 s")
+        });
     }
     wait_for_fins(&file, 4);
     tcpdump.stop();
