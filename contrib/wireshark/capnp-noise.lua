@@ -54,7 +54,9 @@
 -- Limits:
 --   * It decrypts nothing: handshake payloads (VatIds, signatures), frame
 --     types and frame contents are encrypted. `capnp-noise decode` with a
---     key log shows them.
+--     key log shows them. So it cannot see a CLOSE either: bytes a sender
+--     puts after its CLOSE (which SPEC 7.2 forbids and a receiver ignores)
+--     are shown as frames like any others.
 --   * The capture must hold the start of each TCP connection: the first
 --     bytes of a connection are taken as the initiator's preamble (the
 --     responder sends nothing first, SPEC 6), and a capture that starts in
