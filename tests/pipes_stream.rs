@@ -1,0 +1,160 @@
+//! Noise Pipes (SPEC.md 14) through the tokio adapter: `stream::connect_resuming`
+//! with a `ResumptionCache`, and `stream::accept` with `StreamConfig::resumption`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use capnp_noise::policy::{AnyVat, Pinned};
+use capnp_noise::stream::{self, StreamConfig};
+use capnp_noise::wire::{EarlyData, ResumptionCache, ResumptionConfig, EOF_BEFORE_MESSAGE_2};
+use capnp_noise::{Error, Identity, VatId};
+
+fn server_identity(static_key: u8) -> Identity {
+    Identity::from_seed_and_static_key(&[0x02; 32], &[static_key; 32])
+}
+
+/// One connection: the client resumes if it can, sending `early`; the
+/// server reads `early.len()` bytes and answers "answer". Returns what the
+/// server read and whether the client's handshake was IK without fallback.
+async fn connection(
+    cache: &Arc<ResumptionCache>,
+    server: &Identity,
+    resumption: ResumptionConfig,
+    early: &[u8],
+) -> Vec<u8> {
+    let client = Identity::from_seed(&[0x01; 32]);
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let server_id = server.vat_id();
+    let config = StreamConfig::default().with_resumption(resumption);
+    let server = server.clone();
+    let n = early.len();
+    let srv = tokio::spawn(async move {
+        let mut s = stream::accept(b, &server, Arc::new(AnyVat), config)
+            .await
+            .unwrap();
+        let mut got = vec![0u8; n];
+        s.read_exact(&mut got).await.unwrap();
+        s.write_all(b"answer").await.unwrap();
+        s.shutdown().await.unwrap();
+        got
+    });
+    let mut c = stream::connect_resuming(
+        a,
+        &client,
+        Arc::new(Pinned(server_id)),
+        StreamConfig::default(),
+        cache.clone(),
+        &server_id,
+        Some(EarlyData::replayable_not_forward_secret(early)),
+    )
+    .await
+    .unwrap();
+    // The client only reads: the early data must be on its way already.
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut answer))
+        .await
+        .expect("the server answers: it got the early data")
+        .unwrap();
+    assert_eq!(answer, b"answer");
+    srv.await.unwrap()
+}
+
+fn ik_and_early() -> ResumptionConfig {
+    ResumptionConfig::default()
+        .with_accept_ik(true)
+        .with_accept_early_data(true)
+}
+
+#[tokio::test]
+async fn the_cache_fills_then_resumes_then_follows_a_key_change() {
+    let cache = Arc::new(ResumptionCache::new(4));
+    let server = server_identity(0x22);
+    let id = server.vat_id();
+    // No record: XX, early data after the handshake; the record is kept.
+    assert_eq!(
+        connection(&cache, &server, ik_and_early(), b"call 1").await,
+        b"call 1"
+    );
+    let first = cache.get(&id).expect("recorded after XX");
+    // With the record: IK with early data.
+    assert_eq!(
+        connection(&cache, &server, ik_and_early(), b"call 2").await,
+        b"call 2"
+    );
+    assert_eq!(cache.get(&id), Some(first.clone()));
+    // Early data refused: sent again after the handshake.
+    let refuse = ResumptionConfig::default().with_accept_ik(true);
+    assert_eq!(
+        connection(&cache, &server, refuse, b"call 3").await,
+        b"call 3"
+    );
+    // IK off at the server (the default): the fallback.
+    assert_eq!(
+        connection(&cache, &server, ResumptionConfig::default(), b"call 4").await,
+        b"call 4"
+    );
+    // The server restarts with a new static key: fallback, record replaced.
+    let restarted = server_identity(0x23);
+    assert_eq!(
+        connection(&cache, &restarted, ik_and_early(), b"call 5").await,
+        b"call 5"
+    );
+    let second = cache.get(&id).expect("still recorded");
+    assert_ne!(second.static_key(), first.static_key());
+    assert_eq!(cache.len(), 1);
+}
+
+#[tokio::test]
+async fn a_silent_close_after_ik_message_1_forgets_the_record() {
+    let cache = Arc::new(ResumptionCache::new(4));
+    let server = server_identity(0x22);
+    let id: VatId = server.vat_id();
+    connection(&cache, &server, ik_and_early(), b"x").await;
+    assert!(cache.get(&id).is_some());
+    // A revision 1.1 responder: it reads the preamble, does not know the
+    // IK name, and closes without a word.
+    let (a, mut b) = tokio::io::duplex(64 * 1024);
+    let old = tokio::spawn(async move {
+        let mut head = [0u8; 13];
+        b.read_exact(&mut head).await.unwrap();
+        drop(b);
+    });
+    let e = stream::connect_resuming(
+        a,
+        &Identity::from_seed(&[0x01; 32]),
+        Arc::new(Pinned(id)),
+        StreamConfig::default(),
+        cache.clone(),
+        &id,
+        Some(EarlyData::replayable_not_forward_secret(&b"x"[..])),
+    )
+    .await
+    .unwrap_err();
+    old.await.unwrap();
+    assert!(
+        matches!(e, Error::UnexpectedEof { during } if during == EOF_BEFORE_MESSAGE_2),
+        "{e}"
+    );
+    assert!(cache.get(&id).is_none(), "the next connection runs XX");
+}
+
+#[tokio::test]
+async fn early_data_too_large_is_refused_whether_or_not_the_server_is_known() {
+    let cache = Arc::new(ResumptionCache::new(4));
+    let (a, _b) = tokio::io::duplex(64);
+    let id = server_identity(0x22).vat_id();
+    let e = stream::connect_resuming(
+        a,
+        &Identity::from_seed(&[0x01; 32]),
+        Arc::new(AnyVat),
+        StreamConfig::default(),
+        cache,
+        &id,
+        Some(EarlyData::replayable_not_forward_secret(vec![0u8; 5000])),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, Error::Config(_)), "{e}");
+}
