@@ -306,17 +306,8 @@ fn new_ik_initiator(known: &KnownResponder, early: &[u8]) -> Handshake {
     .expect("IK initiator")
 }
 
-/// What the deterministic initiator learns of the deterministic responder.
 fn known_responder() -> KnownResponder {
-    let (mut i, mut r) = fixtures::deterministic_handshakes(
-        Suite::ChaChaPolyBlake2s,
-        responder_config(false),
-        Arc::new(AnyVat),
-        Arc::new(AnyVat),
-    )
-    .expect("deterministic handshakes");
-    fixtures::drive(&mut i, &mut r, usize::MAX).expect("handshake");
-    i.learned_responder().expect("learned")
+    fixtures::known_responder(Suite::ChaChaPolyBlake2s)
 }
 
 /// Both directions of a deterministic `IK` connection to a responder that
