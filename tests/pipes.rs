@@ -583,3 +583,35 @@ fn a_responder_with_the_recorded_key_but_another_vat_id_is_refused() {
     );
     assert!(i.learned_responder().is_none());
 }
+
+/// SPEC.md 14.3: bytes an initiator sends after IK message 1, before the
+/// answer, follow the answer: transport frames after IK message 2, XX
+/// message 3 after the fallback. They cannot authenticate.
+#[test]
+fn bytes_after_ik_message_1_fail_after_the_answer() {
+    let server = responder_identity();
+    let known = learn(&server);
+    let mut junk = vec![0x00, 0x40];
+    junk.extend_from_slice(&[0xaa; 0x40]);
+    // IK accepted: the junk is a transport frame that does not decrypt.
+    let i = initiator_ik(&known, Some(b"call"));
+    let mut r = responder(&server, early_ok());
+    r.feed(&[i.pending_output(), &junk[..]].concat()).unwrap();
+    assert!(r.is_finished());
+    let mut s = r.into_session().unwrap();
+    let mut buf = [0u8; 64];
+    assert_eq!(
+        s.read(&mut buf).unwrap(),
+        ReadOutcome::Data(4),
+        "early data first"
+    );
+    assert!(matches!(s.read(&mut buf), Err(Error::Decrypt { .. })));
+    // Fallback: the junk is read as XX message 3.
+    let i = initiator_ik(&known, None);
+    let mut r = responder(&server, ResumptionConfig::default());
+    let e = r
+        .feed(&[i.pending_output(), &junk[..]].concat())
+        .unwrap_err();
+    assert!(matches!(e, Error::Decrypt { .. }), "{e}");
+    assert!(r.fell_back());
+}
