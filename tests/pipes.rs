@@ -615,3 +615,58 @@ fn bytes_after_ik_message_1_fail_after_the_answer() {
     assert!(matches!(e, Error::Decrypt { .. }), "{e}");
     assert!(r.fell_back());
 }
+
+/// X25519 scalar multiplications per side (a load-independent count, by
+/// capnp-noise's resolver): what SPEC.md 14.7 states for the responder.
+/// Returns (initiator total, responder answering message 1, responder total).
+fn x25519_work(make_i: impl FnOnce() -> Handshake, mut r: Handshake) -> (u64, u64, u64) {
+    use capnp_noise_test::fixtures::x25519_operations_on_this_thread as ops;
+    let (mut ci, mut cr) = (0, 0);
+    let t = ops();
+    let mut i = make_i();
+    ci += ops() - t;
+    let mut answered = None;
+    while !(i.is_finished() && r.is_finished()) {
+        let to_r = i.pending_output().to_vec();
+        i.consume_output(to_r.len());
+        let t = ops();
+        r.feed(&to_r).unwrap();
+        cr += ops() - t;
+        answered.get_or_insert(cr);
+        let to_i = r.pending_output().to_vec();
+        r.consume_output(to_i.len());
+        let t = ops();
+        i.feed(&to_i).unwrap();
+        ci += ops() - t;
+    }
+    (ci, answered.unwrap(), cr)
+}
+
+#[test]
+fn x25519_operations_per_handshake() {
+    let server = responder_identity();
+    let known = learn(&server);
+    let restarted = Identity::from_seed_and_static_key(&[0x02; 32], &[0x23; 32]);
+    let xx = x25519_work(
+        || initiator_xx(Arc::new(AnyVat)),
+        responder(&server, ik_ok()),
+    );
+    let ik = x25519_work(
+        || initiator_ik(&known, Some(b"call")),
+        responder(&server, early_ok()),
+    );
+    let fallback = x25519_work(
+        || initiator_ik(&known, Some(b"call")),
+        responder(&restarted, early_ok()),
+    );
+    let refused_ik = x25519_work(
+        || initiator_ik(&known, None),
+        responder(&server, ResumptionConfig::default()),
+    );
+    println!("(initiator, responder at message 1, responder total): XX {xx:?}, IK {ik:?}, fallback {fallback:?}, IK off {refused_ik:?}");
+    assert_eq!(xx, (4, 3, 4));
+    assert_eq!(ik, (5, 5, 5));
+    assert_eq!(fallback, (7, 4, 5));
+    // IK off: no Diffie-Hellman is spent on IK message 1 at all.
+    assert_eq!(refused_ik, (7, 3, 4));
+}
