@@ -509,7 +509,7 @@ impl Handshake {
         let id_len = self.local_payload.len();
         let early_len = self.early.as_ref().map_or(0, |e| e.as_bytes().len());
         let room = MAX_IK_MESSAGE_1_LEN.saturating_sub(IK_MESSAGE_1_OVERHEAD + id_len);
-        if early_len > room {
+        if IK_MESSAGE_1_OVERHEAD + id_len + early_len > MAX_IK_MESSAGE_1_LEN {
             return Err(Error::Config(format!(
                 "early data of {early_len} bytes does not fit IK message 1 (at most {room} bytes with this identity)"
             )));
