@@ -196,7 +196,7 @@ impl StreamConfig {
 /// responder hangs up (an EOF or a reset alike), [`Error::Io`], or any
 /// protocol error of [`Handshake::feed`]. A responder that does not accept
 /// the proposed suite hangs up without a word: the error's `during` is then
-/// [`EOF_BEFORE_MESSAGE_2`](crate::wire::EOF_BEFORE_MESSAGE_2), and
+/// [`EOF_BEFORE_MESSAGE_2`], and
 /// [`HandshakeConfig::fallback_after`] says whether to try once more, on a
 /// new connection, with the mandatory suite (SPEC.md 2; this function has
 /// one stream and cannot). A responder that refuses *this* side's VatId can
