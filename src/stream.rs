@@ -357,7 +357,9 @@ pub struct Handshaking<S> {
     /// The finished stream while it sends what its session already holds
     /// (early data sent again after the handshake, SPEC.md 14.5), so that
     /// it is on its way before the caller only reads.
-    draining: Option<NoiseStream<S>>,
+    /// Boxed: a `NoiseStream` is large, and a future waiting for a
+    /// handshake should stay small.
+    draining: Option<Box<NoiseStream<S>>>,
 }
 
 struct Resumption {
@@ -535,7 +537,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Future for Handshaking<S> {
         if !stream.session.wants_write() {
             return Poll::Ready(Ok(stream));
         }
-        this.draining = Some(stream);
+        this.draining = Some(Box::new(stream));
         this.poll_draining(cx)
     }
 }
@@ -543,8 +545,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Future for Handshaking<S> {
 impl<S: AsyncRead + AsyncWrite + Unpin> Handshaking<S> {
     fn poll_draining(&mut self, cx: &mut Context<'_>) -> Poll<Result<NoiseStream<S>>> {
         let stream = self.draining.as_mut().expect("draining");
-        ready!(Pin::new(stream).poll_flush(cx))?;
-        Poll::Ready(Ok(self.draining.take().expect("draining")))
+        ready!(Pin::new(&mut **stream).poll_flush(cx))?;
+        Poll::Ready(Ok(*self.draining.take().expect("draining")))
     }
 }
 

@@ -205,8 +205,9 @@ pub struct Handshake {
     ik_msg1: Vec<u8>,
     /// A responder's `IK` settings.
     resumption: ResumptionConfig,
-    /// An `IK` initiator's record of the responder.
-    known: Option<KnownResponder>,
+    /// An `IK` initiator's record of the responder (boxed, like the other
+    /// records here: a responder waiting for message 1 should stay small).
+    known: Option<Box<KnownResponder>>,
     /// An `IK` initiator's early data, kept to send again if refused.
     early: Option<EarlyData>,
     /// Early data a responder accepted, delivered first by the session.
@@ -215,7 +216,7 @@ pub struct Handshake {
     /// The `IK` handshake fell back to `XX`.
     fell_back: bool,
     /// What an initiator learned of the responder (SPEC.md 14.1).
-    learned: Option<KnownResponder>,
+    learned: Option<Box<KnownResponder>>,
     require_admission: bool,
     input: Vec<u8>,
     output: Vec<u8>,
@@ -493,7 +494,7 @@ impl Handshake {
         }
         hs.suite = Some(suite);
         hs.pattern = Pattern::IK;
-        hs.known = Some(known.clone());
+        hs.known = Some(Box::new(known.clone()));
         hs.early = early.filter(|e| !e.as_bytes().is_empty());
         hs.write_ik_msg1()?;
         Ok(hs)
@@ -657,7 +658,9 @@ impl Handshake {
     /// [`ResumptionCache`](super::resumption::ResumptionCache)) to resume
     /// with [`initiator_resuming`](Self::initiator_resuming) next time.
     pub fn learned_responder(&self) -> Option<KnownResponder> {
-        self.is_finished().then(|| self.learned.clone()).flatten()
+        self.is_finished()
+            .then(|| self.learned.as_deref().cloned())
+            .flatten()
     }
 
     /// True once a responder has received the preamble and a well-formed
@@ -1097,12 +1100,12 @@ impl Handshake {
         }
         self.accept_peer(vat_id)?;
         self.peer = Some(vat_id);
-        self.learned = Some(KnownResponder::verified(
+        self.learned = Some(Box::new(KnownResponder::verified(
             vat_id,
             *known.static_key(),
             signature,
             known.suite(),
-        ));
+        )));
         self.finish();
         Ok(())
     }
@@ -1189,7 +1192,9 @@ impl Handshake {
         self.peer = Some(vat_id);
         if self.role == Role::Initiator {
             let suite = self.suite.expect("suite known");
-            self.learned = Some(KnownResponder::verified(vat_id, rs, signature, suite));
+            self.learned = Some(Box::new(KnownResponder::verified(
+                vat_id, rs, signature, suite,
+            )));
         }
         Ok(())
     }
