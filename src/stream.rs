@@ -119,9 +119,14 @@ pub struct StreamConfig {
     pub first_message_timeout: Option<Duration>,
     /// For [`accept`]: whether to answer `IK` and take early data
     /// (SPEC.md 14). Default: neither; an `IK` initiator gets the `XX`
-    /// fallback. See [`ResumptionConfig`] before turning them on: an `IK`
-    /// handshake completes, and frees its handshake slot, before the
-    /// initiator has proven it is live, and early data is replayable.
+    /// fallback. See [`ResumptionConfig`] before turning them on: early
+    /// data is replayable, and an `IK` handshake completes before the
+    /// initiator has proven it is live. With
+    /// [`handshake_slots`](Self::handshake_slots), the returned stream then
+    /// keeps the slot until the initiator's first frame authenticates,
+    /// and gives it up for the failure hold if the stream fails or the
+    /// handshake timeout passes first, which it sees only while it is
+    /// read: read it.
     pub resumption: ResumptionConfig,
 }
 
@@ -511,7 +516,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Future for Handshaking<S> {
                 r.cache.forget(&r.server);
             }
         }
+        let timeout = this.timeout;
         let stream = result.and_then(|()| {
+            let ik = mid.hs.role() == Role::Responder
+                && mid.hs.pattern() == Pattern::IK
+                && !mid.hs.fell_back();
             let learned = mid.hs.learned_responder();
             let mut session = mid.hs.into_session()?;
             if let Some(r) = resumption {
@@ -524,14 +533,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Future for Handshaking<S> {
                 }
             }
             // Completed: the slot is free at once (a failed handshake's
-            // permit, dropped instead, keeps it for the failure hold).
+            // permit, dropped instead, keeps it for the failure hold). After
+            // IK the initiator has not yet proven it is live (a replayed
+            // message 1 completes too): the slot is held until its first
+            // frame authenticates (SPEC.md 14.7).
+            let mut unconfirmed = None;
             if let Some(permit) = mid.admission.and_then(|a| a.permit) {
-                permit.release_now();
+                if ik {
+                    let deadline = timeout.map(|t| (t, Box::pin(tokio::time::sleep(t))));
+                    unconfirmed = Some(Box::new(Unconfirmed { permit, deadline }));
+                } else {
+                    permit.release_now();
+                }
             }
             Ok(NoiseStream {
                 session,
                 io: mid.io,
                 io_shut_down: false,
+                unconfirmed,
             })
         })?;
         if !stream.session.wants_write() {
@@ -730,6 +749,15 @@ pub struct NoiseStream<S> {
     io: S,
     session: Session,
     io_shut_down: bool,
+    /// A responder's handshake slot after an `IK` handshake, held until the
+    /// initiator's first frame authenticates (SPEC.md 14.7), at most until
+    /// the deadline.
+    unconfirmed: Option<Box<Unconfirmed>>,
+}
+
+struct Unconfirmed {
+    permit: SlotPermit,
+    deadline: Option<(Duration, Pin<Box<Sleep>>)>,
 }
 
 impl<S> fmt::Debug for NoiseStream<S> {
@@ -815,6 +843,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> NoiseStream<S> {
         Poll::Ready(Ok(()))
     }
 
+    /// After an `IK` handshake, a responder's slot: given back once the
+    /// initiator's first frame authenticated; dropped (kept for the failure
+    /// hold) if the stream failed or the deadline passed first, which is
+    /// returned.
+    fn confirm(&mut self, failed: bool, cx: &mut Context<'_>) -> Option<Duration> {
+        let u = self.unconfirmed.as_mut()?;
+        if self.session.received_a_frame() {
+            self.unconfirmed.take()?.permit.release_now();
+            return None;
+        }
+        if failed {
+            self.unconfirmed = None;
+            return None;
+        }
+        let (t, sleep) = u.deadline.as_mut()?;
+        let t = *t;
+        if sleep.as_mut().poll(cx).is_ready() {
+            self.unconfirmed = None;
+            return Some(t);
+        }
+        None
+    }
+
     /// Writes every sealed frame to the inner stream.
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.session.wants_write() {
@@ -836,7 +887,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for NoiseStream<S> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         loop {
-            match this.session.read(buf.initialize_unfilled()) {
+            let read = this.session.read(buf.initialize_unfilled());
+            if let Some(timed_out) = this.confirm(read.is_err(), cx) {
+                return Poll::Ready(Err(Error::HandshakeTimeout(timed_out).into()));
+            }
+            match read {
                 Ok(ReadOutcome::Data(n)) => {
                     buf.advance(n);
                     return Poll::Ready(Ok(()));

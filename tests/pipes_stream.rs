@@ -246,3 +246,87 @@ async fn flights_to_the_first_answer_through_the_adapter() {
     println!("flights to the first answer: XX {xx}, IK + early data {ik_early}, refused {ik_refused}, fallback {fallback}");
     assert_eq!((xx, ik_early, ik_refused, fallback), (4, 2, 4, 4));
 }
+
+/// SPEC.md 14.7: after IK, a server keeps the handshake slot until the
+/// client's first frame authenticates, at most for the handshake timeout,
+/// then for the failure hold: a replayed first flight (which completes IK at
+/// the server) holds the slot like a stalled XX handshake, not for nothing.
+#[tokio::test(start_paused = true)]
+async fn a_replayed_ik_first_flight_holds_the_handshake_slot_until_its_deadline() {
+    use capnp_noise::admission::HandshakeSlots;
+    use capnp_noise::wire::{payload, KnownResponder, Suite};
+    use tokio::time::Instant;
+    const TIMEOUT: Duration = Duration::from_secs(2);
+    const HOLD: Duration = Duration::from_secs(1);
+    let server = server_identity(0x22);
+    let id = server.vat_id();
+    let sig = server.sign(&payload::binding_message(server.noise_static_public()));
+    let known =
+        KnownResponder::new(id, *server.noise_static_public(), sig, Suite::MANDATORY).unwrap();
+    let cache = Arc::new(ResumptionCache::new(4));
+    cache.insert(known);
+    let slots = HandshakeSlots::with_failure_hold(1, 1, HOLD);
+    let config = StreamConfig::default()
+        .with_resumption(ik_and_early())
+        .with_handshake_slots(slots);
+    // The server: accepts connections one after the other; each stream is
+    // read (as servers do) in its own task. Reports when each handshake
+    // completed.
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+    // The replayed handshake's timeout is TIMEOUT; the honest clients'
+    // accepts get longer, so that they can wait for the slot.
+    let accept_one = |io: tokio::io::DuplexStream, timeout: Duration| {
+        let server = server.clone();
+        let config = config.clone().with_handshake_timeout(Some(timeout));
+        let done_tx = done_tx.clone();
+        tokio::spawn(async move {
+            let mut s = stream::accept(io, &server, Arc::new(AnyVat), config)
+                .await
+                .unwrap();
+            done_tx.send(Instant::now()).unwrap();
+            let mut buf = [0u8; 64];
+            let _ = s.read(&mut buf).await;
+            let _ = s.read(&mut buf).await;
+        })
+    };
+    // A first flight recorded from an honest client, replayed by someone
+    // who then says nothing more.
+    let (rec_a, mut rec_b) = tokio::io::duplex(64 * 1024);
+    let recorder = tokio::spawn(async move {
+        let mut flight = vec![0u8; 4096];
+        let n = rec_b.read(&mut flight).await.unwrap();
+        flight.truncate(n);
+        flight
+    });
+    let _never = tokio::spawn(client_connect(rec_a, &cache, id, b"call"));
+    let flight = recorder.await.unwrap();
+    let start = Instant::now();
+    let (mut replayer, srv) = tokio::io::duplex(64 * 1024);
+    replayer.write_all(&flight).await.unwrap();
+    let replayed = accept_one(srv, TIMEOUT);
+    let at_replay = done_rx.recv().await.unwrap();
+    assert_eq!(at_replay - start, Duration::ZERO, "the replay completes IK");
+    // An honest client now waits for the slot: the timeout, then the hold.
+    let (c, srv) = tokio::io::duplex(64 * 1024);
+    let honest = accept_one(srv, 10 * TIMEOUT);
+    let mut c = client_connect(c, &cache, id, b"call").await.unwrap();
+    let at_honest = done_rx.recv().await.unwrap();
+    assert!(
+        at_honest - start >= TIMEOUT + HOLD,
+        "the slot was free after {:?}",
+        at_honest - start
+    );
+    // An honest IK client gives the slot back with its first frame.
+    c.write_all(b"more").await.unwrap();
+    c.flush().await.unwrap();
+    let (c2, srv) = tokio::io::duplex(64 * 1024);
+    let third = accept_one(srv, 10 * TIMEOUT);
+    let before = Instant::now();
+    let _c2 = client_connect(c2, &cache, id, b"call").await.unwrap();
+    let at_third = done_rx.recv().await.unwrap();
+    assert!(at_third - before < HOLD, "{:?}", at_third - before);
+    drop((replayer, c));
+    for t in [replayed, honest, third] {
+        t.abort();
+    }
+}

@@ -219,9 +219,9 @@ pub enum EarlyDataOutcome {
 ///   completes at the responder before the initiator has proven it is
 ///   live, so a replayed message 1 costs the responder five X25519
 ///   operations and an Ed25519 verification without counting as a failed
-///   handshake (SPEC.md 14.7). Turn it on where the server holds the
-///   handshake's admission slot until the first transport frame
-///   authenticates, or where that cost does not matter.
+///   handshake (SPEC.md 14.7). `stream::accept` with handshake slots holds
+///   the slot until the initiator's first frame authenticates, as long as
+///   the application reads the stream.
 /// * Early data is replayable by anyone who recorded it (SPEC.md 14.5), so
 ///   whether it may run is the responder application's call, to be made
 ///   knowing what its first calls do.

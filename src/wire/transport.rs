@@ -255,6 +255,12 @@ impl Session {
         };
     }
 
+    /// True once a frame from the peer has authenticated: for a responder
+    /// of `IK`, the initiator's proof that it is live (SPEC.md 14.7).
+    pub(crate) fn received_a_frame(&self) -> bool {
+        self.frames_received
+    }
+
     /// The peer's authenticated VatId.
     pub fn peer_vat_id(&self) -> VatId {
         self.info.peer
