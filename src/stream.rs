@@ -284,7 +284,11 @@ pub fn connect_resuming<S>(
         ));
         return Handshaking::new(io, Err(e), None, None);
     }
-    let (hs, after) = match cache.get(server) {
+    // A record of a suite this config no longer accepts is not used.
+    let known = cache
+        .get(server)
+        .filter(|k| config.handshake.suites.contains(&k.suite()));
+    let (hs, after) = match known {
         Some(known) => (
             Handshake::initiator_resuming(identity, policy, ctx, config.handshake, &known, early),
             None,

@@ -330,3 +330,40 @@ async fn a_replayed_ik_first_flight_holds_the_handshake_slot_until_its_deadline(
         t.abort();
     }
 }
+
+/// A record of a suite the client no longer accepts is not used: XX runs,
+/// and the record is replaced by one of the suite used.
+#[tokio::test]
+async fn a_record_of_a_suite_no_longer_accepted_is_not_used() {
+    use capnp_noise::wire::{payload, HandshakeConfig, KnownResponder, Suite};
+    let server = server_identity(0x22);
+    let id = server.vat_id();
+    let sig = server.sign(&payload::binding_message(server.noise_static_public()));
+    let cache = Arc::new(ResumptionCache::new(4));
+    cache.insert(
+        KnownResponder::new(id, *server.noise_static_public(), sig, Suite::AesGcmSha256).unwrap(),
+    );
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let srv = tokio::spawn(async move {
+        let config = StreamConfig::default().with_resumption(ik_and_early());
+        stream::accept(b, &server, Arc::new(AnyVat), config)
+            .await
+            .map(|s| s.suite())
+    });
+    let chacha = StreamConfig::default()
+        .with_handshake(HandshakeConfig::with_suite(Suite::ChaChaPolyBlake2s));
+    let c = stream::connect_resuming(
+        a,
+        &Identity::from_seed(&[0x01; 32]),
+        Arc::new(Pinned(id)),
+        chacha,
+        cache.clone(),
+        &id,
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(c.suite(), Suite::ChaChaPolyBlake2s);
+    assert_eq!(srv.await.unwrap().unwrap(), Suite::ChaChaPolyBlake2s);
+    assert_eq!(cache.get(&id).unwrap().suite(), Suite::ChaChaPolyBlake2s);
+}
