@@ -326,6 +326,11 @@ pub enum ProtocolError {
     /// A CLOSE or REKEY frame carried a body.
     #[error("a {0} frame must have an empty body")]
     NonEmptyControlFrame(&'static str),
+    /// The responder's answer to an `IK` message 1 starts with a kind byte
+    /// other than `0x00` (`IK` message 2) or `0x01` (the `XX` fallback),
+    /// SPEC.md 14.
+    #[error("the answer to IK handshake message 1 has unknown kind 0x{0:02x}")]
+    UnknownReplyKind(u8),
 }
 
 impl Error {

@@ -65,7 +65,8 @@ use crate::identity::Identity;
 use crate::policy::{PeerContext, PeerPolicy};
 use crate::vat_id::VatId;
 use crate::wire::{
-    Handshake, HandshakeConfig, ReadOutcome, Role, Session, Suite, HANDSHAKE_HASH_LEN,
+    EarlyData, Handshake, HandshakeConfig, Pattern, ReadOutcome, ResumptionCache, ResumptionConfig,
+    Role, Session, Suite, EOF_BEFORE_MESSAGE_2, HANDSHAKE_HASH_LEN,
 };
 
 /// The default limit on how long a handshake may take: 10 seconds.
@@ -116,6 +117,17 @@ pub struct StreamConfig {
     /// Servers in this crate use
     /// [`DEFAULT_FIRST_MESSAGE_TIMEOUT`](crate::admission::DEFAULT_FIRST_MESSAGE_TIMEOUT).
     pub first_message_timeout: Option<Duration>,
+    /// For [`accept`]: whether to answer `IK` and take early data
+    /// (SPEC.md 14). Default: neither; an `IK` initiator gets the `XX`
+    /// fallback. See [`ResumptionConfig`] before turning them on: early
+    /// data is replayable, and an `IK` handshake completes before the
+    /// initiator has proven it is live. With
+    /// [`handshake_slots`](Self::handshake_slots), the returned stream then
+    /// keeps the slot until the initiator's first frame authenticates,
+    /// and gives it up for the failure hold if the stream fails or the
+    /// handshake timeout passes first, which it sees only while it is
+    /// read: read it.
+    pub resumption: ResumptionConfig,
 }
 
 impl Default for StreamConfig {
@@ -127,6 +139,7 @@ impl Default for StreamConfig {
             remote_addr: None,
             handshake_slots: None,
             first_message_timeout: None,
+            resumption: ResumptionConfig::default(),
         }
     }
 }
@@ -162,6 +175,12 @@ impl StreamConfig {
         self
     }
 
+    /// Sets [`resumption`](Self::resumption).
+    pub fn with_resumption(mut self, resumption: ResumptionConfig) -> Self {
+        self.resumption = resumption;
+        self
+    }
+
     /// Sets [`handshake_slots`](Self::handshake_slots).
     pub fn with_handshake_slots(mut self, slots: HandshakeSlots) -> Self {
         self.handshake_slots = Some(slots);
@@ -182,7 +201,7 @@ impl StreamConfig {
 /// responder hangs up (an EOF or a reset alike), [`Error::Io`], or any
 /// protocol error of [`Handshake::feed`]. A responder that does not accept
 /// the proposed suite hangs up without a word: the error's `during` is then
-/// [`EOF_BEFORE_MESSAGE_2`](crate::wire::EOF_BEFORE_MESSAGE_2), and
+/// [`EOF_BEFORE_MESSAGE_2`], and
 /// [`HandshakeConfig::fallback_after`] says whether to try once more, on a
 /// new connection, with the mandatory suite (SPEC.md 2; this function has
 /// one stream and cannot). A responder that refuses *this* side's VatId can
@@ -196,6 +215,96 @@ pub fn connect<S>(
     let ctx = PeerContext::initiator(config.dialed, config.remote_addr);
     let hs = Handshake::initiator(identity, policy, ctx, config.handshake);
     Handshaking::new(io, hs, config.handshake_timeout, None)
+}
+
+/// Starts a handshake as the initiator over `io` with the vat `server`,
+/// resuming (SPEC.md 14: Noise `IK`) if `cache` holds a record of it, and
+/// recording what the handshake learned in `cache` when it succeeds (after
+/// `XX`, and after `IK`'s fallback, which replaces a stale record).
+///
+/// `early`, if given, are the first bytes of the stream. With a record
+/// they travel in `IK` message 1, and the responder's answer to them can
+/// arrive one round trip sooner; otherwise, or if the responder refuses
+/// them or falls back, they are sent as the first transport data after the
+/// handshake. Either way the responder reads them exactly once per
+/// completed handshake; but a first flight that carried them can be
+/// **replayed** by anyone who recorded it, and is **not forward secret**
+/// against the responder's static key ([`EarlyData`]): send only
+/// idempotent requests there.
+///
+/// A responder of revision 1.1, or one that does not accept the suite,
+/// closes without a word after `IK` message 1: the error is then
+/// [`Error::UnexpectedEof`] with [`EOF_BEFORE_MESSAGE_2`], the record is
+/// forgotten, and calling this again on a new connection runs `XX`
+/// (SPEC.md 14.6).
+///
+/// # Errors
+/// As [`connect`]; and [`Error::Config`] if `early` does not fit `IK`
+/// message 1 (at most 3862 bytes with the canonical identity payload).
+///
+/// ```no_run
+/// # async fn f(tcp: tokio::net::TcpStream, me: capnp_noise::Identity, server: capnp_noise::VatId) -> capnp_noise::Result<()> {
+/// use std::sync::Arc;
+/// use capnp_noise::stream::{self, StreamConfig};
+/// use capnp_noise::wire::{EarlyData, ResumptionCache};
+/// use capnp_noise::Pinned;
+///
+/// let cache = Arc::new(ResumptionCache::default()); // shared by the application's connections
+/// let stream = stream::connect_resuming(
+///     tcp,
+///     &me,
+///     Arc::new(Pinned(server)),
+///     StreamConfig::default(),
+///     cache.clone(),
+///     &server,
+///     Some(EarlyData::replayable_not_forward_secret(&b"GET /status"[..])),
+/// )
+/// .await?;
+/// # Ok(()) }
+/// ```
+pub fn connect_resuming<S>(
+    io: S,
+    identity: &Identity,
+    policy: Arc<dyn PeerPolicy>,
+    config: StreamConfig,
+    cache: Arc<ResumptionCache>,
+    server: &VatId,
+    early: Option<EarlyData>,
+) -> Handshaking<S> {
+    let ctx = PeerContext::initiator(config.dialed, config.remote_addr);
+    // The same limit whether or not the server is known, so that whether
+    // a call may go early never depends on the cache.
+    let room = crate::wire::resumption::MAX_IK_MESSAGE_1_LEN
+        - crate::wire::resumption::IK_MESSAGE_1_OVERHEAD
+        - identity.handshake_payload().len();
+    if let Some(e) = early.as_ref().filter(|e| e.as_bytes().len() > room) {
+        let e = Error::Config(format!(
+            "early data of {} bytes does not fit IK message 1 (at most {room} bytes with this identity)",
+            e.as_bytes().len()
+        ));
+        return Handshaking::new(io, Err(e), None, None);
+    }
+    // A record of a suite this config no longer accepts is not used.
+    let known = cache
+        .get(server)
+        .filter(|k| config.handshake.suites.contains(&k.suite()));
+    let (hs, after) = match known {
+        Some(known) => (
+            Handshake::initiator_resuming(identity, policy, ctx, config.handshake, &known, early),
+            None,
+        ),
+        None => (
+            Handshake::initiator(identity, policy, ctx, config.handshake),
+            early,
+        ),
+    };
+    let mut handshaking = Handshaking::new(io, hs, config.handshake_timeout, None);
+    handshaking.resumption = Some(Resumption {
+        cache,
+        server: *server,
+        after,
+    });
+    handshaking
 }
 
 /// Starts the handshake as the responder over `io`.
@@ -229,6 +338,7 @@ pub fn accept<S>(
         if admission.is_some() {
             hs.require_admission();
         }
+        hs.set_resumption(config.resumption);
         hs
     });
     let mut handshaking = Handshaking::new(io, hs, config.handshake_timeout, admission);
@@ -250,6 +360,21 @@ pub struct Handshaking<S> {
     /// A responder's deadline for the preamble and message 1, until they
     /// have arrived.
     first_message: Option<(Duration, Option<Pin<Box<Sleep>>>)>,
+    /// [`connect_resuming`]'s cache, and its early data when it goes after
+    /// an `XX` handshake.
+    resumption: Option<Resumption>,
+    /// The finished stream while it sends what its session already holds
+    /// (early data sent again after the handshake, SPEC.md 14.5), so that
+    /// it is on its way before the caller only reads.
+    /// Boxed: a `NoiseStream` is large, and a future waiting for a
+    /// handshake should stay small.
+    draining: Option<Box<NoiseStream<S>>>,
+}
+
+struct Resumption {
+    cache: Arc<ResumptionCache>,
+    server: VatId,
+    after: Option<EarlyData>,
 }
 
 struct MidHandshake<S> {
@@ -317,6 +442,8 @@ impl<S> Handshaking<S> {
             timeout,
             deadline: None,
             first_message: None,
+            resumption: None,
+            draining: None,
         }
     }
 
@@ -342,6 +469,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Future for Handshaking<S> {
         let this = self.get_mut();
         if let Some(e) = this.error.take() {
             return Poll::Ready(Err(e));
+        }
+        if this.draining.is_some() {
+            return this.poll_draining(cx);
         }
         if let Some(t) = this.timeout {
             let deadline = this
@@ -380,19 +510,66 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Future for Handshaking<S> {
         }
         let result = ready!(poll);
         let mid = this.mid.take().expect("checked above");
-        Poll::Ready(result.and_then(|()| {
-            let session = mid.hs.into_session()?;
+        let resumption = this.resumption.take();
+        if let (Err(e), Some(r)) = (&result, &resumption) {
+            // A responder that closes silently on IK (revision 1.1) would
+            // do so every time: the next connection runs XX (SPEC.md 14.6).
+            let silent =
+                matches!(e, Error::UnexpectedEof { during } if *during == EOF_BEFORE_MESSAGE_2);
+            if silent && mid.hs.pattern() == Pattern::IK {
+                r.cache.forget(&r.server);
+            }
+        }
+        let timeout = this.timeout;
+        let stream = result.and_then(|()| {
+            let ik = mid.hs.role() == Role::Responder
+                && mid.hs.pattern() == Pattern::IK
+                && !mid.hs.fell_back();
+            let learned = mid.hs.learned_responder();
+            let mut session = mid.hs.into_session()?;
+            if let Some(r) = resumption {
+                if let Some(known) = learned {
+                    r.cache.insert(known);
+                }
+                if let Some(early) = r.after {
+                    session.write(early.as_bytes())?;
+                    session.flush()?;
+                }
+            }
             // Completed: the slot is free at once (a failed handshake's
-            // permit, dropped instead, keeps it for the failure hold).
+            // permit, dropped instead, keeps it for the failure hold). After
+            // IK the initiator has not yet proven it is live (a replayed
+            // message 1 completes too): the slot is held until its first
+            // frame authenticates (SPEC.md 14.7).
+            let mut unconfirmed = None;
             if let Some(permit) = mid.admission.and_then(|a| a.permit) {
-                permit.release_now();
+                if ik {
+                    let deadline = timeout.map(|t| (t, Box::pin(tokio::time::sleep(t))));
+                    unconfirmed = Some(Box::new(Unconfirmed { permit, deadline }));
+                } else {
+                    permit.release_now();
+                }
             }
             Ok(NoiseStream {
                 session,
                 io: mid.io,
                 io_shut_down: false,
+                unconfirmed,
             })
-        }))
+        })?;
+        if !stream.session.wants_write() {
+            return Poll::Ready(Ok(stream));
+        }
+        this.draining = Some(Box::new(stream));
+        this.poll_draining(cx)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Handshaking<S> {
+    fn poll_draining(&mut self, cx: &mut Context<'_>) -> Poll<Result<NoiseStream<S>>> {
+        let stream = self.draining.as_mut().expect("draining");
+        ready!(Pin::new(&mut **stream).poll_flush(cx))?;
+        Poll::Ready(Ok(*self.draining.take().expect("draining")))
     }
 }
 
@@ -576,6 +753,15 @@ pub struct NoiseStream<S> {
     io: S,
     session: Session,
     io_shut_down: bool,
+    /// A responder's handshake slot after an `IK` handshake, held until the
+    /// initiator's first frame authenticates (SPEC.md 14.7), at most until
+    /// the deadline.
+    unconfirmed: Option<Box<Unconfirmed>>,
+}
+
+struct Unconfirmed {
+    permit: SlotPermit,
+    deadline: Option<(Duration, Pin<Box<Sleep>>)>,
 }
 
 impl<S> fmt::Debug for NoiseStream<S> {
@@ -661,6 +847,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> NoiseStream<S> {
         Poll::Ready(Ok(()))
     }
 
+    /// After an `IK` handshake, a responder's slot: given back once the
+    /// initiator's first frame authenticated; dropped (kept for the failure
+    /// hold) if the stream failed or the deadline passed first, which is
+    /// returned.
+    fn confirm(&mut self, failed: bool, cx: &mut Context<'_>) -> Option<Duration> {
+        let u = self.unconfirmed.as_mut()?;
+        if self.session.received_a_frame() {
+            self.unconfirmed.take()?.permit.release_now();
+            return None;
+        }
+        if failed {
+            self.unconfirmed = None;
+            return None;
+        }
+        let (t, sleep) = u.deadline.as_mut()?;
+        let t = *t;
+        if sleep.as_mut().poll(cx).is_ready() {
+            self.unconfirmed = None;
+            return Some(t);
+        }
+        None
+    }
+
     /// Writes every sealed frame to the inner stream.
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.session.wants_write() {
@@ -682,7 +891,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for NoiseStream<S> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         loop {
-            match this.session.read(buf.initialize_unfilled()) {
+            let read = this.session.read(buf.initialize_unfilled());
+            if let Some(timed_out) = this.confirm(read.is_err(), cx) {
+                return Poll::Ready(Err(Error::HandshakeTimeout(timed_out).into()));
+            }
+            match read {
                 Ok(ReadOutcome::Data(n)) => {
                     buf.advance(n);
                     return Poll::Ready(Ok(()));

@@ -841,3 +841,82 @@ async fn rust_initiator_retries_with_the_mandatory_suite_a_python_responder_that
     assert!(rest.is_empty());
     py.finish(deadline);
 }
+
+/// SPEC.md 14.6: a responder of revision 1.1 (the independent Python peer,
+/// which knows only the XX names) closes without a word on an IK preamble.
+/// `stream::connect_resuming` then reports the silent close and forgets its
+/// record, so the next connection runs XX; early data goes after the
+/// handshake and is echoed back exactly once each time.
+#[tokio::test]
+async fn rust_resuming_initiator_falls_back_to_xx_with_a_python_responder_of_revision_1_1() {
+    use capnp_noise::stream::{self, StreamConfig};
+    use capnp_noise::wire::{EarlyData, ResumptionCache, EOF_BEFORE_MESSAGE_2};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Some(deadline) = start() else { return };
+    let me = Identity::from_seed(&RUST_SEED);
+    let cache = Arc::new(ResumptionCache::new(4));
+    // The peer takes one connection per run (and, with --connections,
+    // closes silently on suites it does not know before taking the next).
+    let listen = |connections: &str| {
+        let mut py = PyPeer::spawn(
+            "responder",
+            Suite::ChaChaPolyBlake2s,
+            &["--listen", "0", "--connections", connections],
+        );
+        let port = num(&py.expect("LISTENING", deadline), "port") as u16;
+        (py, port)
+    };
+    let attempt = |port: u16| {
+        let me = me.clone();
+        let cache = cache.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap();
+            let config = StreamConfig::default()
+                .with_handshake(HandshakeConfig::with_suite(Suite::ChaChaPolyBlake2s));
+            stream::connect_resuming(
+                tcp,
+                &me,
+                Arc::new(Pinned(py_vat())),
+                config,
+                cache,
+                &py_vat(),
+                Some(EarlyData::replayable_not_forward_secret(&b"early call"[..])),
+            )
+            .await
+        }
+    };
+    let echo_and_close = |mut s: stream::NoiseStream<tokio::net::TcpStream>| async move {
+        let mut back = [0u8; 10];
+        s.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"early call");
+        s.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "echoed once");
+    };
+    // No record: XX, and the record is kept.
+    let (mut py, port) = listen("1");
+    echo_and_close(attempt(port).await.unwrap()).await;
+    py.expect("HANDSHAKE", deadline);
+    assert_eq!(num(&py.expect("DONE", deadline), "recv_bytes"), 10);
+    py.finish(deadline);
+    assert!(cache.get(&py_vat()).is_some());
+    // With the record: IK, which the 1.1 peer does not know.
+    let (mut py, port) = listen("2");
+    let err = attempt(port).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::UnexpectedEof { during } if *during == EOF_BEFORE_MESSAGE_2),
+        "{err:?}\n{}",
+        py.report()
+    );
+    let refused = py.expect("UNSUPPORTED_SUITE", deadline);
+    assert_eq!(refused["name"], "Noise_IK_25519_ChaChaPoly_BLAKE2s");
+    assert!(cache.get(&py_vat()).is_none(), "the record is forgotten");
+    // The retry runs XX.
+    echo_and_close(attempt(port).await.unwrap()).await;
+    py.expect("HANDSHAKE", deadline);
+    assert_eq!(num(&py.expect("DONE", deadline), "recv_bytes"), 10);
+    py.finish(deadline);
+}

@@ -52,6 +52,8 @@ fn regenerate_or_compare(name: &str, fresh: &Value, changed: &str) {
 
 #[path = "vectors/introduction.rs"]
 mod introduction;
+#[path = "vectors/pipes.rs"]
+mod pipes;
 #[path = "vectors/vat_id_rejected.rs"]
 mod vat_id_rejected;
 

@@ -21,7 +21,12 @@ use std::sync::Arc;
 use zeroize::Zeroizing;
 
 use super::frame::{self, FrameBounds};
-use super::preamble::{self, Suite};
+use super::preamble::{self, Pattern, Suite};
+use super::resumption::{
+    EarlyData, EarlyDataOutcome, KnownResponder, ResumptionConfig, EARLY_ACCEPTED, EARLY_NONE,
+    EARLY_REFUSED, IK_MESSAGE_1_OVERHEAD, IK_MESSAGE_2_MAX, IK_MESSAGE_2_MIN, MAX_IK_MESSAGE_1_LEN,
+    REPLY_FALLBACK, REPLY_IK,
+};
 use super::transport::{Session, SessionConfig};
 use super::{
     payload, DH_LEN, HANDSHAKE_HASH_LEN, LENGTH_PREFIX_LEN, MAX_HANDSHAKE_PAYLOAD_LEN,
@@ -161,6 +166,9 @@ const MSG3_MIN: usize = DH_LEN + TAG_LEN + TAG_LEN;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     InitiatorAwaitMsg2,
+    /// An `IK` initiator waits for the responder's answer: `IK` message 2
+    /// or the `XX` fallback's message 2 (SPEC.md 14).
+    InitiatorAwaitIkReply,
     ResponderAwaitPreamble,
     ResponderAwaitMsg1,
     ResponderAwaitAdmission,
@@ -190,6 +198,25 @@ pub struct Handshake {
     /// The initiator's message 1 (its ephemeral key), kept while it waits
     /// for admission.
     msg1: Option<[u8; MSG1_LEN]>,
+    /// The pattern the preamble named (`XX`, or `IK`: SPEC.md 14).
+    pattern: Pattern,
+    /// `IK` message 1: sent (initiator) or received (responder), kept for
+    /// the fallback's prologue.
+    ik_msg1: Vec<u8>,
+    /// A responder's `IK` settings.
+    resumption: ResumptionConfig,
+    /// An `IK` initiator's record of the responder (boxed, like the other
+    /// records here: a responder waiting for message 1 should stay small).
+    known: Option<Box<KnownResponder>>,
+    /// An `IK` initiator's early data, kept to send again if refused.
+    early: Option<EarlyData>,
+    /// Early data a responder accepted, delivered first by the session.
+    early_in: Zeroizing<Vec<u8>>,
+    early_outcome: EarlyDataOutcome,
+    /// The `IK` handshake fell back to `XX`.
+    fell_back: bool,
+    /// What an initiator learned of the responder (SPEC.md 14.1).
+    learned: Option<Box<KnownResponder>>,
     require_admission: bool,
     input: Vec<u8>,
     output: Vec<u8>,
@@ -322,6 +349,15 @@ impl Handshake {
             suite: None,
             prologue: Vec::new(),
             msg1: None,
+            pattern: Pattern::XX,
+            ik_msg1: Vec::new(),
+            resumption: ResumptionConfig::default(),
+            known: None,
+            early: None,
+            early_in: Zeroizing::new(Vec::new()),
+            early_outcome: EarlyDataOutcome::NotSent,
+            fell_back: false,
+            learned: None,
             require_admission: false,
             input: Vec::new(),
             output: Vec::new(),
@@ -350,18 +386,174 @@ impl Handshake {
         )?;
         let suite = hs.config.suites[0];
         let pre = preamble::encode(suite);
-        let mut noise = hs.build_noise(suite, &pre)?;
+        let (noise, msg1) = hs.write_xx_msg1(suite, &pre)?;
+        hs.output.extend_from_slice(&pre);
+        frame::put_len(&mut hs.output, MSG1_LEN);
+        hs.output.extend_from_slice(&msg1);
+        hs.noise = Some(Box::new(noise));
+        hs.suite = Some(suite);
+        Ok(hs)
+    }
+
+    /// Starts an `IK` handshake (SPEC.md 14) with a responder this side
+    /// knows: message 1 is encrypted to `known`'s static key and carries
+    /// this side's identity and, optionally, `early` data, the first bytes
+    /// of the stream. The preamble and message 1 are ready in
+    /// [`pending_output`](Self::pending_output) at once.
+    ///
+    /// The responder answers with `IK` message 2 (the handshake then ends
+    /// there: the initiator sends no third message) or, if it cannot
+    /// decrypt message 1 (its static key changed, or it does not take `IK`),
+    /// with the `XX` fallback, which runs every check of `XX`. Either way
+    /// the responder's signature is verified and `policy` asked, as in `XX`.
+    /// Early data the responder refused, or could not read, is sent again
+    /// as the first transport data ([`early_data_outcome`](Self::early_data_outcome)).
+    ///
+    /// After success, [`learned_responder`](Self::learned_responder) is the
+    /// record to keep (a fallback changes the static key). After a silent
+    /// close ([`EOF_BEFORE_MESSAGE_2`]: a responder of revision 1.1 closes so
+    /// on an `IK` preamble), retry once with [`initiator`](Self::initiator)
+    /// on a new connection and forget the record (SPEC.md 14.6).
+    ///
+    /// # Errors
+    /// [`Error::Config`] if `config.suites` is empty or lacks `known`'s
+    /// suite, or if the early data does not fit message 1 (4096 bytes);
+    /// [`Error::Protocol`] if `known`'s static key is a low-order point.
+    pub fn initiator_resuming(
+        identity: &Identity,
+        policy: Arc<dyn PeerPolicy>,
+        ctx: PeerContext,
+        config: HandshakeConfig,
+        known: &KnownResponder,
+        early: Option<EarlyData>,
+    ) -> Result<Self, Error> {
+        Self::initiator_resuming_inner(identity, policy, ctx, config, known, early, None)
+    }
+
+    /// Like [`initiator_resuming`](Self::initiator_resuming) with a fixed
+    /// ephemeral key, for test vectors and fuzzing only.
+    ///
+    /// # Errors
+    /// As [`initiator_resuming`](Self::initiator_resuming).
+    #[cfg(any(test, feature = "__test-hooks"))]
+    #[doc(hidden)]
+    pub fn initiator_resuming_with_fixed_ephemeral(
+        identity: &Identity,
+        policy: Arc<dyn PeerPolicy>,
+        ctx: PeerContext,
+        config: HandshakeConfig,
+        known: &KnownResponder,
+        early: Option<EarlyData>,
+        ephemeral: [u8; 32],
+    ) -> Result<Self, Error> {
+        Self::initiator_resuming_inner(
+            identity,
+            policy,
+            ctx,
+            config,
+            known,
+            early,
+            Some(Zeroizing::new(ephemeral)),
+        )
+    }
+
+    fn initiator_resuming_inner(
+        identity: &Identity,
+        policy: Arc<dyn PeerPolicy>,
+        ctx: PeerContext,
+        config: HandshakeConfig,
+        known: &KnownResponder,
+        early: Option<EarlyData>,
+        fixed_ephemeral: Option<Zeroizing<[u8; 32]>>,
+    ) -> Result<Self, Error> {
+        let mut hs = Self::new(
+            Role::Initiator,
+            State::InitiatorAwaitIkReply,
+            identity,
+            policy,
+            ctx,
+            config,
+            fixed_ephemeral,
+        )?;
+        let suite = known.suite();
+        if !hs.config.suites.contains(&suite) {
+            return Err(Error::Config(format!(
+                "the known responder answered {suite}, which this config does not accept"
+            )));
+        }
+        // The ephemeral key is chosen here, not by snow: the fallback
+        // (SPEC.md 14.4) runs XX with the same one.
+        if hs.fixed_ephemeral.is_none() {
+            let mut e = Zeroizing::new([0u8; 32]);
+            super::resolver::resolver_knowing(None)
+                .resolve_rng()
+                .ok_or(Error::Config("no random number generator".into()))?
+                .try_fill_bytes(e.as_mut())
+                .map_err(|e| Error::from_snow(e, "choosing an ephemeral key"))?;
+            hs.fixed_ephemeral = Some(e);
+        }
+        hs.suite = Some(suite);
+        hs.pattern = Pattern::IK;
+        hs.known = Some(Box::new(known.clone()));
+        hs.early = early.filter(|e| !e.as_bytes().is_empty());
+        hs.write_ik_msg1()?;
+        Ok(hs)
+    }
+
+    /// Writes the preamble and `IK` message 1 (SPEC.md 14.3).
+    fn write_ik_msg1(&mut self) -> Result<(), Error> {
+        let suite = self.suite.expect("chosen");
+        let known = self
+            .known
+            .as_ref()
+            .expect("an IK initiator knows the responder");
+        let id_len = self.local_payload.len();
+        let early_len = self.early.as_ref().map_or(0, |e| e.as_bytes().len());
+        let room = MAX_IK_MESSAGE_1_LEN.saturating_sub(IK_MESSAGE_1_OVERHEAD + id_len);
+        if IK_MESSAGE_1_OVERHEAD + id_len + early_len > MAX_IK_MESSAGE_1_LEN {
+            return Err(Error::Config(format!(
+                "early data of {early_len} bytes does not fit IK message 1 (at most {room} bytes with this identity)"
+            )));
+        }
+        let pre = preamble::encode_for(suite, Pattern::IK);
+        let mut noise = self.build_noise_for(Pattern::IK, suite, &pre, Some(known.static_key()))?;
+        let mut p1 = Zeroizing::new(Vec::with_capacity(2 + id_len + early_len));
+        p1.extend_from_slice(&(id_len as u16).to_be_bytes());
+        p1.extend_from_slice(&self.local_payload);
+        if let Some(e) = &self.early {
+            p1.extend_from_slice(e.as_bytes());
+        }
+        let mut msg1 = vec![0u8; IK_MESSAGE_1_OVERHEAD + id_len + early_len];
+        let n = noise
+            .write_message(&p1, &mut msg1)
+            .map_err(|e| Error::from_snow(e, "IK handshake message 1 (the known static key)"))?;
+        msg1.truncate(n);
+        self.output.clear();
+        self.output_pos = 0;
+        self.output.extend_from_slice(&pre);
+        frame::put_len(&mut self.output, n);
+        self.output.extend_from_slice(&msg1);
+        self.ik_msg1 = msg1;
+        self.prologue = pre;
+        self.noise = Some(Box::new(noise));
+        Ok(())
+    }
+
+    /// Builds an `XX` initiator's Noise state and writes message 1 (`e`).
+    fn write_xx_msg1(
+        &self,
+        suite: Suite,
+        prologue: &[u8],
+    ) -> Result<(snow::HandshakeState, [u8; MSG1_LEN]), Error> {
+        let mut noise = self.build_noise(suite, prologue)?;
         let mut msg1 = [0u8; MSG1_LEN + TAG_LEN]; // snow wants room for a tag it does not write here
         let n = noise
             .write_message(&[], &mut msg1)
             .map_err(|e| Error::from_snow(e, "handshake message 1"))?;
         debug_assert_eq!(n, MSG1_LEN);
-        hs.output.extend_from_slice(&pre);
-        frame::put_len(&mut hs.output, n);
-        hs.output.extend_from_slice(&msg1[..n]);
-        hs.noise = Some(Box::new(noise));
-        hs.suite = Some(suite);
-        Ok(hs)
+        let mut e = [0u8; MSG1_LEN];
+        e.copy_from_slice(&msg1[..MSG1_LEN]);
+        Ok((noise, e))
     }
 
     fn responder_inner(
@@ -383,12 +575,27 @@ impl Handshake {
     }
 
     fn build_noise(&self, suite: Suite, prologue: &[u8]) -> Result<snow::HandshakeState, Error> {
-        let params = suite.params();
+        self.build_noise_for(Pattern::XX, suite, prologue, None)
+    }
+
+    fn build_noise_for(
+        &self,
+        pattern: Pattern,
+        suite: Suite,
+        prologue: &[u8],
+        remote_static: Option<&[u8; 32]>,
+    ) -> Result<snow::HandshakeState, Error> {
+        let params = suite.params_for(pattern);
         let resolver = super::resolver::resolver_knowing(Some(self.static_key.clone()));
         let mut b = snow::Builder::with_resolver(params, resolver)
             .prologue(prologue)
             .and_then(|b| b.local_private_key(self.static_key.secret()))
             .map_err(|e| Error::from_snow(e, "building the Noise state"))?;
+        if let Some(rs) = remote_static {
+            b = b
+                .remote_public_key(rs)
+                .map_err(|e| Error::from_snow(e, "building the Noise state"))?;
+        }
         if let Some(e) = &self.fixed_ephemeral {
             b = b.fixed_ephemeral_key_for_testing_only(e.as_ref());
         }
@@ -404,6 +611,11 @@ impl Handshake {
     #[doc(hidden)]
     pub fn replace_payload_for_tests(&mut self, payload: Arc<[u8]>) {
         self.local_payload = payload;
+        if self.state == State::InitiatorAwaitIkReply {
+            // IK message 1 carries it: write it again.
+            self.write_ik_msg1()
+                .expect("the payload of a test fits IK message 1");
+        }
     }
 
     /// Makes a responder stop after a well-formed message 1 until
@@ -414,6 +626,41 @@ impl Handshake {
     /// effect on an initiator, or once message 1 has been processed.
     pub fn require_admission(&mut self) {
         self.require_admission = self.role == Role::Responder;
+    }
+
+    /// Sets a responder's `IK` settings (SPEC.md 14; default: every `IK`
+    /// message 1 answered with the `XX` fallback, see [`ResumptionConfig`]).
+    /// No effect on an initiator.
+    pub fn set_resumption(&mut self, config: ResumptionConfig) {
+        self.resumption = config;
+    }
+
+    /// The handshake pattern: `IK` for a resumption (also after its `XX`
+    /// fallback), `XX` otherwise. A responder knows it after the preamble.
+    pub fn pattern(&self) -> Pattern {
+        self.pattern
+    }
+
+    /// True if an `IK` handshake fell back to `XX` (SPEC.md 14.4).
+    pub fn fell_back(&self) -> bool {
+        self.fell_back
+    }
+
+    /// What became of early data: on an initiator once the handshake has
+    /// finished, on a responder once it answered message 1.
+    pub fn early_data_outcome(&self) -> EarlyDataOutcome {
+        self.early_outcome
+    }
+
+    /// An initiator's record of the responder, once the handshake has
+    /// finished: its VatId, the static key the handshake authenticated, and
+    /// its binding signature. Keep it (in a
+    /// [`ResumptionCache`](super::resumption::ResumptionCache)) to resume
+    /// with [`initiator_resuming`](Self::initiator_resuming) next time.
+    pub fn learned_responder(&self) -> Option<KnownResponder> {
+        self.is_finished()
+            .then(|| self.learned.as_deref().cloned())
+            .flatten()
     }
 
     /// True once a responder has received the preamble and a well-formed
@@ -558,8 +805,11 @@ impl Handshake {
         }
         let during = match self.state {
             State::Done => return None,
-            State::InitiatorAwaitMsg2 if self.input.is_empty() => EOF_BEFORE_MESSAGE_2,
+            State::InitiatorAwaitMsg2 | State::InitiatorAwaitIkReply if self.input.is_empty() => {
+                EOF_BEFORE_MESSAGE_2
+            }
             State::InitiatorAwaitMsg2 => "in the middle of handshake message 2",
+            State::InitiatorAwaitIkReply => "in the middle of the answer to IK message 1",
             State::ResponderAwaitPreamble => "before the preamble was complete",
             State::ResponderAwaitMsg1 => "before handshake message 1 was complete",
             State::ResponderAwaitAdmission => "while its message 1 waited for admission",
@@ -604,6 +854,7 @@ impl Handshake {
                 State::ResponderAwaitMsg1 => self.on_msg1()?,
                 State::ResponderAwaitMsg3 => self.on_msg3()?,
                 State::InitiatorAwaitMsg2 => self.on_msg2()?,
+                State::InitiatorAwaitIkReply => self.on_ik_reply()?,
                 State::Done | State::ResponderAwaitAdmission => return Ok(()),
             }
             if self.state == before {
@@ -620,6 +871,7 @@ impl Handshake {
         // only a preamble costs no key material.
         self.prologue = self.input.drain(..parsed.len).collect();
         self.suite = Some(parsed.suite);
+        self.pattern = parsed.pattern;
         self.state = State::ResponderAwaitMsg1;
         Ok(())
     }
@@ -635,17 +887,28 @@ impl Handshake {
     }
 
     fn on_msg1(&mut self) -> Result<(), Error> {
-        let Some(msg1) = self.take_frame(FrameBounds {
-            min: MSG1_LEN,
-            max: MSG1_LEN,
-            what: "handshake message 1",
-        })?
-        else {
+        let bounds = match self.pattern {
+            Pattern::XX => FrameBounds {
+                min: MSG1_LEN,
+                max: MSG1_LEN,
+                what: "handshake message 1",
+            },
+            Pattern::IK => FrameBounds {
+                min: IK_MESSAGE_1_OVERHEAD,
+                max: MAX_IK_MESSAGE_1_LEN,
+                what: "IK handshake message 1",
+            },
+        };
+        let Some(msg1) = self.take_frame(bounds)? else {
             return Ok(());
         };
-        let mut e = [0u8; MSG1_LEN];
-        e.copy_from_slice(&msg1);
-        self.msg1 = Some(e);
+        if self.pattern == Pattern::IK {
+            self.ik_msg1 = msg1;
+        } else {
+            let mut e = [0u8; MSG1_LEN];
+            e.copy_from_slice(&msg1);
+            self.msg1 = Some(e);
+        }
         if self.require_admission {
             self.state = State::ResponderAwaitAdmission;
             return Ok(());
@@ -655,13 +918,28 @@ impl Handshake {
 
     /// Builds the responder's Noise state, reads message 1 and writes message 2.
     fn respond_to_msg1(&mut self) -> Result<(), Error> {
+        if self.pattern == Pattern::IK {
+            return self.respond_to_ik_msg1();
+        }
         let suite = self.suite.expect("known after the preamble");
         let msg1 = self.msg1.take().expect("message 1 received");
         let prologue = std::mem::take(&mut self.prologue);
-        let mut noise = self.build_noise(suite, &prologue)?;
+        self.answer_xx_msg1(suite, &prologue, &msg1, None)
+    }
+
+    /// Reads an `XX` message 1 (`e`) and writes message 2, preceded by
+    /// `kind` in its frame when it answers an `IK` message 1 (the fallback).
+    fn answer_xx_msg1(
+        &mut self,
+        suite: Suite,
+        prologue: &[u8],
+        e: &[u8],
+        kind: Option<u8>,
+    ) -> Result<(), Error> {
+        let mut noise = self.build_noise(suite, prologue)?;
         let mut empty = [0u8; 0];
         noise
-            .read_message(&msg1, &mut empty)
+            .read_message(e, &mut empty)
             .map_err(|e| Error::from_snow(e, "handshake message 1"))?;
         let mut msg2 = vec![0u8; MSG2_MIN + self.local_payload.len()];
         let n = noise
@@ -672,11 +950,182 @@ impl Handshake {
                 snow::Error::Dh => ProtocolError::LowOrderKey("handshake message 1").into(),
                 e => Error::from_snow(e, "handshake message 2"),
             })?;
-        frame::put_len(&mut self.output, n);
+        frame::put_len(&mut self.output, n + usize::from(kind.is_some()));
+        self.output.extend(kind);
         self.output.extend_from_slice(&msg2[..n]);
         self.noise = Some(Box::new(noise));
         self.state = State::ResponderAwaitMsg3;
         Ok(())
+    }
+
+    /// Answers an `IK` message 1 (SPEC.md 14.3): `IK` message 2 if it
+    /// decrypts, else the `XX` fallback (14.4).
+    fn respond_to_ik_msg1(&mut self) -> Result<(), Error> {
+        let suite = self.suite.expect("known after the preamble");
+        let msg1 = std::mem::take(&mut self.ik_msg1);
+        let prologue = std::mem::take(&mut self.prologue);
+        if self.resumption.accept_ik {
+            let mut noise = self.build_noise_for(Pattern::IK, suite, &prologue, None)?;
+            let mut p1 = Zeroizing::new(vec![0u8; msg1.len()]);
+            match noise.read_message(&msg1, &mut p1) {
+                Ok(n) => return self.answer_ik(noise, &p1[..n]),
+                // Encrypted to another static key (or altered): fall back.
+                Err(snow::Error::Decrypt) => {}
+                Err(e) => return Err(Error::from_snow(e, "IK handshake message 1")),
+            }
+        }
+        // Whatever early data message 1 held is lost unread (this side
+        // cannot tell whether there was any); the initiator sends it again
+        // after the fallback.
+        self.fell_back = true;
+        let mut fallback_prologue = prologue;
+        fallback_prologue.extend_from_slice(&msg1);
+        self.answer_xx_msg1(
+            suite,
+            &fallback_prologue,
+            &msg1[..DH_LEN],
+            Some(REPLY_FALLBACK),
+        )
+    }
+
+    /// Checks the initiator's identity in a decrypted `IK` message 1 and
+    /// writes `IK` message 2: the handshake is then complete.
+    fn answer_ik(&mut self, mut noise: snow::HandshakeState, p1: &[u8]) -> Result<(), Error> {
+        let (id, early) = split_ik_payload(p1)?;
+        let rs: [u8; 32] = noise
+            .get_remote_static()
+            .and_then(|s| s.try_into().ok())
+            .ok_or(Error::BadIdentityProof("no Noise static key was received"))?;
+        let (vat_id, _) = payload::authenticate(id, &rs)?;
+        self.accept_peer(vat_id)?;
+        let status = if early.is_empty() {
+            EARLY_NONE
+        } else if self.resumption.accept_early_data {
+            self.early_in = Zeroizing::new(early.to_vec());
+            self.early_outcome = EarlyDataOutcome::Accepted;
+            EARLY_ACCEPTED
+        } else {
+            self.early_outcome = EarlyDataOutcome::Refused;
+            EARLY_REFUSED
+        };
+        let mut p2 = Vec::with_capacity(1 + self.local_payload.len());
+        p2.push(status);
+        p2.extend_from_slice(&self.local_payload);
+        let mut msg2 = vec![0u8; IK_MESSAGE_2_MIN + self.local_payload.len()];
+        let n = noise
+            .write_message(&p2, &mut msg2)
+            .map_err(|e| Error::from_snow(e, "IK handshake message 2"))?;
+        frame::put_len(&mut self.output, n + 1);
+        self.output.push(REPLY_IK);
+        self.output.extend_from_slice(&msg2[..n]);
+        self.noise = Some(Box::new(noise));
+        self.peer = Some(vat_id);
+        self.finish();
+        Ok(())
+    }
+
+    /// The initiator reads the responder's answer to `IK` message 1.
+    fn on_ik_reply(&mut self) -> Result<(), Error> {
+        let Some(reply) = self.take_frame(FrameBounds {
+            min: 1 + IK_MESSAGE_2_MIN,
+            max: 1 + MSG2_MIN + MAX_HANDSHAKE_PAYLOAD_LEN,
+            what: "the answer to IK handshake message 1",
+        })?
+        else {
+            return Ok(());
+        };
+        let (kind, msg) = reply.split_first().expect("at least the minimum length");
+        match *kind {
+            REPLY_IK => {
+                if msg.len() > IK_MESSAGE_2_MAX {
+                    return Err(ProtocolError::FrameTooLong {
+                        len: reply.len(),
+                        max: 1 + IK_MESSAGE_2_MAX,
+                        what: "IK handshake message 2",
+                    }
+                    .into());
+                }
+                self.on_ik_msg2(msg)
+            }
+            REPLY_FALLBACK => {
+                if msg.len() < MSG2_MIN {
+                    return Err(ProtocolError::FrameTooShort {
+                        len: reply.len(),
+                        min: 1 + MSG2_MIN,
+                        what: "fallback handshake message 2",
+                    }
+                    .into());
+                }
+                self.on_fallback_msg2(msg)
+            }
+            other => Err(ProtocolError::UnknownReplyKind(other).into()),
+        }
+    }
+
+    fn on_ik_msg2(&mut self, msg: &[u8]) -> Result<(), Error> {
+        let noise = self.noise.as_mut().expect("initiator state");
+        let mut p2 = vec![0u8; msg.len()];
+        let n = noise
+            .read_message(msg, &mut p2)
+            .map_err(|e| Error::from_snow(e, "IK handshake message 2"))?;
+        let Some((&status, id)) = p2[..n].split_first() else {
+            return Err(
+                ProtocolError::BadPayload("IK message 2 has no early-data status".into()).into(),
+            );
+        };
+        self.early_outcome = match (status, self.early.is_some()) {
+            (EARLY_NONE, false) => EarlyDataOutcome::NotSent,
+            (EARLY_ACCEPTED, true) => EarlyDataOutcome::Accepted,
+            (EARLY_REFUSED, true) => EarlyDataOutcome::Refused,
+            (status, sent) => {
+                return Err(ProtocolError::BadPayload(format!(
+                "IK message 2: early-data status {status:#04x} is not an answer to {} early data",
+                if sent { "some" } else { "no" }
+            ))
+                .into())
+            }
+        };
+        let known = self
+            .known
+            .clone()
+            .expect("an IK initiator knows the responder");
+        // The static key is the one message 1 was encrypted to, and message
+        // 2 decrypted only if the responder holds its private key.
+        let (vat_id, signature) = payload::authenticate(id, known.static_key())?;
+        if vat_id != known.vat_id() {
+            return Err(Error::PeerRefused {
+                vat_id,
+                reason: "the responder proved another VatId than the one its known static key was recorded for".into(),
+            });
+        }
+        self.accept_peer(vat_id)?;
+        self.peer = Some(vat_id);
+        self.learned = Some(Box::new(KnownResponder::verified(
+            vat_id,
+            *known.static_key(),
+            signature,
+            known.suite(),
+        )));
+        self.finish();
+        Ok(())
+    }
+
+    /// The responder could not decrypt `IK` message 1: continue as the `XX`
+    /// initiator of SPEC.md 14.4, with the same ephemeral key, and run every
+    /// check of `XX` message 2.
+    fn on_fallback_msg2(&mut self, msg2: &[u8]) -> Result<(), Error> {
+        let suite = self.suite.expect("known");
+        let mut prologue = std::mem::take(&mut self.prologue);
+        prologue.extend_from_slice(&self.ik_msg1);
+        // XX message 1 is the `e` IK message 1 sent: nothing new is sent.
+        let (noise, e) = self.write_xx_msg1(suite, &prologue)?;
+        debug_assert_eq!(e[..], self.ik_msg1[..DH_LEN]);
+        self.noise = Some(Box::new(noise));
+        self.fell_back = true;
+        if self.early.is_some() {
+            self.early_outcome = EarlyDataOutcome::FellBack;
+        }
+        self.answer_msg2(msg2, "fallback handshake message 2")
     }
 
     fn on_msg2(&mut self) -> Result<(), Error> {
@@ -688,7 +1137,12 @@ impl Handshake {
         else {
             return Ok(());
         };
-        self.read_payload_and_authenticate(&msg2, "handshake message 2")?;
+        self.answer_msg2(&msg2, "handshake message 2")
+    }
+
+    /// Reads `XX` message 2, checks the responder, writes message 3.
+    fn answer_msg2(&mut self, msg2: &[u8], during: &'static str) -> Result<(), Error> {
+        self.read_payload_and_authenticate(msg2, during)?;
         // Only now, with the responder accepted, reveal who we are.
         let noise = self.noise.as_mut().expect("initiator state");
         let mut msg3 = vec![0u8; MSG3_MIN + self.local_payload.len()];
@@ -733,7 +1187,21 @@ impl Handshake {
             .get_remote_static()
             .and_then(|s| s.try_into().ok())
             .ok_or(Error::BadIdentityProof("no Noise static key was received"))?;
-        let vat_id = payload::authenticate(&buf[..n], &rs)?;
+        let (vat_id, signature) = payload::authenticate(&buf[..n], &rs)?;
+        self.accept_peer(vat_id)?;
+        self.peer = Some(vat_id);
+        if self.role == Role::Initiator {
+            let suite = self.suite.expect("suite known");
+            self.learned = Some(Box::new(KnownResponder::verified(
+                vat_id, rs, signature, suite,
+            )));
+        }
+        Ok(())
+    }
+
+    /// The reflection check and the policy (SPEC.md 5.4), after the peer
+    /// proved `vat_id`.
+    fn accept_peer(&self, vat_id: VatId) -> Result<(), Error> {
         if vat_id == self.own && !self.config.allow_self {
             return Err(Error::PeerRefused {
                 vat_id,
@@ -745,9 +1213,7 @@ impl Handshake {
             .map_err(|r| Error::PeerRefused {
                 vat_id,
                 reason: r.0,
-            })?;
-        self.peer = Some(vat_id);
-        Ok(())
+            })
     }
 
     fn finish(&mut self) {
@@ -782,7 +1248,7 @@ impl Handshake {
             Role::Responder => (k2, k1),
         };
         let pending = self.output[self.output_pos..].to_vec();
-        Ok(Session::new(
+        let mut session = Session::new(
             keys,
             super::transport::Established {
                 role: self.role,
@@ -793,6 +1259,31 @@ impl Handshake {
             self.config.session,
             pending,
             self.input,
-        ))
+        );
+        // Early data a responder took is the start of the stream it reads;
+        // early data it did not take, the initiator sends now (SPEC.md 14.5).
+        session.prepend_plaintext(&self.early_in);
+        if let (Some(early), EarlyDataOutcome::Refused | EarlyDataOutcome::FellBack) =
+            (&self.early, self.early_outcome)
+        {
+            let n = session.write(early.as_bytes())?;
+            debug_assert_eq!(n, early.as_bytes().len(), "early data fits one frame");
+            session.flush()?;
+        }
+        Ok(session)
     }
+}
+
+/// Splits the payload of `IK` message 1 into the identity payload and the
+/// early data (SPEC.md 14.3).
+fn split_ik_payload(p1: &[u8]) -> Result<(&[u8], &[u8]), Error> {
+    let bad = |what: &str| Error::from(ProtocolError::BadPayload(format!("IK message 1: {what}")));
+    let (len, rest) = p1
+        .split_first_chunk::<2>()
+        .ok_or_else(|| bad("no identity length"))?;
+    let len = u16::from_be_bytes(*len) as usize;
+    if len > MAX_HANDSHAKE_PAYLOAD_LEN || len > rest.len() {
+        return Err(bad("the identity length exceeds the payload"));
+    }
+    Ok(rest.split_at(len))
 }

@@ -8,6 +8,8 @@
 //! * [`preamble`]: the initiator's cleartext preamble and suite negotiation.
 //! * [`payload`]: the Cap'n Proto handshake payload and the identity binding.
 //! * [`handshake`]: the Noise XX initiator and responder ([`Handshake`]).
+//! * [`resumption`]: Noise Pipes, `IK` with an `XX` fallback, for an
+//!   initiator that knows the responder ([`ResumptionCache`]).
 //! * [`transport`]: the established session ([`Session`]): DATA, CLOSE and
 //!   REKEY frames.
 //!
@@ -20,10 +22,14 @@ pub mod handshake;
 pub mod payload;
 pub mod preamble;
 pub(crate) mod resolver;
+pub mod resumption;
 pub mod transport;
 
 pub use handshake::{Handshake, HandshakeConfig, Role, EOF_BEFORE_MESSAGE_2};
-pub use preamble::Suite;
+pub use preamble::{Pattern, Suite};
+pub use resumption::{
+    EarlyData, EarlyDataOutcome, KnownResponder, ResumptionCache, ResumptionConfig,
+};
 pub use transport::{ReadOutcome, Session, SessionConfig};
 
 /// Length of the big-endian length prefix before every message.

@@ -96,7 +96,16 @@ fn decode_unvalidated(bytes: &[u8]) -> Result<([u8; 32], [u8; 64]), Error> {
             bytes.len()
         )));
     }
+    // Cap'n Proto reads words in place: a payload that does not start on an
+    // 8-byte boundary (inside an IK message, SPEC.md 14.3) is copied first.
+    let mut words;
     let mut slice = bytes;
+    if !(bytes.as_ptr() as usize).is_multiple_of(8) {
+        words = capnp::Word::allocate_zeroed_vec(bytes.len().div_ceil(8));
+        let aligned = &mut capnp::Word::words_to_bytes_mut(&mut words)[..bytes.len()];
+        aligned.copy_from_slice(bytes);
+        slice = aligned;
+    }
     let reader = serialize::read_message_from_flat_slice(&mut slice, READER_OPTIONS)
         .map_err(|e| bad(format!("not a Cap'n Proto message: {e}")))?;
     if !slice.is_empty() {
@@ -152,19 +161,23 @@ pub fn verify_binding(
 /// Decodes a peer's payload and authenticates its VatId against the Noise
 /// static key the handshake proved: [`decode`] then [`verify_binding`],
 /// except that a binding verified before skips the Ed25519 point checks
-/// too (the key passed them when it was verified).
+/// too (the key passed them when it was verified). Returns the VatId and
+/// its signature.
 ///
 /// # Errors
 /// As [`decode`] and [`verify_binding`].
-pub(crate) fn authenticate(bytes: &[u8], static_public: &[u8; 32]) -> Result<VatId, Error> {
+pub(crate) fn authenticate(
+    bytes: &[u8],
+    static_public: &[u8; 32],
+) -> Result<(VatId, [u8; 64]), Error> {
     let (key, signature) = decode_unvalidated(bytes)?;
     let digest = binding_digest(&key, static_public, &signature);
     if is_verified(&digest) {
-        return Ok(VatId::from_verified_bytes(key));
+        return Ok((VatId::from_verified_bytes(key), signature));
     }
     let vat_id = vat_id_of(&key)?;
     verify_and_remember(&vat_id, &signature, static_public, digest)?;
-    Ok(vat_id)
+    Ok((vat_id, signature))
 }
 
 fn binding_digest(key: &[u8; 32], static_public: &[u8; 32], signature: &[u8; 64]) -> [u8; 32] {
@@ -235,7 +248,7 @@ mod tests {
         let good = id.handshake_payload();
         for _ in 0..2 {
             assert_eq!(
-                authenticate(good, id.noise_static_public()).unwrap(),
+                authenticate(good, id.noise_static_public()).unwrap().0,
                 id.vat_id()
             );
         }

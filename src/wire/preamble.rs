@@ -45,16 +45,24 @@ impl Suite {
     /// close (SPEC.md 2, [`HandshakeConfig::fallback_after`](super::HandshakeConfig::fallback_after)).
     pub const MANDATORY: Suite = Suite::ChaChaPolyBlake2s;
 
-    /// The full Noise protocol name.
+    /// The full Noise protocol name (of the `XX` handshake).
     pub fn noise_name(self) -> &'static str {
-        match self {
-            Suite::ChaChaPolyBlake2s => "Noise_XX_25519_ChaChaPoly_BLAKE2s",
-            Suite::AesGcmSha256 => "Noise_XX_25519_AESGCM_SHA256",
+        self.noise_name_for(Pattern::XX)
+    }
+
+    /// The full Noise protocol name of `pattern` with this suite's
+    /// primitives (SPEC.md 3 and 14).
+    pub fn noise_name_for(self, pattern: Pattern) -> &'static str {
+        match (pattern, self) {
+            (Pattern::XX, Suite::ChaChaPolyBlake2s) => "Noise_XX_25519_ChaChaPoly_BLAKE2s",
+            (Pattern::XX, Suite::AesGcmSha256) => "Noise_XX_25519_AESGCM_SHA256",
+            (Pattern::IK, Suite::ChaChaPolyBlake2s) => "Noise_IK_25519_ChaChaPoly_BLAKE2s",
+            (Pattern::IK, Suite::AesGcmSha256) => "Noise_IK_25519_AESGCM_SHA256",
         }
     }
 
-    pub(crate) fn params(self) -> snow::params::NoiseParams {
-        self.noise_name()
+    pub(crate) fn params_for(self, pattern: Pattern) -> snow::params::NoiseParams {
+        self.noise_name_for(pattern)
             .parse()
             .expect("suite names are valid Noise protocol names")
     }
@@ -110,9 +118,25 @@ impl FromStr for Suite {
     }
 }
 
-/// Encodes the preamble for `suite`.
+/// The Noise handshake pattern a preamble names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Pattern {
+    /// `XX` (SPEC.md 6): the full handshake, three messages.
+    XX,
+    /// `IK` (SPEC.md 14): resumption with a responder whose static key the
+    /// initiator already knows, two messages, with an `XX` fallback.
+    IK,
+}
+
+/// Encodes the preamble for `suite` (and the `XX` pattern).
 pub fn encode(suite: Suite) -> Vec<u8> {
-    let name = suite.noise_name().as_bytes();
+    encode_for(suite, Pattern::XX)
+}
+
+/// Encodes the preamble for `suite` and `pattern`.
+pub fn encode_for(suite: Suite, pattern: Pattern) -> Vec<u8> {
+    let name = suite.noise_name_for(pattern).as_bytes();
     let mut v = Vec::with_capacity(MAGIC.len() + 2 + name.len());
     v.extend_from_slice(MAGIC);
     v.push(VERSION);
@@ -126,6 +150,8 @@ pub fn encode(suite: Suite) -> Vec<u8> {
 pub struct Parsed {
     /// The suite the initiator chose.
     pub suite: Suite,
+    /// The handshake pattern it chose.
+    pub pattern: Pattern,
     /// How many bytes the preamble occupies (it is also the Noise prologue).
     pub len: usize,
 }
@@ -166,9 +192,14 @@ pub fn parse(buf: &[u8], accepted: &[Suite]) -> Result<Option<Parsed>, Error> {
         return Ok(None);
     }
     let name = std::str::from_utf8(avail).expect("checked ASCII");
-    match Suite::from_noise_name(name) {
-        Some(suite) if accepted.contains(&suite) => Ok(Some(Parsed {
+    let found = [Pattern::XX, Pattern::IK]
+        .into_iter()
+        .flat_map(|p| Suite::ALL.into_iter().map(move |s| (p, s)))
+        .find(|(p, s)| s.noise_name_for(*p) == name);
+    match found {
+        Some((pattern, suite)) if accepted.contains(&suite) => Ok(Some(Parsed {
             suite,
+            pattern,
             len: start + name_len,
         })),
         _ => Err(ProtocolError::UnsupportedSuite(name.to_string()).into()),
@@ -190,9 +221,22 @@ mod tests {
                 parse(&p, &Suite::ALL).unwrap(),
                 Some(Parsed {
                     suite: s,
+                    pattern: Pattern::XX,
                     len: p.len()
                 })
             );
+            let p = encode_for(s, Pattern::IK);
+            assert_eq!(
+                parse(&p, &Suite::ALL).unwrap(),
+                Some(Parsed {
+                    suite: s,
+                    pattern: Pattern::IK,
+                    len: p.len()
+                })
+            );
+            // An IK preamble is accepted exactly when its suite is.
+            let others: Vec<Suite> = Suite::ALL.into_iter().filter(|o| *o != s).collect();
+            assert!(parse(&p, &others).is_err());
         }
     }
 

@@ -235,6 +235,32 @@ impl Session {
         }
     }
 
+    /// Makes `plaintext` (early data a responder took, SPEC.md 14.5) the
+    /// first bytes [`read`](Self::read) delivers, before any frame.
+    pub(crate) fn prepend_plaintext(&mut self, plaintext: &[u8]) {
+        if plaintext.is_empty() {
+            return;
+        }
+        let mut buf = Vec::with_capacity(plaintext.len() + self.rx.end - self.rx.start);
+        buf.extend_from_slice(plaintext);
+        buf.extend_from_slice(self.rx.ciphertext());
+        self.rx = RxBuf {
+            start: plaintext.len(),
+            end: buf.len(),
+            plain_pos: 0,
+            plain_end: plaintext.len(),
+            // Zeroed before the buffer is pooled, like plaintext decrypted in place.
+            dirty: plaintext.len(),
+            buf,
+        };
+    }
+
+    /// True once a frame from the peer has authenticated: for a responder
+    /// of `IK`, the initiator's proof that it is live (SPEC.md 14.7).
+    pub(crate) fn received_a_frame(&self) -> bool {
+        self.frames_received
+    }
+
     /// The peer's authenticated VatId.
     pub fn peer_vat_id(&self) -> VatId {
         self.info.peer

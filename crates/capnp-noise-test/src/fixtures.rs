@@ -115,6 +115,23 @@ fn step(from: &mut Handshake, to: &mut Handshake, chunk: usize) -> Result<bool, 
     Ok(taken > 0)
 }
 
+/// What the deterministic initiator records of the deterministic responder
+/// after an XX handshake with `suite` (SPEC.md 14.1): what it resumes with.
+///
+/// # Panics
+/// Never with these keys.
+pub fn known_responder(suite: Suite) -> capnp_noise::wire::KnownResponder {
+    let (mut i, mut r) = deterministic_handshakes(
+        suite,
+        HandshakeConfig::with_suite(suite),
+        Arc::new(AnyVat),
+        Arc::new(AnyVat),
+    )
+    .expect("deterministic handshakes");
+    drive(&mut i, &mut r, usize::MAX).expect("handshake");
+    i.learned_responder().expect("a finished initiator learned")
+}
+
 /// A finished, deterministic session pair (initiator, responder) accepting any vat.
 ///
 /// # Errors

@@ -29,7 +29,7 @@ mod transport;
 mod tunnel;
 
 pub use files::{allow_list, key_file, known_vats, sturdy_capnp, sturdy_uri};
-pub use handshake::{initiator, responder};
+pub use handshake::{initiator, initiator_ik, responder, responder_ik};
 pub use intro::introduction;
 pub use pair_ops::{pair_ops, PairInput, PairOp, Side};
 pub use parsers::{frame, payload, preamble, vat_id};
@@ -47,7 +47,9 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("payload", payload),
     ("vat_id", vat_id),
     ("responder", responder),
+    ("responder_ik", responder_ik),
     ("initiator", initiator),
+    ("initiator_ik", initiator_ik),
     ("transport", transport),
     ("pair_ops", pair_ops),
     ("introduction", introduction),

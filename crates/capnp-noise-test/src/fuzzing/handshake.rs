@@ -10,7 +10,9 @@ use super::support::{new_initiator, new_responder, suite, End, Plan};
 use super::Seed;
 use crate::fixtures;
 use capnp_noise::policy::AnyVat;
+use capnp_noise::policy::PeerContext;
 use capnp_noise::wire::{preamble, Handshake, HandshakeConfig, Session, SessionConfig, Suite};
+use capnp_noise::wire::{EarlyData, EarlyDataOutcome, KnownResponder, Pattern, ResumptionConfig};
 use capnp_noise::wire::{DH_LEN, LENGTH_PREFIX_LEN, TAG_LEN};
 use capnp_noise::VatId;
 
@@ -102,9 +104,14 @@ fn run(mut hs: Handshake, stream: &[u8], plan: Plan, check: &dyn Fn(&Handshake, 
     let peer = hs
         .peer_vat_id()
         .expect("a finished handshake knows its peer");
+    // An IK initiator whose early data was not taken sends it again.
+    let resends = matches!(
+        hs.early_data_outcome(),
+        EarlyDataOutcome::Refused | EarlyDataOutcome::FellBack
+    ) && hs.role() == capnp_noise::wire::Role::Initiator;
     let mut session: Session = hs.into_session().expect("a finished handshake");
     assert_eq!(session.peer_vat_id(), peer);
-    assert!(session.pending_output().is_empty());
+    assert_eq!(!session.pending_output().is_empty(), resends);
     let mut out = vec![0; plan.out_len];
     let mut plaintext = Vec::new();
     let mut end = feed_and_read(
@@ -142,6 +149,27 @@ fn compare_chunkings(
     assert_eq!(chunked, whole, "chunking changed the result");
 }
 
+/// A responder target's checks: [`compare_chunkings`], and the same result
+/// for a responder that [requires admission](Handshake::require_admission).
+fn responder_checks(
+    make: &dyn Fn() -> Handshake,
+    stream: &[u8],
+    plan: Plan,
+    check: &dyn Fn(&Handshake, &[u8]),
+) {
+    compare_chunkings(make, stream, plan, check, initiator_identity().vat_id());
+    let admitted = || {
+        let mut hs = make();
+        hs.require_admission();
+        hs
+    };
+    assert_eq!(
+        run(admitted(), stream, plan, check),
+        run(make(), stream, plan, check),
+        "admission changed the result"
+    );
+}
+
 fn responder_config(chachapoly_only: bool) -> HandshakeConfig {
     HandshakeConfig {
         suites: if chachapoly_only {
@@ -174,24 +202,153 @@ pub fn responder(data: &[u8]) {
         + responder_identity().handshake_payload_for_tests().len()
         + TAG_LEN;
     let check = |hs: &Handshake, out: &[u8]| {
+        // An IK preamble gets the XX fallback (IK is off by default): XX
+        // message 2 after a kind byte.
+        let want = msg2_len + usize::from(hs.pattern() == Pattern::IK);
         assert!(
-            out.is_empty() || out.len() == msg2_len,
+            out.is_empty() || out.len() == want,
             "responder sent {} bytes",
             out.len()
         );
-        assert!(!hs.is_finished() || out.len() == msg2_len);
+        assert!(!hs.is_finished() || out.len() == want);
     };
-    compare_chunkings(make, stream, plan, &check, initiator_identity().vat_id());
-    let admitted = || {
-        let mut hs = make();
-        hs.require_admission();
+    responder_checks(&make, stream, plan, &check);
+}
+
+/// `responder_ik`: the deterministic responder with `IK` accepted (SPEC.md
+/// 14) fed arbitrary bytes from the first one on.
+///
+/// Input: a [`Plan`] header (flag: accept early data), then the bytes "from
+/// the initiator". Checks that the responder sends nothing, or exactly one
+/// answer of the right size (XX message 2 to an XX preamble; to an IK
+/// preamble, IK message 2 or the fallback's message 2 after their kind
+/// byte), that it only ever authenticates the one initiator whose keys
+/// exist, and that the result (output, error, plaintext with early data,
+/// end) is the same whatever the chunking and with admission.
+pub fn responder_ik(data: &[u8]) {
+    let Some((plan, stream)) = Plan::parse(data) else {
+        return;
+    };
+    let make = || {
+        let mut hs = new_responder(responder_config(false));
+        hs.set_resumption(
+            ResumptionConfig::default()
+                .with_accept_ik(true)
+                .with_accept_early_data(plan.flag),
+        );
         hs
     };
-    assert_eq!(
-        run(admitted(), stream, plan, &check),
-        run(make(), stream, plan, &check),
-        "admission changed the result"
+    let payload = responder_identity().handshake_payload_for_tests().len();
+    let xx_msg2 = LENGTH_PREFIX_LEN + DH_LEN + (DH_LEN + TAG_LEN) + payload + TAG_LEN;
+    let ik_msg2 = LENGTH_PREFIX_LEN + 1 + DH_LEN + 1 + payload + TAG_LEN;
+    let check = |hs: &Handshake, out: &[u8]| {
+        let ok = match (hs.pattern(), hs.fell_back()) {
+            (Pattern::XX, _) => out.is_empty() || out.len() == xx_msg2,
+            (_, true) => out.len() == xx_msg2 + 1 && out[2] == 0x01,
+            (_, false) => out.is_empty() || (out.len() == ik_msg2 && out[2] == 0x00),
+        };
+        assert!(ok, "responder sent {} bytes", out.len());
+        assert!(!hs.is_finished() || !out.is_empty());
+    };
+    responder_checks(&make, stream, plan, &check);
+}
+
+/// `initiator_ik`: the deterministic `IK` initiator (SPEC.md 14) fed
+/// arbitrary responder bytes.
+///
+/// Input: a [`Plan`] header (flag: send early data), then the bytes "from
+/// the responder". Checks that after its first flight the initiator sends
+/// nothing but, after a fallback that authenticated the one responder whose
+/// keys exist, XX message 3 (which reveals its identity); that it
+/// authenticates no one else; and that the result is the same whatever the
+/// chunking.
+pub fn initiator_ik(data: &[u8]) {
+    let Some((plan, stream)) = Plan::parse(data) else {
+        return;
+    };
+    let known = known_responder_once();
+    let make = || new_ik_initiator(known, if plan.flag { b"first call" } else { b"" });
+    let first_len = make().pending_output().len();
+    let msg3_len = LENGTH_PREFIX_LEN
+        + (DH_LEN + TAG_LEN)
+        + initiator_identity().handshake_payload_for_tests().len()
+        + TAG_LEN;
+    let check = |hs: &Handshake, out: &[u8]| {
+        let want = if hs.is_finished() && hs.fell_back() {
+            first_len + msg3_len
+        } else {
+            first_len
+        };
+        assert_eq!(
+            out.len(),
+            want,
+            "message 3 without an authenticated responder"
+        );
+    };
+    compare_chunkings(make, stream, plan, &check, responder_identity().vat_id());
+}
+
+fn known_responder_once() -> &'static KnownResponder {
+    static KNOWN: std::sync::OnceLock<KnownResponder> = std::sync::OnceLock::new();
+    KNOWN.get_or_init(known_responder)
+}
+
+fn new_ik_initiator(known: &KnownResponder, early: &[u8]) -> Handshake {
+    Handshake::initiator_resuming_with_fixed_ephemeral(
+        initiator_identity(),
+        Arc::new(AnyVat),
+        PeerContext::initiator(None, None),
+        HandshakeConfig::with_suite(Suite::ChaChaPolyBlake2s),
+        known,
+        (!early.is_empty()).then(|| EarlyData::replayable_not_forward_secret(early)),
+        fixtures::INITIATOR_EPHEMERAL,
+    )
+    .expect("IK initiator")
+}
+
+fn known_responder() -> KnownResponder {
+    fixtures::known_responder(Suite::ChaChaPolyBlake2s)
+}
+
+/// Both directions of a deterministic `IK` connection to a responder that
+/// accepts `IK` and `early_data`: (to the responder: the handshake, then
+/// "after" and a CLOSE; to the initiator: its answer, then "reply" and a
+/// CLOSE).
+fn ik_transcript(known: &KnownResponder, early: &[u8], early_data: bool) -> (Vec<u8>, Vec<u8>) {
+    let mut i = new_ik_initiator(known, early);
+    let mut r = new_responder(responder_config(false));
+    r.set_resumption(
+        ResumptionConfig::default()
+            .with_accept_ik(true)
+            .with_accept_early_data(early_data),
     );
+    let mut to_responder = Vec::new();
+    let mut to_initiator = Vec::new();
+    for _ in 0..4 {
+        let out = i.pending_output().to_vec();
+        i.consume_output(out.len());
+        r.feed(&out).expect("responder");
+        to_responder.extend(out);
+        let back = r.pending_output().to_vec();
+        r.consume_output(back.len());
+        if !back.is_empty() {
+            i.feed(&back).expect("initiator");
+        }
+        to_initiator.extend(back);
+    }
+    let mut s = i.into_session().expect("finished");
+    s.write(b"after").expect("write");
+    s.close().expect("close");
+    to_responder.extend_from_slice(s.pending_output());
+    let mut s = r.into_session().expect("finished");
+    s.write(b"reply").expect("write");
+    s.close().expect("close");
+    to_initiator.extend_from_slice(s.pending_output());
+    (to_responder, to_initiator)
+}
+
+fn ik_to_responder(known: &KnownResponder, early: &[u8]) -> Vec<u8> {
+    ik_transcript(known, early, true).0
 }
 
 /// `initiator`: the deterministic initiator fed arbitrary responder bytes.
@@ -316,12 +473,138 @@ pub(super) fn seeds() -> Vec<Seed> {
         "aesgcm-not-accepted",
         [&Plan::header(0, 0, false, true, 2)[..], &t.to_responder].concat(),
     ));
+    let known = known_responder();
+    let stale = known.clone().with_static_key_for_tests([0x55; 32]);
+    let with = |h: [u8; 2], bytes: &[u8]| [&h[..], bytes].concat();
+    for (name, known, early, header) in [
+        ("ik", &known, &b""[..], Plan::header(0, 0, true, false, 2)),
+        (
+            "ik-early",
+            &known,
+            b"first call",
+            Plan::header(0, 0, true, true, 2),
+        ),
+        (
+            "ik-early-refused-bytewise",
+            &known,
+            b"first call",
+            Plan::header(1, 0, true, false, 0),
+        ),
+        (
+            "fallback-early",
+            &stale,
+            b"first call",
+            Plan::header(3, 5, true, true, 1),
+        ),
+    ] {
+        v.push(Seed::new(
+            "responder_ik",
+            name,
+            with(header, &ik_to_responder(known, early)),
+        ));
+    }
+    // An XX connection to a responder that accepts IK is XX as before.
+    v.push(Seed::new(
+        "responder_ik",
+        "xx",
+        with(
+            Plan::header(0, 0, true, false, 2),
+            &transcript(Suite::ChaChaPolyBlake2s).to_responder,
+        ),
+    ));
+    for (name, known, early, accept, header) in [
+        (
+            "ik",
+            &known,
+            &b""[..],
+            true,
+            Plan::header(0, 0, true, false, 2),
+        ),
+        (
+            "ik-early",
+            &known,
+            b"first call",
+            true,
+            Plan::header(0, 0, true, true, 2),
+        ),
+        (
+            "ik-early-refused",
+            &known,
+            b"first call",
+            false,
+            Plan::header(4, 3, true, true, 1),
+        ),
+        (
+            "fallback-bytewise",
+            &stale,
+            b"",
+            true,
+            Plan::header(1, 0, true, false, 0),
+        ),
+        (
+            "fallback-early",
+            &stale,
+            b"first call",
+            true,
+            Plan::header(0, 0, true, true, 2),
+        ),
+    ] {
+        v.push(Seed::new(
+            "initiator_ik",
+            name,
+            with(header, &ik_transcript(known, early, accept).1),
+        ));
+    }
+    // The old target meets IK: the fallback.
+    v.push(Seed::new(
+        "responder",
+        "ik-fallback",
+        with(
+            Plan::header(0, 0, true, false, 2),
+            &ik_to_responder(&stale, b"call"),
+        ),
+    ));
     v
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The IK seeds get through the handshake (IK, or the fallback) into the
+    /// session, early data first: the target starts deep.
+    #[test]
+    fn ik_transcripts_reach_the_session_with_their_early_data() {
+        let known = known_responder();
+        let stale = known.clone().with_static_key_for_tests([0x55; 32]);
+        for (known, fell_back) in [(&known, false), (&stale, true)] {
+            let stream = ik_to_responder(known, b"first call");
+            let (plan, _) = Plan::parse(&Plan::header(1, 7, true, true, 0)).unwrap();
+            let mut r = new_responder(responder_config(false));
+            r.set_resumption(
+                ResumptionConfig::default()
+                    .with_accept_ik(true)
+                    .with_accept_early_data(true),
+            );
+            let got = run(r, &stream, plan, &|_, _| {});
+            assert_eq!(
+                got.outcome,
+                Outcome::Finished(initiator_identity().vat_id()),
+                "fell back: {fell_back}"
+            );
+            assert_eq!(got.plaintext, b"first callafter");
+            assert_eq!(got.output[2], u8::from(fell_back));
+            // And the initiator's side of the same connection.
+            let (_, to_initiator) = ik_transcript(known, b"first call", false);
+            let i = new_ik_initiator(known, b"first call");
+            let got = run(i, &to_initiator, plan, &|_, _| {});
+            assert_eq!(
+                got.outcome,
+                Outcome::Finished(responder_identity().vat_id())
+            );
+            assert_eq!(got.plaintext, b"reply");
+        }
+    }
 
     /// The full-transcript seeds get through the handshake into the
     /// session, whatever the chunking: the targets start deep.
