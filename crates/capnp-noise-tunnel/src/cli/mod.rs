@@ -73,7 +73,7 @@ Log messages go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) to see more.";
 
 /// capnp-noise: Cap'n Proto RPC over Noise, with Ed25519 vat identities.
 #[derive(Debug, Parser)]
-#[command(name = "capnp-noise", version, after_help = AFTER_HELP)]
+#[command(name = "capnp-noise", version, propagate_version = true, after_help = AFTER_HELP)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
