@@ -1744,11 +1744,27 @@ mod tests {
                 .unwrap()
                 .check_on(Origin::File(file()), platform)
         };
+        let (no_unix, no_systemd) = (
+            "unix: sockets are not available",
+            "socket activation is not available",
+        );
         for (mode, listen, connect, key, says) in [
-            ("client", "unix:/run/db.sock", "h:1", "service.s.listen", "unix: sockets are not available"),
-            ("server", "h:1", "unix:/run/db.sock", "service.s.connect", "unix: sockets are not available"),
-            ("client", "systemd:web", "h:1", "service.s.listen", "socket activation is not available"),
-            ("server", "systemd:web", "h:1", "service.s.listen", "socket activation is not available"),
+            ("client", "unix:/s", "h:1", "service.s.listen", no_unix),
+            ("server", "h:1", "unix:/s", "service.s.connect", no_unix),
+            (
+                "client",
+                "systemd:web",
+                "h:1",
+                "service.s.listen",
+                no_systemd,
+            ),
+            (
+                "server",
+                "systemd:web",
+                "h:1",
+                "service.s.listen",
+                no_systemd,
+            ),
         ] {
             let text = text(mode, listen, connect);
             assert!(on(unix, &text).is_ok(), "{text}");

@@ -206,7 +206,11 @@ fn package_files_writes_the_pages_and_completions_the_deb_carries() {
         ]
     );
     let page = fs::read_to_string(d.join("out/man/capnp-noise-tunnel-client.1")).unwrap();
-    assert!(page.starts_with(".ie"), "not roff: {}", &page[..40.min(page.len())]);
+    assert!(
+        page.starts_with(".ie"),
+        "not roff: {}",
+        &page[..40.min(page.len())]
+    );
     let version = env!("CARGO_PKG_VERSION");
     let title = page.lines().find(|l| l.starts_with(".TH ")).unwrap();
     assert!(
@@ -223,7 +227,10 @@ fn package_files_writes_the_pages_and_completions_the_deb_carries() {
     }
     for help in [&["--help"][..], &["help"]] {
         let out = stdout(&capnp_noise(help, d));
-        assert!(out.contains("tunnel") && !out.contains("package-files"), "{out}");
+        assert!(
+            out.contains("tunnel") && !out.contains("package-files"),
+            "{out}"
+        );
     }
     // Its argument is required, as any other.
     assert_eq!(capnp_noise(&["package-files"], d).status.code(), Some(2));

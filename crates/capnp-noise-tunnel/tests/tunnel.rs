@@ -1694,7 +1694,9 @@ async fn an_auto_client_retries_with_the_mandatory_suite_after_a_silent_close() 
     use capnp_noise::wire::Suite;
     if Suite::preferred() != Suite::AesGcmSha256 {
         // Then `auto` proposes ChaCha20-Poly1305 itself: nothing to retry.
-        eprintln!("SKIPPED: this CPU has no AES instructions, so `auto` proposes the mandatory suite");
+        eprintln!(
+            "SKIPPED: this CPU has no AES instructions, so `auto` proposes the mandatory suite"
+        );
         return;
     }
     let target = tcp_server(echo).await;
@@ -1708,10 +1710,8 @@ async fn an_auto_client_retries_with_the_mandatory_suite_after_a_silent_close() 
         "the server closed without answering Noise_XX_25519_AESGCM_SHA256",
         "retrying once with the mandatory suite Noise_XX_25519_ChaChaPoly_BLAKE2s",
     ]);
-    pair.client.wait_log(&[
-        "connected",
-        "suite=\"Noise_XX_25519_ChaChaPoly_BLAKE2s\"",
-    ]);
+    pair.client
+        .wait_log(&["connected", "suite=\"Noise_XX_25519_ChaChaPoly_BLAKE2s\""]);
 }
 
 // ----- PROXY protocol, parsed by PyPI's proxy-protocol -----

@@ -241,7 +241,10 @@ mod tests {
                 .join("-");
             let page = read(dir.path().join("man").join(format!("{stem}.1")));
             for long in visible_longs(cmd) {
-                assert!(page.contains(&format!("--{long}")), "--{long} not in {stem}.1");
+                assert!(
+                    page.contains(&format!("--{long}")),
+                    "--{long} not in {stem}.1"
+                );
                 for (file, script) in &scripts {
                     // fish writes `-l listen`, bash and zsh `--listen`.
                     let token = if file.ends_with(".fish") {
