@@ -154,7 +154,9 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum SuiteChoice {
     /// A client proposes the faster suite for its CPU (AES-GCM with AES
-    /// instructions, else ChaCha20-Poly1305); a server accepts both.
+    /// instructions, else ChaCha20-Poly1305), and retries once with
+    /// ChaCha20-Poly1305 (the mandatory suite) if the server closes without
+    /// answering AES-GCM (SPEC.md 2); a server accepts both.
     Auto,
     /// Only `Noise_XX_25519_ChaChaPoly_BLAKE2s`.
     #[value(name = "chachapoly")]
@@ -258,7 +260,9 @@ pub struct ServiceSpec {
     pub via: Option<String>,
     /// The cipher suite: a client proposes only it, a server accepts only
     /// it (and refuses others by closing); auto: a client proposes the
-    /// faster one for its CPU, a server accepts both [default: auto].
+    /// faster one for its CPU (and if the server closes without answering,
+    /// retries once with the mandatory chachapoly, and logs it), a server
+    /// accepts both [default: auto].
     #[arg(long, value_name = "SUITE")]
     pub suite: Option<SuiteChoice>,
     /// Limits of this service (overriding the file's defaults).

@@ -62,6 +62,7 @@
 //! peer = "vat1..."             # or a list (old and new key during a rotation),
 //!                              # or: known_vats = "known_vats" (trust on first use)
 //! suite = "auto"               # or "chachapoly" / "aesgcm": only that suite
+//!                              # (auto retries once with chachapoly after a silent close)
 //! # via = "http://proxy.office:3128"  # or socks5://...: reach the server through a proxy
 //! max_connections = 50
 //! keepalive = 25               # the office NAT forgets idle flows after a minute
