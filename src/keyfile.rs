@@ -38,6 +38,13 @@
 //! corrupt data. A key file that group or others may access loads, with a
 //! warning logged through `tracing` (see [`permission_problem`]).
 //!
+//! **On Windows** there are no Unix modes: a saved key gets the access
+//! rules (ACL) its directory passes on to new files, and loading checks no
+//! permissions ([`permission_problem`] is always `None`). Keep keys in a
+//! directory only their user can read, such as the user's profile
+//! (`%USERPROFILE%`), not in a shared or world-readable folder (`C:\`,
+//! `C:\ProgramData`, a network share). Saving is atomic there too.
+//!
 //! ```
 //! use capnp_noise::Identity;
 //! # fn main() -> capnp_noise::Result<()> {
@@ -171,7 +178,8 @@ impl Identity {
     }
 
     /// Saves the identity's Ed25519 key to `path` as PKCS#8 PEM, atomically
-    /// and readable by the owner only (mode 0600).
+    /// and readable by the owner only (mode 0600; on Windows, the access
+    /// rules the directory passes on: see the [module docs](crate::keyfile)).
     ///
     /// # Errors
     /// [`Error::Key`] if `path` exists and `overwrite` is false, or if the
@@ -189,7 +197,8 @@ impl Identity {
 /// Reports whether group or others may access the key file at `path`
 /// (any of the mode bits 0o077, as OpenSSH checks). Returns the warning
 /// text that [`Identity::load`] logs, or `None` if the file is private.
-/// Always `None` on platforms without Unix permissions.
+/// Always `None` on platforms without Unix permissions (Windows: see the
+/// [module documentation](self) for where to keep keys there).
 ///
 /// # Errors
 /// [`Error::Key`] if the file's metadata cannot be read.

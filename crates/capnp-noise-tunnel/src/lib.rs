@@ -62,6 +62,7 @@
 //! peer = "vat1..."             # or a list (old and new key during a rotation),
 //!                              # or: known_vats = "known_vats" (trust on first use)
 //! suite = "auto"               # or "chachapoly" / "aesgcm": only that suite
+//!                              # (auto retries once with chachapoly after a silent close)
 //! # via = "http://proxy.office:3128"  # or socks5://...: reach the server through a proxy
 //! max_connections = 50
 //! keepalive = 25               # the office NAT forgets idle flows after a minute
@@ -172,6 +173,21 @@
 //! `FileDescriptorName=` in the `.socket` unit), TCP or Unix, which also
 //! serves port 443 without root. `contrib/systemd/capnp-noise-tunnel@.service`
 //! is a hardened unit (`systemd-analyze security` rates it 1.1, "OK").
+//!
+//! # Packaging and Windows
+//!
+//! The `.deb` (`cargo deb -p capnp-noise-tunnel`, see the README) installs
+//! the binary, manual pages and bash, zsh and fish completions (written by
+//! the binary itself from its clap definition, `capnp-noise package-files
+//! DIR`, a hidden subcommand), the unit above and an example configuration.
+//!
+//! The crate and the binary build for Windows (`x86_64-pc-windows-gnu`,
+//! cross-compiled with mingw-w64). There, `unix:` and `systemd:` addresses
+//! are refused by [`TunnelSpec::check`] (the error names the key), the CLI
+//! stops on Ctrl-C, Ctrl-Break, a closed console or a system shutdown
+//! (Windows ends the process a few seconds after the last two, whatever the
+//! grace period), there is no reload (no SIGHUP: restart instead), and key
+//! files are not checked for permissions (see [`capnp_noise::keyfile`]).
 //!
 //! # Reload (SIGHUP)
 //!

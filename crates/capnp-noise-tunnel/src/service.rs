@@ -25,7 +25,7 @@ use capnp_noise::identity::Identity;
 use capnp_noise::policy::PeerPolicy;
 use capnp_noise::stream::{self, NoiseStream, StreamConfig};
 use capnp_noise::vat_id::VatId;
-use capnp_noise::wire::HandshakeConfig;
+use capnp_noise::wire::{HandshakeConfig, Suite};
 use std::sync::atomic::Ordering::Relaxed;
 use tokio::io::AsyncWriteExt;
 
@@ -311,10 +311,37 @@ impl Connection {
         self.log_end(&peer, addr, &done, started.elapsed());
     }
 
-    /// Client mode: connects to the server and authenticates it.
+    /// Client mode: connects to the server and authenticates it. If the
+    /// server closes without answering a suite other than the mandatory
+    /// one, and this service accepts the mandatory suite (`suite =
+    /// "auto"`), tries once more with it on a new connection, as
+    /// `capnp_noise::rpc::connect` does (SPEC.md 2,
+    /// [`HandshakeConfig::fallback_after`]), and logs that it did.
     async fn dial_server(&self) -> Result<NoiseStream<TcpStream>, SetupFailure> {
-        let timeout = self.config.limits.handshake_timeout;
         let _slot = self.handshake_slot().await?;
+        let handshake = self.handshake_config();
+        let first = self.handshake_server(handshake.clone()).await;
+        let retry = match &first {
+            Err(SetupFailure::Handshake(e)) => handshake.fallback_after(e),
+            _ => None,
+        };
+        let Some(retry) = retry else { return first };
+        warn!(
+            service = %self.config.name,
+            server = %self.config.connect,
+            "the server closed without answering {}; retrying once with the mandatory suite {}",
+            handshake.suites[0],
+            Suite::MANDATORY
+        );
+        self.handshake_server(retry).await
+    }
+
+    /// Client mode: one TCP connection to the server (through `via` if
+    /// set), and the handshake with `handshake`.
+    async fn handshake_server(
+        &self,
+        handshake: HandshakeConfig,
+    ) -> Result<NoiseStream<TcpStream>, SetupFailure> {
         let tcp = match &self.config.via {
             None => {
                 self.dial("the server", TcpStream::connect(&self.config.connect))
@@ -326,10 +353,10 @@ impl Connection {
             }
         };
         let _ = tcp.set_nodelay(true);
-        let mut config = self
-            .stream_config()
+        let mut config = StreamConfig::default()
+            .with_handshake(handshake)
             .with_dialed(self.config.connect.clone())
-            .with_handshake_timeout(Some(timeout));
+            .with_handshake_timeout(Some(self.config.limits.handshake_timeout));
         // Through a proxy, the peer address is the proxy's.
         if let (Ok(remote), None) = (tcp.peer_addr(), &self.config.via) {
             config = config.with_remote_addr(remote);
@@ -359,10 +386,15 @@ impl Connection {
 
     /// The stream settings of this service's suite choice.
     fn stream_config(&self) -> StreamConfig {
-        let config = StreamConfig::default();
+        StreamConfig::default().with_handshake(self.handshake_config())
+    }
+
+    /// The handshake settings of this service's suite choice: one suite,
+    /// or every suite with this machine's preferred first.
+    fn handshake_config(&self) -> HandshakeConfig {
         match self.config.suite {
-            Some(suite) => config.with_handshake(HandshakeConfig::with_suite(suite)),
-            None => config,
+            Some(suite) => HandshakeConfig::with_suite(suite),
+            None => HandshakeConfig::default(),
         }
     }
 

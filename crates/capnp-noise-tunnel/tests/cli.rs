@@ -177,3 +177,61 @@ fn the_forget_command_in_a_tofu_refusal_works() {
     );
     fails_with(&o, "known-vats file absent does not exist");
 }
+
+/// The hidden `package-files DIR` writes what the .deb carries: a manual
+/// page for the command and each subcommand, and bash, zsh and fish
+/// completions; it shows in no help.
+#[test]
+fn package_files_writes_the_pages_and_completions_the_deb_carries() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let o = capnp_noise(&["package-files", "out"], d);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut pages: Vec<String> = fs::read_dir(d.join("out/man"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    pages.sort();
+    assert_eq!(
+        pages,
+        [
+            "capnp-noise-id.1",
+            "capnp-noise-keygen.1",
+            "capnp-noise-known-vats-forget.1",
+            "capnp-noise-known-vats.1",
+            "capnp-noise-tunnel-client.1",
+            "capnp-noise-tunnel-server.1",
+            "capnp-noise-tunnel.1",
+            "capnp-noise.1",
+        ]
+    );
+    let page = fs::read_to_string(d.join("out/man/capnp-noise-tunnel-client.1")).unwrap();
+    assert!(
+        page.starts_with(".ie"),
+        "not roff: {}",
+        &page[..40.min(page.len())]
+    );
+    let version = env!("CARGO_PKG_VERSION");
+    let title = page.lines().find(|l| l.starts_with(".TH ")).unwrap();
+    assert!(
+        title.starts_with(".TH capnp-noise-tunnel-client 1") && title.contains(version),
+        "{title}"
+    );
+    for (file, marker) in [
+        ("capnp-noise.bash", "complete -F _capnp__noise"),
+        ("_capnp-noise", "#compdef capnp-noise"),
+        ("capnp-noise.fish", "complete -c capnp-noise"),
+    ] {
+        let script = fs::read_to_string(d.join("out/completions").join(file)).unwrap();
+        assert!(script.contains(marker), "{file} lacks {marker:?}");
+    }
+    for help in [&["--help"][..], &["help"]] {
+        let out = stdout(&capnp_noise(help, d));
+        assert!(
+            out.contains("tunnel") && !out.contains("package-files"),
+            "{out}"
+        );
+    }
+    // Its argument is required, as any other.
+    assert_eq!(capnp_noise(&["package-files"], d).status.code(), Some(2));
+}

@@ -1697,6 +1697,35 @@ async fn a_suite_choice_holds_at_both_ends_and_json_logs_carry_timestamps() {
     aes.wait_log(&["handshake with the server failed"]);
 }
 
+/// A client tunnel on `suite = "auto"` proposes AES-GCM (on a CPU with AES
+/// instructions); a ChaCha-only server closes without answering; the
+/// client retries once with the mandatory suite (SPEC.md 2), logs it, and
+/// the connection works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_auto_client_retries_with_the_mandatory_suite_after_a_silent_close() {
+    use capnp_noise::wire::Suite;
+    if Suite::preferred() != Suite::AesGcmSha256 {
+        // Then `auto` proposes ChaCha20-Poly1305 itself: nothing to retry.
+        eprintln!(
+            "SKIPPED: this CPU has no AES instructions, so `auto` proposes the mandatory suite"
+        );
+        return;
+    }
+    let target = tcp_server(echo).await;
+    let pair = Pair::start(target, &["--suite", "chachapoly"], &[]);
+    let mut s = TcpStream::connect(pair.local()).await.unwrap();
+    assert_eq!(
+        bounded("a round trip after the retry", round_trip(&mut s, b"hi")).await,
+        b"hi"
+    );
+    pair.client.wait_log(&[
+        "the server closed without answering Noise_XX_25519_AESGCM_SHA256",
+        "retrying once with the mandatory suite Noise_XX_25519_ChaChaPoly_BLAKE2s",
+    ]);
+    pair.client
+        .wait_log(&["connected", "suite=\"Noise_XX_25519_ChaChaPoly_BLAKE2s\""]);
+}
+
 // ----- PROXY protocol, parsed by PyPI's proxy-protocol -----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

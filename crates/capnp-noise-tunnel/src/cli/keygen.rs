@@ -11,7 +11,8 @@ use super::CmdResult;
 #[derive(Debug, clap::Args)]
 #[command(after_help = "\
 The key is written as PKCS#8 PEM (readable by `openssl pkey`), atomically and
-with mode 0600. Only the VatId is printed on stdout, so
+with mode 0600 (on Windows, with the access rules of its folder: keep it in
+one only you can read). Only the VatId is printed on stdout, so
 `VAT=$(capnp-noise keygen -o my.key)` captures it.")]
 pub(crate) struct Args {
     /// Where to write the new key.

@@ -14,11 +14,12 @@
 use std::process::ExitCode;
 
 use capnp_noise_tunnel::config::LogFormat;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 mod id;
 mod keygen;
 mod known_vats;
+mod package_files;
 mod systemd;
 mod tunnel;
 
@@ -72,7 +73,7 @@ Log messages go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) to see more.";
 
 /// capnp-noise: Cap'n Proto RPC over Noise, with Ed25519 vat identities.
 #[derive(Debug, Parser)]
-#[command(name = "capnp-noise", version, after_help = AFTER_HELP)]
+#[command(name = "capnp-noise", version, propagate_version = true, after_help = AFTER_HELP)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -107,8 +108,21 @@ impl Command {
 /// Parses the command line, runs the subcommand, and maps the outcome to
 /// an exit code.
 pub(crate) fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+    // The parser is the documented definition plus the hidden
+    // `package-files` (see that module).
+    let parsed = Cli::command()
+        .subcommand(package_files::command())
+        .try_get_matches()
+        .and_then(|matches| match matches.subcommand() {
+            Some((package_files::NAME, m)) => Ok(Err(m.clone())),
+            _ => Cli::from_arg_matches(&matches).map(Ok),
+        });
+    let cli = match parsed {
+        Ok(Ok(cli)) => cli,
+        Ok(Err(package)) => {
+            init_logging("warn", LogFormat::Text);
+            return report(package_files::run(&package, Cli::command()));
+        }
         Err(e) => {
             // Usage errors go to stderr; --help and --version to stdout.
             let _ = e.print();
@@ -123,7 +137,12 @@ pub(crate) fn main() -> ExitCode {
     if !matches!(cli.command, Command::Tunnel(_)) {
         init_logging("warn", LogFormat::Text);
     }
-    match cli.command.run() {
+    report(cli.command.run())
+}
+
+/// The exit code of a subcommand's outcome; an error is printed on stderr.
+fn report(outcome: CmdResult) -> ExitCode {
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("capnp-noise: error: {e}");
@@ -155,10 +174,104 @@ pub(crate) fn init_logging(default_level: &str, format: LogFormat) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
     #[test]
     fn clap_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    /// Every visible subcommand, as its path of names from the root
+    /// (`["tunnel", "client"]`), with the command; not clap's own `help`.
+    fn visible_subcommands(
+        cmd: &clap::Command,
+        path: Vec<String>,
+        out: &mut Vec<(Vec<String>, clap::Command)>,
+    ) {
+        let ours = cmd
+            .get_subcommands()
+            .filter(|s| !s.is_hide_set() && s.get_name() != "help");
+        for sub in ours {
+            let mut path = path.clone();
+            path.push(sub.get_name().to_string());
+            out.push((path.clone(), sub.clone()));
+            visible_subcommands(sub, path, out);
+        }
+    }
+
+    /// The visible long options of `cmd` (`--help` and `--version` too).
+    fn visible_longs(cmd: &clap::Command) -> Vec<String> {
+        cmd.get_arguments()
+            .filter(|a| !a.is_hide_set())
+            .filter_map(|a| a.get_long().map(str::to_string))
+            .collect()
+    }
+
+    /// The manual pages and completions the .deb carries mention every
+    /// subcommand and every option of the clap definition, each in its
+    /// own page; and the hidden `package-files` appears in none of them.
+    #[test]
+    fn man_pages_and_completions_cover_every_subcommand_and_option() {
+        let dir = tempfile::tempdir().unwrap();
+        package_files::write(Cli::command(), dir.path()).unwrap();
+        let mut root = Cli::command();
+        root.build();
+        let mut subs = Vec::new();
+        visible_subcommands(&root, Vec::new(), &mut subs);
+        let names: Vec<&str> = subs.iter().map(|(p, _)| p[0].as_str()).collect();
+        for expected in ["keygen", "id", "known-vats", "tunnel"] {
+            assert!(names.contains(&expected), "{expected} not among {names:?}");
+        }
+        let read = |path: std::path::PathBuf| {
+            std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+                // roff writes a hyphen as \-
+                .replace("\\-", "-")
+        };
+        let scripts: Vec<(&str, String)> = package_files::SHELLS
+            .iter()
+            .map(|(_, file)| (*file, read(dir.path().join("completions").join(file))))
+            .collect();
+        let mut pages = vec![(Vec::new(), root.clone())];
+        pages.extend(subs.iter().cloned());
+        let mut options = 0;
+        for (path, cmd) in &pages {
+            let stem = std::iter::once("capnp-noise".to_string())
+                .chain(path.iter().cloned())
+                .collect::<Vec<_>>()
+                .join("-");
+            let page = read(dir.path().join("man").join(format!("{stem}.1")));
+            for long in visible_longs(cmd) {
+                assert!(
+                    page.contains(&format!("--{long}")),
+                    "--{long} not in {stem}.1"
+                );
+                for (file, script) in &scripts {
+                    // fish writes `-l listen`, bash and zsh `--listen`.
+                    let token = if file.ends_with(".fish") {
+                        format!("-l {long}")
+                    } else {
+                        format!("--{long}")
+                    };
+                    assert!(script.contains(&token), "{token} ({stem}) not in {file}");
+                }
+                options += 1;
+            }
+            for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+                let name = sub.get_name();
+                assert!(page.contains(name), "{name} not in {stem}.1");
+                for (file, script) in &scripts {
+                    assert!(script.contains(name), "subcommand {name} not in {file}");
+                }
+            }
+        }
+        assert!(options > 30, "only {options} options were checked");
+        let hidden = package_files::NAME;
+        for (file, script) in &scripts {
+            assert!(!script.contains(hidden), "{hidden} in {file}");
+        }
+        for page in std::fs::read_dir(dir.path().join("man")).unwrap() {
+            let page = page.unwrap().path();
+            assert!(!read(page.clone()).contains(hidden), "{}", page.display());
+        }
     }
 }

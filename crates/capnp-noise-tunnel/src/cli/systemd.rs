@@ -8,6 +8,7 @@
 
 use std::time::Duration;
 
+#[cfg(unix)]
 use tracing::warn;
 
 /// Sends `state` to the service manager, if there is one.

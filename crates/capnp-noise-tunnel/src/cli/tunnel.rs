@@ -43,7 +43,14 @@ why. Listen addresses, new services and connection limits need a restart.
 Under systemd (Type=notify): READY=1 once every service listens,
 STOPPING=1 at shutdown, WATCHDOG=1 at half of WatchdogSec; --listen
 systemd:NAME takes the socket passed as FileDescriptorName=NAME. See
-contrib/systemd/capnp-noise-tunnel@.service.
+contrib/systemd/capnp-noise-tunnel@.service (installed by the .deb as
+capnp-noise-tunnel@NAME, which runs /etc/capnp-noise/NAME.toml; an example
+file is in /usr/share/doc/capnp-noise-tunnel/examples/).
+
+On Windows: Ctrl-C or Ctrl-Break stops as SIGINT does (closing the console
+window or shutting Windows down stops too, but Windows ends the process a
+few seconds later); there is no reload (restart instead); unix: and
+systemd: addresses are refused when the configuration is checked.
 
 Exit status:
   0  stopped by SIGINT/SIGTERM
@@ -195,14 +202,22 @@ pub(crate) fn run(args: Args) -> CmdResult {
 
 /// What a signal asks for.
 enum Asked {
-    /// SIGINT, SIGTERM (Ctrl-C elsewhere): stop.
+    /// SIGINT, SIGTERM (Ctrl-C, Ctrl-Break, a closed console or a system
+    /// shutdown on Windows): stop.
     Stop(&'static str),
-    /// SIGHUP: reload.
+    /// SIGHUP: reload (Unix only).
+    #[cfg_attr(not(unix), allow(dead_code))]
     Reload,
 }
 
 /// SIGINT and SIGTERM: the first shuts down gracefully, the second aborts.
 /// SIGHUP: reload the settings, the identity and the trust files.
+///
+/// On Windows (no signals): Ctrl-C and Ctrl-Break in the console stop as
+/// SIGINT does; closing the console window, logging off and a system
+/// shutdown (`CTRL_CLOSE_EVENT`, `CTRL_SHUTDOWN_EVENT`) stop too, but
+/// Windows ends the process a few seconds later whatever the grace
+/// period. There is no reload: restart the tunnel to apply new settings.
 struct Signals {
     #[cfg(unix)]
     term: tokio::signal::unix::Signal,
@@ -210,6 +225,14 @@ struct Signals {
     int: tokio::signal::unix::Signal,
     #[cfg(unix)]
     hup: tokio::signal::unix::Signal,
+    #[cfg(windows)]
+    ctrl_c: tokio::signal::windows::CtrlC,
+    #[cfg(windows)]
+    ctrl_break: tokio::signal::windows::CtrlBreak,
+    #[cfg(windows)]
+    ctrl_close: tokio::signal::windows::CtrlClose,
+    #[cfg(windows)]
+    ctrl_shutdown: tokio::signal::windows::CtrlShutdown,
 }
 
 impl Signals {
@@ -223,9 +246,15 @@ impl Signals {
         })
     }
 
-    #[cfg(not(unix))]
+    #[cfg(windows)]
     fn new() -> std::io::Result<Self> {
-        Ok(Signals {})
+        use tokio::signal::windows;
+        Ok(Signals {
+            ctrl_c: windows::ctrl_c()?,
+            ctrl_break: windows::ctrl_break()?,
+            ctrl_close: windows::ctrl_close()?,
+            ctrl_shutdown: windows::ctrl_shutdown()?,
+        })
     }
 
     #[cfg(unix)]
@@ -237,10 +266,14 @@ impl Signals {
         }
     }
 
-    #[cfg(not(unix))]
+    #[cfg(windows)]
     async fn next(&mut self) -> Asked {
-        let _ = tokio::signal::ctrl_c().await;
-        Asked::Stop("Ctrl-C")
+        tokio::select! {
+            _ = self.ctrl_c.recv() => Asked::Stop("Ctrl-C"),
+            _ = self.ctrl_break.recv() => Asked::Stop("Ctrl-Break"),
+            _ = self.ctrl_close.recv() => Asked::Stop("console closed"),
+            _ = self.ctrl_shutdown.recv() => Asked::Stop("system shutdown"),
+        }
     }
 
     async fn drive(mut self, stop: ShutdownHandle, reload: ReloadHandle, source: Source) {
