@@ -10,7 +10,7 @@ use crate::sturdy::Address;
 use crate::wire::HandshakeConfig;
 
 /// Settings of a [`Network`](super::Network), given to
-/// [`NetworkBuilder::options`](super::NetworkBuilder::options).
+/// [`NetworkBuilder::config`](super::NetworkBuilder::config).
 ///
 /// Start from [`Default`] and change what you need with the `with_*`
 /// setters (the struct is `#[non_exhaustive]`, so a struct literal does not
