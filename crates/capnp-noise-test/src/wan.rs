@@ -65,6 +65,8 @@
 //! assert_eq!(server.join().unwrap().ip(), Bed::OFFICE);
 //! ```
 
+pub mod compare;
+
 use std::fs::File;
 use std::future::Future;
 use std::io::{self, Read, Write};
@@ -232,11 +234,35 @@ impl BedBuilder {
                 "-n", &router, "link", "add", dev, "type", "veth", "peer", "name", "eth0", "netns",
                 peer_ns,
             ])?;
-            ip(&["-n", &router, "addr", "add", &format!("10.77.{net}.1/24"), "dev", dev])?;
+            ip(&[
+                "-n",
+                &router,
+                "addr",
+                "add",
+                &format!("10.77.{net}.1/24"),
+                "dev",
+                dev,
+            ])?;
             ip(&["-n", &router, "link", "set", dev, "up"])?;
-            ip(&["-n", peer_ns, "addr", "add", &format!("10.77.{net}.2/24"), "dev", "eth0"])?;
+            ip(&[
+                "-n",
+                peer_ns,
+                "addr",
+                "add",
+                &format!("10.77.{net}.2/24"),
+                "dev",
+                "eth0",
+            ])?;
             ip(&["-n", peer_ns, "link", "set", "eth0", "up"])?;
-            ip(&["-n", peer_ns, "route", "add", "default", "via", &format!("10.77.{net}.1")])?;
+            ip(&[
+                "-n",
+                peer_ns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("10.77.{net}.1"),
+            ])?;
         }
         in_ns(
             &router,
@@ -246,9 +272,30 @@ impl BedBuilder {
         )?;
         bed.delayer = Some(Delayer::start(&bed, &router, self.seed)?);
         ip(&["-n", &router, "link", "set", TUN, "up"])?;
-        ip(&["-n", &router, "route", "add", "default", "dev", TUN, "table", DELAY_TABLE])?;
+        ip(&[
+            "-n",
+            &router,
+            "route",
+            "add",
+            "default",
+            "dev",
+            TUN,
+            "table",
+            DELAY_TABLE,
+        ])?;
         for (dev, pref) in [("to-o", "100"), ("to-c", "101")] {
-            ip(&["-n", &router, "rule", "add", "iif", dev, "lookup", DELAY_TABLE, "pref", pref])?;
+            ip(&[
+                "-n",
+                &router,
+                "rule",
+                "add",
+                "iif",
+                dev,
+                "lookup",
+                DELAY_TABLE,
+                "pref",
+                pref,
+            ])?;
         }
         if let Some(kbit) = self.rate_kbit {
             // The queue holds a round trip's worth at this rate (at least
@@ -257,18 +304,20 @@ impl BedBuilder {
             let burst = (bytes_per_s / 250).max(16 * 1024);
             let limit = (bytes_per_s * self.rtt.as_millis().max(20) as u64 / 1000).max(64 * 1024);
             for dev in ["to-o", "to-c"] {
-                run(Command::new("ip").args(["netns", "exec", &router, "tc", "qdisc", "add"]).args([
-                    "dev",
-                    dev,
-                    "root",
-                    "tbf",
-                    "rate",
-                    &format!("{kbit}kbit"),
-                    "burst",
-                    &burst.to_string(),
-                    "limit",
-                    &limit.to_string(),
-                ]))?;
+                run(Command::new("ip")
+                    .args(["netns", "exec", &router, "tc", "qdisc", "add"])
+                    .args([
+                        "dev",
+                        dev,
+                        "root",
+                        "tbf",
+                        "rate",
+                        &format!("{kbit}kbit"),
+                        "burst",
+                        &burst.to_string(),
+                        "limit",
+                        &limit.to_string(),
+                    ]))?;
             }
         }
         bed.apply_rules()?;
@@ -303,7 +352,8 @@ impl Bed {
         }
         let n = BEDS.fetch_add(1, Ordering::Relaxed);
         let probe = format!("cnwan{}-{n}-probe", std::process::id());
-        ip(&["netns", "add", &probe]).map_err(|e| format!("cannot make a network namespace: {e}"))?;
+        ip(&["netns", "add", &probe])
+            .map_err(|e| format!("cannot make a network namespace: {e}"))?;
         ip(&["netns", "del", &probe])
     }
 

@@ -16,7 +16,9 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use capnp_noise_test::peers;
+use capnp_noise_test::wan::compare::{Setup, Way};
 use capnp_noise_test::wan::{Bed, Side};
+use std::path::Path;
 
 /// Whether beds can be made here (else the test returns: skipped, or a
 /// failure under CI).
@@ -109,7 +111,10 @@ fn the_bed_adds_its_round_trip_and_jitter_without_reordering() {
     // Never faster than the configured delay; the median within the jitter
     // (two passes of at most 5 ms) plus scheduling slack on a loaded machine.
     assert!(min >= 50 * MS, "a round trip took {min:?} < 50 ms");
-    assert!(med <= 75 * MS, "median round trip {med:?} (wanted 50-60 ms)");
+    assert!(
+        med <= 75 * MS,
+        "median round trip {med:?} (wanted 50-60 ms)"
+    );
     drop(echo);
 }
 
@@ -201,4 +206,69 @@ fn the_bed_limits_the_rate_to_its_tbf() {
     // Goodput is the rate less TCP/IP headers (1448 of 1500 bytes: 19.3).
     assert!(mbit <= 20.0, "{mbit:.2} Mbit/s through a 20 Mbit/s tbf");
     assert!(mbit >= 16.0, "{mbit:.2} Mbit/s through a 20 Mbit/s tbf");
+}
+
+// ----- time to the first answer (item 2) -----
+
+/// How many times each measurement repeats (`WAN_RUNS`, default 3: the
+/// short profile of `.ci/run`).
+fn runs() -> usize {
+    std::env::var("WAN_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+}
+
+fn stunnel() -> bool {
+    peers::usable("stunnel4", peers::runs("stunnel4", &["-version"]))
+        && peers::usable("openssl", peers::runs("openssl", &["version"]))
+}
+
+/// From connect to the first RPC reply at 50 ms RTT, for each way, in
+/// round trips: plain TCP 2 (SYN, then the bootstrap call pipelined with
+/// `whoami`), TLS 1.3 3, and capnp-noise 3: its first call travels with
+/// handshake message 3, through the library and through the tunnel. An
+/// extra flush or wait at either end would make it 4.
+#[test]
+fn the_first_answer_at_50_ms_costs_3_round_trips_like_tls_1_3() {
+    if !beds() || !stunnel() {
+        return;
+    }
+    let rtt = 50 * MS;
+    let bed = Bed::builder().rtt(rtt).build().expect("a bed");
+    let setup = Setup::start(&bed, Path::new(env!("CARGO_BIN_EXE_capnp-noise")));
+    let mut times: Vec<(Way, Vec<Duration>)> = Way::ALL.iter().map(|&w| (w, vec![])).collect();
+    // Interleaved: one of each way per run.
+    for _ in 0..runs() {
+        for (way, t) in &mut times {
+            t.push(setup.try_first_answer(&bed, *way).expect("an answer"));
+        }
+    }
+    eprintln!(
+        "\ntime to the first answer at RTT {rtt:?} ({} runs each, median):",
+        runs()
+    );
+    eprintln!("| way | ms (median) | ms (min-max) | round trips |");
+    eprintln!("|---|---|---|---|");
+    let mut trips = vec![];
+    for (way, t) in &times {
+        let med = median(t.clone());
+        let (min, max) = (t.iter().min().unwrap(), t.iter().max().unwrap());
+        let n = (med.as_secs_f64() / rtt.as_secs_f64()).round() as u32;
+        eprintln!(
+            "| {} | {:.1} | {:.1}-{:.1} | {n} |",
+            way.name(),
+            med.as_secs_f64() * 1e3,
+            min.as_secs_f64() * 1e3,
+            max.as_secs_f64() * 1e3
+        );
+        trips.push((way.name(), n));
+    }
+    let want = [
+        ("plain TCP", 2),
+        ("capnp-noise", 3),
+        ("capnp-noise tunnel", 3),
+        ("stunnel (TLS 1.3)", 3),
+    ];
+    assert_eq!(trips, want, "round trips to the first answer");
 }
