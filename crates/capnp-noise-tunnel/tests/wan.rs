@@ -288,3 +288,259 @@ fn the_first_answer_at_50_ms_costs_3_round_trips_like_tls_1_3() {
     ];
     assert_eq!(trips, want, "round trips to the first answer");
 }
+
+// ----- faults (item 5) -----
+
+/// Seeded runs of each fault (`WAN_RUNS`, default 1 for the short profile).
+fn fault_runs() -> usize {
+    std::env::var("WAN_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+}
+
+/// A fault the bed plays while a test's traffic runs.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    /// Everything dropped, for this long.
+    Partition(Duration),
+    /// This loss (per mille), for this long.
+    LossBurst(u32, Duration),
+}
+
+impl Fault {
+    fn play(self, bed: &Bed) {
+        match self {
+            Fault::Partition(d) => {
+                bed.partition(true);
+                std::thread::sleep(d);
+                bed.partition(false);
+            }
+            Fault::LossBurst(n, d) => {
+                bed.set_loss_per_mille(n);
+                std::thread::sleep(d);
+                bed.set_loss_per_mille(0);
+            }
+        }
+    }
+
+    fn duration(self) -> Duration {
+        match self {
+            Fault::Partition(d) | Fault::LossBurst(_, d) => d,
+        }
+    }
+}
+
+/// Per way and fault: what was attempted, what arrived, what was lost
+/// without an error, the errors, and the stalls beyond the fault itself.
+#[derive(Debug, Default)]
+struct Tally {
+    runs: usize,
+    attempted: u64,
+    delivered: u64,
+    lost_silently: u64,
+    errors: Vec<String>,
+    recover: Vec<Duration>,
+}
+
+impl Tally {
+    fn row(&self, what: &str, unit: &str) -> String {
+        let recover = if self.recover.is_empty() {
+            "-".to_string()
+        } else {
+            let max = self.recover.iter().max().unwrap();
+            format!(
+                "{:.1} s (max {:.1} s)",
+                median(self.recover.clone()).as_secs_f64(),
+                max.as_secs_f64()
+            )
+        };
+        format!(
+            "| {what} | {} | {} {unit} | {} | {} | {} | {recover} |",
+            self.runs,
+            self.attempted,
+            self.delivered,
+            self.lost_silently,
+            if self.errors.is_empty() {
+                "0".to_string()
+            } else {
+                format!("{}: {}", self.errors.len(), self.errors[0])
+            },
+        )
+    }
+}
+
+const TABLE_HEAD: &str = "| fault, way | runs | attempted | delivered | lost without an error | errors | time to recover |\n|---|---|---|---|---|---|---|";
+
+/// A 5 s partition and a 2 s burst of 30 % loss in the middle of a 4 MiB
+/// transfer at 20 Mbit/s, 50 ms RTT: every byte arrives (the sink counts
+/// them after the sender's end-of-stream), or the failure is an error; a
+/// short count after a clean end (a truncation that looks like an end) is
+/// the one thing that must never happen. "Time to recover" is the stall
+/// beyond the fault itself (the transfer's time, less the same transfer's
+/// time without a fault, less the fault's length): TCP's retransmission
+/// backoff.
+#[test]
+fn transfers_lose_nothing_through_a_5_s_partition_or_a_loss_burst() {
+    if !beds() || !stunnel() {
+        return;
+    }
+    let _one = one_bed();
+    let bed = Bed::builder()
+        .rtt(50 * MS)
+        .rate_kbit(20_000)
+        .build()
+        .expect("a bed");
+    let setup = Setup::start(&bed, Path::new(env!("CARGO_BIN_EXE_capnp-noise")));
+    let bytes = 4 << 20;
+    let faults = [
+        Fault::Partition(Duration::from_secs(5)),
+        Fault::LossBurst(300, Duration::from_secs(2)),
+    ];
+    let mut rows = vec![];
+    for fault in faults {
+        for way in Way::ALL {
+            let mut t = Tally::default();
+            for _ in 0..fault_runs() {
+                let (base, n) = setup.try_transfer(&bed, way, bytes).expect("a transfer");
+                assert_eq!(n, bytes as u64, "{}: a transfer without a fault", way.name());
+                let outcome = std::thread::scope(|s| {
+                    let transfer = s.spawn(|| setup.try_transfer(&bed, way, bytes));
+                    std::thread::sleep(700 * MS);
+                    fault.play(&bed);
+                    transfer.join().unwrap()
+                });
+                t.runs += 1;
+                t.attempted += bytes as u64;
+                match outcome {
+                    Ok((elapsed, n)) => {
+                        t.delivered += n;
+                        t.lost_silently += bytes as u64 - n.min(bytes as u64);
+                        t.recover.push(
+                            elapsed
+                                .saturating_sub(base)
+                                .saturating_sub(fault.duration()),
+                        );
+                    }
+                    Err(e) => t.errors.push(e),
+                }
+            }
+            rows.push(t.row(&format!("{fault:?}, {}", way.name()), "B"));
+            assert_eq!(t.lost_silently, 0, "{fault:?}, {}: {t:?}", way.name());
+            assert!(t.errors.is_empty(), "{fault:?}, {}: {t:?}", way.name());
+        }
+    }
+    eprintln!("\ntransfers of {bytes} B at 20 Mbit/s, 50 ms RTT:\n{TABLE_HEAD}");
+    for r in rows {
+        eprintln!("{r}");
+    }
+}
+
+/// Echo calls one after another on one connection for 9 s, with a 5 s
+/// partition from the first second: each call is answered with its own
+/// data, or fails with an error; none is answered wrongly, and none waits
+/// for ever (30 s). "Time to recover": from the end of the partition to the
+/// next answer.
+#[test]
+fn rpc_calls_through_a_5_s_partition_are_answered_late_never_lost() {
+    if !beds() || !stunnel() {
+        return;
+    }
+    let _one = one_bed();
+    let bed = Bed::builder().rtt(50 * MS).build().expect("a bed");
+    let setup = Setup::start(&bed, Path::new(env!("CARGO_BIN_EXE_capnp-noise")));
+    let partition = Duration::from_secs(5);
+    let mut rows = vec![];
+    for way in Way::ALL {
+        let mut t = Tally::default();
+        for _ in 0..fault_runs() {
+            let (tx, rx) = std::sync::mpsc::channel::<()>();
+            let outcome = std::thread::scope(|s| {
+                let calls = s.spawn(|| {
+                    setup.with_office(&bed, way, move |office, _| async move {
+                        let _ = tx.send(());
+                        call_for(&office, Duration::from_secs(9)).await
+                    })
+                });
+                rx.recv().expect("connected");
+                std::thread::sleep(Duration::from_secs(1));
+                Fault::Partition(partition).play(&bed);
+                let healed = Instant::now();
+                (calls.join().unwrap(), healed)
+            });
+            t.runs += 1;
+            match outcome {
+                (Ok(c), healed) => {
+                    t.attempted += c.attempted;
+                    t.delivered += c.answered;
+                    t.lost_silently += c.wrong + c.hung;
+                    t.errors.extend(c.error);
+                    if let Some(after) = c.answers.iter().find(|&&a| a > healed) {
+                        t.recover.push(*after - healed);
+                    }
+                }
+                (Err(e), _) => t.errors.push(e),
+            }
+        }
+        rows.push(t.row(&format!("5 s partition, {}", way.name()), "calls"));
+        assert_eq!(t.lost_silently, 0, "{}: {t:?}", way.name());
+        assert!(t.errors.is_empty(), "{}: {t:?}", way.name());
+    }
+    eprintln!("\nRPC echo calls, one at a time for 9 s, 50 ms RTT:\n{TABLE_HEAD}");
+    for r in rows {
+        eprintln!("{r}");
+    }
+}
+
+/// What [`call_for`] saw.
+#[derive(Debug, Default)]
+struct Calls {
+    attempted: u64,
+    answered: u64,
+    /// Answered with data other than the call's own.
+    wrong: u64,
+    /// Neither answered nor failed within 30 s.
+    hung: u64,
+    /// The first error (calls stop there).
+    error: Option<String>,
+    /// When each answer came.
+    answers: Vec<Instant>,
+}
+
+/// Echo calls, one after another, for `total`.
+async fn call_for(
+    office: &capnp_noise_test::schema::demo_capnp::office::Client,
+    total: Duration,
+) -> Calls {
+    let end = Instant::now() + total;
+    let mut c = Calls::default();
+    while Instant::now() < end {
+        c.attempted += 1;
+        let data = format!("call {} ", c.attempted).repeat(64);
+        let mut req = office.echo_request();
+        req.get().set_data(data.as_bytes());
+        match tokio::time::timeout(Duration::from_secs(30), req.send().promise).await {
+            Err(_) => {
+                c.hung += 1;
+                break;
+            }
+            Ok(Err(e)) => {
+                c.error = Some(e.to_string());
+                break;
+            }
+            Ok(Ok(reply)) => {
+                let same = reply
+                    .get()
+                    .and_then(|r| r.get_data())
+                    .is_ok_and(|d| d == data.as_bytes());
+                if same {
+                    c.answered += 1;
+                    c.answers.push(Instant::now());
+                } else {
+                    c.wrong += 1;
+                }
+            }
+        }
+    }
+    c
+}

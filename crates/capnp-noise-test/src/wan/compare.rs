@@ -116,6 +116,15 @@ impl Setup {
     /// # Panics
     /// When something does not start.
     pub fn start(bed: &Bed, capnp_noise: &Path) -> Setup {
+        Setup::start_with(bed, capnp_noise, &[])
+    }
+
+    /// [`start`](Self::start), with `tunnel_args` added to both tunnels'
+    /// command lines (`["--keepalive", "1"]`).
+    ///
+    /// # Panics
+    /// When something does not start.
+    pub fn start_with(bed: &Bed, capnp_noise: &Path, tunnel_args: &[&str]) -> Setup {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let server = Identity::generate();
         let client = Identity::generate();
@@ -146,7 +155,7 @@ impl Setup {
             cloud: Some(cloud),
             _dir: dir,
         };
-        setup.start_tunnels(bed, capnp_noise);
+        setup.start_tunnels(bed, capnp_noise, tunnel_args);
         setup.start_stunnels(bed);
         // Ready when a call goes through each way (a tunnel or stunnel
         // listens before its far end does).
@@ -160,7 +169,7 @@ impl Setup {
         setup
     }
 
-    fn start_tunnels(&mut self, bed: &Bed, exe: &Path) {
+    fn start_tunnels(&mut self, bed: &Bed, exe: &Path, extra: &[&str]) {
         let dir = self._dir.path();
         let (skey, ckey) = (dir.join("server.key"), dir.join("client.key"));
         self.server.save(&skey, false).expect("save the server key");
@@ -178,7 +187,8 @@ impl Setup {
             .args(["--connect", &format!("127.0.0.1:{target}")])
             .arg("--identity")
             .arg(&skey)
-            .args(["--allow-vat", &client_vat]);
+            .args(["--allow-vat", &client_vat])
+            .args(extra);
             self.spawn(cmd, "capnp-noise tunnel server");
             let mut cmd = bed.command(Side::Office, exe);
             cmd.args([
@@ -190,7 +200,8 @@ impl Setup {
             .args(["--connect", &format!("{}:{listen}", Bed::CLOUD)])
             .arg("--identity")
             .arg(&ckey)
-            .args(["--peer", &server_vat]);
+            .args(["--peer", &server_vat])
+            .args(extra);
             self.spawn(cmd, "capnp-noise tunnel client");
         }
     }
@@ -277,42 +288,57 @@ impl Setup {
     /// # Errors
     /// Why no answer came.
     pub fn try_first_answer(&self, bed: &Bed, way: Way) -> Result<Duration, String> {
+        self.with_office(bed, way, |office, start| async move {
+            tokio::time::timeout(Duration::from_secs(10), crate::support::whoami(&office))
+                .await
+                .map_err(|_| "no answer within 10 s".to_string())?
+                .map_err(|e| e.to_string())?;
+            Ok(start.elapsed())
+        })?
+    }
+
+    /// Connects from the office to the cloud's `Office` over `way` and runs
+    /// `f(office, start)` on that connection (`start`: before connecting),
+    /// in the office's namespace; then disconnects.
+    ///
+    /// # Errors
+    /// Why the connection failed (within 10 s).
+    pub fn with_office<F, Fut, T>(&self, bed: &Bed, way: Way, f: F) -> Result<T, String>
+    where
+        F: FnOnce(office::Client, Instant) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = T> + 'static,
+        T: Send + 'static,
+    {
         let addr = way.addr(false);
         let client = self.client.clone();
         let server = self.server.vat_id();
+        let limit = Duration::from_secs(10);
         bed.run_async_in(Side::Office, move || async move {
-            let limit = Duration::from_secs(10);
             let start = Instant::now();
-            let answer = tokio::time::timeout(limit, async {
-                if way == Way::Noise {
-                    let config = ClientConfig::default();
-                    let (office, conn): (office::Client, _) =
-                        rpc::connect(addr, &client, Arc::new(Pinned(server)), config)
-                            .await
-                            .map_err(|e| e.to_string())?;
-                    crate::support::whoami(&office)
+            if way == Way::Noise {
+                let config = ClientConfig::default().with_timeout(limit);
+                let (office, conn): (office::Client, _) =
+                    rpc::connect(addr, &client, Arc::new(Pinned(server)), config)
                         .await
                         .map_err(|e| e.to_string())?;
-                    let elapsed = start.elapsed();
-                    let _ = conn.disconnect().await;
-                    Ok(elapsed)
-                } else {
-                    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-                    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
-                    let mut system = twoparty_system(tcp, RpcSide::Client, None);
-                    let office: office::Client = system.bootstrap(RpcSide::Server);
-                    let disconnector = system.get_disconnector();
-                    let task = tokio::task::spawn_local(system);
-                    let answered = crate::support::whoami(&office).await;
-                    let elapsed = start.elapsed();
-                    drop(office);
-                    let _ = disconnector.await;
-                    task.abort();
-                    answered.map(|_| elapsed).map_err(|e| e.to_string())
-                }
-            })
-            .await;
-            answer.unwrap_or_else(|_| Err(format!("no answer within {limit:?}")))
+                let out = f(office, start).await;
+                let _ = tokio::time::timeout(limit, conn.disconnect()).await;
+                Ok(out)
+            } else {
+                let tcp = tokio::time::timeout(limit, TcpStream::connect(addr))
+                    .await
+                    .map_err(|_| format!("no TCP connection within {limit:?}"))?
+                    .map_err(|e| e.to_string())?;
+                tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+                let mut system = twoparty_system(tcp, RpcSide::Client, None);
+                let office: office::Client = system.bootstrap(RpcSide::Server);
+                let disconnector = system.get_disconnector();
+                let task = tokio::task::spawn_local(system);
+                let out = f(office, start).await;
+                let _ = tokio::time::timeout(limit, disconnector).await;
+                task.abort();
+                Ok(out)
+            }
         })
         .join()
         .map_err(|_| "the office's thread panicked".to_string())?
