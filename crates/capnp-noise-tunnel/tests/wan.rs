@@ -544,3 +544,171 @@ async fn call_for(
     }
     c
 }
+
+/// A NAT that forgets flows idle for 2 s (conntrack in the router): after
+/// 4 s of silence, a call on the old connection. Only the tunnel, with
+/// `--keepalive 1`, keeps its flow alive; plain TCP, capnp-noise's
+/// `rpc::connect` (which sends no keepalive) and stunnel lose theirs: the
+/// call is neither answered nor failed (TCP retransmits into the NAT for
+/// many minutes) until the application's own timeout. A new connection
+/// works at once (its SYN makes a new mapping).
+#[test]
+fn after_a_nat_drops_an_idle_flow_only_keepalives_keep_the_connection() {
+    if !beds() || !stunnel() {
+        return;
+    }
+    let _one = one_bed();
+    let bed = Bed::builder().rtt(50 * MS).build().expect("a bed");
+    let exe = Path::new(env!("CARGO_BIN_EXE_capnp-noise"));
+    let setup = Setup::start_with(&bed, exe, &["--keepalive", "1"]);
+    bed.drop_idle_flows_after(Some(Duration::from_secs(2)));
+    let wait = Duration::from_secs(8);
+    eprintln!("\nan idle flow dropped by a NAT after 2 s; a call after 4 s idle (waited {wait:?}):");
+    eprintln!("| way | old connection | new connection |\n|---|---|---|");
+    for way in Way::ALL {
+        let old = setup
+            .with_office(&bed, way, move |office, _| async move {
+                capnp_noise_test::support::whoami(&office)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tokio::time::sleep(Duration::from_secs(4)).await;
+                let start = Instant::now();
+                match tokio::time::timeout(wait, capnp_noise_test::support::whoami(&office)).await {
+                    Ok(Ok(_)) => Ok(format!("answered in {:.0} ms", start.elapsed().as_secs_f64() * 1e3)),
+                    Ok(Err(e)) => Err(format!("error: {e}")),
+                    Err(_) => Err("no answer, no error".to_string()),
+                }
+            })
+            .expect("connected");
+        let new = setup.try_first_answer(&bed, way);
+        eprintln!(
+            "| {} | {} | {} |",
+            way.name(),
+            old.clone().unwrap_or_else(|e| e),
+            match &new {
+                Ok(t) => format!("answered in {:.0} ms", t.as_secs_f64() * 1e3),
+                Err(e) => e.clone(),
+            }
+        );
+        assert!(new.is_ok(), "{}: a new connection failed: {new:?}", way.name());
+        if way == Way::Tunnel {
+            assert!(old.is_ok(), "the tunnel's keepalives did not keep the flow: {old:?}");
+        } else {
+            // The bed's NAT works: without keepalives the flow is gone.
+            assert!(old.is_err(), "{}: answered after the NAT forgot the flow", way.name());
+        }
+    }
+}
+
+/// The cloud's capnp-noise server stops (its process's sockets close) while
+/// an office client holds its bootstrap capability, and starts again 1 s
+/// later. The client's next call fails with an error (never a silent end),
+/// within a round trip or so of the stop; a new `rpc::connect` succeeds as
+/// soon as the server listens again; the old capability stays broken (a
+/// capability is bound to its connection: applications reconnect and get
+/// it anew, or restore a sturdy ref).
+#[test]
+fn a_server_restart_fails_held_capabilities_with_an_error_and_reconnecting_works() {
+    if !beds() {
+        return;
+    }
+    let _one = one_bed();
+    let bed = Bed::builder().rtt(50 * MS).build().expect("a bed");
+    let server = capnp_noise::Identity::generate();
+    let client = capnp_noise::Identity::generate();
+    let server_vat = server.vat_id();
+    let start_server = || {
+        let (ready, listening) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let id = server.clone();
+        let handle = bed.run_async_in(Side::Cloud, move || async move {
+            let listener = tokio::net::TcpListener::bind((Bed::CLOUD, 7800))
+                .await
+                .unwrap();
+            ready.send(()).unwrap();
+            tokio::select! {
+                _ = stopped => {}
+                () = capnp_noise::rpc::serve(listener, id, std::sync::Arc::new(capnp_noise::AnyVat),
+                    capnp_noise::rpc::ServerConfig::default(),
+                    capnp_noise_test::office::Office::bootstrap) => {}
+            }
+            // Leaving drops the runtime: every connection's socket closes,
+            // as when a server process exits.
+        });
+        listening.recv().unwrap();
+        (stop, handle)
+    };
+    let mut rows = vec![];
+    for _ in 0..fault_runs() {
+        let (stop, handle) = start_server();
+        let (held_tx, held) = std::sync::mpsc::channel();
+        let id = client.clone();
+        let office = bed.run_async_in(Side::Office, move || async move {
+            use capnp_noise::rpc;
+            let addr = SocketAddr::from((Bed::CLOUD, 7800));
+            let policy = std::sync::Arc::new(capnp_noise::Pinned(server_vat));
+            let (office, conn): (capnp_noise_test::schema::demo_capnp::office::Client, _) =
+                rpc::connect(addr, &id, policy.clone(), rpc::ClientConfig::default())
+                    .await
+                    .unwrap();
+            capnp_noise_test::support::whoami(&office).await.unwrap();
+            held_tx.send(()).unwrap();
+            // Calls on the held capability every 50 ms until one fails.
+            let failed = loop {
+                tokio::time::sleep(50 * MS).await;
+                let call = capnp_noise_test::support::whoami(&office);
+                match tokio::time::timeout(Duration::from_secs(30), call).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => break (Instant::now(), e.to_string()),
+                    Err(_) => panic!("a call on the held capability neither failed nor answered"),
+                }
+            };
+            drop(conn);
+            // Reconnect every 100 ms until a call is answered.
+            let reconnected = loop {
+                let attempt = async {
+                    let (o, c): (capnp_noise_test::schema::demo_capnp::office::Client, _) =
+                        rpc::connect(addr, &id, policy.clone(), rpc::ClientConfig::default())
+                            .await
+                            .ok()?;
+                    capnp_noise_test::support::whoami(&o).await.ok()?;
+                    Some(c)
+                };
+                if let Ok(Some(c)) = tokio::time::timeout(Duration::from_secs(5), attempt).await {
+                    let _ = c.disconnect().await;
+                    break Instant::now();
+                }
+                tokio::time::sleep(100 * MS).await;
+            };
+            // The old capability stays broken.
+            let old = capnp_noise_test::support::whoami(&office).await;
+            (failed, reconnected, old.is_err())
+        });
+        held.recv().expect("connected");
+        std::thread::sleep(Duration::from_millis(500));
+        let stopped_at = Instant::now();
+        stop.send(()).unwrap();
+        handle.join().unwrap();
+        std::thread::sleep(Duration::from_secs(1));
+        let restarted_at = Instant::now();
+        let (stop, handle) = start_server();
+        let ((failed_at, error), reconnected_at, old_broken) = office.join().unwrap();
+        let _ = stop.send(());
+        handle.join().unwrap();
+        assert!(old_broken, "the old capability answered after the restart");
+        assert!(
+            failed_at < restarted_at,
+            "the held capability failed only after the restart"
+        );
+        rows.push(format!(
+            "| {:.0} ms | {error} | {:.0} ms |",
+            (failed_at - stopped_at).as_secs_f64() * 1e3,
+            reconnected_at.saturating_duration_since(restarted_at).as_secs_f64() * 1e3,
+        ));
+    }
+    eprintln!("\nserver restart (down 1 s) while the client holds a capability, 50 ms RTT:");
+    eprintln!("| held capability fails after the stop | its error | reconnected after the restart |\n|---|---|---|");
+    for r in rows {
+        eprintln!("{r}");
+    }
+}
