@@ -477,3 +477,71 @@ fn twoparty_system(
     );
     RpcSystem::new(Box::new(network), bootstrap)
 }
+
+/// `runs` first answers over every way, interleaved (one of each way per
+/// run), in [`Way::ALL`]'s order.
+///
+/// # Panics
+/// When a way does not answer.
+pub fn first_answers(setup: &Setup, bed: &Bed, runs: usize) -> Vec<(Way, Vec<Duration>)> {
+    let mut times: Vec<(Way, Vec<Duration>)> = Way::ALL.iter().map(|&w| (w, vec![])).collect();
+    for _ in 0..runs {
+        for (way, t) in &mut times {
+            let answer = setup.try_first_answer(bed, *way);
+            t.push(answer.unwrap_or_else(|e| panic!("{}: {e}", way.name())));
+        }
+    }
+    times
+}
+
+/// `runs` transfers of `bytes` over every way, interleaved, in Mbit/s of
+/// payload (from connecting to the sink's count).
+///
+/// # Panics
+/// When a transfer fails or arrives short.
+pub fn throughputs(setup: &Setup, bed: &Bed, bytes: usize, runs: usize) -> Vec<(Way, Vec<f64>)> {
+    let mut rates: Vec<(Way, Vec<f64>)> = Way::ALL.iter().map(|&w| (w, vec![])).collect();
+    for _ in 0..runs {
+        for (way, r) in &mut rates {
+            let (t, n) = setup
+                .try_transfer(bed, *way, bytes)
+                .unwrap_or_else(|e| panic!("{}: {e}", way.name()));
+            assert_eq!(n, bytes as u64, "{}: a short transfer", way.name());
+            r.push(bytes as f64 * 8.0 / t.as_secs_f64() / 1e6);
+        }
+    }
+    rates
+}
+
+/// The throughputs of [`throughputs`] as a Markdown table: median, range,
+/// and the median against plain TCP's (the first row).
+///
+/// # Panics
+/// When a way has no figure.
+pub fn throughput_table(rates: &[(Way, Vec<f64>)]) -> String {
+    let mut table =
+        String::from("| way | Mbit/s (median) | min-max | of plain TCP |\n|---|---|---|---|\n");
+    let plain = median(&rates[0].1);
+    for (way, r) in rates {
+        let m = median(r);
+        let (lo, hi) = r
+            .iter()
+            .fold((f64::MAX, 0f64), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+        table.push_str(&format!(
+            "| {} | {m:.1} | {lo:.1}-{hi:.1} | {:.0} % |\n",
+            way.name(),
+            m / plain * 100.0
+        ));
+    }
+    table
+}
+
+/// The median of `v` (the upper one of an even count).
+///
+/// # Panics
+/// When `v` is empty.
+pub fn median<T: PartialOrd + Copy>(v: &[T]) -> T {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.partial_cmp(b).expect("comparable"));
+    v[v.len() / 2]
+}
