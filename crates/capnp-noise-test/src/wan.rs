@@ -204,6 +204,7 @@ impl BedBuilder {
     /// The command or system call that failed, with its message. What was
     /// made up to then is removed.
     pub fn build(self) -> Result<Bed, String> {
+        remove_orphans();
         let n = BEDS.fetch_add(1, Ordering::Relaxed);
         let base = format!("cnwan{}-{n}", std::process::id());
         let mut bed = Bed {
@@ -713,6 +714,26 @@ fn open_tun(name: &str) -> io::Result<File> {
         Ok(file)
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+/// Removes the namespaces of beds whose process is gone (killed before its
+/// `Drop` could run): their names are `cnwan<pid>-...`.
+fn remove_orphans() {
+    let Ok(dir) = std::fs::read_dir("/var/run/netns") else {
+        return;
+    };
+    for entry in dir.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("cnwan")
+            .and_then(|rest| rest.split('-').next())
+        else {
+            continue;
+        };
+        if !std::path::Path::new("/proc").join(pid).exists() {
+            let _ = ip(&["netns", "del", &name]);
+        }
     }
 }
 
