@@ -38,7 +38,8 @@
 //! Traffic goes only between the bed's namespaces: they have no route
 //! anywhere else. Every bed has namespaces of its own (named after the
 //! process and a counter), removed when the [`Bed`] is dropped, even when
-//! the test panics.
+//! the test panics; a bed also removes those of beds whose process was
+//! killed before it could drop them.
 //!
 //! Code runs inside a namespace either as a closure on a thread that entered
 //! it ([`Bed::spawn_in`], [`Bed::run_async_in`]: sockets it makes belong to

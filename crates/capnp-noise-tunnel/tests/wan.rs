@@ -8,9 +8,13 @@
 //!
 //! These tests make network namespaces, so they need root, iproute2,
 //! nftables and `/dev/net/tun`; elsewhere they are skipped loudly (and fail
-//! under `CI=true`). The long profile (more seeded runs, the tables of
-//! BENCHMARKS.md):
-//! `WAN_RUNS=20 cargo test -p capnp-noise-tunnel --test wan -- --nocapture --test-threads 1`.
+//! under `CI=true`). The short profile (`cargo test`, in `.ci/run`) runs
+//! each fault once; the long profile repeats them (the tables of
+//! RELIABILITY.md):
+//! `WAN_RUNS=5 cargo test -p capnp-noise-tunnel --test wan -- --nocapture --test-threads 1`.
+//! The runs are repeated, not seeded: the loss is the kernel's
+//! `numgen random`, which takes no seed. BENCHMARKS.md's WAN tables come
+//! from `benches/wan.rs`.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
@@ -288,7 +292,7 @@ fn the_first_answer_at_50_ms_costs_3_round_trips_like_tls_1_3() {
 
 // ----- faults (item 5) -----
 
-/// Seeded runs of each fault (`WAN_RUNS`, default 1 for the short profile).
+/// Runs of each fault (`WAN_RUNS`, default 1 for the short profile).
 fn fault_runs() -> usize {
     std::env::var("WAN_RUNS")
         .ok()
