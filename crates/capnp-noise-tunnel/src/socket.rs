@@ -180,6 +180,11 @@ impl Listener {
         match self {
             Listener::Tcp(l) => {
                 let (s, a) = l.accept().await?;
+                // As on dialed sockets: without it, a reply that leaves in
+                // two frames waits for the peer's delayed ACK of the first
+                // (Nagle), about one more round trip to a first answer
+                // across a WAN (tests/wan.rs, the first answer).
+                let _ = s.set_nodelay(true);
                 Ok((Plain::Tcp(s), Remote::Tcp(a)))
             }
             #[cfg(unix)]
