@@ -80,6 +80,20 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Every core
+//!
+//! [`serve`] runs every connection, handshakes included, on the one thread
+//! of the caller's `LocalSet`. [`Server`] spreads them over worker threads
+//! (default: one per core), each a current-thread runtime with its own
+//! `LocalSet`: the handshake, the bootstrap factory and the `RpcSystem` of a
+//! connection run on the worker it was handed to, so the capability stays
+//! `!Send`; the factory is `Send + Sync`, and state shared by connections is
+//! the application's `Send` choice (an `Arc<Mutex<..>>` cloned into each
+//! capability: see [`Server`] for an example). All limits below are global
+//! across workers. The multi-vat [`Network`](crate::network::Network)
+//! stays on one thread (see [`Server`] for why, and what spreading it
+//! would take).
+//!
 //! # Limits
 //!
 //! * A connection costs no public-key work until its preamble and a

@@ -1,59 +1,6 @@
 //! [`Server`]: [`serve`](super::serve) on every core.
 //!
-//! # Design
-//!
-//! * **One accept thread, N worker threads.** The accept thread owns the
-//!   listener and the connection limit ([`ServerConfig::max_connections`]);
-//!   each accepted socket goes, as a `std` socket with its connection
-//!   permit, over a channel to the worker with the fewest live connections
-//!   (ties rotate). Each worker is a current-thread tokio runtime with its
-//!   own [`LocalSet`](tokio::task::LocalSet), which runs the handshake, calls
-//!   the bootstrap factory and runs the connection's `RpcSystem`: nothing of
-//!   a connection ever moves between threads once it is on its worker, so
-//!   capabilities stay `!Send`, as capnp-rpc wants them.
-//! * **Why not every worker accepting on a shared listener:** every idle
-//!   worker would wake for every new connection (the thundering herd: with
-//!   16 workers, 15 useless wake-ups per accept, each a context switch),
-//!   and the kernel would give connections to whichever thread woke first,
-//!   not to the least loaded. One accept thread costs one channel hand-off
-//!   (a wake-up of the chosen worker) per connection, small beside the
-//!   handshake it precedes (four X25519 operations and an Ed25519 check).
-//!   `SO_REUSEPORT` (one listener per worker) would need the server to bind
-//!   the address itself, and spreads by a hash of the address, not by load.
-//! * **Admission is global.** Every worker uses the same
-//!   [`HandshakeSlots`](crate::admission::HandshakeSlots) and
-//!   [`UnauthenticatedLimit`](crate::admission::UnauthenticatedLimit) (both
-//!   behind `Arc`s, their counts under a mutex and tokio semaphores), and the
-//!   connection permits come from one semaphore on the accept thread: N
-//!   workers admit no more than one `serve` with the same [`ServerConfig`].
-//! * **Failures stay where they happen.** A bootstrap factory that panics
-//!   closes that one connection (logged at `error`); the worker goes on
-//!   serving its others. A worker thread that ends for any other reason is
-//!   skipped by the accept thread from then on (logged at `error`), and its
-//!   share of new connections goes to the others; only when every worker
-//!   has ended does the server stop accepting.
-//! * **Shutdown** ([`Server::shutdown`], or [`ShutdownHandle::shutdown`]
-//!   then [`Server::join`]): the listener closes, connections still
-//!   handshaking are dropped, and established ones are disconnected as
-//!   [`Connection::disconnect`](super::Connection::disconnect) does (calls
-//!   in flight fail, the authenticated CLOSE is sent, within a few
-//!   seconds); then every thread ends and is joined.
-//!
-//! # The multi-vat network stays on one thread
-//!
-//! A [`Network`](crate::network::Network) is one `!Send` object: its table
-//! of connections per peer, the tie-break of crossed dials, the address book
-//! and the provider's handoff table are `Rc<RefCell<..>>` state that every
-//! connection's `Vat` service reads and changes, and capabilities passed
-//! between connections (an introduced capability hosted on one connection
-//! and redeemed over another) are `!Send` capnp-rpc clients. Spreading it
-//! would take: that shared state behind locks (`Arc<Mutex<..>>`, or owned
-//! by one thread and reached by messages), and a cross-worker proxy for
-//! every capability that crosses from one connection to another on a
-//! different worker (capnp-rpc has no `Send` client), or the rule that all
-//! connections of capabilities that meet share a worker. That is a bigger
-//! design change than this server; a network that needs more than one core
-//! can run several vats, one per thread.
+//! The design is documented on [`Server`].
 
 use std::io;
 use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
@@ -132,6 +79,61 @@ use crate::policy::{AnyVat, PeerPolicy};
 /// ```
 ///
 /// Dropping a `Server` shuts it down without waiting for its threads.
+///
+/// # Design
+///
+/// * **One accept thread, N worker threads.** The accept thread owns the
+///   listener and the connection limit ([`ServerConfig::max_connections`]);
+///   each accepted socket goes, as a `std` socket with its connection
+///   permit, over a channel to the worker with the fewest live connections
+///   (ties rotate). Each worker is a current-thread tokio runtime with its
+///   own [`LocalSet`](tokio::task::LocalSet), which runs the handshake, calls
+///   the bootstrap factory and runs the connection's `RpcSystem`: nothing of
+///   a connection ever moves between threads once it is on its worker, so
+///   capabilities stay `!Send`, as capnp-rpc wants them.
+/// * **Why not every worker accepting on a shared listener:** every idle
+///   worker would wake for every new connection (the thundering herd: with
+///   16 workers, 15 useless wake-ups per accept, each a context switch),
+///   and the kernel would give connections to whichever thread woke first,
+///   not to the least loaded. One accept thread costs one channel hand-off
+///   (a wake-up of the chosen worker) per connection, small beside the
+///   handshake it precedes (four X25519 operations and an Ed25519 check).
+///   `SO_REUSEPORT` (one listener per worker) would need the server to bind
+///   the address itself, and spreads by a hash of the address, not by load.
+/// * **Admission is global.** Every worker uses the same
+///   [`HandshakeSlots`](crate::admission::HandshakeSlots) and
+///   [`UnauthenticatedLimit`](crate::admission::UnauthenticatedLimit) (both
+///   behind `Arc`s, their counts under a mutex and tokio semaphores), and the
+///   connection permits come from one semaphore on the accept thread: N
+///   workers admit no more than one `serve` with the same [`ServerConfig`].
+/// * **Failures stay where they happen.** A bootstrap factory that panics
+///   closes that one connection (logged at `error`); the worker goes on
+///   serving its others. A worker thread that ends for any other reason is
+///   skipped by the accept thread from then on (logged at `error`), and its
+///   share of new connections goes to the others; only when every worker
+///   has ended does the server stop accepting.
+/// * **Shutdown** ([`Server::shutdown`], or [`ShutdownHandle::shutdown`]
+///   then [`Server::join`]): the listener closes, connections still
+///   handshaking are dropped, and established ones are disconnected as
+///   [`Connection::disconnect`](super::Connection::disconnect) does (calls
+///   in flight fail, the authenticated CLOSE is sent, within a few
+///   seconds); then every thread ends and is joined.
+///
+/// # The multi-vat network stays on one thread
+///
+/// A [`Network`](crate::network::Network) is one `!Send` object: its table
+/// of connections per peer, the tie-break of crossed dials, the address book
+/// and the provider's handoff table are `Rc<RefCell<..>>` state that every
+/// connection's `Vat` service reads and changes, and capabilities passed
+/// between connections (an introduced capability hosted on one connection
+/// and redeemed over another) are `!Send` capnp-rpc clients. Spreading it
+/// would take: that shared state behind locks (`Arc<Mutex<..>>`, or owned
+/// by one thread and reached by messages), and a cross-worker proxy for
+/// every capability that crosses from one connection to another on a
+/// different worker (capnp-rpc has no `Send` client), or the rule that all
+/// connections of capabilities that meet share a worker. That is a bigger
+/// design change than this server; a network that needs more than one core
+/// can run several vats, one per thread.
 pub struct Server {
     local_addr: SocketAddr,
     stop: CancellationToken,
