@@ -24,7 +24,7 @@ pub mod transport;
 
 pub use handshake::{Handshake, HandshakeConfig, Role, EOF_BEFORE_MESSAGE_2};
 pub use preamble::Suite;
-pub use transport::{ReadOutcome, Session, SessionConfig};
+pub use transport::{ReadOutcome, Session, SessionConfig, BULK_FRAMES, DIRECT_WRITE};
 
 /// Length of the big-endian length prefix before every message.
 pub const LENGTH_PREFIX_LEN: usize = 2;
