@@ -690,7 +690,7 @@ fn strace_totals(procs: &mut Procs, dir: &Path) -> Vec<(String, u64)> {
         let _ = std::fs::remove_file(entry.path());
     }
     let mut v: Vec<(String, u64)> = calls.into_iter().collect();
-    v.sort_by(|a, b| b.1.cmp(&a.1));
+    v.sort_by_key(|c| std::cmp::Reverse(c.1));
     v
 }
 
