@@ -825,3 +825,37 @@ fn fallback_to_the_mandatory_suite_only_after_a_silent_close() {
         );
     }
 }
+
+#[test]
+fn a_large_write_is_sealed_without_a_copy_several_frames_at_once() {
+    use capnp_noise::wire::{BULK_FRAMES, DIRECT_WRITE, MAX_DATA_PER_FRAME};
+    let (mut i, mut r) = session_pair(Suite::AesGcmSha256, cfg()).unwrap();
+    // 100 000 bytes (not a multiple of a frame): two frames of 50 000, both
+    // sealed from the caller's buffer; nothing is left to copy into the
+    // frame being built.
+    let data: Vec<u8> = (0..100_000u32).map(|x| (x * 13) as u8).collect();
+    assert_eq!(i.write(&data).unwrap(), data.len());
+    assert_eq!(i.buffered_plaintext(), 0, "bytes were copied, not sealed");
+    let frame_overhead = 2 + 1 + 16; // length, type byte, tag
+    assert_eq!(i.pending_output().len(), data.len() + 2 * frame_overhead);
+    // A write of many frames' worth is taken BULK_FRAMES frames at a time,
+    // all sealed ahead for one write to the socket.
+    let (got, _) = transfer(&mut i, &mut r, usize::MAX).unwrap();
+    assert_eq!(got, data);
+    let many = vec![9u8; 10 * MAX_DATA_PER_FRAME];
+    let taken = i.write(&many).unwrap();
+    assert_eq!(taken, BULK_FRAMES * MAX_DATA_PER_FRAME);
+    assert_eq!(i.buffered_plaintext(), 0);
+    assert_eq!(
+        i.pending_output().len(),
+        BULK_FRAMES * (MAX_DATA_PER_FRAME + frame_overhead)
+    );
+    // Below DIRECT_WRITE, bytes are gathered as before.
+    let (_, _) = transfer(&mut i, &mut r, usize::MAX).unwrap();
+    assert_eq!(
+        i.write(&many[..DIRECT_WRITE - 1]).unwrap(),
+        DIRECT_WRITE - 1
+    );
+    assert_eq!(i.buffered_plaintext(), DIRECT_WRITE - 1);
+    assert!(i.pending_output().is_empty());
+}

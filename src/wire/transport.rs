@@ -397,7 +397,8 @@ impl Session {
                 // already buffered go first, as a short frame.
                 let frames = rest.len().div_ceil(MAX_DATA_PER_FRAME);
                 let size = rest.len().div_ceil(frames);
-                if self.sealed.len() + size > (BULK_FRAMES - 1) * MAX_WIRE_FRAME {
+                let wire = LENGTH_PREFIX_LEN + size + 1 + TAG_LEN;
+                if self.sealed.len() + wire > BULK_FRAMES * MAX_WIRE_FRAME {
                     // Output waits: the caller writes it out first.
                     break;
                 }
