@@ -630,7 +630,8 @@ impl Session {
 
     /// Feeds ciphertext received from the peer. Returns how many bytes were
     /// taken: the session buffers at most one maximal frame beyond what
-    /// [`read`](Self::read) has consumed, so call `read` and feed the rest.
+    /// [`read`](Self::read) has consumed ([`BULK_FRAMES`] while large frames
+    /// arrive), so call `read` and feed the rest.
     /// After the peer's CLOSE has been read, everything is taken and
     /// dropped unread (SPEC.md 7.2).
     pub fn feed(&mut self, input: &[u8]) -> usize {
