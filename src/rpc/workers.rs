@@ -21,7 +21,7 @@ use crate::identity::Identity;
 use crate::policy::{AnyVat, PeerPolicy};
 
 /// A running multi-worker RPC server: [`serve`](super::serve) spread over
-/// worker threads (see the [design](self#design)).
+/// worker threads (see [Design](#design) below).
 ///
 /// Built with [`Server::builder`]. The bootstrap factory must be
 /// `Send + Sync`, as it is shared by the workers; each call happens on the
