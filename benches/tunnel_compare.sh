@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
-# Compares `capnp-noise tunnel` with stunnel4 (TLS 1.3) and with a direct
-# connection: bulk throughput, round-trip latency, connection setup.
-# See examples/tunnel_bench.rs for what is measured and how.
+# Compares `capnp-noise tunnel` with stunnel4 (TLS 1.3), with two pairs of
+# plain relays (no crypto: the copy limit of any pair of tunnel ends) and
+# with a direct connection: bulk throughput, round-trip latency, connection
+# setup, in interleaved rounds, with same-round ratios, the date, the load
+# average and the command. See examples/tunnel_bench.rs for what is
+# measured and how.
 #
 #   benches/tunnel_compare.sh [--bytes N] [--rounds N] [--connects N] [--runs N]
+#                             [--only direct,relay,socat,capnp-noise,stunnel]
+#   benches/tunnel_compare.sh --count [--bytes N] [--rounds N]   # strace: syscalls per MiB
 #
-# Needs: stunnel4 and openssl on PATH (Debian: apt-get install stunnel4 openssl).
+# Needs: stunnel4 and openssl on PATH (Debian: apt-get install stunnel4 openssl);
+# socat for the socat pair (skipped if absent); strace for --count.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --quiet --bin capnp-noise --example tunnel_bench

@@ -1,10 +1,18 @@
-//! Compares `capnp-noise tunnel` with stunnel and with no tunnel at all.
+//! Compares `capnp-noise tunnel` with stunnel, with a pair of plain relays
+//! (no crypto: the copy limit of any pair of user-space tunnel ends) and
+//! with no tunnel at all.
 //!
 //! Run it with `benches/tunnel_compare.sh` (which builds the release binary
 //! and this example first). For each setup, the same workloads go through
 //! the same in-process TCP target:
 //!
 //! * **direct**: the client connects to the target;
+//! * **relay**: client -> relay -> relay -> target, each relay a process
+//!   running this example in `--relay` mode: tokio's
+//!   `copy_bidirectional_with_sizes` with 256 KiB buffers on a
+//!   multi-threaded runtime (as the tunnel's), TCP_NODELAY on every socket;
+//! * **socat**: the same with two `socat -b262144 ... nodelay` relays (when
+//!   socat is on PATH);
 //! * **capnp-noise**: client -> `capnp-noise tunnel client` -> `capnp-noise
 //!   tunnel server` -> target, each end pinning the other's VatId;
 //! * **stunnel**: client -> stunnel (client mode) -> stunnel (server mode) ->
@@ -21,8 +29,19 @@
 //! * **connect**: 200 sequential new connections, each with one 64-byte
 //!   round trip (the handshakes: Noise XX, or TLS 1.3 with certificates).
 //!
-//! Each figure is the median of several runs (`--runs`). Tunnel processes
-//! are children of this one and are killed when it ends.
+//! Rounds are interleaved: every setup runs each workload once per round,
+//! in an order that rotates from round to round, so that a change of load
+//! during the run affects every setup alike. Each figure is the median of
+//! the rounds (`--runs`), and the ratios between setups are taken within
+//! each round, then their median and range are shown. The output starts
+//! with the date, the load average (before and after) and the command.
+//!
+//! `--count` measures, instead of times, what does not depend on the load:
+//! the system calls of the two tunnel-end processes (`strace -f -c`) and
+//! their context switches (`/proc/PID/task/*/status`, without strace), per
+//! MiB of bulk and per 64-byte round trip, one setup at a time.
+//!
+//! Tunnel processes are children of this one and are killed when it ends.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -35,13 +54,21 @@ use tokio::net::{TcpListener, TcpStream};
 
 const USAGE: &str = "\
 usage: tunnel_bench --capnp-noise PATH [--stunnel PATH] [--bytes N] [--rounds N]
-                    [--connects N] [--runs N]
+                    [--connects N] [--runs N] [--only LIST] [--count]
   --capnp-noise PATH  the release binary (benches/tunnel_compare.sh passes it)
   --stunnel PATH      stunnel (default: stunnel4 on PATH)
   --bytes N           bulk transfer size (default 1073741824)
   --rounds N          round trips (default 10000)
   --connects N        new connections (default 200)
-  --runs N            runs per figure; the median is shown (default 3)";
+  --runs N            interleaved rounds; medians are shown (default 3)
+  --only LIST         setups, comma-separated, of: direct,relay,socat,capnp-noise,stunnel
+                      (default: all; socat only if on PATH)
+  --count             count system calls (strace -f -c) and context switches
+                      per MiB and per round trip instead of timing
+       tunnel_bench --relay --connect ADDR
+                      (internal) one plain relay: prints addr=..., forwards to ADDR";
+
+const SETUPS: [&str; 5] = ["direct", "relay", "socat", "capnp-noise", "stunnel"];
 
 struct Options {
     capnp_noise: PathBuf,
@@ -50,6 +77,8 @@ struct Options {
     rounds: usize,
     connects: usize,
     runs: usize,
+    only: Vec<String>,
+    count: bool,
 }
 
 fn options() -> Result<Options, String> {
@@ -60,6 +89,8 @@ fn options() -> Result<Options, String> {
         rounds: 10_000,
         connects: 200,
         runs: 3,
+        only: Vec::new(),
+        count: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -72,6 +103,13 @@ fn options() -> Result<Options, String> {
             "--rounds" => o.rounds = num(value()?)? as usize,
             "--connects" => o.connects = num(value()?)? as usize,
             "--runs" => o.runs = num(value()?)?.max(1) as usize,
+            "--only" => {
+                o.only = value()?.split(',').map(str::to_string).collect();
+                if let Some(bad) = o.only.iter().find(|s| !SETUPS.contains(&s.as_str())) {
+                    return Err(format!("--only: unknown setup {bad}"));
+                }
+            }
+            "--count" => o.count = true,
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other}")),
         }
@@ -214,7 +252,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-#[derive(Default)]
+#[derive(Default, Clone, Copy)]
 struct Figures {
     mib_s: f64,
     rtt_mean: f64,
@@ -223,36 +261,33 @@ struct Figures {
     connect_p50: f64,
 }
 
-async fn measure(name: &str, addr: SocketAddr, o: &Options) -> Figures {
-    eprintln!("{name}: warming up");
-    connects(addr, 5).await;
-    let mut mib_s = Vec::new();
-    let mut means = Vec::new();
-    let mut p50s = Vec::new();
-    let mut p99s = Vec::new();
-    let mut conn = Vec::new();
-    for run in 1..=o.runs {
-        let secs = bulk(addr, o.bytes).await;
-        mib_s.push(o.bytes as f64 / (1 << 20) as f64 / secs);
-        let rt = round_trips(addr, o.rounds).await;
-        means.push(rt.iter().sum::<f64>() / rt.len() as f64);
-        p50s.push(percentile(&rt, 0.5));
-        p99s.push(percentile(&rt, 0.99));
-        let c = connects(addr, o.connects).await;
-        conn.push(percentile(&c, 0.5));
-        eprintln!(
-            "{name}: run {run}: {:.0} MiB/s, round trip mean {:.1} us, connect {:.2} ms",
-            mib_s[run - 1],
-            means[run - 1],
-            conn[run - 1]
-        );
-    }
+/// One round of the three workloads through `addr`.
+async fn one_round(name: &str, addr: SocketAddr, o: &Options, run: usize) -> Figures {
+    let secs = bulk(addr, o.bytes).await;
+    let rt = round_trips(addr, o.rounds).await;
+    let c = connects(addr, o.connects).await;
+    let f = Figures {
+        mib_s: o.bytes as f64 / (1 << 20) as f64 / secs,
+        rtt_mean: rt.iter().sum::<f64>() / rt.len() as f64,
+        rtt_p50: percentile(&rt, 0.5),
+        rtt_p99: percentile(&rt, 0.99),
+        connect_p50: percentile(&c, 0.5),
+    };
+    eprintln!(
+        "{name}: round {run}: {:.0} MiB/s, round trip p50 {:.1} us, connect {:.2} ms",
+        f.mib_s, f.rtt_p50, f.connect_p50
+    );
+    f
+}
+
+fn medians(rounds: &[Figures]) -> Figures {
+    let m = |f: fn(&Figures) -> f64| median(rounds.iter().map(f).collect());
     Figures {
-        mib_s: median(mib_s),
-        rtt_mean: median(means),
-        rtt_p50: median(p50s),
-        rtt_p99: median(p99s),
-        connect_p50: median(conn),
+        mib_s: m(|f| f.mib_s),
+        rtt_mean: m(|f| f.rtt_mean),
+        rtt_p50: m(|f| f.rtt_p50),
+        rtt_p99: m(|f| f.rtt_p99),
+        connect_p50: m(|f| f.connect_p50),
     }
 }
 
@@ -269,7 +304,7 @@ fn free_port() -> u16 {
 /// Starts `capnp-noise tunnel ARGS` into `procs`; returns its listening
 /// address and VatId.
 fn capnp_noise(procs: &mut Procs, bin: &Path, args: &[&str]) -> (SocketAddr, String) {
-    let child = Command::new(bin)
+    let child = command(bin)
         .arg("tunnel")
         .args(args)
         .env("RUST_LOG", "warn")
@@ -295,6 +330,8 @@ fn capnp_noise(procs: &mut Procs, bin: &Path, args: &[&str]) -> (SocketAddr, Str
 fn capnp_noise_pair(bin: &Path, dir: &Path, target: SocketAddr) -> (Procs, SocketAddr) {
     let key = |name: &str| {
         let path = dir.join(name);
+        // A setup started again (--count) makes new keys.
+        let _ = std::fs::remove_file(&path);
         let out = Command::new(bin)
             .args(["keygen", "-o"])
             .arg(&path)
@@ -339,6 +376,103 @@ fn capnp_noise_pair(bin: &Path, dir: &Path, target: SocketAddr) -> (Procs, Socke
             &server_vat,
         ],
     );
+    (procs, local)
+}
+
+/// `--relay` mode: one plain relay on a multi-threaded runtime (as the
+/// tunnel's): copies both ways with 256 KiB buffers, TCP_NODELAY on both
+/// sockets, no crypto.
+fn relay_main(to: SocketAddr) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async move {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        println!("addr={}", listener.local_addr().expect("addr"));
+        while let Ok((mut a, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = a.set_nodelay(true);
+                let Ok(mut b) = TcpStream::connect(to).await else {
+                    return;
+                };
+                let _ = b.set_nodelay(true);
+                let _ =
+                    tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, 256 << 10, 256 << 10)
+                        .await;
+            });
+        }
+    });
+}
+
+/// Starts this example in `--relay` mode towards `to`.
+fn relay(procs: &mut Procs, to: SocketAddr) -> SocketAddr {
+    let me = std::env::current_exe().expect("current_exe");
+    let mut child = command(me)
+        .args(["--relay", "--connect", &to.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start a relay");
+    let stdout = child.stdout.take().unwrap();
+    procs.0.push(child);
+    for line in BufReader::new(stdout).lines() {
+        if let Some(addr) = line.unwrap().strip_prefix("addr=") {
+            return addr.parse().unwrap();
+        }
+    }
+    panic!("a relay exited before listening");
+}
+
+fn relay_pair(target: SocketAddr) -> (Procs, SocketAddr) {
+    let mut procs = Procs(Vec::new());
+    let server_end = relay(&mut procs, target);
+    let client_end = relay(&mut procs, server_end);
+    (procs, client_end)
+}
+
+/// Waits until a round trip goes through `local`.
+async fn ready(what: &str, local: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let attempt = tokio::time::timeout(Duration::from_secs(2), async {
+            let mut s = TcpStream::connect(local).await.ok()?;
+            s.write_all(b"Eping").await.ok()?;
+            let mut b = [0u8; 4];
+            s.read_exact(&mut b).await.ok()?;
+            Some(())
+        })
+        .await;
+        if let Ok(Some(())) = attempt {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what} did not come up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Two `socat -b262144 ... nodelay` relays (a process forked per
+/// connection), as the relay pair.
+async fn socat_pair(target: SocketAddr) -> (Procs, SocketAddr) {
+    let (server_port, client_port) = (free_port(), free_port());
+    let spawn = |port: u16, to: String| {
+        command("socat")
+            .arg("-b262144")
+            .arg(format!(
+                "TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,nodelay"
+            ))
+            .arg(format!("TCP:{to},nodelay"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("socat (apt-get install socat)")
+    };
+    let procs = Procs(vec![
+        spawn(server_port, target.to_string()),
+        spawn(client_port, format!("127.0.0.1:{server_port}")),
+    ]);
+    let local = SocketAddr::from(([127, 0, 0, 1], client_port));
+    ready("socat", local).await;
     (procs, local)
 }
 
@@ -399,7 +533,7 @@ async fn stunnel_pair(stunnel: &str, dir: &Path, target: SocketAddr) -> (Procs, 
     )
     .unwrap();
     let spawn = |conf: &Path| {
-        Command::new(stunnel)
+        command(stunnel)
             .arg(conf)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -413,22 +547,7 @@ async fn stunnel_pair(stunnel: &str, dir: &Path, target: SocketAddr) -> (Procs, 
     );
     let local = SocketAddr::from(([127, 0, 0, 1], client_port));
     // Ready when a round trip goes through both.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let attempt = tokio::time::timeout(Duration::from_secs(2), async {
-            let mut s = TcpStream::connect(local).await.ok()?;
-            s.write_all(b"Eping").await.ok()?;
-            let mut b = [0u8; 4];
-            s.read_exact(&mut b).await.ok()?;
-            Some(())
-        })
-        .await;
-        if let Ok(Some(())) = attempt {
-            break;
-        }
-        assert!(Instant::now() < deadline, "stunnel did not come up");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    ready("stunnel", local).await;
     (procs, local)
 }
 
@@ -493,8 +612,202 @@ fn machine() -> String {
     format!("{cpu}, {cores} cores, Linux {kernel}; {stunnel}")
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() {
+// ----- counting (--count) -----
+
+/// When set, tunnel-end processes start under `strace -f -c -o DIR/N`.
+static STRACE: std::sync::Mutex<Option<(PathBuf, usize)>> = std::sync::Mutex::new(None);
+
+/// `program`, under strace when counting system calls.
+fn command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut strace = STRACE.lock().unwrap();
+    match strace.as_mut() {
+        None => Command::new(program),
+        Some((dir, n)) => {
+            *n += 1;
+            let mut c = Command::new("strace");
+            c.args(["-f", "-c", "-o"])
+                .arg(dir.join(n.to_string()))
+                .arg(program);
+            c
+        }
+    }
+}
+
+/// Context switches (voluntary, involuntary) of every thread of `pids`.
+fn context_switches(pids: &[u32]) -> (u64, u64) {
+    let mut total = (0, 0);
+    for pid in pids {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+            for line in status.lines() {
+                let value = |l: &str| {
+                    l.split_whitespace()
+                        .nth(1)
+                        .and_then(|v| v.parse::<u64>().ok())
+                };
+                if line.starts_with("voluntary_ctxt_switches") {
+                    total.0 += value(line).unwrap_or(0);
+                } else if line.starts_with("nonvoluntary_ctxt_switches") {
+                    total.1 += value(line).unwrap_or(0);
+                }
+            }
+        }
+    }
+    total
+}
+
+/// Stops strace-wrapped `procs` (SIGTERM to the traced processes: strace
+/// then writes its summary and exits) and sums the summaries in `dir`:
+/// calls per system call.
+fn strace_totals(procs: &mut Procs, dir: &Path) -> Vec<(String, u64)> {
+    for c in &mut procs.0 {
+        let pid = c.id();
+        let traced =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        for child in traced.split_whitespace() {
+            let _ = Command::new("kill").arg("-TERM").arg(child).status();
+        }
+    }
+    for c in &mut procs.0 {
+        let _ = c.wait();
+    }
+    let mut calls = std::collections::BTreeMap::<String, u64>::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        for line in text.lines() {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            // % time, seconds, usecs/call, calls, [errors], syscall
+            if cols.len() >= 5 && cols[0].parse::<f64>().is_ok() && cols[cols.len() - 1] != "total"
+            {
+                if let Ok(n) = cols[3].parse::<u64>() {
+                    *calls.entry(cols[cols.len() - 1].to_string()).or_default() += n;
+                }
+            }
+        }
+        let _ = std::fs::remove_file(entry.path());
+    }
+    let mut v: Vec<(String, u64)> = calls.into_iter().collect();
+    v.sort_by_key(|c| std::cmp::Reverse(c.1));
+    v
+}
+
+/// `--count`: per setup and workload, context switches (a run without
+/// strace) and system calls (a run under strace) of the two tunnel ends.
+async fn count(o: &Options, setups: &[&str], dir: &Path, target: SocketAddr) {
+    let counts = dir.join("strace");
+    std::fs::create_dir_all(&counts).unwrap();
+    println!("| setup | workload | unit | syscalls / unit | of which (top 5) | context switches / unit (voluntary + involuntary) |");
+    println!("|---|---|---|---:|---|---:|");
+    for &name in setups.iter().filter(|&&s| s != "direct") {
+        for workload in ["bulk", "rtt"] {
+            let (units, unit) = match workload {
+                "bulk" => (o.bytes as f64 / (1 << 20) as f64, "MiB"),
+                _ => ((o.rounds + 100) as f64, "64-byte round trip"),
+            };
+            let run = |addr| async move {
+                connects(addr, 5).await;
+                match workload {
+                    "bulk" => drop(bulk(addr, o.bytes).await),
+                    _ => drop(round_trips(addr, o.rounds).await),
+                }
+            };
+            // Context switches, without strace.
+            let (procs, addr) = start(name, o, dir, target).await;
+            let pids: Vec<u32> = procs.0.iter().map(Child::id).collect();
+            let before = context_switches(&pids);
+            run(addr).await;
+            let after = context_switches(&pids);
+            drop(procs);
+            let switches = if name == "socat" {
+                "n/a (a process per connection)".to_string()
+            } else {
+                format!(
+                    "{:.2} ({:.2} + {:.2})",
+                    (after.0 + after.1 - before.0 - before.1) as f64 / units,
+                    (after.0 - before.0) as f64 / units,
+                    (after.1 - before.1) as f64 / units
+                )
+            };
+            // System calls, under strace.
+            *STRACE.lock().unwrap() = Some((counts.clone(), 0));
+            let (mut procs, addr) = start(name, o, dir, target).await;
+            *STRACE.lock().unwrap() = None;
+            run(addr).await;
+            let calls = strace_totals(&mut procs, &counts);
+            drop(procs);
+            let total: u64 = calls.iter().map(|c| c.1).sum();
+            let top: Vec<String> = calls
+                .iter()
+                .take(5)
+                .map(|(n, c)| format!("{n} {:.2}", *c as f64 / units))
+                .collect();
+            println!(
+                "| {name} | {workload} | {unit} | {:.2} | {} | {switches} |",
+                total as f64 / units,
+                top.join(", ")
+            );
+        }
+    }
+    println!();
+    println!(
+        "(both tunnel-end processes, start-up and 5 warm-up connections included; \
+         per round trip: {} rounds + 100 warm-up)",
+        o.rounds
+    );
+}
+
+/// Starts setup `name` in front of `target`: its processes and the address
+/// a client connects to.
+async fn start(name: &str, o: &Options, dir: &Path, target: SocketAddr) -> (Procs, SocketAddr) {
+    match name {
+        "direct" => (Procs(Vec::new()), target),
+        "relay" => relay_pair(target),
+        "socat" => socat_pair(target).await,
+        "capnp-noise" => capnp_noise_pair(&o.capnp_noise, dir, target),
+        "stunnel" => stunnel_pair(&o.stunnel, dir, target).await,
+        other => unreachable!("setup {other}"),
+    }
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn utc_now() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--relay") {
+        let to = args
+            .iter()
+            .position(|a| a == "--connect")
+            .and_then(|i| args.get(i + 1))
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| {
+                eprintln!("{USAGE}");
+                std::process::exit(2)
+            });
+        return relay_main(to);
+    }
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(bench());
+}
+
+async fn bench() {
     let o = match options() {
         Ok(o) => o,
         Err(e) => {
@@ -505,55 +818,115 @@ async fn main() {
             std::process::exit(2);
         }
     };
+    let have_socat = Command::new("socat").arg("-V").output().is_ok();
+    let setups: Vec<&str> = SETUPS
+        .iter()
+        .copied()
+        .filter(|s| {
+            if o.only.is_empty() {
+                *s != "socat" || have_socat
+            } else {
+                o.only.iter().any(|x| x == s)
+            }
+        })
+        .collect();
     let dir = tempfile::tempdir().unwrap();
     let target = target().await;
-    println!("machine: {}", machine());
+    let command_line: Vec<String> = std::env::args().skip(1).collect();
     println!(
-        "workloads: bulk {} MiB one way; {} round trips of {MSG} bytes; {} new connections with one round trip; median of {} runs",
+        "date: {}; load average before: {}",
+        utc_now(),
+        load_average()
+    );
+    println!("command: tunnel_bench {}", command_line.join(" "));
+    println!("machine: {}", machine());
+    eprintln!(
+        "capnp-noise: negotiating {} (the initiator's preferred suite on this CPU)",
+        capnp_noise::wire::Suite::preferred().noise_name()
+    );
+    if o.count {
+        println!(
+            "counts: bulk {} MiB one way; {} round trips of {MSG} bytes",
+            o.bytes >> 20,
+            o.rounds
+        );
+        println!();
+        count(&o, &setups, dir.path(), target).await;
+        println!("load average after: {}", load_average());
+        return;
+    }
+    println!(
+        "workloads: bulk {} MiB one way; {} round trips of {MSG} bytes; {} new connections with one round trip; {} interleaved rounds, medians shown",
         o.bytes >> 20,
         o.rounds,
         o.connects,
         o.runs
     );
-
-    let direct = measure("direct", target, &o).await;
-    let (noise_procs, noise_addr) = capnp_noise_pair(&o.capnp_noise, dir.path(), target);
-    eprintln!(
-        "capnp-noise: negotiated {} (the initiator's preferred suite on this CPU)",
-        capnp_noise::wire::Suite::preferred().noise_name()
-    );
-    let noise = measure("capnp-noise", noise_addr, &o).await;
-    drop(noise_procs);
-    let (stunnel_procs, stunnel_addr) = stunnel_pair(&o.stunnel, dir.path(), target).await;
-    let stunnel = measure("stunnel", stunnel_addr, &o).await;
-    drop(stunnel_procs);
+    let mut running = Vec::new();
+    for &name in &setups {
+        let (procs, addr) = start(name, &o, dir.path(), target).await;
+        eprintln!("{name}: warming up");
+        connects(addr, 5).await;
+        running.push((name, procs, addr));
+    }
+    let mut rounds: Vec<Vec<Figures>> = vec![Vec::new(); setups.len()];
+    for run in 1..=o.runs {
+        // The order rotates, so no setup always runs first or last.
+        for k in 0..setups.len() {
+            let i = (k + run - 1) % setups.len();
+            let (name, _, addr) = &running[i];
+            rounds[i].push(one_round(name, *addr, &o, run).await);
+        }
+    }
+    drop(running);
+    let load_after = load_average();
+    let figures: Vec<Figures> = rounds.iter().map(|r| medians(r)).collect();
+    let of = |name: &str| setups.iter().position(|s| *s == name);
+    let base = of("direct").map(|i| figures[i]);
 
     println!();
     println!(
-        "| setup | bulk MiB/s | vs direct | round trip mean µs | p50 µs | p99 µs | vs direct (mean) | connect + 1 round trip, p50 ms |"
+        "| setup | bulk MiB/s | vs direct | round trip mean µs | p50 µs | p99 µs | connect + 1 round trip, p50 ms |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
-    for (name, f) in [
-        ("direct", &direct),
-        ("capnp-noise tunnel", &noise),
-        ("stunnel (TLS 1.3)", &stunnel),
-    ] {
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for (name, f) in setups.iter().zip(&figures) {
+        let vs = base.map_or("".into(), |b| format!("{:.2}", f.mib_s / b.mib_s));
         println!(
-            "| {name} | {:.0} | {:.2} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} |",
-            f.mib_s,
-            f.mib_s / direct.mib_s,
-            f.rtt_mean,
-            f.rtt_p50,
-            f.rtt_p99,
-            f.rtt_mean / direct.rtt_mean,
-            f.connect_p50
+            "| {name} | {:.0} | {vs} | {:.1} | {:.1} | {:.1} | {:.2} |",
+            f.mib_s, f.rtt_mean, f.rtt_p50, f.rtt_p99, f.connect_p50
         );
     }
+    // Ratios within each round, then their median and range.
     println!();
     println!(
-        "capnp-noise vs stunnel: throughput x{:.2}, round-trip latency x{:.2} (lower is better), connect x{:.2}",
-        noise.mib_s / stunnel.mib_s,
-        noise.rtt_mean / stunnel.rtt_mean,
-        noise.connect_p50 / stunnel.connect_p50
+        "Same-round ratios (median of {} rounds, [min..max]):",
+        o.runs
     );
+    println!();
+    println!("| capnp-noise vs | bulk throughput | round trip p50 (lower is better) | connect p50 (lower is better) |");
+    println!("|---|---:|---:|---:|");
+    if let Some(noise) = of("capnp-noise") {
+        for other in ["relay", "socat", "stunnel", "direct"] {
+            let Some(j) = of(other) else { continue };
+            let ratio = |f: fn(&Figures) -> f64| {
+                let v: Vec<f64> = rounds[noise]
+                    .iter()
+                    .zip(&rounds[j])
+                    .map(|(a, b)| f(a) / f(b))
+                    .collect();
+                let (lo, hi) = v
+                    .iter()
+                    .fold((f64::MAX, f64::MIN), |(l, h), x| (l.min(*x), h.max(*x)));
+                format!("{:.2} [{lo:.2}..{hi:.2}]", median(v))
+            };
+            println!(
+                "| {other} | {} | {} | {} |",
+                ratio(|f| f.mib_s),
+                ratio(|f| f.rtt_p50),
+                ratio(|f| f.connect_p50)
+            );
+        }
+    }
+    println!();
+    println!("load average after: {load_after}");
 }

@@ -202,7 +202,12 @@ pub struct ConnectionInfo {
 /// One vat of a network: see the [module docs](self).
 ///
 /// A cheap handle (clones share the vat). Single-threaded, like capnp-rpc:
-/// use it inside one [`tokio::task::LocalSet`]. Call [`Network::shutdown`]
+/// use it inside one [`tokio::task::LocalSet`]. Unlike
+/// [`rpc::Server`](crate::rpc::Server), a network does not spread its
+/// connections over cores: its shared state and the capabilities that
+/// cross between its connections are `!Send` (see
+/// [`rpc::Server`](crate::rpc::Server#the-multi-vat-network-stays-on-one-thread)
+/// for what spreading it would take). Call [`Network::shutdown`]
 /// to close it; dropping every handle stops listening but leaves
 /// established connections to their peers (as [`crate::rpc::Connection`] does).
 #[derive(Clone)]

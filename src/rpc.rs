@@ -80,6 +80,20 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Every core
+//!
+//! [`serve`] runs every connection, handshakes included, on the one thread
+//! of the caller's `LocalSet`. [`Server`] spreads them over worker threads
+//! (default: one per core), each a current-thread runtime with its own
+//! `LocalSet`: the handshake, the bootstrap factory and the `RpcSystem` of a
+//! connection run on the worker it was handed to, so the capability stays
+//! `!Send`; the factory is `Send + Sync`, and state shared by connections is
+//! the application's `Send` choice (an `Arc<Mutex<..>>` cloned into each
+//! capability: see [`Server`] for an example). All limits below are global
+//! across workers. The multi-vat [`Network`](crate::network::Network)
+//! stays on one thread (see [`Server`] for why, and what spreading it
+//! would take).
+//!
 //! # Limits
 //!
 //! * A connection costs no public-key work until its preamble and a
@@ -121,7 +135,7 @@ use tokio::io::{AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::admission::{
     HandshakeSlots, UnauthenticatedLimit, DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
@@ -136,6 +150,9 @@ use crate::wire::{HandshakeConfig, Suite, HANDSHAKE_HASH_LEN};
 /// How long the end of a connection may take to send its authenticated
 /// CLOSE to a peer that does not read.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+mod workers;
+pub use workers::{Server, ServerBuilder, ShutdownHandle};
 
 /// Who is on the other end of an RPC connection.
 #[derive(Debug, Clone)]
@@ -328,30 +345,16 @@ pub async fn serve<F, C>(
     C: FromClientHook,
 {
     let connections = Arc::new(Semaphore::new(options.max_connections.max(1)));
-    let server = Rc::new(Server {
-        acceptor: Acceptor {
-            identity,
-            policy,
-            slots: HandshakeSlots::with_failure_hold(
-                options.max_handshakes,
-                options.max_handshakes_per_source,
-                options.handshake_failure_hold,
-            ),
-            handshake: options.handshake,
-            timeout: options.handshake_timeout,
-            first_message_timeout: options.first_message_timeout,
-            unauthenticated: UnauthenticatedLimit::new(options.max_unauthenticated_per_source),
-        },
-        reader_options: options.reader_options,
-        bootstrap,
-    });
+    let server = Rc::new(Serving::new(identity, policy, options, bootstrap));
     loop {
         let Some((permit, tcp, addr)) = accept_within(&connections, &listener).await else {
             return; // never closed
         };
         let server = server.clone();
         tokio::task::spawn_local(async move {
-            server.serve_connection(tcp, addr).await;
+            server
+                .serve_connection(tcp, addr, std::future::pending())
+                .await;
             drop(permit);
         });
     }
@@ -379,10 +382,39 @@ pub(crate) async fn accept_within(
     }
 }
 
-struct Server<F> {
-    acceptor: Acceptor,
+/// What serves each connection of [`serve`] (on its `LocalSet`) and of a
+/// [`Server`] (shared by its workers).
+pub(crate) struct Serving<F> {
+    pub(crate) acceptor: Acceptor,
     reader_options: ReaderOptions,
     bootstrap: F,
+}
+
+impl<F> Serving<F> {
+    pub(crate) fn new(
+        identity: Identity,
+        policy: Arc<dyn PeerPolicy>,
+        options: ServerConfig,
+        bootstrap: F,
+    ) -> Self {
+        Serving {
+            acceptor: Acceptor {
+                identity,
+                policy,
+                slots: HandshakeSlots::with_failure_hold(
+                    options.max_handshakes,
+                    options.max_handshakes_per_source,
+                    options.handshake_failure_hold,
+                ),
+                handshake: options.handshake,
+                timeout: options.handshake_timeout,
+                first_message_timeout: options.first_message_timeout,
+                unauthenticated: UnauthenticatedLimit::new(options.max_unauthenticated_per_source),
+            },
+            reader_options: options.reader_options,
+            bootstrap,
+        }
+    }
 }
 
 /// The responder's side of a connection before RPC starts: a bounded number
@@ -441,21 +473,59 @@ impl Acceptor {
     }
 }
 
-impl<F, C> Server<F>
+impl<F, C> Serving<F>
 where
     F: Fn(&PeerInfo) -> C,
     C: FromClientHook,
 {
-    async fn serve_connection(&self, tcp: TcpStream, addr: SocketAddr) {
-        let Some((stream, peer)) = self.acceptor.handshake(tcp, addr).await else {
+    /// One connection, from accept to its end: handshake, bootstrap
+    /// factory, `RpcSystem`, authenticated CLOSE. When `stop` completes, a
+    /// handshake in progress is dropped and an established connection is
+    /// disconnected (calls in flight fail, CLOSE is sent, within bounds).
+    /// A factory that panics closes this connection only.
+    pub(crate) async fn serve_connection(
+        &self,
+        tcp: TcpStream,
+        addr: SocketAddr,
+        stop: impl std::future::Future<Output = ()>,
+    ) {
+        let mut stop = std::pin::pin!(stop);
+        let handshake = tokio::select! {
+            h = self.acceptor.handshake(tcp, addr) => h,
+            () = &mut stop => return,
+        };
+        let Some((stream, peer)) = handshake else {
             return;
         };
         let fingerprint = peer.vat_id.fingerprint();
         info!(peer = %fingerprint, %addr, suite = peer.suite.noise_name(), "connected");
-        let bootstrap = capnp::capability::Client::new((self.bootstrap)(&peer).into_client_hook());
+        let made =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (self.bootstrap)(&peer)));
+        let Ok(made) = made else {
+            error!(peer = %fingerprint, %addr, "the bootstrap factory panicked: connection closed");
+            return;
+        };
+        let bootstrap = capnp::capability::Client::new(made.into_client_hook());
         let (rpc_system, shared) =
             rpc_system(stream, Side::Server, Some(bootstrap), self.reader_options);
-        match run(rpc_system, shared).await {
+        let disconnector = rpc_system.get_disconnector();
+        let mut served = std::pin::pin!(run(rpc_system, shared));
+        let result = tokio::select! {
+            r = &mut served => r,
+            () = &mut stop => {
+                // As Connection::disconnect; run() bounds the CLOSE, this
+                // bounds the rest.
+                let ending = async {
+                    let (_, r) = futures::join!(disconnector, served.as_mut());
+                    r
+                };
+                match tokio::time::timeout(2 * CLOSE_TIMEOUT, ending).await {
+                    Ok(r) => r,
+                    Err(_) => Err(capnp::Error::failed("not closed in time at shutdown".into())),
+                }
+            }
+        };
+        match result {
             Ok(()) => info!(peer = %fingerprint, %addr, "disconnected"),
             Err(e) => info!(peer = %fingerprint, %addr, error = %e, "connection failed"),
         }

@@ -66,7 +66,7 @@ use crate::policy::{PeerContext, PeerPolicy};
 use crate::vat_id::VatId;
 use crate::wire::{
     EarlyData, Handshake, HandshakeConfig, Pattern, ReadOutcome, ResumptionCache, ResumptionConfig,
-    Role, Session, Suite, EOF_BEFORE_MESSAGE_2, HANDSHAKE_HASH_LEN,
+    Role, Session, Suite, EOF_BEFORE_MESSAGE_2, HANDSHAKE_HASH_LEN, MAX_DATA_PER_FRAME,
 };
 
 /// The default limit on how long a handshake may take: 10 seconds.
@@ -721,9 +721,13 @@ fn ends_the_stream(e: &io::Error) -> bool {
 /// gives [`io::ErrorKind::InvalidData`]. Session errors are sticky.
 ///
 /// # Copies
-/// A write of a whole frame's worth (65518 bytes or more) is encrypted from
-/// the caller's buffer straight into the frame on its way out: no copy.
-/// Smaller writes are copied once into the frame being built.
+/// A write of [`DIRECT_WRITE`](crate::wire::DIRECT_WRITE) bytes or more
+/// (16 KiB) is encrypted from the caller's buffer straight into frames on
+/// their way out, up to [`BULK_FRAMES`](crate::wire::BULK_FRAMES) frames
+/// per write to the inner stream: no copy, whatever the size of the write.
+/// Smaller writes are copied once into the frame being built. A read into
+/// a buffer that holds a whole frame takes every whole frame already
+/// received while it has room for another, each decrypted straight into it.
 ///
 /// # Memory
 /// Per connection, besides the inner stream and the Noise cipher states
@@ -733,9 +737,9 @@ fn ends_the_stream(e: &io::Error) -> bool {
 ///
 /// | buffer | allocated | size |
 /// |---|---|---|
-/// | ciphertext received | on the first read | 4 KiB, growing to one frame (66 KiB) while a large frame arrives |
+/// | ciphertext received | on the first read | 4 KiB, growing to one frame (66 KiB) while a large frame arrives, to 4 frames (262 KiB) while large frames keep arriving |
 /// | frame being built | on the first small write | grows with the data, up to one frame |
-/// | sealed frames to send | on the first write | one frame, a short frame and control frames |
+/// | sealed frames to send | on the first write | one frame, a short frame and control frames; 4 frames (262 KiB) under large writes |
 ///
 /// **Idle connections shrink by themselves**: when a read finds nothing to
 /// read, and after a flush that wrote everything, the buffers that grew
@@ -748,7 +752,8 @@ fn ends_the_stream(e: &io::Error) -> bool {
 /// idle connections (`cargo bench --bench compare`, memory section): under
 /// 2 KiB per connection end, C heap included, after 256 KiB each way. A
 /// connection busy in both directions holds up to three large buffers,
-/// about 200 KiB.
+/// about 600 KiB (about 200 KiB before [`BULK_FRAMES`](crate::wire::BULK_FRAMES):
+/// the system calls per MiB this saves are in BENCHMARKS.md, "Tunnel").
 pub struct NoiseStream<S> {
     io: S,
     session: Session,
@@ -898,6 +903,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for NoiseStream<S> {
             match read {
                 Ok(ReadOutcome::Data(n)) => {
                     buf.advance(n);
+                    // Whole frames already received go into the same read
+                    // while any frame surely fits (so each is decrypted
+                    // straight into `buf`): the caller then writes them on
+                    // with one call. An error is sticky: the next read
+                    // reports it.
+                    while buf.remaining() >= MAX_DATA_PER_FRAME {
+                        match this.session.read(buf.initialize_unfilled()) {
+                            Ok(ReadOutcome::Data(n)) => buf.advance(n),
+                            _ => break,
+                        }
+                    }
                     return Poll::Ready(Ok(()));
                 }
                 Ok(ReadOutcome::Closed) => return Poll::Ready(Ok(())),

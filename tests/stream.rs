@@ -627,11 +627,14 @@ async fn memory_held_idle_and_busy() {
     assert!(fresh.0 < 1024 && fresh.1 < 1024, "{fresh:?}");
     // Idle after small messages: the 4 KiB receive buffer and small send buffers.
     assert!(idle.0 <= 8192 && idle.1 <= 8192, "{idle:?}");
-    // Busy one way: two buffers of one frame each on either side (plus the
-    // sender's small receive buffer).
+    // Busy one way: the sender's frame being built (one frame) and sealed
+    // frames (BULK_FRAMES), plus its small receive buffer; the receiver's
+    // receive buffer (BULK_FRAMES frames and one decrypted in place) and
+    // its small send buffer.
     let frame = MAX_WIRE_FRAME + 64;
+    let bulk = capnp_noise::wire::BULK_FRAMES * MAX_WIRE_FRAME + 2048;
     assert!(
-        busy.0 <= 2 * frame + 4096 && busy.1 <= 2 * frame,
+        busy.0 <= frame + bulk + 4096 && busy.1 <= bulk + frame + 4096,
         "{busy:?}"
     );
     assert_eq!(shrunk, (0, 0));
@@ -655,4 +658,29 @@ async fn works_as_a_futures_io_stream_through_compat() {
     let mut got = Vec::new();
     s.read_to_end(&mut got).await.unwrap();
     assert_eq!(got, b"via futures-io");
+}
+
+#[tokio::test]
+async fn one_read_takes_every_whole_frame_already_received() {
+    use capnp_noise::wire::MAX_DATA_PER_FRAME;
+    let (a, b) = tokio::io::duplex(1 << 20);
+    let (mut c, mut s) = pair(a, b).await;
+    // Three frames' worth, sealed and sent before the reader looks.
+    let data = pattern(3 * MAX_DATA_PER_FRAME, 4);
+    c.write_all(&data).await.unwrap();
+    c.flush().await.unwrap();
+    // Let everything arrive, then one read with room for four frames.
+    tokio::task::yield_now().await;
+    let mut buf = vec![0u8; 4 * MAX_DATA_PER_FRAME];
+    let mut got = 0;
+    let mut reads = 0;
+    while got < data.len() {
+        got += s.read(&mut buf[got..]).await.unwrap();
+        reads += 1;
+    }
+    assert!(buf[..got] == data[..]);
+    // The receive buffer takes up to BULK_FRAMES frames per read of the
+    // inner stream, and one read of the stream hands them all over: at most
+    // two reads (the first frame may arrive alone), not one per frame.
+    assert!(reads <= 2, "{reads} reads for three frames");
 }

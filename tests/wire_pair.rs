@@ -443,15 +443,20 @@ fn surplus_after_handshake_reaches_the_session() {
 }
 
 #[test]
-fn large_writes_are_split_into_max_frames() {
+fn large_writes_are_split_into_frames_and_output_is_bounded() {
     let (mut i, mut r) = session_pair(Suite::AesGcmSha256, cfg()).unwrap();
     let data: Vec<u8> = (0..300_000u32).map(|x| (x * 7) as u8).collect();
     let mut got = Vec::new();
     let mut off = 0;
     while off < data.len() {
         off += i.write(&data[off..]).unwrap();
-        // pending output never holds more than one data frame plus control frames
-        assert!(i.pending_output().len() <= capnp_noise::wire::transport::MAX_WIRE_FRAME + 64);
+        // pending output never holds more than BULK_FRAMES data frames plus
+        // a short frame and control frames
+        assert!(
+            i.pending_output().len()
+                <= capnp_noise::wire::BULK_FRAMES * capnp_noise::wire::transport::MAX_WIRE_FRAME
+                    + 2048
+        );
         let (g, _) = transfer(&mut i, &mut r, 8192).unwrap();
         got.extend(g);
     }
@@ -494,7 +499,7 @@ fn initiator_eof_before_any_responder_frame_hints_at_refusal() {
 }
 
 #[test]
-fn buffer_capacity_is_bounded_by_one_frame_per_buffer() {
+fn buffer_capacity_is_bounded() {
     let (mut i, mut r) = session_pair(Suite::ChaChaPolyBlake2s, cfg()).unwrap();
     let fresh = i.buffer_capacity();
     assert!(fresh < 1024, "a fresh session holds {fresh} bytes");
@@ -509,17 +514,20 @@ fn buffer_capacity_is_bounded_by_one_frame_per_buffer() {
     i.flush().unwrap();
     got.extend_from_slice(&transfer(&mut i, &mut r, 1000).unwrap().0);
     assert_eq!(got.len(), big.len());
-    // The sender holds its two send buffers, the receiver its receive
-    // buffer: one maximal frame each (plus a short frame and control
-    // frames: 2 KiB), never the double that plain `Vec` growth would reach.
-    let two_frames = 2 * (capnp_noise::wire::transport::MAX_WIRE_FRAME + 2048);
+    // The sender holds the frame being built (one maximal frame) and the
+    // sealed frames (BULK_FRAMES of them), the receiver its receive buffer
+    // (BULK_FRAMES frames and one decrypted in place): each plus a short
+    // frame and control frames (2 KiB), never the double that plain `Vec`
+    // growth would reach.
+    let frame = capnp_noise::wire::transport::MAX_WIRE_FRAME;
+    let bulk = capnp_noise::wire::BULK_FRAMES * frame + 2048;
     assert!(
-        i.buffer_capacity() <= two_frames + 4096,
+        i.buffer_capacity() <= frame + 2048 + bulk + 4096,
         "{}",
         i.buffer_capacity()
     );
     assert!(
-        r.buffer_capacity() <= two_frames + 4096,
+        r.buffer_capacity() <= bulk + frame + 4096,
         "{}",
         r.buffer_capacity()
     );
@@ -816,4 +824,38 @@ fn fallback_to_the_mandatory_suite_only_after_a_silent_close() {
             config.suites
         );
     }
+}
+
+#[test]
+fn a_large_write_is_sealed_without_a_copy_several_frames_at_once() {
+    use capnp_noise::wire::{BULK_FRAMES, DIRECT_WRITE, MAX_DATA_PER_FRAME};
+    let (mut i, mut r) = session_pair(Suite::AesGcmSha256, cfg()).unwrap();
+    // 100 000 bytes (not a multiple of a frame): two frames of 50 000, both
+    // sealed from the caller's buffer; nothing is left to copy into the
+    // frame being built.
+    let data: Vec<u8> = (0..100_000u32).map(|x| (x * 13) as u8).collect();
+    assert_eq!(i.write(&data).unwrap(), data.len());
+    assert_eq!(i.buffered_plaintext(), 0, "bytes were copied, not sealed");
+    let frame_overhead = 2 + 1 + 16; // length, type byte, tag
+    assert_eq!(i.pending_output().len(), data.len() + 2 * frame_overhead);
+    // A write of many frames' worth is taken BULK_FRAMES frames at a time,
+    // all sealed ahead for one write to the socket.
+    let (got, _) = transfer(&mut i, &mut r, usize::MAX).unwrap();
+    assert_eq!(got, data);
+    let many = vec![9u8; 10 * MAX_DATA_PER_FRAME];
+    let taken = i.write(&many).unwrap();
+    assert_eq!(taken, BULK_FRAMES * MAX_DATA_PER_FRAME);
+    assert_eq!(i.buffered_plaintext(), 0);
+    assert_eq!(
+        i.pending_output().len(),
+        BULK_FRAMES * (MAX_DATA_PER_FRAME + frame_overhead)
+    );
+    // Below DIRECT_WRITE, bytes are gathered as before.
+    let (_, _) = transfer(&mut i, &mut r, usize::MAX).unwrap();
+    assert_eq!(
+        i.write(&many[..DIRECT_WRITE - 1]).unwrap(),
+        DIRECT_WRITE - 1
+    );
+    assert_eq!(i.buffered_plaintext(), DIRECT_WRITE - 1);
+    assert!(i.pending_output().is_empty());
 }

@@ -947,16 +947,18 @@ const UP: &[usize] = &[1, 100, 65518, 70000];
 const DOWN: &[usize] = &[5, 65518];
 
 /// What the live session writes, as frame lengths: a flushed write of at
-/// most 65518 bytes is one frame, a longer one a maximal frame and the rest.
+/// most 65518 bytes is one frame; a longer one (at least
+/// `wire::DIRECT_WRITE`, so sealed where it lies) is split into frames of
+/// equal size, each at most 65518 bytes (`Session::write`).
 fn live_frames(writes: &[usize], keepalive: bool) -> Vec<usize> {
     let mut v = Vec::new();
     for &n in writes {
         let mut left = n;
-        while left > 65518 {
-            v.push(frame_len(65518));
-            left -= 65518;
+        while left > 0 {
+            let size = left.div_ceil(left.div_ceil(65518));
+            v.push(frame_len(size));
+            left -= size;
         }
-        v.push(frame_len(left));
     }
     if keepalive {
         v.push(frame_len(0));

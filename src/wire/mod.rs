@@ -30,7 +30,7 @@ pub use preamble::{Pattern, Suite};
 pub use resumption::{
     EarlyData, EarlyDataOutcome, KnownResponder, ResumptionCache, ResumptionConfig,
 };
-pub use transport::{ReadOutcome, Session, SessionConfig};
+pub use transport::{ReadOutcome, Session, SessionConfig, BULK_FRAMES, DIRECT_WRITE};
 
 /// Length of the big-endian length prefix before every message.
 pub const LENGTH_PREFIX_LEN: usize = 2;

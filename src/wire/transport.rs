@@ -125,6 +125,9 @@ impl Outgoing {
     fn data(&self) -> &[u8] {
         &self.buf[self.start..self.end]
     }
+    fn len(&self) -> usize {
+        self.end - self.start
+    }
     fn is_empty(&self) -> bool {
         self.start == self.end
     }
@@ -139,7 +142,13 @@ impl Outgoing {
     fn space(&mut self, n: usize) -> &mut [u8] {
         let want = self.end + n;
         if self.buf.capacity() < want {
-            // Sealed frames are ciphertext: nothing to scrub.
+            // Sealed frames are ciphertext: nothing to scrub. Beyond one
+            // frame, straight to the size of BULK_FRAMES (grown once).
+            let want = if want > spare::LARGE {
+                want.max(BULK_FRAMES * MAX_WIRE_FRAME + 2048)
+            } else {
+                want
+            };
             spare::grow(&mut self.buf, want, self.end, 0);
         }
         if self.buf.len() < want {
@@ -159,10 +168,11 @@ impl Outgoing {
 /// An established, encrypted session: the sans-IO transport.
 ///
 /// Memory: the frame being built from small writes (up to 64 KiB), the
-/// sealed frames not yet written (one frame plus a short frame and control
-/// frames), and the receive buffer (4 KiB, growing to the frame being
-/// received, at most 64 KiB), in which frames too large for the reader's
-/// buffer are decrypted in place. Each buffer grows on demand;
+/// sealed frames not yet written (up to [`BULK_FRAMES`] frames, about
+/// 256 KiB, plus a short frame and control frames), and the receive buffer
+/// (4 KiB, growing to the frame being received, and while large frames
+/// arrive to [`BULK_FRAMES`] of them, at most about 320 KiB), in which
+/// frames too large for the reader's buffer are decrypted in place. Each buffer grows on demand;
 /// [`shrink_large_buffers`](Self::shrink_large_buffers) releases the large
 /// idle ones (into a small per-thread pool that the next growth takes from,
 /// so a busy stream does not allocate per frame) and
@@ -383,10 +393,12 @@ impl Session {
     /// [`close`](Self::close). A full frame is sealed into
     /// [`pending_output`](Self::pending_output) when that is empty.
     ///
-    /// A whole frame's worth (65518 bytes) arriving while nothing waits in
-    /// `pending_output` is encrypted straight from `data` into it, without
-    /// being copied first; up to [`SHORT_FRAME`] bytes buffered before it
-    /// are sealed just ahead of it as a short frame of their own.
+    /// A large write ([`DIRECT_WRITE`] bytes or more) is encrypted straight
+    /// from `data` into `pending_output`, without being copied first, in
+    /// frames of equal size (each at most 65518 bytes), while fewer than
+    /// [`BULK_FRAMES`] frames wait there; up to [`SHORT_FRAME`] bytes
+    /// buffered before it are sealed just ahead of it as a short frame of
+    /// their own.
     ///
     /// Returns how many bytes were accepted; 0 (for a non-empty `data`) means
     /// the caller must first write out `pending_output`.
@@ -403,16 +415,24 @@ impl Session {
         while taken < data.len() {
             let rest = &data[taken..];
             let buffered = self.buffered_plaintext();
-            if rest.len() >= MAX_DATA_PER_FRAME && buffered <= SHORT_FRAME && self.sealed.is_empty()
-            {
-                // A whole frame's worth: seal it from `data` where it lies.
-                // A few bytes already buffered go first, as a short frame.
-                // (While output waits, bytes are buffered as usual.)
+            if rest.len() >= DIRECT_WRITE && buffered <= SHORT_FRAME {
+                // A large write: seal it from `data` where it lies, in
+                // frames of equal size (so no short tail is left to copy),
+                // while the output holds fewer than BULK_FRAMES frames, so
+                // that one write to the socket takes several. A few bytes
+                // already buffered go first, as a short frame.
+                let frames = rest.len().div_ceil(MAX_DATA_PER_FRAME);
+                let size = rest.len().div_ceil(frames);
+                let wire = LENGTH_PREFIX_LEN + size + 1 + TAG_LEN;
+                if self.sealed.len() + wire > BULK_FRAMES * MAX_WIRE_FRAME {
+                    // Output waits: the caller writes it out first.
+                    break;
+                }
                 if !self.open.is_empty() {
                     self.seal_data()?;
                 }
-                self.seal_direct(&rest[..MAX_DATA_PER_FRAME])?;
-                taken += MAX_DATA_PER_FRAME;
+                self.seal_direct(&rest[..size])?;
+                taken += size;
                 continue;
             }
             if buffered == MAX_DATA_PER_FRAME {
@@ -636,7 +656,8 @@ impl Session {
 
     /// Feeds ciphertext received from the peer. Returns how many bytes were
     /// taken: the session buffers at most one maximal frame beyond what
-    /// [`read`](Self::read) has consumed, so call `read` and feed the rest.
+    /// [`read`](Self::read) has consumed ([`BULK_FRAMES`] while large frames
+    /// arrive), so call `read` and feed the rest.
     /// After the peer's CLOSE has been read, everything is taken and
     /// dropped unread (SPEC.md 7.2).
     pub fn feed(&mut self, input: &[u8]) -> usize {
@@ -662,8 +683,10 @@ impl Session {
     /// whole maximal frame is already buffered (call [`read`](Self::read)).
     ///
     /// The buffer starts at 4 KiB and grows to the size of the frame being
-    /// received, at most one maximal frame (65537 bytes), plus the unread
-    /// part of a frame decrypted in place if `read` has not taken it all.
+    /// received; while frames larger than [`DIRECT_WRITE`] arrive, to
+    /// [`BULK_FRAMES`] maximal frames, so that one read takes several; plus
+    /// the unread part of a frame decrypted in place if `read` has not
+    /// taken it all.
     pub fn recv_buffer(&mut self) -> &mut [u8] {
         self.rx.make_room()
     }
@@ -805,10 +828,23 @@ const RX_BASE: usize = 4096;
 
 /// A few buffered bytes (at most this many) are sealed as a short frame of
 /// their own rather than topped up by copying from a write that brings a
-/// whole frame's worth, which is then sealed without a copy. So after a
-/// write, [`Session::pending_output`] holds at most one full DATA frame, one
-/// such short one, and control frames.
+/// large write, which is then sealed without a copy. So after a write,
+/// [`Session::pending_output`] holds at most [`BULK_FRAMES`] DATA frames,
+/// one such short one, and control frames.
 pub const SHORT_FRAME: usize = 1024;
+
+/// A write of at least this many bytes is sealed straight from the
+/// caller's buffer, in frames of equal size (each at most a maximal frame),
+/// rather than copied into the frame being built: a forwarding loop that
+/// reads whatever the socket has then encrypts each byte once, with no
+/// copy, whatever the size of its reads.
+pub const DIRECT_WRITE: usize = 16 * 1024;
+
+/// Large writes are sealed ahead while fewer than this many maximal frames
+/// wait in [`Session::pending_output`], so that one write to the socket
+/// (one system call) carries up to this many frames, and the sending
+/// buffer of a busy session holds at most this many frames (about 256 KiB).
+pub const BULK_FRAMES: usize = 4;
 
 impl RxBuf {
     /// Nothing buffered: no ciphertext, no unread plaintext.
@@ -856,6 +892,9 @@ impl RxBuf {
             self.start
         };
         let frame = match frame::peek_len(&self.buf[self.start..self.end]) {
+            // While large frames arrive, room for BULK_FRAMES of them, so
+            // that one read from the socket takes several.
+            Some(len) if LENGTH_PREFIX_LEN + len > DIRECT_WRITE => BULK_FRAMES * MAX_WIRE_FRAME,
             Some(len) => LENGTH_PREFIX_LEN + len,
             None => 0,
         }
@@ -863,7 +902,7 @@ impl RxBuf {
         // Unread plaintext stays where it is, ahead of the next frame.
         let need = self.start - live + frame;
         if self.buf.len() < need {
-            let want = need.min(MAX_WIRE_FRAME + MAX_MESSAGE_LEN);
+            let want = need.min(BULK_FRAMES * MAX_WIRE_FRAME + MAX_MESSAGE_LEN);
             if self.buf.capacity() < want {
                 spare::grow(&mut self.buf, want, self.end, self.dirty);
             }
@@ -909,7 +948,8 @@ mod spare {
     /// never pooled.
     pub(super) const KEEP: usize = 4096;
     /// The capacity of a large buffer: one maximal frame, a short frame
-    /// and control frames.
+    /// and control frames (a busy sending buffer grows, once, to
+    /// BULK_FRAMES of them; spares of either size serve any role).
     pub(super) const LARGE: usize = super::MAX_WIRE_FRAME + 2048;
     /// How many spares a thread keeps: enough for a busy stream's three
     /// large buffers and one more.

@@ -278,8 +278,8 @@ enum CnoiseStatus cnoise_session_pending_output(const struct CnoiseSession *sess
 enum CnoiseStatus cnoise_session_consume_output(struct CnoiseSession *session, size_t n);
 
 // Feeds `len` bytes received from the peer; `*taken` is how many were
-// buffered (at most one frame beyond what has been read): read, then feed
-// the rest.
+// buffered (at most one frame beyond what has been read, four while large
+// frames arrive): read, then feed the rest.
 enum CnoiseStatus cnoise_session_feed(struct CnoiseSession *session,
                                       const uint8_t *data,
                                       size_t len,

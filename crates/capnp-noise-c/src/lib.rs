@@ -965,8 +965,8 @@ pub unsafe extern "C" fn cnoise_session_consume_output(
 }
 
 /// Feeds `len` bytes received from the peer; `*taken` is how many were
-/// buffered (at most one frame beyond what has been read): read, then feed
-/// the rest.
+/// buffered (at most one frame beyond what has been read, four while large
+/// frames arrive): read, then feed the rest.
 #[no_mangle]
 pub unsafe extern "C" fn cnoise_session_feed(
     session: *mut CnoiseSession,

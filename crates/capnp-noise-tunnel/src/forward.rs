@@ -43,9 +43,16 @@ use capnp_noise::stream::NoiseStream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 
-/// The buffer size of each direction: one maximal capnp-noise frame, so a
-/// single read can fill a whole frame.
-pub const BUFFER_SIZE: usize = 64 * 1024;
+/// The buffer size of each direction: [`BULK_FRAMES`] maximal capnp-noise
+/// frames' worth of plaintext (about 256 KiB), so that one read from the
+/// plain socket is sealed into several whole frames that leave in one write
+/// (see [`Session::write`](capnp_noise::wire::Session::write)), and one read
+/// of the noise stream hands over several frames' plaintext that the plain
+/// socket takes in one write.
+///
+/// [`BULK_FRAMES`]: capnp_noise::wire::BULK_FRAMES
+pub const BUFFER_SIZE: usize =
+    capnp_noise::wire::BULK_FRAMES * capnp_noise::wire::MAX_DATA_PER_FRAME;
 
 /// One of the two streams given to [`forward`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
