@@ -99,6 +99,7 @@ fn generate(suite: Suite) -> Value {
         suites: vec![suite],
         session: SessionConfig::default(),
         allow_self: false,
+        key_log: None,
     };
     let (mut i, mut r) =
         deterministic_handshakes(suite, config, Arc::new(AnyVat), Arc::new(AnyVat)).unwrap();

@@ -29,6 +29,7 @@ use super::{
 };
 use crate::error::{Error, ProtocolError};
 use crate::identity::Identity;
+use crate::keylog::{self, KeyLog, KeyRecorder};
 use crate::policy::{PeerContext, PeerPolicy};
 use crate::vat_id::VatId;
 
@@ -77,6 +78,12 @@ pub struct HandshakeConfig {
     /// listener by a man in the middle (SPEC.md section 5.4). Set it only in
     /// a program that deliberately talks to itself.
     pub allow_self: bool,
+    /// Where this side's handshakes write their secrets, for decrypting a
+    /// capture later: see [`crate::keylog`]. Default `None`, and it must
+    /// stay `None` outside research and debugging: whoever reads the log
+    /// reads the sessions. The library never sets it by itself (not even
+    /// from the environment).
+    pub key_log: Option<Arc<dyn KeyLog>>,
 }
 
 impl Default for HandshakeConfig {
@@ -92,6 +99,7 @@ impl Default for HandshakeConfig {
             suites,
             session: SessionConfig::default(),
             allow_self: false,
+            key_log: None,
         }
     }
 }
@@ -146,6 +154,7 @@ setters!(HandshakeConfig {
     with_suites => suites: Vec<Suite>,
     with_session => session: SessionConfig,
     with_allow_self => allow_self: bool,
+    with_key_log => key_log: Option<Arc<dyn KeyLog>>,
 });
 
 /// The reason a handshake with oneself is refused.
@@ -197,6 +206,12 @@ pub struct Handshake {
     peer: Option<VatId>,
     handshake_hash: [u8; HANDSHAKE_HASH_LEN],
     error: Option<Error>,
+    /// With a key log: the cipher keys snow was given so far, the
+    /// initiator's ephemeral key that names the session in the log, and how
+    /// many keys have been logged.
+    key_recorder: Option<KeyRecorder>,
+    initiator_ephemeral: [u8; DH_LEN],
+    keys_logged: usize,
 }
 
 impl fmt::Debug for Handshake {
@@ -329,6 +344,9 @@ impl Handshake {
             peer: None,
             handshake_hash: [0; HANDSHAKE_HASH_LEN],
             error: None,
+            key_recorder: None,
+            initiator_ephemeral: [0; DH_LEN],
+            keys_logged: 0,
         })
     }
 
@@ -356,6 +374,7 @@ impl Handshake {
             .write_message(&[], &mut msg1)
             .map_err(|e| Error::from_snow(e, "handshake message 1"))?;
         debug_assert_eq!(n, MSG1_LEN);
+        hs.initiator_ephemeral.copy_from_slice(&msg1[..MSG1_LEN]);
         hs.output.extend_from_slice(&pre);
         frame::put_len(&mut hs.output, n);
         hs.output.extend_from_slice(&msg1[..n]);
@@ -382,9 +401,18 @@ impl Handshake {
         )
     }
 
-    fn build_noise(&self, suite: Suite, prologue: &[u8]) -> Result<snow::HandshakeState, Error> {
+    fn build_noise(
+        &mut self,
+        suite: Suite,
+        prologue: &[u8],
+    ) -> Result<snow::HandshakeState, Error> {
         let params = suite.params();
-        let resolver = super::resolver::resolver_knowing(Some(self.static_key.clone()));
+        let mut resolver = super::resolver::resolver_knowing(Some(self.static_key.clone()));
+        if self.config.key_log.is_some() {
+            let keys = KeyRecorder::default();
+            resolver = keylog::recording(resolver, keys.clone());
+            self.key_recorder = Some(keys);
+        }
         let mut b = snow::Builder::with_resolver(params, resolver)
             .prologue(prologue)
             .and_then(|b| b.local_private_key(self.static_key.secret()))
@@ -658,6 +686,7 @@ impl Handshake {
         let suite = self.suite.expect("known after the preamble");
         let msg1 = self.msg1.take().expect("message 1 received");
         let prologue = std::mem::take(&mut self.prologue);
+        self.initiator_ephemeral = msg1;
         let mut noise = self.build_noise(suite, &prologue)?;
         let mut empty = [0u8; 0];
         noise
@@ -675,6 +704,7 @@ impl Handshake {
         frame::put_len(&mut self.output, n);
         self.output.extend_from_slice(&msg2[..n]);
         self.noise = Some(Box::new(noise));
+        self.log_new_keys();
         self.state = State::ResponderAwaitMsg3;
         Ok(())
     }
@@ -697,6 +727,7 @@ impl Handshake {
             .map_err(|e| Error::from_snow(e, "handshake message 3"))?;
         frame::put_len(&mut self.output, n);
         self.output.extend_from_slice(&msg3[..n]);
+        self.log_new_keys();
         self.finish();
         Ok(())
     }
@@ -726,9 +757,11 @@ impl Handshake {
     ) -> Result<(), Error> {
         let noise = self.noise.as_mut().expect("noise state");
         let mut buf = vec![0u8; msg.len()];
-        let n = noise
-            .read_message(msg, &mut buf)
-            .map_err(|e| Error::from_snow(e, during))?;
+        let read = noise.read_message(msg, &mut buf);
+        // Logged even if the peer is refused: the log is for looking at it.
+        self.log_new_keys();
+        let noise = self.noise.as_mut().expect("noise state");
+        let n = read.map_err(|e| Error::from_snow(e, during))?;
         let rs: [u8; 32] = noise
             .get_remote_static()
             .and_then(|s| s.try_into().ok())
@@ -748,6 +781,24 @@ impl Handshake {
             })?;
         self.peer = Some(vat_id);
         Ok(())
+    }
+
+    /// Writes the handshake keys snow has been given since the last call to
+    /// the key log, if there is one (labels in the order of XX's MixKeys).
+    fn log_new_keys(&mut self) {
+        let (Some(log), Some(keys)) = (&self.config.key_log, &self.key_recorder) else {
+            return;
+        };
+        let Ok(keys) = keys.lock() else { return };
+        let labels = [
+            keylog::HANDSHAKE_KEY_EE,
+            keylog::HANDSHAKE_KEY_ES,
+            keylog::HANDSHAKE_KEY_SE,
+        ];
+        for (label, key) in labels.iter().zip(keys.iter()).skip(self.keys_logged) {
+            log.log(label, &self.initiator_ephemeral, &key[..]);
+        }
+        self.keys_logged = keys.len().min(labels.len());
     }
 
     fn finish(&mut self) {
@@ -777,6 +828,18 @@ impl Handshake {
         // Split() (Noise §5.2): the initiator sends with the first key.
         let (k1, k2) = noise.dangerously_get_raw_split();
         let (k1, k2) = (Zeroizing::new(k1), Zeroizing::new(k2));
+        if let Some(log) = &self.config.key_log {
+            log.log(
+                keylog::INITIATOR_TRAFFIC_KEY,
+                &self.initiator_ephemeral,
+                &k1[..],
+            );
+            log.log(
+                keylog::RESPONDER_TRAFFIC_KEY,
+                &self.initiator_ephemeral,
+                &k2[..],
+            );
+        }
         let keys = match self.role {
             Role::Initiator => (k1, k2),
             Role::Responder => (k2, k1),

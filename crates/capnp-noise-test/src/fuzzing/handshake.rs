@@ -151,6 +151,7 @@ fn responder_config(chachapoly_only: bool) -> HandshakeConfig {
         },
         session: SessionConfig::default(),
         allow_self: false,
+        key_log: None,
     }
 }
 
