@@ -4,128 +4,16 @@
 //! transport frame both ways, across rekeys. It is off by default, its file
 //! is created 0600, and the library ignores the environment variable.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use aes_gcm::aead::{Aead as _, KeyInit, Payload};
-use capnp_noise::keylog::{self, KeyLog, KeyLogFile, KEYLOG_ENV};
-use capnp_noise::policy::{AnyVat, PeerContext};
-use capnp_noise::wire::{
-    payload, Handshake, HandshakeConfig, ReadOutcome, Session, SessionConfig, Suite,
+use aes_gcm::aead::{KeyInit, Payload};
+use capnp_noise::keylog::{self, KeyLogFile, KEYLOG_ENV};
+use capnp_noise::policy::AnyVat;
+use capnp_noise::wire::{payload, HandshakeConfig, Suite};
+use capnp_noise_test::capture::{
+    record_session as record, KeyLogLines as Lines, Recorded as Recording,
 };
-use capnp_noise::Identity;
 use sha2::Digest;
-
-/// A key log kept in memory.
-#[derive(Debug, Default)]
-struct Lines(Mutex<Vec<String>>);
-
-impl KeyLog for Lines {
-    fn log(&self, label: &str, initiator_ephemeral: &[u8; 32], secret: &[u8]) {
-        let line = keylog::format_line(label, initiator_ephemeral, secret);
-        self.0.lock().unwrap().push(line);
-    }
-}
-
-/// A recorded session: the bytes each way, and what the test knows.
-struct Recording {
-    i2r: Vec<u8>,
-    r2i: Vec<u8>,
-    initiator: Identity,
-    responder: Identity,
-    handshake_hash: [u8; 32],
-    sent_i2r: Vec<u8>,
-    sent_r2i: Vec<u8>,
-}
-
-fn pump(from: &mut Handshake, to: &mut Handshake, wire: &mut Vec<u8>) -> bool {
-    let out = from.pending_output().to_vec();
-    if out.is_empty() || !to.wants_read() {
-        return false;
-    }
-    let n = to.feed(&out).expect("handshake step");
-    wire.extend_from_slice(&out[..n]);
-    from.consume_output(n);
-    n > 0
-}
-
-fn pump_session(from: &mut Session, to: &mut Session, wire: &mut Vec<u8>) -> Vec<u8> {
-    let mut got = Vec::new();
-    let mut buf = vec![0u8; 70_000];
-    loop {
-        while let ReadOutcome::Data(n) = to.read(&mut buf).expect("read") {
-            got.extend_from_slice(&buf[..n]);
-        }
-        let out = from.pending_output().to_vec();
-        if out.is_empty() {
-            return got;
-        }
-        let n = to.feed(&out);
-        wire.extend_from_slice(&out[..n]);
-        from.consume_output(n);
-    }
-}
-
-/// Runs a session in memory with `config` on both sides: a handshake, data
-/// both ways with a rekey every 2 frames (and one asked for), then CLOSE.
-fn record(suite: Suite, i_config: HandshakeConfig, r_config: HandshakeConfig) -> Recording {
-    let initiator = Identity::generate();
-    let responder = Identity::generate();
-    let session = SessionConfig::default().with_rekey_interval(2);
-    let mut i = Handshake::initiator(
-        &initiator,
-        Arc::new(AnyVat),
-        PeerContext::initiator(None, None),
-        i_config
-            .with_suites(vec![suite])
-            .with_session(session.clone()),
-    )
-    .unwrap();
-    let mut r = Handshake::responder(
-        &responder,
-        Arc::new(AnyVat),
-        PeerContext::responder(None),
-        r_config.with_suites(vec![suite]).with_session(session),
-    )
-    .unwrap();
-    let (mut i2r, mut r2i) = (Vec::new(), Vec::new());
-    while pump(&mut i, &mut r, &mut i2r) | pump(&mut r, &mut i, &mut r2i) {}
-    assert!(i.is_finished() && r.is_finished());
-    let (mut i, mut r) = (i.into_session().unwrap(), r.into_session().unwrap());
-    assert_eq!(i.handshake_hash(), r.handshake_hash());
-    let handshake_hash = *i.handshake_hash();
-    let (mut sent_i2r, mut sent_r2i) = (Vec::new(), Vec::new());
-    let (mut got_i2r, mut got_r2i) = (Vec::new(), Vec::new());
-    for round in 0u8..5 {
-        let a = vec![round; 100 + usize::from(round)];
-        let b = format!("reply {round}").into_bytes();
-        assert_eq!(i.write(&a).unwrap(), a.len());
-        assert_eq!(r.write(&b).unwrap(), b.len());
-        i.flush().unwrap();
-        r.flush().unwrap();
-        if round == 2 {
-            i.rekey().unwrap();
-        }
-        sent_i2r.extend_from_slice(&a);
-        sent_r2i.extend_from_slice(&b);
-        got_i2r.extend(pump_session(&mut i, &mut r, &mut i2r));
-        got_r2i.extend(pump_session(&mut r, &mut i, &mut r2i));
-    }
-    i.close().unwrap();
-    r.close().unwrap();
-    pump_session(&mut i, &mut r, &mut i2r);
-    pump_session(&mut r, &mut i, &mut r2i);
-    assert_eq!(got_i2r, sent_i2r);
-    assert_eq!(got_r2i, sent_r2i);
-    Recording {
-        i2r,
-        r2i,
-        initiator,
-        responder,
-        handshake_hash,
-        sent_i2r,
-        sent_r2i,
-    }
-}
 
 // ---- An independent reader of the key log and the wire ----
 
@@ -330,7 +218,7 @@ fn key_log_lines_decrypt_a_recorded_session() {
             HandshakeConfig::default().with_key_log(Some(li.clone())),
             HandshakeConfig::default().with_key_log(Some(lr.clone())),
         );
-        let (li, lr) = (li.0.lock().unwrap().clone(), lr.0.lock().unwrap().clone());
+        let (li, lr) = (li.lines(), lr.lines());
         assert_eq!(li.len(), 5, "{li:?}");
         assert_eq!(li, lr, "initiator and responder log the same lines");
         let labels: Vec<&str> = li.iter().map(|l| l.split(' ').next().unwrap()).collect();
@@ -366,7 +254,7 @@ fn one_end_alone_logs_every_key() {
         HandshakeConfig::default(),
         HandshakeConfig::default().with_key_log(Some(lr.clone())),
     );
-    let lines = lr.0.lock().unwrap().clone();
+    let lines = lr.lines();
     let d = decode(suite, &rec, &lines);
     assert_eq!(d.i2r_data, rec.sent_i2r);
 }
@@ -443,7 +331,7 @@ fn spec_example_is_the_test_vector_handshake() {
     i.into_session().unwrap();
     r.into_session().unwrap();
     // Both ends logged into the same sink: each line twice.
-    let all = lines.0.lock().unwrap().clone();
+    let all = lines.lines();
     let mut once: Vec<String> = Vec::new();
     for line in &all {
         if !once.contains(line) {

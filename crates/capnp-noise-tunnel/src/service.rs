@@ -359,11 +359,11 @@ impl Connection {
 
     /// The stream settings of this service's suite choice.
     fn stream_config(&self) -> StreamConfig {
-        let config = StreamConfig::default();
-        match self.config.suite {
-            Some(suite) => config.with_handshake(HandshakeConfig::with_suite(suite)),
-            None => config,
-        }
+        let handshake = match self.config.suite {
+            Some(suite) => HandshakeConfig::with_suite(suite),
+            None => HandshakeConfig::default(),
+        };
+        StreamConfig::default().with_handshake(handshake.with_key_log(self.config.key_log.clone()))
     }
 
     async fn handshake_slot(&self) -> Result<tokio::sync::SemaphorePermit<'_>, SetupFailure> {

@@ -1,0 +1,214 @@
+//! Recorded sessions and the captures made of them: the bytes each way of
+//! a real in-memory session (key log tests, decoder tests, fuzz seeds), and
+//! a pcap file written from byte streams (the decoder's tests and seeds).
+
+use std::sync::{Arc, Mutex};
+
+use capnp_noise::keylog::{self, KeyLog};
+use capnp_noise::policy::{AnyVat, PeerContext};
+use capnp_noise::wire::{Handshake, HandshakeConfig, ReadOutcome, Session, SessionConfig, Suite};
+use capnp_noise::Identity;
+
+/// A key log kept in memory, one formatted line per entry.
+#[derive(Debug, Default)]
+pub struct KeyLogLines(pub Mutex<Vec<String>>);
+
+impl KeyLog for KeyLogLines {
+    fn log(&self, label: &str, initiator_ephemeral: &[u8; 32], secret: &[u8]) {
+        let line = keylog::format_line(label, initiator_ephemeral, secret);
+        self.0.lock().expect("not poisoned").push(line);
+    }
+}
+
+impl KeyLogLines {
+    /// The lines so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.0.lock().expect("not poisoned").clone()
+    }
+}
+
+/// A session recorded in memory: the bytes each way, and what the test knows.
+pub struct Recorded {
+    /// Everything the initiator sent (preamble, messages 1 and 3, frames).
+    pub i2r: Vec<u8>,
+    /// Everything the responder sent.
+    pub r2i: Vec<u8>,
+    /// The initiator's identity.
+    pub initiator: Identity,
+    /// The responder's identity.
+    pub responder: Identity,
+    /// The handshake hash both ends reported.
+    pub handshake_hash: [u8; 32],
+    /// The application bytes the initiator sent.
+    pub sent_i2r: Vec<u8>,
+    /// The application bytes the responder sent.
+    pub sent_r2i: Vec<u8>,
+}
+
+fn pump(from: &mut Handshake, to: &mut Handshake, wire: &mut Vec<u8>) -> bool {
+    let out = from.pending_output().to_vec();
+    if out.is_empty() || !to.wants_read() {
+        return false;
+    }
+    let n = to.feed(&out).expect("handshake step");
+    wire.extend_from_slice(&out[..n]);
+    from.consume_output(n);
+    n > 0
+}
+
+fn pump_session(from: &mut Session, to: &mut Session, wire: &mut Vec<u8>) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 70_000];
+    loop {
+        while let ReadOutcome::Data(n) = to.read(&mut buf).expect("read") {
+            got.extend_from_slice(&buf[..n]);
+        }
+        let out = from.pending_output().to_vec();
+        if out.is_empty() {
+            return got;
+        }
+        let n = to.feed(&out);
+        wire.extend_from_slice(&out[..n]);
+        from.consume_output(n);
+    }
+}
+
+/// Runs a session in memory between two fresh identities, each end with
+/// its config (restricted to `suite`): a handshake, five rounds of data
+/// both ways with a rekey every 2 frames (and one asked for), then CLOSE
+/// both ways. Panics if anything fails or a byte is lost.
+pub fn record_session(
+    suite: Suite,
+    i_config: HandshakeConfig,
+    r_config: HandshakeConfig,
+) -> Recorded {
+    let initiator = Identity::generate();
+    let responder = Identity::generate();
+    let session = SessionConfig::default().with_rekey_interval(2);
+    let mut i = Handshake::initiator(
+        &initiator,
+        Arc::new(AnyVat),
+        PeerContext::initiator(None, None),
+        i_config
+            .with_suites(vec![suite])
+            .with_session(session.clone()),
+    )
+    .expect("initiator");
+    let mut r = Handshake::responder(
+        &responder,
+        Arc::new(AnyVat),
+        PeerContext::responder(None),
+        r_config.with_suites(vec![suite]).with_session(session),
+    )
+    .expect("responder");
+    let (mut i2r, mut r2i) = (Vec::new(), Vec::new());
+    while pump(&mut i, &mut r, &mut i2r) | pump(&mut r, &mut i, &mut r2i) {}
+    assert!(i.is_finished() && r.is_finished());
+    let (mut i, mut r) = (
+        i.into_session().expect("session"),
+        r.into_session().expect("session"),
+    );
+    assert_eq!(i.handshake_hash(), r.handshake_hash());
+    let handshake_hash = *i.handshake_hash();
+    let (mut sent_i2r, mut sent_r2i) = (Vec::new(), Vec::new());
+    let (mut got_i2r, mut got_r2i) = (Vec::new(), Vec::new());
+    for round in 0u8..5 {
+        let a = vec![round; 100 + usize::from(round)];
+        let b = format!("reply {round}").into_bytes();
+        assert_eq!(i.write(&a).expect("write"), a.len());
+        assert_eq!(r.write(&b).expect("write"), b.len());
+        i.flush().expect("flush");
+        r.flush().expect("flush");
+        if round == 2 {
+            i.rekey().expect("rekey");
+        }
+        sent_i2r.extend_from_slice(&a);
+        sent_r2i.extend_from_slice(&b);
+        got_i2r.extend(pump_session(&mut i, &mut r, &mut i2r));
+        got_r2i.extend(pump_session(&mut r, &mut i, &mut r2i));
+    }
+    i.close().expect("close");
+    r.close().expect("close");
+    pump_session(&mut i, &mut r, &mut i2r);
+    pump_session(&mut r, &mut i, &mut r2i);
+    assert_eq!(got_i2r, sent_i2r);
+    assert_eq!(got_r2i, sent_r2i);
+    Recorded {
+        i2r,
+        r2i,
+        initiator,
+        responder,
+        handshake_hash,
+        sent_i2r,
+        sent_r2i,
+    }
+}
+
+/// One TCP connection to write into a capture.
+#[derive(Debug, Clone, Copy)]
+pub struct Flow<'a> {
+    /// The initiator's port (address 127.0.0.1).
+    pub client_port: u16,
+    /// The responder's port (address 127.0.0.1).
+    pub server_port: u16,
+    /// The initiator's bytes.
+    pub i2r: &'a [u8],
+    /// The responder's bytes.
+    pub r2i: &'a [u8],
+    /// Leave this segment (by index) of the initiator's bytes out: a gap.
+    pub drop_i2r_segment: Option<usize>,
+}
+
+/// A pcap file (Ethernet link type) of `flows`, one after the other: each
+/// a SYN, a SYN-ACK, the initiator's bytes in `segment`-byte segments, then
+/// the responder's.
+pub fn pcap(flows: &[Flow<'_>], segment: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    // Global header: magic, version 2.4, zone, sigfigs, snaplen, Ethernet.
+    for field in [0xa1b2_c3d4u32.to_le_bytes(), [2, 0, 4, 0], [0; 4], [0; 4]] {
+        out.extend_from_slice(&field);
+    }
+    out.extend_from_slice(&262_144u32.to_le_bytes());
+    out.extend_from_slice(&1u32.to_le_bytes());
+    // `syn`: 0 a data segment, 1 a SYN, 2 a SYN-ACK.
+    let mut record = |from: u16, to: u16, seq: u32, syn: u8, payload: &[u8]| {
+        let builder = etherparse::PacketBuilder::ethernet2([2; 6], [4; 6])
+            .ipv4([127, 0, 0, 1], [127, 0, 0, 1], 64)
+            .tcp(from, to, seq, 65_535);
+        let builder = match syn {
+            1 => builder.syn(),
+            2 => builder.syn().ack(1001),
+            _ => builder.ack(1).psh(),
+        };
+        let mut packet = Vec::new();
+        builder.write(&mut packet, payload).expect("packet");
+        out.extend_from_slice(&1u32.to_le_bytes()); // seconds
+        out.extend_from_slice(&0u32.to_le_bytes()); // microseconds
+        out.extend_from_slice(&(packet.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(packet.len() as u32).to_le_bytes());
+        out.extend_from_slice(&packet);
+    };
+    for f in flows {
+        let (isn_i, isn_r) = (1000u32, 5000u32);
+        record(f.client_port, f.server_port, isn_i, 1, &[]);
+        record(f.server_port, f.client_port, isn_r, 2, &[]);
+        for (from, to, isn, bytes, drop) in [
+            (
+                f.client_port,
+                f.server_port,
+                isn_i,
+                f.i2r,
+                f.drop_i2r_segment,
+            ),
+            (f.server_port, f.client_port, isn_r, f.r2i, None),
+        ] {
+            for (n, chunk) in bytes.chunks(segment.max(1)).enumerate() {
+                if Some(n) != drop {
+                    let seq = isn.wrapping_add(1 + (n * segment.max(1)) as u32);
+                    record(from, to, seq, 0, chunk);
+                }
+            }
+        }
+    }
+    out
+}
