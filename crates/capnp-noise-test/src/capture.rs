@@ -85,7 +85,7 @@ pub fn record_session(
     let initiator = Identity::generate();
     let responder = Identity::generate();
     let session = SessionConfig::default().with_rekey_interval(2);
-    let mut i = Handshake::initiator(
+    let i = Handshake::initiator(
         &initiator,
         Arc::new(AnyVat),
         PeerContext::initiator(None, None),
@@ -94,13 +94,26 @@ pub fn record_session(
             .with_session(session.clone()),
     )
     .expect("initiator");
-    let mut r = Handshake::responder(
+    let r = Handshake::responder(
         &responder,
         Arc::new(AnyVat),
         PeerContext::responder(None),
         r_config.with_suites(vec![suite]).with_session(session),
     )
     .expect("responder");
+    record(i, r, initiator, responder)
+}
+
+/// Runs the handshakes `i` and `r` (of `initiator` and `responder`) and
+/// the session of [`record_session`] in memory; with handshakes of fixed
+/// ephemerals (`fixtures::deterministic_handshakes`) every byte is
+/// reproducible.
+pub fn record(
+    mut i: Handshake,
+    mut r: Handshake,
+    initiator: Identity,
+    responder: Identity,
+) -> Recorded {
     let (mut i2r, mut r2i) = (Vec::new(), Vec::new());
     while pump(&mut i, &mut r, &mut i2r) | pump(&mut r, &mut i, &mut r2i) {}
     assert!(i.is_finished() && r.is_finished());
