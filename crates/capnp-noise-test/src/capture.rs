@@ -172,19 +172,14 @@ pub struct Flow<'a> {
     pub drop_i2r_segment: Option<usize>,
 }
 
-/// A pcap file (Ethernet link type) of `flows`, one after the other: each
-/// a SYN, a SYN-ACK, the initiator's bytes in `segment`-byte segments, then
-/// the responder's.
-pub fn pcap(flows: &[Flow<'_>], segment: usize) -> Vec<u8> {
+/// The Ethernet frames of `flows`, one after the other: each a SYN, a
+/// SYN-ACK, the initiator's bytes in `segment`-byte segments, then the
+/// responder's.
+fn packets(flows: &[Flow<'_>], segment: usize) -> Vec<Vec<u8>> {
+    let segment = segment.max(1);
     let mut out = Vec::new();
-    // Global header: magic, version 2.4, zone, sigfigs, snaplen, Ethernet.
-    for field in [0xa1b2_c3d4u32.to_le_bytes(), [2, 0, 4, 0], [0; 4], [0; 4]] {
-        out.extend_from_slice(&field);
-    }
-    out.extend_from_slice(&262_144u32.to_le_bytes());
-    out.extend_from_slice(&1u32.to_le_bytes());
     // `syn`: 0 a data segment, 1 a SYN, 2 a SYN-ACK.
-    let mut record = |from: u16, to: u16, seq: u32, syn: u8, payload: &[u8]| {
+    let mut packet = |from: u16, to: u16, seq: u32, syn: u8, payload: &[u8]| {
         let builder = etherparse::PacketBuilder::ethernet2([2; 6], [4; 6])
             .ipv4([127, 0, 0, 1], [127, 0, 0, 1], 64)
             .tcp(from, to, seq, 65_535);
@@ -193,18 +188,14 @@ pub fn pcap(flows: &[Flow<'_>], segment: usize) -> Vec<u8> {
             2 => builder.syn().ack(1001),
             _ => builder.ack(1).psh(),
         };
-        let mut packet = Vec::new();
-        builder.write(&mut packet, payload).expect("packet");
-        out.extend_from_slice(&1u32.to_le_bytes()); // seconds
-        out.extend_from_slice(&0u32.to_le_bytes()); // microseconds
-        out.extend_from_slice(&(packet.len() as u32).to_le_bytes());
-        out.extend_from_slice(&(packet.len() as u32).to_le_bytes());
-        out.extend_from_slice(&packet);
+        let mut bytes = Vec::new();
+        builder.write(&mut bytes, payload).expect("packet");
+        out.push(bytes);
     };
     for f in flows {
         let (isn_i, isn_r) = (1000u32, 5000u32);
-        record(f.client_port, f.server_port, isn_i, 1, &[]);
-        record(f.server_port, f.client_port, isn_r, 2, &[]);
+        packet(f.client_port, f.server_port, isn_i, 1, &[]);
+        packet(f.server_port, f.client_port, isn_r, 2, &[]);
         for (from, to, isn, bytes, drop) in [
             (
                 f.client_port,
@@ -215,13 +206,56 @@ pub fn pcap(flows: &[Flow<'_>], segment: usize) -> Vec<u8> {
             ),
             (f.server_port, f.client_port, isn_r, f.r2i, None),
         ] {
-            for (n, chunk) in bytes.chunks(segment.max(1)).enumerate() {
+            for (n, chunk) in bytes.chunks(segment).enumerate() {
                 if Some(n) != drop {
-                    let seq = isn.wrapping_add(1 + (n * segment.max(1)) as u32);
-                    record(from, to, seq, 0, chunk);
+                    let seq = isn.wrapping_add(1 + (n * segment) as u32);
+                    packet(from, to, seq, 0, chunk);
                 }
             }
         }
+    }
+    out
+}
+
+fn u32s(out: &mut Vec<u8>, fields: &[u32]) {
+    for f in fields {
+        out.extend_from_slice(&f.to_le_bytes());
+    }
+}
+
+/// A pcap file (Ethernet link type) of `flows`: see [`packets`].
+pub fn pcap(flows: &[Flow<'_>], segment: usize) -> Vec<u8> {
+    // Magic, version 2.4, zone, sigfigs, snap length, Ethernet.
+    let mut out = Vec::new();
+    u32s(&mut out, &[0xa1b2_c3d4, 0x0004_0002, 0, 0, 262_144, 1]);
+    for p in packets(flows, segment) {
+        // Seconds, microseconds, captured and original lengths.
+        u32s(&mut out, &[1, 0, p.len() as u32, p.len() as u32]);
+        out.extend_from_slice(&p);
+    }
+    out
+}
+
+/// The same as a pcapng file: a section header, one Ethernet interface,
+/// one enhanced packet block per packet.
+pub fn pcapng(flows: &[Flow<'_>], segment: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    // Section header: type, length, byte-order magic, version 1.0,
+    // section length unknown (-1), length.
+    u32s(
+        &mut out,
+        &[0x0A0D_0D0A, 28, 0x1A2B_3C4D, 1, u32::MAX, u32::MAX, 28],
+    );
+    // Interface: type, length, link type 1 + reserved, snap length, length.
+    u32s(&mut out, &[1, 20, 1, 262_144, 20]);
+    for p in packets(flows, segment) {
+        let padded = p.len().div_ceil(4) * 4;
+        let len = (32 + padded) as u32;
+        // Type, length, interface 0, timestamp, captured and original lengths.
+        u32s(&mut out, &[6, len, 0, 0, 1, p.len() as u32, p.len() as u32]);
+        out.extend_from_slice(&p);
+        out.resize(out.len() + padded - p.len(), 0);
+        u32s(&mut out, &[len]);
     }
     out
 }

@@ -259,7 +259,13 @@ impl<'a> Reader<'a> {
         match self.next(bounds) {
             Next::Frame(m) => Some(m),
             Next::End => {
-                let _ = writeln!(out, "  {} no complete {}", self.arrow, bounds.what);
+                // Only the initiator can refuse the peer without a word.
+                let why = if bounds.what == MSG3.what {
+                    " (the initiator may have refused the responder)"
+                } else {
+                    ""
+                };
+                let _ = writeln!(out, "  {} no complete {}{why}", self.arrow, bounds.what);
                 self.end(stream, bounds.what, out);
                 None
             }
@@ -655,4 +661,31 @@ fn rpc_which<S: capnp::message::ReaderSegments>(
         #[allow(unreachable_patterns)]
         _ => "rpc Message (another variant)",
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// DATA that is a sequence of rpc messages is summarised; anything
+    /// else (one byte more, random bytes) is not.
+    #[test]
+    fn capnp_messages_are_summarised_and_other_bytes_are_not() {
+        let mut message = capnp::message::Builder::new_default();
+        {
+            let root: capnp_rpc::rpc_capnp::message::Builder<'_> = message.init_root();
+            root.init_bootstrap().set_question_id(7);
+        }
+        let mut bytes = capnp::serialize::write_message_to_words(&message);
+        let one = capnp_summary(&bytes).expect("a message");
+        assert_eq!(
+            one,
+            "Cap'n Proto message, 1 segment(s) (5 words), rpc Message.bootstrap"
+        );
+        bytes.extend(bytes.clone());
+        assert_eq!(capnp_summary(&bytes).unwrap(), format!("{one}; {one}"));
+        bytes.push(0);
+        assert!(capnp_summary(&bytes).is_none());
+        assert!(describe(b"hello").ends_with("68656c6c6f"));
+    }
 }

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use capnp_noise::wire::{HandshakeConfig, Suite};
-use capnp_noise_test::capture::{pcap, record_session, Flow, KeyLogLines, Recorded};
+use capnp_noise_test::capture::{pcap, pcapng, record_session, Flow, KeyLogLines, Recorded};
 
 fn decode(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_capnp-noise"))
@@ -123,13 +123,20 @@ fn assert_decoded(out: &str, rec: &Recorded, suite: Suite) {
 }
 
 /// A capture written from a recorded session, decoded with the key log:
-/// both suites, segments of several sizes (frames split across segments).
+/// both suites, pcap and pcapng, segments of several sizes (frames split
+/// across segments).
 #[test]
 fn capture_with_key_log_shows_identities_and_data() {
     let dir = tempfile::tempdir().unwrap();
-    for (suite, segment) in [(Suite::ChaChaPolyBlake2s, 1460), (Suite::AesGcmSha256, 7)] {
+    type Writer = fn(&[Flow<'_>], usize) -> Vec<u8>;
+    let cases: [(Suite, usize, Writer); 3] = [
+        (Suite::ChaChaPolyBlake2s, 1460, pcap),
+        (Suite::AesGcmSha256, 7, pcap),
+        (Suite::AesGcmSha256, 500, pcapng),
+    ];
+    for (suite, segment, writer) in cases {
         let (rec, lines) = logged_session(suite);
-        let capture = pcap(&[flow(40000, &rec, None)], segment);
+        let capture = writer(&[flow(40000, &rec, None)], segment);
         let cap = write(dir.path(), "s.pcap", &capture);
         let keys = write(dir.path(), "keys.log", (lines.join("\n") + "\n").as_bytes());
         let out = decode(&["--keylog", &keys, &cap]);
