@@ -278,3 +278,61 @@ fn truncated_capture_is_reported() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a pcap or pcapng capture"));
 }
+
+/// The decoder's memory bounds hold on a capture that would exceed them:
+/// a stream longer than the per-stream limit, out-of-order segments
+/// beyond the limit (a gap early in a long stream), more connections than
+/// followed, and a total budget shared by all.
+#[test]
+fn memory_limits_stop_a_stream_and_say_so() {
+    use capnp_noise_tunnel::decode::capture::{read_capture, Limits};
+    let (rec, _) = logged_session(Suite::MANDATORY);
+    let capture = pcap(&[flow(40040, &rec, None), flow(40041, &rec, Some(0))], 10);
+    let limits = Limits {
+        per_stream: 100,
+        total: 1 << 20,
+        connections: 1,
+        out_of_order: 4,
+    };
+    let got = read_capture(&capture[..], &[], limits).unwrap();
+    assert_eq!(got.connections.len(), 1);
+    assert!(got
+        .notes
+        .iter()
+        .any(|n| n.contains("more than 1 connections")));
+    let c = &got.connections[0];
+    assert_eq!(c.initiator.bytes.len(), 100);
+    assert!(c
+        .initiator
+        .problem
+        .as_deref()
+        .unwrap()
+        .contains("memory limit"));
+
+    let limits = Limits {
+        connections: 2,
+        per_stream: 1 << 20,
+        ..limits
+    };
+    let got = read_capture(&capture[..], &[], limits).unwrap();
+    let c = &got.connections[1];
+    assert!(c.initiator.bytes.is_empty());
+    let problem = c.initiator.problem.as_deref().unwrap();
+    assert!(
+        problem.contains("too many out-of-order segments"),
+        "{problem}"
+    );
+
+    // The total budget: the first connection takes it all.
+    let limits = Limits {
+        total: 150,
+        ..limits
+    };
+    let got = read_capture(&capture[..], &[], limits).unwrap();
+    let kept: usize = got
+        .connections
+        .iter()
+        .map(|c| c.initiator.bytes.len() + c.responder.bytes.len())
+        .sum();
+    assert!(kept <= 150, "{kept} bytes kept");
+}

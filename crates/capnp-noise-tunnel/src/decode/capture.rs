@@ -82,9 +82,11 @@ impl Direction {
         let next = *self.next_seq.get_or_insert(seq);
         let offset = seq.wrapping_sub(next) as i32;
         if offset > 0 {
-            if self.ahead.len() >= limits.out_of_order {
-                self.stop("too many out-of-order segments: a gap in the TCP stream (segments missing from the capture)".into());
+            // Held back bytes count against the budget like kept ones.
+            if self.ahead.len() >= limits.out_of_order || payload.len() > *budget {
+                self.stop("too many out-of-order segments: a gap in the TCP stream (segments missing from the capture)".into(), budget);
             } else {
+                *budget -= payload.len();
                 self.ahead.push((seq, payload.to_vec()));
             }
             return;
@@ -97,6 +99,7 @@ impl Direction {
             .position(|(s, _)| s.wrapping_sub(self.next_seq.unwrap_or(*s)) as i32 <= 0)
         {
             let (s, p) = self.ahead.swap_remove(i);
+            *budget += p.len();
             let skip = self.next_seq.unwrap_or(s).wrapping_sub(s) as usize;
             self.append(skip, &p, limits, budget);
         }
@@ -108,7 +111,10 @@ impl Direction {
             return;
         };
         if self.stream.bytes.len() + new.len() > limits.per_stream || new.len() > *budget {
-            self.stop("longer than the decoder's memory limit: the rest is not read".into());
+            self.stop(
+                "longer than the decoder's memory limit: the rest is not read".into(),
+                budget,
+            );
             return;
         }
         *budget -= new.len();
@@ -116,10 +122,11 @@ impl Direction {
         self.next_seq = self.next_seq.map(|n| n.wrapping_add(new.len() as u32));
     }
 
-    fn stop(&mut self, why: String) {
+    fn stop(&mut self, why: String, budget: &mut usize) {
         if !self.stopped {
             self.stopped = true;
             self.stream.problem = Some(why);
+            *budget += self.ahead.iter().map(|(_, p)| p.len()).sum::<usize>();
             self.ahead.clear();
         }
     }
@@ -132,10 +139,11 @@ impl Direction {
                 .map(|(s, _)| s.wrapping_sub(self.next_seq.unwrap_or(*s)))
                 .min()
                 .unwrap_or(0);
-            self.stop(format!(
+            let why = format!(
                 "gap in the TCP stream: {missing} byte(s) after stream byte {} are missing from the capture; the rest is not read",
                 self.stream.bytes.len()
-            ));
+            );
+            self.stop(why, &mut 0);
         }
         self.stream
     }
