@@ -162,6 +162,15 @@ fn capture_without_key_log_shows_what_is_clear() {
     assert!(out.contains("-> handshake message 3: 200 bytes"), "{out}");
     assert!(out.contains("-> frame 0: 117 bytes (encrypted)"), "{out}");
     assert!(!out.contains("VatId") && !out.contains("DATA"), "{out}");
+    // A key log for other sessions: the same, and it says so.
+    let (_, other) = logged_session(Suite::MANDATORY);
+    let keys = write(dir.path(), "other.log", other.join("\n").as_bytes());
+    let with_other = decode(&["--keylog", &keys, &cap]);
+    assert!(
+        with_other.contains("(the key log has no line for this connection: frames stay encrypted)"),
+        "{with_other}"
+    );
+    assert!(with_other.contains("-> frame 0: 117 bytes (encrypted)"));
 }
 
 /// Raw streams, one file per direction, decode like a capture.
