@@ -160,9 +160,9 @@ pub fn record(
 /// One TCP connection to write into a capture.
 #[derive(Debug, Clone, Copy)]
 pub struct Flow<'a> {
-    /// The initiator's port (address 127.0.0.1).
+    /// The initiator's port (address [`crate::pcap::CLIENT_ADDR`]).
     pub client_port: u16,
-    /// The responder's port (address 127.0.0.1).
+    /// The responder's port (address [`crate::pcap::SERVER_ADDR`]).
     pub server_port: u16,
     /// The initiator's bytes.
     pub i2r: &'a [u8],
@@ -172,49 +172,27 @@ pub struct Flow<'a> {
     pub drop_i2r_segment: Option<usize>,
 }
 
-/// The Ethernet frames of `flows`, one after the other: each a SYN, a
-/// SYN-ACK, the initiator's bytes in `segment`-byte segments, then the
-/// responder's.
-fn packets(flows: &[Flow<'_>], segment: usize) -> Vec<Vec<u8>> {
-    let segment = segment.max(1);
-    let mut out = Vec::new();
-    // `syn`: 0 a data segment, 1 a SYN, 2 a SYN-ACK.
-    let mut packet = |from: u16, to: u16, seq: u32, syn: u8, payload: &[u8]| {
-        let builder = etherparse::PacketBuilder::ethernet2([2; 6], [4; 6])
-            .ipv4([127, 0, 0, 1], [127, 0, 0, 1], 64)
-            .tcp(from, to, seq, 65_535);
-        let builder = match syn {
-            1 => builder.syn(),
-            2 => builder.syn().ack(1001),
-            _ => builder.ack(1).psh(),
-        };
-        let mut bytes = Vec::new();
-        builder.write(&mut bytes, payload).expect("packet");
-        out.push(bytes);
-    };
+/// A pcap file of `flows`, one after the other (written by
+/// [`crate::pcap::Capture`]): each a three-way handshake, the initiator's
+/// bytes in `segment`-byte segments, the responder's, then a FIN each way.
+pub fn pcap(flows: &[Flow<'_>], segment: usize) -> Vec<u8> {
+    let mut cap = crate::pcap::Capture::new();
     for f in flows {
-        let (isn_i, isn_r) = (1000u32, 5000u32);
-        packet(f.client_port, f.server_port, isn_i, 1, &[]);
-        packet(f.server_port, f.client_port, isn_r, 2, &[]);
-        for (from, to, isn, bytes, drop) in [
-            (
-                f.client_port,
-                f.server_port,
-                isn_i,
-                f.i2r,
-                f.drop_i2r_segment,
-            ),
-            (f.server_port, f.client_port, isn_r, f.r2i, None),
-        ] {
-            for (n, chunk) in bytes.chunks(segment).enumerate() {
-                if Some(n) != drop {
-                    let seq = isn.wrapping_add(1 + (n * segment) as u32);
-                    packet(from, to, seq, 0, chunk);
+        let c = cap.connect(f.client_port, f.server_port);
+        for (from_client, bytes, drop) in [(true, f.i2r, f.drop_i2r_segment), (false, f.r2i, None)]
+        {
+            for (n, chunk) in bytes.chunks(segment.max(1)).enumerate() {
+                if Some(n) == drop {
+                    cap.skip(c, from_client, chunk.len());
+                } else {
+                    cap.send(c, from_client, chunk);
                 }
             }
         }
+        cap.fin(c, true);
+        cap.fin(c, false);
     }
-    out
+    cap.bytes().to_vec()
 }
 
 fn u32s(out: &mut Vec<u8>, fields: &[u32]) {
@@ -223,22 +201,10 @@ fn u32s(out: &mut Vec<u8>, fields: &[u32]) {
     }
 }
 
-/// A pcap file (Ethernet link type) of `flows`: see [`packets`].
-pub fn pcap(flows: &[Flow<'_>], segment: usize) -> Vec<u8> {
-    // Magic, version 2.4, zone, sigfigs, snap length, Ethernet.
-    let mut out = Vec::new();
-    u32s(&mut out, &[0xa1b2_c3d4, 0x0004_0002, 0, 0, 262_144, 1]);
-    for p in packets(flows, segment) {
-        // Seconds, microseconds, captured and original lengths.
-        u32s(&mut out, &[1, 0, p.len() as u32, p.len() as u32]);
-        out.extend_from_slice(&p);
-    }
-    out
-}
-
-/// The same as a pcapng file: a section header, one Ethernet interface,
-/// one enhanced packet block per packet.
+/// The same packets as [`pcap`], as a pcapng file: a section header, one
+/// Ethernet interface, one enhanced packet block per packet.
 pub fn pcapng(flows: &[Flow<'_>], segment: usize) -> Vec<u8> {
+    let classic = pcap(flows, segment);
     let mut out = Vec::new();
     // Section header: type, length, byte-order magic, version 1.0,
     // section length unknown (-1), length.
@@ -248,14 +214,33 @@ pub fn pcapng(flows: &[Flow<'_>], segment: usize) -> Vec<u8> {
     );
     // Interface: type, length, link type 1 + reserved, snap length, length.
     u32s(&mut out, &[1, 20, 1, 262_144, 20]);
-    for p in packets(flows, segment) {
-        let padded = p.len().div_ceil(4) * 4;
-        let len = (32 + padded) as u32;
-        // Type, length, interface 0, timestamp, captured and original lengths.
-        u32s(&mut out, &[6, len, 0, 0, 1, p.len() as u32, p.len() as u32]);
-        out.extend_from_slice(&p);
-        out.resize(out.len() + padded - p.len(), 0);
-        u32s(&mut out, &[len]);
+    // The classic file: a 24-byte header, then per packet 16 bytes
+    // (seconds, microseconds, captured and original lengths) and the packet.
+    let mut rest = &classic[24..];
+    while rest.len() >= 16 {
+        let field = |i: usize| u32::from_le_bytes(rest[i..i + 4].try_into().expect("4 bytes"));
+        let (secs, micros, len) = (field(0), field(4), field(8) as usize);
+        let packet = &rest[16..16 + len];
+        let stamp = u64::from(secs) * 1_000_000 + u64::from(micros);
+        let padded = len.div_ceil(4) * 4;
+        let block = (32 + padded) as u32;
+        // Type, length, interface 0, timestamp (high, low), lengths.
+        u32s(
+            &mut out,
+            &[
+                6,
+                block,
+                0,
+                (stamp >> 32) as u32,
+                stamp as u32,
+                len as u32,
+                len as u32,
+            ],
+        );
+        out.extend_from_slice(packet);
+        out.resize(out.len() + padded - len, 0);
+        u32s(&mut out, &[block]);
+        rest = &rest[16 + len..];
     }
     out
 }

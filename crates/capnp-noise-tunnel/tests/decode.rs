@@ -141,7 +141,7 @@ fn capture_with_key_log_shows_identities_and_data() {
         let keys = write(dir.path(), "keys.log", (lines.join("\n") + "\n").as_bytes());
         let out = decode(&["--keylog", &keys, &cap]);
         assert!(
-            out.contains("connection 127.0.0.1:40000 -> 127.0.0.1:7000"),
+            out.contains("connection 10.0.0.1:40000 -> 10.0.0.2:7000"),
             "{out}"
         );
         assert_decoded(&out, &rec, suite);
