@@ -203,6 +203,7 @@ pub mod error;
 pub mod identity;
 pub mod intro;
 pub mod keyfile;
+pub mod keylog;
 pub mod network;
 pub mod policy;
 pub mod rpc;

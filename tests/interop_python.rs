@@ -560,6 +560,7 @@ fn python_initiator_rust_responder(suite: Suite, coalesce: bool) {
             rekey_interval: INTERVAL,
         },
         allow_self: false,
+        key_log: None,
     };
     let mut s = conn
         .handshake(responder(&me, Arc::new(Pinned(py_vat())), config))

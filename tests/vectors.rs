@@ -101,6 +101,7 @@ fn generate(suite: Suite) -> Value {
         suites: vec![suite],
         session: SessionConfig::default(),
         allow_self: false,
+        key_log: None,
     };
     let (mut i, mut r) =
         deterministic_handshakes(suite, config, Arc::new(AnyVat), Arc::new(AnyVat)).unwrap();
@@ -184,6 +185,7 @@ fn committed_wire_bytes_decode_to_recorded_plaintext() {
             suites: vec![suite],
             session: SessionConfig::default(),
             allow_self: false,
+            key_log: None,
         };
         let (mut i, mut r) =
             deterministic_handshakes(suite, config, Arc::new(AnyVat), Arc::new(AnyVat)).unwrap();

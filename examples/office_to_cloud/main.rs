@@ -10,6 +10,8 @@
 //! cloud sees which vat calls, a capability travels each way, and an
 //! impostor with another key at the same address is refused before the
 //! office reveals who it is. `RUST_LOG=capnp_noise=info` shows the glue's logs.
+//! `CAPNP_NOISE_KEYLOG=FILE` makes both ends write their session keys to
+//! FILE for `capnp-noise decode` (research only: see SPEC.md appendix A).
 
 use capnp_noise_test::office;
 
@@ -19,6 +21,7 @@ use std::sync::Arc;
 use capnp::capability::Rc;
 use capnp_noise::rpc::{self, ClientConfig, ServerConfig};
 use capnp_noise::stream::{self, StreamConfig};
+use capnp_noise::wire::HandshakeConfig;
 use capnp_noise::{AnyVat, Identity, Pinned};
 use capnp_noise_test::schema::demo_capnp::{callback, office as office_capnp};
 use tokio::net::TcpListener;
@@ -84,6 +87,9 @@ async fn serve(addr: &str) -> Result<(), Box<dyn std::error::Error>> {
 async fn demo() -> Result<(), Box<dyn std::error::Error>> {
     let cloud = Identity::generate();
     let office = Identity::generate();
+    // Off unless CAPNP_NOISE_KEYLOG is set (with a warning).
+    let handshake =
+        HandshakeConfig::default().with_key_log(capnp_noise_test::support::key_log_from_env());
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     println!("cloud  {} listening on {addr}", cloud.vat_id());
@@ -95,7 +101,7 @@ async fn demo() -> Result<(), Box<dyn std::error::Error>> {
         listener,
         cloud.clone(),
         Arc::new(AnyVat),
-        ServerConfig::default(),
+        ServerConfig::default().with_handshake(handshake.clone()),
         office::Office::bootstrap,
     ));
 
@@ -105,7 +111,7 @@ async fn demo() -> Result<(), Box<dyn std::error::Error>> {
         addr,
         &office,
         Arc::new(Pinned(cloud.vat_id())),
-        ClientConfig::default(),
+        ClientConfig::default().with_handshake(handshake.clone()),
     )
     .await?;
     println!(

@@ -34,6 +34,7 @@ use super::{
 };
 use crate::error::{Error, ProtocolError};
 use crate::identity::Identity;
+use crate::keylog::{self, KeyLog, KeyRecorder};
 use crate::policy::{PeerContext, PeerPolicy};
 use crate::vat_id::VatId;
 
@@ -82,6 +83,12 @@ pub struct HandshakeConfig {
     /// listener by a man in the middle (SPEC.md section 5.4). Set it only in
     /// a program that deliberately talks to itself.
     pub allow_self: bool,
+    /// Where this side's handshakes write their secrets, for decrypting a
+    /// capture later: see [`crate::keylog`]. Default `None`, and it must
+    /// stay `None` outside research and debugging: whoever reads the log
+    /// reads the sessions. The library never sets it by itself (not even
+    /// from the environment).
+    pub key_log: Option<Arc<dyn KeyLog>>,
 }
 
 impl Default for HandshakeConfig {
@@ -97,6 +104,7 @@ impl Default for HandshakeConfig {
             suites,
             session: SessionConfig::default(),
             allow_self: false,
+            key_log: None,
         }
     }
 }
@@ -151,6 +159,7 @@ setters!(HandshakeConfig {
     with_suites => suites: Vec<Suite>,
     with_session => session: SessionConfig,
     with_allow_self => allow_self: bool,
+    with_key_log => key_log: Option<Arc<dyn KeyLog>>,
 });
 
 /// The reason a handshake with oneself is refused.
@@ -224,6 +233,12 @@ pub struct Handshake {
     peer: Option<VatId>,
     handshake_hash: [u8; HANDSHAKE_HASH_LEN],
     error: Option<Error>,
+    /// With a key log: the cipher keys snow was given so far, the
+    /// initiator's ephemeral key that names the session in the log, and how
+    /// many keys have been logged.
+    key_recorder: Option<KeyRecorder>,
+    initiator_ephemeral: [u8; DH_LEN],
+    keys_logged: usize,
 }
 
 impl fmt::Debug for Handshake {
@@ -365,6 +380,9 @@ impl Handshake {
             peer: None,
             handshake_hash: [0; HANDSHAKE_HASH_LEN],
             error: None,
+            key_recorder: None,
+            initiator_ephemeral: [0; DH_LEN],
+            keys_logged: 0,
         })
     }
 
@@ -516,7 +534,8 @@ impl Handshake {
             )));
         }
         let pre = preamble::encode_for(suite, Pattern::IK);
-        let mut noise = self.build_noise_for(Pattern::IK, suite, &pre, Some(known.static_key()))?;
+        let static_key = *known.static_key();
+        let mut noise = self.build_noise_for(Pattern::IK, suite, &pre, Some(&static_key))?;
         let mut p1 = Zeroizing::new(Vec::with_capacity(2 + id_len + early_len));
         p1.extend_from_slice(&(id_len as u16).to_be_bytes());
         p1.extend_from_slice(&self.local_payload);
@@ -541,7 +560,7 @@ impl Handshake {
 
     /// Builds an `XX` initiator's Noise state and writes message 1 (`e`).
     fn write_xx_msg1(
-        &self,
+        &mut self,
         suite: Suite,
         prologue: &[u8],
     ) -> Result<(snow::HandshakeState, [u8; MSG1_LEN]), Error> {
@@ -553,6 +572,7 @@ impl Handshake {
         debug_assert_eq!(n, MSG1_LEN);
         let mut e = [0u8; MSG1_LEN];
         e.copy_from_slice(&msg1[..MSG1_LEN]);
+        self.initiator_ephemeral = e;
         Ok((noise, e))
     }
 
@@ -574,19 +594,28 @@ impl Handshake {
         )
     }
 
-    fn build_noise(&self, suite: Suite, prologue: &[u8]) -> Result<snow::HandshakeState, Error> {
+    fn build_noise(
+        &mut self,
+        suite: Suite,
+        prologue: &[u8],
+    ) -> Result<snow::HandshakeState, Error> {
         self.build_noise_for(Pattern::XX, suite, prologue, None)
     }
 
     fn build_noise_for(
-        &self,
+        &mut self,
         pattern: Pattern,
         suite: Suite,
         prologue: &[u8],
         remote_static: Option<&[u8; 32]>,
     ) -> Result<snow::HandshakeState, Error> {
         let params = suite.params_for(pattern);
-        let resolver = super::resolver::resolver_knowing(Some(self.static_key.clone()));
+        let mut resolver = super::resolver::resolver_knowing(Some(self.static_key.clone()));
+        if self.config.key_log.is_some() && self.logs_keys() {
+            let keys = KeyRecorder::default();
+            resolver = keylog::recording(resolver, keys.clone());
+            self.key_recorder = Some(keys);
+        }
         let mut b = snow::Builder::with_resolver(params, resolver)
             .prologue(prologue)
             .and_then(|b| b.local_private_key(self.static_key.secret()))
@@ -936,6 +965,9 @@ impl Handshake {
         e: &[u8],
         kind: Option<u8>,
     ) -> Result<(), Error> {
+        if let Ok(e) = e.try_into() {
+            self.initiator_ephemeral = e;
+        }
         let mut noise = self.build_noise(suite, prologue)?;
         let mut empty = [0u8; 0];
         noise
@@ -954,6 +986,7 @@ impl Handshake {
         self.output.extend(kind);
         self.output.extend_from_slice(&msg2[..n]);
         self.noise = Some(Box::new(noise));
+        self.log_new_keys();
         self.state = State::ResponderAwaitMsg3;
         Ok(())
     }
@@ -1151,6 +1184,7 @@ impl Handshake {
             .map_err(|e| Error::from_snow(e, "handshake message 3"))?;
         frame::put_len(&mut self.output, n);
         self.output.extend_from_slice(&msg3[..n]);
+        self.log_new_keys();
         self.finish();
         Ok(())
     }
@@ -1180,9 +1214,11 @@ impl Handshake {
     ) -> Result<(), Error> {
         let noise = self.noise.as_mut().expect("noise state");
         let mut buf = vec![0u8; msg.len()];
-        let n = noise
-            .read_message(msg, &mut buf)
-            .map_err(|e| Error::from_snow(e, during))?;
+        let read = noise.read_message(msg, &mut buf);
+        // Logged even if the peer is refused: the log is for looking at it.
+        self.log_new_keys();
+        let noise = self.noise.as_mut().expect("noise state");
+        let n = read.map_err(|e| Error::from_snow(e, during))?;
         let rs: [u8; 32] = noise
             .get_remote_static()
             .and_then(|s| s.try_into().ok())
@@ -1216,6 +1252,35 @@ impl Handshake {
             })
     }
 
+    /// Whether this handshake's secrets go to the key log (if there is
+    /// one): the format (SPEC.md appendix A) covers `XX` handshakes only,
+    /// so nothing is logged of one that started with `IK` or fell back from
+    /// it (section 14).
+    fn logs_keys(&self) -> bool {
+        self.pattern == Pattern::XX && !self.fell_back
+    }
+
+    /// Writes the handshake keys snow has been given since the last call to
+    /// the key log, if there is one (labels in the order of XX's MixKeys).
+    fn log_new_keys(&mut self) {
+        if !self.logs_keys() {
+            return;
+        }
+        let (Some(log), Some(keys)) = (&self.config.key_log, &self.key_recorder) else {
+            return;
+        };
+        let Ok(keys) = keys.lock() else { return };
+        let labels = [
+            keylog::HANDSHAKE_KEY_EE,
+            keylog::HANDSHAKE_KEY_ES,
+            keylog::HANDSHAKE_KEY_SE,
+        ];
+        for (label, key) in labels.iter().zip(keys.iter()).skip(self.keys_logged) {
+            log.log(label, &self.initiator_ephemeral, &key[..]);
+        }
+        self.keys_logged = keys.len().min(labels.len());
+    }
+
     fn finish(&mut self) {
         let noise = self.noise.as_ref().expect("noise state");
         self.handshake_hash
@@ -1239,10 +1304,23 @@ impl Handshake {
                 "into_session() called before the handshake finished",
             ));
         }
+        let logs_keys = self.logs_keys();
         let mut noise = self.noise.expect("noise state");
         // Split() (Noise §5.2): the initiator sends with the first key.
         let (k1, k2) = noise.dangerously_get_raw_split();
         let (k1, k2) = (Zeroizing::new(k1), Zeroizing::new(k2));
+        if let Some(log) = self.config.key_log.as_ref().filter(|_| logs_keys) {
+            log.log(
+                keylog::INITIATOR_TRAFFIC_KEY,
+                &self.initiator_ephemeral,
+                &k1[..],
+            );
+            log.log(
+                keylog::RESPONDER_TRAFFIC_KEY,
+                &self.initiator_ephemeral,
+                &k2[..],
+            );
+        }
         let keys = match self.role {
             Role::Initiator => (k1, k2),
             Role::Responder => (k2, k1),

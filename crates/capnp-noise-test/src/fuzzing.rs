@@ -19,6 +19,7 @@
 //!
 //! `cargo test --test fuzz_corpus` fails while these disagree.
 
+mod decode;
 mod files;
 mod handshake;
 mod intro;
@@ -28,6 +29,7 @@ mod support;
 mod transport;
 mod tunnel;
 
+pub use decode::{decode, keylog_line};
 pub use files::{allow_list, key_file, known_vats, sturdy_capnp, sturdy_uri};
 pub use handshake::{initiator, initiator_ik, responder, responder_ik};
 pub use intro::introduction;
@@ -59,6 +61,8 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("sturdy_uri", sturdy_uri),
     ("sturdy_capnp", sturdy_capnp),
     ("tunnel_config", tunnel_config),
+    ("keylog_line", keylog_line),
+    ("decode", decode),
 ];
 
 /// The target called `name`.
@@ -101,5 +105,6 @@ pub fn seeds() -> Vec<Seed> {
     v.extend(intro::seeds());
     v.extend(files::seeds());
     v.extend(tunnel::seeds());
+    v.extend(decode::seeds());
     v
 }

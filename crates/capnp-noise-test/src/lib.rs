@@ -1,5 +1,7 @@
 //! The test and fuzz harness of capnp-noise. Not published, not an API.
 //!
+//! * [`capture`]: sessions recorded in memory (the bytes each way) and
+//!   pcap files written from them, for the key log and decoder tests.
 //! * [`fixtures`]: deterministic identities and ephemerals (the keys of
 //!   `tests/vectors/`), in-memory handshake and session pairs, and the
 //!   first flight a real initiator sends.
@@ -30,6 +32,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod capture;
 pub mod fixtures;
 pub mod fuzzing;
 pub mod heap;

@@ -122,6 +122,13 @@ impl Capture {
         }
     }
 
+    /// Leaves `len` bytes of one side's stream out of the capture, as if
+    /// their segment was lost by the capture: a gap in the stream.
+    pub fn skip(&mut self, c: Conn, from_client: bool, len: usize) {
+        let side = usize::from(!from_client);
+        self.flows[c.0].next[side] = self.flows[c.0].next[side].wrapping_add(len as u32);
+    }
+
     /// Ends one side's byte stream with a FIN.
     pub fn fin(&mut self, c: Conn, from_client: bool) {
         self.packet(c, from_client, FIN | ACK, &[]);

@@ -90,3 +90,22 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Tap<T> {
         std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
+
+/// For the examples: the key log `CAPNP_NOISE_KEYLOG` names, if set
+/// (appended to, created 0600), with a warning on stderr. Research only;
+/// the library never reads the variable, the examples and the
+/// `capnp-noise` command do.
+///
+/// # Panics
+/// If the file cannot be opened.
+pub fn key_log_from_env() -> Option<std::sync::Arc<dyn capnp_noise::keylog::KeyLog>> {
+    use capnp_noise::keylog::{KeyLogFile, KEYLOG_ENV};
+    let path = std::env::var_os(KEYLOG_ENV).filter(|p| !p.is_empty())?;
+    let file = KeyLogFile::create(&path).expect("open the key log");
+    eprintln!(
+        "WARNING: {KEYLOG_ENV} is set: the Noise session keys are written to {}; \
+         whoever reads that file can decrypt these sessions. For research and debugging only.",
+        path.to_string_lossy()
+    );
+    Some(std::sync::Arc::new(file))
+}

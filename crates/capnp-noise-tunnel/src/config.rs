@@ -23,6 +23,7 @@ use std::io::{self, Read};
 use std::net::Ipv6Addr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use toml::de::{DeTable, DeValue};
@@ -525,6 +526,11 @@ pub struct ServiceConfig {
     pub suite: Option<Suite>,
     /// Its limits.
     pub limits: LimitsConfig,
+    /// Where its handshakes write their secrets (research only; see
+    /// `capnp_noise::keylog`). Never from the configuration file: the
+    /// `capnp-noise` command sets it from `CAPNP_NOISE_KEYLOG`
+    /// ([`Tunnel::with_key_log`](crate::Tunnel::with_key_log)).
+    pub key_log: Option<Arc<dyn capnp_noise::keylog::KeyLog>>,
 }
 
 impl ServiceConfig {
@@ -1213,6 +1219,7 @@ impl ServiceSpec {
                 }
             },
             suite: self.suite.and_then(SuiteChoice::suite),
+            key_log: None,
             limits: self.limits.check(at, Some(name), defaults)?,
         })
     }

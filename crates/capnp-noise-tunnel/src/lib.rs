@@ -238,6 +238,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod decode;
 pub mod egress;
 pub mod forward;
 mod metrics;
@@ -300,6 +301,17 @@ impl Tunnel {
             metrics: config.metrics,
             services,
         })
+    }
+
+    /// Makes every service's handshakes write their secrets to `key_log`
+    /// (research and debugging only: see `capnp_noise::keylog`). The
+    /// `capnp-noise` command calls it when `CAPNP_NOISE_KEYLOG` is set.
+    #[must_use]
+    pub fn with_key_log(mut self, key_log: Option<Arc<dyn capnp_noise::keylog::KeyLog>>) -> Self {
+        for (svc, _) in &mut self.services {
+            svc.key_log = key_log.clone();
+        }
+        self
     }
 
     /// This tunnel's VatId: what the other ends pin or allow.

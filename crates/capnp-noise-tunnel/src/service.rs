@@ -389,13 +389,14 @@ impl Connection {
         StreamConfig::default().with_handshake(self.handshake_config())
     }
 
-    /// The handshake settings of this service's suite choice: one suite,
-    /// or every suite with this machine's preferred first.
+    /// The handshake settings of this service's suite choice (one suite, or
+    /// every suite with this machine's preferred first), with its key log.
     fn handshake_config(&self) -> HandshakeConfig {
-        match self.config.suite {
+        let handshake = match self.config.suite {
             Some(suite) => HandshakeConfig::with_suite(suite),
             None => HandshakeConfig::default(),
-        }
+        };
+        handshake.with_key_log(self.config.key_log.clone())
     }
 
     async fn handshake_slot(&self) -> Result<tokio::sync::SemaphorePermit<'_>, SetupFailure> {

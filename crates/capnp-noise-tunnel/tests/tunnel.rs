@@ -1,9 +1,11 @@
 //! `capnp-noise tunnel` as real processes on loopback: plain TCP through a
 //! tunnel pair (many connections, large transfers, half-close), refusals
 //! on both sides, an unreachable target, shutdown on SIGTERM, a
-//! configuration file with two services, misconfigurations, and Cap'n Proto
+//! configuration file with two services, misconfigurations, Cap'n Proto
 //! peers written with pycapnp talking across the tunnel (to each other, and
-//! to a native capnp-noise RPC server).
+//! to a native capnp-noise RPC server), and a session captured by tcpdump
+//! and decoded with the key log that `CAPNP_NOISE_KEYLOG` made the tunnel
+//! write.
 //!
 //! Every tunnel is a child process of the built binary, listening on port 0;
 //! the tests read the bound addresses from its stdout and its logs from its
@@ -11,6 +13,7 @@
 //!
 //! Tests with real software no one here wrote need it on PATH: `socat`
 //! (Debian) as a NAT that drops idle flows and to reach Unix sockets,
+//! `tcpdump` (Debian, run as root) to capture loopback traffic,
 //! `tinyproxy`, systemd's `systemd-analyze` and `systemd-socket-activate`,
 //! `python3` with `pycapnp` (2.2.4), `proxy-protocol` (0.11.3) and
 //! `prometheus-client` (0.26.0). Without it they are skipped (printed past
@@ -2116,4 +2119,176 @@ fn pycapnp_client_reaches_a_native_capnp_noise_server_through_a_tunnel_client() 
         ok,
         format!("OK whoami={client_vat} echoed=1049577 notified=5 delivered=5")
     );
+}
+
+// ----- a key log from the environment, a tcpdump capture, and decode -----
+
+/// `tcpdump -i lo -w FILE port PORT`, started and ready (it said it is
+/// listening); stopped with SIGTERM, which flushes the file.
+struct Tcpdump {
+    file: PathBuf,
+    child: Killed,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Tcpdump {
+    fn start(file: &Path, port: u16) -> Tcpdump {
+        let mut child = Command::new("tcpdump")
+            // -Z root: write the file as root (tcpdump drops to its own
+            // user first otherwise, who cannot write in a private tempdir).
+            // --immediate-mode: packets go to the file as they come, not
+            // in blocks that a SIGTERM would leave unwritten.
+            .args(["-i", "lo", "--immediate-mode", "-U", "-Z", "root", "-w"])
+            .arg(file)
+            .args(["port", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start tcpdump");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        collect(child.stderr.take().unwrap(), stderr.clone());
+        let tcpdump = Tcpdump {
+            file: file.to_path_buf(),
+            child: Killed(child),
+            stderr,
+        };
+        let deadline = Instant::now() + WAIT;
+        while !tcpdump.stderr.lock().unwrap().contains("listening on") {
+            assert!(
+                Instant::now() < deadline,
+                "tcpdump did not start: {}",
+                tcpdump.stderr.lock().unwrap()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        tcpdump
+    }
+
+    /// Stops it and waits for it to exit (the capture is then complete);
+    /// returns what it said.
+    fn stop(mut self) -> String {
+        // Until the file has stopped growing for a while.
+        let deadline = Instant::now() + WAIT;
+        let size = |f: &Path| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0);
+        let mut last = (size(&self.file), Instant::now());
+        while last.1.elapsed() < Duration::from_millis(300) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+            let now = size(&self.file);
+            if now != last.0 {
+                last = (now, Instant::now());
+            }
+        }
+        let pid = self.child.0.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + WAIT;
+        while self.child.0.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "tcpdump did not stop");
+            thread::sleep(Duration::from_millis(20));
+        }
+        thread::sleep(Duration::from_millis(50));
+        let said = self.stderr.lock().unwrap().clone();
+        said
+    }
+}
+
+/// The whole researcher's path: a tunnel client started with
+/// CAPNP_NOISE_KEYLOG warns and writes its keys to a file it creates 0600;
+/// tcpdump captures the tunnel's traffic on loopback; `capnp-noise decode`
+/// shows both tunnels' VatIds with valid signatures and the very bytes the
+/// application sent and got back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_captured_by_tcpdump_decodes_with_the_key_log_the_cli_wrote() {
+    if !available("tcpdump", &["--version"], "apt-get install tcpdump") {
+        return;
+    }
+    let target = tcp_server(echo).await;
+    let keys = Keys::new();
+    let (server_key, _) = keys.key("server.key");
+    let (client_key, client_vat) = keys.key("client.key");
+    let server = server_tunnel(
+        &server_key,
+        target,
+        &["--allow-vat", &client_vat.to_string()],
+    );
+    let server_addr = server.addr("server");
+    let key_log = keys.path("keys.log");
+    let capture = keys.path("session.pcap");
+    let tcpdump = Tcpdump::start(&capture, server_addr.port());
+
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_capnp-noise"));
+    cmd.env("CAPNP_NOISE_KEYLOG", &key_log).args([
+        "tunnel",
+        "client",
+        "--listen",
+        "127.0.0.1:0",
+        "--connect",
+        &server_addr.to_string(),
+        "--identity",
+        &client_key,
+        "--peer",
+        &server.vat_id.to_string(),
+    ]);
+    let client = Tunnel::spawn(cmd, 1);
+    // Waited for: stderr is collected by another thread.
+    client.wait_log(&["WARNING: CAPNP_NOISE_KEYLOG is set"]);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key_log).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "key log mode {mode:o}");
+    }
+
+    let mut s = TcpStream::connect(client.addr("client")).await.unwrap();
+    let mut sent = Vec::new();
+    for round in 0..3u8 {
+        let msg = pattern(300 + usize::from(round), round);
+        assert_eq!(round_trip(&mut s, &msg).await, msg);
+        sent.extend_from_slice(&msg);
+    }
+    s.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    bounded("the end", s.read_to_end(&mut rest)).await.unwrap();
+    client.wait_log(&["connection ended"]);
+    server.wait_log(&["connection ended"]);
+    let said = tcpdump.stop();
+
+    let lines = std::fs::read_to_string(&key_log).unwrap();
+    assert_eq!(lines.lines().count(), 5, "{lines}");
+    let out = Command::new(env!("CARGO_BIN_EXE_capnp-noise"))
+        .args(["decode", "--keylog"])
+        .arg(&key_log)
+        .arg(&capture)
+        .args(["--port", &server_addr.port().to_string()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for needle in [
+        format!("-> 127.0.0.1:{}", server_addr.port()),
+        "-> handshake message 1: 32 bytes".into(),
+        "<- handshake message 2".into(),
+        "-> handshake message 3".into(),
+        format!("responder VatId {}, signature valid", server.vat_id),
+        format!("initiator VatId {client_vat}, signature valid"),
+        ": CLOSE".into(),
+    ] {
+        assert!(
+            text.contains(&needle),
+            "no {needle:?} in:\n{text}\ntcpdump said: {said}"
+        );
+    }
+    // The DATA both ways is what the application sent (and the echo).
+    for arrow in ["->", "<-"] {
+        let mut data = Vec::new();
+        for line in text.lines().map(str::trim_start) {
+            if line.starts_with(arrow) && line.contains(": DATA ") {
+                data.extend(hex::decode(line.rsplit(": ").next().unwrap()).unwrap());
+            }
+        }
+        assert_eq!(data, sent, "{arrow} DATA in:\n{text}");
+    }
 }

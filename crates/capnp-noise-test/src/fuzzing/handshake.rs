@@ -179,6 +179,7 @@ fn responder_config(chachapoly_only: bool) -> HandshakeConfig {
         },
         session: SessionConfig::default(),
         allow_self: false,
+        key_log: None,
     }
 }
 

@@ -16,6 +16,7 @@ use std::process::ExitCode;
 use capnp_noise_tunnel::config::LogFormat;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
+mod decode;
 mod id;
 mod keygen;
 mod known_vats;
@@ -92,6 +93,9 @@ enum Command {
     /// Run a key-pinned TCP tunnel (an stunnel replacement): `tunnel client`,
     /// `tunnel server`, or `tunnel --config FILE`.
     Tunnel(Box<tunnel::Args>),
+    /// Print the capnp-noise connections of a capture (pcap, pcapng, or
+    /// two raw streams), decrypted with a key log if one is given.
+    Decode(decode::Args),
 }
 
 impl Command {
@@ -101,6 +105,7 @@ impl Command {
             Command::Id(args) => id::run(args),
             Command::KnownVats(cmd) => known_vats::run(cmd),
             Command::Tunnel(args) => tunnel::run(*args),
+            Command::Decode(args) => decode::run(args),
         }
     }
 }
@@ -150,6 +155,31 @@ fn report(outcome: CmdResult) -> ExitCode {
             ExitCode::from(code)
         }
     }
+}
+
+/// The key log `CAPNP_NOISE_KEYLOG` names, if it is set: opened for
+/// appending (created 0600), with a loud warning on stderr. The library
+/// never reads the variable; this command (and the examples) do.
+pub(crate) fn key_log_from_env() -> Result<
+    Option<std::sync::Arc<dyn capnp_noise::keylog::KeyLog>>,
+    Box<dyn std::error::Error + Send + Sync>,
+> {
+    use capnp_noise::keylog::{KeyLogFile, KEYLOG_ENV};
+    let Some(path) = std::env::var_os(KEYLOG_ENV).filter(|p| !p.is_empty()) else {
+        return Ok(None);
+    };
+    let file = KeyLogFile::create(&path).map_err(|e| {
+        format!(
+            "{KEYLOG_ENV}={}: cannot open the key log: {e}",
+            path.to_string_lossy()
+        )
+    })?;
+    eprintln!(
+        "capnp-noise: WARNING: {KEYLOG_ENV} is set: the Noise session keys are written to {}; \
+         whoever reads that file can decrypt these sessions. For research and debugging only.",
+        path.to_string_lossy()
+    );
+    Ok(Some(std::sync::Arc::new(file)))
 }
 
 /// Logs to stderr, filtered by RUST_LOG (else `default_level`): as text

@@ -162,7 +162,9 @@ pub(crate) fn run(args: Args) -> CmdResult {
     let config = source.config().map_err(|e| Failure::new(EXIT_USAGE, e))?;
     // A long-running tunnel logs its connections.
     super::init_logging("info", config.log_format);
-    let tunnel = Tunnel::new(config).map_err(|e| Failure::new(EXIT_USAGE, e))?;
+    let tunnel = Tunnel::new(config)
+        .map_err(|e| Failure::new(EXIT_USAGE, e))?
+        .with_key_log(super::key_log_from_env()?);
     // Before any thread starts: it edits the environment.
     #[cfg(unix)]
     capnp_noise_tunnel::take_systemd_sockets();

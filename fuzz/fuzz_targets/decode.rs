@@ -1,0 +1,3 @@
+#![no_main]
+// The body and its invariants: capnp_noise_test::fuzzing::decode (crates/capnp-noise-test/src/fuzzing/).
+libfuzzer_sys::fuzz_target!(|data: &[u8]| capnp_noise_test::fuzzing::decode(data));
