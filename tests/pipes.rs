@@ -670,3 +670,73 @@ fn x25519_operations_per_handshake() {
     // IK off: no Diffie-Hellman is spent on IK message 1 at all.
     assert_eq!(refused_ik, (7, 3, 4));
 }
+
+/// A key log that counts its lines.
+#[derive(Debug, Default)]
+struct CountingLog(std::sync::Mutex<usize>);
+
+impl capnp_noise::keylog::KeyLog for CountingLog {
+    fn log(&self, _label: &str, _initiator_ephemeral: &[u8; 32], _secret: &[u8]) {
+        *self.0.lock().unwrap() += 1;
+    }
+}
+
+#[test]
+fn the_key_log_covers_xx_and_logs_nothing_of_ik_or_its_fallback() {
+    let server = responder_identity();
+    let known = learn(&server);
+    let log = Arc::new(CountingLog::default());
+    let with_log = || cfg().with_key_log(Some(log.clone()));
+    let responder_logging = |resumption: ResumptionConfig| {
+        let mut r = Handshake::responder(
+            &server,
+            Arc::new(AnyVat),
+            PeerContext::responder(None),
+            with_log(),
+        )
+        .unwrap();
+        r.set_resumption(resumption);
+        r
+    };
+    let resuming = || {
+        Handshake::initiator_resuming(
+            &initiator_identity(),
+            Arc::new(AnyVat),
+            PeerContext::initiator(None, None),
+            with_log(),
+            &known,
+            None,
+        )
+        .unwrap()
+    };
+    let lines = || std::mem::take(&mut *log.0.lock().unwrap());
+
+    // XX: three handshake keys and two traffic keys, from each end.
+    let mut i = Handshake::initiator(
+        &initiator_identity(),
+        Arc::new(AnyVat),
+        PeerContext::initiator(None, None),
+        with_log(),
+    )
+    .unwrap();
+    let mut r = responder_logging(ik_ok());
+    drive(&mut i, &mut r, usize::MAX).unwrap();
+    let _ = sessions(i, r);
+    assert_eq!(lines(), 10);
+
+    // IK, completed: nothing.
+    let mut i = resuming();
+    let mut r = responder_logging(ik_ok());
+    drive(&mut i, &mut r, usize::MAX).unwrap();
+    assert!(!i.fell_back());
+    let _ = sessions(i, r);
+    assert_eq!(lines(), 0);
+
+    // IK that falls back (this responder refuses IK): nothing either.
+    let mut i = resuming();
+    let mut r = responder_logging(ResumptionConfig::default());
+    drive(&mut i, &mut r, usize::MAX).unwrap();
+    assert!(i.fell_back());
+    let _ = sessions(i, r);
+    assert_eq!(lines(), 0);
+}

@@ -233,12 +233,20 @@ pub struct Handshake {
     peer: Option<VatId>,
     handshake_hash: [u8; HANDSHAKE_HASH_LEN],
     error: Option<Error>,
-    /// With a key log: the cipher keys snow was given so far, the
-    /// initiator's ephemeral key that names the session in the log, and how
-    /// many keys have been logged.
-    key_recorder: Option<KeyRecorder>,
+    /// Only with a key log (boxed: a handshake without one, the usual
+    /// case, pays one pointer for it; see tests/handshake_memory.rs).
+    key_logging: Option<Box<KeyLogging>>,
+}
+
+/// What a handshake with a key log keeps for it.
+#[derive(Default)]
+struct KeyLogging {
+    /// The cipher keys snow was given so far.
+    recorder: Option<KeyRecorder>,
+    /// The initiator's ephemeral key, which names the session in the log.
     initiator_ephemeral: [u8; DH_LEN],
-    keys_logged: usize,
+    /// How many handshake keys have been logged.
+    logged: usize,
 }
 
 impl fmt::Debug for Handshake {
@@ -350,6 +358,7 @@ impl Handshake {
         if config.suites.is_empty() {
             return Err(Error::Config("no Noise suite configured".into()));
         }
+        let key_logging = config.key_log.as_ref().map(|_| Box::default());
         Ok(Handshake {
             role,
             state,
@@ -380,9 +389,7 @@ impl Handshake {
             peer: None,
             handshake_hash: [0; HANDSHAKE_HASH_LEN],
             error: None,
-            key_recorder: None,
-            initiator_ephemeral: [0; DH_LEN],
-            keys_logged: 0,
+            key_logging,
         })
     }
 
@@ -572,7 +579,9 @@ impl Handshake {
         debug_assert_eq!(n, MSG1_LEN);
         let mut e = [0u8; MSG1_LEN];
         e.copy_from_slice(&msg1[..MSG1_LEN]);
-        self.initiator_ephemeral = e;
+        if let Some(k) = &mut self.key_logging {
+            k.initiator_ephemeral = e;
+        }
         Ok((noise, e))
     }
 
@@ -611,10 +620,12 @@ impl Handshake {
     ) -> Result<snow::HandshakeState, Error> {
         let params = suite.params_for(pattern);
         let mut resolver = super::resolver::resolver_knowing(Some(self.static_key.clone()));
-        if self.config.key_log.is_some() && self.logs_keys() {
-            let keys = KeyRecorder::default();
-            resolver = keylog::recording(resolver, keys.clone());
-            self.key_recorder = Some(keys);
+        if self.logs_keys() {
+            if let Some(k) = &mut self.key_logging {
+                let keys = KeyRecorder::default();
+                resolver = keylog::recording(resolver, keys.clone());
+                k.recorder = Some(keys);
+            }
         }
         let mut b = snow::Builder::with_resolver(params, resolver)
             .prologue(prologue)
@@ -965,8 +976,8 @@ impl Handshake {
         e: &[u8],
         kind: Option<u8>,
     ) -> Result<(), Error> {
-        if let Ok(e) = e.try_into() {
-            self.initiator_ephemeral = e;
+        if let (Some(k), Ok(e)) = (&mut self.key_logging, e.try_into()) {
+            k.initiator_ephemeral = e;
         }
         let mut noise = self.build_noise(suite, prologue)?;
         let mut empty = [0u8; 0];
@@ -1266,19 +1277,20 @@ impl Handshake {
         if !self.logs_keys() {
             return;
         }
-        let (Some(log), Some(keys)) = (&self.config.key_log, &self.key_recorder) else {
+        let (Some(log), Some(k)) = (&self.config.key_log, &mut self.key_logging) else {
             return;
         };
+        let Some(keys) = &k.recorder else { return };
         let Ok(keys) = keys.lock() else { return };
         let labels = [
             keylog::HANDSHAKE_KEY_EE,
             keylog::HANDSHAKE_KEY_ES,
             keylog::HANDSHAKE_KEY_SE,
         ];
-        for (label, key) in labels.iter().zip(keys.iter()).skip(self.keys_logged) {
-            log.log(label, &self.initiator_ephemeral, &key[..]);
+        for (label, key) in labels.iter().zip(keys.iter()).skip(k.logged) {
+            log.log(label, &k.initiator_ephemeral, &key[..]);
         }
-        self.keys_logged = keys.len().min(labels.len());
+        k.logged = keys.len().min(labels.len());
     }
 
     fn finish(&mut self) {
@@ -1309,15 +1321,15 @@ impl Handshake {
         // Split() (Noise §5.2): the initiator sends with the first key.
         let (k1, k2) = noise.dangerously_get_raw_split();
         let (k1, k2) = (Zeroizing::new(k1), Zeroizing::new(k2));
-        if let Some(log) = self.config.key_log.as_ref().filter(|_| logs_keys) {
+        if let (Some(log), Some(k), true) = (&self.config.key_log, &self.key_logging, logs_keys) {
             log.log(
                 keylog::INITIATOR_TRAFFIC_KEY,
-                &self.initiator_ephemeral,
+                &k.initiator_ephemeral,
                 &k1[..],
             );
             log.log(
                 keylog::RESPONDER_TRAFFIC_KEY,
-                &self.initiator_ephemeral,
+                &k.initiator_ephemeral,
                 &k2[..],
             );
         }
