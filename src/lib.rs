@@ -200,6 +200,12 @@ macro_rules! setters {
 
 pub mod admission;
 pub mod error;
+/// FUZZING BUILDS ONLY: cheap, insecure stand-ins for X25519, the AEAD and
+/// Ed25519, compiled only with both `--cfg fuzzing` and
+/// `--cfg capnp_noise_fuzz_cheap_crypto` (and, unused, in the unit tests,
+/// which forge inputs with them). See the module and fuzz/README.md.
+#[cfg(any(test, all(fuzzing, capnp_noise_fuzz_cheap_crypto)))]
+pub(crate) mod fuzz_crypto;
 pub mod identity;
 pub mod intro;
 pub mod keyfile;
