@@ -339,20 +339,20 @@ impl CheapKey {
         CheapKey(rekeyed(&self.0))
     }
 
-    pub(crate) fn seal_in_place_separate_tag(
+    pub(crate) fn seal_in_place_separate_tag<A: AsRef<[u8]>>(
         &self,
         nonce: Nonce,
-        aad: Aad<&[u8]>,
+        aad: Aad<A>,
         in_out: &mut [u8],
     ) -> Result<[u8; TAG_LEN], ()> {
         Ok(tag(&self.0, nonce.as_ref(), aad.as_ref(), in_out))
     }
 
     /// Seals `plaintext || extra_in` into `ct || extra_out_and_tag`.
-    pub(crate) fn seal_out_of_place_scatter(
+    pub(crate) fn seal_out_of_place_scatter<A: AsRef<[u8]>>(
         &self,
         nonce: Nonce,
-        aad: Aad<&[u8]>,
+        aad: Aad<A>,
         plaintext: &[u8],
         ct: &mut [u8],
         extra_in: &[u8],
@@ -369,10 +369,10 @@ impl CheapKey {
         Ok(())
     }
 
-    pub(crate) fn open_in_place<'a>(
+    pub(crate) fn open_in_place<'a, A: AsRef<[u8]>>(
         &self,
         nonce: Nonce,
-        aad: Aad<&[u8]>,
+        aad: Aad<A>,
         in_out: &'a mut [u8],
     ) -> Result<&'a mut [u8], ()> {
         let len = in_out.len().checked_sub(TAG_LEN).ok_or(())?;
@@ -383,10 +383,10 @@ impl CheapKey {
         Ok(ct)
     }
 
-    pub(crate) fn open_separate_gather(
+    pub(crate) fn open_separate_gather<A: AsRef<[u8]>>(
         &self,
         nonce: Nonce,
-        aad: Aad<&[u8]>,
+        aad: Aad<A>,
         ct: &[u8],
         t: &[u8],
         out: &mut [u8],
