@@ -16,6 +16,8 @@
 //!   C allocations included (`count_heap_calls!`).
 //! * [`peers`]: the rule for tests that need an external peer (fail under
 //!   CI, elsewhere a skip that is printed and counted).
+//! * [`pcap`]: synthetic TCP captures around real session bytes, cut into
+//!   segments where a test wants them (for the Wireshark dissector's test).
 //!
 //! It reaches the library's test hooks through the private `__test-hooks`
 //! feature of `capnp-noise` (fixed ephemerals, raw sealing, the X25519
@@ -30,6 +32,7 @@ pub mod fuzzing;
 pub mod heap;
 pub mod hostile;
 pub mod office;
+pub mod pcap;
 pub mod peers;
 pub mod support;
 

@@ -48,6 +48,8 @@ struct Tunnel {
     /// The metrics endpoint (with `--metrics`).
     metrics: Option<SocketAddr>,
     stderr: Arc<Mutex<String>>,
+    /// Says when all of the child's stderr is in `stderr` (the pipe ended).
+    stderr_done: mpsc::Receiver<()>,
 }
 
 impl Tunnel {
@@ -70,7 +72,7 @@ impl Tunnel {
             .spawn()
             .expect("start capnp-noise");
         let stderr = Arc::new(Mutex::new(String::new()));
-        collect(child.stderr.take().unwrap(), stderr.clone());
+        let stderr_done = collect(child.stderr.take().unwrap(), stderr.clone());
         let lines = lines(child.stdout.take().unwrap());
         let mut tunnel = Tunnel {
             child,
@@ -78,6 +80,7 @@ impl Tunnel {
             addrs: HashMap::new(),
             metrics: None,
             stderr,
+            stderr_done,
         };
         let deadline = Instant::now() + WAIT;
         let mut vat_id = None;
@@ -150,6 +153,10 @@ impl Tunnel {
         let deadline = Instant::now() + within;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
+                // The log is complete only once the collecting thread has
+                // read the pipe to its end: a check of the log right after
+                // the exit could otherwise miss its last lines.
+                let _ = self.stderr_done.recv_timeout(WAIT);
                 return status;
             }
             assert!(
@@ -173,7 +180,10 @@ impl Drop for Tunnel {
     }
 }
 
-fn collect(mut from: impl Read + Send + 'static, into: Arc<Mutex<String>>) {
+/// Appends what `from` yields to `into` until its end, on a thread; the
+/// receiver gets `()` (or sees the thread gone) once all of it is in.
+fn collect(mut from: impl Read + Send + 'static, into: Arc<Mutex<String>>) -> mpsc::Receiver<()> {
+    let (done, rx) = mpsc::channel();
     thread::spawn(move || {
         let mut buf = [0u8; 4096];
         while let Ok(n @ 1..) = from.read(&mut buf) {
@@ -181,7 +191,9 @@ fn collect(mut from: impl Read + Send + 'static, into: Arc<Mutex<String>>) {
                 .unwrap()
                 .push_str(&String::from_utf8_lossy(&buf[..n]));
         }
+        let _ = done.send(());
     });
+    rx
 }
 
 fn lines(from: impl Read + Send + 'static) -> mpsc::Receiver<String> {
@@ -207,7 +219,7 @@ fn run_to_exit(args: &[&str]) -> (Option<i32>, String) {
         .spawn()
         .unwrap();
     let stderr = Arc::new(Mutex::new(String::new()));
-    collect(child.stderr.take().unwrap(), stderr.clone());
+    let stderr_done = collect(child.stderr.take().unwrap(), stderr.clone());
     let deadline = Instant::now() + WAIT;
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
@@ -219,8 +231,8 @@ fn run_to_exit(args: &[&str]) -> (Option<i32>, String) {
         }
         thread::sleep(Duration::from_millis(20));
     };
-    // The reader thread sees EOF right after the exit.
-    thread::sleep(Duration::from_millis(50));
+    // All of stderr is in once the reader thread has seen its end.
+    let _ = stderr_done.recv_timeout(WAIT);
     let text = stderr.lock().unwrap().clone();
     (status.code(), text)
 }
@@ -1976,7 +1988,7 @@ impl PyPeer {
             .spawn()
             .expect("python3");
         let stderr = Arc::new(Mutex::new(String::new()));
-        collect(child.stderr.take().unwrap(), stderr.clone());
+        let _ = collect(child.stderr.take().unwrap(), stderr.clone());
         let stdout = lines(child.stdout.take().unwrap());
         PyPeer {
             child,
