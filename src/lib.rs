@@ -181,7 +181,10 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 // The real crypto the cheap fuzzing stand-ins replace goes unused there (src/fuzz_crypto.rs).
-#![cfg_attr(all(fuzzing, capnp_noise_fuzz_cheap_crypto), allow(dead_code, unused_imports))]
+#![cfg_attr(
+    all(fuzzing, capnp_noise_fuzz_cheap_crypto),
+    allow(dead_code, unused_imports)
+)]
 
 /// Writes the `with_*` setters of a settings type: one per listed field,
 /// each taking the field's value, documented as setting it.
