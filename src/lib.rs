@@ -180,6 +180,11 @@
 //!   in place, with no allocation per frame.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
+// The real crypto the cheap fuzzing stand-ins replace goes unused there (src/fuzz_crypto.rs).
+#![cfg_attr(
+    all(fuzzing, capnp_noise_fuzz_cheap_crypto),
+    allow(dead_code, unused_imports)
+)]
 
 /// Writes the `with_*` setters of a settings type: one per listed field,
 /// each taking the field's value, documented as setting it.
@@ -200,6 +205,12 @@ macro_rules! setters {
 
 pub mod admission;
 pub mod error;
+/// FUZZING BUILDS ONLY: cheap, insecure stand-ins for X25519, the AEAD and
+/// Ed25519, compiled only with both `--cfg fuzzing` and
+/// `--cfg capnp_noise_fuzz_cheap_crypto` (and, unused, in the unit tests,
+/// which forge inputs with them). See the module and fuzz/README.md.
+#[cfg(any(test, all(fuzzing, capnp_noise_fuzz_cheap_crypto)))]
+pub(crate) mod fuzz_crypto;
 pub mod identity;
 pub mod intro;
 pub mod keyfile;

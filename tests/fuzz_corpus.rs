@@ -271,3 +271,46 @@ fn regression_pem_after_a_quote() {
 fn regression_timeout_rounds_to_zero() {
     replay("tunnel_config", "regression-timeout-rounds-to-zero");
 }
+
+/// The cheap crypto of a fuzzing build (`src/fuzz_crypto.rs`, behind
+/// `cfg(fuzzing)` and `cfg(capnp_noise_fuzz_cheap_crypto)`) is not in a
+/// normal build: its marker string is absent from this test binary (which
+/// links the library as users build it), while strings of the real code
+/// are found; and the deterministic initiator's message 1 carries the
+/// X25519 public key of its ephemeral, not the stand-in's (`secret XOR 0x5c`).
+#[test]
+fn a_normal_build_has_no_cheap_crypto() {
+    let exe = fs::read(std::env::current_exe().expect("test binary")).expect("read test binary");
+    let contains = |needle: &str| exe.windows(needle.len()).any(|w| w == needle.as_bytes());
+    // Spelt backwards so that this test's own binary does not hold it.
+    let marker: String = "otpyrc erucesni paehc :DLIUB GNIZZUF esion-pnpac"
+        .chars()
+        .rev()
+        .collect();
+    assert!(
+        contains("the signature does not verify"),
+        "the scan finds library strings"
+    );
+    assert!(
+        !contains(&marker),
+        "the cheap fuzzing crypto is in a normal build"
+    );
+
+    use capnp_noise::policy::AnyVat;
+    use capnp_noise::wire::{preamble, HandshakeConfig, Suite, LENGTH_PREFIX_LEN};
+    use capnp_noise_test::fixtures::{deterministic_handshakes, INITIATOR_EPHEMERAL};
+    use std::sync::Arc;
+    let suite = Suite::AesGcmSha256;
+    let (i, _) = deterministic_handshakes(
+        suite,
+        HandshakeConfig::with_suite(suite),
+        Arc::new(AnyVat),
+        Arc::new(AnyVat),
+    )
+    .expect("deterministic handshakes");
+    let at = preamble::encode(suite).len() + LENGTH_PREFIX_LEN;
+    let e = &i.pending_output()[at..at + 32];
+    let cheap: Vec<u8> = INITIATOR_EPHEMERAL.iter().map(|b| b ^ 0x5c).collect();
+    assert_ne!(e, &cheap[..], "message 1 carries the stand-in DH's key");
+    assert_ne!(e, &INITIATOR_EPHEMERAL[..]);
+}

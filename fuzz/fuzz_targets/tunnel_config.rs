@@ -1,3 +1,3 @@
 #![no_main]
 // The body and its invariants: capnp_noise_test::fuzzing::tunnel_config (crates/capnp-noise-test/src/fuzzing/).
-libfuzzer_sys::fuzz_target!(|data: &[u8]| capnp_noise_test::fuzzing::tunnel_config(data));
+libfuzzer_sys::fuzz_target!(init: capnp_noise_test::fuzzing::init(), |data: &[u8]| capnp_noise_test::fuzzing::tunnel_config(data));

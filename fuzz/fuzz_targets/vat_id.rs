@@ -1,3 +1,3 @@
 #![no_main]
 // The body and its invariants: capnp_noise_test::fuzzing::vat_id (crates/capnp-noise-test/src/fuzzing/).
-libfuzzer_sys::fuzz_target!(|data: &[u8]| capnp_noise_test::fuzzing::vat_id(data));
+libfuzzer_sys::fuzz_target!(init: capnp_noise_test::fuzzing::init(), |data: &[u8]| capnp_noise_test::fuzzing::vat_id(data));

@@ -20,7 +20,12 @@
 //! per-message cost is lower (about 0.2 us against 0.9 us). Both compute
 //! the same AEAD, so the choice per frame is invisible on the wire.
 
-use aws_lc_rs::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
+use aws_lc_rs::aead::{self, Aad, Nonce};
+#[cfg(not(all(fuzzing, capnp_noise_fuzz_cheap_crypto)))]
+use aws_lc_rs::aead::{LessSafeKey, UnboundKey};
+// Fuzzing builds with cheap crypto only (see src/fuzz_crypto.rs).
+#[cfg(all(fuzzing, capnp_noise_fuzz_cheap_crypto))]
+use crate::fuzz_crypto::CheapKey as LessSafeKey;
 use zeroize::Zeroizing;
 
 use super::preamble::Suite;
@@ -56,7 +61,9 @@ impl CipherState {
             big_endian_nonce,
             n: 0,
             #[cfg(feature = "openssl-chacha")]
-            fast: (suite == Suite::ChaChaPolyBlake2s).then(|| fast::FastChaCha::new(k)),
+            // Never with the cheap stand-ins of a fuzzing build.
+            fast: (suite == Suite::ChaChaPolyBlake2s && !cfg!(all(fuzzing, capnp_noise_fuzz_cheap_crypto)))
+                .then(|| fast::FastChaCha::new(k)),
         }
     }
 
@@ -78,7 +85,15 @@ impl CipherState {
     }
 
     fn key(algorithm: &'static aead::Algorithm, k: &[u8; 32]) -> LessSafeKey {
-        LessSafeKey::new(UnboundKey::new(algorithm, k).expect("a 32-byte key fits both AEADs"))
+        #[cfg(all(fuzzing, capnp_noise_fuzz_cheap_crypto))]
+        let key = {
+            let _ = algorithm;
+            LessSafeKey::new(k)
+        };
+        #[cfg(not(all(fuzzing, capnp_noise_fuzz_cheap_crypto)))]
+        let key =
+            LessSafeKey::new(UnboundKey::new(algorithm, k).expect("a 32-byte key fits both AEADs"));
+        key
     }
 
     fn nonce(&self, n: u64) -> Nonce {
@@ -201,16 +216,24 @@ impl CipherState {
     /// Noise `Rekey()`: the new key is the first 32 bytes of the encryption
     /// of 32 zero bytes under the reserved nonce. The counter is kept.
     pub(crate) fn rekey(&mut self) {
-        let mut k = Zeroizing::new([0u8; 32]);
-        // Sealing with a valid key and a 32-byte buffer cannot fail.
-        let _tag = self
-            .key
-            .seal_in_place_separate_tag(self.nonce(u64::MAX), Aad::empty(), &mut k[..])
-            .expect("rekey encryption");
-        self.key = Self::key(self.algorithm, &k);
-        #[cfg(feature = "openssl-chacha")]
-        if self.fast.is_some() {
-            self.fast = Some(fast::FastChaCha::new(&k));
+        // An identity "cipher" would make this Rekey() give the zero key.
+        #[cfg(all(fuzzing, capnp_noise_fuzz_cheap_crypto))]
+        {
+            self.key = self.key.rekeyed();
+        }
+        #[cfg(not(all(fuzzing, capnp_noise_fuzz_cheap_crypto)))]
+        {
+            let mut k = Zeroizing::new([0u8; 32]);
+            // Sealing with a valid key and a 32-byte buffer cannot fail.
+            let _tag = self
+                .key
+                .seal_in_place_separate_tag(self.nonce(u64::MAX), Aad::empty(), &mut k[..])
+                .expect("rekey encryption");
+            self.key = Self::key(self.algorithm, &k);
+            #[cfg(feature = "openssl-chacha")]
+            if self.fast.is_some() {
+                self.fast = Some(fast::FastChaCha::new(&k));
+            }
         }
     }
 

@@ -16,7 +16,7 @@
 //! A [`Handshake`] turns into a [`Session`] by consuming itself
 //! ([`Handshake::into_session`]); a session never goes back.
 
-mod cipherstate;
+pub(crate) mod cipherstate;
 pub mod frame;
 pub mod handshake;
 pub mod payload;

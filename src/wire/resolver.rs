@@ -29,10 +29,18 @@ const TAG_LEN: usize = 16;
 /// parsing it again (which in aws-lc computes the public key: an X25519
 /// base-point multiplication per handshake).
 pub(crate) fn resolver_knowing(static_key: Option<Arc<StaticKeyPair>>) -> BoxedCryptoResolver {
-    Box::new(FallbackResolver::new(
+    // Fuzzing builds with cheap crypto only (see src/fuzz_crypto.rs).
+    #[cfg(all(fuzzing, capnp_noise_fuzz_cheap_crypto))]
+    let resolver = {
+        let _ = static_key;
+        crate::fuzz_crypto::resolver()
+    };
+    #[cfg(not(all(fuzzing, capnp_noise_fuzz_cheap_crypto)))]
+    let resolver = Box::new(FallbackResolver::new(
         Box::new(AwsLcResolver { static_key }),
         Box::new(DefaultResolver),
-    ))
+    ));
+    resolver
 }
 
 /// An identity's X25519 static key pair, parsed once when the identity is
@@ -54,6 +62,9 @@ impl StaticKeyPair {
                 .expect("X25519 public key computation does not fail")
                 .as_ref(),
         );
+        // Fuzzing builds with cheap crypto only (see src/fuzz_crypto.rs).
+        #[cfg(all(fuzzing, capnp_noise_fuzz_cheap_crypto))]
+        let public = crate::fuzz_crypto::dh_public(secret);
         StaticKeyPair {
             secret: Zeroizing::new(*secret),
             public,

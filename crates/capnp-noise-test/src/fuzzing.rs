@@ -35,7 +35,7 @@ pub use handshake::{initiator, initiator_ik, responder, responder_ik};
 pub use intro::introduction;
 pub use pair_ops::{pair_ops, PairInput, PairOp, Side};
 pub use parsers::{frame, payload, preamble, vat_id};
-pub use support::Plan;
+pub use support::{Plan, CHEAP_CRYPTO};
 pub use transport::{transport, TransportOp};
 pub use tunnel::tunnel_config;
 
@@ -107,4 +107,44 @@ pub fn seeds() -> Vec<Seed> {
     v.extend(tunnel::seeds());
     v.extend(decode::seeds());
     v
+}
+
+/// The environment variable that makes a fuzz target binary write every
+/// target's seeds, as its build makes them, and exit (see [`init`]).
+pub const WRITE_SEEDS_VAR: &str = "CAPNP_NOISE_FUZZ_WRITE_SEEDS";
+
+/// Writes every target's [`seeds`] to `dir/<target>/seed-<name>`.
+///
+/// # Errors
+/// The I/O error of a directory or file that could not be written.
+pub fn write_seeds(dir: &std::path::Path) -> std::io::Result<()> {
+    for seed in seeds() {
+        let target_dir = dir.join(seed.target);
+        std::fs::create_dir_all(&target_dir)?;
+        std::fs::write(target_dir.join(seed.file_name()), &seed.bytes)?;
+    }
+    Ok(())
+}
+
+/// Every fuzz target's `init`: with [`WRITE_SEEDS_VAR`] set to a directory,
+/// writes the seeds there ([`write_seeds`]) and exits.
+///
+/// The committed seeds are made with real crypto. A cheap-crypto build
+/// (see [`CHEAP_CRYPTO`]) refuses their handshake messages, tags and
+/// signatures, so `fuzz/run-all cheap` has a target binary write the seeds
+/// its own build makes and gives them to libFuzzer as a second corpus
+/// directory (read, never written).
+pub fn init() {
+    if let Some(dir) = std::env::var_os(WRITE_SEEDS_VAR) {
+        let dir = std::path::PathBuf::from(dir);
+        if let Err(e) = write_seeds(&dir) {
+            eprintln!("{WRITE_SEEDS_VAR}: cannot write {}: {e}", dir.display());
+            std::process::exit(1);
+        }
+        eprintln!(
+            "{WRITE_SEEDS_VAR}: seeds written to {} (cheap crypto: {CHEAP_CRYPTO})",
+            dir.display()
+        );
+        std::process::exit(0);
+    }
 }

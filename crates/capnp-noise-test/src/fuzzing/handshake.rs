@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use super::support::{end_of_stream, feed_and_read, initiator_identity, responder_identity};
-use super::support::{new_initiator, new_responder, suite, End, Plan};
+use super::support::{new_initiator, new_responder, suite, End, Plan, CHEAP_CRYPTO};
 use super::Seed;
 use crate::fixtures;
 use capnp_noise::policy::AnyVat;
@@ -143,7 +143,11 @@ fn compare_chunkings(
 ) {
     let chunked = run(make(), stream, plan, check);
     if let Outcome::Finished(peer) = chunked.outcome {
-        assert_eq!(peer, only_peer, "authenticated a vat whose keys nobody has");
+        // With cheap crypto the fuzzer can sign for any vat.
+        assert!(
+            CHEAP_CRYPTO || peer == only_peer,
+            "authenticated a vat whose keys nobody has"
+        );
     }
     let whole = run(make(), stream, plan.whole(), check);
     assert_eq!(chunked, whole, "chunking changed the result");

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
-use super::support::{initiator_identity, responder_identity};
+use super::support::{initiator_identity, responder_identity, CHEAP_CRYPTO};
 use super::Seed;
 use capnp_noise::intro::{Introduction, ThirdPartyToAwait, MAX_ENCODED_LEN};
 use capnp_noise::{Error, Identity, IntroductionError};
@@ -65,9 +65,9 @@ fn verdict_oracle(intro: &Introduction) {
     if intro.verify(&holder, at).is_err() {
         return;
     }
-    assert_eq!(
-        *intro.introducer(),
-        initiator_identity().vat_id(),
+    // With cheap crypto the fuzzer can sign for any vat.
+    assert!(
+        CHEAP_CRYPTO || *intro.introducer() == initiator_identity().vat_id(),
         "verified an introduction that no known key signed"
     );
     let stranger = Identity::from_seed(&[0xee; 32]).vat_id();

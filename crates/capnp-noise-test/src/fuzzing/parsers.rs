@@ -3,7 +3,7 @@
 
 use capnp::message::Builder;
 
-use super::support::{initiator_identity, responder_identity};
+use super::support::{initiator_identity, responder_identity, CHEAP_CRYPTO};
 use super::Seed;
 use capnp_noise::schema::noise_capnp::handshake_payload;
 use capnp_noise::vat_id::VAT_ID_TEXT_LEN;
@@ -114,7 +114,11 @@ pub fn payload(data: &[u8]) {
     assert!(data.len() <= MAX_HANDSHAKE_PAYLOAD_LEN);
     let again = hs_payload::decode(&hs_payload::encode(&vat, &sig)).expect("re-encoded payload");
     assert!(again == (vat, sig), "the payload does not round trip");
-    for id in [initiator_identity(), responder_identity()] {
+    // With cheap crypto the fuzzer can sign for any vat.
+    for id in [initiator_identity(), responder_identity()]
+        .iter()
+        .filter(|_| !CHEAP_CRYPTO)
+    {
         if hs_payload::verify_binding(&vat, &sig, id.noise_static_public()).is_ok() {
             assert_eq!(
                 vat,
