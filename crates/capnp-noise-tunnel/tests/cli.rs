@@ -195,6 +195,7 @@ fn package_files_writes_the_pages_and_completions_the_deb_carries() {
     assert_eq!(
         pages,
         [
+            "capnp-noise-decode.1",
             "capnp-noise-id.1",
             "capnp-noise-keygen.1",
             "capnp-noise-known-vats-forget.1",
