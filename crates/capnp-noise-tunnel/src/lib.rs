@@ -258,6 +258,7 @@ pub use config::{ConfigError, LimitsConfig, Mode, ServiceConfig, Trust, TunnelCo
 use capnp_noise::identity::Identity;
 use capnp_noise::policy::{AllowList, PeerPolicy, Pinned, Tofu};
 use capnp_noise::vat_id::VatId;
+use capnp_noise::workers::Workers;
 use service::{Live, Service};
 #[cfg(unix)]
 pub use socket::take_systemd_sockets;
@@ -273,6 +274,7 @@ pub struct Tunnel {
     identity: Arc<Identity>,
     shutdown_grace: Duration,
     metrics: Option<String>,
+    workers: usize,
     services: Vec<(ServiceConfig, Arc<dyn PeerPolicy>)>,
 }
 
@@ -299,6 +301,7 @@ impl Tunnel {
             identity,
             shutdown_grace: config.shutdown_grace,
             metrics: config.metrics,
+            workers: config.workers,
             services,
         })
     }
@@ -319,12 +322,22 @@ impl Tunnel {
         self.identity.vat_id()
     }
 
-    /// Opens every service's listening socket.
+    /// How many worker threads [`bind`](Self::bind) starts for the
+    /// connections ([`TunnelConfig::workers`]); 0: none, connections run on
+    /// the runtime that runs the tunnel, which should then be
+    /// multi-threaded.
+    pub fn workers(&self) -> usize {
+        self.workers
+    }
+
+    /// Opens every service's listening socket, and starts the worker
+    /// threads ([`workers`](Self::workers)).
     ///
     /// # Errors
     /// [`StartError::Listen`] naming the service and the address when one
     /// cannot be bound (in use, not a local address, a privileged port, a
     /// host name that does not resolve); no socket stays open then.
+    /// [`StartError::Workers`] when a worker thread cannot be started.
     pub async fn bind(mut self) -> Result<BoundTunnel, StartError> {
         let mut listeners = Vec::with_capacity(self.services.len());
         for (svc, _) in &self.services {
@@ -365,11 +378,18 @@ impl Tunnel {
                 }))
             })
             .collect();
+        let workers = match self.workers {
+            0 => None,
+            n => Some(Arc::new(
+                Workers::start(n, "tunnel").map_err(StartError::Workers)?,
+            )),
+        };
         Ok(BoundTunnel {
             tunnel: self,
             services,
             listeners,
             metrics,
+            workers,
             shutdown: ShutdownHandle::default(),
         })
     }
@@ -434,6 +454,8 @@ pub enum StartError {
         /// What went wrong.
         error: std::io::Error,
     },
+    /// A worker thread (or its runtime) could not be started.
+    Workers(std::io::Error),
 }
 
 impl std::fmt::Display for StartError {
@@ -442,6 +464,7 @@ impl std::fmt::Display for StartError {
             StartError::Config(e) => e.fmt(f),
             StartError::Identity(e) => e.fmt(f),
             StartError::TrustFile { service, error } => write!(f, "service {service}: {error}"),
+            StartError::Workers(e) => write!(f, "cannot start the worker threads: {e}"),
             StartError::Listen {
                 service,
                 addr,
@@ -495,6 +518,7 @@ pub struct BoundTunnel {
     services: Vec<Arc<Service>>,
     listeners: Vec<(Listener, Bound)>,
     metrics: Option<(tokio::net::TcpListener, std::net::SocketAddr)>,
+    workers: Option<Arc<Workers>>,
     shutdown: ShutdownHandle,
 }
 
@@ -674,6 +698,7 @@ impl BoundTunnel {
             services,
             listeners,
             metrics,
+            workers,
             shutdown,
         } = self;
         let connections = TaskTracker::new();
@@ -686,6 +711,7 @@ impl BoundTunnel {
             shown.push(service.shown());
             accept_loops.push(tokio::spawn(service.accept_loop(
                 listener,
+                workers.clone(),
                 connections.clone(),
                 stop_accepting.clone(),
                 cut.clone(),
@@ -722,6 +748,12 @@ impl BoundTunnel {
             warn!("aborting {aborted} connection(s) still open");
             cut.cancel();
             let _ = tokio::time::timeout(ABORT_WAIT, connections.wait()).await;
+        }
+        if let Some(workers) = workers {
+            // Their connections have ended (or were cut): the threads end.
+            workers.close();
+            let join = tokio::task::spawn_blocking(move || workers.join());
+            let _ = tokio::time::timeout(ABORT_WAIT, join).await;
         }
         info!(open, aborted, "stopped");
         Stopped { open, aborted }

@@ -168,9 +168,16 @@ pub(crate) fn run(args: Args) -> CmdResult {
     // Before any thread starts: it edits the environment.
     #[cfg(unix)]
     capnp_noise_tunnel::take_systemd_sockets();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    // With worker threads (the default), connections run on them and this
+    // thread only accepts, serves the metrics and handles signals.
+    let runtime = match tunnel.workers() {
+        0 => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?,
+        _ => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+    };
     runtime.block_on(async {
         // Before anything is printed: a test (or a supervisor) may signal
         // as soon as it sees the addresses.
