@@ -77,6 +77,9 @@ usage: tunnel_bench --capnp-noise PATH [--stunnel PATH] [--baseline PATH] [--byt
                       BULK_FRAMES), run as the setup baseline
   --count             count system calls (strace -f -c) and context switches
                       per MiB and per round trip instead of timing
+  --memory N          instead: the resident memory of the two tunnel ends
+                      with N connections busy both ways at once (each
+                      echoing max(bytes / N, 16 MiB)), per connection
        tunnel_bench --relay --connect ADDR
                       (internal) one plain relay: prints addr=..., forwards to ADDR";
 
@@ -100,6 +103,7 @@ struct Options {
     runs: usize,
     only: Vec<String>,
     count: bool,
+    memory: usize,
 }
 
 fn options() -> Result<Options, String> {
@@ -113,6 +117,7 @@ fn options() -> Result<Options, String> {
         runs: 3,
         only: Vec::new(),
         count: false,
+        memory: 0,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -133,6 +138,7 @@ fn options() -> Result<Options, String> {
                 }
             }
             "--count" => o.count = true,
+            "--memory" => o.memory = num(value()?)?.max(1) as usize,
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other}")),
         }
@@ -723,6 +729,91 @@ async fn count(o: &Options, setups: &[&str], dir: &Path, target: SocketAddr) {
     );
 }
 
+/// Resident memory (VmRSS, KiB) of `pids`, summed.
+fn rss_kib(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+        .filter_map(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .sum()
+}
+
+/// Echoes `bytes` through `addr`, writing and reading at once.
+async fn echo_both_ways(addr: SocketAddr, bytes: u64) {
+    let s = connect(addr).await;
+    let (mut r, mut w) = s.into_split();
+    let writer = async move {
+        w.write_all(b"E").await.unwrap();
+        let buf = vec![0x5au8; 256 * 1024];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            w.write_all(&buf[..n]).await.unwrap();
+            left -= n as u64;
+        }
+        w
+    };
+    let reader = async move {
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut got = 0u64;
+        while got < bytes {
+            let n = r.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the echo ended early");
+            got += n as u64;
+        }
+    };
+    let (_w, ()) = tokio::join!(writer, reader);
+}
+
+/// `--memory N`: per setup, the resident memory of its processes idle
+/// (after 5 connections), and at its peak (sampled every 10 ms) while N
+/// connections echo at once; the difference per connection.
+async fn memory(o: &Options, setups: &[&str], dir: &Path, target: SocketAddr) {
+    let n = o.memory;
+    let each = (o.bytes / n as u64).max(16 << 20);
+    println!(
+        "memory: {n} connections at once, each echoing {} MiB (both directions busy)",
+        each >> 20
+    );
+    println!();
+    println!("| setup | RSS idle, KiB (both ends) | RSS peak with {n} busy, KiB | per busy connection, KiB (both ends) | MiB/s each way, all connections |");
+    println!("|---|---:|---:|---:|---:|");
+    for &name in setups.iter().filter(|&&s| s != "direct") {
+        let (procs, addr) = start(name, o, dir, target).await;
+        connects(addr, 5).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let pids = procs.pids();
+        let idle = rss_kib(&pids);
+        let started = Instant::now();
+        let transfers = (0..n).map(|_| tokio::spawn(echo_both_ways(addr, each)));
+        let transfers: Vec<_> = transfers.collect();
+        let mut peak = idle;
+        let mut all = Box::pin(async {
+            for t in transfers {
+                t.await.unwrap();
+            }
+        });
+        loop {
+            tokio::select! {
+                () = &mut all => break,
+                () = tokio::time::sleep(Duration::from_millis(10)) => {
+                    peak = peak.max(rss_kib(&pids));
+                }
+            }
+        }
+        let secs = started.elapsed().as_secs_f64();
+        drop(procs);
+        println!(
+            "| {name} | {idle} | {peak} | {:.0} | {:.0} |",
+            (peak - idle) as f64 / n as f64,
+            (each * n as u64) as f64 / (1 << 20) as f64 / secs
+        );
+    }
+}
+
 /// Starts setup `name` in front of `target`: its processes and the address
 /// a client connects to.
 async fn start(name: &str, o: &Options, dir: &Path, target: SocketAddr) -> (Procs, SocketAddr) {
@@ -818,6 +909,11 @@ async fn bench() {
         "capnp-noise: negotiating {} (the initiator's preferred suite on this CPU)",
         capnp_noise::wire::Suite::preferred().noise_name()
     );
+    if o.memory > 0 {
+        memory(&o, &setups, dir.path(), target).await;
+        println!("load average after: {}", load_average());
+        return;
+    }
     if o.count {
         println!(
             "counts: bulk {} MiB one way; {} round trips of {MSG} bytes",

@@ -1469,6 +1469,21 @@ mod tests {
         "identity = \"k\"\n[service.s]\nlisten = \"127.0.0.1:1\"\nconnect = \"127.0.0.1:2\"\n";
 
     #[test]
+    fn workers_default_to_one_per_core_and_0_is_allowed() {
+        let with =
+            |line: &str| check_text(&format!("{line}\n{HEAD}mode = \"server\"\nallow = \"a\"\n"));
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(with("").unwrap().workers, cores);
+        assert_eq!(with("workers = 3").unwrap().workers, 3);
+        assert_eq!(with("workers = 0").unwrap().workers, 0);
+        for bad in ["workers = 1025", "workers = -1", "workers = \"2\""] {
+            let e = with(bad).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some("workers"), "{bad}: {e}");
+            assert!(e.to_string().contains("from 0 to 1024"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn errors_name_the_file_the_position_and_the_key() {
         let e = err(&format!("{HEAD}mode = \"client\"\npeeer = \"x\"\n"));
         assert_eq!(

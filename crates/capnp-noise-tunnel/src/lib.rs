@@ -37,6 +37,8 @@
 //! shutdown_grace = 30          # seconds open connections get after SIGTERM
 //! log_format = "text"          # or "json": one object per line, with a timestamp
 //! # metrics = "127.0.0.1:9100" # /metrics (Prometheus) and /status over HTTP
+//! # workers = 4                # threads that run connections (default: one per core;
+//! #                            # 0: one multi-threaded runtime, see Threads below)
 //! max_connections = 1024       # per service, handshaking or forwarding
 //! max_handshakes = 64          # per service, handshakes at once
 //! max_handshakes_per_source = 16  # of those, from one address
@@ -85,16 +87,33 @@
 //!   more than that, and cause no Diffie-Hellman work beyond it, however
 //!   fast they connect and hang up ([`capnp_noise::admission`]).
 //!   Outgoing TCP connects take at most `connect_timeout`.
+//! * **Threads.** One thread accepts (and serves the metrics and the
+//!   signals); each accepted connection goes to the least loaded of
+//!   `workers` threads (default: one per core), each a single-threaded
+//!   tokio runtime ([`capnp_noise::workers::Workers`], the pool of
+//!   [`capnp_noise::rpc::Server`]), and stays there from handshake to end,
+//!   so its socket's readiness wakes that one thread. The limits, counters
+//!   and settings above are shared by every worker. `workers = 0` runs
+//!   every connection on one multi-threaded (work-stealing) runtime
+//!   instead, where a connection's task may move between threads: on a
+//!   2-core machine that cost about 2.5 times the context switches per
+//!   MiB of bulk and 1.2 times the system calls (BENCHMARKS.md, "Tunnel").
 //! * **Forwarding** ([`forward`]) copies both directions at once through
 //!   one 64 KiB buffer each (backpressure, no unbounded queue), flushes
 //!   whenever input pauses, and propagates half-close: when one side's
 //!   read ends, the other side's write is shut down (over capnp-noise, an
 //!   authenticated CLOSE) while the other direction continues.
 //! * **Memory** is bounded per connection: the two forwarding buffers
-//!   (128 KiB) and the capnp-noise session's buffers (at most about
-//!   256 KiB, see [`NoiseStream`](capnp_noise::stream::NoiseStream)), so
-//!   `max_connections` bounds a service's memory (about 400 MiB at the
-//!   default 1024 connections, all busy; idle ones hold far less).
+//!   ([`forward::BUFFER_SIZE`] each, 256 KiB) and the capnp-noise session's
+//!   buffers (at most about 600 KiB when busy both ways, see
+//!   [`NoiseStream`](capnp_noise::stream::NoiseStream)), so
+//!   `max_connections` bounds a service's memory. Measured: about 0.9 MiB
+//!   resident per connection busy both ways, per tunnel end (so up to
+//!   about 1 GiB at the default 1024 connections, all busy); idle ones
+//!   shrink to a few KiB. The buffers are four frames' worth
+//!   (`capnp_noise::wire::BULK_FRAMES`): two would halve the memory of a
+//!   busy connection but cost a third of a single connection's bulk
+//!   throughput (BENCHMARKS.md, "Tunnel").
 //! * **Keepalive and idle timeout.** With `keepalive = N`, a service sends
 //!   an authenticated empty frame (SPEC 7.1; the other end reads nothing)
 //!   in each interval of N seconds in which it sent nothing else over
