@@ -168,8 +168,8 @@ impl Workers {
     /// Hands `job` to the worker with the fewest live jobs (ties rotate),
     /// which calls it and runs the future it returns on its `LocalSet`. A
     /// worker found gone is marked failed (logged at `error`) and the next
-    /// one tried. False (and `job` dropped) if every worker has ended, or
-    /// the pool is [closed](Self::close).
+    /// one tried. False (and `job` dropped uncalled) if every worker has
+    /// ended, or the pool is [closed](Self::close).
     pub fn spawn<F, Fut>(&self, job: F) -> bool
     where
         F: FnOnce() -> Fut + Send + 'static,
@@ -196,6 +196,10 @@ impl Workers {
                 Ok(()) => return true,
                 Err(mpsc::error::SendError(m)) => {
                     worker.load.fetch_sub(1, Ordering::Relaxed);
+                    if self.closing.is_cancelled() {
+                        // Closed meanwhile: the queue was closed, not failed.
+                        return false;
+                    }
                     worker.failed.store(true, Ordering::Relaxed);
                     error!(
                         worker = i,
@@ -207,10 +211,11 @@ impl Workers {
         }
     }
 
-    /// Takes no more jobs: each worker drops the jobs still queued for it
-    /// (their closures are dropped uncalled), waits for its running jobs to
-    /// end, and its thread ends. Returns at once; a job that should end
-    /// now must be told so by its own means (a cancellation token).
+    /// Takes no more jobs ([`spawn`](Self::spawn) returns false from now
+    /// on); the jobs already handed to a worker still run, and each worker
+    /// thread ends once its jobs have ended. Returns at once; a job that
+    /// should end now must be told so by its own means (a cancellation
+    /// token).
     pub fn close(&self) {
         self.closing.cancel();
     }
@@ -274,10 +279,20 @@ impl Worker {
         let local = tokio::task::LocalSet::new();
         local.block_on(&runtime, async move {
             let tasks = TaskTracker::new();
+            let mut closed = false;
             loop {
-                let message = tokio::select! {
-                    m = self.rx.recv() => m,
-                    () = self.closing.cancelled() => None,
+                if !closed && self.closing.is_cancelled() {
+                    // No more jobs; those already queued still arrive.
+                    self.rx.close();
+                    closed = true;
+                }
+                let message = if closed {
+                    self.rx.recv().await
+                } else {
+                    tokio::select! {
+                        m = self.rx.recv() => m,
+                        () = self.closing.cancelled() => continue,
+                    }
                 };
                 match message {
                     Some(Message::Run(job)) => {
@@ -293,8 +308,6 @@ impl Worker {
                     None => break,
                 }
             }
-            // Jobs queued for this worker are dropped uncalled.
-            drop(self.rx);
             tasks.close();
             tasks.wait().await;
         });
