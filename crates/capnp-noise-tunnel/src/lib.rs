@@ -96,8 +96,11 @@
 //!   and settings above are shared by every worker. `workers = 0` runs
 //!   every connection on one multi-threaded (work-stealing) runtime
 //!   instead, where a connection's task may move between threads: on a
-//!   2-core machine that cost about 2.5 times the context switches per
-//!   MiB of bulk and 1.2 times the system calls (BENCHMARKS.md, "Tunnel").
+//!   2-core machine that made 1.2 to 2.9 times the context switches per
+//!   MiB of bulk and 1.18 times the system calls, while a new connection
+//!   through per-core workers costs two more system calls (the socket
+//!   moves to its worker) and took 6-23 % longer to its first answer
+//!   under load (BENCHMARKS.md, "Tunnel").
 //! * **Forwarding** ([`forward`]) copies both directions at once through
 //!   one 64 KiB buffer each (backpressure, no unbounded queue), flushes
 //!   whenever input pauses, and propagates half-close: when one side's
@@ -112,8 +115,8 @@
 //!   about 1 GiB at the default 1024 connections, all busy); idle ones
 //!   shrink to a few KiB. The buffers are four frames' worth
 //!   (`capnp_noise::wire::BULK_FRAMES`): two would halve the memory of a
-//!   busy connection but cost a third of a single connection's bulk
-//!   throughput (BENCHMARKS.md, "Tunnel").
+//!   busy connection (0.8 instead of 1.8 MiB for both ends) and make 43 %
+//!   more system calls per MiB of bulk (BENCHMARKS.md, "Tunnel").
 //! * **Keepalive and idle timeout.** With `keepalive = N`, a service sends
 //!   an authenticated empty frame (SPEC 7.1; the other end reads nothing)
 //!   in each interval of N seconds in which it sent nothing else over
