@@ -99,7 +99,7 @@
 //!   2-core machine that made 1.2 to 2.9 times the context switches per
 //!   MiB of bulk and 1.18 times the system calls, while a new connection
 //!   through per-core workers costs two more system calls (the socket
-//!   moves to its worker) and took 6-23 % longer to its first answer
+//!   moves to its worker) and took 6-26 % longer to its first answer
 //!   under load (BENCHMARKS.md, "Tunnel").
 //! * **Forwarding** ([`forward`]) copies both directions at once through
 //!   one 64 KiB buffer each (backpressure, no unbounded queue), flushes
