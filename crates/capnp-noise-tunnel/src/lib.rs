@@ -102,7 +102,7 @@
 //!   moves to its worker) and took 6-26 % longer to its first answer
 //!   under load (BENCHMARKS.md, "Tunnel").
 //! * **Forwarding** ([`forward`]) copies both directions at once through
-//!   one 64 KiB buffer each (backpressure, no unbounded queue), flushes
+//!   one 256 KiB buffer each (backpressure, no unbounded queue), flushes
 //!   whenever input pauses, and propagates half-close: when one side's
 //!   read ends, the other side's write is shut down (over capnp-noise, an
 //!   authenticated CLOSE) while the other direction continues.

@@ -182,10 +182,11 @@ pub(crate) fn run(args: Args) -> CmdResult {
         // Before anything is printed: a test (or a supervisor) may signal
         // as soon as it sees the addresses.
         let signals = Signals::new()?;
-        let bound = tunnel
-            .bind()
-            .await
-            .map_err(|e| Failure::new(EXIT_BIND, e))?;
+        let bound = tunnel.bind().await.map_err(|e| match e {
+            // Threads that cannot start: a runtime failure, not an address.
+            StartError::Workers(_) => Failure::new(super::EXIT_FAILURE, e),
+            _ => Failure::new(EXIT_BIND, e),
+        })?;
         println!("vat_id={}", bound.vat_id());
         if let Some(addr) = bound.metrics_addr() {
             println!("metrics addr={addr}");
