@@ -97,17 +97,18 @@
 //!   every connection on one multi-threaded (work-stealing) runtime
 //!   instead, where a connection's task may move between threads: on a
 //!   2-core machine that made 1.2 to 2.9 times the context switches per
-//!   MiB of bulk and 1.18 times the system calls, while a new connection
-//!   through per-core workers costs two more system calls (the socket
-//!   moves to its worker) and took 6-26 % longer to its first answer
-//!   under load (BENCHMARKS.md, "Tunnel").
+//!   MiB of bulk and 1.18 times the system calls, for the same bulk
+//!   throughput, round trip and connection setup (a new connection through
+//!   per-core workers costs two more system calls: its socket moves to
+//!   its worker; BENCHMARKS.md, "Tunnel").
 //! * **Forwarding** ([`forward`]) copies both directions at once through
 //!   one 256 KiB buffer each (backpressure, no unbounded queue), flushes
 //!   whenever input pauses, and propagates half-close: when one side's
 //!   read ends, the other side's write is shut down (over capnp-noise, an
 //!   authenticated CLOSE) while the other direction continues.
 //! * **Memory** is bounded per connection: the two forwarding buffers
-//!   ([`forward::BUFFER_SIZE`] each, 256 KiB) and the capnp-noise session's
+//!   ([`forward::BUFFER_SIZE`] each, 256 KiB; a thread keeps up to eight
+//!   zeroed ones of ended connections for the next) and the capnp-noise session's
 //!   buffers (at most about 600 KiB when busy both ways, see
 //!   [`NoiseStream`](capnp_noise::stream::NoiseStream)), so
 //!   `max_connections` bounds a service's memory. Measured: about 0.9 MiB
