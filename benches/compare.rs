@@ -39,6 +39,7 @@
 //!   without them, to show what admission costs.
 
 use capnp_noise_test::office;
+use capnp_noise_test::support::twoparty_system;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::future::{poll_fn, Future};
@@ -57,12 +58,10 @@ use capnp_noise::wire::{HandshakeConfig, Suite};
 use capnp_noise::{Identity, Pinned};
 use capnp_noise_test::schema::demo_capnp::office as office_capnp;
 use capnp_rpc::rpc_twoparty_capnp::Side;
-use capnp_rpc::{twoparty, RpcSystem};
 use futures::stream::{FuturesUnordered, StreamExt};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::compat::TokioAsyncReadCompatExt;
 
 // ---------------------------------------------------------------------------
 // A counting allocator, switched on only in the memory and allocation
@@ -622,23 +621,6 @@ enum Rpc {
 
 const IN_FLIGHT: usize = 64;
 const LARGE: usize = 64 * 1024;
-
-/// The twoparty network over a plain or TLS stream, buffered as capnp-rpc
-/// recommends (`BufReader`/`BufWriter`, as in its examples).
-fn twoparty_system<S: AsyncRead + AsyncWrite + Unpin + 'static>(
-    io: S,
-    side: Side,
-    bootstrap: Option<capnp::capability::Client>,
-) -> RpcSystem<Side> {
-    let (r, w) = futures::AsyncReadExt::split(io.compat());
-    let network = twoparty::VatNetwork::new(
-        futures::io::BufReader::new(r),
-        futures::io::BufWriter::new(w),
-        side,
-        Default::default(),
-    );
-    RpcSystem::new(Box::new(network), bootstrap)
-}
 
 fn office_client() -> office_capnp::Client {
     capnp_rpc::new_client(office::Office {

@@ -7,8 +7,13 @@
 # measured and how.
 #
 #   benches/tunnel_compare.sh [--bytes N] [--rounds N] [--connects N] [--runs N]
-#                             [--only direct,relay,socat,capnp-noise,stunnel]
+#                             [--only direct,relay,socat,capnp-noise,capnp-noise-mt,baseline,stunnel]
+#                             [--baseline OTHER-capnp-noise-BINARY]
 #   benches/tunnel_compare.sh --count [--bytes N] [--rounds N]   # strace: syscalls per MiB
+#   benches/tunnel_compare.sh --memory N                         # RSS per busy connection
+#
+# capnp-noise-mt is the tunnel with --workers 0 (one multi-threaded runtime
+# instead of a runtime per core).
 #
 # Needs: stunnel4 and openssl on PATH (Debian: apt-get install stunnel4 openssl);
 # socat for the socat pair (skipped if absent); strace for --count.

@@ -15,6 +15,11 @@
 //!   socat is on PATH);
 //! * **capnp-noise**: client -> `capnp-noise tunnel client` -> `capnp-noise
 //!   tunnel server` -> target, each end pinning the other's VatId;
+//! * **capnp-noise-mt** (only with `--only`): the same with `--workers 0`
+//!   (every connection on one multi-threaded runtime instead of a
+//!   single-threaded runtime per core);
+//! * **baseline** (with `--baseline PATH`): the same with another
+//!   `capnp-noise` binary, for before/after figures in one run;
 //! * **stunnel**: client -> stunnel (client mode) -> stunnel (server mode) ->
 //!   target, TLS 1.3, each end pinning the other's self-signed ECDSA P-256
 //!   certificate (`verifyPeer`), TCP_NODELAY on every socket, as the
@@ -42,18 +47,22 @@
 //! MiB of bulk and per 64-byte round trip, one setup at a time.
 //!
 //! Tunnel processes are children of this one and are killed when it ends.
+//! The tunnel and stunnel pairs are configured by `capnp_noise_test::launch`,
+//! as in the WAN comparison (`capnp_noise_test::wan::compare`).
 
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use capnp_noise_test::launch::{self, Children as Procs, StunnelEnd};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 const USAGE: &str = "\
-usage: tunnel_bench --capnp-noise PATH [--stunnel PATH] [--bytes N] [--rounds N]
+usage: tunnel_bench --capnp-noise PATH [--stunnel PATH] [--baseline PATH] [--bytes N] [--rounds N]
                     [--connects N] [--runs N] [--only LIST] [--count]
   --capnp-noise PATH  the release binary (benches/tunnel_compare.sh passes it)
   --stunnel PATH      stunnel (default: stunnel4 on PATH)
@@ -61,36 +70,54 @@ usage: tunnel_bench --capnp-noise PATH [--stunnel PATH] [--bytes N] [--rounds N]
   --rounds N          round trips (default 10000)
   --connects N        new connections (default 200)
   --runs N            interleaved rounds; medians are shown (default 3)
-  --only LIST         setups, comma-separated, of: direct,relay,socat,capnp-noise,stunnel
-                      (default: all; socat only if on PATH)
+  --only LIST         setups, comma-separated, of: direct,relay,socat,capnp-noise,
+                      capnp-noise-mt,baseline,stunnel (default: direct,relay,socat,
+                      capnp-noise,stunnel; socat only if on PATH; baseline with --baseline)
+  --baseline PATH     another capnp-noise binary (an older build, another
+                      BULK_FRAMES), run as the setup baseline
   --count             count system calls (strace -f -c) and context switches
                       per MiB and per round trip instead of timing
+  --memory N          instead: the resident memory of the two tunnel ends
+                      with N connections busy both ways at once (each
+                      echoing max(bytes / N, 16 MiB)), per connection
        tunnel_bench --relay --connect ADDR
                       (internal) one plain relay: prints addr=..., forwards to ADDR";
 
-const SETUPS: [&str; 5] = ["direct", "relay", "socat", "capnp-noise", "stunnel"];
+const SETUPS: [&str; 7] = [
+    "direct",
+    "relay",
+    "socat",
+    "capnp-noise",
+    "capnp-noise-mt",
+    "baseline",
+    "stunnel",
+];
 
 struct Options {
     capnp_noise: PathBuf,
     stunnel: String,
+    baseline: Option<PathBuf>,
     bytes: u64,
     rounds: usize,
     connects: usize,
     runs: usize,
     only: Vec<String>,
     count: bool,
+    memory: usize,
 }
 
 fn options() -> Result<Options, String> {
     let mut o = Options {
         capnp_noise: PathBuf::new(),
         stunnel: "stunnel4".into(),
+        baseline: None,
         bytes: 1 << 30,
         rounds: 10_000,
         connects: 200,
         runs: 3,
         only: Vec::new(),
         count: false,
+        memory: 0,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -99,6 +126,7 @@ fn options() -> Result<Options, String> {
         match a.as_str() {
             "--capnp-noise" => o.capnp_noise = value()?.into(),
             "--stunnel" => o.stunnel = value()?,
+            "--baseline" => o.baseline = Some(value()?.into()),
             "--bytes" => o.bytes = num(value()?)?,
             "--rounds" => o.rounds = num(value()?)? as usize,
             "--connects" => o.connects = num(value()?)? as usize,
@@ -110,6 +138,7 @@ fn options() -> Result<Options, String> {
                 }
             }
             "--count" => o.count = true,
+            "--memory" => o.memory = num(value()?)?.max(1) as usize,
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other}")),
         }
@@ -118,18 +147,6 @@ fn options() -> Result<Options, String> {
         return Err("--capnp-noise is required".into());
     }
     Ok(o)
-}
-
-/// Children killed on drop.
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 // ----- the target -----
@@ -303,16 +320,15 @@ fn free_port() -> u16 {
 
 /// Starts `capnp-noise tunnel ARGS` into `procs`; returns its listening
 /// address and VatId.
-fn capnp_noise(procs: &mut Procs, bin: &Path, args: &[&str]) -> (SocketAddr, String) {
+fn capnp_noise(procs: &mut Procs, bin: &Path, args: &[OsString]) -> (SocketAddr, String) {
     let child = command(bin)
-        .arg("tunnel")
         .args(args)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start capnp-noise");
-    procs.0.push(child);
+    procs.push(child);
     let stdout = procs.0.last_mut().and_then(|c| c.stdout.take()).unwrap();
     let mut vat = String::new();
     for line in BufReader::new(stdout).lines() {
@@ -324,10 +340,17 @@ fn capnp_noise(procs: &mut Procs, bin: &Path, args: &[&str]) -> (SocketAddr, Str
             return (addr.parse().unwrap(), vat);
         }
     }
-    panic!("capnp-noise tunnel {args:?} exited before listening");
+    panic!("capnp-noise {args:?} exited before listening");
 }
 
-fn capnp_noise_pair(bin: &Path, dir: &Path, target: SocketAddr) -> (Procs, SocketAddr) {
+/// A `capnp-noise tunnel` pair of `bin` in front of `target`, each end
+/// started with `extra` options too.
+fn capnp_noise_pair(
+    bin: &Path,
+    dir: &Path,
+    target: SocketAddr,
+    extra: &[&str],
+) -> (Procs, SocketAddr) {
     let key = |name: &str| {
         let path = dir.join(name);
         // A setup started again (--count) makes new keys.
@@ -339,43 +362,25 @@ fn capnp_noise_pair(bin: &Path, dir: &Path, target: SocketAddr) -> (Procs, Socke
             .expect("keygen");
         assert!(out.status.success());
         let vat = String::from_utf8(out.stdout).unwrap().trim().to_string();
-        (path.to_str().unwrap().to_string(), vat)
+        (path, vat)
     };
     let (server_key, _) = key("server.key");
     let (client_key, client_vat) = key("client.key");
-    let target = target.to_string();
-    let mut procs = Procs(Vec::new());
-    let (server_addr, server_vat) = capnp_noise(
-        &mut procs,
-        bin,
-        &[
-            "server",
-            "--listen",
-            "127.0.0.1:0",
-            "--connect",
-            &target,
-            "--identity",
-            &server_key,
-            "--allow-vat",
-            &client_vat,
-        ],
+    let with_extra = |mut args: Vec<OsString>| {
+        args.extend(extra.iter().map(OsString::from));
+        args
+    };
+    let mut procs = Procs::default();
+    let server_args =
+        launch::tunnel_server_args("127.0.0.1:0", &target.to_string(), &server_key, &client_vat);
+    let (server_addr, server_vat) = capnp_noise(&mut procs, bin, &with_extra(server_args));
+    let client_args = launch::tunnel_client_args(
+        "127.0.0.1:0",
+        &server_addr.to_string(),
+        &client_key,
+        &server_vat,
     );
-    let server_addr = server_addr.to_string();
-    let (local, _) = capnp_noise(
-        &mut procs,
-        bin,
-        &[
-            "client",
-            "--listen",
-            "127.0.0.1:0",
-            "--connect",
-            &server_addr,
-            "--identity",
-            &client_key,
-            "--peer",
-            &server_vat,
-        ],
-    );
+    let (local, _) = capnp_noise(&mut procs, bin, &with_extra(client_args));
     (procs, local)
 }
 
@@ -415,7 +420,7 @@ fn relay(procs: &mut Procs, to: SocketAddr) -> SocketAddr {
         .spawn()
         .expect("start a relay");
     let stdout = child.stdout.take().unwrap();
-    procs.0.push(child);
+    procs.push(child);
     for line in BufReader::new(stdout).lines() {
         if let Some(addr) = line.unwrap().strip_prefix("addr=") {
             return addr.parse().unwrap();
@@ -425,7 +430,7 @@ fn relay(procs: &mut Procs, to: SocketAddr) -> SocketAddr {
 }
 
 fn relay_pair(target: SocketAddr) -> (Procs, SocketAddr) {
-    let mut procs = Procs(Vec::new());
+    let mut procs = Procs::default();
     let server_end = relay(&mut procs, target);
     let client_end = relay(&mut procs, server_end);
     (procs, client_end)
@@ -476,62 +481,27 @@ async fn socat_pair(target: SocketAddr) -> (Procs, SocketAddr) {
     (procs, local)
 }
 
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 async fn stunnel_pair(stunnel: &str, dir: &Path, target: SocketAddr) -> (Procs, SocketAddr) {
-    for name in ["server", "client"] {
-        run(Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-            ])
-            .args(["-nodes", "-days", "2", "-subj"])
-            .arg(format!("/CN={name}"))
-            .arg("-keyout")
-            .arg(dir.join(format!("{name}.key.pem")))
-            .arg("-out")
-            .arg(dir.join(format!("{name}.cert.pem"))));
-    }
+    launch::stunnel_certificates(dir);
     let (server_port, client_port) = (free_port(), free_port());
-    let common = |name: &str, peer: &str| {
-        format!(
-            "foreground = yes\npid =\ndebug = 3\n\
-             socket = l:TCP_NODELAY=1\nsocket = r:TCP_NODELAY=1\n\
-             cert = {d}/{name}.cert.pem\nkey = {d}/{name}.key.pem\n\
-             CAfile = {d}/{peer}.cert.pem\nverifyPeer = yes\n\
-             sslVersionMin = TLSv1.3\n",
-            d = dir.display()
-        )
-    };
-    let server_conf = dir.join("stunnel-server.conf");
-    std::fs::write(
-        &server_conf,
-        format!(
-            "{}[server]\naccept = 127.0.0.1:{server_port}\nconnect = {target}\n",
-            common("server", "client")
-        ),
-    )
-    .unwrap();
-    let client_conf = dir.join("stunnel-client.conf");
-    std::fs::write(
-        &client_conf,
-        format!(
-            "{}[client]\nclient = yes\naccept = 127.0.0.1:{client_port}\nconnect = 127.0.0.1:{server_port}\n",
-            common("client", "server")
-        ),
-    )
-    .unwrap();
+    let server_conf = launch::stunnel_config(
+        dir,
+        StunnelEnd::Server,
+        &[(
+            "server",
+            format!("127.0.0.1:{server_port}"),
+            target.to_string(),
+        )],
+    );
+    let client_conf = launch::stunnel_config(
+        dir,
+        StunnelEnd::Client,
+        &[(
+            "client",
+            format!("127.0.0.1:{client_port}"),
+            format!("127.0.0.1:{server_port}"),
+        )],
+    );
     let spawn = |conf: &Path| {
         command(stunnel)
             .arg(conf)
@@ -759,14 +729,105 @@ async fn count(o: &Options, setups: &[&str], dir: &Path, target: SocketAddr) {
     );
 }
 
+/// Resident memory (VmRSS, KiB) of `pids`, summed.
+fn rss_kib(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+        .filter_map(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .sum()
+}
+
+/// Echoes `bytes` through `addr`, writing and reading at once.
+async fn echo_both_ways(addr: SocketAddr, bytes: u64) {
+    let s = connect(addr).await;
+    let (mut r, mut w) = s.into_split();
+    let writer = async move {
+        w.write_all(b"E").await.unwrap();
+        let buf = vec![0x5au8; 256 * 1024];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            w.write_all(&buf[..n]).await.unwrap();
+            left -= n as u64;
+        }
+        w
+    };
+    let reader = async move {
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut got = 0u64;
+        while got < bytes {
+            let n = r.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the echo ended early");
+            got += n as u64;
+        }
+    };
+    let (_w, ()) = tokio::join!(writer, reader);
+}
+
+/// `--memory N`: per setup, the resident memory of its processes idle
+/// (after 5 connections), and at its peak (sampled every 10 ms) while N
+/// connections echo at once; the difference per connection.
+async fn memory(o: &Options, setups: &[&str], dir: &Path, target: SocketAddr) {
+    let n = o.memory;
+    let each = (o.bytes / n as u64).max(16 << 20);
+    println!(
+        "memory: {n} connections at once, each echoing {} MiB (both directions busy)",
+        each >> 20
+    );
+    println!();
+    println!("| setup | RSS idle, KiB (both ends) | RSS peak with {n} busy, KiB | per busy connection, KiB (both ends) | MiB/s each way, all connections |");
+    println!("|---|---:|---:|---:|---:|");
+    // socat forks a process per connection, which these pids do not cover.
+    for &name in setups.iter().filter(|&&s| s != "direct" && s != "socat") {
+        let (procs, addr) = start(name, o, dir, target).await;
+        connects(addr, 5).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let pids = procs.pids();
+        let idle = rss_kib(&pids);
+        let started = Instant::now();
+        let transfers = (0..n).map(|_| tokio::spawn(echo_both_ways(addr, each)));
+        let transfers: Vec<_> = transfers.collect();
+        let mut peak = idle;
+        let mut all = Box::pin(async {
+            for t in transfers {
+                t.await.unwrap();
+            }
+        });
+        loop {
+            tokio::select! {
+                () = &mut all => break,
+                () = tokio::time::sleep(Duration::from_millis(10)) => {
+                    peak = peak.max(rss_kib(&pids));
+                }
+            }
+        }
+        let secs = started.elapsed().as_secs_f64();
+        drop(procs);
+        println!(
+            "| {name} | {idle} | {peak} | {:.0} | {:.0} |",
+            (peak - idle) as f64 / n as f64,
+            (each * n as u64) as f64 / (1 << 20) as f64 / secs
+        );
+    }
+}
+
 /// Starts setup `name` in front of `target`: its processes and the address
 /// a client connects to.
 async fn start(name: &str, o: &Options, dir: &Path, target: SocketAddr) -> (Procs, SocketAddr) {
     match name {
-        "direct" => (Procs(Vec::new()), target),
+        "direct" => (Procs::default(), target),
         "relay" => relay_pair(target),
         "socat" => socat_pair(target).await,
-        "capnp-noise" => capnp_noise_pair(&o.capnp_noise, dir, target),
+        "capnp-noise" => capnp_noise_pair(&o.capnp_noise, dir, target, &[]),
+        "capnp-noise-mt" => capnp_noise_pair(&o.capnp_noise, dir, target, &["--workers", "0"]),
+        "baseline" => {
+            let bin = o.baseline.as_deref().expect("--baseline PATH");
+            capnp_noise_pair(bin, dir, target, &[])
+        }
         "stunnel" => stunnel_pair(&o.stunnel, dir, target).await,
         other => unreachable!("setup {other}"),
     }
@@ -824,7 +885,12 @@ async fn bench() {
         .copied()
         .filter(|s| {
             if o.only.is_empty() {
-                *s != "socat" || have_socat
+                match *s {
+                    "socat" => have_socat,
+                    "capnp-noise-mt" => false,
+                    "baseline" => o.baseline.is_some(),
+                    _ => true,
+                }
             } else {
                 o.only.iter().any(|x| x == s)
             }
@@ -844,6 +910,11 @@ async fn bench() {
         "capnp-noise: negotiating {} (the initiator's preferred suite on this CPU)",
         capnp_noise::wire::Suite::preferred().noise_name()
     );
+    if o.memory > 0 {
+        memory(&o, &setups, dir.path(), target).await;
+        println!("load average after: {}", load_average());
+        return;
+    }
     if o.count {
         println!(
             "counts: bulk {} MiB one way; {} round trips of {MSG} bytes",
@@ -906,7 +977,14 @@ async fn bench() {
     println!("| capnp-noise vs | bulk throughput | round trip p50 (lower is better) | connect p50 (lower is better) |");
     println!("|---|---:|---:|---:|");
     if let Some(noise) = of("capnp-noise") {
-        for other in ["relay", "socat", "stunnel", "direct"] {
+        for other in [
+            "relay",
+            "socat",
+            "stunnel",
+            "capnp-noise-mt",
+            "baseline",
+            "direct",
+        ] {
             let Some(j) = of(other) else { continue };
             let ratio = |f: fn(&Figures) -> f64| {
                 let v: Vec<f64> = rounds[noise]

@@ -3,22 +3,21 @@
 //! The design is documented on [`Server`].
 
 use std::io;
-use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::net::{SocketAddr, TcpListener as StdListener};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use capnp::capability::FromClientHook;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{error, warn};
 
 use super::{accept_within, PeerInfo, ServerConfig, Serving};
 use crate::admission::AdmissionStats;
 use crate::identity::Identity;
 use crate::policy::{AnyVat, PeerPolicy};
+use crate::workers::{self, Workers};
 
 /// A running multi-worker RPC server: [`serve`](super::serve) spread over
 /// worker threads (see [Design](#design) below).
@@ -90,7 +89,9 @@ use crate::policy::{AnyVat, PeerPolicy};
 ///   own [`LocalSet`](tokio::task::LocalSet), which runs the handshake, calls
 ///   the bootstrap factory and runs the connection's `RpcSystem`: nothing of
 ///   a connection ever moves between threads once it is on its worker, so
-///   capabilities stay `!Send`, as capnp-rpc wants them.
+///   capabilities stay `!Send`, as capnp-rpc wants them. The worker
+///   threads are a [`Workers`](crate::workers::Workers) pool, which the
+///   `capnp-noise tunnel` runs its connections on too.
 /// * **Why not every worker accepting on a shared listener:** every idle
 ///   worker would wake for every new connection (the thundering herd: with
 ///   16 workers, 15 useless wake-ups per accept, each a context switch),
@@ -137,8 +138,8 @@ use crate::policy::{AnyVat, PeerPolicy};
 pub struct Server {
     local_addr: SocketAddr,
     stop: CancellationToken,
-    threads: Vec<JoinHandle<()>>,
-    pool: Arc<Pool>,
+    accept: Option<JoinHandle<()>>,
+    workers: Arc<Workers>,
     serving_stats: Arc<dyn Fn() -> AdmissionStats + Send + Sync>,
 }
 
@@ -146,7 +147,7 @@ impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Server")
             .field("local_addr", &self.local_addr)
-            .field("workers", &self.pool.workers.len())
+            .field("workers", &self.workers.len())
             .field("load", &self.load())
             .finish_non_exhaustive()
     }
@@ -208,18 +209,14 @@ impl Server {
 
     /// How many worker threads it started.
     pub fn workers(&self) -> usize {
-        self.pool.workers.len()
+        self.workers.len()
     }
 
     /// Live connections per worker (handshaking or established, counted
     /// from the hand-off to the worker), in worker order; a worker that has
     /// failed shows `None`.
     pub fn load(&self) -> Vec<Option<usize>> {
-        self.pool
-            .workers
-            .iter()
-            .map(|w| w.alive().then(|| w.load.load(Ordering::Relaxed)))
-            .collect()
+        self.workers.load()
     }
 
     /// The handshake admission's counts, across all workers (one set of
@@ -245,12 +242,12 @@ impl Server {
     /// [`ShutdownHandle`]) and every thread has ended. Blocks the calling
     /// thread.
     pub fn join(mut self) {
-        for thread in self.threads.drain(..) {
-            let name = thread.thread().name().unwrap_or("?").to_string();
-            if thread.join().is_err() {
-                error!(thread = %name, "a server thread had failed (panicked)");
+        if let Some(accept) = self.accept.take() {
+            if accept.join().is_err() {
+                error!("the accept thread had failed (panicked)");
             }
         }
+        self.workers.join();
     }
 
     #[doc(hidden)]
@@ -258,7 +255,7 @@ impl Server {
     /// `index` fail (its thread panics) as a bug in it would.
     #[cfg(feature = "__test-hooks")]
     pub fn fail_worker_for_test(&self, index: usize) {
-        let _ = self.pool.workers[index].tx.send(Message::Fail);
+        self.workers.fail_worker_for_test(index);
     }
 }
 
@@ -297,10 +294,6 @@ impl<F> ServerBuilder<F> {
         F: Fn(&PeerInfo) -> C + Send + Sync + 'static,
         C: FromClientHook,
     {
-        let n = match self.workers {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            n => n,
-        };
         listener.set_nonblocking(true)?;
         let local_addr = listener.local_addr()?;
         let max_connections = self.config.max_connections.max(1);
@@ -312,133 +305,41 @@ impl<F> ServerBuilder<F> {
             self.bootstrap,
         ));
         let stop = CancellationToken::new();
-        // Until the server is returned, a failure stops what was started.
-        let guard = stop.clone().drop_guard();
-        let mut threads = Vec::with_capacity(n + 1);
-        let mut workers = Vec::with_capacity(n);
-        for index in 0..n {
-            let (tx, rx) = mpsc::unbounded_channel();
-            let load = Arc::new(AtomicUsize::new(0));
-            let runtime = runtime()?;
-            let worker = Worker {
-                rx,
-                serving: serving.clone(),
-                load: load.clone(),
-                stop: stop.clone(),
-            };
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("capnp-noise-worker-{index}"))
-                    .spawn(move || worker.run(runtime))?,
-            );
-            workers.push(WorkerHandle {
-                tx,
-                load,
-                failed: AtomicBool::new(false),
-            });
-        }
-        let pool = Arc::new(Pool { workers });
-        let runtime = runtime()?;
+        let workers = Arc::new(Workers::start(self.workers, "capnp-noise")?);
+        let runtime = workers::runtime()?;
         let accept = {
-            let (pool, stop, connections) = (pool.clone(), stop.clone(), connections.clone());
-            move || runtime.block_on(accept_loop(listener, connections, pool, stop))
+            let (workers, stop) = (workers.clone(), stop.clone());
+            let serving = serving.clone();
+            move || {
+                runtime.block_on(accept_loop(listener, connections, &workers, serving, &stop));
+                // Connections end on `stop`; the workers once they have.
+                workers.close();
+            }
         };
-        threads.push(
-            std::thread::Builder::new()
-                .name("capnp-noise-accept".into())
-                .spawn(accept)?,
-        );
+        let accept = std::thread::Builder::new()
+            .name("capnp-noise-accept".into())
+            .spawn(accept)?;
         let stats = serving.clone();
-        let _ = guard.disarm();
         Ok(Server {
             local_addr,
             stop,
-            threads,
-            pool,
+            accept: Some(accept),
+            workers,
             serving_stats: Arc::new(move || stats.acceptor.slots.stats()),
         })
     }
 }
 
-fn runtime() -> io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-}
-
-/// What the accept thread sends a worker.
-enum Message {
-    /// Serve this connection; the permit is its place in
-    /// `max_connections`.
-    Serve(StdStream, SocketAddr, OwnedSemaphorePermit),
-    /// Test hook: fail as a bug would.
-    #[cfg(feature = "__test-hooks")]
-    Fail,
-}
-
-/// The accept thread's view of one worker.
-struct WorkerHandle {
-    tx: mpsc::UnboundedSender<Message>,
-    /// Its live connections, counted up here and down by the worker.
-    load: Arc<AtomicUsize>,
-    failed: AtomicBool,
-}
-
-impl WorkerHandle {
-    /// False once the worker has been found gone, or its thread has ended
-    /// (its queue is closed).
-    fn alive(&self) -> bool {
-        !self.failed.load(Ordering::Relaxed) && !self.tx.is_closed()
-    }
-}
-
-struct Pool {
-    workers: Vec<WorkerHandle>,
-}
-
-impl Pool {
-    /// The worker with the fewest live connections, among those not
-    /// failed, looking from `start` on (so ties rotate).
-    fn least_loaded(&self, start: usize) -> Option<usize> {
-        let n = self.workers.len();
-        (0..n)
-            .map(|k| (start + k) % n)
-            .filter(|&i| self.workers[i].alive())
-            .min_by_key(|&i| self.workers[i].load.load(Ordering::Relaxed))
-    }
-
-    /// Hands `message` to the least loaded worker; a worker found gone is
-    /// marked failed and the next one tried. False if every worker failed.
-    fn dispatch(&self, mut message: Message, next: &mut usize) -> bool {
-        loop {
-            let Some(i) = self.least_loaded(*next) else {
-                return false;
-            };
-            *next = (i + 1) % self.workers.len();
-            let worker = &self.workers[i];
-            worker.load.fetch_add(1, Ordering::Relaxed);
-            match worker.tx.send(message) {
-                Ok(()) => return true,
-                Err(mpsc::error::SendError(m)) => {
-                    worker.load.fetch_sub(1, Ordering::Relaxed);
-                    worker.failed.store(true, Ordering::Relaxed);
-                    error!(
-                        worker = i,
-                        "a worker thread has ended: its share of new connections goes to the others"
-                    );
-                    message = m;
-                }
-            }
-        }
-    }
-}
-
-async fn accept_loop(
+async fn accept_loop<F, C>(
     listener: StdListener,
     connections: Arc<Semaphore>,
-    pool: Arc<Pool>,
-    stop: CancellationToken,
-) {
+    workers: &Workers,
+    serving: Arc<Serving<F>>,
+    stop: &CancellationToken,
+) where
+    F: Fn(&PeerInfo) -> C + Send + Sync + 'static,
+    C: FromClientHook,
+{
     let listener = match TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -447,7 +348,6 @@ async fn accept_loop(
             return;
         }
     };
-    let mut next = 0;
     loop {
         let accepted = tokio::select! {
             a = accept_within(&connections, &listener) => a,
@@ -463,70 +363,22 @@ async fn accept_loop(
                 continue;
             }
         };
-        if !pool.dispatch(Message::Serve(tcp, addr, permit), &mut next) {
+        let (serving, stop_job) = (serving.clone(), stop.clone());
+        let job = move || async move {
+            match TcpStream::from_std(tcp) {
+                Ok(tcp) => {
+                    serving
+                        .serve_connection(tcp, addr, stop_job.cancelled())
+                        .await
+                }
+                Err(e) => warn!(%addr, error = %e, "accepted socket unusable"),
+            }
+            drop(permit);
+        };
+        if !workers.spawn(job) {
             error!("every worker thread has ended: the server stops accepting");
             stop.cancel();
             return;
         }
-    }
-}
-
-/// One worker thread: its queue of connections and what it serves them
-/// with.
-struct Worker<F> {
-    rx: mpsc::UnboundedReceiver<Message>,
-    serving: Arc<Serving<F>>,
-    load: Arc<AtomicUsize>,
-    stop: CancellationToken,
-}
-
-/// Counts a connection off its worker's load when it ends, however.
-struct Live(Arc<AtomicUsize>);
-
-impl Drop for Live {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-impl<F, C> Worker<F>
-where
-    F: Fn(&PeerInfo) -> C + 'static,
-    C: FromClientHook,
-{
-    fn run(mut self, runtime: tokio::runtime::Runtime) {
-        let local = tokio::task::LocalSet::new();
-        local.block_on(&runtime, async move {
-            let tasks = TaskTracker::new();
-            loop {
-                let message = tokio::select! {
-                    m = self.rx.recv() => m,
-                    () = self.stop.cancelled() => None,
-                };
-                match message {
-                    Some(Message::Serve(tcp, addr, permit)) => {
-                        let live = Live(self.load.clone());
-                        let (serving, stop) = (self.serving.clone(), self.stop.clone());
-                        tasks.spawn_local(async move {
-                            let _live = live;
-                            match TcpStream::from_std(tcp) {
-                                Ok(tcp) => {
-                                    serving.serve_connection(tcp, addr, stop.cancelled()).await
-                                }
-                                Err(e) => warn!(%addr, error = %e, "accepted socket unusable"),
-                            }
-                            drop(permit);
-                        });
-                    }
-                    #[cfg(feature = "__test-hooks")]
-                    Some(Message::Fail) => panic!("worker failed (test hook)"),
-                    None => break,
-                }
-            }
-            // Connections queued for this worker are closed unserved.
-            drop(self.rx);
-            tasks.close();
-            tasks.wait().await;
-        });
     }
 }

@@ -11,7 +11,11 @@
 //! * [`schema::demo_capnp`] and [`office`]: the demo `Office` service that
 //!   the examples, tests and benchmarks run.
 //! * [`support`]: small helpers the integration tests share (a `LocalSet`
-//!   runner, a bounded wait, the `whoami` call).
+//!   runner, a bounded wait, the `whoami` call, plain capnp-rpc's
+//!   two-party network for the comparisons).
+//! * [`launch`]: the comparison contenders as processes (a `capnp-noise
+//!   tunnel` pair, a stunnel pair with pinned certificates), for
+//!   `wan::compare` and `examples/tunnel_bench.rs`.
 //! * [`hostile`]: a vat that speaks Cap'n Proto RPC by hand, for the
 //!   hostile-vat tests (messages no capnp-rpc builder would make).
 //! * [`heap`]: counting every heap allocation of a test binary, aws-lc's
@@ -37,6 +41,7 @@ pub mod fixtures;
 pub mod fuzzing;
 pub mod heap;
 pub mod hostile;
+pub mod launch;
 pub mod office;
 pub mod pcap;
 pub mod peers;

@@ -109,3 +109,26 @@ pub fn key_log_from_env() -> Option<std::sync::Arc<dyn capnp_noise::keylog::KeyL
     );
     Some(std::sync::Arc::new(file))
 }
+
+/// Plain capnp-rpc's two-party network over a byte stream (TCP, or TLS
+/// for the comparisons), buffered as capnp-rpc's own examples do
+/// (`BufReader`/`BufWriter`): the baseline that capnp-noise is compared
+/// with in `wan::compare` and `benches/compare.rs`.
+pub fn twoparty_system<S>(
+    io: S,
+    side: capnp_rpc::rpc_twoparty_capnp::Side,
+    bootstrap: Option<capnp::capability::Client>,
+) -> capnp_rpc::RpcSystem<capnp_rpc::rpc_twoparty_capnp::Side>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
+{
+    use tokio_util::compat::TokioAsyncReadCompatExt;
+    let (r, w) = futures::AsyncReadExt::split(io.compat());
+    let network = capnp_rpc::twoparty::VatNetwork::new(
+        futures::io::BufReader::new(r),
+        futures::io::BufWriter::new(w),
+        side,
+        Default::default(),
+    );
+    capnp_rpc::RpcSystem::new(Box::new(network), bootstrap)
+}

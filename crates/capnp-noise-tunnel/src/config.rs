@@ -53,6 +53,9 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default [`TunnelConfig::shutdown_grace`]: 30 seconds.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
+/// The most [`TunnelConfig::workers`].
+pub const MAX_WORKERS: usize = 1024;
+
 /// Default [`ServiceConfig::listen_mode`]: only the tunnel's user.
 pub const DEFAULT_LISTEN_MODE: u32 = 0o600;
 
@@ -94,6 +97,12 @@ pub struct TunnelSpec {
     /// authentication: use a loopback address [default: none].
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
+    /// Threads that run the connections, each a single-threaded runtime
+    /// (a connection stays on the one it was given, the least loaded);
+    /// 0: every connection on one multi-threaded runtime instead
+    /// [default: one per core].
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
     /// Default limits of the services.
     #[arg(skip)]
     pub limits: LimitsSpec,
@@ -497,6 +506,12 @@ pub struct TunnelConfig {
     pub log_format: LogFormat,
     /// Where the metrics and status endpoint listens, if anywhere.
     pub metrics: Option<String>,
+    /// Threads that run the connections, each a current-thread tokio
+    /// runtime (`capnp_noise::workers::Workers`); 0: connections are spawned
+    /// on the runtime that runs [`BoundTunnel::run`](crate::BoundTunnel::run)
+    /// (the CLI then makes it multi-threaded). Taken at start; a reload
+    /// does not change it.
+    pub workers: usize,
     /// The services, sorted by name.
     pub services: Vec<ServiceConfig>,
 }
@@ -736,6 +751,9 @@ fn number(v: &DeValue<'_>) -> Result<f64, Problem> {
     }
 }
 
+/// The range of [`TunnelConfig::workers`], as errors state it.
+const WORKERS_RANGE: &str = "a whole number from 0 to 1024";
+
 /// The range of file modes, as errors state it.
 const MODE_RANGE: &str = "a file mode from 0 to 0o777 (in TOML, write 0o660 or \"660\")";
 
@@ -872,6 +890,12 @@ impl TunnelSpec {
                 "identity" => spec.identity = Some(file.value(k, value, file_name)?),
                 "shutdown_grace" => spec.shutdown_grace = Some(file.value(k, value, number)?),
                 "metrics" => spec.metrics = Some(file.value(k, value, string)?),
+                "workers" => {
+                    let workers = |v: &DeValue<'_>| {
+                        whole_number(v).map_err(|_| Problem::OutOfRange(WORKERS_RANGE))
+                    };
+                    spec.workers = Some(file.value(k, value, workers)?);
+                }
                 "log_format" => {
                     let expected = "\"text\" or \"json\"";
                     spec.log_format = Some(file.value(k, value, |v| choice(v, expected))?);
@@ -974,6 +998,13 @@ impl TunnelSpec {
             shutdown_grace: seconds(self.shutdown_grace, DEFAULT_SHUTDOWN_GRACE)
                 .map_err(|what| at.error(None, "shutdown_grace", what))?,
             log_format: self.log_format.unwrap_or_default(),
+            workers: match self.workers {
+                None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                Some(n) if n <= MAX_WORKERS => n,
+                Some(_) => {
+                    return Err(at.error(None, "workers", Problem::OutOfRange(WORKERS_RANGE)))
+                }
+            },
             metrics: match &self.metrics {
                 Some(addr) => {
                     check_address(addr, true)
@@ -1436,6 +1467,21 @@ mod tests {
 
     const HEAD: &str =
         "identity = \"k\"\n[service.s]\nlisten = \"127.0.0.1:1\"\nconnect = \"127.0.0.1:2\"\n";
+
+    #[test]
+    fn workers_default_to_one_per_core_and_0_is_allowed() {
+        let with =
+            |line: &str| check_text(&format!("{line}\n{HEAD}mode = \"server\"\nallow = \"a\"\n"));
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(with("").unwrap().workers, cores);
+        assert_eq!(with("workers = 3").unwrap().workers, 3);
+        assert_eq!(with("workers = 0").unwrap().workers, 0);
+        for bad in ["workers = 1025", "workers = -1", "workers = \"2\""] {
+            let e = with(bad).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some("workers"), "{bad}: {e}");
+            assert!(e.to_string().contains("from 0 to 1024"), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn errors_name_the_file_the_position_and_the_key() {

@@ -1,7 +1,8 @@
 //! Copying bytes between two streams, both directions at once.
 //!
-//! [`forward`] is `tokio::io::copy_bidirectional_with_sizes` with the
-//! bookkeeping a tunnel needs around it:
+//! [`forward`] is `tokio::io::copy_bidirectional_with_sizes` (with its
+//! buffers kept by the thread between connections) and the bookkeeping a
+//! tunnel needs around it:
 //!
 //! * **Half-close.** When one stream's read ends, the other stream's
 //!   writing side is shut down (for a [`NoiseStream`] that sends the
@@ -148,13 +149,13 @@ where
         }
     };
     let result = tokio::select! {
-        r = tokio::io::copy_bidirectional_with_sizes(&mut ta, &mut tb, BUFFER_SIZE, BUFFER_SIZE) => Ok(r),
+        r = copy_both_ways(&mut ta, &mut tb) => Ok(r),
         () = cancel => Err(End::Cancelled),
         () = idle => Err(End::Idle(idle_timeout.unwrap_or_default())),
     };
     let end = match result {
         Err(end) => end,
-        Ok(Ok(_)) => End::Closed,
+        Ok(Ok(())) => End::Closed,
         Ok(Err(error)) => {
             // Blame the stream that saw the error; if both did (one error
             // can cause another), the one whose error this is.
@@ -180,6 +181,153 @@ where
         b_to_a: written[0].load(Relaxed),
         end,
     }
+}
+
+/// How many forwarding buffers a thread keeps for its next connections.
+const SPARE_BUFFERS: usize = 8;
+
+std::thread_local! {
+    /// Forwarding buffers of ended connections, zeroed, for the next ones.
+    static SPARES: std::cell::RefCell<Vec<Box<[u8]>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A forwarding buffer of [`BUFFER_SIZE`] bytes, taken from the thread's
+/// spares if it has one. Dropped, it is zeroed as far as it was used (no
+/// connection's plaintext outlives it) and kept as a spare (up to
+/// [`SPARE_BUFFERS`]), or freed.
+///
+/// Why: allocated and freed per connection, as `copy_bidirectional` does,
+/// the two 256 KiB buffers made glibc give the worker's heap top back to
+/// the kernel at every connection's end (`madvise`) and fault the pages in
+/// again at the next one: a connection and its first round trip took about
+/// 15 % longer through a runtime per core (BENCHMARKS.md, "Tunnel").
+struct Lent {
+    buf: Box<[u8]>,
+    /// How far it was written.
+    used: usize,
+}
+
+impl Lent {
+    fn take() -> Lent {
+        let spare = SPARES.with(|s| s.borrow_mut().pop());
+        Lent {
+            buf: spare.unwrap_or_else(|| vec![0u8; BUFFER_SIZE].into_boxed_slice()),
+            used: 0,
+        }
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        let mut buf = std::mem::take(&mut self.buf);
+        buf[..self.used].fill(0);
+        // During the thread's teardown the spares are gone: just free it.
+        let _ = SPARES.try_with(|s| {
+            let mut spares = s.borrow_mut();
+            if spares.len() < SPARE_BUFFERS {
+                spares.push(buf);
+            }
+        });
+    }
+}
+
+/// One direction of [`copy_both_ways`]: `tokio::io::copy`'s loop, then the
+/// writer's shutdown.
+struct Direction {
+    buf: Lent,
+    /// `buf[pos..cap]` is read and not yet written.
+    pos: usize,
+    cap: usize,
+    read_done: bool,
+    need_flush: bool,
+    done: bool,
+}
+
+impl Direction {
+    fn new() -> Direction {
+        Direction {
+            buf: Lent::take(),
+            pos: 0,
+            cap: 0,
+            read_done: false,
+            need_flush: false,
+            done: false,
+        }
+    }
+
+    /// Copies from `r` to `w` until `r` ends, flushing `w` whenever `r` has
+    /// nothing more right now; then flushes and shuts `w` down.
+    fn poll<R, W>(&mut self, cx: &mut Context<'_>, r: &mut R, w: &mut W) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + Unpin + ?Sized,
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        while !self.done {
+            if self.pos == self.cap && !self.read_done {
+                (self.pos, self.cap) = (0, 0);
+                let mut read = ReadBuf::new(&mut self.buf.buf);
+                match Pin::new(&mut *r).poll_read(cx, &mut read) {
+                    Poll::Ready(Ok(())) => {
+                        self.cap = read.filled().len();
+                        self.read_done = self.cap == 0;
+                        self.buf.used = self.buf.used.max(self.cap);
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {
+                        if self.need_flush {
+                            std::task::ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                            self.need_flush = false;
+                        }
+                        return Poll::Pending;
+                    }
+                }
+            }
+            while self.pos < self.cap {
+                let n = std::task::ready!(
+                    Pin::new(&mut *w).poll_write(cx, &self.buf.buf[self.pos..self.cap])
+                )?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "the writer accepted no byte",
+                    )));
+                }
+                self.pos += n;
+                self.need_flush = true;
+            }
+            if self.read_done {
+                if self.need_flush {
+                    std::task::ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                    self.need_flush = false;
+                }
+                std::task::ready!(Pin::new(&mut *w).poll_shutdown(cx))?;
+                self.done = true;
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// `tokio::io::copy_bidirectional_with_sizes(a, b, BUFFER_SIZE,
+/// BUFFER_SIZE)`, with the buffers [`Lent`] by the thread: both directions
+/// at once, each shutting its writer down when its reader ends; the first
+/// error of either ends both.
+async fn copy_both_ways<A, B>(a: &mut A, b: &mut B) -> io::Result<()>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let (mut a_to_b, mut b_to_a) = (Direction::new(), Direction::new());
+    std::future::poll_fn(|cx| {
+        let there = a_to_b.poll(cx, &mut *a, &mut *b)?;
+        let back = b_to_a.poll(cx, &mut *b, &mut *a)?;
+        match (there, back) {
+            (Poll::Ready(()), Poll::Ready(())) => Poll::Ready(Ok(())),
+            _ => Poll::Pending,
+        }
+    })
+    .await
 }
 
 /// Completes once the sum of `counters` has not changed for `timeout`,
@@ -458,6 +606,45 @@ mod tests {
         assert!(matches!(done.end, End::Closed), "{:?}", done.end);
         assert_eq!(done.a_to_b, up.len() as u64);
         assert_eq!(done.b_to_a, down.len() as u64);
+    }
+
+    /// The thread's spare forwarding buffers: (how many, all zero).
+    fn spares() -> (usize, bool) {
+        SPARES.with(|s| {
+            let s = s.borrow();
+            let zero = s
+                .iter()
+                .all(|b| b.len() == BUFFER_SIZE && b.iter().all(|&x| x == 0));
+            (s.len(), zero)
+        })
+    }
+
+    /// A connection's two buffers go back to its thread, zeroed (nothing
+    /// of its plaintext stays), and the next connection takes them instead
+    /// of allocating. Fails if the buffers are not kept, or kept unzeroed.
+    #[tokio::test]
+    async fn buffers_are_zeroed_and_kept_for_the_next_connection() {
+        SPARES.with(|s| s.borrow_mut().clear());
+        // On this thread (a current-thread runtime runs spawned tasks here).
+        for round in 0..2u8 {
+            let (mut a, mut b, task, _cancel) = pipes(|s| s, |s| s);
+            if round == 1 {
+                // Running: the two spares of round 0 are lent out.
+                a.write_all(b"x").await.unwrap();
+                let mut x = [0u8; 1];
+                b.read_exact(&mut x).await.unwrap();
+                assert_eq!(spares().0, 0, "the next connection allocated anew");
+            }
+            a.write_all(b"secret one way").await.unwrap();
+            b.write_all(b"and the other").await.unwrap();
+            a.shutdown().await.unwrap();
+            b.shutdown().await.unwrap();
+            let (mut x, mut y) = (Vec::new(), Vec::new());
+            a.read_to_end(&mut x).await.unwrap();
+            b.read_to_end(&mut y).await.unwrap();
+            assert!(matches!(task.await.unwrap().end, End::Closed));
+            assert_eq!(spares(), (2, true), "round {round}");
+        }
     }
 
     #[tokio::test]

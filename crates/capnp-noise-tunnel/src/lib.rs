@@ -37,6 +37,8 @@
 //! shutdown_grace = 30          # seconds open connections get after SIGTERM
 //! log_format = "text"          # or "json": one object per line, with a timestamp
 //! # metrics = "127.0.0.1:9100" # /metrics (Prometheus) and /status over HTTP
+//! # workers = 4                # threads that run connections (default: one per core;
+//! #                            # 0: one multi-threaded runtime, see Threads below)
 //! max_connections = 1024       # per service, handshaking or forwarding
 //! max_handshakes = 64          # per service, handshakes at once
 //! max_handshakes_per_source = 16  # of those, from one address
@@ -85,16 +87,37 @@
 //!   more than that, and cause no Diffie-Hellman work beyond it, however
 //!   fast they connect and hang up ([`capnp_noise::admission`]).
 //!   Outgoing TCP connects take at most `connect_timeout`.
+//! * **Threads.** One thread accepts (and serves the metrics and the
+//!   signals); each accepted connection goes to the least loaded of
+//!   `workers` threads (default: one per core), each a single-threaded
+//!   tokio runtime ([`capnp_noise::workers::Workers`], the pool of
+//!   [`capnp_noise::rpc::Server`]), and stays there from handshake to end,
+//!   so its socket's readiness wakes that one thread. The limits, counters
+//!   and settings above are shared by every worker. `workers = 0` runs
+//!   every connection on one multi-threaded (work-stealing) runtime
+//!   instead, where a connection's task may move between threads: on a
+//!   2-core machine that made 1.2 to 2.9 times the context switches per
+//!   MiB of bulk and 1.18 times the system calls, for the same bulk
+//!   throughput, round trip and connection setup (a new connection through
+//!   per-core workers costs two more system calls: its socket moves to
+//!   its worker; BENCHMARKS.md, "Tunnel").
 //! * **Forwarding** ([`forward`]) copies both directions at once through
-//!   one 64 KiB buffer each (backpressure, no unbounded queue), flushes
+//!   one 256 KiB buffer each (backpressure, no unbounded queue), flushes
 //!   whenever input pauses, and propagates half-close: when one side's
 //!   read ends, the other side's write is shut down (over capnp-noise, an
 //!   authenticated CLOSE) while the other direction continues.
 //! * **Memory** is bounded per connection: the two forwarding buffers
-//!   (128 KiB) and the capnp-noise session's buffers (at most about
-//!   256 KiB, see [`NoiseStream`](capnp_noise::stream::NoiseStream)), so
-//!   `max_connections` bounds a service's memory (about 400 MiB at the
-//!   default 1024 connections, all busy; idle ones hold far less).
+//!   ([`forward::BUFFER_SIZE`] each, 256 KiB; a thread keeps up to eight
+//!   zeroed ones of ended connections for the next) and the capnp-noise session's
+//!   buffers (at most about 600 KiB when busy both ways, see
+//!   [`NoiseStream`](capnp_noise::stream::NoiseStream)), so
+//!   `max_connections` bounds a service's memory. Measured: about 0.9 MiB
+//!   resident per connection busy both ways, per tunnel end (so up to
+//!   about 1 GiB at the default 1024 connections, all busy); idle ones
+//!   shrink to a few KiB. The buffers are four frames' worth
+//!   (`capnp_noise::wire::BULK_FRAMES`): two would halve the memory of a
+//!   busy connection (0.8 instead of 1.8 MiB for both ends) and make 43 %
+//!   more system calls per MiB of bulk (BENCHMARKS.md, "Tunnel").
 //! * **Keepalive and idle timeout.** With `keepalive = N`, a service sends
 //!   an authenticated empty frame (SPEC 7.1; the other end reads nothing)
 //!   in each interval of N seconds in which it sent nothing else over
@@ -258,6 +281,7 @@ pub use config::{ConfigError, LimitsConfig, Mode, ServiceConfig, Trust, TunnelCo
 use capnp_noise::identity::Identity;
 use capnp_noise::policy::{AllowList, PeerPolicy, Pinned, Tofu};
 use capnp_noise::vat_id::VatId;
+use capnp_noise::workers::Workers;
 use service::{Live, Service};
 #[cfg(unix)]
 pub use socket::take_systemd_sockets;
@@ -273,6 +297,7 @@ pub struct Tunnel {
     identity: Arc<Identity>,
     shutdown_grace: Duration,
     metrics: Option<String>,
+    workers: usize,
     services: Vec<(ServiceConfig, Arc<dyn PeerPolicy>)>,
 }
 
@@ -299,6 +324,7 @@ impl Tunnel {
             identity,
             shutdown_grace: config.shutdown_grace,
             metrics: config.metrics,
+            workers: config.workers,
             services,
         })
     }
@@ -319,12 +345,22 @@ impl Tunnel {
         self.identity.vat_id()
     }
 
-    /// Opens every service's listening socket.
+    /// How many worker threads [`bind`](Self::bind) starts for the
+    /// connections ([`TunnelConfig::workers`]); 0: none, connections run on
+    /// the runtime that runs the tunnel, which should then be
+    /// multi-threaded.
+    pub fn workers(&self) -> usize {
+        self.workers
+    }
+
+    /// Opens every service's listening socket, and starts the worker
+    /// threads ([`workers`](Self::workers)).
     ///
     /// # Errors
     /// [`StartError::Listen`] naming the service and the address when one
     /// cannot be bound (in use, not a local address, a privileged port, a
     /// host name that does not resolve); no socket stays open then.
+    /// [`StartError::Workers`] when a worker thread cannot be started.
     pub async fn bind(mut self) -> Result<BoundTunnel, StartError> {
         let mut listeners = Vec::with_capacity(self.services.len());
         for (svc, _) in &self.services {
@@ -365,11 +401,18 @@ impl Tunnel {
                 }))
             })
             .collect();
+        let workers = match self.workers {
+            0 => None,
+            n => Some(Arc::new(
+                Workers::start(n, "tunnel").map_err(StartError::Workers)?,
+            )),
+        };
         Ok(BoundTunnel {
             tunnel: self,
             services,
             listeners,
             metrics,
+            workers,
             shutdown: ShutdownHandle::default(),
         })
     }
@@ -434,6 +477,8 @@ pub enum StartError {
         /// What went wrong.
         error: std::io::Error,
     },
+    /// A worker thread (or its runtime) could not be started.
+    Workers(std::io::Error),
 }
 
 impl std::fmt::Display for StartError {
@@ -442,6 +487,7 @@ impl std::fmt::Display for StartError {
             StartError::Config(e) => e.fmt(f),
             StartError::Identity(e) => e.fmt(f),
             StartError::TrustFile { service, error } => write!(f, "service {service}: {error}"),
+            StartError::Workers(e) => write!(f, "cannot start the worker threads: {e}"),
             StartError::Listen {
                 service,
                 addr,
@@ -495,6 +541,7 @@ pub struct BoundTunnel {
     services: Vec<Arc<Service>>,
     listeners: Vec<(Listener, Bound)>,
     metrics: Option<(tokio::net::TcpListener, std::net::SocketAddr)>,
+    workers: Option<Arc<Workers>>,
     shutdown: ShutdownHandle,
 }
 
@@ -674,6 +721,7 @@ impl BoundTunnel {
             services,
             listeners,
             metrics,
+            workers,
             shutdown,
         } = self;
         let connections = TaskTracker::new();
@@ -686,6 +734,7 @@ impl BoundTunnel {
             shown.push(service.shown());
             accept_loops.push(tokio::spawn(service.accept_loop(
                 listener,
+                workers.clone(),
                 connections.clone(),
                 stop_accepting.clone(),
                 cut.clone(),
@@ -722,6 +771,12 @@ impl BoundTunnel {
             warn!("aborting {aborted} connection(s) still open");
             cut.cancel();
             let _ = tokio::time::timeout(ABORT_WAIT, connections.wait()).await;
+        }
+        if let Some(workers) = workers {
+            // Their connections have ended (or were cut): the threads end.
+            workers.close();
+            let join = tokio::task::spawn_blocking(move || workers.join());
+            let _ = tokio::time::timeout(ABORT_WAIT, join).await;
         }
         info!(open, aborted, "stopped");
         Stopped { open, aborted }

@@ -26,6 +26,7 @@ use capnp_noise::policy::PeerPolicy;
 use capnp_noise::stream::{self, NoiseStream, StreamConfig};
 use capnp_noise::vat_id::VatId;
 use capnp_noise::wire::{HandshakeConfig, Suite};
+use capnp_noise::workers::Workers;
 use std::sync::atomic::Ordering::Relaxed;
 use tokio::io::AsyncWriteExt;
 
@@ -162,11 +163,14 @@ impl Service {
         }
     }
 
-    /// Accepts connections until `stop`, spawning each on `tasks`; `cut`
-    /// aborts them. Closes the listener when it returns.
+    /// Accepts connections until `stop`, each tracked by `tasks` and run
+    /// on the least loaded of `workers` (or, without workers, spawned on
+    /// this runtime); `cut` aborts them. Closes the listener when it
+    /// returns.
     pub(super) async fn accept_loop(
         self: Arc<Self>,
         listener: Listener,
+        workers: Option<Arc<Workers>>,
         tasks: TaskTracker,
         stop: CancellationToken,
         cut: CancellationToken,
@@ -197,7 +201,32 @@ impl Service {
             };
             match accepted {
                 Ok((plain, from)) => {
-                    tasks.spawn(self.clone().connection(plain, from, permit, cut.clone()));
+                    let Some(workers) = &workers else {
+                        tasks.spawn(self.clone().connection(plain, from, permit, cut.clone()));
+                        continue;
+                    };
+                    let moving = match plain.into_moving() {
+                        Ok(m) => m,
+                        Err(e) => {
+                            warn!(service = %name, %from, error = %e, "accepted socket unusable");
+                            continue;
+                        }
+                    };
+                    let (service, cut) = (self.clone(), cut.clone());
+                    // Tracked from now: a shutdown counts it even while queued.
+                    let connection = tasks.track_future(async move {
+                        match moving.arrive() {
+                            Ok(plain) => service.connection(plain, from, permit, cut).await,
+                            Err(e) => warn!(
+                                service = %service.name(), %from, error = %e,
+                                "accepted socket unusable"
+                            ),
+                        }
+                    });
+                    if !workers.spawn(move || connection) {
+                        warn!(service = %name, "every worker thread has ended: not accepting");
+                        return;
+                    }
                 }
                 Err(e) => {
                     warn!(service = %name, error = %e, "accept failed");

@@ -283,6 +283,37 @@ impl Plain {
     }
 }
 
+/// An accepted plain-side connection on its way to a worker thread: a
+/// `std` socket, no longer registered with the accepting runtime.
+#[derive(Debug)]
+pub(crate) enum Moving {
+    Tcp(std::net::TcpStream),
+    #[cfg(unix)]
+    Unix(std::os::unix::net::UnixStream),
+}
+
+impl Plain {
+    /// Unregisters the socket from this runtime, to move it to another.
+    pub(crate) fn into_moving(self) -> io::Result<Moving> {
+        Ok(match self {
+            Plain::Tcp(s) => Moving::Tcp(s.into_std()?),
+            #[cfg(unix)]
+            Plain::Unix(s) => Moving::Unix(s.into_std()?),
+        })
+    }
+}
+
+impl Moving {
+    /// Registers the socket with the runtime of the calling thread.
+    pub(crate) fn arrive(self) -> io::Result<Plain> {
+        Ok(match self {
+            Moving::Tcp(s) => Plain::Tcp(TcpStream::from_std(s)?),
+            #[cfg(unix)]
+            Moving::Unix(s) => Plain::Unix(UnixStream::from_std(s)?),
+        })
+    }
+}
+
 macro_rules! each {
     ($self:ident, $s:ident => $e:expr) => {
         match $self.get_mut() {

@@ -511,6 +511,90 @@ async fn many_concurrent_connections_echo_through_a_pair() {
     }
 }
 
+/// The voluntary context switches of each of `pid`'s threads named
+/// `tunnel-worker-N`, by N (Linux `/proc`).
+#[cfg(target_os = "linux")]
+fn worker_wakeups(pid: u32) -> std::collections::BTreeMap<usize, u64> {
+    let mut found = std::collections::BTreeMap::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let Some(index) = comm.trim().strip_prefix("tunnel-worker-") else {
+            continue;
+        };
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        let switches = status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("voluntary_ctxt_switches in /proc/PID/task/TID/status");
+        found.insert(index.parse().expect("a worker index"), switches);
+    }
+    found
+}
+
+/// `--workers N` runs the connections on N threads (each a single-threaded
+/// runtime), given out by load so that every worker carries some; an idle
+/// worker sleeps (it has no timer). `--workers 0` starts none and forwards
+/// on the multi-threaded runtime. Fails if the option starts no threads,
+/// or connections all land on one worker.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_spread_over_the_worker_threads_or_none_with_workers_0() {
+    let target = tcp_server(echo).await;
+    let pair = Pair::start(target, &["--workers", "3"], &["--workers", "3"]);
+    let (client_pid, server_pid) = (pair.client.child.id(), pair.server.child.id());
+    let before = [worker_wakeups(client_pid), worker_wakeups(server_pid)];
+    for b in &before {
+        assert_eq!(
+            b.keys().copied().collect::<Vec<_>>(),
+            vec![0, 1, 2],
+            "{b:?}"
+        );
+    }
+    let mut held = Vec::new();
+    for i in 0..6u8 {
+        let mut s = TcpStream::connect(pair.local()).await.unwrap();
+        s.set_nodelay(true).unwrap();
+        assert_eq!(round_trip(&mut s, &[i; 10]).await, [i; 10]);
+        held.push(s);
+    }
+    bounded("round trips on 6 connections", async {
+        for _ in 0..20 {
+            for (i, s) in held.iter_mut().enumerate() {
+                let msg = pattern(64, i as u8);
+                assert_eq!(round_trip(s, &msg).await, msg);
+            }
+        }
+    })
+    .await;
+    for (pid, before) in [client_pid, server_pid].into_iter().zip(before) {
+        let after = worker_wakeups(pid);
+        for (worker, was) in before {
+            let woke = after[&worker] - was;
+            // Two connections each, 21 round trips on each: a wake-up
+            // per message at least.
+            assert!(
+                woke >= 40,
+                "worker {worker} of {pid} woke {woke} times: {after:?}"
+            );
+        }
+    }
+    drop(held);
+
+    let single = Pair::start(target, &["--workers", "0"], &["--workers", "0"]);
+    for pid in [single.client.child.id(), single.server.child.id()] {
+        assert!(worker_wakeups(pid).is_empty());
+    }
+    let mut s = TcpStream::connect(single.local()).await.unwrap();
+    assert_eq!(
+        round_trip(&mut s, b"on the runtime").await,
+        b"on the runtime"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_transfers_arrive_byte_for_byte_both_ways() {
     const LEN: usize = 32 << 20;

@@ -13,21 +13,22 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use capnp_noise::rpc::{self, ClientConfig, ServerConfig};
 use capnp_noise::stream::{self, StreamConfig};
 use capnp_noise::{AnyVat, Identity, Pinned};
-use capnp_rpc::{rpc_twoparty_capnp::Side as RpcSide, twoparty, RpcSystem};
+use capnp_rpc::rpc_twoparty_capnp::Side as RpcSide;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::compat::TokioAsyncReadCompatExt;
 
 use super::{Bed, Side};
+use crate::launch::{self, Children, StunnelEnd};
 use crate::office::Office;
 use crate::schema::demo_capnp::office;
+use crate::support::twoparty_system;
 
 /// Cloud: the plain capnp-rpc `Office` (and the tunnels' RPC backend).
 pub const PLAIN_RPC: u16 = 7100;
@@ -79,19 +80,6 @@ impl Way {
             (Way::Stunnel, true) => (local, 7701),
         };
         SocketAddr::from((ip, port))
-    }
-}
-
-/// Kills and reaps its processes when dropped.
-#[derive(Debug, Default)]
-struct Children(Vec<Child>);
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 }
 
@@ -177,30 +165,23 @@ impl Setup {
         let client_vat = self.client.vat_id().to_string();
         let server_vat = self.server.vat_id().to_string();
         for (listen, target, local) in [(7300, PLAIN_RPC, 7600), (7301, PLAIN_SINK, 7601)] {
+            let listen = format!("{}:{listen}", Bed::CLOUD);
             let mut cmd = bed.command(Side::Cloud, exe);
-            cmd.args([
-                "tunnel",
-                "server",
-                "--listen",
-                &format!("{}:{listen}", Bed::CLOUD),
-            ])
-            .args(["--connect", &format!("127.0.0.1:{target}")])
-            .arg("--identity")
-            .arg(&skey)
-            .args(["--allow-vat", &client_vat])
+            cmd.args(launch::tunnel_server_args(
+                &listen,
+                &format!("127.0.0.1:{target}"),
+                &skey,
+                &client_vat,
+            ))
             .args(extra);
             self.spawn(cmd, "capnp-noise tunnel server");
             let mut cmd = bed.command(Side::Office, exe);
-            cmd.args([
-                "tunnel",
-                "client",
-                "--listen",
+            cmd.args(launch::tunnel_client_args(
                 &format!("127.0.0.1:{local}"),
-            ])
-            .args(["--connect", &format!("{}:{listen}", Bed::CLOUD)])
-            .arg("--identity")
-            .arg(&ckey)
-            .args(["--peer", &server_vat])
+                &listen,
+                &ckey,
+                &server_vat,
+            ))
             .args(extra);
             self.spawn(cmd, "capnp-noise tunnel client");
         }
@@ -208,54 +189,35 @@ impl Setup {
 
     fn start_stunnels(&mut self, bed: &Bed) {
         let dir = self._dir.path().to_path_buf();
-        for name in ["server", "client"] {
-            let out = std::process::Command::new("openssl")
-                .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
-                .args([
-                    "ec_paramgen_curve:prime256v1",
-                    "-nodes",
-                    "-days",
-                    "2",
-                    "-subj",
-                ])
-                .arg(format!("/CN={name}"))
-                .arg("-keyout")
-                .arg(dir.join(format!("{name}.key.pem")))
-                .arg("-out")
-                .arg(dir.join(format!("{name}.cert.pem")))
-                .output()
-                .expect("run openssl");
-            assert!(out.status.success(), "openssl req: {out:?}");
-        }
-        let common = |name: &str, peer: &str| {
-            format!(
-                "foreground = yes\npid =\ndebug = 3\n\
-                 socket = l:TCP_NODELAY=1\nsocket = r:TCP_NODELAY=1\n\
-                 cert = {d}/{name}.cert.pem\nkey = {d}/{name}.key.pem\n\
-                 CAfile = {d}/{peer}.cert.pem\nverifyPeer = yes\n\
-                 sslVersionMin = TLSv1.3\n",
-                d = dir.display()
-            )
-        };
+        launch::stunnel_certificates(&dir);
         let cloud = Bed::CLOUD;
-        let server = format!(
-            "{}[rpc]\naccept = {cloud}:7400\nconnect = 127.0.0.1:{PLAIN_RPC}\n\
-             [bulk]\naccept = {cloud}:7401\nconnect = 127.0.0.1:{PLAIN_SINK}\n",
-            common("server", "client")
+        let server = launch::stunnel_config(
+            &dir,
+            StunnelEnd::Server,
+            &[
+                (
+                    "rpc",
+                    format!("{cloud}:7400"),
+                    format!("127.0.0.1:{PLAIN_RPC}"),
+                ),
+                (
+                    "bulk",
+                    format!("{cloud}:7401"),
+                    format!("127.0.0.1:{PLAIN_SINK}"),
+                ),
+            ],
         );
-        let client = format!(
-            "{}[rpc]\nclient = yes\naccept = 127.0.0.1:7700\nconnect = {cloud}:7400\n\
-             [bulk]\nclient = yes\naccept = 127.0.0.1:7701\nconnect = {cloud}:7401\n",
-            common("client", "server")
+        let client = launch::stunnel_config(
+            &dir,
+            StunnelEnd::Client,
+            &[
+                ("rpc", "127.0.0.1:7700".into(), format!("{cloud}:7400")),
+                ("bulk", "127.0.0.1:7701".into(), format!("{cloud}:7401")),
+            ],
         );
-        for (side, name, conf) in [
-            (Side::Cloud, "server", server),
-            (Side::Office, "client", client),
-        ] {
-            let path = dir.join(format!("stunnel-{name}.conf"));
-            std::fs::write(&path, conf).expect("write the stunnel configuration");
+        for (side, conf) in [(Side::Cloud, server), (Side::Office, client)] {
             let mut cmd = bed.command(side, "stunnel4");
-            cmd.arg(&path);
+            cmd.arg(&conf);
             self.spawn(cmd, "stunnel4");
         }
     }
@@ -268,7 +230,7 @@ impl Setup {
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("start {what}: {e}"));
-        self.children.0.push(child);
+        self.children.push(child);
     }
 
     /// The server's identity (what a client pins).
@@ -459,23 +421,6 @@ async fn serve_plain_rpc(listener: TcpListener) {
         let system = twoparty_system(tcp, RpcSide::Server, Some(office.clone().client));
         tokio::task::spawn_local(system);
     }
-}
-
-/// The two-party network over a TCP stream, buffered as capnp-rpc's
-/// examples do.
-fn twoparty_system(
-    tcp: TcpStream,
-    side: RpcSide,
-    bootstrap: Option<capnp::capability::Client>,
-) -> RpcSystem<RpcSide> {
-    let (r, w) = futures::AsyncReadExt::split(tcp.compat());
-    let network = twoparty::VatNetwork::new(
-        futures::io::BufReader::new(r),
-        futures::io::BufWriter::new(w),
-        side,
-        Default::default(),
-    );
-    RpcSystem::new(Box::new(network), bootstrap)
 }
 
 /// `runs` first answers over every way, interleaved (one of each way per

@@ -168,17 +168,25 @@ pub(crate) fn run(args: Args) -> CmdResult {
     // Before any thread starts: it edits the environment.
     #[cfg(unix)]
     capnp_noise_tunnel::take_systemd_sockets();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    // With worker threads (the default), connections run on them and this
+    // thread only accepts, serves the metrics and handles signals.
+    let runtime = match tunnel.workers() {
+        0 => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?,
+        _ => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+    };
     runtime.block_on(async {
         // Before anything is printed: a test (or a supervisor) may signal
         // as soon as it sees the addresses.
         let signals = Signals::new()?;
-        let bound = tunnel
-            .bind()
-            .await
-            .map_err(|e| Failure::new(EXIT_BIND, e))?;
+        let bound = tunnel.bind().await.map_err(|e| match e {
+            // Threads that cannot start: a runtime failure, not an address.
+            StartError::Workers(_) => Failure::new(super::EXIT_FAILURE, e),
+            _ => Failure::new(EXIT_BIND, e),
+        })?;
         println!("vat_id={}", bound.vat_id());
         if let Some(addr) = bound.metrics_addr() {
             println!("metrics addr={addr}");
