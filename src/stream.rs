@@ -65,8 +65,9 @@ use crate::identity::Identity;
 use crate::policy::{PeerContext, PeerPolicy};
 use crate::vat_id::VatId;
 use crate::wire::{
-    EarlyData, EarlyDataOutcome, Handshake, HandshakeConfig, Pattern, ReadOutcome, ResumptionCache, ResumptionConfig,
-    Role, Session, Suite, EOF_BEFORE_MESSAGE_2, HANDSHAKE_HASH_LEN, MAX_DATA_PER_FRAME,
+    EarlyData, EarlyDataOutcome, Handshake, HandshakeConfig, Pattern, ReadOutcome, ResumptionCache,
+    ResumptionConfig, Role, Session, Suite, EOF_BEFORE_MESSAGE_2, HANDSHAKE_HASH_LEN,
+    MAX_DATA_PER_FRAME,
 };
 
 mod lazy;

@@ -108,7 +108,10 @@ async fn the_cache_fills_then_resumes_then_follows_a_key_change() {
         connection(&cache, &server, ResumptionConfig::default(), b"call 4").await,
         b"call 4"
     );
-    assert!(cache.get(&id).is_none(), "forgotten after a same-key fallback");
+    assert!(
+        cache.get(&id).is_none(),
+        "forgotten after a same-key fallback"
+    );
     assert_eq!(
         connection(&cache, &server, ik_and_early(), b"call 4b").await,
         b"call 4b"
@@ -281,7 +284,11 @@ async fn flights_to_the_first_answer_through_the_adapter() {
     let server = server_identity(0x22);
     let flights = |server, resumption| {
         let cache = cache.clone();
-        async move { flights_through_the_adapter(&cache, server, resumption, Client::Resuming).await.1 }
+        async move {
+            flights_through_the_adapter(&cache, server, resumption, Client::Resuming)
+                .await
+                .1
+        }
     };
     let xx = flights(&server, ik_and_early()).await;
     let ik_early = flights(&server, ik_and_early()).await;
@@ -481,7 +488,13 @@ async fn lazy_transfer(
     let (got, server_resumed, outcome) = srv.await.unwrap();
     assert_eq!(answer, got.len().to_string());
     let open = c.established().expect("open");
-    (got, server_resumed, outcome, open.resumed(), open.fell_back())
+    (
+        got,
+        server_resumed,
+        outcome,
+        open.resumed(),
+        open.fell_back(),
+    )
 }
 
 /// `got` is `want`, byte for byte (without printing kilobytes on failure).
@@ -522,8 +535,7 @@ async fn a_lazy_stream_delivers_every_byte_once_through_refusal_and_fallback() {
     assert_eq!(outcome, EarlyDataOutcome::Accepted);
     // IK, early data refused: sent again after message 2, once.
     let refuse = ResumptionConfig::default().with_accept_ik(true);
-    let (got, resumed, outcome, _, _) =
-        lazy_transfer(&cache, &server, refuse, early, chunks).await;
+    let (got, resumed, outcome, _, _) = lazy_transfer(&cache, &server, refuse, early, chunks).await;
     same_bytes(&got, &expect(chunks));
     assert!(resumed);
     assert_eq!(outcome, EarlyDataOutcome::Refused);

@@ -245,7 +245,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> LazyStream<S> {
         } = *idle;
         // The container zeroizes the bytes it is given when dropped; they
         // are early data only if `early` allows and the server is known.
-        let first = (!pending.is_empty()).then(|| EarlyData::replayable_not_forward_secret(pending));
+        let first =
+            (!pending.is_empty()).then(|| EarlyData::replayable_not_forward_secret(pending));
         let early_ok = early == EarlyDataChoice::ReplayableNotForwardSecret;
         self.state = State::Handshaking(resuming(
             io, &identity, policy, config, cache, &server, first, early_ok,
