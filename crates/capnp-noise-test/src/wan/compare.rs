@@ -17,7 +17,8 @@ use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use capnp_noise::rpc::{self, ClientConfig, ServerConfig};
+use capnp_noise::rpc::{self, ClientConfig, ClientResumption, ServerConfig};
+use capnp_noise::wire::{EarlyDataChoice, ResumptionCache, ResumptionConfig};
 use capnp_noise::stream::{self, StreamConfig};
 use capnp_noise::{AnyVat, Identity, Pinned};
 use capnp_rpc::{rpc_twoparty_capnp::Side as RpcSide, twoparty, RpcSystem};
@@ -33,6 +34,9 @@ use crate::schema::demo_capnp::office;
 pub const PLAIN_RPC: u16 = 7100;
 /// Cloud: the capnp-noise `rpc::serve`.
 pub const NOISE_RPC: u16 = 7102;
+/// Cloud: a capnp-noise `rpc::serve` that accepts `IK` and early data
+/// (SPEC.md 14), for the resumed ways.
+pub const NOISE_RPC_IK: u16 = 7103;
 /// Cloud: the plain byte sink (and the tunnels' bulk backend).
 pub const PLAIN_SINK: u16 = 7200;
 /// Cloud: the capnp-noise `stream::accept` byte sink.
@@ -49,11 +53,29 @@ pub enum Way {
     Tunnel,
     /// stunnel (TLS 1.3, mutual certificates) client and server.
     Stunnel,
+    /// `rpc::connect` resuming with a server it knows (Noise `IK`, SPEC.md
+    /// 14), the first calls right after `IK` message 2. RPC only.
+    NoiseResumed,
+    /// As [`NoiseResumed`](Self::NoiseResumed), the first calls as early
+    /// data in `IK` message 1 (`EarlyDataChoice::ReplayableNotForwardSecret`;
+    /// the server accepts early data). RPC only.
+    NoiseEarly,
 }
 
 impl Way {
-    /// All four, in table order.
+    /// The four ways that carry both RPC and bulk, in table order.
     pub const ALL: [Way; 4] = [Way::Plain, Way::Noise, Way::Tunnel, Way::Stunnel];
+
+    /// The ways compared for the first answer: [`ALL`](Self::ALL) and the
+    /// two resumed ones, in table order.
+    pub const FIRST_ANSWER: [Way; 6] = [
+        Way::Plain,
+        Way::Noise,
+        Way::Tunnel,
+        Way::Stunnel,
+        Way::NoiseResumed,
+        Way::NoiseEarly,
+    ];
 
     /// The name in tables.
     pub fn name(self) -> &'static str {
@@ -62,6 +84,17 @@ impl Way {
             Way::Noise => "capnp-noise",
             Way::Tunnel => "capnp-noise tunnel",
             Way::Stunnel => "stunnel (TLS 1.3)",
+            Way::NoiseResumed => "capnp-noise resumed (IK)",
+            Way::NoiseEarly => "capnp-noise resumed (IK + early data)",
+        }
+    }
+
+    /// For the resumed ways, whether the first calls go as early data.
+    fn resumed(self) -> Option<EarlyDataChoice> {
+        match self {
+            Way::NoiseResumed => Some(EarlyDataChoice::Never),
+            Way::NoiseEarly => Some(EarlyDataChoice::ReplayableNotForwardSecret),
+            _ => None,
         }
     }
 
@@ -77,6 +110,8 @@ impl Way {
             (Way::Tunnel, true) => (local, 7601),
             (Way::Stunnel, false) => (local, 7700),
             (Way::Stunnel, true) => (local, 7701),
+            // RPC only (bulk through them is not compared).
+            (Way::NoiseResumed | Way::NoiseEarly, _) => (Bed::CLOUD, NOISE_RPC_IK),
         };
         SocketAddr::from((ip, port))
     }
@@ -101,6 +136,8 @@ impl Drop for Children {
 pub struct Setup {
     server: Identity,
     client: Identity,
+    /// The resumed ways' records (filled by their first call in `start`).
+    resumption: Arc<ResumptionCache>,
     children: Children,
     cloud_stop: Option<tokio::sync::oneshot::Sender<()>>,
     cloud: Option<std::thread::JoinHandle<()>>,
@@ -134,6 +171,10 @@ impl Setup {
         let cloud = bed.run_async_in(Side::Cloud, move || async move {
             let plain_rpc = TcpListener::bind(("0.0.0.0", PLAIN_RPC)).await.unwrap();
             let noise_rpc = TcpListener::bind((Bed::CLOUD, NOISE_RPC)).await.unwrap();
+            let noise_rpc_ik = TcpListener::bind((Bed::CLOUD, NOISE_RPC_IK)).await.unwrap();
+            let ik = ResumptionConfig::default()
+                .with_accept_ik(true)
+                .with_accept_early_data(true);
             let plain_sink = TcpListener::bind(("0.0.0.0", PLAIN_SINK)).await.unwrap();
             let noise_sink = TcpListener::bind((Bed::CLOUD, NOISE_SINK)).await.unwrap();
             ready_tx.send(()).unwrap();
@@ -142,6 +183,8 @@ impl Setup {
                 () = serve_plain_rpc(plain_rpc) => {}
                 () = rpc::serve(noise_rpc, cloud_id.clone(), Arc::new(AnyVat),
                     ServerConfig::default(), Office::bootstrap) => {}
+                () = rpc::serve(noise_rpc_ik, cloud_id.clone(), Arc::new(AnyVat),
+                    ServerConfig::default().with_resumption(ik), Office::bootstrap) => {}
                 () = serve_sink(plain_sink, None) => {}
                 () = serve_sink(noise_sink, Some(cloud_id)) => {}
             }
@@ -150,6 +193,7 @@ impl Setup {
         let mut setup = Setup {
             server,
             client,
+            resumption: Arc::new(ResumptionCache::default()),
             children: Children::default(),
             cloud_stop: Some(cloud_stop),
             cloud: Some(cloud),
@@ -158,8 +202,9 @@ impl Setup {
         setup.start_tunnels(bed, capnp_noise, tunnel_args);
         setup.start_stunnels(bed);
         // Ready when a call goes through each way (a tunnel or stunnel
-        // listens before its far end does).
-        for way in Way::ALL {
+        // listens before its far end does). The resumed ways' first call
+        // runs XX and records the server.
+        for way in Way::FIRST_ANSWER {
             let deadline = Instant::now() + Duration::from_secs(30);
             while setup.try_first_answer(bed, way).is_err() {
                 assert!(Instant::now() < deadline, "{} did not come up", way.name());
@@ -313,10 +358,15 @@ impl Setup {
         let client = self.client.clone();
         let server = self.server.vat_id();
         let limit = Duration::from_secs(10);
+        let resumption = way
+            .resumed()
+            .map(|early| ClientResumption::new(self.resumption.clone()).with_early_data(early));
         bed.run_async_in(Side::Office, move || async move {
             let start = Instant::now();
-            if way == Way::Noise {
-                let config = ClientConfig::default().with_timeout(limit);
+            if way == Way::Noise || resumption.is_some() {
+                let config = ClientConfig::default()
+                    .with_timeout(limit)
+                    .with_resumption(resumption);
                 let (office, conn): (office::Client, _) =
                     rpc::connect(addr, &client, Arc::new(Pinned(server)), config)
                         .await
@@ -479,12 +529,13 @@ fn twoparty_system(
 }
 
 /// `runs` first answers over every way, interleaved (one of each way per
-/// run), in [`Way::ALL`]'s order.
+/// run), in [`Way::FIRST_ANSWER`]'s order.
 ///
 /// # Panics
 /// When a way does not answer.
 pub fn first_answers(setup: &Setup, bed: &Bed, runs: usize) -> Vec<(Way, Vec<Duration>)> {
-    let mut times: Vec<(Way, Vec<Duration>)> = Way::ALL.iter().map(|&w| (w, vec![])).collect();
+    let mut times: Vec<(Way, Vec<Duration>)> =
+        Way::FIRST_ANSWER.iter().map(|&w| (w, vec![])).collect();
     for _ in 0..runs {
         for (way, t) in &mut times {
             let answer = setup.try_first_answer(bed, *way);
