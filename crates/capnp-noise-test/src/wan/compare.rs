@@ -18,8 +18,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use capnp_noise::rpc::{self, ClientConfig, ClientResumption, ServerConfig};
-use capnp_noise::wire::{EarlyDataChoice, ResumptionCache, ResumptionConfig};
 use capnp_noise::stream::{self, StreamConfig};
+use capnp_noise::wire::{EarlyDataChoice, ResumptionCache, ResumptionConfig};
 use capnp_noise::{AnyVat, Identity, Pinned};
 use capnp_rpc::{rpc_twoparty_capnp::Side as RpcSide, twoparty, RpcSystem};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
