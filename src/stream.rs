@@ -293,10 +293,10 @@ pub fn connect_resuming<S>(
 }
 
 /// The most bytes an initiator with `identity` can send as early data:
-/// `4096 - 98 -` its identity payload's length (SPEC.md 14.3). The same
-/// whether or not the server is known, so that whether a call may go early
-/// never depends on the cache.
-pub(crate) fn early_data_room(identity: &Identity) -> usize {
+/// `4096 - 98 -` its identity payload's length (SPEC.md 14.3), 3862 with
+/// the canonical payload. The same whether or not the server is known, so
+/// that whether a call may go early never depends on the cache.
+pub fn early_data_room(identity: &Identity) -> usize {
     crate::wire::resumption::MAX_IK_MESSAGE_1_LEN
         - crate::wire::resumption::IK_MESSAGE_1_OVERHEAD
         - identity.handshake_payload().len()
