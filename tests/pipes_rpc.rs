@@ -191,3 +191,39 @@ async fn a_server_with_ik_off_makes_the_client_fall_back_and_forget_the_record()
     })
     .await;
 }
+
+/// On a resuming connection the handshake runs after `connect` returned:
+/// its error (here: the address now leads to another vat, which the pinned
+/// policy refuses after the fallback) fails the first call, and
+/// `Connection::established` returns it.
+#[tokio::test]
+async fn a_resumed_connection_reports_its_handshake_error_at_the_first_call() {
+    local(async {
+        let id = Identity::generate();
+        let (addr, server) = serve(id.clone(), ik_and_early()).await;
+        let cache = Arc::new(ResumptionCache::new(8));
+        let early = EarlyDataChoice::ReplayableNotForwardSecret;
+        call(addr, id.vat_id(), &cache, early).await;
+        server.abort();
+        // Records are kept by VatId: the client resumes with `id` wherever
+        // it dials, here an address where another vat answers.
+        let (addr, other) = serve(Identity::generate(), ik_and_early()).await;
+        let me = Identity::from_seed(&[0x11; 32]);
+        let options = ClientConfig::default().with_resumption(Some(
+            ClientResumption::new(cache.clone()).with_early_data(early),
+        ));
+        let (office, conn): (office_capnp::Client, _) =
+            rpc::connect(addr, &me, Arc::new(Pinned(id.vat_id())), options)
+                .await
+                .expect("connect returns before the handshake");
+        let e = bounded("the first call", LIMIT, whoami(&office))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("expected"), "{e}");
+        let e = conn.established().await.unwrap_err();
+        assert!(matches!(e, capnp_noise::Error::PeerRefused { .. }), "{e}");
+        let _ = conn.disconnect().await;
+        other.abort();
+    })
+    .await;
+}

@@ -630,3 +630,38 @@ async fn a_lazy_stream_that_only_reads_starts_after_its_wait() {
     }
     assert!(cache.get(&server.vat_id()).is_some());
 }
+
+/// A lazy stream's handshake error comes out of the write or flush that
+/// drove it, and stays (sticky); a silent close after IK message 1 (a
+/// revision 1.1 server) forgets the record, as with `connect_resuming`.
+#[tokio::test]
+async fn a_lazy_stream_reports_its_handshake_error_and_keeps_it() {
+    let cache = Arc::new(ResumptionCache::new(4));
+    let server = server_identity(0x22);
+    let id = server.vat_id();
+    connection(&cache, &server, ik_and_early(), b"x").await;
+    assert!(cache.get(&id).is_some());
+    let (a, mut b) = tokio::io::duplex(64 * 1024);
+    let old = tokio::spawn(async move {
+        let mut head = [0u8; 13];
+        b.read_exact(&mut head).await.unwrap();
+        drop(b);
+    });
+    let mut c = lazy_client(a, &cache, id, EarlyDataChoice::ReplayableNotForwardSecret);
+    c.write_all(b"call").await.unwrap(); // buffered: nothing sent yet
+    assert!(!c.started());
+    let e = c.flush().await.unwrap_err();
+    old.await.unwrap();
+    assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof, "{e}");
+    assert!(
+        matches!(c.error(), Some(Error::UnexpectedEof { during }) if *during == EOF_BEFORE_MESSAGE_2),
+        "{:?}",
+        c.error()
+    );
+    assert_eq!(
+        c.write(b"more").await.unwrap_err().kind(),
+        e.kind(),
+        "sticky"
+    );
+    assert!(cache.get(&id).is_none(), "the next connection runs XX");
+}

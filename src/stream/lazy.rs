@@ -123,9 +123,13 @@ pub struct LazyStream<S> {
     defer_flush: bool,
 }
 
+// Open is the state a stream spends its life in: it stays inline (no
+// pointer to follow per read and write), and the others are small or boxed.
+#[allow(clippy::large_enum_variant)]
 enum State<S> {
     Idle(Box<Idle<S>>),
-    Handshaking(Handshaking<S>),
+    /// Boxed: a handshake in progress is more than twice an open stream.
+    Handshaking(Box<Handshaking<S>>),
     Open(NoiseStream<S>),
     Failed(Error),
 }
@@ -248,9 +252,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> LazyStream<S> {
         let first =
             (!pending.is_empty()).then(|| EarlyData::replayable_not_forward_secret(pending));
         let early_ok = early == EarlyDataChoice::ReplayableNotForwardSecret;
-        self.state = State::Handshaking(resuming(
+        self.state = State::Handshaking(Box::new(resuming(
             io, &identity, policy, config, cache, &server, first, early_ok,
-        ));
+        )));
         self.wake_waiters();
     }
 
@@ -259,7 +263,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> LazyStream<S> {
     fn poll_open(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.start();
         if let State::Handshaking(h) = &mut self.state {
-            let done = match Pin::new(h).poll(cx) {
+            let done = match Pin::new(&mut **h).poll(cx) {
                 Poll::Pending => {
                     self.wait_here(cx);
                     return Poll::Pending;
