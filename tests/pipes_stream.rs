@@ -128,21 +128,32 @@ async fn the_cache_fills_then_resumes_then_follows_a_key_change() {
     assert_eq!(cache.len(), 1);
 }
 
-#[tokio::test]
-async fn a_silent_close_after_ik_message_1_forgets_the_record() {
+/// A cache that knows the server (after one connection), and the client's
+/// end of a stream to a revision 1.1 responder: it reads the preamble, does
+/// not know the IK name, and closes without a word (the task ends then).
+async fn known_server_now_of_revision_1_1() -> (
+    Arc<ResumptionCache>,
+    VatId,
+    tokio::io::DuplexStream,
+    tokio::task::JoinHandle<()>,
+) {
     let cache = Arc::new(ResumptionCache::new(4));
     let server = server_identity(0x22);
     let id: VatId = server.vat_id();
     connection(&cache, &server, ik_and_early(), b"x").await;
     assert!(cache.get(&id).is_some());
-    // A revision 1.1 responder: it reads the preamble, does not know the
-    // IK name, and closes without a word.
     let (a, mut b) = tokio::io::duplex(64 * 1024);
     let old = tokio::spawn(async move {
         let mut head = [0u8; 13];
         b.read_exact(&mut head).await.unwrap();
         drop(b);
     });
+    (cache, id, a, old)
+}
+
+#[tokio::test]
+async fn a_silent_close_after_ik_message_1_forgets_the_record() {
+    let (cache, id, a, old) = known_server_now_of_revision_1_1().await;
     let e = client_connect(a, &cache, id, b"x").await.unwrap_err();
     old.await.unwrap();
     assert!(
@@ -636,17 +647,7 @@ async fn a_lazy_stream_that_only_reads_starts_after_its_wait() {
 /// revision 1.1 server) forgets the record, as with `connect_resuming`.
 #[tokio::test]
 async fn a_lazy_stream_reports_its_handshake_error_and_keeps_it() {
-    let cache = Arc::new(ResumptionCache::new(4));
-    let server = server_identity(0x22);
-    let id = server.vat_id();
-    connection(&cache, &server, ik_and_early(), b"x").await;
-    assert!(cache.get(&id).is_some());
-    let (a, mut b) = tokio::io::duplex(64 * 1024);
-    let old = tokio::spawn(async move {
-        let mut head = [0u8; 13];
-        b.read_exact(&mut head).await.unwrap();
-        drop(b);
-    });
+    let (cache, id, a, old) = known_server_now_of_revision_1_1().await;
     let mut c = lazy_client(a, &cache, id, EarlyDataChoice::ReplayableNotForwardSecret);
     c.write_all(b"call").await.unwrap(); // buffered: nothing sent yet
     assert!(!c.started());
