@@ -346,12 +346,12 @@ fn resuming<S>(
         ),
     };
     let mut handshaking = Handshaking::new(io, hs, config.handshake_timeout, None);
-    handshaking.resumption = Some(Resumption {
+    handshaking.resumption = Some(Box::new(Resumption {
         cache,
         server: *server,
         after,
         tried,
-    });
+    }));
     handshaking
 }
 
@@ -410,7 +410,10 @@ pub struct Handshaking<S> {
     first_message: Option<(Duration, Option<Pin<Box<Sleep>>>)>,
     /// [`connect_resuming`]'s cache, and its early data when it goes after
     /// an `XX` handshake.
-    resumption: Option<Resumption>,
+    /// Boxed: only resuming initiators have one, and a responder's
+    /// handshake stalled before the preamble should stay small
+    /// (`tests/handshake_memory.rs`).
+    resumption: Option<Box<Resumption>>,
     /// The finished stream while it sends what its session already holds
     /// (early data sent again after the handshake, SPEC.md 14.5), so that
     /// it is on its way before the caller only reads.
