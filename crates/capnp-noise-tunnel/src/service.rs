@@ -40,6 +40,12 @@ const RESUMPTION_RECORDS: usize = 16;
 /// protocol where the server speaks first waits this long once).
 const FIRST_BYTES_WAIT: Duration = stream::DEFAULT_LAZY_START_WAIT;
 
+/// After the first bytes, how long a client service with `early_data`
+/// waits for more before it starts the handshake (what it takes for the
+/// next write of a request sent in several, on the same machine); every
+/// such connection pays it once.
+const FIRST_BYTES_GAP: Duration = Duration::from_millis(5);
+
 /// How long the accept loop pauses after an accept error (out of file
 /// descriptors and the like), so it does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -397,17 +403,26 @@ impl Connection {
             .copied()
     }
 
-    /// What the plain client sends first: one read, within
-    /// [`FIRST_BYTES_WAIT`], of at most the room in `IK` message 1 (empty
-    /// if nothing came).
+    /// What the plain client sends first: what arrives within
+    /// [`FIRST_BYTES_WAIT`], and then whatever follows it with gaps of at
+    /// most [`FIRST_BYTES_GAP`] (a client writes a request in a few
+    /// writes: capnp-rpc a bootstrap request, then a call), up to the room
+    /// in `IK` message 1. Empty if nothing came.
     async fn first_bytes(&self, accepted: &mut Plain) -> Result<Vec<u8>, SetupFailure> {
         use tokio::io::AsyncReadExt;
-        let mut first = vec![0u8; stream::early_data_room(&self.identity)];
-        match tokio::time::timeout(FIRST_BYTES_WAIT, accepted.read(&mut first)).await {
-            Ok(Ok(n)) => first.truncate(n),
-            Ok(Err(_)) => return Err(SetupFailure::Aborted),
-            Err(_) => first.clear(),
+        let room = stream::early_data_room(&self.identity);
+        let mut first = vec![0u8; room];
+        let mut got = 0;
+        let mut wait = FIRST_BYTES_WAIT;
+        while got < room {
+            match tokio::time::timeout(wait, accepted.read(&mut first[got..])).await {
+                Ok(Ok(0)) | Err(_) => break,
+                Ok(Ok(n)) => got += n,
+                Ok(Err(_)) => return Err(SetupFailure::Aborted),
+            }
+            wait = FIRST_BYTES_GAP;
         }
+        first.truncate(got);
         Ok(first)
     }
 

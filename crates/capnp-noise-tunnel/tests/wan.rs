@@ -291,6 +291,7 @@ fn the_first_answer_at_50_ms_costs_3_round_trips_like_tls_1_3() {
         ("stunnel (TLS 1.3)", 3, 3),
         ("capnp-noise resumed (IK)", 3, 3),
         ("capnp-noise resumed (IK + early data)", 2, 2),
+        ("capnp-noise tunnel resumed (IK + early data)", 2, 2),
     ];
     assert_eq!(
         trips, want,

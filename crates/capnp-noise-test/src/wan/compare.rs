@@ -60,6 +60,9 @@ pub enum Way {
     /// data in `IK` message 1 (`EarlyDataChoice::ReplayableNotForwardSecret`;
     /// the server accepts early data). RPC only.
     NoiseEarly,
+    /// A second tunnel pair with `--resumption --early-data` at both ends:
+    /// the plain client's first bytes in `IK` message 1. RPC only.
+    TunnelEarly,
 }
 
 impl Way {
@@ -68,13 +71,14 @@ impl Way {
 
     /// The ways compared for the first answer: [`ALL`](Self::ALL) and the
     /// two resumed ones, in table order.
-    pub const FIRST_ANSWER: [Way; 6] = [
+    pub const FIRST_ANSWER: [Way; 7] = [
         Way::Plain,
         Way::Noise,
         Way::Tunnel,
         Way::Stunnel,
         Way::NoiseResumed,
         Way::NoiseEarly,
+        Way::TunnelEarly,
     ];
 
     /// The name in tables.
@@ -86,6 +90,7 @@ impl Way {
             Way::Stunnel => "stunnel (TLS 1.3)",
             Way::NoiseResumed => "capnp-noise resumed (IK)",
             Way::NoiseEarly => "capnp-noise resumed (IK + early data)",
+            Way::TunnelEarly => "capnp-noise tunnel resumed (IK + early data)",
         }
     }
 
@@ -112,6 +117,7 @@ impl Way {
             (Way::Stunnel, true) => (local, 7701),
             // RPC only (bulk through them is not compared).
             (Way::NoiseResumed | Way::NoiseEarly, _) => (Bed::CLOUD, NOISE_RPC_IK),
+            (Way::TunnelEarly, _) => (local, 7602),
         };
         SocketAddr::from((ip, port))
     }
@@ -221,7 +227,12 @@ impl Setup {
         self.client.save(&ckey, false).expect("save the client key");
         let client_vat = self.client.vat_id().to_string();
         let server_vat = self.server.vat_id().to_string();
-        for (listen, target, local) in [(7300, PLAIN_RPC, 7600), (7301, PLAIN_SINK, 7601)] {
+        let early: &[&str] = &["--resumption", "--early-data"];
+        for (listen, target, local, resume) in [
+            (7300, PLAIN_RPC, 7600, &[][..]),
+            (7301, PLAIN_SINK, 7601, &[][..]),
+            (7302, PLAIN_RPC, 7602, early),
+        ] {
             let mut cmd = bed.command(Side::Cloud, exe);
             cmd.args([
                 "tunnel",
@@ -233,6 +244,7 @@ impl Setup {
             .arg("--identity")
             .arg(&skey)
             .args(["--allow-vat", &client_vat])
+            .args(resume)
             .args(extra);
             self.spawn(cmd, "capnp-noise tunnel server");
             let mut cmd = bed.command(Side::Office, exe);
@@ -246,6 +258,7 @@ impl Setup {
             .arg("--identity")
             .arg(&ckey)
             .args(["--peer", &server_vat])
+            .args(resume)
             .args(extra);
             self.spawn(cmd, "capnp-noise tunnel client");
         }
