@@ -407,15 +407,19 @@ impl Connection {
     /// [`FIRST_BYTES_WAIT`], and then whatever follows it with gaps of at
     /// most [`FIRST_BYTES_GAP`] (a client writes a request in a few
     /// writes: capnp-rpc a bootstrap request, then a call), up to the room
-    /// in `IK` message 1. Empty if nothing came.
+    /// in `IK` message 1 and for at most twice [`FIRST_BYTES_WAIT`] in all
+    /// (a client that trickles bytes does not hold the handshake back).
+    /// Empty if nothing came.
     async fn first_bytes(&self, accepted: &mut Plain) -> Result<Vec<u8>, SetupFailure> {
         use tokio::io::AsyncReadExt;
         let room = stream::early_data_room(&self.identity);
         let mut first = vec![0u8; room];
         let mut got = 0;
+        let until = tokio::time::Instant::now() + 2 * FIRST_BYTES_WAIT;
         let mut wait = FIRST_BYTES_WAIT;
         while got < room {
-            match tokio::time::timeout(wait, accepted.read(&mut first[got..])).await {
+            let deadline = until.min(tokio::time::Instant::now() + wait);
+            match tokio::time::timeout_at(deadline, accepted.read(&mut first[got..])).await {
                 Ok(Ok(0)) | Err(_) => break,
                 Ok(Ok(n)) => got += n,
                 Ok(Err(_)) => return Err(SetupFailure::Aborted),
