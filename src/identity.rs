@@ -256,5 +256,14 @@ mod tests {
         let okm = hmac(&prk, &[b"X25519 static key", &[1]]);
         assert_eq!(*derive_static_secret(&seed), okm);
         assert_eq!(Identity::from_seed(&seed).noise_static_secret(), &okm);
+        // SPEC.md 14.1's vector (computed with Python's hmac and cryptography).
+        assert_eq!(
+            hex::encode(okm),
+            "2752c453285ff215806f7e4df78c6c37e7259067c5124f5f3f4b583038fbcafa"
+        );
+        assert_eq!(
+            hex::encode(Identity::from_seed(&seed).noise_static_public()),
+            "0143d616027c7cd40ae2146f5cd5b0b73f7d69b76a9848a68f5f303e8d38fe70"
+        );
     }
 }
