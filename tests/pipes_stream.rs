@@ -666,3 +666,28 @@ async fn a_lazy_stream_reports_its_handshake_error_and_keeps_it() {
     );
     assert!(cache.get(&id).is_none(), "the next connection runs XX");
 }
+
+/// Before its handshake a lazy stream holds at most the room of IK message
+/// 1 (3862 bytes with the canonical identity payload): a larger write is
+/// taken only up to it (and starts the handshake); the rest waits.
+#[tokio::test]
+async fn a_lazy_stream_buffers_at_most_the_room_of_ik_message_1() {
+    let cache = Arc::new(ResumptionCache::new(4));
+    let server = server_identity(0x22);
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let srv = reading_server(b, &server, ik_and_early());
+    let mut c = lazy_client(a, &cache, server.vat_id(), EarlyDataChoice::Never);
+    let room = stream::early_data_room(&Identity::from_seed(&[0x01; 32]));
+    assert_eq!(room, 3862);
+    let big = vec![7u8; 10_000];
+    assert_eq!(c.write(&big[..room - 1]).await.unwrap(), room - 1);
+    assert!(!c.started(), "below the room: nothing sent yet");
+    assert_eq!(c.write(&big).await.unwrap(), 1, "only up to the room");
+    assert!(c.started(), "the room is full: the handshake started");
+    c.write_all(&big[room..]).await.unwrap();
+    c.shutdown().await.unwrap();
+    let mut answer = String::new();
+    c.read_to_string(&mut answer).await.unwrap();
+    let (got, _, _) = srv.await.unwrap();
+    same_bytes(&got, &big);
+}
