@@ -276,7 +276,8 @@ pub struct ServiceSpec {
     pub resumption: bool,
     /// With resumption, a REPLAY RISK the operator takes on: a client sends
     /// the first bytes its plain client sends (what arrives within 50 ms,
-    /// at most about 3.8 KB) inside IK message 1, and a server passes such
+    /// then until 5 ms pass without more; at most 100 ms and about 3.8 KB)
+    /// inside IK message 1, and a server passes such
     /// early data to its target at once, saving a round trip. Anyone who
     /// recorded that first flight can send it again, and the server's
     /// target then receives those first bytes again, once per replay; they

@@ -121,8 +121,9 @@
 //!   `IK`; on a server it answers `IK` (otherwise a resuming client gets the
 //!   `XX` fallback and forgets its record). On its own it saves no round
 //!   trip. `early_data = true` (`--early-data`, both ends, only with
-//!   `resumption`) sends what the plain client sends first (within 50 ms,
-//!   up to 3862 bytes) inside `IK` message 1, and the server passes it to
+//!   `resumption`) sends what the plain client sends first (what comes
+//!   within 50 ms, then until 5 ms pass without more, 100 ms and 3862
+//!   bytes at most) inside `IK` message 1, and the server passes it to
 //!   its target at once: the first answer comes a round trip sooner.
 //!   **That first flight can be replayed** by anyone who recorded it: the
 //!   server's target then receives those first bytes again, once per
