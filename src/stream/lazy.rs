@@ -338,6 +338,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for LazyStream<S> {
         let this = self.get_mut();
         if let State::Idle(idle) = &mut this.state {
             let n = buf.len().min(idle.room - idle.pending.len());
+            if idle.pending.capacity() == 0 && n > 0 {
+                // Once, at its final size: no reallocation leaves a copy of
+                // the bytes behind (they are zeroized when sent).
+                idle.pending.reserve_exact(idle.room);
+            }
             idle.pending.extend_from_slice(&buf[..n]);
             if idle.pending.len() == idle.room {
                 this.start();
