@@ -23,8 +23,10 @@
 //!   own (`capnp-noise keygen`) unless that is what you mean.
 //!
 //! Only the long-term Ed25519 key is stored. The Noise static key is
-//! generated afresh each time an identity is loaded (SPEC.md, "Identity
-//! binding").
+//! derived from it each time an identity is loaded
+//! ([`STATIC_KEY_DERIVATION`](crate::identity::STATIC_KEY_DERIVATION),
+//! SPEC.md 14.1): the same file gives the same static key, so clients that
+//! resume with it keep resuming across restarts.
 //!
 //! Saving is atomic: the key is written to a temporary file in the same
 //! directory, created with mode 0600, flushed to disk, and then moved into
@@ -93,7 +95,8 @@ impl Identity {
     /// Loads an identity from a key file: PKCS#8 PEM or OpenSSH, Ed25519.
     ///
     /// Logs a warning (`tracing::warn!`) if group or others may access the
-    /// file. The Noise static key is fresh.
+    /// file. The Noise static key is derived from the key
+    /// ([`STATIC_KEY_DERIVATION`](crate::identity::STATIC_KEY_DERIVATION)).
     ///
     /// # Errors
     /// [`Error::Key`] naming the file and the problem: it is missing or
@@ -498,6 +501,22 @@ mod tests {
         let crlf = id.to_pkcs8_pem().replace('\n', "\r\n");
         let back = Identity::from_pem_or_openssh(&crlf, "k").unwrap();
         assert_eq!(back.vat_id(), id.vat_id());
+    }
+
+    /// SPEC.md 14.1: a restart with the same key file keeps the static key
+    /// (clients' resumption records stay valid); another key file gives
+    /// another static key.
+    #[test]
+    fn two_loads_of_one_key_file_give_one_static_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let (one, two) = (dir.path().join("one.pem"), dir.path().join("two.pem"));
+        Identity::generate().save(&one, false).unwrap();
+        Identity::generate().save(&two, false).unwrap();
+        let (a, b) = (Identity::load(&one).unwrap(), Identity::load(&one).unwrap());
+        assert_eq!(a.noise_static_public(), b.noise_static_public());
+        assert_eq!(a.handshake_payload(), b.handshake_payload());
+        let c = Identity::load(&two).unwrap();
+        assert_ne!(a.noise_static_public(), c.noise_static_public());
     }
 
     #[test]

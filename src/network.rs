@@ -113,6 +113,29 @@
 //! any capnp-rpc disconnect). With [`NetworkConfig::idle_timeout`], a
 //! connection that moves no bytes for that long is closed.
 //!
+//! # No resumption (Noise `IK`) in the network
+//!
+//! A network's connections always run `XX`, and its listeners answer an
+//! `IK` first flight with the `XX` fallback (SPEC.md 14; `rpc::connect`
+//! with [`ClientConfig::resumption`](crate::rpc::ClientConfig::resumption)
+//! does resume). That is a decision, not an omission:
+//!
+//! * Without early data, `IK` saves no round trip (SPEC.md 14.9: the first
+//!   answer comes two round trips after the TCP handshake either way) and
+//!   costs each side one X25519 operation more, and the initiator's VatId
+//!   is then encrypted to a remembered key rather than revealed only to a
+//!   responder it has just authenticated (14.8).
+//! * With early data, what would ride in the first flight is not an
+//!   application's call but the network's own first messages: the
+//!   connection's registration (which needs the peer's proven identity and
+//!   handshake hash before any RPC runs), `Vat.hello` for the tie-break and
+//!   `Vat.bootstrap`, then redeems of introductions, which consume a
+//!   handoff and must not run twice. A replayed first flight (14.5) would
+//!   reach exactly these, and a vat cannot mark them idempotent.
+//!
+//! So resumption would cost more than it saves here; an application that
+//! wants it for calls it knows to be idempotent uses `rpc::connect`.
+//!
 //! # Introductions
 //!
 //! capnp-rpc is level 1: a capability passed on is proxied by the vat that

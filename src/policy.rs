@@ -127,6 +127,15 @@ pub trait PeerPolicy: Send + Sync {
     /// # Errors
     /// A [`Refusal`] with a reason for the local log and error.
     fn check(&self, peer: &VatId, ctx: &PeerContext) -> Result<(), Refusal>;
+
+    /// The one VatId this policy accepts, if it accepts exactly one
+    /// ([`Pinned`]). A client that resumes (`rpc::connect` with
+    /// `ClientConfig::resumption`) looks it up in its resumption cache
+    /// before any handshake; with `None` (the default) it cannot know the
+    /// server in advance and runs `XX`.
+    fn pinned_vat(&self) -> Option<VatId> {
+        None
+    }
 }
 
 impl<F> PeerPolicy for F
@@ -154,6 +163,10 @@ impl PeerPolicy for AnyVat {
 pub struct Pinned(pub VatId);
 
 impl PeerPolicy for Pinned {
+    fn pinned_vat(&self) -> Option<VatId> {
+        Some(self.0)
+    }
+
     fn check(&self, peer: &VatId, _: &PeerContext) -> Result<(), Refusal> {
         if *peer == self.0 {
             Ok(())

@@ -116,7 +116,7 @@
 //! * An authenticated peer that stops sending holds its connection until it
 //!   disconnects: there is no idle timeout at this layer.
 
-use std::cell::{Cell, RefCell};
+use std::cell::{Cell, OnceCell, RefCell};
 use std::fmt;
 use std::future::poll_fn;
 use std::io;
@@ -143,9 +143,12 @@ use crate::admission::{
 use crate::error::{Error, Result};
 use crate::identity::Identity;
 use crate::policy::PeerPolicy;
-use crate::stream::{self, NoiseStream, StreamConfig, DEFAULT_HANDSHAKE_TIMEOUT};
+use crate::stream::{self, LazyStream, NoiseStream, StreamConfig, DEFAULT_HANDSHAKE_TIMEOUT};
 use crate::vat_id::VatId;
-use crate::wire::{HandshakeConfig, Suite, HANDSHAKE_HASH_LEN};
+use crate::wire::{
+    EarlyDataChoice, EarlyDataOutcome, HandshakeConfig, ResumptionCache, ResumptionConfig, Suite,
+    HANDSHAKE_HASH_LEN,
+};
 
 /// How long the end of a connection may take to send its authenticated
 /// CLOSE to a peer that does not read.
@@ -172,6 +175,15 @@ pub struct PeerInfo {
     /// [`HandshakeConfig::fallback_after`]). A sign that the responder does
     /// not accept the preferred suite. `None` otherwise.
     pub unanswered_suite: Option<Suite>,
+    /// Whether the connection was resumed: a Noise `IK` handshake that
+    /// completed as `IK` (SPEC.md 14; see [`ClientConfig::resumption`] and
+    /// [`ServerConfig::resumption`]). `false` after `XX` and after `IK`'s
+    /// fallback to `XX`.
+    pub resumed: bool,
+    /// What became of early data (SPEC.md 14.5): on a client, of the bytes
+    /// it sent in `IK` message 1; on a server, `Accepted` if it delivered
+    /// early data to this connection.
+    pub early_data: EarlyDataOutcome,
 }
 
 impl PeerInfo {
@@ -182,6 +194,8 @@ impl PeerInfo {
             handshake_hash: *stream.handshake_hash(),
             suite: stream.suite(),
             unanswered_suite: None,
+            resumed: stream.resumed(),
+            early_data: stream.early_data_outcome(),
         }
     }
 }
@@ -235,6 +249,17 @@ pub struct ServerConfig {
     pub first_message_timeout: Duration,
     /// Limits on incoming messages (traversal limit, nesting).
     pub reader_options: ReaderOptions,
+    /// Whether to answer clients that resume with Noise `IK`, and to take
+    /// their early data (SPEC.md 14). Default: neither (a resuming client
+    /// gets the `XX` fallback, at `XX`'s cost). Accepting `IK` lets a
+    /// client's first call leave one message sooner; accepting early data
+    /// lets it arrive with the client's first flight, one round trip sooner,
+    /// but **that first flight (the bootstrap request and the first calls)
+    /// can be replayed** by anyone who recorded it, and the server runs it
+    /// again for each replay: turn `accept_early_data` on only if every
+    /// call a client may make first is safe to run twice. See
+    /// [`ResumptionConfig`].
+    pub resumption: ResumptionConfig,
 }
 
 impl Default for ServerConfig {
@@ -250,6 +275,7 @@ impl Default for ServerConfig {
                 crate::admission::DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE,
             first_message_timeout: crate::admission::DEFAULT_FIRST_MESSAGE_TIMEOUT,
             reader_options: ReaderOptions::new(),
+            resumption: ResumptionConfig::default(),
         }
     }
 }
@@ -285,6 +311,16 @@ pub struct ClientConfig {
     pub timeout: Duration,
     /// Limits on incoming messages (traversal limit, nesting).
     pub reader_options: ReaderOptions,
+    /// Resumption (SPEC.md 14): `None` (the default) runs Noise `XX` every
+    /// time. With a [`ClientResumption`], [`connect`] records each server
+    /// it completes a handshake with in the resumption cache (keyed by the
+    /// VatId its policy pins: [`PeerPolicy::pinned_vat`]), and a later
+    /// connect to a server it knows opens the connection with Noise `IK`,
+    /// **lazily**: `connect` returns as soon as TCP is connected, and the
+    /// handshake starts with the first RPC message, so that the first calls
+    /// go with `IK` message 1 (as early data, if allowed) or right after its
+    /// answer.
+    pub resumption: Option<ClientResumption>,
 }
 
 impl Default for ClientConfig {
@@ -293,7 +329,58 @@ impl Default for ClientConfig {
             handshake: HandshakeConfig::default(),
             timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             reader_options: ReaderOptions::new(),
+            resumption: None,
         }
+    }
+}
+
+/// [`ClientConfig::resumption`]: the resumption cache, shared by the
+/// application's connections (keep it across connections: it is what makes
+/// the next one resume), and whether the first calls may travel as early
+/// data.
+///
+/// ```
+/// use std::sync::Arc;
+/// use capnp_noise::rpc::{ClientConfig, ClientResumption};
+/// use capnp_noise::wire::{EarlyDataChoice, ResumptionCache};
+///
+/// let cache = Arc::new(ResumptionCache::default());
+/// let options = ClientConfig::default().with_resumption(Some(
+///     ClientResumption::new(cache.clone())
+///         // Only if every first call is safe to run twice (see EarlyDataChoice).
+///         .with_early_data(EarlyDataChoice::ReplayableNotForwardSecret),
+/// ));
+/// assert!(options.resumption.is_some());
+/// ```
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ClientResumption {
+    /// The servers this application has completed a handshake with.
+    pub cache: Arc<ResumptionCache>,
+    /// Whether the bytes of the first RPC messages (the bootstrap request
+    /// and the calls the application makes before the handshake starts, up
+    /// to 3862 bytes) travel in `IK` message 1. Default
+    /// [`EarlyDataChoice::Never`]: they go right after its answer. With
+    /// [`EarlyDataChoice::ReplayableNotForwardSecret`] the first answer can
+    /// come one round trip sooner, but those calls can be **replayed** to
+    /// the server and are not forward secret (SPEC.md 14.5); the server
+    /// must also accept early data ([`ServerConfig::resumption`]).
+    pub early_data: EarlyDataChoice,
+}
+
+impl ClientResumption {
+    /// Resumption with `cache`, without early data.
+    pub fn new(cache: Arc<ResumptionCache>) -> Self {
+        ClientResumption {
+            cache,
+            early_data: EarlyDataChoice::Never,
+        }
+    }
+
+    /// Sets [`early_data`](Self::early_data).
+    pub fn with_early_data(mut self, early_data: EarlyDataChoice) -> Self {
+        self.early_data = early_data;
+        self
     }
 }
 
@@ -307,12 +394,14 @@ setters!(ServerConfig {
     with_max_unauthenticated_per_source => max_unauthenticated_per_source: usize,
     with_first_message_timeout => first_message_timeout: Duration,
     with_reader_options => reader_options: ReaderOptions,
+    with_resumption => resumption: ResumptionConfig,
 });
 
 setters!(ClientConfig {
     with_handshake => handshake: HandshakeConfig,
     with_timeout => timeout: Duration,
     with_reader_options => reader_options: ReaderOptions,
+    with_resumption => resumption: Option<ClientResumption>,
 });
 
 /// Accepts connections on `listener` forever, serving each authenticated
@@ -410,6 +499,7 @@ impl<F> Serving<F> {
                 timeout: options.handshake_timeout,
                 first_message_timeout: options.first_message_timeout,
                 unauthenticated: UnauthenticatedLimit::new(options.max_unauthenticated_per_source),
+                resumption: options.resumption,
             },
             reader_options: options.reader_options,
             bootstrap,
@@ -428,6 +518,7 @@ pub(crate) struct Acceptor {
     pub(crate) timeout: Duration,
     pub(crate) first_message_timeout: Duration,
     pub(crate) unauthenticated: UnauthenticatedLimit,
+    pub(crate) resumption: ResumptionConfig,
 }
 
 impl Acceptor {
@@ -455,7 +546,8 @@ impl Acceptor {
             .with_handshake_timeout(Some(self.timeout))
             .with_first_message_timeout(Some(self.first_message_timeout))
             .with_remote_addr(addr)
-            .with_handshake_slots(self.slots.clone());
+            .with_handshake_slots(self.slots.clone())
+            .with_resumption(self.resumption);
         match stream::accept(tcp, &self.identity, self.policy.clone(), config).await {
             Ok(stream) => {
                 let peer = PeerInfo::of(&stream, addr);
@@ -549,6 +641,24 @@ where
 /// timeout), logs a warning naming the suite that was not answered, and
 /// says so in [`PeerInfo::unanswered_suite`].
 ///
+/// # Resuming
+/// With [`ClientConfig::resumption`] and a policy that pins the server's
+/// VatId ([`PeerPolicy::pinned_vat`]), `connect` records the server after
+/// the handshake; if the cache already holds a record of it, `connect`
+/// instead returns **as soon as TCP is connected**, and the handshake
+/// (Noise `IK`, SPEC.md 14) starts with the first RPC message: the
+/// bootstrap request and the calls made before the connection's task first
+/// runs travel with `IK` message 1 (as early data, if
+/// [`ClientResumption::early_data`] allows it and the server accepts it)
+/// or right after its answer. Then [`Connection::peer`] is `None` until the
+/// handshake completes ([`Connection::established`] waits for it), and a
+/// handshake error (a refused server, a timeout...) fails the first calls
+/// and ends the connection rather than being returned here. A server whose
+/// static key changed answers with the `XX` fallback (the calls go after
+/// it, nothing is lost, the record is replaced); a server that closes
+/// silently on `IK` (revision 1.1) makes the record forgotten, so that the
+/// next `connect` runs `XX`.
+///
 /// # Errors
 /// [`Error::PeerRefused`] if `policy` refuses the server (this vat's
 /// identity was not revealed to it); [`Error::HandshakeTimeout`] if the TCP connect or the
@@ -570,33 +680,94 @@ where
     C: FromClientHook,
 {
     let dialed = addr.to_string();
-    let (stream, peer) = dial(addr, identity, policy, options.handshake, options.timeout).await?;
+    let resume = options
+        .resumption
+        .as_ref()
+        .and_then(|r| Some((r, policy.pinned_vat()?)));
+    let (stream, peer) = match resume {
+        Some((r, server)) if r.cache.get(&server).is_some() => {
+            let tcp = tcp_connect(addr, options.timeout).await?;
+            let remote_addr = tcp.peer_addr()?;
+            let config = StreamConfig::default()
+                .with_handshake(options.handshake)
+                .with_handshake_timeout(Some(options.timeout))
+                .with_dialed(dialed.clone())
+                .with_remote_addr(remote_addr);
+            let mut lazy = stream::connect_lazy(
+                tcp,
+                identity,
+                policy,
+                config,
+                r.cache.clone(),
+                &server,
+                r.early_data,
+            );
+            lazy.set_defer_flush(true);
+            (lazy, PeerSlot::Pending(remote_addr))
+        }
+        _ => {
+            let cache = resume.map(|(r, server)| (r.cache.clone(), server));
+            let (stream, peer) = dial(
+                addr,
+                identity,
+                policy,
+                options.handshake,
+                options.timeout,
+                cache,
+            )
+            .await?;
+            (stream.into(), PeerSlot::Known(peer))
+        }
+    };
     let (mut rpc_system, shared) = rpc_system(stream, Side::Client, None, options.reader_options);
     let bootstrap: capnp::capability::Client = rpc_system.bootstrap(Side::Server);
     let disconnector = rpc_system.get_disconnector();
-    let task = tokio::task::spawn_local(run(rpc_system, shared));
-    info!(peer = %peer.vat_id.fingerprint(), addr = %dialed, "connected to server");
+    let task = tokio::task::spawn_local(run(rpc_system, shared.clone()));
+    let (peer, remote_addr) = match peer {
+        PeerSlot::Known(peer) => {
+            info!(peer = %peer.vat_id.fingerprint(), addr = %dialed, "connected to server");
+            let addr = peer.remote_addr;
+            (OnceCell::from(peer), addr)
+        }
+        PeerSlot::Pending(addr) => {
+            info!(addr = %dialed, "connected to server (resuming: the handshake goes with the first call)");
+            (OnceCell::new(), addr)
+        }
+    };
     Ok((
         C::new(bootstrap.hook),
         Connection {
             peer,
+            remote_addr,
+            shared,
             disconnector,
             task,
         },
     ))
 }
 
+/// What [`connect`] knows of the server when it returns.
+enum PeerSlot {
+    /// The handshake is done.
+    Known(PeerInfo),
+    /// A resuming connection: the handshake starts with the first call.
+    Pending(SocketAddr),
+}
+
 /// The initiator's side of a connection before RPC starts: TCP connect and
 /// handshake, each within `timeout`, the responder checked by `policy`;
 /// once more with the mandatory suite if the responder closed without
-/// answering and `handshake` allows it (SPEC.md 2). Shared by [`connect`]
-/// and the multi-vat network (`crate::network`).
+/// answering and `handshake` allows it (SPEC.md 2). With `resumption` (a
+/// cache and the VatId `policy` pins), the handshake is recorded there
+/// (and is `IK` if a record is already there). Shared by [`connect`] and
+/// the multi-vat network (`crate::network`).
 pub(crate) async fn dial<A>(
     addr: A,
     identity: &Identity,
     policy: Arc<dyn PeerPolicy>,
     handshake: HandshakeConfig,
     timeout: Duration,
+    resumption: Option<(Arc<ResumptionCache>, VatId)>,
 ) -> Result<(NoiseStream<TcpStream>, PeerInfo)>
 where
     A: ToSocketAddrs + fmt::Display,
@@ -610,7 +781,18 @@ where
             .with_handshake_timeout(Some(timeout))
             .with_dialed(dialed.clone())
             .with_remote_addr(remote_addr);
-        stream::connect(tcp, identity, policy.clone(), config)
+        match &resumption {
+            Some((cache, server)) => stream::connect_resuming(
+                tcp,
+                identity,
+                policy.clone(),
+                config,
+                cache.clone(),
+                server,
+                None,
+            ),
+            None => stream::connect(tcp, identity, policy.clone(), config),
+        }
     };
     let mut result = attempt(tcp, handshake.clone()).await;
     let mut unanswered_suite = None;
@@ -665,7 +847,10 @@ async fn tcp_connect(addr: impl ToSocketAddrs, timeout: Duration) -> Result<TcpS
 /// ends it cleanly.
 #[must_use = "dropping the handle does not disconnect; call disconnect()"]
 pub struct Connection {
-    peer: PeerInfo,
+    /// Known once the handshake completed (at once unless resuming).
+    peer: OnceCell<PeerInfo>,
+    remote_addr: SocketAddr,
+    shared: Shared,
     disconnector: Disconnector<Side>,
     task: JoinHandle<Result<(), capnp::Error>>,
 }
@@ -673,15 +858,38 @@ pub struct Connection {
 impl fmt::Debug for Connection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Connection")
-            .field("peer", &self.peer)
+            .field("peer", &self.peer.get())
             .finish_non_exhaustive()
     }
 }
 
 impl Connection {
-    /// The server: its authenticated VatId, address, handshake hash, suite.
-    pub fn peer(&self) -> &PeerInfo {
-        &self.peer
+    /// The server: its authenticated VatId, address, handshake hash, suite,
+    /// whether the connection was resumed. `None` only on a resuming
+    /// connection whose handshake has not completed yet (see [`connect`]:
+    /// it starts with the first call); [`established`](Self::established)
+    /// waits for it.
+    pub fn peer(&self) -> Option<&PeerInfo> {
+        if self.peer.get().is_none() {
+            let stream = self.shared.stream.borrow();
+            if let Some(open) = stream.established() {
+                let _ = self.peer.set(PeerInfo::of(open, self.remote_addr));
+            }
+        }
+        self.peer.get()
+    }
+
+    /// The server, once the handshake has completed; on a resuming
+    /// connection whose handshake has not started, starts it (with
+    /// whatever calls were made so far).
+    ///
+    /// # Errors
+    /// The handshake's error (the same the connection's calls fail with).
+    pub async fn established(&self) -> Result<&PeerInfo> {
+        poll_fn(|cx| self.shared.stream.borrow_mut().poll_established(cx)).await?;
+        Ok(self
+            .peer()
+            .expect("an established stream gives the peer's information"))
     }
 
     /// Ends the connection: calls in flight fail, the authenticated CLOSE is
@@ -707,13 +915,13 @@ fn capnp_error(e: capnp::Error) -> Error {
 
 /// Builds the `RpcSystem` of one connection over `stream`.
 pub(crate) fn rpc_system(
-    stream: NoiseStream<TcpStream>,
+    stream: impl Into<LazyStream<TcpStream>>,
     side: Side,
     bootstrap: Option<capnp::capability::Client>,
     reader_options: ReaderOptions,
 ) -> (RpcSystem<Side>, Shared) {
     let shared = Shared {
-        stream: Rc::new(RefCell::new(stream)),
+        stream: Rc::new(RefCell::new(stream.into())),
         activity: Rc::new(Cell::new(0)),
     };
     let network = twoparty::VatNetwork::new(shared.clone(), shared.clone(), side, reader_options);
@@ -741,7 +949,9 @@ pub(crate) async fn run(rpc_system: RpcSystem<Side>, stream: Shared) -> Result<(
 /// (`crate::network`) closes a connection whose count stops changing.
 #[derive(Clone)]
 pub(crate) struct Shared {
-    stream: Rc<RefCell<NoiseStream<TcpStream>>>,
+    /// Open from the start, but for a resuming client's connection, whose
+    /// handshake starts with its first message.
+    stream: Rc<RefCell<LazyStream<TcpStream>>>,
     activity: Rc<Cell<u64>>,
 }
 

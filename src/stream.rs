@@ -65,9 +65,13 @@ use crate::identity::Identity;
 use crate::policy::{PeerContext, PeerPolicy};
 use crate::vat_id::VatId;
 use crate::wire::{
-    EarlyData, Handshake, HandshakeConfig, Pattern, ReadOutcome, ResumptionCache, ResumptionConfig,
-    Role, Session, Suite, EOF_BEFORE_MESSAGE_2, HANDSHAKE_HASH_LEN, MAX_DATA_PER_FRAME,
+    EarlyData, EarlyDataOutcome, Handshake, HandshakeConfig, Pattern, ReadOutcome, ResumptionCache,
+    ResumptionConfig, Role, Session, Suite, EOF_BEFORE_MESSAGE_2, HANDSHAKE_HASH_LEN,
+    MAX_DATA_PER_FRAME,
 };
+
+mod lazy;
+pub use lazy::{connect_lazy, LazyStream};
 
 /// The default limit on how long a handshake may take: 10 seconds.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -128,7 +132,14 @@ pub struct StreamConfig {
     /// handshake timeout passes first, which it sees only while it is
     /// read: read it.
     pub resumption: ResumptionConfig,
+    /// For [`connect_lazy`]: how long a read waits for a first write before
+    /// the handshake starts without one. Default
+    /// [`DEFAULT_LAZY_START_WAIT`], 50 ms.
+    pub lazy_start_wait: Duration,
 }
+
+/// The default of [`StreamConfig::lazy_start_wait`]: 50 ms.
+pub const DEFAULT_LAZY_START_WAIT: Duration = Duration::from_millis(50);
 
 impl Default for StreamConfig {
     fn default() -> Self {
@@ -140,6 +151,7 @@ impl Default for StreamConfig {
             handshake_slots: None,
             first_message_timeout: None,
             resumption: ResumptionConfig::default(),
+            lazy_start_wait: DEFAULT_LAZY_START_WAIT,
         }
     }
 }
@@ -178,6 +190,12 @@ impl StreamConfig {
     /// Sets [`resumption`](Self::resumption).
     pub fn with_resumption(mut self, resumption: ResumptionConfig) -> Self {
         self.resumption = resumption;
+        self
+    }
+
+    /// Sets [`lazy_start_wait`](Self::lazy_start_wait).
+    pub fn with_lazy_start_wait(mut self, wait: Duration) -> Self {
+        self.lazy_start_wait = wait;
         self
     }
 
@@ -271,13 +289,37 @@ pub fn connect_resuming<S>(
     server: &VatId,
     early: Option<EarlyData>,
 ) -> Handshaking<S> {
-    let ctx = PeerContext::initiator(config.dialed, config.remote_addr);
-    // The same limit whether or not the server is known, so that whether
-    // a call may go early never depends on the cache.
-    let room = crate::wire::resumption::MAX_IK_MESSAGE_1_LEN
+    resuming(io, identity, policy, config, cache, server, early, true)
+}
+
+/// The most bytes an initiator with `identity` can send as early data:
+/// `4096 - 98 -` its identity payload's length (SPEC.md 14.3), 3862 with
+/// the canonical payload. The same whether or not the server is known, so
+/// that whether a call may go early never depends on the cache.
+pub fn early_data_room(identity: &Identity) -> usize {
+    crate::wire::resumption::MAX_IK_MESSAGE_1_LEN
         - crate::wire::resumption::IK_MESSAGE_1_OVERHEAD
-        - identity.handshake_payload().len();
-    if let Some(e) = early.as_ref().filter(|e| e.as_bytes().len() > room) {
+        - identity.handshake_payload().len()
+}
+
+/// [`connect_resuming`], and [`connect_lazy`] once it starts: `first` are
+/// the first bytes of the stream, sent in `IK` message 1 only if `early_ok`
+/// and the cache holds a record of `server`, else as the first transport
+/// data after the handshake.
+#[allow(clippy::too_many_arguments)]
+fn resuming<S>(
+    io: S,
+    identity: &Identity,
+    policy: Arc<dyn PeerPolicy>,
+    config: StreamConfig,
+    cache: Arc<ResumptionCache>,
+    server: &VatId,
+    first: Option<EarlyData>,
+    early_ok: bool,
+) -> Handshaking<S> {
+    let ctx = PeerContext::initiator(config.dialed, config.remote_addr);
+    let room = early_data_room(identity);
+    if let Some(e) = first.as_ref().filter(|e| e.as_bytes().len() > room) {
         let e = Error::Config(format!(
             "early data of {} bytes does not fit IK message 1 (at most {room} bytes with this identity)",
             e.as_bytes().len()
@@ -288,22 +330,28 @@ pub fn connect_resuming<S>(
     let known = cache
         .get(server)
         .filter(|k| config.handshake.suites.contains(&k.suite()));
+    let tried = known.as_ref().map(|k| *k.static_key());
     let (hs, after) = match known {
-        Some(known) => (
-            Handshake::initiator_resuming(identity, policy, ctx, config.handshake, &known, early),
+        Some(known) if early_ok => (
+            Handshake::initiator_resuming(identity, policy, ctx, config.handshake, &known, first),
             None,
+        ),
+        Some(known) => (
+            Handshake::initiator_resuming(identity, policy, ctx, config.handshake, &known, None),
+            first,
         ),
         None => (
             Handshake::initiator(identity, policy, ctx, config.handshake),
-            early,
+            first,
         ),
     };
     let mut handshaking = Handshaking::new(io, hs, config.handshake_timeout, None);
-    handshaking.resumption = Some(Resumption {
+    handshaking.resumption = Some(Box::new(Resumption {
         cache,
         server: *server,
         after,
-    });
+        tried,
+    }));
     handshaking
 }
 
@@ -362,7 +410,10 @@ pub struct Handshaking<S> {
     first_message: Option<(Duration, Option<Pin<Box<Sleep>>>)>,
     /// [`connect_resuming`]'s cache, and its early data when it goes after
     /// an `XX` handshake.
-    resumption: Option<Resumption>,
+    /// Boxed: only resuming initiators have one, and a responder's
+    /// handshake stalled before the preamble should stay small
+    /// (`tests/handshake_memory.rs`).
+    resumption: Option<Box<Resumption>>,
     /// The finished stream while it sends what its session already holds
     /// (early data sent again after the handshake, SPEC.md 14.5), so that
     /// it is on its way before the caller only reads.
@@ -375,6 +426,8 @@ struct Resumption {
     cache: Arc<ResumptionCache>,
     server: VatId,
     after: Option<EarlyData>,
+    /// The static key of the record an `IK` attempt was encrypted to.
+    tried: Option<[u8; 32]>,
 }
 
 struct MidHandshake<S> {
@@ -522,14 +575,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Future for Handshaking<S> {
         }
         let timeout = this.timeout;
         let stream = result.and_then(|()| {
-            let ik = mid.hs.role() == Role::Responder
-                && mid.hs.pattern() == Pattern::IK
-                && !mid.hs.fell_back();
+            let facts = HandshakeFacts {
+                pattern: mid.hs.pattern(),
+                fell_back: mid.hs.fell_back(),
+                early_data: mid.hs.early_data_outcome(),
+            };
+            let ik = mid.hs.role() == Role::Responder && facts.resumed();
             let learned = mid.hs.learned_responder();
             let mut session = mid.hs.into_session()?;
             if let Some(r) = resumption {
-                if let Some(known) = learned {
-                    r.cache.insert(known);
+                match learned {
+                    // A fallback that authenticated the very key the record
+                    // held: the responder does not answer IK (SPEC.md 14.6),
+                    // so the next connection runs XX rather than IK again.
+                    Some(known) if facts.fell_back && r.tried == Some(*known.static_key()) => {
+                        r.cache.forget(&r.server);
+                    }
+                    Some(known) => r.cache.insert(known),
+                    None => {}
                 }
                 if let Some(early) = r.after {
                     session.write(early.as_bytes())?;
@@ -555,6 +618,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Future for Handshaking<S> {
                 io: mid.io,
                 io_shut_down: false,
                 unconfirmed,
+                facts,
             })
         })?;
         if !stream.session.wants_write() {
@@ -762,6 +826,22 @@ pub struct NoiseStream<S> {
     /// initiator's first frame authenticates (SPEC.md 14.7), at most until
     /// the deadline.
     unconfirmed: Option<Box<Unconfirmed>>,
+    facts: HandshakeFacts,
+}
+
+/// What kind of handshake opened a [`NoiseStream`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct HandshakeFacts {
+    pattern: Pattern,
+    fell_back: bool,
+    early_data: EarlyDataOutcome,
+}
+
+impl HandshakeFacts {
+    /// `IK` that completed as `IK` (SPEC.md 14.3), not through the fallback.
+    fn resumed(&self) -> bool {
+        self.pattern == Pattern::IK && !self.fell_back
+    }
 }
 
 struct Unconfirmed {
@@ -802,6 +882,27 @@ impl<S> NoiseStream<S> {
     /// The sans-IO session (read-only: state, errors, buffer sizes).
     pub fn session(&self) -> &Session {
         &self.session
+    }
+
+    /// Whether the connection was resumed: an `IK` handshake (SPEC.md 14)
+    /// that completed as `IK`, one round trip for the handshake with no
+    /// third message. `false` after `XX` and after `IK`'s `XX` fallback
+    /// (see [`fell_back`](Self::fell_back)).
+    pub fn resumed(&self) -> bool {
+        self.facts.resumed()
+    }
+
+    /// Whether an `IK` attempt ended in the `XX` fallback (SPEC.md 14.4):
+    /// the responder's static key had changed, or it does not answer `IK`.
+    pub fn fell_back(&self) -> bool {
+        self.facts.fell_back
+    }
+
+    /// What became of the initiator's early data (SPEC.md 14.5); on the
+    /// responder's side, [`EarlyDataOutcome::Accepted`] if it delivered
+    /// early data to this stream.
+    pub fn early_data_outcome(&self) -> EarlyDataOutcome {
+        self.facts.early_data
     }
 
     /// Queues an authenticated keepalive (an empty DATA frame, see

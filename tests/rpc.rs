@@ -118,8 +118,14 @@ async fn calls_callbacks_and_capabilities_both_ways() {
     local(async {
         let (server, me, office, conn) =
             server_and_client(ServerConfig::default(), ClientConfig::default()).await;
-        assert_eq!(conn.peer().vat_id, server.id.vat_id());
-        assert_eq!(conn.peer().remote_addr, server.addr);
+        assert_eq!(
+            conn.peer().expect("connected without resuming").vat_id,
+            server.id.vat_id()
+        );
+        assert_eq!(
+            conn.peer().expect("connected without resuming").remote_addr,
+            server.addr
+        );
 
         // The service knows who calls.
         assert_eq!(whoami(&office).await.unwrap(), me.vat_id().to_string());
@@ -599,8 +605,16 @@ async fn a_client_falls_back_to_the_mandatory_suite_once_and_reports_it() {
         preferring_aes.handshake = HandshakeConfig::default()
             .with_suites(vec![Suite::AesGcmSha256, Suite::ChaChaPolyBlake2s]);
         let (office, conn) = client_of(&server, &me, preferring_aes).await.unwrap();
-        assert_eq!(conn.peer().suite, Suite::ChaChaPolyBlake2s);
-        assert_eq!(conn.peer().unanswered_suite, Some(Suite::AesGcmSha256));
+        assert_eq!(
+            conn.peer().expect("connected without resuming").suite,
+            Suite::ChaChaPolyBlake2s
+        );
+        assert_eq!(
+            conn.peer()
+                .expect("connected without resuming")
+                .unanswered_suite,
+            Some(Suite::AesGcmSha256)
+        );
         whoami(&office).await.unwrap();
         conn.disconnect().await.unwrap();
 
@@ -617,7 +631,12 @@ async fn a_client_falls_back_to_the_mandatory_suite_once_and_reports_it() {
         preferring_chacha.handshake = HandshakeConfig::default()
             .with_suites(vec![Suite::ChaChaPolyBlake2s, Suite::AesGcmSha256]);
         let (office, conn) = client_of(&server, &me, preferring_chacha).await.unwrap();
-        assert_eq!(conn.peer().unanswered_suite, None);
+        assert_eq!(
+            conn.peer()
+                .expect("connected without resuming")
+                .unanswered_suite,
+            None
+        );
         whoami(&office).await.unwrap();
         conn.disconnect().await.unwrap();
         assert_eq!(server.seen.borrow().len(), 2, "two handshakes completed");

@@ -62,7 +62,10 @@ async fn restore_wrong_revoked_and_misdirected() {
                 .await
                 .unwrap();
         assert_eq!(whoami(&cap).await.unwrap(), host_vat.to_string());
-        assert_eq!(conn.peer().vat_id, host_vat);
+        assert_eq!(
+            conn.peer().expect("connected without resuming").vat_id,
+            host_vat
+        );
 
         // A wrong id and a revoked id fail alike, naming neither.
         let wrong = SturdyRef::new(host_vat, vec![address(addr)], ObjectId::random()).unwrap();

@@ -116,7 +116,10 @@ async fn demo() -> Result<(), Box<dyn std::error::Error>> {
     .await?;
     println!(
         "  office: connected to {}",
-        conn.peer().vat_id.fingerprint()
+        conn.peer()
+            .expect("connected without resuming")
+            .vat_id
+            .fingerprint()
     );
 
     let reply = client

@@ -173,6 +173,9 @@ impl NetworkBuilder {
                 timeout: options.handshake_timeout,
                 first_message_timeout: options.first_message_timeout,
                 unauthenticated: UnauthenticatedLimit::new(options.max_unauthenticated_per_source),
+                // No IK in the network (see its module docs): a resuming
+                // initiator gets the XX fallback.
+                resumption: crate::wire::ResumptionConfig::default(),
             },
             identity: self.identity,
             permits: Arc::new(Semaphore::new(options.max_connections.max(1))),

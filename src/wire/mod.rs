@@ -28,7 +28,7 @@ pub mod transport;
 pub use handshake::{Handshake, HandshakeConfig, Role, EOF_BEFORE_MESSAGE_2};
 pub use preamble::{Pattern, Suite};
 pub use resumption::{
-    EarlyData, EarlyDataOutcome, KnownResponder, ResumptionCache, ResumptionConfig,
+    EarlyData, EarlyDataChoice, EarlyDataOutcome, KnownResponder, ResumptionCache, ResumptionConfig,
 };
 pub use transport::{ReadOutcome, Session, SessionConfig, BULK_FRAMES, DIRECT_WRITE};
 

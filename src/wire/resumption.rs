@@ -192,6 +192,34 @@ impl EarlyData {
     }
 }
 
+/// Whether a stream that handshakes at its first write
+/// ([`stream::connect_lazy`](crate::stream::connect_lazy), `rpc::connect`
+/// with resumption) may send the bytes written before the handshake as
+/// early data, in `IK` message 1.
+///
+/// **[`ReplayableNotForwardSecret`](Self::ReplayableNotForwardSecret) is
+/// a security decision** (SPEC.md 14.5): whatever the application writes
+/// first (for RPC: the bootstrap request and the first calls) can be
+/// replayed to the server by anyone who recorded the first flight, as often
+/// as they like, and is readable by whoever later obtains the server's
+/// static key (which this crate derives from the server's identity key).
+/// Choose it only when every first call the application makes is safe to
+/// run twice. The server must also accept early data
+/// ([`ResumptionConfig::accept_early_data`]); if it refuses, the bytes are
+/// sent again after the handshake and nothing is lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum EarlyDataChoice {
+    /// The default: the first bytes go as the first transport frame, right
+    /// after the answer to `IK` message 1 (forward secret, not replayable).
+    #[default]
+    Never,
+    /// The first bytes (up to the room in `IK` message 1: 3862 bytes with
+    /// the canonical identity payload) travel in `IK` message 1: replayable
+    /// and not forward secret.
+    ReplayableNotForwardSecret,
+}
+
 /// What became of an initiator's early data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]

@@ -275,6 +275,26 @@ pub struct ServiceSpec {
     /// accepts both [default: auto].
     #[arg(long, value_name = "SUITE")]
     pub suite: Option<SuiteChoice>,
+    /// Resume with the other end (Noise IK, SPEC.md 14). A client keeps,
+    /// in memory, the server it completed a handshake with (its `peer`),
+    /// and opens later connections to it with IK; a server answers IK
+    /// (without this it answers a resuming client with the XX fallback,
+    /// at XX's cost). On its own this saves no round trip (see
+    /// early_data) [default: off].
+    #[arg(long)]
+    pub resumption: bool,
+    /// With resumption, a REPLAY RISK the operator takes on: a client sends
+    /// the first bytes its plain client sends (what arrives within 50 ms,
+    /// then until 5 ms pass without more; at most 100 ms and about 3.8 KB)
+    /// inside IK message 1, and a server passes such
+    /// early data to its target at once, saving a round trip. Anyone who
+    /// recorded that first flight can send it again, and the server's
+    /// target then receives those first bytes again, once per replay; they
+    /// are also not forward secret. Only for protocols whose first request
+    /// is safe to run twice (a read), never one that changes anything
+    /// [default: off].
+    #[arg(long)]
+    pub early_data: bool,
     /// Limits of this service (overriding the file's defaults).
     #[command(flatten)]
     pub limits: LimitsSpec,
@@ -295,6 +315,8 @@ impl ServiceSpec {
             proxy_protocol: None,
             via: None,
             suite: None,
+            resumption: false,
+            early_data: false,
             limits: LimitsSpec::default(),
         }
     }
@@ -391,6 +413,11 @@ pub enum Problem {
     PeerAndKnownVats,
     /// A service with no trust setting at all.
     NoTrust(Mode),
+    /// `early_data` without `resumption`.
+    EarlyDataWithoutResumption,
+    /// A client with `resumption` and `known_vats` (it resumes with a
+    /// pinned `peer` only).
+    ResumptionWithoutPeer,
 }
 
 /// The range of counts, as errors state it.
@@ -446,6 +473,12 @@ impl fmt::Display for Problem {
             ),
             Problem::NoTrust(Mode::Server) => f.write_str(
                 "a server service needs allow (an allow-list file) and/or allow_vat (allowed VatIds)",
+            ),
+            Problem::EarlyDataWithoutResumption => {
+                f.write_str("early_data needs resumption (early data travels in IK message 1)")
+            }
+            Problem::ResumptionWithoutPeer => f.write_str(
+                "a client resumes only with a pinned peer (the server's VatId), not with known_vats",
             ),
         }
     }
@@ -539,6 +572,14 @@ pub struct ServiceConfig {
     /// `None`: the library's choice (a client proposes [`Suite::preferred`],
     /// a server accepts every suite).
     pub suite: Option<Suite>,
+    /// Resumption (Noise `IK`, SPEC.md 14): a client resumes with its pinned
+    /// server once it knows it, a server answers `IK`.
+    pub resumption: bool,
+    /// Early data (only with `resumption`): a client sends its plain
+    /// client's first bytes in `IK` message 1, a server passes them on at
+    /// once. **Replayable** by anyone who recorded the first flight, and
+    /// not forward secret (SPEC.md 14.5): an operator's explicit choice.
+    pub early_data: bool,
     /// Its limits.
     pub limits: LimitsConfig,
     /// Where its handshakes write their secrets (research only; see
@@ -724,6 +765,13 @@ fn string(v: &DeValue<'_>) -> Result<String, Problem> {
         .ok_or(Problem::Expected("a string"))
 }
 
+fn boolean(v: &DeValue<'_>) -> Result<bool, Problem> {
+    match v {
+        DeValue::Boolean(b) => Ok(*b),
+        _ => Err(Problem::Expected("true or false")),
+    }
+}
+
 fn file_name(v: &DeValue<'_>) -> Result<PathBuf, Problem> {
     v.as_str()
         .map(PathBuf::from)
@@ -848,6 +896,8 @@ impl ServiceSpec {
                 "allow_vat" => {
                     spec.allow_vat = file.strings(&p, &format!("{table_path}.{k}"), value)?;
                 }
+                "resumption" => spec.resumption = file.value(&p, value, boolean)?,
+                "early_data" => spec.early_data = file.value(&p, value, boolean)?,
                 _ => match spec.limits.read(k, value.get_ref()) {
                     Some(read) => {
                         read.map_err(|what| file.error(Some(value.span()), Some(p), what))?
@@ -1196,6 +1246,12 @@ impl ServiceSpec {
                 })
                 .collect::<Result<Vec<_>, _>>()
         };
+        if self.early_data && !self.resumption {
+            return Err(bad("early_data", Problem::EarlyDataWithoutResumption));
+        }
+        if self.resumption && self.mode == Mode::Client && self.known_vats.is_some() {
+            return Err(bad("resumption", Problem::ResumptionWithoutPeer));
+        }
         let trust = match self.mode {
             Mode::Client => {
                 if self.allow.is_some() {
@@ -1250,6 +1306,8 @@ impl ServiceSpec {
                 }
             },
             suite: self.suite.and_then(SuiteChoice::suite),
+            resumption: self.resumption,
+            early_data: self.early_data,
             key_log: None,
             limits: self.limits.check(at, Some(name), defaults)?,
         })
@@ -1953,6 +2011,55 @@ mod tests {
             "{HEAD}mode = \"server\"\nallow = \"a\"\nvia = \"http://p:1\"\n"
         ));
         assert_eq!(e.what, Problem::WrongMode(Mode::Server));
+    }
+
+    /// `resumption` and `early_data`: off by default, both ends; early data
+    /// only with resumption, and a client resumes only with a pinned peer.
+    #[test]
+    fn resumption_and_early_data_are_explicit_choices() {
+        let vat = Identity::from_seed(&[3; 32]).vat_id();
+        let client = |extra: &str| {
+            check_text(&format!(
+                "{HEAD}mode = \"client\"\npeer = \"{vat}\"\n{extra}"
+            ))
+        };
+        let c = client("").unwrap();
+        assert!(
+            !c.services[0].resumption && !c.services[0].early_data,
+            "off by default"
+        );
+        let c = client("resumption = true\n").unwrap();
+        assert!(c.services[0].resumption && !c.services[0].early_data);
+        let c = client("resumption = true\nearly_data = true\n").unwrap();
+        assert!(c.services[0].resumption && c.services[0].early_data);
+        let e = client("early_data = true\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("service.s.early_data"));
+        assert_eq!(e.what, Problem::EarlyDataWithoutResumption);
+        let e = client("resumption = \"yes\"\n").unwrap_err();
+        assert_eq!(e.what, Problem::Expected("true or false"));
+        let e = err(&format!(
+            "{HEAD}mode = \"client\"\nknown_vats = \"kv\"\nresumption = true\n"
+        ));
+        assert_eq!(e.what, Problem::ResumptionWithoutPeer);
+        let s = check_text(&format!(
+            "{HEAD}mode = \"server\"\nallow = \"a\"\nresumption = true\nearly_data = true\n"
+        ))
+        .unwrap();
+        assert!(s.services[0].resumption && s.services[0].early_data);
+        // The command line: the same model, named as options.
+        let mut spec = TunnelSpec {
+            identity: Some("k".into()),
+            ..TunnelSpec::default()
+        };
+        let mut svc = ServiceSpec::new(Mode::Client, "127.0.0.1:0", "h:1");
+        svc.peer = vec![vat.to_string()];
+        svc.early_data = true;
+        spec.services.insert("client".into(), svc);
+        let e = spec.check(Origin::CommandLine).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("--early-data: {}", Problem::EarlyDataWithoutResumption)
+        );
     }
 
     #[test]

@@ -55,6 +55,7 @@
 //! allow = "postgres.allow"     # one VatId per line, reloaded on change
 //! allow_vat = ["vat1..."]      # and/or inline (either one is enough)
 //! # proxy_protocol = "v2"      # if the target reads a PROXY header (see below)
+//! # resumption = true          # answer clients that resume (Noise IK, see below)
 //!
 //! [service.calendar]           # reach a remote service through a local port
 //! mode = "client"
@@ -66,6 +67,8 @@
 //! suite = "auto"               # or "chachapoly" / "aesgcm": only that suite
 //!                              # (auto retries once with chachapoly after a silent close)
 //! # via = "http://proxy.office:3128"  # or socks5://...: reach the server through a proxy
+//! # resumption = true          # later connections resume (IK) with the pinned server
+//! # early_data = true          # REPLAYABLE: the first bytes ride in IK message 1 (see below)
 //! max_connections = 50
 //! keepalive = 25               # the office NAT forgets idle flows after a minute
 //! ```
@@ -135,6 +138,21 @@
 //!   machine cannot use the client's identity the way anyone can through
 //!   127.0.0.1. A stale socket file is replaced; the file is removed at
 //!   shutdown.
+//! * **Resumption and early data** (SPEC.md 14). `resumption = true`
+//!   (`--resumption`) on a client keeps, in memory, the pinned server it
+//!   completed a handshake with and opens later connections with Noise
+//!   `IK`; on a server it answers `IK` (otherwise a resuming client gets the
+//!   `XX` fallback and forgets its record). On its own it saves no round
+//!   trip. `early_data = true` (`--early-data`, both ends, only with
+//!   `resumption`) sends what the plain client sends first (what comes
+//!   within 50 ms, then until 5 ms pass without more, 100 ms and 3862
+//!   bytes at most) inside `IK` message 1, and the server passes it to
+//!   its target at once: the first answer comes a round trip sooner.
+//!   **That first flight can be replayed** by anyone who recorded it: the
+//!   server's target then receives those first bytes again, once per
+//!   replay, and they are not forward secret. Turn it on only for a
+//!   protocol whose first request is safe to run twice; it is off by
+//!   default, an operator's explicit choice.
 //! * **The caller's VatId to the backend.** With `proxy_protocol = "v2"`
 //!   a server service sends its target a PROXY protocol version 2 header
 //!   before the data: the client tunnel's address, and its authenticated

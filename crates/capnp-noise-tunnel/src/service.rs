@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use super::config::{Mode, ServiceConfig};
+use super::config::{Mode, ServiceConfig, Trust};
 use super::egress;
 use super::forward::{self, End, Forwarded, WithKeepalive};
 use super::metrics::{self, Counters, Shown};
@@ -25,10 +25,27 @@ use capnp_noise::identity::Identity;
 use capnp_noise::policy::PeerPolicy;
 use capnp_noise::stream::{self, NoiseStream, StreamConfig};
 use capnp_noise::vat_id::VatId;
-use capnp_noise::wire::{HandshakeConfig, Suite};
+use capnp_noise::wire::{
+    EarlyData, HandshakeConfig, ResumptionCache, ResumptionConfig, Suite, EOF_BEFORE_MESSAGE_2,
+};
 use capnp_noise::workers::Workers;
 use std::sync::atomic::Ordering::Relaxed;
 use tokio::io::AsyncWriteExt;
+
+/// The most servers a client service keeps resumption records of (it
+/// resumes only with its `peer` list: the old and new key of a rotation).
+const RESUMPTION_RECORDS: usize = 16;
+
+/// How long a client service with `early_data` waits for its plain
+/// client's first bytes before it starts the handshake without them (a
+/// protocol where the server speaks first waits this long once).
+const FIRST_BYTES_WAIT: Duration = stream::DEFAULT_LAZY_START_WAIT;
+
+/// After the first bytes, how long a client service with `early_data`
+/// waits for more before it starts the handshake (what it takes for the
+/// next write of a request sent in several, on the same machine); every
+/// such connection pays it once.
+const FIRST_BYTES_GAP: Duration = Duration::from_millis(5);
 
 /// How long the accept loop pauses after an accept error (out of file
 /// descriptors and the like), so it does not spin.
@@ -48,6 +65,10 @@ pub(super) struct Service {
     slots: HandshakeSlots,
     /// Server mode: connections not yet authenticated, per source address.
     unauthenticated: UnauthenticatedLimit,
+    /// Client mode: the servers this service completed a handshake with,
+    /// for `resumption` (SPEC.md 14); in memory, for the process's life
+    /// (a restarted client's first connection runs XX again).
+    resumption: Arc<ResumptionCache>,
     /// What the metrics endpoint shows.
     counters: Arc<Counters>,
 }
@@ -133,6 +154,8 @@ impl Service {
             unauthenticated: UnauthenticatedLimit::new(
                 config.limits.max_unauthenticated_per_source,
             ),
+            // A client resumes with its pinned servers: a few records.
+            resumption: Arc::new(ResumptionCache::new(RESUMPTION_RECORDS)),
             config,
             counters: Arc::default(),
         }
@@ -269,8 +292,9 @@ impl Connection {
         let _open = Open::new(&self.counters);
         let setup = match self.mode {
             Mode::Client => {
+                let mut accepted = accepted;
                 let noise = tokio::select! {
-                    r = self.dial_server() => r,
+                    r = self.dial_server(&mut accepted) => r,
                     r = aborted(&cut) => r,
                 };
                 match noise {
@@ -327,7 +351,8 @@ impl Connection {
         self.counters.forwarded.fetch_add(1, Relaxed);
         let peer = noise.peer_vat_id().fingerprint();
         let suite = noise.suite().noise_name();
-        info!(service = %self.config.name, %peer, %addr, suite, "connected");
+        let (resumed, early_data) = (noise.resumed(), noise.early_data_outcome());
+        info!(service = %self.config.name, %peer, %addr, suite, resumed, ?early_data, "connected");
         let limits = &self.config.limits;
         let mut noise = WithKeepalive::new(noise, limits.keepalive);
         let done =
@@ -346,30 +371,103 @@ impl Connection {
     /// "auto"`), tries once more with it on a new connection, as
     /// `capnp_noise::rpc::connect` does (SPEC.md 2,
     /// [`HandshakeConfig::fallback_after`]), and logs that it did.
-    async fn dial_server(&self) -> Result<NoiseStream<TcpStream>, SetupFailure> {
+    ///
+    /// With `resumption`, resumes (Noise `IK`) with a pinned server it
+    /// knows; with `early_data` too, first reads what the plain client
+    /// sends at once (within [`FIRST_BYTES_WAIT`], at most what `IK`
+    /// message 1 holds) and sends it as early data (or, without a record,
+    /// right after the handshake). A silent close of an `IK` attempt
+    /// (a server of revision 1.1) is retried once with `XX` (SPEC.md 14.6),
+    /// the first bytes sent again.
+    async fn dial_server(
+        &self,
+        accepted: &mut Plain,
+    ) -> Result<NoiseStream<TcpStream>, SetupFailure> {
         let _slot = self.handshake_slot().await?;
         let handshake = self.handshake_config();
-        let first = self.handshake_server(handshake.clone()).await;
-        let retry = match &first {
-            Err(SetupFailure::Handshake(e)) => handshake.fallback_after(e),
+        let first = match self.resume_with() {
+            Some(_) if self.config.early_data => Some(self.first_bytes(accepted).await?),
             _ => None,
         };
-        let Some(retry) = retry else { return first };
+        let resuming = self
+            .resume_with()
+            .is_some_and(|vat| self.resumption.get(&vat).is_some());
+        let first_try = self
+            .handshake_server(handshake.clone(), first.as_deref())
+            .await;
+        let retry = match &first_try {
+            Err(SetupFailure::Handshake(e)) => handshake.fallback_after(e).or_else(|| {
+                let silent =
+                    matches!(e, Error::UnexpectedEof { during } if *during == EOF_BEFORE_MESSAGE_2);
+                (resuming && silent).then(|| handshake.clone())
+            }),
+            _ => None,
+        };
+        let Some(retry) = retry else { return first_try };
         warn!(
             service = %self.config.name,
             server = %self.config.connect,
-            "the server closed without answering {}; retrying once with the mandatory suite {}",
-            handshake.suites[0],
-            Suite::MANDATORY
+            resuming,
+            "the server closed without answering {}; retrying once with {}",
+            if resuming { "IK".to_string() } else { handshake.suites[0].to_string() },
+            if resuming { "XX".to_string() } else { format!("the mandatory suite {}", Suite::MANDATORY) },
         );
-        self.handshake_server(retry).await
+        self.handshake_server(retry, first.as_deref()).await
+    }
+
+    /// With `resumption`: the pinned server to resume with, the first of
+    /// `peer` with a record (else the first, whose record the handshake
+    /// makes).
+    fn resume_with(&self) -> Option<VatId> {
+        if !self.config.resumption {
+            return None;
+        }
+        let Trust::PinnedServer(peers) = &self.config.trust else {
+            return None;
+        };
+        peers
+            .iter()
+            .find(|vat| self.resumption.get(vat).is_some())
+            .or(peers.first())
+            .copied()
+    }
+
+    /// What the plain client sends first: what arrives within
+    /// [`FIRST_BYTES_WAIT`], and then whatever follows it with gaps of at
+    /// most [`FIRST_BYTES_GAP`] (a client writes a request in a few
+    /// writes: capnp-rpc a bootstrap request, then a call), up to the room
+    /// in `IK` message 1 and for at most twice [`FIRST_BYTES_WAIT`] in all
+    /// (a client that trickles bytes does not hold the handshake back).
+    /// Empty if nothing came.
+    async fn first_bytes(&self, accepted: &mut Plain) -> Result<Vec<u8>, SetupFailure> {
+        use tokio::io::AsyncReadExt;
+        let room = stream::early_data_room(&self.identity);
+        let mut first = vec![0u8; room];
+        let mut got = 0;
+        let until = tokio::time::Instant::now() + 2 * FIRST_BYTES_WAIT;
+        let mut wait = FIRST_BYTES_WAIT;
+        while got < room {
+            let deadline = until.min(tokio::time::Instant::now() + wait);
+            match tokio::time::timeout_at(deadline, accepted.read(&mut first[got..])).await {
+                Ok(Ok(0)) | Err(_) => break,
+                Ok(Ok(n)) => got += n,
+                Ok(Err(_)) => return Err(SetupFailure::Aborted),
+            }
+            wait = FIRST_BYTES_GAP;
+        }
+        first.truncate(got);
+        Ok(first)
     }
 
     /// Client mode: one TCP connection to the server (through `via` if
-    /// set), and the handshake with `handshake`.
+    /// set), and the handshake with `handshake`: resuming with
+    /// [`resume_with`](Self::resume_with) if `resumption` is on, `first`
+    /// (the plain client's first bytes, when `early_data` is on) as early
+    /// data.
     async fn handshake_server(
         &self,
         handshake: HandshakeConfig,
+        first: Option<&[u8]>,
     ) -> Result<NoiseStream<TcpStream>, SetupFailure> {
         let tcp = match &self.config.via {
             None => {
@@ -390,9 +488,19 @@ impl Connection {
         if let (Ok(remote), None) = (tcp.peer_addr(), &self.config.via) {
             config = config.with_remote_addr(remote);
         }
-        stream::connect(tcp, &self.identity, self.policy.clone(), config)
-            .await
-            .map_err(SetupFailure::from)
+        let policy = self.policy.clone();
+        match self.resume_with() {
+            Some(server) => {
+                let early = first
+                    .filter(|b| !b.is_empty())
+                    .map(|b| EarlyData::replayable_not_forward_secret(b.to_vec()));
+                let cache = self.resumption.clone();
+                stream::connect_resuming(tcp, &self.identity, policy, config, cache, &server, early)
+                    .await
+            }
+            None => stream::connect(tcp, &self.identity, policy, config).await,
+        }
+        .map_err(SetupFailure::from)
     }
 
     /// Server mode: authenticates the client.
@@ -402,8 +510,12 @@ impl Connection {
         addr: SocketAddr,
     ) -> Result<NoiseStream<TcpStream>, SetupFailure> {
         let timeout = self.config.limits.handshake_timeout;
+        let resumption = ResumptionConfig::default()
+            .with_accept_ik(self.config.resumption)
+            .with_accept_early_data(self.config.resumption && self.config.early_data);
         let config = self
             .stream_config()
+            .with_resumption(resumption)
             .with_handshake_timeout(Some(timeout))
             .with_first_message_timeout(Some(DEFAULT_FIRST_MESSAGE_TIMEOUT))
             .with_remote_addr(addr)

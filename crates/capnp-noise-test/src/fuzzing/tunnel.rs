@@ -58,6 +58,8 @@ const KEYS: &[&str] = &[
     "proxy_protocol",
     "via",
     "suite",
+    "resumption",
+    "early_data",
 ];
 
 /// `tunnel_config`: [`TunnelSpec::from_toml`] and [`TunnelSpec::check`]
@@ -305,6 +307,12 @@ fn render(spec: &TunnelSpec) -> String {
         if let Some(v) = s.suite {
             t.insert("suite".into(), v.as_str().into());
         }
+        if s.resumption {
+            t.insert("resumption".into(), true.into());
+        }
+        if s.early_data {
+            t.insert("early_data".into(), true.into());
+        }
         put_limits(&mut t, &s.limits);
         services.insert(name.clone(), t.into());
     }
@@ -418,6 +426,15 @@ fn assert_as_documented(spec: &TunnelSpec, config: &TunnelConfig, origin: Origin
             assert!(s.allow.is_none() && s.allow_vat.is_empty() && s.proxy_protocol.is_none());
         }
         assert_eq!(c.proxy_protocol, s.proxy_protocol);
+        assert_eq!((c.resumption, c.early_data), (s.resumption, s.early_data));
+        assert!(
+            !c.early_data || c.resumption,
+            "early data without resumption"
+        );
+        assert!(
+            !(c.resumption && s.mode == Mode::Client && s.known_vats.is_some()),
+            "a client resuming with known_vats"
+        );
         match (&c.via, &s.via) {
             (None, None) => {}
             (Some(v), Some(text)) => {
@@ -569,6 +586,29 @@ pub(super) fn seeds() -> Vec<Seed> {
         "tunnel_config",
         "server-and-client",
         mixed.into_bytes(),
+    ));
+    let resuming = format!(
+        "identity = \"t.key\"\n\n[service.web]\nmode = \"server\"\nlisten = \"[::]:8443\"\n\
+         connect = \"127.0.0.1:8080\"\nallow_vat = [\"{b}\"]\nresumption = true\nearly_data = true\n\n\
+         [service.db]\nmode = \"client\"\nlisten = \"127.0.0.1:0\"\nconnect = \"db.example.com:5433\"\n\
+         peer = \"{a}\"\nresumption = true\nearly_data = true\n"
+    );
+    v.push(Seed::new(
+        "tunnel_config",
+        "resumption",
+        resuming.clone().into_bytes(),
+    ));
+    v.push(Seed::new(
+        "tunnel_config",
+        "early-data-without-resumption",
+        resuming.replace("resumption = true\n", "").into_bytes(),
+    ));
+    v.push(Seed::new(
+        "tunnel_config",
+        "resumption-with-known-vats",
+        resuming
+            .replace(&format!("peer = \"{a}\""), "known_vats = \"known\"")
+            .into_bytes(),
     ));
     v.push(Seed::new(
         "tunnel_config",

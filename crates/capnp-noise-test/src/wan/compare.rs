@@ -17,8 +17,9 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use capnp_noise::rpc::{self, ClientConfig, ServerConfig};
+use capnp_noise::rpc::{self, ClientConfig, ClientResumption, ServerConfig};
 use capnp_noise::stream::{self, StreamConfig};
+use capnp_noise::wire::{EarlyDataChoice, ResumptionCache, ResumptionConfig};
 use capnp_noise::{AnyVat, Identity, Pinned};
 use capnp_rpc::rpc_twoparty_capnp::Side as RpcSide;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -34,6 +35,9 @@ use crate::support::twoparty_system;
 pub const PLAIN_RPC: u16 = 7100;
 /// Cloud: the capnp-noise `rpc::serve`.
 pub const NOISE_RPC: u16 = 7102;
+/// Cloud: a capnp-noise `rpc::serve` that accepts `IK` and early data
+/// (SPEC.md 14), for the resumed ways.
+pub const NOISE_RPC_IK: u16 = 7103;
 /// Cloud: the plain byte sink (and the tunnels' bulk backend).
 pub const PLAIN_SINK: u16 = 7200;
 /// Cloud: the capnp-noise `stream::accept` byte sink.
@@ -50,11 +54,33 @@ pub enum Way {
     Tunnel,
     /// stunnel (TLS 1.3, mutual certificates) client and server.
     Stunnel,
+    /// `rpc::connect` resuming with a server it knows (Noise `IK`, SPEC.md
+    /// 14), the first calls right after `IK` message 2. RPC only.
+    NoiseResumed,
+    /// As [`NoiseResumed`](Self::NoiseResumed), the first calls as early
+    /// data in `IK` message 1 (`EarlyDataChoice::ReplayableNotForwardSecret`;
+    /// the server accepts early data). RPC only.
+    NoiseEarly,
+    /// A second tunnel pair with `--resumption --early-data` at both ends:
+    /// the plain client's first bytes in `IK` message 1. RPC only.
+    TunnelEarly,
 }
 
 impl Way {
-    /// All four, in table order.
+    /// The four ways that carry both RPC and bulk, in table order.
     pub const ALL: [Way; 4] = [Way::Plain, Way::Noise, Way::Tunnel, Way::Stunnel];
+
+    /// The ways compared for the first answer: [`ALL`](Self::ALL) and the
+    /// two resumed ones, in table order.
+    pub const FIRST_ANSWER: [Way; 7] = [
+        Way::Plain,
+        Way::Noise,
+        Way::Tunnel,
+        Way::Stunnel,
+        Way::NoiseResumed,
+        Way::NoiseEarly,
+        Way::TunnelEarly,
+    ];
 
     /// The name in tables.
     pub fn name(self) -> &'static str {
@@ -63,6 +89,18 @@ impl Way {
             Way::Noise => "capnp-noise",
             Way::Tunnel => "capnp-noise tunnel",
             Way::Stunnel => "stunnel (TLS 1.3)",
+            Way::NoiseResumed => "capnp-noise resumed (IK)",
+            Way::NoiseEarly => "capnp-noise resumed (IK + early data)",
+            Way::TunnelEarly => "capnp-noise tunnel resumed (IK + early data)",
+        }
+    }
+
+    /// For the resumed ways, whether the first calls go as early data.
+    fn resumed(self) -> Option<EarlyDataChoice> {
+        match self {
+            Way::NoiseResumed => Some(EarlyDataChoice::Never),
+            Way::NoiseEarly => Some(EarlyDataChoice::ReplayableNotForwardSecret),
+            _ => None,
         }
     }
 
@@ -78,6 +116,9 @@ impl Way {
             (Way::Tunnel, true) => (local, 7601),
             (Way::Stunnel, false) => (local, 7700),
             (Way::Stunnel, true) => (local, 7701),
+            // RPC only (bulk through them is not compared).
+            (Way::NoiseResumed | Way::NoiseEarly, _) => (Bed::CLOUD, NOISE_RPC_IK),
+            (Way::TunnelEarly, _) => (local, 7602),
         };
         SocketAddr::from((ip, port))
     }
@@ -89,6 +130,8 @@ impl Way {
 pub struct Setup {
     server: Identity,
     client: Identity,
+    /// The resumed ways' records (filled by their first call in `start`).
+    resumption: Arc<ResumptionCache>,
     children: Children,
     cloud_stop: Option<tokio::sync::oneshot::Sender<()>>,
     cloud: Option<std::thread::JoinHandle<()>>,
@@ -122,6 +165,10 @@ impl Setup {
         let cloud = bed.run_async_in(Side::Cloud, move || async move {
             let plain_rpc = TcpListener::bind(("0.0.0.0", PLAIN_RPC)).await.unwrap();
             let noise_rpc = TcpListener::bind((Bed::CLOUD, NOISE_RPC)).await.unwrap();
+            let noise_rpc_ik = TcpListener::bind((Bed::CLOUD, NOISE_RPC_IK)).await.unwrap();
+            let ik = ResumptionConfig::default()
+                .with_accept_ik(true)
+                .with_accept_early_data(true);
             let plain_sink = TcpListener::bind(("0.0.0.0", PLAIN_SINK)).await.unwrap();
             let noise_sink = TcpListener::bind((Bed::CLOUD, NOISE_SINK)).await.unwrap();
             ready_tx.send(()).unwrap();
@@ -130,6 +177,8 @@ impl Setup {
                 () = serve_plain_rpc(plain_rpc) => {}
                 () = rpc::serve(noise_rpc, cloud_id.clone(), Arc::new(AnyVat),
                     ServerConfig::default(), Office::bootstrap) => {}
+                () = rpc::serve(noise_rpc_ik, cloud_id.clone(), Arc::new(AnyVat),
+                    ServerConfig::default().with_resumption(ik), Office::bootstrap) => {}
                 () = serve_sink(plain_sink, None) => {}
                 () = serve_sink(noise_sink, Some(cloud_id)) => {}
             }
@@ -138,6 +187,7 @@ impl Setup {
         let mut setup = Setup {
             server,
             client,
+            resumption: Arc::new(ResumptionCache::default()),
             children: Children::default(),
             cloud_stop: Some(cloud_stop),
             cloud: Some(cloud),
@@ -146,8 +196,9 @@ impl Setup {
         setup.start_tunnels(bed, capnp_noise, tunnel_args);
         setup.start_stunnels(bed);
         // Ready when a call goes through each way (a tunnel or stunnel
-        // listens before its far end does).
-        for way in Way::ALL {
+        // listens before its far end does). The resumed ways' first call
+        // runs XX and records the server.
+        for way in Way::FIRST_ANSWER {
             let deadline = Instant::now() + Duration::from_secs(30);
             while setup.try_first_answer(bed, way).is_err() {
                 assert!(Instant::now() < deadline, "{} did not come up", way.name());
@@ -164,7 +215,12 @@ impl Setup {
         self.client.save(&ckey, false).expect("save the client key");
         let client_vat = self.client.vat_id().to_string();
         let server_vat = self.server.vat_id().to_string();
-        for (listen, target, local) in [(7300, PLAIN_RPC, 7600), (7301, PLAIN_SINK, 7601)] {
+        let early: &[&str] = &["--resumption", "--early-data"];
+        for (listen, target, local, resume) in [
+            (7300, PLAIN_RPC, 7600, &[][..]),
+            (7301, PLAIN_SINK, 7601, &[][..]),
+            (7302, PLAIN_RPC, 7602, early),
+        ] {
             let listen = format!("{}:{listen}", Bed::CLOUD);
             let mut cmd = bed.command(Side::Cloud, exe);
             cmd.args(launch::tunnel_server_args(
@@ -173,6 +229,7 @@ impl Setup {
                 &skey,
                 &client_vat,
             ))
+            .args(resume)
             .args(extra);
             self.spawn(cmd, "capnp-noise tunnel server");
             let mut cmd = bed.command(Side::Office, exe);
@@ -182,6 +239,7 @@ impl Setup {
                 &ckey,
                 &server_vat,
             ))
+            .args(resume)
             .args(extra);
             self.spawn(cmd, "capnp-noise tunnel client");
         }
@@ -275,10 +333,15 @@ impl Setup {
         let client = self.client.clone();
         let server = self.server.vat_id();
         let limit = Duration::from_secs(10);
+        let resumption = way
+            .resumed()
+            .map(|early| ClientResumption::new(self.resumption.clone()).with_early_data(early));
         bed.run_async_in(Side::Office, move || async move {
             let start = Instant::now();
-            if way == Way::Noise {
-                let config = ClientConfig::default().with_timeout(limit);
+            if way == Way::Noise || resumption.is_some() {
+                let config = ClientConfig::default()
+                    .with_timeout(limit)
+                    .with_resumption(resumption);
                 let (office, conn): (office::Client, _) =
                     rpc::connect(addr, &client, Arc::new(Pinned(server)), config)
                         .await
@@ -424,12 +487,13 @@ async fn serve_plain_rpc(listener: TcpListener) {
 }
 
 /// `runs` first answers over every way, interleaved (one of each way per
-/// run), in [`Way::ALL`]'s order.
+/// run), in [`Way::FIRST_ANSWER`]'s order.
 ///
 /// # Panics
 /// When a way does not answer.
 pub fn first_answers(setup: &Setup, bed: &Bed, runs: usize) -> Vec<(Way, Vec<Duration>)> {
-    let mut times: Vec<(Way, Vec<Duration>)> = Way::ALL.iter().map(|&w| (w, vec![])).collect();
+    let mut times: Vec<(Way, Vec<Duration>)> =
+        Way::FIRST_ANSWER.iter().map(|&w| (w, vec![])).collect();
     for _ in 0..runs {
         for (way, t) in &mut times {
             let answer = setup.try_first_answer(bed, *way);
