@@ -114,7 +114,37 @@
 //!   (default traversal limit 8 Mi words = 64 MiB per message); set
 //!   `reader_options` on both ends to the largest message you expect.
 //! * An authenticated peer that stops sending holds its connection until it
-//!   disconnects: there is no idle timeout at this layer.
+//!   disconnects: there is no idle timeout at this layer. A peer that
+//!   *vanished* (host gone, NAT forgot the flow) is found by TCP keepalive
+//!   ([`ServerConfig::keepalive`], on by default) within about a minute.
+//!
+//! # Across a WAN: NATs, partitions, restarts
+//!
+//! What a WAN does to a connection reaches it through TCP; RELIABILITY.md
+//! has the measurements. What the API does, and what applications should
+//! do:
+//!
+//! * **Idle connections and NATs.** [`ClientConfig::keepalive`] and
+//!   [`ServerConfig::keepalive`] (default [`DEFAULT_KEEPALIVE`], 30 s) turn
+//!   on TCP keepalive, which keeps a NAT's mapping of an idle connection
+//!   and fails a connection whose peer stopped answering within about
+//!   twice the keepalive. Set it below the shortest NAT or firewall idle
+//!   timeout on the path; `None` turns it off (then a NAT that forgets the
+//!   flow leaves calls waiting, without an error, for about 15 minutes).
+//! * **Put a timeout on calls** that must finish in bounded time: a
+//!   partition makes a call wait, without an error, for as long as TCP
+//!   retransmits (up to twice the keepalive with data in flight).
+//! * **After an error, reconnect and get the capabilities anew.** A
+//!   capability is bound to its connection: when the connection fails (the
+//!   server restarted, the keepalive found the peer gone), every capability
+//!   from it fails with an error and stays broken. Call [`connect`] again
+//!   (or [`connect_sturdy`] to restore a sturdy ref: its object id outlives
+//!   connections and server restarts if the server registers it again
+//!   under the same id) and retry only calls that are safe to repeat (a
+//!   call that failed may or may not have run). A server restart is seen
+//!   within about a round trip (the old connection ends without the
+//!   authenticated CLOSE, reported as a possible truncation, never as a
+//!   clean end); the new connection answers after its handshake.
 
 use std::cell::{Cell, RefCell};
 use std::fmt;
@@ -235,6 +265,12 @@ pub struct ServerConfig {
     pub first_message_timeout: Duration,
     /// Limits on incoming messages (traversal limit, nesting).
     pub reader_options: ReaderOptions,
+    /// TCP keepalive on every accepted connection (see [`DEFAULT_KEEPALIVE`]
+    /// for what it does and why 30 s); `None`: the system's settings (on
+    /// Linux: none, and a dead peer holds its connection until it would
+    /// have acknowledged data, about 15 minutes). Default
+    /// [`DEFAULT_KEEPALIVE`].
+    pub keepalive: Option<Duration>,
 }
 
 impl Default for ServerConfig {
@@ -250,6 +286,7 @@ impl Default for ServerConfig {
                 crate::admission::DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE,
             first_message_timeout: crate::admission::DEFAULT_FIRST_MESSAGE_TIMEOUT,
             reader_options: ReaderOptions::new(),
+            keepalive: Some(DEFAULT_KEEPALIVE),
         }
     }
 }
@@ -285,6 +322,11 @@ pub struct ClientConfig {
     pub timeout: Duration,
     /// Limits on incoming messages (traversal limit, nesting).
     pub reader_options: ReaderOptions,
+    /// TCP keepalive on the connection (see [`DEFAULT_KEEPALIVE`] for what
+    /// it does and why 30 s); `None`: the system's settings (on Linux:
+    /// none, and behind a NAT that forgot the flow a call waits, without an
+    /// error, about 15 minutes). Default [`DEFAULT_KEEPALIVE`].
+    pub keepalive: Option<Duration>,
 }
 
 impl Default for ClientConfig {
@@ -293,6 +335,7 @@ impl Default for ClientConfig {
             handshake: HandshakeConfig::default(),
             timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             reader_options: ReaderOptions::new(),
+            keepalive: Some(DEFAULT_KEEPALIVE),
         }
     }
 }
@@ -307,12 +350,14 @@ setters!(ServerConfig {
     with_max_unauthenticated_per_source => max_unauthenticated_per_source: usize,
     with_first_message_timeout => first_message_timeout: Duration,
     with_reader_options => reader_options: ReaderOptions,
+    with_keepalive => keepalive: Option<Duration>,
 });
 
 setters!(ClientConfig {
     with_handshake => handshake: HandshakeConfig,
     with_timeout => timeout: Duration,
     with_reader_options => reader_options: ReaderOptions,
+    with_keepalive => keepalive: Option<Duration>,
 });
 
 /// Accepts connections on `listener` forever, serving each authenticated
@@ -410,6 +455,7 @@ impl<F> Serving<F> {
                 timeout: options.handshake_timeout,
                 first_message_timeout: options.first_message_timeout,
                 unauthenticated: UnauthenticatedLimit::new(options.max_unauthenticated_per_source),
+                keepalive: options.keepalive,
             },
             reader_options: options.reader_options,
             bootstrap,
@@ -428,6 +474,8 @@ pub(crate) struct Acceptor {
     pub(crate) timeout: Duration,
     pub(crate) first_message_timeout: Duration,
     pub(crate) unauthenticated: UnauthenticatedLimit,
+    /// TCP keepalive of accepted connections (see [`set_keepalive`]).
+    pub(crate) keepalive: Option<Duration>,
 }
 
 impl Acceptor {
@@ -450,6 +498,9 @@ impl Acceptor {
             return None;
         };
         let _ = tcp.set_nodelay(true);
+        if let Err(e) = set_keepalive(&tcp, self.keepalive) {
+            debug!(%addr, error = %e, "TCP keepalive not set");
+        }
         let config = StreamConfig::default()
             .with_handshake(self.handshake.clone())
             .with_handshake_timeout(Some(self.timeout))
@@ -570,7 +621,15 @@ where
     C: FromClientHook,
 {
     let dialed = addr.to_string();
-    let (stream, peer) = dial(addr, identity, policy, options.handshake, options.timeout).await?;
+    let (stream, peer) = dial(
+        addr,
+        identity,
+        policy,
+        options.handshake,
+        options.timeout,
+        options.keepalive,
+    )
+    .await?;
     let (mut rpc_system, shared) = rpc_system(stream, Side::Client, None, options.reader_options);
     let bootstrap: capnp::capability::Client = rpc_system.bootstrap(Side::Server);
     let disconnector = rpc_system.get_disconnector();
@@ -589,20 +648,22 @@ where
 /// The initiator's side of a connection before RPC starts: TCP connect and
 /// handshake, each within `timeout`, the responder checked by `policy`;
 /// once more with the mandatory suite if the responder closed without
-/// answering and `handshake` allows it (SPEC.md 2). Shared by [`connect`]
-/// and the multi-vat network (`crate::network`).
+/// answering and `handshake` allows it (SPEC.md 2); TCP keepalive every
+/// `keepalive` (see [`set_keepalive`]). Shared by [`connect`] and the
+/// multi-vat network (`crate::network`).
 pub(crate) async fn dial<A>(
     addr: A,
     identity: &Identity,
     policy: Arc<dyn PeerPolicy>,
     handshake: HandshakeConfig,
     timeout: Duration,
+    keepalive: Option<Duration>,
 ) -> Result<(NoiseStream<TcpStream>, PeerInfo)>
 where
     A: ToSocketAddrs + fmt::Display,
 {
     let dialed = addr.to_string();
-    let tcp = tcp_connect(addr, timeout).await?;
+    let tcp = tcp_connect(addr, timeout, keepalive).await?;
     let remote_addr = tcp.peer_addr()?;
     let attempt = |tcp, handshake| {
         let config = StreamConfig::default()
@@ -626,7 +687,7 @@ where
             Suite::MANDATORY
         );
         unanswered_suite = Some(proposed);
-        result = match tcp_connect(remote_addr, timeout).await {
+        result = match tcp_connect(remote_addr, timeout, keepalive).await {
             Ok(tcp) => attempt(tcp, retry).await,
             Err(e) => Err(e),
         };
@@ -649,13 +710,78 @@ where
     }
 }
 
-/// A TCP connection to `addr` within `timeout`, with `TCP_NODELAY`.
-async fn tcp_connect(addr: impl ToSocketAddrs, timeout: Duration) -> Result<TcpStream> {
+/// A TCP connection to `addr` within `timeout`, with `TCP_NODELAY` and
+/// TCP keepalive every `keepalive`.
+async fn tcp_connect(
+    addr: impl ToSocketAddrs,
+    timeout: Duration,
+    keepalive: Option<Duration>,
+) -> Result<TcpStream> {
     let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
         .await
         .map_err(|_| Error::HandshakeTimeout(timeout))??;
     tcp.set_nodelay(true)?;
+    set_keepalive(&tcp, keepalive)?;
     Ok(tcp)
+}
+
+/// The default keepalive of [`ClientConfig`], [`ServerConfig`] and
+/// [`NetworkConfig`](crate::network::NetworkConfig): 30 s.
+///
+/// With a keepalive of `k`, the kernel sends a TCP keepalive probe after
+/// `k` without any packet from the peer, and again every `k / 3` while
+/// none is answered; after 3 unanswered probes, or once data sent stays
+/// unacknowledged for `2 k` (`TCP_USER_TIMEOUT`, Linux), the connection
+/// fails with an error ("Connection timed out"): calls in flight fail,
+/// capabilities from it break, and the multi-vat network dials a new
+/// connection the next time it is asked for the peer. So:
+///
+/// * **A NAT keeps the flow.** A probe is a packet of the flow: NATs and
+///   stateful firewalls that forget idle TCP flows keep it as long as their
+///   idle timeout is longer than `k`. Typical idle timeouts of established
+///   TCP flows: AWS NAT gateway and NLB 350 s, Azure load balancer and
+///   SNAT 4 minutes, Google Cloud NAT 20 minutes, home routers and
+///   carrier-grade NATs from 5 minutes to hours (RFC 5382 asks for at
+///   least 2 h 4 min; many are shorter; UDP mappings are often only 30 s
+///   to 2 minutes, RFC 4787). 30 s is below all of these.
+/// * **A dead connection is found.** A peer that vanished (its host lost
+///   power, a NAT forgot the flow anyway, a partition that does not heal)
+///   is detected within about `2 k` (60 s by default) of the last packet
+///   from it, instead of TCP's 15 minutes of retransmissions
+///   (`tcp_retries2`) or never (an idle connection without keepalive).
+/// * **The cost**: a 40-byte probe and its acknowledgement per `k` on an
+///   idle connection; nothing on a busy one. A partition longer than `2 k`
+///   while data is in flight now fails the connection rather than waiting.
+///
+/// The probes are TCP's own, not authenticated by capnp-noise: they tell
+/// the kernel that the peer's TCP is alive, nothing more. (The
+/// authenticated keepalive of SPEC.md 7.1, an empty DATA frame, is what
+/// the tunnel's `keepalive` sends.) The kernel counts in whole seconds: a
+/// keepalive is rounded down to whole seconds, at least 1 s.
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(30);
+
+/// Unanswered keepalive probes before the connection fails.
+const KEEPALIVE_PROBES: u32 = 3;
+
+/// Turns on TCP keepalive on `tcp` with the probes and timeouts
+/// [`DEFAULT_KEEPALIVE`] describes for `every` (`None`: leaves the
+/// system's settings).
+pub(crate) fn set_keepalive(tcp: &TcpStream, every: Option<Duration>) -> io::Result<()> {
+    let Some(every) = every else {
+        return Ok(());
+    };
+    let every = Duration::from_secs(every.as_secs().max(1));
+    let probe = Duration::from_secs((every.as_secs() / u64::from(KEEPALIVE_PROBES)).max(1));
+    let socket = socket2::SockRef::from(tcp);
+    let params = socket2::TcpKeepalive::new()
+        .with_time(every)
+        .with_interval(probe);
+    #[cfg(target_os = "linux")]
+    let params = params.with_retries(KEEPALIVE_PROBES);
+    socket.set_tcp_keepalive(&params)?;
+    #[cfg(target_os = "linux")]
+    socket.set_tcp_user_timeout(Some(every + probe * KEEPALIVE_PROBES))?;
+    Ok(())
 }
 
 /// A client connection made by [`connect`].
@@ -902,4 +1028,59 @@ pub async fn connect_sturdy<C: FromClientHook>(
     Err(last.unwrap_or(Error::NoAddress {
         vat: *sturdy_ref.vat_id(),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The probes and timeouts `DEFAULT_KEEPALIVE` documents reach the
+    /// socket: a probe after `k` idle, then every `k / 3`, 3 of them, and
+    /// data unacknowledged for `2 k` fails the connection; `None` leaves
+    /// the socket as it was (no keepalive).
+    #[tokio::test]
+    async fn keepalive_sets_the_documented_probes_and_user_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let tcp = tcp_connect(addr, Duration::from_secs(5), Some(DEFAULT_KEEPALIVE))
+            .await
+            .unwrap();
+        let socket = socket2::SockRef::from(&tcp);
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(
+            socket.tcp_keepalive_time().unwrap(),
+            Duration::from_secs(30)
+        );
+        #[cfg(target_os = "linux")]
+        {
+            assert_eq!(
+                socket.tcp_keepalive_interval().unwrap(),
+                Duration::from_secs(10)
+            );
+            assert_eq!(socket.tcp_keepalive_retries().unwrap(), 3);
+            assert_eq!(
+                socket.tcp_user_timeout().unwrap(),
+                Some(Duration::from_secs(60))
+            );
+        }
+        // Below a second: one second, the kernel's unit.
+        let tcp = tcp_connect(
+            addr,
+            Duration::from_secs(5),
+            Some(Duration::from_millis(300)),
+        )
+        .await
+        .unwrap();
+        let socket = socket2::SockRef::from(&tcp);
+        assert_eq!(socket.tcp_keepalive_time().unwrap(), Duration::from_secs(1));
+        #[cfg(target_os = "linux")]
+        assert_eq!(
+            socket.tcp_user_timeout().unwrap(),
+            Some(Duration::from_secs(4))
+        );
+        let tcp = tcp_connect(addr, Duration::from_secs(5), None)
+            .await
+            .unwrap();
+        assert!(!socket2::SockRef::from(&tcp).keepalive().unwrap());
+    }
 }

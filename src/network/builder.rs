@@ -173,6 +173,7 @@ impl NetworkBuilder {
                 timeout: options.handshake_timeout,
                 first_message_timeout: options.first_message_timeout,
                 unauthenticated: UnauthenticatedLimit::new(options.max_unauthenticated_per_source),
+                keepalive: options.keepalive,
             },
             identity: self.identity,
             permits: Arc::new(Semaphore::new(options.max_connections.max(1))),

@@ -229,6 +229,7 @@ async fn dial_addresses(inner: &Rc<Inner>, vat: VatId, hints: &[Address]) -> Res
             Arc::new(Pinned(vat)),
             inner.options.handshake.clone(),
             inner.options.connect_timeout,
+            inner.options.keepalive,
         )
         .await;
         match dialed {
