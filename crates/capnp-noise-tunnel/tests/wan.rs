@@ -23,7 +23,7 @@ use capnp_noise_test::peers;
 use capnp_noise_test::wan::compare::{
     first_answers, median, throughput_table, throughputs, Setup, Way,
 };
-use capnp_noise_test::wan::{Bed, Side};
+use capnp_noise_test::wan::{Bed, PacketFaults, Side};
 use std::path::Path;
 
 /// Whether beds can be made here (else the test returns: skipped, or a
@@ -171,6 +171,119 @@ fn the_bed_drops_the_configured_share_of_packets_and_partitions_on_demand() {
     bed.partition(false);
     assert!(pings(&bed, server, 3).iter().all(Option::is_some));
     drop(echo);
+}
+
+/// `n` numbered UDP packets from the office to the cloud (paced: 50 at a
+/// time, 2 ms apart); the numbers the cloud received, in arrival order.
+fn numbered_packets(bed: &Bed, port: u16, n: u32) -> Vec<u32> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let sink = bed.spawn_in(Side::Cloud, move || {
+        let sock = UdpSocket::bind((Bed::CLOUD, port)).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(600)))
+            .unwrap();
+        ready_tx.send(()).unwrap();
+        let mut got = vec![];
+        let mut buf = [0u8; 64];
+        while let Ok((len, _)) = sock.recv_from(&mut buf) {
+            got.push(u32::from_be_bytes(buf[..len.min(4)].try_into().unwrap()));
+        }
+        got
+    });
+    ready_rx.recv().unwrap();
+    bed.spawn_in(Side::Office, move || {
+        let sock = UdpSocket::bind((Bed::OFFICE, 0)).unwrap();
+        for i in 0..n {
+            sock.send_to(&i.to_be_bytes(), (Bed::CLOUD, port)).unwrap();
+            if i % 50 == 49 {
+                std::thread::sleep(2 * MS);
+            }
+        }
+    })
+    .join()
+    .unwrap();
+    sink.join().unwrap()
+}
+
+/// The delayer's seeded packet faults: a held-back packet arrives after
+/// exactly `reorder_depth` later ones, a loss burst drops a run of
+/// `burst_len` consecutive packets, the counts match what arrived, and the
+/// same seed makes the same decisions for the same packets.
+#[test]
+fn the_bed_reorders_and_drops_bursts_as_seeded() {
+    if !beds() {
+        return;
+    }
+    let _one = one_bed();
+    let faults = PacketFaults {
+        reorder_per_mille: 40,
+        reorder_depth: 3,
+        burst_per_mille: 4,
+        burst_len: 10,
+        seed: 42,
+    };
+    let bed = Bed::builder()
+        .rtt(2 * MS)
+        .packet_faults(faults)
+        .build()
+        .expect("a bed");
+    let n = 3000;
+    let got = numbered_packets(&bed, 7004, n);
+    let stats = bed.delayer_stats();
+    let lost: Vec<u32> = {
+        let seen: std::collections::HashSet<u32> = got.iter().copied().collect();
+        (0..n).filter(|i| !seen.contains(i)).collect()
+    };
+    // A packet arrives late if a higher number arrived before it; with
+    // depth 3, exactly 3 packets (of those sent after it) overtook it.
+    let mut late = 0;
+    for (pos, &p) in got.iter().enumerate() {
+        let overtaken_by = got[..pos].iter().filter(|&&q| q > p).count();
+        if overtaken_by > 0 {
+            late += 1;
+            // (Fewer near the end: nothing more came, MAX_HOLD released it.)
+            assert!(
+                overtaken_by == 3 || (p >= n - 20 && overtaken_by < 3),
+                "packet {p} overtaken by {overtaken_by}"
+            );
+        }
+    }
+    // Lost packets come in runs of 10 (adjacent bursts merge).
+    let mut runs = vec![];
+    for &p in &lost {
+        match runs.last_mut() {
+            Some((start, len)) if *start + *len == p => *len += 1,
+            _ => runs.push((p, 1)),
+        }
+    }
+    eprintln!(
+        "bed faults (seed 42): {late} of {n} packets late, {} lost in {} bursts; delayer: {stats:?}",
+        lost.len(),
+        runs.len()
+    );
+    assert!(
+        runs.iter().all(|&(_, len)| len % 10 == 0),
+        "loss runs {runs:?}"
+    );
+    assert_eq!(
+        lost.len(),
+        stats.burst_dropped,
+        "lost packets and burst drops"
+    );
+    assert_eq!(late, stats.reordered, "late packets and held-back packets");
+    // 40 per mille of about 2960 packets: about 118 held; 4 per mille: about 12 bursts.
+    assert!((60..=180).contains(&late), "{late} late");
+    assert!((3..=30).contains(&runs.len()), "{} bursts", runs.len());
+
+    // The same seed again: the same packets lost (the same decisions).
+    bed.set_packet_faults(faults);
+    let again = numbered_packets(&bed, 7005, n);
+    let seen: std::collections::HashSet<u32> = again.iter().copied().collect();
+    let lost_again: Vec<u32> = (0..n).filter(|i| !seen.contains(i)).collect();
+    assert_eq!(lost, lost_again, "the same seed dropped other packets");
+    // Off: everything, in order.
+    bed.set_packet_faults(PacketFaults::default());
+    let clean = numbered_packets(&bed, 7006, 500);
+    assert_eq!(clean, (0..500).collect::<Vec<_>>());
 }
 
 #[test]
