@@ -73,6 +73,7 @@
 //! ```
 
 pub mod compare;
+pub mod faults;
 
 use std::fs::File;
 use std::future::Future;

@@ -11,10 +11,13 @@
 //! under `CI=true`). The short profile (`cargo test`, in `.ci/run`) runs
 //! each fault once; the long profile repeats them (the tables of
 //! RELIABILITY.md):
-//! `WAN_RUNS=5 cargo test -p capnp-noise-tunnel --test wan -- --nocapture --test-threads 1`.
-//! The runs are repeated, not seeded: the loss is the kernel's
-//! `numgen random`, which takes no seed. BENCHMARKS.md's WAN tables come
-//! from `benches/wan.rs`.
+//! `CAPNP_NOISE_WAN_PROFILE=long cargo test -p capnp-noise-tunnel --test wan -- --nocapture --test-threads 1`
+//! (3 runs of each fault; `WAN_RUNS=N` sets the runs). These runs are
+//! repeated, not seeded: their loss is the kernel's `numgen random`, which
+//! takes no seed; the seeded bursts of loss and reordering
+//! ([`PacketFaults`]) and the faults of capnp-noise's own API are in
+//! `tests/wan_faults.rs` at the workspace root. BENCHMARKS.md's WAN tables
+//! come from `benches/wan.rs`.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
@@ -23,29 +26,11 @@ use capnp_noise_test::peers;
 use capnp_noise_test::wan::compare::{
     first_answers, median, throughput_table, throughputs, Setup, Way,
 };
+use capnp_noise_test::wan::faults::{self, beds_usable, call_for, one_bed, Tally, TABLE_HEAD};
 use capnp_noise_test::wan::{Bed, PacketFaults, Side};
 use std::path::Path;
 
-/// Whether beds can be made here (else the test returns: skipped, or a
-/// failure under CI).
-fn beds() -> bool {
-    peers::usable(
-        "network namespaces (root, iproute2, nftables, /dev/net/tun)",
-        Bed::check(),
-    )
-}
-
 const MS: Duration = Duration::from_millis(1);
-
-/// One bed at a time: the tests time delay-bound work, and a 2-core machine
-/// running several beds' delayers and servers at once adds its own delays.
-static ONE_BED: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn one_bed() -> std::sync::MutexGuard<'static, ()> {
-    ONE_BED
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 /// A UDP echo server in the cloud, on `port`, for `secs` seconds.
 fn udp_echo(bed: &Bed, port: u16, secs: u64) -> std::thread::JoinHandle<usize> {
@@ -103,7 +88,7 @@ fn pings(bed: &Bed, server: SocketAddr, n: usize) -> Vec<Option<Duration>> {
 
 #[test]
 fn the_bed_adds_its_round_trip_and_jitter_without_reordering() {
-    if !beds() {
+    if !beds_usable() {
         return;
     }
     let _one = one_bed();
@@ -132,7 +117,7 @@ fn the_bed_adds_its_round_trip_and_jitter_without_reordering() {
 
 #[test]
 fn the_bed_drops_the_configured_share_of_packets_and_partitions_on_demand() {
-    if !beds() {
+    if !beds_usable() {
         return;
     }
     let _one = one_bed();
@@ -210,7 +195,7 @@ fn numbered_packets(bed: &Bed, port: u16, n: u32) -> Vec<u32> {
 /// same seed makes the same decisions for the same packets.
 #[test]
 fn the_bed_reorders_and_drops_bursts_as_seeded() {
-    if !beds() {
+    if !beds_usable() {
         return;
     }
     let _one = one_bed();
@@ -288,7 +273,7 @@ fn the_bed_reorders_and_drops_bursts_as_seeded() {
 
 #[test]
 fn the_bed_limits_the_rate_to_its_tbf() {
-    if !beds() {
+    if !beds_usable() {
         return;
     }
     let _one = one_bed();
@@ -362,7 +347,7 @@ fn stunnel() -> bool {
 /// (the medians are printed too).
 #[test]
 fn the_first_answer_at_50_ms_costs_3_round_trips_like_tls_1_3() {
-    if !beds() || !stunnel() {
+    if !beds_usable() || !stunnel() {
         return;
     }
     let _one = one_bed();
@@ -405,12 +390,10 @@ fn the_first_answer_at_50_ms_costs_3_round_trips_like_tls_1_3() {
 
 // ----- faults (item 5) -----
 
-/// Runs of each fault (`WAN_RUNS`, default 1 for the short profile).
+/// Runs of each fault: `WAN_RUNS`, or 1 (short profile) or 3
+/// (`CAPNP_NOISE_WAN_PROFILE=long`).
 fn fault_runs() -> usize {
-    std::env::var("WAN_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1)
+    faults::runs(1, 3)
 }
 
 /// A fault the bed plays while a test's traffic runs.
@@ -445,47 +428,6 @@ impl Fault {
     }
 }
 
-/// Per way and fault: what was attempted, what arrived, what was lost
-/// without an error, the errors, and the stalls beyond the fault itself.
-#[derive(Debug, Default)]
-struct Tally {
-    runs: usize,
-    attempted: u64,
-    delivered: u64,
-    lost_silently: u64,
-    errors: Vec<String>,
-    recover: Vec<Duration>,
-}
-
-impl Tally {
-    fn row(&self, what: &str, unit: &str) -> String {
-        let recover = if self.recover.is_empty() {
-            "-".to_string()
-        } else {
-            let max = self.recover.iter().max().unwrap();
-            format!(
-                "{:.1} s (max {:.1} s)",
-                median(&self.recover).as_secs_f64(),
-                max.as_secs_f64()
-            )
-        };
-        format!(
-            "| {what} | {} | {} {unit} | {} | {} | {} | {recover} |",
-            self.runs,
-            self.attempted,
-            self.delivered,
-            self.lost_silently,
-            if self.errors.is_empty() {
-                "0".to_string()
-            } else {
-                format!("{}: {}", self.errors.len(), self.errors[0])
-            },
-        )
-    }
-}
-
-const TABLE_HEAD: &str = "| fault, way | runs | attempted | delivered | lost without an error | errors | time to recover |\n|---|---|---|---|---|---|---|";
-
 /// A 5 s partition and a 2 s burst of 30 % loss in the middle of a 4 MiB
 /// transfer at 20 Mbit/s, 50 ms RTT: every byte arrives (the sink counts
 /// them after the sender's end-of-stream), or the failure is an error; a
@@ -496,7 +438,7 @@ const TABLE_HEAD: &str = "| fault, way | runs | attempted | delivered | lost wit
 /// backoff.
 #[test]
 fn transfers_lose_nothing_through_a_5_s_partition_or_a_loss_burst() {
-    if !beds() || !stunnel() {
+    if !beds_usable() || !stunnel() {
         return;
     }
     let _one = one_bed();
@@ -562,7 +504,7 @@ fn transfers_lose_nothing_through_a_5_s_partition_or_a_loss_burst() {
 /// next answer.
 #[test]
 fn rpc_calls_through_a_5_s_partition_are_answered_late_never_lost() {
-    if !beds() || !stunnel() {
+    if !beds_usable() || !stunnel() {
         return;
     }
     let _one = one_bed();
@@ -578,7 +520,7 @@ fn rpc_calls_through_a_5_s_partition_are_answered_late_never_lost() {
                 let calls = s.spawn(|| {
                     setup.with_office(&bed, way, move |office, _| async move {
                         let _ = tx.send(());
-                        call_for(&office, Duration::from_secs(9)).await
+                        call_for(&office, Duration::from_secs(9), Duration::from_secs(30)).await
                     })
                 });
                 rx.recv().expect("connected");
@@ -590,10 +532,7 @@ fn rpc_calls_through_a_5_s_partition_are_answered_late_never_lost() {
             t.runs += 1;
             match outcome {
                 (Ok(c), healed) => {
-                    t.attempted += c.attempted;
-                    t.delivered += c.answered;
-                    t.lost_silently += c.wrong + c.hung;
-                    t.errors.extend(c.error);
+                    t.add_calls(&c);
                     if let Some(after) = c.answers.iter().find(|&&a| a > healed) {
                         t.recover.push(*after - healed);
                     }
@@ -611,59 +550,6 @@ fn rpc_calls_through_a_5_s_partition_are_answered_late_never_lost() {
     }
 }
 
-/// What [`call_for`] saw.
-#[derive(Debug, Default)]
-struct Calls {
-    attempted: u64,
-    answered: u64,
-    /// Answered with data other than the call's own.
-    wrong: u64,
-    /// Neither answered nor failed within 30 s.
-    hung: u64,
-    /// The first error (calls stop there).
-    error: Option<String>,
-    /// When each answer came.
-    answers: Vec<Instant>,
-}
-
-/// Echo calls, one after another, for `total`.
-async fn call_for(
-    office: &capnp_noise_test::schema::demo_capnp::office::Client,
-    total: Duration,
-) -> Calls {
-    let end = Instant::now() + total;
-    let mut c = Calls::default();
-    while Instant::now() < end {
-        c.attempted += 1;
-        let data = format!("call {} ", c.attempted).repeat(64);
-        let mut req = office.echo_request();
-        req.get().set_data(data.as_bytes());
-        match tokio::time::timeout(Duration::from_secs(30), req.send().promise).await {
-            Err(_) => {
-                c.hung += 1;
-                break;
-            }
-            Ok(Err(e)) => {
-                c.error = Some(e.to_string());
-                break;
-            }
-            Ok(Ok(reply)) => {
-                let same = reply
-                    .get()
-                    .and_then(|r| r.get_data())
-                    .is_ok_and(|d| d == data.as_bytes());
-                if same {
-                    c.answered += 1;
-                    c.answers.push(Instant::now());
-                } else {
-                    c.wrong += 1;
-                }
-            }
-        }
-    }
-    c
-}
-
 /// A NAT that forgets flows idle for 2 s (conntrack in the router): after
 /// 4 s of silence, a call on the old connection. Only the tunnel, with
 /// `--keepalive 1`, keeps its flow alive; plain TCP, capnp-noise's
@@ -673,7 +559,7 @@ async fn call_for(
 /// works at once (its SYN makes a new mapping).
 #[test]
 fn after_a_nat_drops_an_idle_flow_only_keepalives_keep_the_connection() {
-    if !beds() || !stunnel() {
+    if !beds_usable() || !stunnel() {
         return;
     }
     let _one = one_bed();
@@ -744,7 +630,7 @@ fn after_a_nat_drops_an_idle_flow_only_keepalives_keep_the_connection() {
 /// it anew, or restore a sturdy ref).
 #[test]
 fn a_server_restart_fails_held_capabilities_with_an_error_and_reconnecting_works() {
-    if !beds() {
+    if !beds_usable() {
         return;
     }
     let _one = one_bed();
@@ -861,7 +747,7 @@ fn a_server_restart_fails_held_capabilities_with_an_error_and_reconnecting_works
 /// figures are printed) and BENCHMARKS.md gives the long profile's medians.
 #[test]
 fn on_a_long_fat_link_capnp_noise_keeps_up_with_plain_tcp() {
-    if !beds() || !stunnel() {
+    if !beds_usable() || !stunnel() {
         return;
     }
     let _one = one_bed();
@@ -900,7 +786,7 @@ fn on_a_long_fat_link_capnp_noise_keeps_up_with_plain_tcp() {
 /// a new one that answers.
 #[test]
 fn the_network_behind_a_nat_recovers_only_with_an_idle_timeout_below_the_nats() {
-    if !beds() {
+    if !beds_usable() {
         return;
     }
     let _one = one_bed();
