@@ -765,8 +765,21 @@ const KEEPALIVE_PROBES: u32 = 3;
 
 /// Turns on TCP keepalive on `tcp` with the probes and timeouts
 /// [`DEFAULT_KEEPALIVE`] describes for `every` (`None`: leaves the
-/// system's settings).
-pub(crate) fn set_keepalive(tcp: &TcpStream, every: Option<Duration>) -> io::Result<()> {
+/// system's settings). [`connect`], [`serve`], [`Server`] and the
+/// [`Network`](crate::network::Network) do this themselves; call it on a
+/// socket you give [`stream::connect`] or [`stream::accept`].
+///
+/// ```no_run
+/// # async fn demo() -> std::io::Result<()> {
+/// use capnp_noise::rpc::{set_keepalive, DEFAULT_KEEPALIVE};
+/// let tcp = tokio::net::TcpStream::connect("127.0.0.1:4000").await?;
+/// set_keepalive(&tcp, Some(DEFAULT_KEEPALIVE))?;
+/// # Ok(()) }
+/// ```
+///
+/// # Errors
+/// The system call's error.
+pub fn set_keepalive(tcp: &TcpStream, every: Option<Duration>) -> io::Result<()> {
     let Some(every) = every else {
         return Ok(());
     };

@@ -1,6 +1,8 @@
 //! Faults survived, nothing lost (issue 20 item 5), for capnp-noise's own
 //! API across the simulated WAN of [`capnp_noise_test::wan::Bed`]:
 //!
+//! * a 5 s partition in the middle of a transfer and of a call stream,
+//!   with the default keepalive (survived) and a short one (an error);
 //! * a NAT that forgets idle flows: TCP keepalive keeps the flow, or finds
 //!   it dead, and `rpc::connect`, a sturdy ref (`rpc::connect_sturdy`) and
 //!   the `Network`'s one connection per pair recover;
@@ -385,11 +387,268 @@ fn behind_a_nat_keepalive_keeps_idle_connections_or_finds_them_dead_and_all_reco
     );
 }
 
+// ----- a 5 s partition -----
+
+/// A 5 s partition (everything dropped, silently) starting at a seeded
+/// moment (0.3-1.5 s in) while a 4 MiB `stream::connect` transfer at
+/// 20 Mbit/s and a stream of echo calls over `rpc::connect` run, 50 ms
+/// RTT. What each layer reports:
+///
+/// * default keepalive (30 s; a connection fails only after ~60 s with
+///   data unacknowledged): nothing; TCP retransmits, every byte and every
+///   call arrives once the link heals. "Time to recover": from the heal to
+///   the next answer (calls), the longest stall at the sink (transfer).
+/// * keepalive 1 s (data unacknowledged for 4 s fails the connection):
+///   the transfer and the calls end with an error ("Connection timed
+///   out"), at both ends; the sink sees an error, never a clean end.
+///
+/// Either way: nothing lost without an error, no truncation that looks
+/// like a clean end.
+#[test]
+fn a_5_s_partition_mid_transfer_and_mid_call_stream_delivers_all_or_fails_with_an_error() {
+    if !beds_usable() {
+        return;
+    }
+    let _one = one_bed();
+    let bed = Bed::builder()
+        .rtt(50 * MS)
+        .rate_kbit(20_000)
+        .build()
+        .expect("a bed");
+    let server = Identity::generate();
+    let server_vat = server.vat_id();
+    let bytes: u64 = 4 << 20;
+    let partition = Duration::from_secs(5);
+    let seeds: Vec<u64> = (1..=runs(1, 5) as u64).collect();
+    let mut rows = vec![];
+    for (keepalive, survives) in [(None, true), (Some(Duration::from_secs(1)), false)] {
+        // None here: the default, DEFAULT_KEEPALIVE.
+        let keepalive_or_default = keepalive.or(Some(rpc::DEFAULT_KEEPALIVE));
+        let _rpc = Cloud::rpc(
+            &bed,
+            7840,
+            server.clone(),
+            ServerConfig::default().with_keepalive(keepalive_or_default),
+            None,
+        );
+        let (_sink, results) = Sink::start(&bed, 7841, server.clone(), keepalive_or_default);
+        let (mut bytes_t, mut calls_t) = (Tally::default(), Tally::default());
+        for &seed in &seeds {
+            let offset = Duration::from_millis(300 + seed.wrapping_mul(7919) % 1200);
+            let (started_tx, started) = std::sync::mpsc::channel();
+            let office = bed.run_async_in(Side::Office, move || async move {
+                let me = Identity::generate();
+                let pinned: Arc<dyn PeerPolicy> = Arc::new(Pinned(server_vat));
+                let client = ClientConfig::default().with_keepalive(keepalive_or_default);
+                let (office, _conn): (office::Client, _) =
+                    rpc::connect(SocketAddr::from((Bed::CLOUD, 7840)), &me, pinned, client)
+                        .await
+                        .expect("rpc::connect");
+                started_tx.send(()).expect("the test waits");
+                let transfer =
+                    send_pattern(&me, server_vat, 7841, seed, bytes, keepalive_or_default);
+                let calls = call_for(&office, Duration::from_secs(9), Duration::from_secs(40));
+                futures::join!(transfer, calls)
+            });
+            started.recv().expect("connected");
+            std::thread::sleep(offset);
+            bed.partition(true);
+            std::thread::sleep(partition);
+            bed.partition(false);
+            let healed = Instant::now();
+            let (sent, calls) = office.join().expect("the office thread");
+            let received = results
+                .recv_timeout(Duration::from_secs(90))
+                .expect("the sink's result");
+            tally_transfer(&mut bytes_t, bytes, &sent, &received);
+            calls_t.runs += 1;
+            calls_t.add_calls(&calls);
+            if let Some(after) = calls.answers.iter().find(|&&a| a > healed) {
+                calls_t.recover.push(*after - healed);
+            }
+            assert_eq!(
+                bytes_t.lost_silently, 0,
+                "seed {seed}: {bytes_t:?} {received:?}"
+            );
+            assert_eq!(calls_t.lost_silently, 0, "seed {seed}: {calls:?}");
+            if survives {
+                assert!(
+                    bytes_t.errors.is_empty() && calls_t.errors.is_empty(),
+                    "seed {seed}, default keepalive: {bytes_t:?} {calls_t:?}"
+                );
+            } else {
+                assert!(
+                    received.1.is_some() && sent.is_err() && calls.error.is_some(),
+                    "seed {seed}, keepalive 1 s: the 5 s partition did not fail the connections: \
+                     {received:?} {sent:?} {calls:?}"
+                );
+            }
+        }
+        let what = match keepalive {
+            None => "default keepalive 30 s".to_string(),
+            Some(k) => format!("keepalive {k:?}"),
+        };
+        rows.push(bytes_t.row(
+            &format!("partition 5 s, {what}, stream::connect 4 MiB at 20 Mbit/s (recover: longest stall)"),
+            "B",
+        ));
+        rows.push(calls_t.row(
+            &format!("partition 5 s, {what}, rpc::connect echo calls for 9 s (recover: heal to next answer)"),
+            "calls",
+        ));
+    }
+    print_table(
+        &format!("a 5 s partition 0.3-1.5 s in, 50 ms RTT, seeds {seeds:?}"),
+        &rows,
+    );
+}
+
 // ----- bursts of loss and reordering -----
 
 /// The seeded byte pattern of a transfer.
 fn pattern(seed: u64, i: u64) -> u8 {
     (i.wrapping_mul(0x9E37_79B9).wrapping_add(seed) >> 3) as u8
+}
+
+/// A byte sink in the cloud: `stream::accept` on `port` (TCP keepalive
+/// `keepalive`); it reads each connection's seed (8 bytes), then checks
+/// every byte against the seeded pattern, to the authenticated end or an
+/// error. It reports each connection's outcome (the bytes that matched, in
+/// order, up to a clean end; or the error that ended it) and the longest
+/// wait between two reads, and tells the sender its count.
+struct Sink;
+
+/// What the sink saw of one connection: the bytes that matched the
+/// pattern, in order; the error that ended it (`None`: the authenticated
+/// end); its longest stall.
+type SinkResult = (u64, Option<String>, Duration);
+
+impl Sink {
+    fn start(
+        bed: &Bed,
+        port: u16,
+        id: Identity,
+        keepalive: Option<Duration>,
+    ) -> (Cloud, std::sync::mpsc::Receiver<SinkResult>) {
+        let (ready, listening) = std::sync::mpsc::channel();
+        let (results_tx, results) = std::sync::mpsc::channel::<SinkResult>();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = bed.run_async_in(Side::Cloud, move || async move {
+            let listener = tokio::net::TcpListener::bind((Bed::CLOUD, port))
+                .await
+                .expect("bind");
+            ready.send(()).expect("the test waits");
+            let serve = async {
+                loop {
+                    let (tcp, _) = listener.accept().await.expect("accept");
+                    rpc::set_keepalive(&tcp, keepalive).expect("keepalive");
+                    let config = capnp_noise::stream::StreamConfig::default();
+                    let mut s = capnp_noise::stream::accept(tcp, &id, Arc::new(AnyVat), config)
+                        .await
+                        .expect("handshake");
+                    let mut seed = [0u8; 8];
+                    s.read_exact(&mut seed).await.expect("the seed");
+                    let seed = u64::from_be_bytes(seed);
+                    let mut good = 0u64;
+                    let mut buf = vec![0u8; 64 * 1024];
+                    let mut last = Instant::now();
+                    let mut stall = Duration::ZERO;
+                    let end = loop {
+                        match s.read(&mut buf).await {
+                            Ok(0) => break None,
+                            Ok(n) => {
+                                stall = stall.max(last.elapsed());
+                                last = Instant::now();
+                                for &b in &buf[..n] {
+                                    if b != pattern(seed, good) {
+                                        break;
+                                    }
+                                    good += 1;
+                                }
+                            }
+                            Err(e) => break Some(e.to_string()),
+                        }
+                    };
+                    if end.is_none() {
+                        let _ = s.write_all(&good.to_be_bytes()).await;
+                        let _ = s.shutdown().await;
+                    }
+                    results_tx.send((good, end, stall)).expect("the test waits");
+                }
+            };
+            tokio::select! {
+                _ = stopped => {}
+                () = serve => {}
+            }
+        });
+        listening.recv().expect("the sink started");
+        let cloud = Cloud {
+            stop: Some(stop),
+            thread: Some(thread),
+        };
+        (cloud, results)
+    }
+}
+
+/// Sends `bytes` of the seeded pattern to the sink on `port` over
+/// `stream::connect` (TCP keepalive `keepalive`), ends with the
+/// authenticated CLOSE, and returns the count the sink answers.
+async fn send_pattern(
+    me: &Identity,
+    server: capnp_noise::VatId,
+    port: u16,
+    seed: u64,
+    bytes: u64,
+    keepalive: Option<Duration>,
+) -> Result<u64, String> {
+    let e = |e: std::io::Error| e.to_string();
+    let tcp = tokio::net::TcpStream::connect((Bed::CLOUD, port))
+        .await
+        .map_err(e)?;
+    rpc::set_keepalive(&tcp, keepalive).map_err(e)?;
+    let config = capnp_noise::stream::StreamConfig::default();
+    let mut s = capnp_noise::stream::connect(tcp, me, Arc::new(Pinned(server)), config)
+        .await
+        .map_err(|e| e.to_string())?;
+    s.write_all(&seed.to_be_bytes()).await.map_err(e)?;
+    let chunk = 64 * 1024;
+    let mut i = 0;
+    while i < bytes {
+        let block: Vec<u8> = (i..(i + chunk).min(bytes))
+            .map(|j| pattern(seed, j))
+            .collect();
+        s.write_all(&block).await.map_err(e)?;
+        i += block.len() as u64;
+    }
+    s.shutdown().await.map_err(e)?;
+    let mut count = [0u8; 8];
+    s.read_exact(&mut count).await.map_err(e)?;
+    Ok(u64::from_be_bytes(count))
+}
+
+/// Adds a transfer to `t`: `sent` as the sender saw it, `received` as the
+/// sink did. Lost without an error: bytes missing after a clean end on
+/// both sides (a truncation that looks like an end).
+fn tally_transfer(t: &mut Tally, bytes: u64, sent: &Result<u64, String>, received: &SinkResult) {
+    let (good, end, stall) = received;
+    t.runs += 1;
+    t.attempted += bytes;
+    t.delivered += good;
+    match (end, sent) {
+        (None, Ok(count)) => {
+            assert_eq!(good, count, "the sink's count and what it told");
+            // A clean end with fewer bytes: a truncation that looks like an
+            // end (or data other than sent).
+            t.lost_silently += bytes - good.min(&bytes);
+            t.recover.push(*stall);
+        }
+        (None, Err(e)) => {
+            // The sink saw a clean end: it must have everything.
+            t.lost_silently += bytes - good.min(&bytes);
+            t.errors.push(e.clone());
+        }
+        (Some(e), _) => t.errors.push(e.clone()),
+    }
 }
 
 /// Seeded bursts of loss and reordering (PacketFaults: 1 in 50 packets
@@ -415,60 +674,7 @@ fn loss_and_reordering_bursts_lose_nothing() {
     let bytes: u64 = 2 << 20;
     let seeds: Vec<u64> = (1..=runs(2, 10) as u64).collect();
     let _rpc = Cloud::rpc(&bed, 7820, server.clone(), ServerConfig::default(), None);
-    // The sink: reads each connection to its authenticated end, checking
-    // every byte; answers with the count of bytes that matched, in order.
-    let (sink_ready, sink_listening) = std::sync::mpsc::channel();
-    let (results_tx, results) = std::sync::mpsc::channel::<(Result<u64, String>, Duration)>();
-    let (stop_sink, sink_stopped) = tokio::sync::oneshot::channel::<()>();
-    let sink_id = server.clone();
-    let sink = bed.run_async_in(Side::Cloud, move || async move {
-        let listener = tokio::net::TcpListener::bind((Bed::CLOUD, 7821))
-            .await
-            .expect("bind");
-        sink_ready.send(()).expect("the test waits");
-        let serve = async {
-            loop {
-                let (tcp, _) = listener.accept().await.expect("accept");
-                let config = capnp_noise::stream::StreamConfig::default();
-                let mut s = capnp_noise::stream::accept(tcp, &sink_id, Arc::new(AnyVat), config)
-                    .await
-                    .expect("handshake");
-                let mut seed = [0u8; 8];
-                s.read_exact(&mut seed).await.expect("the seed");
-                let seed = u64::from_be_bytes(seed);
-                let mut good = 0u64;
-                let mut buf = vec![0u8; 64 * 1024];
-                let mut last = Instant::now();
-                let mut stall = Duration::ZERO;
-                let end = loop {
-                    match s.read(&mut buf).await {
-                        Ok(0) => break Ok(good),
-                        Ok(n) => {
-                            stall = stall.max(last.elapsed());
-                            last = Instant::now();
-                            for &b in &buf[..n] {
-                                if b != pattern(seed, good) {
-                                    break;
-                                }
-                                good += 1;
-                            }
-                        }
-                        Err(e) => break Err(e.to_string()),
-                    }
-                };
-                if end.is_ok() {
-                    let _ = s.write_all(&good.to_be_bytes()).await;
-                    let _ = s.shutdown().await;
-                }
-                results_tx.send((end, stall)).expect("the test waits");
-            }
-        };
-        tokio::select! {
-            _ = sink_stopped => {}
-            () = serve => {}
-        }
-    });
-    sink_listening.recv().expect("the sink started");
+    let (_sink, results) = Sink::start(&bed, 7821, server.clone(), None);
     let (mut bytes_t, mut calls_t) = (Tally::default(), Tally::default());
     for &seed in &seeds {
         bed.set_packet_faults(PacketFaults {
@@ -483,31 +689,7 @@ fn loss_and_reordering_bursts_lose_nothing() {
             .run_async_in(Side::Office, move || async move {
                 let me = Identity::generate();
                 let pinned: Arc<dyn PeerPolicy> = Arc::new(Pinned(server_vat));
-                let transfer = async {
-                    let tcp = tokio::net::TcpStream::connect((Bed::CLOUD, 7821))
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    let config = capnp_noise::stream::StreamConfig::default();
-                    let mut s = capnp_noise::stream::connect(tcp, &me, pinned.clone(), config)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    s.write_all(&seed.to_be_bytes())
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    let chunk = 64 * 1024;
-                    let mut i = 0;
-                    while i < bytes {
-                        let block: Vec<u8> = (i..(i + chunk).min(bytes))
-                            .map(|j| pattern(seed, j))
-                            .collect();
-                        s.write_all(&block).await.map_err(|e| e.to_string())?;
-                        i += block.len() as u64;
-                    }
-                    s.shutdown().await.map_err(|e| e.to_string())?;
-                    let mut count = [0u8; 8];
-                    s.read_exact(&mut count).await.map_err(|e| e.to_string())?;
-                    Ok::<u64, String>(u64::from_be_bytes(count))
-                };
+                let transfer = send_pattern(&me, server_vat, 7821, seed, bytes, None);
                 let calls = async {
                     let (office, _conn): (office::Client, _) = rpc::connect(
                         SocketAddr::from((Bed::CLOUD, 7820)),
@@ -523,7 +705,7 @@ fn loss_and_reordering_bursts_lose_nothing() {
             })
             .join()
             .expect("the office thread");
-        let (received, stall) = results
+        let received = results
             .recv_timeout(Duration::from_secs(60))
             .expect("the sink's result");
         let after = bed.delayer_stats();
@@ -537,19 +719,7 @@ fn loss_and_reordering_bursts_lose_nothing() {
             after.reordered - before.reordered,
             after.burst_dropped - before.burst_dropped
         );
-        bytes_t.runs += 1;
-        bytes_t.attempted += bytes;
-        match (&received, &sent) {
-            (Ok(good), Ok(count)) => {
-                assert_eq!(good, count, "the sink's count and what it told");
-                bytes_t.delivered += good;
-                // A clean end with fewer bytes: a truncation that looks
-                // like an end, or data other than sent.
-                bytes_t.lost_silently += bytes - good.min(&bytes);
-                bytes_t.recover.push(stall);
-            }
-            (Err(e), _) | (_, Err(e)) => bytes_t.errors.push(e.clone()),
-        }
+        tally_transfer(&mut bytes_t, bytes, &sent, &received);
         calls_t.runs += 1;
         calls_t.add_calls(&calls);
         assert_eq!(bytes_t.lost_silently, 0, "seed {seed}: {bytes_t:?}");
@@ -560,8 +730,6 @@ fn loss_and_reordering_bursts_lose_nothing() {
         );
     }
     bed.set_packet_faults(PacketFaults::default());
-    let _ = stop_sink.send(());
-    let _ = sink.join();
     print_table(
         &format!("bursts of loss (1/200 packets start 12 lost) and reordering (1/50 overtaken by 3), 50 ms RTT, 20 Mbit/s, seeds {seeds:?}"),
         &[
