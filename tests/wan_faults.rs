@@ -216,6 +216,17 @@ where
     None
 }
 
+/// The link of the transfer tests (50 ms RTT, 20 Mbit/s, as the tunnel's
+/// WAN tests) and the cloud server's identity.
+fn link_with_server() -> (Bed, Identity) {
+    let bed = Bed::builder()
+        .rtt(50 * MS)
+        .rate_kbit(20_000)
+        .build()
+        .expect("a bed");
+    (bed, Identity::generate())
+}
+
 fn print_table(title: &str, rows: &[String]) {
     eprintln!("\n{title}\n{TABLE_HEAD}");
     for r in rows {
@@ -410,12 +421,7 @@ fn a_5_s_partition_mid_transfer_and_mid_call_stream_delivers_all_or_fails_with_a
         return;
     }
     let _one = one_bed();
-    let bed = Bed::builder()
-        .rtt(50 * MS)
-        .rate_kbit(20_000)
-        .build()
-        .expect("a bed");
-    let server = Identity::generate();
+    let (bed, server) = link_with_server();
     let server_vat = server.vat_id();
     let bytes: u64 = 4 << 20;
     let partition = Duration::from_secs(5);
@@ -664,12 +670,7 @@ fn loss_and_reordering_bursts_lose_nothing() {
         return;
     }
     let _one = one_bed();
-    let bed = Bed::builder()
-        .rtt(50 * MS)
-        .rate_kbit(20_000)
-        .build()
-        .expect("a bed");
-    let server = Identity::generate();
+    let (bed, server) = link_with_server();
     let server_vat = server.vat_id();
     let bytes: u64 = 2 << 20;
     let seeds: Vec<u64> = (1..=runs(2, 10) as u64).collect();

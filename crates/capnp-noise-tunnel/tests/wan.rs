@@ -553,7 +553,8 @@ fn rpc_calls_through_a_5_s_partition_are_answered_late_never_lost() {
 /// A NAT that forgets flows idle for 2 s (conntrack in the router): after
 /// 4 s of silence, a call on the old connection. Only the tunnel, with
 /// `--keepalive 1`, keeps its flow alive; plain TCP, capnp-noise's
-/// `rpc::connect` (which sends no keepalive) and stunnel lose theirs: the
+/// `rpc::connect` (its default keepalive, 30 s, is longer than this NAT's
+/// 2 s: `tests/wan_faults.rs` has a shorter one keep the flow) and stunnel lose theirs: the
 /// call is neither answered nor failed (TCP retransmits into the NAT for
 /// many minutes) until the application's own timeout. A new connection
 /// works at once (its SYN makes a new mapping).
@@ -775,8 +776,10 @@ fn on_a_long_fat_link_capnp_noise_keeps_up_with_plain_tcp() {
     }
 }
 
-/// The multi-vat network behind a NAT that forgets flows idle for 2 s.
-/// Default configuration: after 4 s of silence, a call on the capability
+/// The multi-vat network behind a NAT that forgets flows idle for 2 s,
+/// without keepalive (`tests/wan_faults.rs` has the keepalive keep the
+/// flow, or find it dead and the network re-dial on its own).
+/// No idle timeout: after 4 s of silence, a call on the capability
 /// from the old connection gets no answer and no error, and
 /// `Network::connect` still hands out that connection (it does not know it
 /// is dead), so its capability gets no answer either: the one connection
@@ -785,7 +788,7 @@ fn on_a_long_fat_link_capnp_noise_keeps_up_with_plain_tcp() {
 /// network closes the idle connection itself, and the next `connect` opens
 /// a new one that answers.
 #[test]
-fn the_network_behind_a_nat_recovers_only_with_an_idle_timeout_below_the_nats() {
+fn the_network_behind_a_nat_without_keepalive_recovers_only_with_an_idle_timeout_below_the_nats() {
     if !beds_usable() {
         return;
     }
@@ -795,7 +798,9 @@ fn the_network_behind_a_nat_recovers_only_with_an_idle_timeout_below_the_nats() 
     let wait = Duration::from_secs(6);
     let mut rows = vec![];
     for idle_timeout in [None, Some(Duration::from_secs(1))] {
-        let config = capnp_noise::network::NetworkConfig::default().with_idle_timeout(idle_timeout);
+        let config = capnp_noise::network::NetworkConfig::default()
+            .with_idle_timeout(idle_timeout)
+            .with_keepalive(None);
         let cloud_id = capnp_noise::Identity::generate();
         let cloud_vat = cloud_id.vat_id();
         let (addrs_tx, addrs_rx) = std::sync::mpsc::channel();
