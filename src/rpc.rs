@@ -786,9 +786,19 @@ pub fn set_keepalive(tcp: &TcpStream, every: Option<Duration>) -> io::Result<()>
     let every = Duration::from_secs(every.as_secs().max(1));
     let probe = Duration::from_secs((every.as_secs() / u64::from(KEEPALIVE_PROBES)).max(1));
     let socket = socket2::SockRef::from(tcp);
-    let params = socket2::TcpKeepalive::new()
-        .with_time(every)
-        .with_interval(probe);
+    let params = socket2::TcpKeepalive::new().with_time(every);
+    // Where the system has no per-socket interval or count (OpenBSD,
+    // Solaris...), its own apply.
+    #[cfg(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "macos",
+        target_os = "ios",
+        target_os = "freebsd",
+        target_os = "netbsd",
+        target_os = "windows"
+    ))]
+    let params = params.with_interval(probe);
     #[cfg(target_os = "linux")]
     let params = params.with_retries(KEEPALIVE_PROBES);
     socket.set_tcp_keepalive(&params)?;
