@@ -245,7 +245,9 @@ fn print_table(title: &str, rows: &[String]) {
 ///
 /// * Keepalive 1 s (below the NAT's 2 s): TCP's probes keep the flow; every
 ///   call on the old capabilities is answered, and the network still has
-///   one connection to the cloud vat.
+///   one connection to the cloud vat. The same with keepalive on the cloud
+///   side only (`ServerConfig`, the cloud vat's `NetworkConfig`): the
+///   accepting side's probes keep the flow as well.
 /// * Keepalive 3 s (above it): the flow is forgotten before the first
 ///   probe; the probes go unanswered and every call fails with an error
 ///   (within about twice the keepalive), none waits without one; a new
@@ -271,12 +273,15 @@ fn behind_a_nat_keepalive_keeps_idle_connections_or_finds_them_dead_and_all_reco
     let bound = Duration::from_secs(15);
     let n = runs(1, 3);
     let mut rows = vec![];
-    for (keepalive, kept) in [(1, true), (3, false)] {
-        let keepalive = Some(Duration::from_secs(keepalive));
+    let s = |secs| Some(Duration::from_secs(secs));
+    for (keepalive, server_keepalive, kept) in
+        [(s(1), s(1), true), (None, s(1), true), (s(3), s(3), false)]
+    {
         let mut tallies: [Tally; 3] = Default::default();
         let mut failed_in = vec![];
         for _ in 0..n {
-            let server_config = ServerConfig::default().with_keepalive(keepalive);
+            let server_config = ServerConfig::default().with_keepalive(server_keepalive);
+            let cloud_config = NetworkConfig::default().with_keepalive(server_keepalive);
             let net_config = NetworkConfig::default().with_keepalive(keepalive);
             let _office_server =
                 Cloud::rpc(&bed, 7810, server.clone(), server_config.clone(), None);
@@ -287,7 +292,7 @@ fn behind_a_nat_keepalive_keeps_idle_connections_or_finds_them_dead_and_all_reco
                 server_config,
                 Some(object.clone()),
             );
-            let _vat = Cloud::vat(&bed, 7812, vat_id.clone(), net_config.clone());
+            let _vat = Cloud::vat(&bed, 7812, vat_id.clone(), cloud_config);
             let sturdy =
                 SturdyRef::new(server_vat, vec![addr(7811)], object.clone()).expect("a ref");
             let vat_ref =
@@ -386,7 +391,7 @@ fn behind_a_nat_keepalive_keeps_idle_connections_or_finds_them_dead_and_all_reco
         {
             rows.push(t.row(
                 &format!(
-                    "NAT forgets after 2 s, idle 4 s, keepalive {keepalive:?} ({what}), {way}"
+                    "NAT forgets after 2 s, idle 4 s, keepalive office {keepalive:?} / cloud {server_keepalive:?} ({what}), {way}"
                 ),
                 "calls",
             ));
