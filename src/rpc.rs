@@ -752,6 +752,10 @@ async fn tcp_connect(
 /// * **The cost**: a 40-byte probe and its acknowledgement per `k` on an
 ///   idle connection; nothing on a busy one. A partition longer than `2 k`
 ///   while data is in flight now fails the connection rather than waiting.
+///   So does a peer that stops reading for `2 k` while data waits for it
+///   (Linux 5.11 and later apply `TCP_USER_TIMEOUT` to a window that stays
+///   closed): capnp-rpc reads all the time, so that peer is stuck or
+///   hostile, and is cut as gRPC's keepalive cuts it.
 ///
 /// The probes are TCP's own, not authenticated by capnp-noise: they tell
 /// the kernel that the peer's TCP is alive, nothing more. (The
@@ -1105,5 +1109,47 @@ mod tests {
             .await
             .unwrap();
         assert!(!socket2::SockRef::from(&tcp).keepalive().unwrap());
+    }
+
+    /// As `DEFAULT_KEEPALIVE` says: with a keepalive of 1 s, a peer that
+    /// accepts but never reads fails the connection once data has waited
+    /// about 4 s (`TCP_USER_TIMEOUT` on a closed window, Linux 5.11+),
+    /// with "timed out"; without keepalive the same writer just waits.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn keepalive_cuts_a_peer_that_stops_reading() {
+        use tokio::io::AsyncWriteExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Both at once: with keepalive, and the control without.
+        let write_to_a_peer_that_never_reads = |keepalive| async move {
+            let mut tcp = tcp_connect(addr, Duration::from_secs(5), keepalive)
+                .await
+                .unwrap();
+            let block = vec![0u8; 64 * 1024];
+            tokio::time::timeout(Duration::from_secs(8), async {
+                loop {
+                    tcp.write_all(&block).await?;
+                }
+                #[allow(unreachable_code)]
+                Ok::<(), io::Error>(())
+            })
+            .await
+        };
+        let start = std::time::Instant::now();
+        let (with, without, _peers) = futures::join!(
+            write_to_a_peer_that_never_reads(Some(Duration::from_secs(1))),
+            write_to_a_peer_that_never_reads(None),
+            async {
+                (
+                    listener.accept().await.unwrap(),
+                    listener.accept().await.unwrap(),
+                )
+            },
+        );
+        let e = with.expect("the write failed in time").unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        assert!(without.is_err(), "without keepalive the writer waits");
+        assert!(start.elapsed() >= Duration::from_secs(8));
     }
 }
