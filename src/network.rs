@@ -136,6 +136,31 @@
 //! So resumption would cost more than it saves here; an application that
 //! wants it for calls it knows to be idempotent uses `rpc::connect`.
 //!
+//! # Across a WAN: NATs, partitions, restarts
+//!
+//! Every connection has TCP keepalive ([`NetworkConfig::keepalive`],
+//! default [`DEFAULT_KEEPALIVE`](crate::rpc::DEFAULT_KEEPALIVE), 30 s):
+//! an idle connection keeps its mapping in NATs that forget idle flows
+//! after longer than that, and a connection whose peer stopped answering
+//! (the NAT forgot the flow anyway, the peer's host is gone) fails within
+//! about twice the keepalive. The one connection per pair then recovers on
+//! its own: the failed connection is forgotten, capabilities from it fail
+//! with an error, and the next [`Network::connect`] (or sturdy ref, through
+//! [`Network::learn_sturdy_ref`] and `connect`) dials a new one. Until the
+//! keepalive has found it dead, a connection whose flow was lost still
+//! looks open, and calls on it wait. Applications should therefore:
+//!
+//! * put a timeout on calls that must finish in bounded time;
+//! * on an error (or a timeout), get the capability again with
+//!   [`Network::connect`] or by restoring its sturdy ref (after a timeout,
+//!   [`Network::disconnect`] first, so that a connection that may be dead
+//!   is not handed out again), and retry only calls that are safe to
+//!   repeat;
+//! * after a peer vat restarted (same identity, same address): nothing
+//!   more; its old connection fails within about a round trip (it ended
+//!   without the authenticated CLOSE), and the next `connect` reaches the
+//!   new process.
+//!
 //! # Introductions
 //!
 //! capnp-rpc is level 1: a capability passed on is proxied by the vat that

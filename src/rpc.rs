@@ -114,7 +114,37 @@
 //!   (default traversal limit 8 Mi words = 64 MiB per message); set
 //!   `reader_options` on both ends to the largest message you expect.
 //! * An authenticated peer that stops sending holds its connection until it
-//!   disconnects: there is no idle timeout at this layer.
+//!   disconnects: there is no idle timeout at this layer. A peer that
+//!   *vanished* (host gone, NAT forgot the flow) is found by TCP keepalive
+//!   ([`ServerConfig::keepalive`], on by default) within about a minute.
+//!
+//! # Across a WAN: NATs, partitions, restarts
+//!
+//! What a WAN does to a connection reaches it through TCP; RELIABILITY.md
+//! has the measurements. What the API does, and what applications should
+//! do:
+//!
+//! * **Idle connections and NATs.** [`ClientConfig::keepalive`] and
+//!   [`ServerConfig::keepalive`] (default [`DEFAULT_KEEPALIVE`], 30 s) turn
+//!   on TCP keepalive, which keeps a NAT's mapping of an idle connection
+//!   and fails a connection whose peer stopped answering within about
+//!   twice the keepalive. Set it below the shortest NAT or firewall idle
+//!   timeout on the path; `None` turns it off (then a NAT that forgets the
+//!   flow leaves calls waiting, without an error, for about 15 minutes).
+//! * **Put a timeout on calls** that must finish in bounded time: a
+//!   partition makes a call wait, without an error, for as long as TCP
+//!   retransmits (up to twice the keepalive with data in flight).
+//! * **After an error, reconnect and get the capabilities anew.** A
+//!   capability is bound to its connection: when the connection fails (the
+//!   server restarted, the keepalive found the peer gone), every capability
+//!   from it fails with an error and stays broken. Call [`connect`] again
+//!   (or [`connect_sturdy`] to restore a sturdy ref: its object id outlives
+//!   connections and server restarts if the server registers it again
+//!   under the same id) and retry only calls that are safe to repeat (a
+//!   call that failed may or may not have run). A server restart is seen
+//!   within about a round trip (the old connection ends without the
+//!   authenticated CLOSE, reported as a possible truncation, never as a
+//!   clean end); the new connection answers after its handshake.
 
 use std::cell::{Cell, OnceCell, RefCell};
 use std::fmt;
@@ -260,6 +290,12 @@ pub struct ServerConfig {
     /// call a client may make first is safe to run twice. See
     /// [`ResumptionConfig`].
     pub resumption: ResumptionConfig,
+    /// TCP keepalive on every accepted connection (see [`DEFAULT_KEEPALIVE`]
+    /// for what it does and why 30 s); `None`: the system's settings (on
+    /// Linux: none, and a dead peer holds its connection until it would
+    /// have acknowledged data, about 15 minutes). Default
+    /// [`DEFAULT_KEEPALIVE`].
+    pub keepalive: Option<Duration>,
 }
 
 impl Default for ServerConfig {
@@ -276,6 +312,7 @@ impl Default for ServerConfig {
             first_message_timeout: crate::admission::DEFAULT_FIRST_MESSAGE_TIMEOUT,
             reader_options: ReaderOptions::new(),
             resumption: ResumptionConfig::default(),
+            keepalive: Some(DEFAULT_KEEPALIVE),
         }
     }
 }
@@ -321,6 +358,11 @@ pub struct ClientConfig {
     /// go with `IK` message 1 (as early data, if allowed) or right after its
     /// answer.
     pub resumption: Option<ClientResumption>,
+    /// TCP keepalive on the connection (see [`DEFAULT_KEEPALIVE`] for what
+    /// it does and why 30 s); `None`: the system's settings (on Linux:
+    /// none, and behind a NAT that forgot the flow a call waits, without an
+    /// error, about 15 minutes). Default [`DEFAULT_KEEPALIVE`].
+    pub keepalive: Option<Duration>,
 }
 
 impl Default for ClientConfig {
@@ -330,6 +372,7 @@ impl Default for ClientConfig {
             timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             reader_options: ReaderOptions::new(),
             resumption: None,
+            keepalive: Some(DEFAULT_KEEPALIVE),
         }
     }
 }
@@ -395,6 +438,7 @@ setters!(ServerConfig {
     with_first_message_timeout => first_message_timeout: Duration,
     with_reader_options => reader_options: ReaderOptions,
     with_resumption => resumption: ResumptionConfig,
+    with_keepalive => keepalive: Option<Duration>,
 });
 
 setters!(ClientConfig {
@@ -402,6 +446,7 @@ setters!(ClientConfig {
     with_timeout => timeout: Duration,
     with_reader_options => reader_options: ReaderOptions,
     with_resumption => resumption: Option<ClientResumption>,
+    with_keepalive => keepalive: Option<Duration>,
 });
 
 /// Accepts connections on `listener` forever, serving each authenticated
@@ -500,6 +545,7 @@ impl<F> Serving<F> {
                 first_message_timeout: options.first_message_timeout,
                 unauthenticated: UnauthenticatedLimit::new(options.max_unauthenticated_per_source),
                 resumption: options.resumption,
+                keepalive: options.keepalive,
             },
             reader_options: options.reader_options,
             bootstrap,
@@ -519,6 +565,8 @@ pub(crate) struct Acceptor {
     pub(crate) first_message_timeout: Duration,
     pub(crate) unauthenticated: UnauthenticatedLimit,
     pub(crate) resumption: ResumptionConfig,
+    /// TCP keepalive of accepted connections (see [`set_keepalive`]).
+    pub(crate) keepalive: Option<Duration>,
 }
 
 impl Acceptor {
@@ -541,6 +589,9 @@ impl Acceptor {
             return None;
         };
         let _ = tcp.set_nodelay(true);
+        if let Err(e) = set_keepalive(&tcp, self.keepalive) {
+            debug!(%addr, error = %e, "TCP keepalive not set");
+        }
         let config = StreamConfig::default()
             .with_handshake(self.handshake.clone())
             .with_handshake_timeout(Some(self.timeout))
@@ -686,7 +737,7 @@ where
         .and_then(|r| Some((r, policy.pinned_vat()?)));
     let (stream, peer) = match resume {
         Some((r, server)) if r.cache.get(&server).is_some() => {
-            let tcp = tcp_connect(addr, options.timeout).await?;
+            let tcp = tcp_connect(addr, options.timeout, options.keepalive).await?;
             let remote_addr = tcp.peer_addr()?;
             let config = StreamConfig::default()
                 .with_handshake(options.handshake)
@@ -714,6 +765,7 @@ where
                 options.handshake,
                 options.timeout,
                 cache,
+                options.keepalive,
             )
             .await?;
             (stream.into(), PeerSlot::Known(peer))
@@ -759,8 +811,9 @@ enum PeerSlot {
 /// once more with the mandatory suite if the responder closed without
 /// answering and `handshake` allows it (SPEC.md 2). With `resumption` (a
 /// cache and the VatId `policy` pins), the handshake is recorded there
-/// (and is `IK` if a record is already there). Shared by [`connect`] and
-/// the multi-vat network (`crate::network`).
+/// (and is `IK` if a record is already there). TCP keepalive every
+/// `keepalive` (see [`set_keepalive`]). Shared by [`connect`] and the
+/// multi-vat network (`crate::network`).
 pub(crate) async fn dial<A>(
     addr: A,
     identity: &Identity,
@@ -768,12 +821,13 @@ pub(crate) async fn dial<A>(
     handshake: HandshakeConfig,
     timeout: Duration,
     resumption: Option<(Arc<ResumptionCache>, VatId)>,
+    keepalive: Option<Duration>,
 ) -> Result<(NoiseStream<TcpStream>, PeerInfo)>
 where
     A: ToSocketAddrs + fmt::Display,
 {
     let dialed = addr.to_string();
-    let tcp = tcp_connect(addr, timeout).await?;
+    let tcp = tcp_connect(addr, timeout, keepalive).await?;
     let remote_addr = tcp.peer_addr()?;
     let attempt = |tcp, handshake| {
         let config = StreamConfig::default()
@@ -808,7 +862,7 @@ where
             Suite::MANDATORY
         );
         unanswered_suite = Some(proposed);
-        result = match tcp_connect(remote_addr, timeout).await {
+        result = match tcp_connect(remote_addr, timeout, keepalive).await {
             Ok(tcp) => attempt(tcp, retry).await,
             Err(e) => Err(e),
         };
@@ -831,13 +885,105 @@ where
     }
 }
 
-/// A TCP connection to `addr` within `timeout`, with `TCP_NODELAY`.
-async fn tcp_connect(addr: impl ToSocketAddrs, timeout: Duration) -> Result<TcpStream> {
+/// A TCP connection to `addr` within `timeout`, with `TCP_NODELAY` and
+/// TCP keepalive every `keepalive`.
+async fn tcp_connect(
+    addr: impl ToSocketAddrs,
+    timeout: Duration,
+    keepalive: Option<Duration>,
+) -> Result<TcpStream> {
     let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
         .await
         .map_err(|_| Error::HandshakeTimeout(timeout))??;
     tcp.set_nodelay(true)?;
+    set_keepalive(&tcp, keepalive)?;
     Ok(tcp)
+}
+
+/// The default keepalive of [`ClientConfig`], [`ServerConfig`] and
+/// [`NetworkConfig`](crate::network::NetworkConfig): 30 s.
+///
+/// With a keepalive of `k`, the kernel sends a TCP keepalive probe after
+/// `k` without any packet from the peer, and again every `k / 3` while
+/// none is answered; after 3 unanswered probes, or once data sent stays
+/// unacknowledged for `2 k` (`TCP_USER_TIMEOUT`, Linux), the connection
+/// fails with an error ("Connection timed out"): calls in flight fail,
+/// capabilities from it break, and the multi-vat network dials a new
+/// connection the next time it is asked for the peer. So:
+///
+/// * **A NAT keeps the flow.** A probe is a packet of the flow: NATs and
+///   stateful firewalls that forget idle TCP flows keep it as long as their
+///   idle timeout is longer than `k`. Typical idle timeouts of established
+///   TCP flows: AWS NAT gateway and NLB 350 s, Azure load balancer and
+///   SNAT 4 minutes, Google Cloud NAT 20 minutes, home routers and
+///   carrier-grade NATs from 5 minutes to hours (RFC 5382 asks for at
+///   least 2 h 4 min; many are shorter; UDP mappings are often only 30 s
+///   to 2 minutes, RFC 4787). 30 s is below all of these.
+/// * **A dead connection is found.** A peer that vanished (its host lost
+///   power, a NAT forgot the flow anyway, a partition that does not heal)
+///   is detected within about `2 k` (60 s by default) of the last packet
+///   from it, instead of TCP's 15 minutes of retransmissions
+///   (`tcp_retries2`) or never (an idle connection without keepalive).
+/// * **The cost**: a 40-byte probe and its acknowledgement per `k` on an
+///   idle connection; nothing on a busy one. A partition longer than `2 k`
+///   while data is in flight now fails the connection rather than waiting.
+///   So does a peer that stops reading for `2 k` while data waits for it
+///   (Linux 5.11 and later apply `TCP_USER_TIMEOUT` to a window that stays
+///   closed): capnp-rpc reads all the time, so that peer is stuck or
+///   hostile, and is cut as gRPC's keepalive cuts it.
+///
+/// The probes are TCP's own, not authenticated by capnp-noise: they tell
+/// the kernel that the peer's TCP is alive, nothing more. (The
+/// authenticated keepalive of SPEC.md 7.1, an empty DATA frame, is what
+/// the tunnel's `keepalive` sends.) The kernel counts in whole seconds: a
+/// keepalive is rounded down to whole seconds, at least 1 s.
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(30);
+
+/// Unanswered keepalive probes before the connection fails.
+const KEEPALIVE_PROBES: u32 = 3;
+
+/// Turns on TCP keepalive on `tcp` with the probes and timeouts
+/// [`DEFAULT_KEEPALIVE`] describes for `every` (`None`: leaves the
+/// system's settings). [`connect`], [`serve`], [`Server`] and the
+/// [`Network`](crate::network::Network) do this themselves; call it on a
+/// socket you give [`stream::connect`] or [`stream::accept`].
+///
+/// ```no_run
+/// # async fn demo() -> std::io::Result<()> {
+/// use capnp_noise::rpc::{set_keepalive, DEFAULT_KEEPALIVE};
+/// let tcp = tokio::net::TcpStream::connect("127.0.0.1:4000").await?;
+/// set_keepalive(&tcp, Some(DEFAULT_KEEPALIVE))?;
+/// # Ok(()) }
+/// ```
+///
+/// # Errors
+/// The system call's error.
+pub fn set_keepalive(tcp: &TcpStream, every: Option<Duration>) -> io::Result<()> {
+    let Some(every) = every else {
+        return Ok(());
+    };
+    let every = Duration::from_secs(every.as_secs().max(1));
+    let probe = Duration::from_secs((every.as_secs() / u64::from(KEEPALIVE_PROBES)).max(1));
+    let socket = socket2::SockRef::from(tcp);
+    let params = socket2::TcpKeepalive::new().with_time(every);
+    // Where the system has no per-socket interval or count (OpenBSD,
+    // Solaris...), its own apply.
+    #[cfg(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "macos",
+        target_os = "ios",
+        target_os = "freebsd",
+        target_os = "netbsd",
+        target_os = "windows"
+    ))]
+    let params = params.with_interval(probe);
+    #[cfg(target_os = "linux")]
+    let params = params.with_retries(KEEPALIVE_PROBES);
+    socket.set_tcp_keepalive(&params)?;
+    #[cfg(target_os = "linux")]
+    socket.set_tcp_user_timeout(Some(every + probe * KEEPALIVE_PROBES))?;
+    Ok(())
 }
 
 /// A client connection made by [`connect`].
@@ -1112,4 +1258,101 @@ pub async fn connect_sturdy<C: FromClientHook>(
     Err(last.unwrap_or(Error::NoAddress {
         vat: *sturdy_ref.vat_id(),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The probes and timeouts `DEFAULT_KEEPALIVE` documents reach the
+    /// socket: a probe after `k` idle, then every `k / 3`, 3 of them, and
+    /// data unacknowledged for `2 k` fails the connection; `None` leaves
+    /// the socket as it was (no keepalive).
+    #[tokio::test]
+    async fn keepalive_sets_the_documented_probes_and_user_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let tcp = tcp_connect(addr, Duration::from_secs(5), Some(DEFAULT_KEEPALIVE))
+            .await
+            .unwrap();
+        let socket = socket2::SockRef::from(&tcp);
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(
+            socket.tcp_keepalive_time().unwrap(),
+            Duration::from_secs(30)
+        );
+        #[cfg(target_os = "linux")]
+        {
+            assert_eq!(
+                socket.tcp_keepalive_interval().unwrap(),
+                Duration::from_secs(10)
+            );
+            assert_eq!(socket.tcp_keepalive_retries().unwrap(), 3);
+            assert_eq!(
+                socket.tcp_user_timeout().unwrap(),
+                Some(Duration::from_secs(60))
+            );
+        }
+        // Below a second: one second, the kernel's unit.
+        let tcp = tcp_connect(
+            addr,
+            Duration::from_secs(5),
+            Some(Duration::from_millis(300)),
+        )
+        .await
+        .unwrap();
+        let socket = socket2::SockRef::from(&tcp);
+        assert_eq!(socket.tcp_keepalive_time().unwrap(), Duration::from_secs(1));
+        #[cfg(target_os = "linux")]
+        assert_eq!(
+            socket.tcp_user_timeout().unwrap(),
+            Some(Duration::from_secs(4))
+        );
+        let tcp = tcp_connect(addr, Duration::from_secs(5), None)
+            .await
+            .unwrap();
+        assert!(!socket2::SockRef::from(&tcp).keepalive().unwrap());
+    }
+
+    /// As `DEFAULT_KEEPALIVE` says: with a keepalive of 1 s, a peer that
+    /// accepts but never reads fails the connection once data has waited
+    /// about 4 s (`TCP_USER_TIMEOUT` on a closed window, Linux 5.11+),
+    /// with "timed out"; without keepalive the same writer just waits.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn keepalive_cuts_a_peer_that_stops_reading() {
+        use tokio::io::AsyncWriteExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Both at once: with keepalive, and the control without.
+        let write_to_a_peer_that_never_reads = |keepalive| async move {
+            let mut tcp = tcp_connect(addr, Duration::from_secs(5), keepalive)
+                .await
+                .unwrap();
+            let block = vec![0u8; 64 * 1024];
+            tokio::time::timeout(Duration::from_secs(8), async {
+                loop {
+                    tcp.write_all(&block).await?;
+                }
+                #[allow(unreachable_code)]
+                Ok::<(), io::Error>(())
+            })
+            .await
+        };
+        let start = std::time::Instant::now();
+        let (with, without, _peers) = futures::join!(
+            write_to_a_peer_that_never_reads(Some(Duration::from_secs(1))),
+            write_to_a_peer_that_never_reads(None),
+            async {
+                (
+                    listener.accept().await.unwrap(),
+                    listener.accept().await.unwrap(),
+                )
+            },
+        );
+        let e = with.expect("the write failed in time").unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        assert!(without.is_err(), "without keepalive the writer waits");
+        assert!(start.elapsed() >= Duration::from_secs(8));
+    }
 }

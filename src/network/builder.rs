@@ -176,6 +176,7 @@ impl NetworkBuilder {
                 // No IK in the network (see its module docs): a resuming
                 // initiator gets the XX fallback.
                 resumption: crate::wire::ResumptionConfig::default(),
+                keepalive: options.keepalive,
             },
             identity: self.identity,
             permits: Arc::new(Semaphore::new(options.max_connections.max(1))),

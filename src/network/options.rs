@@ -87,8 +87,21 @@ pub struct NetworkConfig {
     /// Close a connection after it moved no bytes for about this long (between
     /// once and 1.5 times it). Capabilities obtained over it break, as with
     /// any disconnect; a call waiting that long without traffic fails too.
-    /// Default `None`: connections stay until a side closes them.
+    /// Default `None`: connections stay until a side closes them (or the
+    /// keepalive finds the peer gone).
     pub idle_timeout: Option<Duration>,
+    /// TCP keepalive on every connection, both directions: keeps the
+    /// mapping of an idle connection in NATs whose idle timeout is longer,
+    /// and fails a connection whose peer stopped answering within about
+    /// twice this, after which the next [`Network::connect`](super::Network::connect)
+    /// to that vat dials a new one (see
+    /// [`DEFAULT_KEEPALIVE`](crate::rpc::DEFAULT_KEEPALIVE) for the
+    /// probes, the typical NAT timeouts and the cost). `None`: the
+    /// system's settings (Linux: no keepalive; a connection whose flow a
+    /// NAT forgot then looks open, and is handed out, for about 15
+    /// minutes). Default
+    /// [`DEFAULT_KEEPALIVE`](crate::rpc::DEFAULT_KEEPALIVE), 30 s.
+    pub keepalive: Option<Duration>,
     /// Limits on incoming messages, application calls included. Default:
     /// a traversal limit of 1 Mi words (8 MiB) per message, nesting 64.
     /// The network's own `Vat` calls need far less, and check the sizes of
@@ -127,6 +140,7 @@ impl Default for NetworkConfig {
             first_message_timeout: crate::admission::DEFAULT_FIRST_MESSAGE_TIMEOUT,
             max_unsettled_per_vat: 2,
             idle_timeout: None,
+            keepalive: Some(crate::rpc::DEFAULT_KEEPALIVE),
             reader_options: ReaderOptions {
                 traversal_limit_in_words: Some(1 << 20),
                 nesting_limit: 64,
@@ -153,6 +167,7 @@ setters!(NetworkConfig {
     with_first_message_timeout => first_message_timeout: Duration,
     with_max_unsettled_per_vat => max_unsettled_per_vat: usize,
     with_idle_timeout => idle_timeout: Option<Duration>,
+    with_keepalive => keepalive: Option<Duration>,
     with_reader_options => reader_options: ReaderOptions,
     with_advertised_addresses => advertised_addresses: Vec<Address>,
     with_max_known_vats => max_known_vats: usize,

@@ -230,6 +230,7 @@ async fn dial_addresses(inner: &Rc<Inner>, vat: VatId, hints: &[Address]) -> Res
             inner.options.handshake.clone(),
             inner.options.connect_timeout,
             None, // no resumption in the network: see its module docs
+            inner.options.keepalive,
         )
         .await;
         match dialed {

@@ -17,10 +17,16 @@
 //!   100: `default dev dly0`) into a TUN device. A thread reads each packet,
 //!   holds it for half the round trip plus a jitter drawn uniformly from
 //!   `[0, jitter]` (never releasing a packet before the one read before it,
-//!   so nothing is reordered), and writes it back into the TUN; the kernel
+//!   so jitter alone reorders nothing), and writes it back into the TUN; the kernel
 //!   then routes it on by the main table to its real destination. Both
 //!   directions pass the delayer once, so the round trip gains the
 //!   configured RTT.
+//! * **Reordering and loss bursts** ([`PacketFaults`], seeded, in the
+//!   delayer): a packet held back and released right after the next N
+//!   packets (in either direction), and bursts in which a run of
+//!   consecutive packets is dropped. The delayer decides per packet from
+//!   its own seeded generator, so a seed gives the same decisions for the
+//!   same packet sequence (nftables' `numgen random` takes no seed).
 //! * **Loss**: an nftables rule on the re-injected packets,
 //!   `iifname "dly0" numgen random mod 1000 < N drop` (each packet, either
 //!   direction, is dropped with probability N/1000).
@@ -67,6 +73,7 @@
 //! ```
 
 pub mod compare;
+pub mod faults;
 
 use std::fs::File;
 use std::future::Future;
@@ -100,7 +107,50 @@ pub struct BedBuilder {
     loss_per_mille: u32,
     rate_kbit: Option<u32>,
     seed: u64,
+    faults: PacketFaults,
 }
+
+/// Seeded reordering and loss bursts the delayer plays on every packet
+/// (both directions); all off by default. Set them with
+/// [`BedBuilder::packet_faults`] or, while the bed runs,
+/// [`Bed::set_packet_faults`] (which restarts the generator from `seed`).
+///
+/// ```
+/// use capnp_noise_test::wan::PacketFaults;
+/// // 2 % of packets released after the next 3; 0.5 % start a burst of
+/// // 20 dropped packets.
+/// let faults = PacketFaults { reorder_per_mille: 20, reorder_depth: 3,
+///     burst_per_mille: 5, burst_len: 20, seed: 7 };
+/// assert!(faults.any());
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PacketFaults {
+    /// Of every 1000 packets, this many are held back and released right
+    /// after the next [`reorder_depth`](Self::reorder_depth) packets (or
+    /// after [`MAX_HOLD`] if fewer come). One packet is held at a time.
+    pub reorder_per_mille: u32,
+    /// How many later packets overtake a held one.
+    pub reorder_depth: u32,
+    /// Of every 1000 packets not already in a burst, this many start a
+    /// burst of loss.
+    pub burst_per_mille: u32,
+    /// Consecutive packets a burst drops (the first included).
+    pub burst_len: u32,
+    /// The generator's seed.
+    pub seed: u64,
+}
+
+impl PacketFaults {
+    /// Whether any fault is on.
+    pub fn any(&self) -> bool {
+        (self.reorder_per_mille > 0 && self.reorder_depth > 0)
+            || (self.burst_per_mille > 0 && self.burst_len > 0)
+    }
+}
+
+/// The longest a packet held back for reordering waits for the packets
+/// that should overtake it.
+pub const MAX_HOLD: Duration = Duration::from_millis(200);
 
 /// The link's state that nftables carries (rewritten whole on each change).
 #[derive(Debug, Clone, Copy, Default)]
@@ -131,11 +181,29 @@ struct Delayer {
     stats: Arc<DelayerStats>,
 }
 
-/// What the delayer saw.
+/// What the delayer saw, and its packet faults (replaced whole, with a new
+/// generation, by [`Bed::set_packet_faults`]).
 #[derive(Debug, Default)]
 struct DelayerStats {
     packets: AtomicUsize,
     overflow: AtomicUsize,
+    reordered: AtomicUsize,
+    burst_dropped: AtomicUsize,
+    faults: Mutex<PacketFaults>,
+    generation: AtomicU64,
+}
+
+/// What the delayer did: see [`Bed::delayer_stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DelayerCounts {
+    /// Packets read from the TUN.
+    pub packets: usize,
+    /// Dropped because the delayer's queue was full.
+    pub overflow: usize,
+    /// Held back and released after later ones ([`PacketFaults`]).
+    pub reordered: usize,
+    /// Dropped in loss bursts ([`PacketFaults`]).
+    pub burst_dropped: usize,
 }
 
 /// The TUN device's name in the router namespace.
@@ -156,6 +224,7 @@ impl Default for BedBuilder {
             loss_per_mille: 0,
             rate_kbit: None,
             seed: 1,
+            faults: PacketFaults::default(),
         }
     }
 }
@@ -189,6 +258,14 @@ impl BedBuilder {
     #[must_use]
     pub fn rate_kbit(mut self, kbit: u32) -> Self {
         self.rate_kbit = Some(kbit);
+        self
+    }
+
+    /// Reordering and loss bursts from the start (see [`PacketFaults`]).
+    /// Default: none.
+    #[must_use]
+    pub fn packet_faults(mut self, faults: PacketFaults) -> Self {
+        self.faults = faults;
         self
     }
 
@@ -273,6 +350,7 @@ impl BedBuilder {
              net.ipv4.conf.default.send_redirects=0",
         )?;
         bed.delayer = Some(Delayer::start(&bed, &router, self.seed)?);
+        bed.set_packet_faults(self.faults);
         ip(&["-n", &router, "link", "set", TUN, "up"])?;
         ip(&[
             "-n",
@@ -460,6 +538,29 @@ impl Bed {
         }
     }
 
+    /// Replaces the delayer's reordering and loss bursts (its generator
+    /// restarts from `faults.seed`; a packet held back now is still
+    /// released).
+    pub fn set_packet_faults(&self, faults: PacketFaults) {
+        if let Some(d) = &self.delayer {
+            *d.stats.faults.lock().unwrap_or_else(|e| e.into_inner()) = faults;
+            d.stats.generation.fetch_add(1, Ordering::Release);
+        }
+    }
+
+    /// What the delayer has done so far.
+    pub fn delayer_stats(&self) -> DelayerCounts {
+        self.delayer.as_ref().map_or(DelayerCounts::default(), |d| {
+            let n = |a: &AtomicUsize| a.load(Ordering::Relaxed);
+            DelayerCounts {
+                packets: n(&d.stats.packets),
+                overflow: n(&d.stats.overflow),
+                reordered: n(&d.stats.reordered),
+                burst_dropped: n(&d.stats.burst_dropped),
+            }
+        })
+    }
+
     /// Packets the delayer has carried, and packets it dropped because its
     /// queue was full.
     pub fn delayer_counts(&self) -> (usize, usize) {
@@ -607,42 +708,155 @@ async fn read_packets(
 ) {
     let tun = register(tun).expect("register the TUN with tokio");
     let mut rng = seed | 1;
+    let mut chaos = Chaos::default();
     let mut last_release = Instant::now();
     let mut buf = vec![0u8; 65536];
+    let send = |release: Instant, packet: Vec<u8>| match queue.try_send((release, packet)) {
+        Ok(()) => true,
+        Err(TrySendError::Full(_)) => {
+            stats.overflow.fetch_add(1, Ordering::Relaxed);
+            true
+        }
+        Err(TrySendError::Disconnected(_)) => false,
+    };
     loop {
+        let held_until = chaos.held.as_ref().map(|h| h.until);
         let mut guard = tokio::select! {
             _ = &mut stop => return,
+            () = async {
+                match held_until {
+                    Some(t) => tokio::time::sleep_until(t.into()).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                // Nothing overtook the held packet in time: release it.
+                if let Some(h) = chaos.held.take() {
+                    last_release = last_release.max(Instant::now());
+                    if !send(last_release, h.packet) {
+                        return;
+                    }
+                }
+                continue;
+            }
             g = tun.readable() => match g { Ok(g) => g, Err(_) => return },
         };
         loop {
             match guard.try_io(|f| f.get_ref().read(&mut buf)) {
                 Ok(Ok(n)) => {
                     let now = Instant::now();
+                    stats.packets.fetch_add(1, Ordering::Relaxed);
+                    chaos.reload(&stats);
+                    if chaos.drops() {
+                        stats.burst_dropped.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
                     let extra = if jitter.is_zero() {
                         Duration::ZERO
                     } else {
-                        // xorshift64: a uniform draw in [0, jitter].
-                        rng ^= rng << 13;
-                        rng ^= rng >> 7;
-                        rng ^= rng << 17;
-                        jitter.mul_f64((rng >> 11) as f64 / (1u64 << 53) as f64)
+                        jitter.mul_f64(unit(&mut rng))
                     };
-                    // Never before the packet read before it: no reordering.
+                    // Never before the packet read before it: jitter alone
+                    // reorders nothing.
                     let release = (now + one_way + extra).max(last_release);
                     last_release = release;
-                    stats.packets.fetch_add(1, Ordering::Relaxed);
-                    match queue.try_send((release, buf[..n].to_vec())) {
-                        Ok(()) => {}
-                        Err(TrySendError::Full(_)) => {
-                            stats.overflow.fetch_add(1, Ordering::Relaxed);
+                    let packet = buf[..n].to_vec();
+                    if chaos.holds() {
+                        stats.reordered.fetch_add(1, Ordering::Relaxed);
+                        chaos.held = Some(Held {
+                            packet,
+                            left: chaos.faults.reorder_depth,
+                            until: release + MAX_HOLD,
+                        });
+                        continue;
+                    }
+                    if !send(release, packet) {
+                        return;
+                    }
+                    if let Some(h) = chaos.overtaken() {
+                        if !send(release, h) {
+                            return;
                         }
-                        Err(TrySendError::Disconnected(_)) => return,
                     }
                 }
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
                 Ok(Err(_)) => return,
                 Err(_would_block) => break,
             }
+        }
+    }
+}
+
+/// A uniform draw in `[0, 1)` from a xorshift64 state.
+fn unit(rng: &mut u64) -> f64 {
+    *rng ^= *rng << 13;
+    *rng ^= *rng >> 7;
+    *rng ^= *rng << 17;
+    (*rng >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// A packet held back until `left` more have gone out (or `until`).
+#[derive(Debug)]
+struct Held {
+    packet: Vec<u8>,
+    left: u32,
+    until: Instant,
+}
+
+/// The delayer's state for [`PacketFaults`].
+#[derive(Debug, Default)]
+struct Chaos {
+    faults: PacketFaults,
+    generation: u64,
+    rng: u64,
+    burst_left: u32,
+    held: Option<Held>,
+}
+
+impl Chaos {
+    /// Takes new faults (and restarts the generator) if they changed.
+    fn reload(&mut self, stats: &DelayerStats) {
+        let generation = stats.generation.load(Ordering::Acquire);
+        if generation != self.generation {
+            self.generation = generation;
+            self.faults = *stats.faults.lock().unwrap_or_else(|e| e.into_inner());
+            self.rng = self.faults.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            self.burst_left = 0;
+        }
+    }
+
+    fn chance(&mut self, per_mille: u32) -> bool {
+        per_mille > 0 && unit(&mut self.rng) * 1000.0 < f64::from(per_mille)
+    }
+
+    /// Whether this packet is dropped by a loss burst (starting one, or
+    /// in one).
+    fn drops(&mut self) -> bool {
+        if self.burst_left > 0 {
+            self.burst_left -= 1;
+            return true;
+        }
+        if self.faults.burst_len > 0 && self.chance(self.faults.burst_per_mille) {
+            self.burst_left = self.faults.burst_len - 1;
+            return true;
+        }
+        false
+    }
+
+    /// Whether this packet is held back (only one is at a time).
+    fn holds(&mut self) -> bool {
+        self.held.is_none()
+            && self.faults.reorder_depth > 0
+            && self.chance(self.faults.reorder_per_mille)
+    }
+
+    /// After a packet went out: the held one, if enough have overtaken it.
+    fn overtaken(&mut self) -> Option<Vec<u8>> {
+        let h = self.held.as_mut()?;
+        h.left = h.left.saturating_sub(1);
+        if h.left == 0 {
+            self.held.take().map(|h| h.packet)
+        } else {
+            None
         }
     }
 }

@@ -11,10 +11,13 @@
 //! under `CI=true`). The short profile (`cargo test`, in `.ci/run`) runs
 //! each fault once; the long profile repeats them (the tables of
 //! RELIABILITY.md):
-//! `WAN_RUNS=5 cargo test -p capnp-noise-tunnel --test wan -- --nocapture --test-threads 1`.
-//! The runs are repeated, not seeded: the loss is the kernel's
-//! `numgen random`, which takes no seed. BENCHMARKS.md's WAN tables come
-//! from `benches/wan.rs`.
+//! `CAPNP_NOISE_WAN_PROFILE=long cargo test -p capnp-noise-tunnel --test wan -- --nocapture --test-threads 1`
+//! (3 runs of each fault; `WAN_RUNS=N` sets the runs). These runs are
+//! repeated, not seeded: their loss is the kernel's `numgen random`, which
+//! takes no seed; the seeded bursts of loss and reordering
+//! ([`PacketFaults`]) and the faults of capnp-noise's own API are in
+//! `tests/wan_faults.rs` at the workspace root. BENCHMARKS.md's WAN tables
+//! come from `benches/wan.rs`.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
@@ -23,29 +26,11 @@ use capnp_noise_test::peers;
 use capnp_noise_test::wan::compare::{
     first_answers, median, throughput_table, throughputs, Setup, Way,
 };
-use capnp_noise_test::wan::{Bed, Side};
+use capnp_noise_test::wan::faults::{self, beds_usable, call_for, one_bed, Tally, TABLE_HEAD};
+use capnp_noise_test::wan::{Bed, PacketFaults, Side};
 use std::path::Path;
 
-/// Whether beds can be made here (else the test returns: skipped, or a
-/// failure under CI).
-fn beds() -> bool {
-    peers::usable(
-        "network namespaces (root, iproute2, nftables, /dev/net/tun)",
-        Bed::check(),
-    )
-}
-
 const MS: Duration = Duration::from_millis(1);
-
-/// One bed at a time: the tests time delay-bound work, and a 2-core machine
-/// running several beds' delayers and servers at once adds its own delays.
-static ONE_BED: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn one_bed() -> std::sync::MutexGuard<'static, ()> {
-    ONE_BED
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 /// A UDP echo server in the cloud, on `port`, for `secs` seconds.
 fn udp_echo(bed: &Bed, port: u16, secs: u64) -> std::thread::JoinHandle<usize> {
@@ -103,7 +88,7 @@ fn pings(bed: &Bed, server: SocketAddr, n: usize) -> Vec<Option<Duration>> {
 
 #[test]
 fn the_bed_adds_its_round_trip_and_jitter_without_reordering() {
-    if !beds() {
+    if !beds_usable() {
         return;
     }
     let _one = one_bed();
@@ -132,7 +117,7 @@ fn the_bed_adds_its_round_trip_and_jitter_without_reordering() {
 
 #[test]
 fn the_bed_drops_the_configured_share_of_packets_and_partitions_on_demand() {
-    if !beds() {
+    if !beds_usable() {
         return;
     }
     let _one = one_bed();
@@ -173,9 +158,122 @@ fn the_bed_drops_the_configured_share_of_packets_and_partitions_on_demand() {
     drop(echo);
 }
 
+/// `n` numbered UDP packets from the office to the cloud (paced: 50 at a
+/// time, 2 ms apart); the numbers the cloud received, in arrival order.
+fn numbered_packets(bed: &Bed, port: u16, n: u32) -> Vec<u32> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let sink = bed.spawn_in(Side::Cloud, move || {
+        let sock = UdpSocket::bind((Bed::CLOUD, port)).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(600)))
+            .unwrap();
+        ready_tx.send(()).unwrap();
+        let mut got = vec![];
+        let mut buf = [0u8; 64];
+        while let Ok((len, _)) = sock.recv_from(&mut buf) {
+            got.push(u32::from_be_bytes(buf[..len.min(4)].try_into().unwrap()));
+        }
+        got
+    });
+    ready_rx.recv().unwrap();
+    bed.spawn_in(Side::Office, move || {
+        let sock = UdpSocket::bind((Bed::OFFICE, 0)).unwrap();
+        for i in 0..n {
+            sock.send_to(&i.to_be_bytes(), (Bed::CLOUD, port)).unwrap();
+            if i % 50 == 49 {
+                std::thread::sleep(2 * MS);
+            }
+        }
+    })
+    .join()
+    .unwrap();
+    sink.join().unwrap()
+}
+
+/// The delayer's seeded packet faults: a held-back packet arrives after
+/// exactly `reorder_depth` later ones, a loss burst drops a run of
+/// `burst_len` consecutive packets, the counts match what arrived, and the
+/// same seed makes the same decisions for the same packets.
+#[test]
+fn the_bed_reorders_and_drops_bursts_as_seeded() {
+    if !beds_usable() {
+        return;
+    }
+    let _one = one_bed();
+    let faults = PacketFaults {
+        reorder_per_mille: 40,
+        reorder_depth: 3,
+        burst_per_mille: 4,
+        burst_len: 10,
+        seed: 42,
+    };
+    let bed = Bed::builder()
+        .rtt(2 * MS)
+        .packet_faults(faults)
+        .build()
+        .expect("a bed");
+    let n = 3000;
+    let got = numbered_packets(&bed, 7004, n);
+    let stats = bed.delayer_stats();
+    let lost: Vec<u32> = {
+        let seen: std::collections::HashSet<u32> = got.iter().copied().collect();
+        (0..n).filter(|i| !seen.contains(i)).collect()
+    };
+    // A packet arrives late if a higher number arrived before it; with
+    // depth 3, exactly 3 packets (of those sent after it) overtook it.
+    let mut late = 0;
+    for (pos, &p) in got.iter().enumerate() {
+        let overtaken_by = got[..pos].iter().filter(|&&q| q > p).count();
+        if overtaken_by > 0 {
+            late += 1;
+            // (Fewer near the end: nothing more came, MAX_HOLD released it.)
+            assert!(
+                overtaken_by == 3 || (p >= n - 20 && overtaken_by < 3),
+                "packet {p} overtaken by {overtaken_by}"
+            );
+        }
+    }
+    // Lost packets come in runs of 10 (adjacent bursts merge).
+    let mut runs = vec![];
+    for &p in &lost {
+        match runs.last_mut() {
+            Some((start, len)) if *start + *len == p => *len += 1,
+            _ => runs.push((p, 1)),
+        }
+    }
+    eprintln!(
+        "bed faults (seed 42): {late} of {n} packets late, {} lost in {} bursts; delayer: {stats:?}",
+        lost.len(),
+        runs.len()
+    );
+    assert!(
+        runs.iter().all(|&(_, len)| len % 10 == 0),
+        "loss runs {runs:?}"
+    );
+    assert_eq!(
+        lost.len(),
+        stats.burst_dropped,
+        "lost packets and burst drops"
+    );
+    assert_eq!(late, stats.reordered, "late packets and held-back packets");
+    // 40 per mille of about 2960 packets: about 118 held; 4 per mille: about 12 bursts.
+    assert!((60..=180).contains(&late), "{late} late");
+    assert!((3..=30).contains(&runs.len()), "{} bursts", runs.len());
+
+    // The same seed again: the same packets lost (the same decisions).
+    bed.set_packet_faults(faults);
+    let again = numbered_packets(&bed, 7005, n);
+    let seen: std::collections::HashSet<u32> = again.iter().copied().collect();
+    let lost_again: Vec<u32> = (0..n).filter(|i| !seen.contains(i)).collect();
+    assert_eq!(lost, lost_again, "the same seed dropped other packets");
+    // Off: everything, in order.
+    bed.set_packet_faults(PacketFaults::default());
+    let clean = numbered_packets(&bed, 7006, 500);
+    assert_eq!(clean, (0..500).collect::<Vec<_>>());
+}
+
 #[test]
 fn the_bed_limits_the_rate_to_its_tbf() {
-    if !beds() {
+    if !beds_usable() {
         return;
     }
     let _one = one_bed();
@@ -250,7 +348,7 @@ fn stunnel() -> bool {
 /// (the medians are printed too).
 #[test]
 fn the_first_answer_at_50_ms_costs_3_round_trips_like_tls_1_3() {
-    if !beds() || !stunnel() {
+    if !beds_usable() || !stunnel() {
         return;
     }
     let _one = one_bed();
@@ -301,12 +399,10 @@ fn the_first_answer_at_50_ms_costs_3_round_trips_like_tls_1_3() {
 
 // ----- faults (item 5) -----
 
-/// Runs of each fault (`WAN_RUNS`, default 1 for the short profile).
+/// Runs of each fault: `WAN_RUNS`, or 1 (short profile) or 3
+/// (`CAPNP_NOISE_WAN_PROFILE=long`).
 fn fault_runs() -> usize {
-    std::env::var("WAN_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1)
+    faults::runs(1, 3)
 }
 
 /// A fault the bed plays while a test's traffic runs.
@@ -341,47 +437,6 @@ impl Fault {
     }
 }
 
-/// Per way and fault: what was attempted, what arrived, what was lost
-/// without an error, the errors, and the stalls beyond the fault itself.
-#[derive(Debug, Default)]
-struct Tally {
-    runs: usize,
-    attempted: u64,
-    delivered: u64,
-    lost_silently: u64,
-    errors: Vec<String>,
-    recover: Vec<Duration>,
-}
-
-impl Tally {
-    fn row(&self, what: &str, unit: &str) -> String {
-        let recover = if self.recover.is_empty() {
-            "-".to_string()
-        } else {
-            let max = self.recover.iter().max().unwrap();
-            format!(
-                "{:.1} s (max {:.1} s)",
-                median(&self.recover).as_secs_f64(),
-                max.as_secs_f64()
-            )
-        };
-        format!(
-            "| {what} | {} | {} {unit} | {} | {} | {} | {recover} |",
-            self.runs,
-            self.attempted,
-            self.delivered,
-            self.lost_silently,
-            if self.errors.is_empty() {
-                "0".to_string()
-            } else {
-                format!("{}: {}", self.errors.len(), self.errors[0])
-            },
-        )
-    }
-}
-
-const TABLE_HEAD: &str = "| fault, way | runs | attempted | delivered | lost without an error | errors | time to recover |\n|---|---|---|---|---|---|---|";
-
 /// A 5 s partition and a 2 s burst of 30 % loss in the middle of a 4 MiB
 /// transfer at 20 Mbit/s, 50 ms RTT: every byte arrives (the sink counts
 /// them after the sender's end-of-stream), or the failure is an error; a
@@ -392,7 +447,7 @@ const TABLE_HEAD: &str = "| fault, way | runs | attempted | delivered | lost wit
 /// backoff.
 #[test]
 fn transfers_lose_nothing_through_a_5_s_partition_or_a_loss_burst() {
-    if !beds() || !stunnel() {
+    if !beds_usable() || !stunnel() {
         return;
     }
     let _one = one_bed();
@@ -458,7 +513,7 @@ fn transfers_lose_nothing_through_a_5_s_partition_or_a_loss_burst() {
 /// next answer.
 #[test]
 fn rpc_calls_through_a_5_s_partition_are_answered_late_never_lost() {
-    if !beds() || !stunnel() {
+    if !beds_usable() || !stunnel() {
         return;
     }
     let _one = one_bed();
@@ -474,7 +529,7 @@ fn rpc_calls_through_a_5_s_partition_are_answered_late_never_lost() {
                 let calls = s.spawn(|| {
                     setup.with_office(&bed, way, move |office, _| async move {
                         let _ = tx.send(());
-                        call_for(&office, Duration::from_secs(9)).await
+                        call_for(&office, Duration::from_secs(9), Duration::from_secs(30)).await
                     })
                 });
                 rx.recv().expect("connected");
@@ -486,10 +541,7 @@ fn rpc_calls_through_a_5_s_partition_are_answered_late_never_lost() {
             t.runs += 1;
             match outcome {
                 (Ok(c), healed) => {
-                    t.attempted += c.attempted;
-                    t.delivered += c.answered;
-                    t.lost_silently += c.wrong + c.hung;
-                    t.errors.extend(c.error);
+                    t.add_calls(&c);
                     if let Some(after) = c.answers.iter().find(|&&a| a > healed) {
                         t.recover.push(*after - healed);
                     }
@@ -507,69 +559,17 @@ fn rpc_calls_through_a_5_s_partition_are_answered_late_never_lost() {
     }
 }
 
-/// What [`call_for`] saw.
-#[derive(Debug, Default)]
-struct Calls {
-    attempted: u64,
-    answered: u64,
-    /// Answered with data other than the call's own.
-    wrong: u64,
-    /// Neither answered nor failed within 30 s.
-    hung: u64,
-    /// The first error (calls stop there).
-    error: Option<String>,
-    /// When each answer came.
-    answers: Vec<Instant>,
-}
-
-/// Echo calls, one after another, for `total`.
-async fn call_for(
-    office: &capnp_noise_test::schema::demo_capnp::office::Client,
-    total: Duration,
-) -> Calls {
-    let end = Instant::now() + total;
-    let mut c = Calls::default();
-    while Instant::now() < end {
-        c.attempted += 1;
-        let data = format!("call {} ", c.attempted).repeat(64);
-        let mut req = office.echo_request();
-        req.get().set_data(data.as_bytes());
-        match tokio::time::timeout(Duration::from_secs(30), req.send().promise).await {
-            Err(_) => {
-                c.hung += 1;
-                break;
-            }
-            Ok(Err(e)) => {
-                c.error = Some(e.to_string());
-                break;
-            }
-            Ok(Ok(reply)) => {
-                let same = reply
-                    .get()
-                    .and_then(|r| r.get_data())
-                    .is_ok_and(|d| d == data.as_bytes());
-                if same {
-                    c.answered += 1;
-                    c.answers.push(Instant::now());
-                } else {
-                    c.wrong += 1;
-                }
-            }
-        }
-    }
-    c
-}
-
 /// A NAT that forgets flows idle for 2 s (conntrack in the router): after
 /// 4 s of silence, a call on the old connection. Only the tunnel, with
 /// `--keepalive 1`, keeps its flow alive; plain TCP, capnp-noise's
-/// `rpc::connect` (which sends no keepalive) and stunnel lose theirs: the
+/// `rpc::connect` (its default keepalive, 30 s, is longer than this NAT's
+/// 2 s: `tests/wan_faults.rs` has a shorter one keep the flow) and stunnel lose theirs: the
 /// call is neither answered nor failed (TCP retransmits into the NAT for
 /// many minutes) until the application's own timeout. A new connection
 /// works at once (its SYN makes a new mapping).
 #[test]
 fn after_a_nat_drops_an_idle_flow_only_keepalives_keep_the_connection() {
-    if !beds() || !stunnel() {
+    if !beds_usable() || !stunnel() {
         return;
     }
     let _one = one_bed();
@@ -640,7 +640,7 @@ fn after_a_nat_drops_an_idle_flow_only_keepalives_keep_the_connection() {
 /// it anew, or restore a sturdy ref).
 #[test]
 fn a_server_restart_fails_held_capabilities_with_an_error_and_reconnecting_works() {
-    if !beds() {
+    if !beds_usable() {
         return;
     }
     let _one = one_bed();
@@ -757,7 +757,7 @@ fn a_server_restart_fails_held_capabilities_with_an_error_and_reconnecting_works
 /// figures are printed) and BENCHMARKS.md gives the long profile's medians.
 #[test]
 fn on_a_long_fat_link_capnp_noise_keeps_up_with_plain_tcp() {
-    if !beds() || !stunnel() {
+    if !beds_usable() || !stunnel() {
         return;
     }
     let _one = one_bed();
@@ -785,8 +785,10 @@ fn on_a_long_fat_link_capnp_noise_keeps_up_with_plain_tcp() {
     }
 }
 
-/// The multi-vat network behind a NAT that forgets flows idle for 2 s.
-/// Default configuration: after 4 s of silence, a call on the capability
+/// The multi-vat network behind a NAT that forgets flows idle for 2 s,
+/// without keepalive (`tests/wan_faults.rs` has the keepalive keep the
+/// flow, or find it dead and the network re-dial on its own).
+/// No idle timeout: after 4 s of silence, a call on the capability
 /// from the old connection gets no answer and no error, and
 /// `Network::connect` still hands out that connection (it does not know it
 /// is dead), so its capability gets no answer either: the one connection
@@ -795,8 +797,8 @@ fn on_a_long_fat_link_capnp_noise_keeps_up_with_plain_tcp() {
 /// network closes the idle connection itself, and the next `connect` opens
 /// a new one that answers.
 #[test]
-fn the_network_behind_a_nat_recovers_only_with_an_idle_timeout_below_the_nats() {
-    if !beds() {
+fn the_network_behind_a_nat_without_keepalive_recovers_only_with_an_idle_timeout_below_the_nats() {
+    if !beds_usable() {
         return;
     }
     let _one = one_bed();
@@ -805,7 +807,9 @@ fn the_network_behind_a_nat_recovers_only_with_an_idle_timeout_below_the_nats() 
     let wait = Duration::from_secs(6);
     let mut rows = vec![];
     for idle_timeout in [None, Some(Duration::from_secs(1))] {
-        let config = capnp_noise::network::NetworkConfig::default().with_idle_timeout(idle_timeout);
+        let config = capnp_noise::network::NetworkConfig::default()
+            .with_idle_timeout(idle_timeout)
+            .with_keepalive(None);
         let cloud_id = capnp_noise::Identity::generate();
         let cloud_vat = cloud_id.vat_id();
         let (addrs_tx, addrs_rx) = std::sync::mpsc::channel();
