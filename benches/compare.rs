@@ -23,7 +23,7 @@
 //! | `--rpc-large N` | `CAPNP_NOISE_BENCH_RPC_LARGE` [10000] | 64 KiB calls per measurement, 64 in flight |
 //! | `--connections N` | `CAPNP_NOISE_BENCH_CONNECTIONS` [1000] | idle connections in the memory section |
 //! | `--contenders LIST` | `CAPNP_NOISE_BENCH_CONTENDERS` [all] | comma-separated name filters, e.g. `noise,plain` |
-//! | `--pin MODE` | `CAPNP_NOISE_BENCH_PIN` [apart] | `apart`: client and server threads pinned to two different CPUs; `same`: both on one CPU; `none`: the scheduler places them |
+//! | `--pin MODE` | `CAPNP_NOISE_BENCH_PIN` [bulk: apart, others: none] | `apart`: client and server threads pinned to two different CPUs; `same`: both on one CPU; `none`: the scheduler places them (see `Settings::pin_for`) |
 //!
 //! Every measurement runs the client and the server on two threads, each
 //! with its own current-thread tokio runtime (plus a `LocalSet` for RPC),
@@ -138,7 +138,8 @@ struct Settings {
     rpc_large: usize,
     connections: usize,
     contenders: Vec<String>,
-    pin: PinMode,
+    /// `None`: each section's default (see [`Settings::pin_for`]).
+    pin: Option<PinMode>,
 }
 
 /// Where the client and server threads run.
@@ -189,9 +190,10 @@ fn list(name: &str, var: &str) -> Vec<String> {
 impl Settings {
     fn from_args_and_env() -> Self {
         let pin = match setting("pin", "CAPNP_NOISE_BENCH_PIN").as_deref() {
-            None | Some("apart") => PinMode::Apart,
-            Some("same") => PinMode::Same,
-            Some("none") => PinMode::None,
+            None => None,
+            Some("apart") => Some(PinMode::Apart),
+            Some("same") => Some(PinMode::Same),
+            Some("none") => Some(PinMode::None),
             Some(other) => panic!("--pin {other:?}: expected apart, same or none"),
         };
         Settings {
@@ -207,6 +209,32 @@ impl Settings {
             contenders: list("contenders", "CAPNP_NOISE_BENCH_CONTENDERS"),
             pin,
         }
+    }
+
+    /// Where `section`'s threads run, which it also prints. Unless
+    /// `--pin` says otherwise: bulk transfers on two CPUs (each end has a
+    /// CPU of its own, as on two machines), the latency-bound sections
+    /// (handshakes, RPC) where the scheduler puts them. Pinned apart, every
+    /// message of a ping-pong wakes a thread on the other, idle vCPU: on
+    /// this VM that tripled the CPU time per sequential call for every
+    /// contender alike (2.0 voluntary context switches per call against
+    /// 1.1), measuring the hypervisor's wake-ups more than the transports.
+    fn pin_for(&self, section: &str) -> PinMode {
+        let pin = self.pin.unwrap_or(if section == "bulk" {
+            PinMode::Apart
+        } else {
+            PinMode::None
+        });
+        *PIN.lock().unwrap() = pin;
+        println!(
+            "\n{section}: threads {}",
+            match pin {
+                PinMode::Apart => "pinned to two different CPUs",
+                PinMode::Same => "pinned to the same CPU",
+                PinMode::None => "not pinned",
+            }
+        );
+        pin
     }
 
     fn wants(&self, section: &str) -> bool {
@@ -495,8 +523,8 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// Where measurements put their threads (set once, from the settings).
-static PIN: std::sync::OnceLock<PinMode> = std::sync::OnceLock::new();
+/// Where measurements put their threads (set per section, from the settings).
+static PIN: Mutex<PinMode> = Mutex::new(PinMode::Apart);
 
 /// The CPUs this process may run on, in order.
 fn allowed_cpus() -> Vec<usize> {
@@ -515,7 +543,8 @@ fn pin_this_thread(server: bool) {
     use nix::sched::{sched_setaffinity, CpuSet};
     use nix::unistd::Pid;
     let cpus = allowed_cpus();
-    let cpu = match PIN.get().copied().unwrap_or(PinMode::Apart) {
+    let pin = *PIN.lock().unwrap();
+    let cpu = match pin {
         PinMode::None => return,
         _ if cpus.len() < 2 => return,
         PinMode::Apart if server => cpus[1],
@@ -1198,20 +1227,14 @@ fn main() {
         return;
     }
     let s = Settings::from_args_and_env();
-    PIN.set(s.pin).expect("set once");
     println!("# cargo bench --bench compare");
     println!("date: {}", now_utc());
     println!("command: {}", command());
     println!("load average at the start: {}", load());
     print_machine();
     println!(
-        "rounds: {}; interleaved: each round runs every contender once, in order; threads: {}",
+        "rounds: {}; interleaved: each round runs every contender once, in order",
         s.rounds,
-        match s.pin {
-            PinMode::Apart => "client and server pinned to two different CPUs",
-            PinMode::Same => "client and server pinned to the same CPU",
-            PinMode::None => "not pinned",
-        }
     );
     println!(
         "CPU = user + system time of the process (getrusage), per unit of work; \
@@ -1228,6 +1251,7 @@ fn main() {
     let plain = tcp();
 
     if s.wants("bulk") {
+        s.pin_for("bulk");
         let contenders = s.keep([&plain, &tls_aes, &tls_chacha, &noise_aes, &noise_chacha]);
         let mut t = Table::new(
             format!(
@@ -1285,6 +1309,7 @@ fn main() {
     }
 
     if s.wants("handshake") {
+        s.pin_for("handshake");
         let mut noise_cold = noise(Suite::AesGcmSha256);
         noise_cold.name = "capnp-noise AESGCM, new vats every connection".into();
         let fresh = Arc::new(Mutex::new(Vec::new()));
@@ -1346,6 +1371,7 @@ fn main() {
     }
 
     if s.wants("rpc") {
+        s.pin_for("rpc");
         let contenders = s.keep([&plain, &tls_aes, &noise_aes, &noise_chacha]);
         let workloads = [
             (
@@ -1424,6 +1450,7 @@ fn main() {
     }
 
     if s.wants("memory") {
+        s.pin_for("memory");
         let n = s.connections;
         println!(
             "\n## Memory per idle connection end ({n} connections; a read pending on every end)"
