@@ -1164,7 +1164,7 @@ impl Ratio {
         let (cm, clo, chi) = self.cpu;
         let (m, lo, hi) = self.wall;
         format!(
-            "{} vs {}: CPU per unit {cm:.2} x less (same-round {clo:.2}..{chi:.2}); wall-clock rate {m:.2} x ({lo:.2}..{hi:.2})",
+            "{} vs {}: CPU efficiency {cm:.2} x (same-round {clo:.2}..{chi:.2}); wall-clock rate {m:.2} x ({lo:.2}..{hi:.2})",
             self.a, self.b
         )
     }
@@ -1237,8 +1237,9 @@ fn main() {
         s.rounds,
     );
     println!(
-        "CPU = user + system time of the process (getrusage), per unit of work; \
-         ratios are medians of same-round ratios (range in brackets)"
+        "CPU = user + system time of the process (getrusage), per unit of work. \
+         \"A vs B\": CPU efficiency = B's CPU per unit / A's (above 1: A needs less CPU), \
+         wall-clock rate = A's rate / B's; each the median of same-round ratios (range in brackets)"
     );
     // The lines of the closing summary.
     let mut summary: Vec<String> = Vec::new();
@@ -1289,7 +1290,7 @@ fn main() {
         for (a, b) in [(&noise_aes, &tls_aes), (&noise_chacha, &tls_chacha)] {
             if let Some(r) = t.ratio(a, b) {
                 summary.push(format!(
-                    "  {}: target CPU >= 1.2 x less: {}",
+                    "  {}: target CPU efficiency >= 1.2: {}",
                     r.line(),
                     if r.cpu.0 >= 1.2 { "met" } else { "NOT met" }
                 ));
