@@ -1363,8 +1363,9 @@ fn main() {
         println!("load average: {before} before, {} after", load());
         if let Some(r) = t.ratio(&noise_aes, &tls_aes) {
             summary.push(format!(
-                "handshakes ({} rounds): {}: target wall-clock >= 1.2 x: {}",
+                "handshakes ({} rounds, load {before} before, {} after): {}: target wall-clock >= 1.2 x: {}",
                 s.rounds,
+                load(),
                 r.line(),
                 if r.wall.0 >= 1.2 { "met" } else { "NOT met" }
             ));
