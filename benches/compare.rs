@@ -6,7 +6,7 @@
 //! ```text
 //! cargo bench --bench compare                       # everything, 5 rounds
 //! cargo bench --bench compare -- --rounds 7 --only bulk,rpc   # the issue-16 figures, a few minutes
-//! cargo bench --bench compare -- --only bulk --pin same       # both threads on one CPU
+//! cargo bench --bench compare -- --only bulk --pin apart      # the two threads on two CPUs
 //! ```
 //!
 //! Settings: command-line options after `--`, or environment variables
@@ -23,7 +23,7 @@
 //! | `--rpc-large N` | `CAPNP_NOISE_BENCH_RPC_LARGE` [10000] | 64 KiB calls per measurement, 64 in flight |
 //! | `--connections N` | `CAPNP_NOISE_BENCH_CONNECTIONS` [1000] | idle connections in the memory section |
 //! | `--contenders LIST` | `CAPNP_NOISE_BENCH_CONTENDERS` [all] | comma-separated name filters, e.g. `noise,plain` |
-//! | `--pin MODE` | `CAPNP_NOISE_BENCH_PIN` [bulk: apart, others: none] | `apart`: client and server threads pinned to two different CPUs; `same`: both on one CPU; `none`: the scheduler places them (see `Settings::pin_for`) |
+//! | `--pin MODE` | `CAPNP_NOISE_BENCH_PIN` [bulk: same, others: none] | `apart`: client and server threads pinned to two different CPUs; `same`: both on one CPU; `none`: the scheduler places them (see `Settings::pin_for`) |
 //!
 //! Every measurement runs the client and the server on two threads, each
 //! with its own current-thread tokio runtime (plus a `LocalSet` for RPC),
@@ -213,16 +213,19 @@ impl Settings {
     }
 
     /// Where `section`'s threads run, which it also prints. Unless
-    /// `--pin` says otherwise: bulk transfers on two CPUs (each end has a
-    /// CPU of its own, as on two machines), the latency-bound sections
-    /// (handshakes, RPC) where the scheduler puts them. Pinned apart, every
-    /// message of a ping-pong wakes a thread on the other, idle vCPU: on
-    /// this VM that tripled the CPU time per sequential call for every
-    /// contender alike (2.0 voluntary context switches per call against
-    /// 1.1), measuring the hypervisor's wake-ups more than the transports.
+    /// `--pin` says otherwise: bulk transfers with both threads on one CPU,
+    /// the latency-bound sections (handshakes, RPC) where the scheduler
+    /// puts them. Pinned apart, a reader faster than its writer (plain
+    /// TCP's) drains every write and sleeps, 5 voluntary context switches
+    /// per MiB, and its CPU per byte then measures the VM's wake-ups: on a
+    /// machine at load 2-4 plain TCP used *more* CPU per byte than
+    /// capnp-noise, spread 0.50..0.84 ns (on one CPU: 0.31..0.36). And every
+    /// message of a ping-pong wakes a thread on the other vCPU: that
+    /// tripled the CPU per sequential call for every contender alike (2.0
+    /// switches per call against 1.1).
     fn pin_for(&self, section: &str) -> PinMode {
         let pin = self.pin.unwrap_or(if section == "bulk" {
-            PinMode::Apart
+            PinMode::Same
         } else {
             PinMode::None
         });
@@ -525,7 +528,7 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// Where measurements put their threads (set per section, from the settings).
-static PIN: Mutex<PinMode> = Mutex::new(PinMode::Apart);
+static PIN: Mutex<PinMode> = Mutex::new(PinMode::Same);
 
 /// The CPUs this process may run on, in order.
 fn allowed_cpus() -> Vec<usize> {
