@@ -4,27 +4,44 @@
 //! every contender once, then round 2...), medians and same-round ratios.
 //!
 //! ```text
-//! cargo bench --bench compare
-//! CAPNP_NOISE_BENCH_ROUNDS=3 CAPNP_NOISE_BENCH_ONLY=bulk,handshake cargo bench --bench compare
+//! cargo bench --bench compare                       # everything, 5 rounds
+//! cargo bench --bench compare -- --rounds 7 --only bulk,rpc   # the issue-16 figures, a few minutes
+//! cargo bench --bench compare -- --only bulk --pin apart      # the two threads on two CPUs
 //! ```
 //!
-//! Settings (environment variables, defaults in brackets):
+//! Settings: command-line options after `--`, or environment variables
+//! (an option wins; defaults in brackets):
 //!
-//! | variable | meaning |
-//! |---|---|
-//! | `CAPNP_NOISE_BENCH_ROUNDS` [5] | rounds; each runs every contender once |
-//! | `CAPNP_NOISE_BENCH_ONLY` [all] | comma-separated: `bulk`, `handshake`, `rpc`, `memory` |
-//! | `CAPNP_NOISE_BENCH_BULK_MIB` [512] | bytes per bulk transfer, in MiB |
-//! | `CAPNP_NOISE_BENCH_HANDSHAKES` [1000] | handshakes per measurement |
-//! | `CAPNP_NOISE_BENCH_RPC_SEQ` [20000] | sequential calls per measurement |
-//! | `CAPNP_NOISE_BENCH_RPC_PIPELINED` [100000] | calls per measurement, 64 in flight |
-//! | `CAPNP_NOISE_BENCH_RPC_LARGE` [10000] | 64 KiB calls per measurement, 64 in flight |
-//! | `CAPNP_NOISE_BENCH_CONNECTIONS` [1000] | idle connections in the memory section |
-//! | `CAPNP_NOISE_BENCH_CONTENDERS` [all] | comma-separated name filters, e.g. `noise,plain` |
+//! | option | variable | meaning |
+//! |---|---|---|
+//! | `--rounds N` | `CAPNP_NOISE_BENCH_ROUNDS` [5] | rounds; each runs every contender once |
+//! | `--only LIST` | `CAPNP_NOISE_BENCH_ONLY` [all] | comma-separated: `bulk`, `handshake`, `rpc`, `memory` |
+//! | `--bulk-mib N` | `CAPNP_NOISE_BENCH_BULK_MIB` [512] | bytes per bulk transfer, in MiB |
+//! | `--handshakes N` | `CAPNP_NOISE_BENCH_HANDSHAKES` [1000] | handshakes per measurement |
+//! | `--rpc-seq N` | `CAPNP_NOISE_BENCH_RPC_SEQ` [20000] | sequential calls per measurement |
+//! | `--rpc-pipelined N` | `CAPNP_NOISE_BENCH_RPC_PIPELINED` [100000] | calls per measurement, 64 in flight |
+//! | `--rpc-large N` | `CAPNP_NOISE_BENCH_RPC_LARGE` [10000] | 64 KiB calls per measurement, 64 in flight |
+//! | `--connections N` | `CAPNP_NOISE_BENCH_CONNECTIONS` [1000] | idle connections in the memory section |
+//! | `--contenders LIST` | `CAPNP_NOISE_BENCH_CONTENDERS` [all] | comma-separated name filters, e.g. `noise,plain` |
+//! | `--pin MODE` | `CAPNP_NOISE_BENCH_PIN` [bulk: same, others: none] | `apart`: client and server threads pinned to two different CPUs; `same`: both on one CPU; `none`: the scheduler places them (see `Settings::pin_for`) |
 //!
 //! Every measurement runs the client and the server on two threads, each
 //! with its own current-thread tokio runtime (plus a `LocalSet` for RPC),
 //! over loopback TCP (127.0.0.1, port 0) with `TCP_NODELAY` on both ends.
+//! Every contender gets the same work: bulk transfers are 64 KiB writes
+//! read with a 64 KiB buffer.
+//!
+//! **The primary figure is CPU time per unit of work**: user plus system
+//! time of the whole process (`getrusage(RUSAGE_SELF)`) across the
+//! measurement, which on loopback includes the kernel's TCP work of both
+//! ends (except what it defers to its `ksoftirqd` threads: at most 20 ms
+//! during 3 x 512 MiB of any bulk contender here, under 2 %). Other load on the machine moves it much less than wall-clock
+//! time (which is printed second), because it does not count the time a
+//! thread waits for a CPU. Voluntary context switches per unit of work
+//! (also from `getrusage`) show how often the two threads wait for each
+//! other. Ratios are taken within a round and given as the median over
+//! rounds with the range. The header gives the date, the load average and
+//! the command; the last section is a summary against the targets.
 //!
 //! Contenders:
 //! * TLS: rustls 0.23 with its default aws-lc-rs provider, TLS 1.3 only, key
@@ -121,34 +138,106 @@ struct Settings {
     rpc_large: usize,
     connections: usize,
     contenders: Vec<String>,
+    /// `None`: each section's default (see [`Settings::pin_for`]).
+    pin: Option<PinMode>,
 }
 
-fn env_or(name: &str, default: usize) -> usize {
-    match std::env::var(name) {
-        Ok(v) => v
+/// Where the client and server threads run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PinMode {
+    /// On two different CPUs (the first two this process may use).
+    Apart,
+    /// Both on the first CPU this process may use.
+    Same,
+    /// Wherever the scheduler puts them.
+    None,
+}
+
+/// The value of setting `name`: the command-line option `--name VALUE`
+/// (or `--name=VALUE`), else the environment variable `var`.
+fn setting(name: &str, var: &str) -> Option<String> {
+    let flag = format!("--{name}");
+    let args: Vec<String> = std::env::args().collect();
+    for (i, a) in args.iter().enumerate() {
+        if *a == flag {
+            let v = args
+                .get(i + 1)
+                .unwrap_or_else(|| panic!("{flag} needs a value"));
+            return Some(v.clone());
+        }
+        if let Some(v) = a.strip_prefix(&format!("{flag}=")) {
+            return Some(v.to_string());
+        }
+    }
+    std::env::var(var).ok()
+}
+
+fn number(name: &str, var: &str, default: usize) -> usize {
+    match setting(name, var) {
+        Some(v) => v
             .parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
-        Err(_) => default,
+            .unwrap_or_else(|_| panic!("--{name} / {var} = {v:?} is not a number")),
+        None => default,
     }
 }
 
+fn list(name: &str, var: &str) -> Vec<String> {
+    setting(name, var)
+        .map(|v| v.split(',').map(|s| s.trim().to_lowercase()).collect())
+        .unwrap_or_default()
+}
+
 impl Settings {
-    fn from_env() -> Self {
+    fn from_args_and_env() -> Self {
+        let pin = match setting("pin", "CAPNP_NOISE_BENCH_PIN").as_deref() {
+            None => None,
+            Some("apart") => Some(PinMode::Apart),
+            Some("same") => Some(PinMode::Same),
+            Some("none") => Some(PinMode::None),
+            Some(other) => panic!("--pin {other:?}: expected apart, same or none"),
+        };
         Settings {
-            rounds: env_or("CAPNP_NOISE_BENCH_ROUNDS", 5).max(1),
-            only: std::env::var("CAPNP_NOISE_BENCH_ONLY")
-                .map(|v| v.split(',').map(|s| s.trim().to_string()).collect())
-                .unwrap_or_default(),
-            bulk_bytes: (env_or("CAPNP_NOISE_BENCH_BULK_MIB", 512).max(1) as u64) << 20,
-            handshakes: env_or("CAPNP_NOISE_BENCH_HANDSHAKES", 1000).max(1),
-            rpc_seq: env_or("CAPNP_NOISE_BENCH_RPC_SEQ", 20_000).max(1),
-            rpc_pipelined: env_or("CAPNP_NOISE_BENCH_RPC_PIPELINED", 100_000).max(1),
-            rpc_large: env_or("CAPNP_NOISE_BENCH_RPC_LARGE", 10_000).max(1),
-            connections: env_or("CAPNP_NOISE_BENCH_CONNECTIONS", 1000).max(1),
-            contenders: std::env::var("CAPNP_NOISE_BENCH_CONTENDERS")
-                .map(|v| v.split(',').map(|s| s.trim().to_lowercase()).collect())
-                .unwrap_or_default(),
+            rounds: number("rounds", "CAPNP_NOISE_BENCH_ROUNDS", 5).max(1),
+            only: list("only", "CAPNP_NOISE_BENCH_ONLY"),
+            bulk_bytes: (number("bulk-mib", "CAPNP_NOISE_BENCH_BULK_MIB", 512).max(1) as u64) << 20,
+            handshakes: number("handshakes", "CAPNP_NOISE_BENCH_HANDSHAKES", 1000).max(1),
+            rpc_seq: number("rpc-seq", "CAPNP_NOISE_BENCH_RPC_SEQ", 20_000).max(1),
+            rpc_pipelined: number("rpc-pipelined", "CAPNP_NOISE_BENCH_RPC_PIPELINED", 100_000)
+                .max(1),
+            rpc_large: number("rpc-large", "CAPNP_NOISE_BENCH_RPC_LARGE", 10_000).max(1),
+            connections: number("connections", "CAPNP_NOISE_BENCH_CONNECTIONS", 1000).max(1),
+            contenders: list("contenders", "CAPNP_NOISE_BENCH_CONTENDERS"),
+            pin,
         }
+    }
+
+    /// Where `section`'s threads run, which it also prints. Unless
+    /// `--pin` says otherwise: bulk transfers with both threads on one CPU,
+    /// the latency-bound sections (handshakes, RPC) where the scheduler
+    /// puts them. Pinned apart, a reader faster than its writer (plain
+    /// TCP's) drains every write and sleeps, 5 voluntary context switches
+    /// per MiB, and its CPU per byte then measures the VM's wake-ups: on a
+    /// machine at load 2-4 plain TCP used *more* CPU per byte than
+    /// capnp-noise, spread 0.50..0.84 ns (on one CPU: 0.31..0.36). And every
+    /// message of a ping-pong wakes a thread on the other vCPU: that
+    /// tripled the CPU per sequential call for every contender alike (2.0
+    /// switches per call against 1.1).
+    fn pin_for(&self, section: &str) -> PinMode {
+        let pin = self.pin.unwrap_or(if section == "bulk" {
+            PinMode::Same
+        } else {
+            PinMode::None
+        });
+        *PIN.lock().unwrap() = pin;
+        println!(
+            "\n{section}: threads {}",
+            match pin {
+                PinMode::Apart => "pinned to two different CPUs",
+                PinMode::Same => "pinned to the same CPU",
+                PinMode::None => "not pinned",
+            }
+        );
+        pin
     }
 
     fn wants(&self, section: &str) -> bool {
@@ -437,93 +526,127 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// Where measurements put their threads (set per section, from the settings).
+static PIN: Mutex<PinMode> = Mutex::new(PinMode::Same);
+
+/// The CPUs this process may run on, in order.
+fn allowed_cpus() -> Vec<usize> {
+    use nix::sched::{sched_getaffinity, CpuSet};
+    use nix::unistd::Pid;
+    let set = sched_getaffinity(Pid::from_raw(0)).expect("sched_getaffinity");
+    (0..CpuSet::count())
+        .filter(|&c| set.is_set(c).unwrap_or(false))
+        .collect()
+}
+
+/// Pins the calling thread as `PIN` says: the client (`server == false`)
+/// to the first allowed CPU, the server to the second (`apart`) or the
+/// first (`same`). With one CPU, or `none`, it stays where it is.
+fn pin_this_thread(server: bool) {
+    use nix::sched::{sched_setaffinity, CpuSet};
+    use nix::unistd::Pid;
+    let cpus = allowed_cpus();
+    let pin = *PIN.lock().unwrap();
+    let cpu = match pin {
+        PinMode::None => return,
+        _ if cpus.len() < 2 => return,
+        PinMode::Apart if server => cpus[1],
+        PinMode::Apart | PinMode::Same => cpus[0],
+    };
+    let mut set = CpuSet::new();
+    set.set(cpu).expect("a CPU number within the set");
+    sched_setaffinity(Pid::from_raw(0), &set).expect("sched_setaffinity");
+}
+
+/// Undoes [`pin_this_thread`] for the calling thread (the client runs on
+/// the main thread, which later sections use unpinned).
+fn unpin_this_thread(cpus: &[usize]) {
+    use nix::sched::{sched_setaffinity, CpuSet};
+    use nix::unistd::Pid;
+    let mut set = CpuSet::new();
+    for &c in cpus {
+        set.set(c).expect("a CPU number within the set");
+    }
+    sched_setaffinity(Pid::from_raw(0), &set).expect("sched_setaffinity");
+}
+
 /// Runs `server` on its own thread and runtime with a fresh loopback
-/// listener, and `client` on this thread with another runtime.
+/// listener, and `client` on this thread with another runtime, both pinned
+/// as [`PIN`] says.
 fn client_server<S, SF, C, CF, T>(server: S, client: C) -> T
 where
     S: FnOnce(TcpListener) -> SF + Send + 'static,
     SF: Future<Output = ()>,
-    C: FnOnce(SocketAddr, Cpu) -> CF,
+    C: FnOnce(SocketAddr) -> CF,
     CF: Future<Output = T>,
 {
     let (tx, rx) = mpsc::channel();
     let handle = thread::spawn(move || {
+        pin_this_thread(true);
         let rt = runtime();
         let local = tokio::task::LocalSet::new();
         local.block_on(&rt, async move {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            tx.send((listener.local_addr().unwrap(), this_thread()))
-                .unwrap();
+            tx.send(listener.local_addr().unwrap()).unwrap();
             server(listener).await;
         });
     });
-    let (addr, server_thread) = rx.recv().unwrap();
-    let cpu = Cpu([this_thread(), server_thread]);
+    let addr = rx.recv().unwrap();
+    let cpus = allowed_cpus();
+    pin_this_thread(false);
     let rt = runtime();
     let local = tokio::task::LocalSet::new();
-    let out = local.block_on(&rt, client(addr, cpu));
+    let out = local.block_on(&rt, client(addr));
     handle.join().expect("server thread");
+    unpin_this_thread(&cpus);
     out
 }
 
-/// `/proc/<pid>/task/<tid>` of the calling thread.
-fn this_thread() -> std::path::PathBuf {
-    // The link reads "<pid>/task/<tid>", relative to /proc.
-    std::path::Path::new("/proc")
-        .join(std::fs::read_link("/proc/thread-self").expect("/proc/thread-self"))
+/// The process's CPU time (user + system, every thread, `getrusage`) and
+/// voluntary context switches so far.
+fn usage() -> (f64, i64) {
+    use nix::sys::resource::{getrusage, UsageWho};
+    let u = getrusage(UsageWho::RUSAGE_SELF).expect("getrusage");
+    let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+    (
+        secs(u.user_time()) + secs(u.system_time()),
+        u.voluntary_context_switches() as i64,
+    )
 }
 
-/// The CPU time of the client and server threads, from the kernel's
-/// scheduler (`se.sum_exec_runtime` in `/proc/<pid>/task/<tid>/sched`): a
-/// cost that other load on the machine disturbs much less than wall-clock
-/// time.
-struct Cpu([std::path::PathBuf; 2]);
-
-impl Cpu {
-    fn seconds(&self) -> f64 {
-        self.0
-            .iter()
-            .map(|task| {
-                // "se.sum_exec_runtime : 1234.567890" (milliseconds).
-                let sched = std::fs::read_to_string(task.join("sched")).unwrap_or_default();
-                sched
-                    .lines()
-                    .find(|l| l.starts_with("se.sum_exec_runtime"))
-                    .and_then(|l| l.split(':').nth(1))
-                    .and_then(|ms| ms.trim().parse::<f64>().ok())
-                    .unwrap_or(0.0)
-            })
-            .sum::<f64>()
-            / 1e3
-    }
-}
-
-/// Wall-clock and CPU seconds of one measurement.
+/// Wall-clock seconds, CPU seconds (the whole process: both threads, and
+/// the kernel's loopback TCP work done on their behalf) and voluntary
+/// context switches of one measurement.
 #[derive(Clone, Copy)]
 struct Took {
     secs: f64,
     cpu: f64,
+    switches: f64,
 }
 
-/// A stopwatch for both.
-struct Clock<'a> {
-    cpu: &'a Cpu,
+/// A stopwatch for all three.
+struct Clock {
     start: Instant,
     cpu_start: f64,
+    switches_start: i64,
 }
 
-impl<'a> Clock<'a> {
-    fn start(cpu: &'a Cpu) -> Self {
+impl Clock {
+    fn start() -> Self {
+        let (cpu_start, switches_start) = usage();
         Clock {
-            cpu,
-            cpu_start: cpu.seconds(),
+            cpu_start,
+            switches_start,
             start: Instant::now(),
         }
     }
     fn stop(self) -> Took {
+        let secs = self.start.elapsed().as_secs_f64();
+        let (cpu, switches) = usage();
         Took {
-            secs: self.start.elapsed().as_secs_f64(),
-            cpu: self.cpu.seconds() - self.cpu_start,
+            secs,
+            cpu: cpu - self.cpu_start,
+            switches: (switches - self.switches_start) as f64,
         }
     }
 }
@@ -568,11 +691,11 @@ fn bulk(c: &Contender, bytes: u64) -> Took {
             io.flush().await.unwrap();
             let _ = io.read(&mut buf).await; // until the client is done
         },
-        |addr, cpu| async move {
+        |addr| async move {
             let mut io = c.client_io(addr, 0).await;
             ping(&mut io).await;
             let data = vec![0x5au8; WRITE_SIZE];
-            let clock = Clock::start(&cpu);
+            let clock = Clock::start();
             let mut sent = 0u64;
             while sent < bytes {
                 let n = (bytes - sent).min(WRITE_SIZE as u64) as usize;
@@ -601,8 +724,8 @@ fn handshakes(c: &Contender, n: usize) -> Took {
                 pong(&mut io).await;
             }
         },
-        |addr, cpu| async move {
-            let clock = Clock::start(&cpu);
+        |addr| async move {
+            let clock = Clock::start();
             for i in 0..n {
                 let mut io = c.client_io(addr, i).await;
                 ping(&mut io).await;
@@ -699,7 +822,7 @@ fn rpc_calls(c: &Contender, workload: Rpc, n: usize) -> Took {
                 }
             }
         },
-        |addr, cpu| async move {
+        |addr| async move {
             let (office, disconnect): (office_capnp::Client, Pin<Box<dyn Future<Output = ()>>>) =
                 match &c.transport {
                     Transport::Noise {
@@ -747,7 +870,7 @@ fn rpc_calls(c: &Contender, workload: Rpc, n: usize) -> Took {
                     }
                 };
             calls(&office, workload, (n / 20).clamp(10, 1000)).await; // warm-up
-            let clock = Clock::start(&cpu);
+            let clock = Clock::start();
             calls(&office, workload, n).await;
             let t = clock.stop();
             drop(office);
@@ -871,7 +994,7 @@ fn allocations_per_write(c: &Contender, bytes: u64) -> f64 {
                 }
             }
         },
-        |addr, _| async move {
+        |addr| async move {
             let mut io = c.client_io(addr, 0).await;
             ping(&mut io).await;
             let mut data = vec![0x5au8; WRITE_SIZE];
@@ -905,16 +1028,40 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-/// Rates per round for each contender (work / seconds), in contender order.
+/// The median of `v` and its range.
+fn spread(v: &[f64]) -> (f64, f64, f64) {
+    let lo = v.iter().cloned().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    (median(&mut v.to_vec()), lo, hi)
+}
+
+/// Per contender and round: CPU time, rate and context switches per unit
+/// of work, in contender order.
 struct Table {
     title: String,
+    /// The unit of the wall-clock rate, e.g. "bytes/s".
     unit: &'static str,
-    /// What one unit of CPU cost is, e.g. "ns/byte".
+    /// The unit of CPU time per unit of work and its scale, e.g. ("ns/byte", 1e9).
     cpu_unit: (&'static str, f64),
+    /// What context switches are counted per, and the scale, e.g. ("MiB", 2^20).
+    per: (&'static str, f64),
     names: Vec<String>,
+    /// Work per wall-clock second.
     rates: Vec<Vec<f64>>,
-    /// CPU seconds (both threads) per unit of work, per round.
+    /// CPU seconds (the whole process) per unit of work.
     cpu: Vec<Vec<f64>>,
+    /// Voluntary context switches per unit of work.
+    switches: Vec<Vec<f64>>,
+}
+
+/// A same-round comparison of two contenders: `cpu` = CPU per unit of `b`
+/// / that of `a` (above 1: `a` needs less CPU), `wall` = rate of `a` /
+/// rate of `b` (above 1: `a` is faster); each (median, min, max) over rounds.
+struct Ratio {
+    a: String,
+    b: String,
+    cpu: (f64, f64, f64),
+    wall: (f64, f64, f64),
 }
 
 impl Table {
@@ -922,15 +1069,19 @@ impl Table {
         title: impl Into<String>,
         unit: &'static str,
         cpu_unit: (&'static str, f64),
+        per: (&'static str, f64),
         contenders: &[&Contender],
     ) -> Self {
+        let n = contenders.len();
         Table {
             title: title.into(),
             unit,
             cpu_unit,
+            per,
             names: contenders.iter().map(|c| c.name.clone()).collect(),
-            rates: vec![Vec::new(); contenders.len()],
-            cpu: vec![Vec::new(); contenders.len()],
+            rates: vec![Vec::new(); n],
+            cpu: vec![Vec::new(); n],
+            switches: vec![Vec::new(); n],
         }
     }
 
@@ -938,54 +1089,108 @@ impl Table {
     fn add(&mut self, i: usize, work: f64, took: Took) {
         self.rates[i].push(work / took.secs);
         self.cpu[i].push(took.cpu / work);
+        self.switches[i].push(took.switches / work);
     }
 
-    /// Prints medians, spread, and for each `(a, b)` in `ratios` the median
-    /// over rounds of rate(a) / rate(b) measured in the same round.
-    /// Prints medians and spread, then for each `(a, b)` in `ratios` the
-    /// median over rounds of rate(a) / rate(b) measured in the same round,
-    /// and the same for CPU efficiency (cpu(b) / cpu(a): above 1 means `a`
-    /// needs less CPU per unit of work).
+    /// The same-round ratios of `a` to `b`, if both ran.
+    fn ratio(&self, a: &Contender, b: &Contender) -> Option<Ratio> {
+        let find = |c: &Contender| self.names.iter().position(|n| *n == c.name);
+        let (x, y) = (find(a)?, find(b)?);
+        let paired = |v: &[Vec<f64>], p: usize, q: usize| {
+            let r: Vec<f64> = v[p].iter().zip(&v[q]).map(|(p, q)| p / q).collect();
+            spread(&r)
+        };
+        Some(Ratio {
+            a: self.names[x].clone(),
+            b: self.names[y].clone(),
+            cpu: paired(&self.cpu, y, x),
+            wall: paired(&self.rates, x, y),
+        })
+    }
+
+    /// Prints CPU per unit of work (the primary figure), wall-clock rate and
+    /// context switches (median, min, max over rounds), then the same-round
+    /// ratios of each `(a, b)` in `ratios`.
     fn print(&self, ratios: &[(&Contender, &Contender)]) {
         let (cpu_unit, cpu_scale) = self.cpu_unit;
+        let (per, per_scale) = self.per;
         println!("\n## {}", self.title);
         println!(
-            "| contender | median {} | min | max | CPU {cpu_unit} (both threads) | rounds |",
+            "| contender | CPU {cpu_unit} (process) | min..max | {} | min..max | voluntary switches per {per} | rounds |",
             self.unit
         );
-        println!("|---|---:|---:|---:|---:|---:|");
-        for ((name, rates), cpu) in self.names.iter().zip(&self.rates).zip(&self.cpu) {
-            let mut r = rates.clone();
-            let min = r.iter().cloned().fold(f64::INFINITY, f64::min);
-            let max = r.iter().cloned().fold(0.0, f64::max);
+        println!("|---|---:|---:|---:|---:|---:|---:|");
+        for i in 0..self.names.len() {
+            let (c, clo, chi) = spread(&self.cpu[i]);
+            let (r, rlo, rhi) = spread(&self.rates[i]);
+            let (sw, _, _) = spread(&self.switches[i]);
             println!(
-                "| {name} | {} | {} | {} | {:.3} | {} |",
-                fmt_rate(median(&mut r)),
-                fmt_rate(min),
-                fmt_rate(max),
-                median(&mut cpu.clone()) * cpu_scale,
-                rates.len()
+                "| {} | {:.3} | {:.3}..{:.3} | {} | {}..{} | {:.1} | {} |",
+                self.names[i],
+                c * cpu_scale,
+                clo * cpu_scale,
+                chi * cpu_scale,
+                fmt_rate(r),
+                fmt_rate(rlo),
+                fmt_rate(rhi),
+                sw * per_scale,
+                self.rates[i].len()
             );
         }
         for (a, b) in ratios {
-            let find = |c: &Contender| self.names.iter().position(|n| *n == c.name);
-            let (Some(a), Some(b)) = (find(a), find(b)) else {
-                continue;
-            };
-            let paired = |v: &[Vec<f64>], x: usize, y: usize| -> (f64, f64, f64) {
-                let mut r: Vec<f64> = v[x].iter().zip(&v[y]).map(|(p, q)| p / q).collect();
-                let lo = r.iter().cloned().fold(f64::INFINITY, f64::min);
-                let hi = r.iter().cloned().fold(0.0, f64::max);
-                (median(&mut r), lo, hi)
-            };
-            let (m, lo, hi) = paired(&self.rates, a, b);
-            let (cm, clo, chi) = paired(&self.cpu, b, a);
-            println!(
-                "ratio {} / {}: {m:.2} x (same-round {lo:.2}..{hi:.2}); CPU efficiency {cm:.2} x ({clo:.2}..{chi:.2})",
-                self.names[a], self.names[b],
-            );
+            if let Some(r) = self.ratio(a, b) {
+                println!("{}", r.line());
+            }
         }
     }
+}
+
+impl Ratio {
+    fn line(&self) -> String {
+        let (cm, clo, chi) = self.cpu;
+        let (m, lo, hi) = self.wall;
+        format!(
+            "{} vs {}: CPU efficiency {cm:.2} x (same-round {clo:.2}..{chi:.2}); wall-clock rate {m:.2} x ({lo:.2}..{hi:.2})",
+            self.a, self.b
+        )
+    }
+}
+
+/// The date and time (UTC), from `date`.
+fn now_utc() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// The 1, 5 and 15 minute load averages.
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// The command that reproduces this run: the options and the settings'
+/// environment variables.
+fn command() -> String {
+    let env: Vec<String> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("CAPNP_NOISE_BENCH_"))
+        .map(|(k, v)| format!("{k}={v} "))
+        .collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let args = if args.is_empty() {
+        String::new()
+    } else {
+        format!(" -- {}", args.join(" "))
+    };
+    format!("{}cargo bench --bench compare{args}", env.concat())
 }
 
 fn fmt_rate(x: f64) -> String {
@@ -1007,12 +1212,23 @@ fn main() {
         println!("compare: skipped (run it with `cargo bench --bench compare`)");
         return;
     }
-    let s = Settings::from_env();
+    let s = Settings::from_args_and_env();
+    println!("# cargo bench --bench compare");
+    println!("date: {}", now_utc());
+    println!("command: {}", command());
+    println!("load average at the start: {}", load());
     print_machine();
     println!(
         "rounds: {}; interleaved: each round runs every contender once, in order",
-        s.rounds
+        s.rounds,
     );
+    println!(
+        "CPU = user + system time of the process (getrusage), per unit of work. \
+         \"A vs B\": CPU efficiency = B's CPU per unit / A's (above 1: A needs less CPU), \
+         wall-clock rate = A's rate / B's; each the median of same-round ratios (range in brackets)"
+    );
+    // The lines of the closing summary.
+    let mut summary: Vec<String> = Vec::new();
     let pki = pki();
     let tls_aes = tls(&pki, false, false);
     let tls_chacha = tls(&pki, true, false);
@@ -1022,6 +1238,7 @@ fn main() {
     let plain = tcp();
 
     if s.wants("bulk") {
+        s.pin_for("bulk");
         let contenders = s.keep([&plain, &tls_aes, &tls_chacha, &noise_aes, &noise_chacha]);
         let mut t = Table::new(
             format!(
@@ -1030,8 +1247,10 @@ fn main() {
             ),
             "bytes/s",
             ("ns/byte", 1e9),
+            ("MiB", (1 << 20) as f64),
             &contenders,
         );
+        let before = load();
         for round in 0..s.rounds {
             for (i, c) in contenders.iter().enumerate() {
                 let took = bulk(c, s.bulk_bytes);
@@ -1042,14 +1261,42 @@ fn main() {
         t.print(&[
             (&noise_aes, &tls_aes),
             (&noise_chacha, &tls_chacha),
-            (&tls_aes, &plain),
-            (&tls_chacha, &plain),
-            (&noise_aes, &plain),
-            (&noise_chacha, &plain),
+            (&plain, &tls_aes),
+            (&plain, &noise_aes),
+            (&plain, &tls_chacha),
+            (&plain, &noise_chacha),
         ]);
+        println!("load average: {before} before, {} after", load());
+        summary.push(format!(
+            "bulk ({} MiB, {} rounds, load {before} before, {} after):",
+            s.bulk_bytes >> 20,
+            s.rounds,
+            load()
+        ));
+        for (a, b) in [(&noise_aes, &tls_aes), (&noise_chacha, &tls_chacha)] {
+            if let Some(r) = t.ratio(a, b) {
+                summary.push(format!(
+                    "  {}: target CPU efficiency >= 1.2: {}",
+                    r.line(),
+                    if r.cpu.0 >= 1.2 { "met" } else { "NOT met" }
+                ));
+            }
+        }
+        if let Some(p) = t.names.iter().position(|n| *n == plain.name) {
+            let cpu: Vec<f64> = t.cpu.iter().map(|v| spread(v).0).collect();
+            let rate: Vec<f64> = t.rates.iter().map(|v| spread(v).0).collect();
+            let least_cpu = cpu.iter().all(|&c| c >= cpu[p]);
+            let fastest = rate.iter().all(|&r| r <= rate[p]);
+            summary.push(format!(
+                "  plain TCP is the ceiling: least CPU per byte {}, fastest in wall clock {}",
+                if least_cpu { "yes" } else { "NO" },
+                if fastest { "yes" } else { "NO" }
+            ));
+        }
     }
 
     if s.wants("handshake") {
+        s.pin_for("handshake");
         let mut noise_cold = noise(Suite::AesGcmSha256);
         noise_cold.name = "capnp-noise AESGCM, new vats every connection".into();
         let fresh = Arc::new(Mutex::new(Vec::new()));
@@ -1076,8 +1323,10 @@ fn main() {
             ),
             "handshakes/s",
             ("us/handshake", 1e6),
+            ("handshake", 1.0),
             &contenders,
         );
+        let before = load();
         for round in 0..s.rounds {
             // Fresh vats for the cold contender, made before the clock starts.
             *fresh.lock().unwrap() = (0..s.handshakes)
@@ -1097,9 +1346,20 @@ fn main() {
             (&noise_cold, &tls_mutual),
             (&noise_aes, &noise_unadmitted),
         ]);
+        println!("load average: {before} before, {} after", load());
+        if let Some(r) = t.ratio(&noise_aes, &tls_aes) {
+            summary.push(format!(
+                "handshakes ({} rounds, load {before} before, {} after): {}: target wall-clock >= 1.2 x: {}",
+                s.rounds,
+                load(),
+                r.line(),
+                if r.wall.0 >= 1.2 { "met" } else { "NOT met" }
+            ));
+        }
     }
 
     if s.wants("rpc") {
+        s.pin_for("rpc");
         let contenders = s.keep([&plain, &tls_aes, &noise_aes, &noise_chacha]);
         let workloads = [
             (
@@ -1124,19 +1384,21 @@ fn main() {
         let mut tables: Vec<Table> = workloads
             .iter()
             .map(|(w, n, what, unit)| {
-                let cpu_unit = if *w == Rpc::Large {
-                    ("ns/byte", 1e9)
+                let (cpu_unit, per) = if *w == Rpc::Large {
+                    (("ns/byte", 1e9), ("MiB", (1 << 20) as f64))
                 } else {
-                    ("us/call", 1e6)
+                    (("us/call", 1e6), ("call", 1.0))
                 };
                 Table::new(
                     format!("Cap'n Proto RPC, {what}, {n} calls per measurement"),
                     unit,
                     cpu_unit,
+                    per,
                     &contenders,
                 )
             })
             .collect();
+        let before = load();
         for round in 0..s.rounds {
             for ((w, n, _, _), table) in workloads.iter().zip(&mut tables) {
                 for (i, c) in contenders.iter().enumerate() {
@@ -1154,9 +1416,29 @@ fn main() {
                 (&tls_aes, &plain),
             ]);
         }
+        println!("load average: {before} before, {} after", load());
+        summary.push(format!(
+            "RPC ({} rounds, load {before} before, {} after), against capnp-rpc over plain TCP:",
+            s.rounds,
+            load()
+        ));
+        for (t, ((_, _, what, _), target)) in
+            tables.iter().zip(workloads.iter().zip([0.95, 0.9, 0.8]))
+        {
+            for c in [&noise_aes, &noise_chacha] {
+                if let Some(r) = t.ratio(c, &plain) {
+                    summary.push(format!(
+                        "  {what}: {}: target wall-clock >= {target}: {}",
+                        r.line(),
+                        if r.wall.0 >= target { "met" } else { "NOT met" }
+                    ));
+                }
+            }
+        }
     }
 
     if s.wants("memory") {
+        s.pin_for("memory");
         let n = s.connections;
         println!(
             "\n## Memory per idle connection end ({n} connections; a read pending on every end)"
@@ -1190,5 +1472,11 @@ fn main() {
         for c in s.keep([&plain, &tls_aes, &noise_aes, &noise_chacha]) {
             println!("{}: {:.3}", c.name, allocations_per_write(c, bytes));
         }
+    }
+    println!("\n## Summary (paste this)");
+    println!("{}, {}", now_utc(), command());
+    println!("load average at the end: {}", load());
+    for line in &summary {
+        println!("{line}");
     }
 }
