@@ -546,7 +546,16 @@ async fn connections_spread_over_the_worker_threads_or_none_with_workers_0() {
     let target = tcp_server(echo).await;
     let pair = Pair::start(target, &["--workers", "3"], &["--workers", "3"]);
     let (client_pid, server_pid) = (pair.client.child.id(), pair.server.child.id());
-    let before = [worker_wakeups(client_pid), worker_wakeups(server_pid)];
+    // A thread takes its name itself, once it runs: wait (boundedly) until
+    // all three workers of each end carry theirs.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let before = loop {
+        let before = [worker_wakeups(client_pid), worker_wakeups(server_pid)];
+        if before.iter().all(|b| b.len() == 3) || Instant::now() > deadline {
+            break before;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     for b in &before {
         assert_eq!(
             b.keys().copied().collect::<Vec<_>>(),
