@@ -272,6 +272,25 @@ fn regression_timeout_rounds_to_zero() {
     replay("tunnel_config", "regression-timeout-rounds-to-zero");
 }
 
+/// preamble (harness, fuzz round 4): the target compared an accepted
+/// preamble with the `XX` encoding of its suite, so an `IK` preamble
+/// (SPEC.md 14), which the parser rightly accepts with its pattern, failed
+/// the check. The parser's answer is asserted here, the target's check in
+/// the replay.
+#[test]
+fn harness_ik_preamble() {
+    use capnp_noise::wire::{preamble, Pattern, Suite};
+    let data = fs::read(fuzz_dir().join("corpus/preamble/harness-ik-preamble")).expect("input");
+    let parsed = preamble::parse(&data[1..], &Suite::ALL)
+        .expect("a valid preamble")
+        .expect("complete");
+    assert_eq!(
+        (parsed.pattern, parsed.suite),
+        (Pattern::IK, Suite::AesGcmSha256)
+    );
+    replay("preamble", "harness-ik-preamble");
+}
+
 /// The cheap crypto of a fuzzing build (`src/fuzz_crypto.rs`, behind
 /// `cfg(fuzzing)` and `cfg(capnp_noise_fuzz_cheap_crypto)`) is not in a
 /// normal build: its marker string is absent from this test binary (which
