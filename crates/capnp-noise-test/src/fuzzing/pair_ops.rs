@@ -5,10 +5,10 @@
 
 use arbitrary::{Arbitrary, Unstructured};
 
-use super::support::{end_of_stream, feed_and_read, session_pair, suite, End};
+use super::support::{at_least, end_of_stream, feed_and_read, session_pair, suite, End};
 use super::Seed;
 use capnp_noise::wire::transport::{MAX_WIRE_FRAME, MIN_TRANSPORT_FRAME, SHORT_FRAME};
-use capnp_noise::wire::{HandshakeConfig, Session, SessionConfig};
+use capnp_noise::wire::{Session, SessionConfig};
 use capnp_noise::wire::{BULK_FRAMES, DIRECT_WRITE};
 use capnp_noise::wire::{LENGTH_PREFIX_LEN, MAX_DATA_PER_FRAME};
 use capnp_noise::Error;
@@ -160,8 +160,9 @@ fn deliver(
     let n = tx.pending_output().len().min(budget);
     let bytes = tx.pending_output()[..n].to_vec();
     tx.consume_output(n);
-    let mut out = vec![0; read_len.max(1)];
-    let end = feed_and_read(rx, bytes.chunks(chunk.max(1)), &mut out, &mut d.got);
+    // At most about MAX_PIECES feeds and reads (see there).
+    let mut out = vec![0; at_least(read_len, n)];
+    let end = feed_and_read(rx, bytes.chunks(at_least(chunk, n)), &mut out, &mut d.got);
     check_direction(d, end);
 }
 
@@ -193,13 +194,11 @@ pub fn pair_ops(data: &[u8]) {
         return;
     };
     let suite = suite(input.aes);
-    let mut config = HandshakeConfig::with_suite(suite);
+    let mut config = SessionConfig::default();
     if input.rekey_interval > 0 {
-        config.session = SessionConfig {
-            rekey_interval: input.rekey_interval.into(),
-        };
+        config.rekey_interval = input.rekey_interval.into();
     }
-    let (i, r) = session_pair(config);
+    let (i, r) = session_pair(suite, config);
     let mut sessions = [i, r];
     let mut dirs = [Direction::default(), Direction::default()];
     for op in &input.ops {
