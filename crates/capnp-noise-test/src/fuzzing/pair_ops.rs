@@ -139,6 +139,14 @@ fn pattern(dir: usize, pos: usize) -> u8 {
     ((pos as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8 ^ (dir as u8)
 }
 
+/// Each direction's [`pattern`] for [`SENT_CAP`] bytes, made once: making
+/// it byte by byte for every write (a traced loop) was most of an
+/// execution that writes a lot.
+fn patterns() -> &'static [Vec<u8>; 2] {
+    static PATTERNS: std::sync::OnceLock<[Vec<u8>; 2]> = std::sync::OnceLock::new();
+    PATTERNS.get_or_init(|| [0, 1].map(|dir| (0..SENT_CAP).map(|p| pattern(dir, p)).collect()))
+}
+
 /// `from`'s session and its peer's.
 fn sender_and_receiver(sessions: &mut [Session; 2], from: Side) -> (&mut Session, &mut Session) {
     let [i, r] = sessions;
@@ -212,11 +220,9 @@ pub fn pair_ops(data: &[u8]) {
                 if d.sent.len() + usize::from(len) > SENT_CAP {
                     continue;
                 }
-                let bytes: Vec<u8> = (d.sent.len()..d.sent.len() + usize::from(len))
-                    .map(|p| pattern(k, p))
-                    .collect();
+                let bytes = &patterns()[k][d.sent.len()..d.sent.len() + usize::from(len)];
                 let waiting = s.pending_output().len();
-                match s.write(&bytes) {
+                match s.write(bytes) {
                     Err(Error::SendAfterClose) => assert!(d.closed),
                     Err(e) => panic!("write failed: {e}"),
                     Ok(n) => {
