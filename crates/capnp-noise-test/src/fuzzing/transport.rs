@@ -6,6 +6,7 @@
 
 use super::support::{at_least, end_of_stream, feed_and_read, session_pair, suite, End, Plan};
 use super::Seed;
+use super::CHEAP_CRYPTO;
 use capnp_noise::wire::transport::{FRAME_CLOSE, FRAME_DATA, FRAME_REKEY, MIN_TRANSPORT_FRAME};
 use capnp_noise::wire::{SessionConfig, LENGTH_PREFIX_LEN, MAX_MESSAGE_LEN, TAG_LEN};
 
@@ -200,7 +201,9 @@ fn model<'a>(frames: impl Iterator<Item = &'a Sealed>) -> (Vec<u8>, Expect) {
 /// the receiver against a model: it delivers exactly the data of the
 /// undamaged frames before the first bad one, fails exactly where the model
 /// fails, never delivers anything from the damaged point on, and never ends
-/// cleanly unless an undamaged CLOSE is the last thing on the wire.
+/// cleanly unless an undamaged CLOSE is the last thing on the wire. (With
+/// cheap crypto, where the input can forge frames, only what precedes the
+/// damage is checked exactly; see [`CHEAP_CRYPTO`].)
 pub fn transport(data: &[u8]) {
     let Some((plan, rest)) = Plan::parse(data) else {
         return;
@@ -292,6 +295,23 @@ pub fn transport(data: &[u8]) {
     let damage = common_prefix(&clean, &wire);
     let intact = frames.iter().filter(|f| !damaged || f.end <= damage);
     let (data, expect) = model(intact);
+    if CHEAP_CRYPTO && damaged && matches!(expect, Expect::Open) {
+        // With the cheap stand-ins libFuzzer can write bytes that are a
+        // frame the receiver authenticates (it learns the tag through
+        // comparison tracing, as the handshake targets' inputs sign for
+        // any vat): past the damaged point the receiver may deliver forged
+        // data, even end at a forged CLOSE. Up to there the model holds
+        // exactly. (A model that ended before the damage, at a bad frame
+        // or a CLOSE, holds exactly in either build: checked below.)
+        // Found by round 4: fuzz/corpus/transport/harness-cheap-forged-frame.
+        assert!(
+            got.starts_with(&data),
+            "delivered {} bytes, not starting with the {} the undamaged frames carry",
+            got.len(),
+            data.len()
+        );
+        return;
+    }
     assert!(
         got == data,
         "delivered {} bytes, the undamaged frames carry {}",
