@@ -150,13 +150,39 @@ fn client_main(spec: &str) {
         })
         .collect();
     let total: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
-    println!("{total} {}", start.elapsed().as_secs_f64());
+    println!(
+        "{total} {} {}",
+        start.elapsed().as_secs_f64(),
+        cpu_seconds()
+    );
+}
+
+/// User plus system CPU time of this process so far, in seconds, from
+/// `/proc/self/stat` (fields 14 and 15, in clock ticks of 1/100 s: the
+/// value of `CLK_TCK` on Linux, which has not changed in decades).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
+    // The command name (field 2) is in parentheses and may hold spaces.
+    let after = &stat[stat.rfind(')').expect("stat format") + 2..];
+    let f: Vec<&str> = after.split(' ').collect();
+    // `after` starts at field 3, so field 14 is f[11].
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    ticks as f64 / 100.0
+}
+
+/// One measurement: completions per second, and the CPU the server process
+/// and the client process used, in cores (CPU seconds per second).
+#[derive(Clone, Copy)]
+struct Sample {
+    rate: f64,
+    server_cores: f64,
+    client_cores: f64,
 }
 
 // ----- the server side -----
 
 /// Completions per second of `mode` against a server with `workers`.
-fn measure(mode: &str, workers: usize, o: &Options) -> f64 {
+fn measure(mode: &str, workers: usize, o: &Options) -> Sample {
     let id = Identity::generate();
     let server = Server::builder(id.clone(), Office::bootstrap)
         .policy(Arc::new(AnyVat))
@@ -171,18 +197,27 @@ fn measure(mode: &str, workers: usize, o: &Options) -> f64 {
         o.clients,
         o.seconds
     );
+    let server_cpu = cpu_seconds();
     let out = Command::new(std::env::current_exe().unwrap())
         .env(CLIENT_ENV, spec)
         .stderr(Stdio::inherit())
         .output()
         .expect("client process");
     assert!(out.status.success(), "the client process failed");
+    // The server's CPU is read before shutdown: closing the connections is
+    // not part of the measured work. It includes the process's start of the
+    // client and the server's setup, a few milliseconds against seconds.
+    let server_cpu = cpu_seconds() - server_cpu;
     server.shutdown();
     let text = String::from_utf8_lossy(&out.stdout);
     let mut f = text.split_whitespace();
-    let total: f64 = f.next().unwrap().parse().unwrap();
-    let secs: f64 = f.next().unwrap().parse().unwrap();
-    total / secs
+    let mut next = || -> f64 { f.next().unwrap().parse().unwrap() };
+    let (total, secs, client_cpu) = (next(), next(), next());
+    Sample {
+        rate: total / secs,
+        server_cores: server_cpu / secs,
+        client_cores: client_cpu / secs,
+    }
 }
 
 fn load_average() -> String {
@@ -231,34 +266,57 @@ fn main() {
             for (m, mode) in modes.iter().enumerate() {
                 let r = measure(mode, o.workers[i], &o);
                 eprintln!(
-                    "round {}: {} workers: {r:.0} {mode}/s",
+                    "round {}: {} workers: {:.0} {mode}/s, server {:.2} cores, clients {:.2} cores",
                     round + 1,
-                    o.workers[i]
+                    o.workers[i],
+                    r.rate,
+                    r.server_cores,
+                    r.client_cores
                 );
                 rates[m][i].push(r);
             }
         }
     }
     println!();
-    println!("| workload | workers | median /s | vs {} worker(s): median [min..max] of same-round ratios |", o.workers[0]);
-    println!("|---|---:|---:|---:|");
+    println!(
+        "| workload | workers | median /s | vs {} worker(s) | server cores | client cores | per server core-second | per core-second vs {} worker(s) |",
+        o.workers[0], o.workers[0]
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for (m, mode) in modes.iter().enumerate() {
         for (i, w) in o.workers.iter().enumerate() {
-            let ratios: Vec<f64> = rates[m][i]
-                .iter()
-                .zip(&rates[m][0])
-                .map(|(a, b)| a / b)
-                .collect();
-            let (lo, hi) = ratios
-                .iter()
-                .fold((f64::MAX, f64::MIN), |(l, h), x| (l.min(*x), h.max(*x)));
+            let of = |f: fn(&Sample) -> f64| -> Vec<f64> { rates[m][i].iter().map(f).collect() };
+            let per_core = |s: &Sample| s.rate / s.server_cores;
+            let ratio = |f: fn(&Sample) -> f64| -> String {
+                let ratios: Vec<f64> = rates[m][i]
+                    .iter()
+                    .zip(&rates[m][0])
+                    .map(|(a, b)| f(a) / f(b))
+                    .collect();
+                let (lo, hi) = ratios
+                    .iter()
+                    .fold((f64::MAX, f64::MIN), |(l, h), x| (l.min(*x), h.max(*x)));
+                format!("{:.2} [{lo:.2}..{hi:.2}]", median(ratios))
+            };
             println!(
-                "| {mode} | {w} | {:.0} | {:.2} [{lo:.2}..{hi:.2}] |",
-                median(rates[m][i].clone()),
-                median(ratios)
+                "| {mode} | {w} | {:.0} | {} | {:.2} | {:.2} | {:.0} | {} |",
+                median(of(|s| s.rate)),
+                ratio(|s| s.rate),
+                median(of(|s| s.server_cores)),
+                median(of(|s| s.client_cores)),
+                median(of(per_core)),
+                ratio(per_core),
             );
         }
     }
+    println!();
+    println!(
+        "Ratios are the median [min..max] of same-round ratios. \"server cores\" is the server \
+         process's CPU time over the run's wall time; on a machine whose cores the clients share, \
+         a second worker only gets what the clients leave, so the rate's ratio is bounded by the \
+         cores the server gets, while \"per server core-second\" shows whether a worker does \
+         less per CPU second when there are more of them (locks, cache lines, wakeups)."
+    );
     println!();
     println!("load average after: {}", load_average());
 }
