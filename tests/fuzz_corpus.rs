@@ -272,6 +272,62 @@ fn regression_timeout_rounds_to_zero() {
     replay("tunnel_config", "regression-timeout-rounds-to-zero");
 }
 
+/// preamble (harness, fuzz round 4): the target compared an accepted
+/// preamble with the `XX` encoding of its suite, so an `IK` preamble
+/// (SPEC.md 14), which the parser rightly accepts with its pattern, failed
+/// the check. The parser's answer is asserted here, the target's check in
+/// the replay.
+#[test]
+fn harness_ik_preamble() {
+    use capnp_noise::wire::{preamble, Pattern, Suite};
+    let data = fs::read(fuzz_dir().join("corpus/preamble/harness-ik-preamble")).expect("input");
+    let parsed = preamble::parse(&data[1..], &Suite::ALL)
+        .expect("a valid preamble")
+        .expect("complete");
+    assert_eq!(
+        (parsed.pattern, parsed.suite),
+        (Pattern::IK, Suite::AesGcmSha256)
+    );
+    replay("preamble", "harness-ik-preamble");
+}
+
+/// transport (harness, fuzz round 4, cheap build, after 1.3 M executions):
+/// the input's raw bytes were a frame whose cheap tag libFuzzer had learnt,
+/// so the receiver delivered its 3 bytes, and the target's model (raw bytes
+/// never authenticate) failed. With cheap crypto the target now checks
+/// exactly only what precedes the damaged point. With real crypto, as here,
+/// the same bytes are refused: the replay passes the full model, and a
+/// receiver of a real handshake fails them as unauthenticated.
+#[test]
+fn harness_cheap_forged_frame() {
+    use capnp_noise::wire::{HandshakeConfig, Suite};
+    replay("transport", "harness-cheap-forged-frame");
+    let data =
+        fs::read(fuzz_dir().join("corpus/transport/harness-cheap-forged-frame")).expect("input");
+    // A plan header (AES-GCM), Replay (of no frame), then Raw: the frame.
+    assert_eq!(
+        TransportOp::decode_all(&data[2..])[..2],
+        [
+            TransportOp::Replay(0xac),
+            TransportOp::Raw(data[6..].to_vec())
+        ]
+    );
+    let frame = &data[6..6 + 2 + 20];
+    let (_tx, mut rx) = capnp_noise_test::fixtures::session_pair(
+        Suite::AesGcmSha256,
+        HandshakeConfig::with_suite(Suite::AesGcmSha256),
+    )
+    .expect("session pair");
+    assert_eq!(rx.feed(frame), frame.len());
+    let refused = rx
+        .read(&mut [0u8; 64])
+        .expect_err("a forged frame is refused");
+    assert!(
+        refused.to_string().contains("authentication failed"),
+        "{refused}"
+    );
+}
+
 /// The cheap crypto of a fuzzing build (`src/fuzz_crypto.rs`, behind
 /// `cfg(fuzzing)` and `cfg(capnp_noise_fuzz_cheap_crypto)`) is not in a
 /// normal build: its marker string is absent from this test binary (which

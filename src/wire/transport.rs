@@ -517,6 +517,38 @@ impl Session {
         self.seal_rekey()
     }
 
+    /// A connected pair of sessions, the initiator's and the responder's,
+    /// as a finished handshake between the vats `initiator` and `responder`
+    /// with traffic keys `keys` (initiator to responder, then back) would
+    /// give them, but without a handshake (so without its X25519 and
+    /// signatures). The `transport` and `pair_ops` fuzz targets start every
+    /// input from one: they fuzz the session, and the handshake, the same
+    /// for every input, was most of their cost. Test hook of the private
+    /// `__test-hooks` feature; not part of the API.
+    #[cfg(feature = "__test-hooks")]
+    #[doc(hidden)]
+    pub fn pair_without_handshake_for_tests(
+        suite: Suite,
+        keys: ([u8; 32], [u8; 32]),
+        (initiator, responder): (VatId, VatId),
+        config: SessionConfig,
+    ) -> (Session, Session) {
+        let (k1, k2) = (Zeroizing::new(keys.0), Zeroizing::new(keys.1));
+        let end = |role, peer, keys| {
+            let info = Established {
+                role,
+                suite,
+                peer,
+                handshake_hash: [0; HANDSHAKE_HASH_LEN],
+            };
+            Session::new(keys, info, config.clone(), Vec::new(), Vec::new())
+        };
+        (
+            end(Role::Initiator, responder, (k1.clone(), k2.clone())),
+            end(Role::Responder, initiator, (k2, k1)),
+        )
+    }
+
     /// Seals an arbitrary plaintext (type byte included, so it may be empty,
     /// name an unknown type or give a control frame a body) as one frame
     /// under the current sending key and nonce, and returns the frame's wire

@@ -5,10 +5,10 @@
 
 use arbitrary::{Arbitrary, Unstructured};
 
-use super::support::{end_of_stream, feed_and_read, session_pair, suite, End};
+use super::support::{at_least, end_of_stream, feed_and_read, session_pair, suite, End};
 use super::Seed;
 use capnp_noise::wire::transport::{MAX_WIRE_FRAME, MIN_TRANSPORT_FRAME, SHORT_FRAME};
-use capnp_noise::wire::{HandshakeConfig, Session, SessionConfig};
+use capnp_noise::wire::{Session, SessionConfig};
 use capnp_noise::wire::{BULK_FRAMES, DIRECT_WRITE};
 use capnp_noise::wire::{LENGTH_PREFIX_LEN, MAX_DATA_PER_FRAME};
 use capnp_noise::Error;
@@ -139,6 +139,14 @@ fn pattern(dir: usize, pos: usize) -> u8 {
     ((pos as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8 ^ (dir as u8)
 }
 
+/// Each direction's [`pattern`] for [`SENT_CAP`] bytes, made once: making
+/// it byte by byte for every write (a traced loop) was most of an
+/// execution that writes a lot.
+fn patterns() -> &'static [Vec<u8>; 2] {
+    static PATTERNS: std::sync::OnceLock<[Vec<u8>; 2]> = std::sync::OnceLock::new();
+    PATTERNS.get_or_init(|| [0, 1].map(|dir| (0..SENT_CAP).map(|p| pattern(dir, p)).collect()))
+}
+
 /// `from`'s session and its peer's.
 fn sender_and_receiver(sessions: &mut [Session; 2], from: Side) -> (&mut Session, &mut Session) {
     let [i, r] = sessions;
@@ -158,10 +166,14 @@ fn deliver(
     read_len: usize,
 ) {
     let n = tx.pending_output().len().min(budget);
-    let bytes = tx.pending_output()[..n].to_vec();
+    // At most about MAX_PIECES feeds and reads (see there). Fed from the
+    // sender's buffer in place: a copy of up to four full frames per
+    // delivery was a fresh allocation, and a third of an execution went to
+    // its page faults.
+    let mut out = vec![0; at_least(read_len, n)];
+    let pieces = tx.pending_output()[..n].chunks(at_least(chunk, n));
+    let end = feed_and_read(rx, pieces, &mut out, &mut d.got);
     tx.consume_output(n);
-    let mut out = vec![0; read_len.max(1)];
-    let end = feed_and_read(rx, bytes.chunks(chunk.max(1)), &mut out, &mut d.got);
     check_direction(d, end);
 }
 
@@ -193,13 +205,11 @@ pub fn pair_ops(data: &[u8]) {
         return;
     };
     let suite = suite(input.aes);
-    let mut config = HandshakeConfig::with_suite(suite);
+    let mut config = SessionConfig::default();
     if input.rekey_interval > 0 {
-        config.session = SessionConfig {
-            rekey_interval: input.rekey_interval.into(),
-        };
+        config.rekey_interval = input.rekey_interval.into();
     }
-    let (i, r) = session_pair(config);
+    let (i, r) = session_pair(suite, config);
     let mut sessions = [i, r];
     let mut dirs = [Direction::default(), Direction::default()];
     for op in &input.ops {
@@ -213,11 +223,9 @@ pub fn pair_ops(data: &[u8]) {
                 if d.sent.len() + usize::from(len) > SENT_CAP {
                     continue;
                 }
-                let bytes: Vec<u8> = (d.sent.len()..d.sent.len() + usize::from(len))
-                    .map(|p| pattern(k, p))
-                    .collect();
+                let bytes = &patterns()[k][d.sent.len()..d.sent.len() + usize::from(len)];
                 let waiting = s.pending_output().len();
-                match s.write(&bytes) {
+                match s.write(bytes) {
                     Err(Error::SendAfterClose) => assert!(d.closed),
                     Err(e) => panic!("write failed: {e}"),
                     Ok(n) => {

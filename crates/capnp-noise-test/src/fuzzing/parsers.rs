@@ -69,7 +69,7 @@ pub fn frame(data: &[u8]) {
 ///
 /// Input: a bit mask of accepted suites (bit i: `Suite::ALL[i]`), then the
 /// received bytes. Checks that an accepted preamble is byte for byte the
-/// encoding of an accepted suite, that "need more" is only said while the
+/// encoding of an accepted suite with the pattern it names, that "need more" is only said while the
 /// preamble can still be incomplete, and that every decision taken on a
 /// prefix stands when more bytes arrive.
 pub fn preamble(data: &[u8]) {
@@ -87,7 +87,8 @@ pub fn preamble(data: &[u8]) {
     match &result {
         Ok(Some(p)) => {
             assert!(accepted.contains(&p.suite));
-            assert_eq!(buf[..p.len], pre::encode(p.suite)[..]);
+            // The preamble names its pattern too (XX, or IK: SPEC.md 14).
+            assert_eq!(buf[..p.len], pre::encode_for(p.suite, p.pattern)[..]);
         }
         Ok(None) => {
             assert!(pre::MAGIC.starts_with(&buf[..buf.len().min(pre::MAGIC.len())]));

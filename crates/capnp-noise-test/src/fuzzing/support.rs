@@ -7,7 +7,7 @@ use crate::fixtures as testing;
 use crate::fixtures::{INITIATOR_EPHEMERAL, RESPONDER_EPHEMERAL};
 use capnp_noise::policy::{AnyVat, PeerContext};
 use capnp_noise::wire::transport::MAX_WIRE_FRAME;
-use capnp_noise::wire::{Handshake, HandshakeConfig, ReadOutcome, Session, Suite};
+use capnp_noise::wire::{Handshake, HandshakeConfig, ReadOutcome, Session, SessionConfig, Suite};
 use capnp_noise::{Error, Identity};
 
 /// Whether this is a fuzzing build with capnp-noise's cheap crypto stand-ins
@@ -18,7 +18,8 @@ use capnp_noise::{Error, Identity};
 pub const CHEAP_CRYPTO: bool = cfg!(all(fuzzing, capnp_noise_fuzz_cheap_crypto));
 
 /// Chunk sizes a [`Plan`] picks from: all at once, byte by byte, awkward
-/// small sizes, and sizes around typical frame lengths.
+/// small sizes, and sizes around typical frame lengths (raised for long
+/// streams, see `MAX_PIECES`).
 const CHUNKS: [usize; 8] = [usize::MAX, 1, 2, 3, 7, 33, 500, 4096];
 /// Read-buffer sizes: one byte, one minimal frame, a typical read, and more
 /// than any frame (so frames decrypt straight into the caller's buffer).
@@ -28,7 +29,8 @@ const OUT_LENS: [usize; 4] = [1, 17, 1000, 70_000];
 ///
 /// Byte 0: bits 0-2 pick the chunk size, bits 3-7 seed pseudo-random chunk
 /// sizes (0: every chunk has the picked size). Byte 1: bit 0 ends the stream
-/// with EOF, bit 1 is the target's own flag, bits 2-3 pick the read-buffer size.
+/// with EOF, bit 1 is the target's own flag, bits 2-3 pick the read-buffer
+/// size, bit 4 makes a responder target's responder require admission.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Plan {
     /// The chunk size, or the bound of the pseudo-random sizes.
@@ -41,6 +43,9 @@ pub struct Plan {
     pub flag: bool,
     /// The size of the buffer plaintext is read into.
     pub out_len: usize,
+    /// Whether the responder [requires admission](capnp_noise::wire::Handshake::require_admission)
+    /// (the responder targets; the others ignore it).
+    pub admission: bool,
 }
 
 impl Plan {
@@ -55,6 +60,7 @@ impl Plan {
             eof: h1 & 1 != 0,
             flag: h1 & 2 != 0,
             out_len: OUT_LENS[usize::from((h1 >> 2) & 3)],
+            admission: h1 & 0x10 != 0,
         };
         Some((plan, rest))
     }
@@ -68,29 +74,39 @@ impl Plan {
         ]
     }
 
-    /// The same plan, feeding everything in one piece.
+    /// The reference way to run the same input: everything in one piece,
+    /// without admission (what else the plan says stays).
     pub fn whole(self) -> Plan {
         Plan {
             chunk: usize::MAX,
             jitter: 0,
+            admission: false,
             ..self
         }
     }
 
-    /// Cuts `data` into the plan's pieces.
+    /// The header byte 1 of [`header`](Self::header) with the admission bit set.
+    pub fn with_admission(header: [u8; 2]) -> [u8; 2] {
+        [header[0], header[1] | 0x10]
+    }
+
+    /// Cuts `data` into the plan's pieces: about 256 at most (beyond that
+    /// the chunk size grows with `data`: byte-wise feeding of long streams
+    /// covers nothing short ones do not, and was most of a target's time).
     pub fn pieces<'a>(&self, data: &'a [u8]) -> Vec<&'a [u8]> {
         let mut pieces = Vec::new();
         let mut rest = data;
+        let chunk = at_least(self.chunk, data.len());
         let mut x = u32::from(self.jitter).wrapping_mul(0x9E37_79B9) | 1;
         while !rest.is_empty() {
             let n = if self.jitter == 0 {
-                self.chunk
+                chunk
             } else {
                 // xorshift32: sizes in 1..=2*chunk (bounded for the "whole" size).
                 x ^= x << 13;
                 x ^= x >> 17;
                 x ^= x << 5;
-                1 + (x as usize) % (self.chunk.min(8192) * 2)
+                1 + (x as usize) % (chunk.min(8192) * 2)
             };
             let (piece, tail) = rest.split_at(n.min(rest.len()));
             pieces.push(piece);
@@ -98,6 +114,23 @@ impl Plan {
         }
         pieces
     }
+}
+
+/// How many pieces (and reads) a target cuts one byte stream into, at most
+/// about: beyond it, chunks and read buffers grow with the stream.
+///
+/// Feeding a 256 KiB wire byte by byte and reading it a byte at a time was
+/// most of the `transport` target's time (half a million `feed` and `read`
+/// calls for one input) and covers nothing that a short stream fed byte by
+/// byte does not: every split of a frame (inside its length prefix, its
+/// body, its tag) is reached by short inputs, and long streams keep input-chosen
+/// awkward chunk sizes, only larger ones.
+pub(super) const MAX_PIECES: usize = 256;
+
+/// `size` (a chunk or read-buffer size), or larger so that `len` bytes take
+/// at most about [`MAX_PIECES`] pieces of it.
+pub(super) fn at_least(size: usize, len: usize) -> usize {
+    size.max(len.div_ceil(MAX_PIECES)).max(1)
 }
 
 /// Where a receiving session stands after the bytes it was given.
@@ -246,15 +279,25 @@ pub(super) fn new_initiator(config: HandshakeConfig) -> Handshake {
     .expect("initiator config")
 }
 
-/// Like [`testing::session_pair`], but with identities built once per
-/// process rather than per call (a third of a pair's cost).
-pub(super) fn session_pair(config: HandshakeConfig) -> (Session, Session) {
-    let mut i = new_initiator(config.clone());
-    let mut r = new_responder(config);
-    testing::drive(&mut i, &mut r, usize::MAX).expect("deterministic handshake");
-    let i = i.into_session().expect("initiator session");
-    (i, r.into_session().expect("responder session"))
+/// A connected session pair (initiator's, responder's) of the
+/// deterministic vats over `suite`, without a handshake: fixed traffic keys
+/// ([`Session::pair_without_handshake_for_tests`]). The session targets fuzz
+/// the session; a real deterministic handshake per input (the same every
+/// time: eight X25519 operations and two signature checks with real crypto)
+/// was most of their cost and added no coverage. That a finished handshake
+/// hands over a working session is what the handshake targets check: their
+/// seeds go on into the session (`handshake::tests::transcripts_reach_the_session`).
+pub(super) fn session_pair(suite: Suite, config: SessionConfig) -> (Session, Session) {
+    Session::pair_without_handshake_for_tests(
+        suite,
+        SESSION_KEYS,
+        (initiator_identity().vat_id(), responder_identity().vat_id()),
+        config,
+    )
 }
+
+/// The traffic keys of [`session_pair`] (initiator to responder, back).
+const SESSION_KEYS: ([u8; 32], [u8; 32]) = ([0x17; 32], [0x71; 32]);
 
 /// The secret-bearing parts of a text that may hold a pasted key file: the
 /// first 16 characters of every run of 16 or more base64 characters on the

@@ -4,10 +4,11 @@
 //! mixes in raw damage (flips, cuts, replays, junk), the way rustls fuzzes
 //! past its MACs.
 
-use super::support::{end_of_stream, feed_and_read, session_pair, suite, End, Plan};
+use super::support::{at_least, end_of_stream, feed_and_read, session_pair, suite, End, Plan};
 use super::Seed;
+use super::CHEAP_CRYPTO;
 use capnp_noise::wire::transport::{FRAME_CLOSE, FRAME_DATA, FRAME_REKEY, MIN_TRANSPORT_FRAME};
-use capnp_noise::wire::{HandshakeConfig, LENGTH_PREFIX_LEN, MAX_MESSAGE_LEN, TAG_LEN};
+use capnp_noise::wire::{SessionConfig, LENGTH_PREFIX_LEN, MAX_MESSAGE_LEN, TAG_LEN};
 
 /// One step of a `transport` input. The wire starts empty; sealing appends
 /// a frame to it, the other steps damage it.
@@ -200,13 +201,15 @@ fn model<'a>(frames: impl Iterator<Item = &'a Sealed>) -> (Vec<u8>, Expect) {
 /// the receiver against a model: it delivers exactly the data of the
 /// undamaged frames before the first bad one, fails exactly where the model
 /// fails, never delivers anything from the damaged point on, and never ends
-/// cleanly unless an undamaged CLOSE is the last thing on the wire.
+/// cleanly unless an undamaged CLOSE is the last thing on the wire. (With
+/// cheap crypto, where the input can forge frames, only what precedes the
+/// damage is checked exactly; see [`CHEAP_CRYPTO`].)
 pub fn transport(data: &[u8]) {
     let Some((plan, rest)) = Plan::parse(data) else {
         return;
     };
     let suite = suite(plan.flag);
-    let (mut tx, mut rx) = session_pair(HandshakeConfig::with_suite(suite));
+    let (mut tx, mut rx) = session_pair(suite, SessionConfig::default());
     let (mut clean, mut wire, mut frames) = (Vec::new(), Vec::new(), Vec::<Sealed>::new());
     let mut epoch = 0;
     for op in TransportOp::decode_all(rest) {
@@ -281,7 +284,7 @@ pub fn transport(data: &[u8]) {
         }
     }
 
-    let mut out = vec![0; plan.out_len];
+    let mut out = vec![0; at_least(plan.out_len, wire.len())];
     let mut got = Vec::new();
     let mut end = feed_and_read(&mut rx, plan.pieces(&wire), &mut out, &mut got);
     if plan.eof && !matches!(end, End::Failed(_)) {
@@ -289,9 +292,26 @@ pub fn transport(data: &[u8]) {
     }
 
     let damaged = wire != clean;
-    let damage = clean.iter().zip(&wire).take_while(|(a, b)| a == b).count();
+    let damage = common_prefix(&clean, &wire);
     let intact = frames.iter().filter(|f| !damaged || f.end <= damage);
     let (data, expect) = model(intact);
+    if CHEAP_CRYPTO && damaged && matches!(expect, Expect::Open) {
+        // With the cheap stand-ins libFuzzer can write bytes that are a
+        // frame the receiver authenticates (it learns the tag through
+        // comparison tracing, as the handshake targets' inputs sign for
+        // any vat): past the damaged point the receiver may deliver forged
+        // data, even end at a forged CLOSE. Up to there the model holds
+        // exactly. (A model that ended before the damage, at a bad frame
+        // or a CLOSE, holds exactly in either build: checked below.)
+        // Found by round 4: fuzz/corpus/transport/harness-cheap-forged-frame.
+        assert!(
+            got.starts_with(&data),
+            "delivered {} bytes, not starting with the {} the undamaged frames carry",
+            got.len(),
+            data.len()
+        );
+        return;
+    }
     assert!(
         got == data,
         "delivered {} bytes, the undamaged frames carry {}",
@@ -309,6 +329,21 @@ pub fn transport(data: &[u8]) {
             (true, true) => assert!(!text.is_empty(), "damage ended without an error: {end:?}"),
         },
     }
+}
+
+/// How many leading bytes `a` and `b` share. Compares blocks first: a
+/// byte-wise loop over a 256 KiB wire was a third of an execution (every
+/// byte comparison is traced by libFuzzer).
+fn common_prefix(a: &[u8], b: &[u8]) -> usize {
+    const BLOCK: usize = 256;
+    let start: usize = a
+        .chunks(BLOCK)
+        .zip(b.chunks(BLOCK))
+        .take_while(|(x, y)| x == y)
+        .map(|(x, _)| x.len())
+        .sum();
+    let (a, b) = (&a[start..], &b[start..]);
+    start + a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 pub(super) fn seeds() -> Vec<Seed> {
@@ -442,4 +477,29 @@ pub(super) fn seeds() -> Vec<Seed> {
             )
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::common_prefix;
+
+    #[test]
+    fn common_prefix_counts_shared_leading_bytes() {
+        let a: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
+        for (cut, flip) in [
+            (0, None),
+            (1000, None),
+            (999, None),
+            (600, Some(256)),
+            (600, Some(513)),
+        ] {
+            let mut b = a[..cut].to_vec();
+            if let Some(at) = flip {
+                b[at] ^= 1;
+            }
+            let want = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+            assert_eq!(common_prefix(&a, &b), want, "cut {cut} flip {flip:?}");
+            assert_eq!(common_prefix(&b, &a), want);
+        }
+    }
 }
