@@ -26,7 +26,8 @@ use capnp_noise::policy::PeerPolicy;
 use capnp_noise::stream::{self, NoiseStream, StreamConfig};
 use capnp_noise::vat_id::VatId;
 use capnp_noise::wire::{
-    EarlyData, HandshakeConfig, ResumptionCache, ResumptionConfig, Suite, EOF_BEFORE_MESSAGE_2,
+    EarlyData, HandshakeConfig, Pattern, ResumptionCache, ResumptionConfig, Suite,
+    EOF_BEFORE_MESSAGE_2,
 };
 use capnp_noise::workers::Workers;
 use std::sync::atomic::Ordering::Relaxed;
@@ -350,8 +351,11 @@ impl Connection {
         };
         self.counters.forwarded.fetch_add(1, Relaxed);
         let peer = noise.peer_vat_id().fingerprint();
-        let suite = noise.suite().noise_name();
         let (resumed, early_data) = (noise.resumed(), noise.early_data_outcome());
+        // The protocol that ran: IK when resumed, else XX (a fallback is XX
+        // continued, SPEC.md 14.6).
+        let pattern = if resumed { Pattern::IK } else { Pattern::XX };
+        let suite = noise.suite().noise_name_for(pattern);
         info!(service = %self.config.name, %peer, %addr, suite, resumed, ?early_data, "connected");
         let limits = &self.config.limits;
         let mut noise = WithKeepalive::new(noise, limits.keepalive);
