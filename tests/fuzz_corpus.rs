@@ -291,6 +291,17 @@ fn harness_ik_preamble() {
     replay("preamble", "harness-ik-preamble");
 }
 
+/// Round 5 (`tunnel_config`, 9.4 M executions): a file with `workers = 4`
+/// did not round trip, because the target's TOML writer did not know the
+/// then new `workers` key (the harness's bug, not the parser's).
+#[test]
+fn harness_workers_round_trip() {
+    let data = fs::read(fuzz_dir().join("corpus/tunnel_config/harness-workers-round-trip"))
+        .expect("input");
+    assert!(String::from_utf8_lossy(&data).starts_with("workers = 4"));
+    replay("tunnel_config", "harness-workers-round-trip");
+}
+
 /// transport (harness, fuzz round 4, cheap build, after 1.3 M executions):
 /// the input's raw bytes were a frame whose cheap tag libFuzzer had learnt,
 /// so the receiver delivered its 3 bytes, and the target's model (raw bytes

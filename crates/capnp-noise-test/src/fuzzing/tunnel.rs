@@ -240,7 +240,11 @@ fn assert_round_trip(spec: &TunnelSpec) {
             .flatten()
             .any(|&n| i64::try_from(n).is_err())
     };
-    if too_big(&spec.limits) || spec.services.values().any(|s| too_big(&s.limits)) {
+    let workers_too_big = spec.workers.is_some_and(|w| i64::try_from(w).is_err());
+    if workers_too_big
+        || too_big(&spec.limits)
+        || spec.services.values().any(|s| too_big(&s.limits))
+    {
         return;
     }
     let written = render(spec);
@@ -271,6 +275,10 @@ fn render(spec: &TunnelSpec) -> String {
     }
     if let Some(s) = spec.shutdown_grace {
         top.insert("shutdown_grace".into(), s.into());
+    }
+    if let Some(w) = spec.workers {
+        let w = i64::try_from(w).expect("assert_round_trip skips counts over i64::MAX");
+        top.insert("workers".into(), w.into());
     }
     put_limits(&mut top, &spec.limits);
     let mut services = toml::Table::new();
