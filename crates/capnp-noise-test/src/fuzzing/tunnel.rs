@@ -38,6 +38,7 @@ const KEYS: &[&str] = &[
     "shutdown_grace",
     "log_format",
     "metrics",
+    "workers",
     "max_connections",
     "max_handshakes",
     "max_handshakes_per_source",
